@@ -1,0 +1,1649 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# distutils: language = c++
+"""rocmforge's core: a paged KV-cache block manager that knows block ids, not memory.
+
+Locking: one mutex per manager guards all of its state. Every public method
+is atomic: it takes the lock once, checks everything it needs, and then either
+applies all of its effects or none (it returns a status and raises only after
+the lock is released). Batched loops run without the GIL.
+"""
+
+from cython.operator cimport dereference as deref
+from libc.stdint cimport int32_t, int64_t, uint64_t, INT32_MAX, INT64_MAX
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+from libcpp.vector cimport vector
+from libcpp.unordered_map cimport unordered_map
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
+cimport numpy as cnp
+
+import numpy as np
+
+from rocmforge.errors import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    BlockNotFound,
+    InvalidConfiguration,
+    InvariantError,
+    KvCacheError,
+    OutOfBlocks,
+    RefcountError,
+    SequenceExists,
+    SequenceNotFound,
+)
+
+cnp.import_array()
+
+cdef extern from "_core_support.h" nogil:
+    int rf_reserve[T](vector[T]& v, size_t n)
+    int rf_resize[T](vector[T]& v, size_t n, const T& value)
+    void rf_push[T](vector[T]& v, const T& x)
+    void rf_append_n(vector[int32_t]& v, const int32_t* src, size_t n)
+    int rf_map_put(unordered_map[int64_t, int32_t]& m, int64_t key, int32_t value)
+    int rf_ctz64(uint64_t x)
+    size_t rf_map_bytes(unordered_map[int64_t, int32_t]& m)
+
+cdef enum:
+    MAX_BLOCK_SIZE = 1 << 20    # largest block the core accepts (slots stay far from int64 limits)
+    NO_SLOT = -1                # "no record" in the LRU links and lookups
+
+cdef int32_t _NEG_ONE = -1
+cdef int32_t _ZERO = 0
+
+
+cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline double _wall_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef inline double _mono_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec * 1e3 + <double>ts.tv_nsec * 1e-6
+
+
+# ---------------------------------------------------------------------------
+# Status codes -> exceptions (called with the GIL, never with the lock held)
+# ---------------------------------------------------------------------------
+
+cdef int raise_status(int status, const ErrInfo* err) except -1:
+    if status == RF_OK:
+        return 0
+    if status == RF_OUT_OF_BLOCKS:
+        raise OutOfBlocks(f"need {err.a} free blocks, only {err.b} can be made free")
+    if status == RF_SEQ_NOT_FOUND:
+        raise SequenceNotFound(f"sequence {err.id} not found")
+    if status == RF_SEQ_EXISTS:
+        raise SequenceExists(f"sequence {err.id} already exists")
+    if status == RF_BLOCK_NOT_FOUND:
+        raise BlockNotFound(f"block {err.id} out of range [0, {err.a})")
+    if status == RF_BLOCK_FREE:
+        raise RefcountError(f"block {err.id} is free (refcount 0)")
+    if status == RF_NO_EXTERNAL_REF:
+        raise RefcountError(
+            f"block {err.id} has no external reference left to drop "
+            f"(its {err.a} reference(s) belong to sequence tables)")
+    if status == RF_REFCOUNT_OVERFLOW:
+        raise RefcountError(f"refcount of block {err.id} would exceed {INT32_MAX}")
+    if status == RF_DUPLICATE_SEQ:
+        raise ArgumentValueError(f"sequence {err.id} is named twice in one batch")
+    if status == RF_NEGATIVE_COUNT:
+        raise ArgumentValueError(f"negative token count {err.a} for sequence {err.id}")
+    if status == RF_TOKENS_REQUIRED:
+        raise ArgumentValueError(f"sequence {err.id} tracks token ids: append tokens, not a count")
+    if status == RF_TOKENS_UNEXPECTED:
+        raise ArgumentValueError(f"sequence {err.id} was created without token ids: append a count")
+    if status == RF_BLOCK_IN_USE:
+        raise InvalidConfiguration(
+            f"cannot shrink below block {err.id + 1}: block {err.id} is in use (compact() first)")
+    if status == RF_NO_MEMORY:
+        raise MemoryError("rocmforge: host memory exhausted")
+    if status == RF_TOO_MANY_SEQUENCES:
+        raise KvCacheError(f"too many sequences (limit {err.a})")
+    if status == RF_INVALID_ARGUMENT:
+        raise ArgumentValueError(f"invalid argument value {err.id}")
+    if status == RF_PENDING_COPIES:
+        raise KvCacheError(
+            f"{err.a} copy-on-write copies are pending: take_pending_copies() and apply them first")
+    raise KvCacheError(f"unknown rocmforge status {status}")
+
+
+# ---------------------------------------------------------------------------
+# Argument conversion (with the GIL, before any lock is taken)
+# ---------------------------------------------------------------------------
+
+cdef dict _DTYPES = {cnp.NPY_INT32: np.dtype(np.int32), cnp.NPY_INT64: np.dtype(np.int64)}
+
+
+cdef cnp.ndarray _index_array(object obj, int typenum, str name, object range_error=ArgumentValueError):
+    """obj as a 1-D C-contiguous integer array of `typenum`, zero-copy when it already is one.
+
+    Lists, tuples and integer arrays of other widths are converted (values are
+    range-checked); floats, bools, 2-D and non-contiguous arrays are refused.
+    """
+    cdef object arr
+    if cnp.PyArray_CheckExact(obj):
+        if (cnp.PyArray_TYPE(obj) == typenum and cnp.PyArray_NDIM(obj) == 1
+                and cnp.PyArray_IS_C_CONTIGUOUS(obj)):
+            return <cnp.ndarray>obj
+        arr = obj
+    elif isinstance(obj, (str, bytes, dict, set)) or obj is None:
+        raise ArgumentTypeError(f"{name} must be a 1-D array of integers, got {type(obj).__name__}")
+    else:
+        try:
+            arr = np.asarray(obj)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ArgumentTypeError(f"{name} must be a 1-D array of integers: {exc}") from None
+        if arr.ndim == 1 and arr.size == 0:
+            return np.empty(0, dtype=_DTYPES[typenum])
+    if arr.ndim != 1:
+        raise ArgumentValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise ArgumentValueError(f"{name} must be contiguous (use np.ascontiguousarray)")
+    if arr.dtype.kind not in "iu":
+        raise ArgumentTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    dtype = _DTYPES[typenum]
+    info = np.iinfo(dtype)
+    if arr.size:
+        lo = int(arr.min())
+        hi = int(arr.max())
+        if lo < info.min or hi > info.max:
+            bad = lo if lo < info.min else hi
+            raise range_error(f"{name} holds {bad}, outside [{info.min}, {info.max}]")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+cdef int64_t _seq_id(object obj, str name="seq_id") except -1:
+    """A sequence id: an integer in [0, 2**63)."""
+    cdef int64_t v
+    if type(obj) is not int:
+        if isinstance(obj, (bool, np.bool_)):
+            raise ArgumentTypeError(f"{name} must be an integer, got bool")
+        try:
+            obj = obj.__index__()
+        except AttributeError:
+            raise ArgumentTypeError(f"{name} must be an integer, got {type(obj).__name__}") from None
+    try:
+        v = obj
+    except OverflowError:
+        raise ArgumentValueError(f"{name} {obj} is outside [0, 2**63)") from None
+    if v < 0:
+        raise ArgumentValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+cdef int64_t _count(object obj, str name, int64_t limit) except -1:
+    """A non-negative integer no larger than `limit`."""
+    if isinstance(obj, (bool, np.bool_)) or not hasattr(obj, "__index__"):
+        raise ArgumentTypeError(f"{name} must be an integer, got {type(obj).__name__}")
+    value = obj.__index__()
+    if value < 0 or value > limit:
+        raise ArgumentValueError(f"{name} must be in [0, {limit}], got {value}")
+    return value
+
+
+cdef int32_t _block_id(object obj) except? -1:
+    if isinstance(obj, (bool, np.bool_)) or not hasattr(obj, "__index__"):
+        raise ArgumentTypeError(f"block id must be an integer, got {type(obj).__name__}")
+    value = obj.__index__()
+    if value < 0 or value > INT32_MAX:
+        raise BlockNotFound(f"block {value} out of range")
+    return value
+
+
+cdef cnp.ndarray _out_array(object out, Py_ssize_t n, int typenum, str name):
+    """A caller-supplied output buffer (checked) or a new array of length n."""
+    cdef cnp.ndarray arr
+    if out is None:
+        return cnp.PyArray_EMPTY(1, [n], typenum, 0)
+    if not cnp.PyArray_Check(out):
+        raise ArgumentTypeError(f"{name} must be a numpy array")
+    arr = <cnp.ndarray>out
+    if (cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_NDIM(arr) != 1
+            or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISWRITEABLE(arr)):
+        raise ArgumentTypeError(
+            f"{name} must be a writeable 1-D contiguous {np.PyArray_DescrFromType(typenum)} array")
+    if cnp.PyArray_DIM(arr, 0) < n:
+        raise ArgumentValueError(f"{name} has {cnp.PyArray_DIM(arr, 0)} elements, {n} needed")
+    return arr
+
+
+cdef object _fit(cnp.ndarray arr, Py_ssize_t n):
+    return arr if cnp.PyArray_DIM(arr, 0) == n else arr[:n]
+
+
+cdef cnp.ndarray _i32_from_vector(const vector[int32_t]& v, Py_ssize_t start, Py_ssize_t n):
+    cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [n], cnp.NPY_INT32, 0)
+    if n:
+        memcpy(cnp.PyArray_DATA(arr), &v[start], n * sizeof(int32_t))
+    return arr
+
+
+# ---------------------------------------------------------------------------
+# The manager
+# ---------------------------------------------------------------------------
+
+cdef class BlockManager:
+    """Paged KV-cache bookkeeping: a pool of fixed-size blocks shared by sequences.
+
+    BlockManager(num_blocks, block_size, *, evict_sequences=False)
+
+    Block ids are int32 in ``[0, num_blocks)``; the cache slot of token
+    ``offset`` in block ``b`` is ``b * block_size + offset`` (int64).
+
+    A block's refcount is the number of sequence tables that hold it plus the
+    references taken with :meth:`allocate`/:meth:`incref`. A block returns to
+    the free set when its refcount reaches zero. Allocation always hands out the
+    lowest free ids.
+
+    With ``evict_sequences=True`` an allocation that cannot be served removes
+    the least recently accessed sequences not named by that call until it can;
+    their ids are returned by :meth:`take_evicted`.
+
+    Every method is thread-safe and atomic; one that raises leaves the state
+    exactly as it was.
+    """
+
+    def __cinit__(self, num_blocks, block_size, *, evict_sequences=False):
+        if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
+            raise ArgumentTypeError(f"num_blocks must be an integer, got {type(num_blocks).__name__}")
+        if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
+            raise ArgumentTypeError(f"block_size must be an integer, got {type(block_size).__name__}")
+        nb = num_blocks.__index__()
+        bs = block_size.__index__()
+        if not 1 <= nb <= INT32_MAX:
+            raise InvalidConfiguration(f"num_blocks must be in [1, {INT32_MAX}], got {nb}")
+        if not 1 <= bs <= MAX_BLOCK_SIZE:
+            raise InvalidConfiguration(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {bs}")
+        self.num_blocks = 0
+        self.block_size = bs
+        self.evict_sequences = bool(evict_sequences)
+        self._epoch = 0
+        self._num_free = 0
+        self._lru_head = NO_SLOT
+        self._lru_tail = NO_SLOT
+        self._levels = 0
+        cdef int st
+        cdef int32_t n = nb
+        with nogil:
+            st = self._resize_pool(n)
+        if st != RF_OK:
+            raise MemoryError(f"cannot allocate bookkeeping for {nb} blocks")
+
+    # --- block pool internals ----------------------------------------------
+
+    cdef int _resize_pool(self, int32_t n) noexcept nogil:
+        """Resize per-block arrays to n blocks (new ones free) and rebuild the free bitmap.
+
+        Blocks >= n must be free. Changes nothing visible when it fails."""
+        cdef BlockScratch blank
+        blank.mark = 0
+        blank.count = 0
+        blank.dec = 0
+        cdef int64_t words = _ceil_div(n, 64)
+        cdef int64_t total = 0
+        cdef int levels = 0
+        cdef int64_t offs[8]
+        while True:
+            offs[levels] = total
+            total += words
+            levels += 1
+            if words == 1:
+                break
+            words = _ceil_div(words, 64)
+        if (rf_resize(self._refcnt, n, _ZERO) or rf_resize(self._extref, n, _ZERO)
+                or rf_resize(self._scratch, n, blank) or rf_resize(self._bits, total, <uint64_t>0)):
+            return RF_NO_MEMORY
+        self._num_free += n - self.num_blocks
+        self.num_blocks = n
+        self._levels = levels
+        memcpy(self._level_off, offs, sizeof(offs))
+        self._bits_build()
+        return RF_OK
+
+    cdef void _bits_build(self) noexcept nogil:
+        """Recompute every level of the free bitmap from the refcounts."""
+        cdef int64_t i, n = self.num_blocks, words
+        cdef int L
+        cdef uint64_t* bits = self._bits.data()
+        for i in range(<int64_t>self._bits.size()):
+            bits[i] = 0
+        for i in range(n):
+            if self._refcnt[i] == 0:
+                bits[i >> 6] |= (<uint64_t>1) << (i & 63)
+        words = _ceil_div(n, 64)
+        for L in range(1, self._levels):
+            for i in range(words):
+                if bits[self._level_off[L - 1] + i] != 0:
+                    bits[self._level_off[L] + (i >> 6)] |= (<uint64_t>1) << (i & 63)
+            words = _ceil_div(words, 64)
+
+    cdef int32_t _bits_lowest(self) noexcept nogil:
+        cdef int64_t idx = 0
+        cdef int L
+        cdef uint64_t w
+        for L in range(self._levels - 1, -1, -1):
+            w = self._bits[self._level_off[L] + idx]
+            if w == 0:
+                return -1
+            idx = idx * 64 + rf_ctz64(w)
+        return <int32_t>idx
+
+    cdef void _bits_set(self, int32_t b) noexcept nogil:
+        cdef int64_t i = b
+        cdef int L
+        cdef uint64_t* p
+        cdef uint64_t was
+        for L in range(self._levels):
+            p = &self._bits[self._level_off[L] + (i >> 6)]
+            was = p[0]
+            p[0] = was | ((<uint64_t>1) << (i & 63))
+            if was != 0:
+                return
+            i >>= 6
+
+    cdef void _bits_clear_from(self, int level, int64_t i) noexcept nogil:
+        cdef int L
+        cdef uint64_t* p
+        for L in range(level, self._levels):
+            p = &self._bits[self._level_off[L] + (i >> 6)]
+            p[0] &= ~((<uint64_t>1) << (i & 63))
+            if p[0] != 0:
+                return
+            i >>= 6
+
+    cdef int32_t _take_block(self) noexcept nogil:
+        """Take the lowest free block (one must exist) with refcount 1."""
+        cdef int32_t b = self._bits_lowest()
+        self._bits_clear_from(0, b)
+        self._refcnt[b] = 1
+        self._num_free -= 1
+        self._stats.total_allocations += 1
+        return b
+
+    cdef void _take_lowest(self, int32_t n, int32_t* out) noexcept nogil:
+        """Take the n lowest free blocks (they must exist), a bitmap word at a time."""
+        cdef int32_t got = 0, b
+        cdef int64_t idx
+        cdef int L
+        cdef uint64_t w
+        cdef uint64_t* leaf
+        while got < n:
+            idx = 0
+            for L in range(self._levels - 1, 0, -1):
+                idx = idx * 64 + rf_ctz64(self._bits[self._level_off[L] + idx])
+            leaf = &self._bits[idx]
+            w = leaf[0]
+            while w != 0 and got < n:
+                b = <int32_t>(idx * 64 + rf_ctz64(w))
+                w &= w - 1
+                self._refcnt[b] = 1
+                out[got] = b
+                got += 1
+            leaf[0] = w
+            if w == 0 and self._levels > 1:
+                self._bits_clear_from(1, idx)
+        self._num_free -= n
+        self._stats.total_allocations += n
+
+    cdef void _release_block(self, int32_t b) noexcept nogil:
+        """Return a block whose refcount just reached zero to the free set."""
+        self._bits_set(b)
+        self._num_free += 1
+        self._stats.total_deallocations += 1
+
+    cdef inline void _unref(self, int32_t b) noexcept nogil:
+        self._refcnt[b] -= 1
+        if self._refcnt[b] == 0:
+            self._release_block(b)
+
+    cdef void _note_peak(self) noexcept nogil:
+        cdef int64_t used = self.num_blocks - self._num_free
+        if used > self._stats.peak_allocations:
+            self._stats.peak_allocations = used
+
+    cdef uint64_t _next_epoch(self) noexcept nogil:
+        self._epoch += 1
+        return self._epoch
+
+    cdef inline BlockScratch* _scratch_at(self, int32_t b, uint64_t epoch) noexcept nogil:
+        cdef BlockScratch* sc = &self._scratch[b]
+        if sc.mark != epoch:
+            sc.mark = epoch
+            sc.count = 0
+            sc.dec = 0
+        return sc
+
+    # --- sequence internals ----------------------------------------------
+
+    cdef int32_t _find(self, int64_t seq_id) noexcept nogil:
+        cdef unordered_map[int64_t, int32_t].iterator it = self._index.find(seq_id)
+        if it == self._index.end():
+            return NO_SLOT
+        return deref(it).second
+
+    cdef void _lru_unlink(self, int32_t slot) noexcept nogil:
+        cdef SeqRec* s = &self._seqs[slot]
+        if s.lru_prev != NO_SLOT:
+            self._seqs[s.lru_prev].lru_next = s.lru_next
+        else:
+            self._lru_head = s.lru_next
+        if s.lru_next != NO_SLOT:
+            self._seqs[s.lru_next].lru_prev = s.lru_prev
+        else:
+            self._lru_tail = s.lru_prev
+        s.lru_prev = NO_SLOT
+        s.lru_next = NO_SLOT
+
+    cdef void _lru_push(self, int32_t slot) noexcept nogil:
+        cdef SeqRec* s = &self._seqs[slot]
+        s.lru_prev = self._lru_tail
+        s.lru_next = NO_SLOT
+        if self._lru_tail != NO_SLOT:
+            self._seqs[self._lru_tail].lru_next = slot
+        else:
+            self._lru_head = slot
+        self._lru_tail = slot
+
+    cdef void _touch(self, int32_t slot, double now) noexcept nogil:
+        cdef SeqRec* s = &self._seqs[slot]
+        if self._lru_tail != slot:
+            self._lru_unlink(slot)
+            self._lru_push(slot)
+        s.last_access = now
+        s.access_count += 1
+
+    cdef void _drop_sequence(self, int32_t slot) noexcept nogil:
+        """Release every block of a sequence and recycle its slot."""
+        cdef SeqRec* s = &self._seqs[slot]
+        cdef size_t j
+        for j in range(s.blocks.size()):
+            self._unref(s.blocks[j])
+        self._lru_unlink(slot)
+        self._index.erase(s.seq_id)
+        s.blocks.clear()
+        s.tokens.clear()
+        s.live = False
+        s.num_tokens = 0
+        rf_push(self._free_slots, slot)   # capacity kept >= len(_seqs)
+
+    cdef int _claim_slot(self, int32_t* slot_out, ErrInfo* err) noexcept nogil:
+        """Take a free record slot off the free list (invisible to callers until opened).
+
+        A caller that fails afterwards hands it back with _unclaim_slot."""
+        cdef SeqRec blank
+        cdef size_t n = self._seqs.size()
+        if self._free_slots.size() == 0:
+            if n >= <size_t>(INT32_MAX - 1):
+                err.a = INT32_MAX - 1
+                return RF_TOO_MANY_SEQUENCES
+            if (rf_reserve(self._seqs, n + 1 if n < 16 else n + n // 2)
+                    or rf_reserve(self._free_slots, self._seqs.capacity())):
+                return RF_NO_MEMORY
+            blank.seq_id = -1
+            blank.num_tokens = 0
+            blank.has_tokens = False
+            blank.live = False
+            blank.created_at = 0
+            blank.last_access = 0
+            blank.access_count = 0
+            blank.lru_prev = NO_SLOT
+            blank.lru_next = NO_SLOT
+            blank.mark = 0
+            rf_push(self._seqs, blank)
+            rf_push(self._free_slots, <int32_t>n)
+        slot_out[0] = self._free_slots.back()
+        self._free_slots.pop_back()
+        return RF_OK
+
+    cdef inline int _unclaim_slot(self, int32_t slot, int status) noexcept nogil:
+        rf_push(self._free_slots, slot)   # capacity kept >= len(_seqs)
+        return status
+
+    cdef void _open_sequence(self, int32_t slot, int64_t seq_id, bint has_tokens, double now) noexcept nogil:
+        """Turn a claimed slot into a live, empty, most recently used sequence."""
+        cdef SeqRec* s = &self._seqs[slot]
+        s.seq_id = seq_id
+        s.num_tokens = 0
+        s.has_tokens = has_tokens
+        s.live = True
+        s.created_at = now
+        s.last_access = now
+        s.access_count = 1
+        s.mark = 0
+        self._lru_push(slot)
+
+    cdef int _ensure_free(self, int64_t needed, uint64_t epoch, ErrInfo* err) noexcept nogil:
+        """Make `needed` blocks free, evicting LRU sequences not marked with `epoch`.
+
+        Eviction is decided by a dry run first, so a request that cannot be
+        met evicts nothing. Blocks marked with a copy-on-write count by the
+        caller (scratch.count) lower `needed` as eviction drops their sharers.
+        """
+        cdef int64_t freed = 0, eff, before, after
+        cdef int32_t slot, b
+        cdef size_t j
+        cdef SeqRec* s
+        cdef BlockScratch* sc
+        if needed <= self._num_free:
+            return RF_OK
+        if not self.evict_sequences:
+            err.a = needed
+            err.b = self._num_free
+            return RF_OUT_OF_BLOCKS
+        self._tmp_victims.clear()
+        if rf_reserve(self._tmp_victims, self._index.size()):
+            return RF_NO_MEMORY
+        slot = self._lru_head
+        while slot != NO_SLOT and self._num_free + freed < needed:
+            s = &self._seqs[slot]
+            if s.mark != epoch:
+                rf_push(self._tmp_victims, slot)
+                for j in range(s.blocks.size()):
+                    b = s.blocks[j]
+                    sc = self._scratch_at(b, epoch)
+                    eff = self._refcnt[b] - sc.dec
+                    if sc.count > 0:
+                        before = sc.count if sc.count < eff - 1 else eff - 1
+                        after = sc.count if sc.count < eff - 2 else eff - 2
+                        needed -= before - after
+                    sc.dec += 1
+                    if eff == 1:
+                        freed += 1
+            slot = s.lru_next
+        if self._num_free + freed < needed:
+            err.a = needed
+            err.b = self._num_free + freed
+            return RF_OUT_OF_BLOCKS
+        if rf_reserve(self._evicted, self._evicted.size() + self._tmp_victims.size()):
+            return RF_NO_MEMORY
+        for j in range(self._tmp_victims.size()):
+            slot = self._tmp_victims[j]
+            rf_push(self._evicted, self._seqs[slot].seq_id)
+            self._drop_sequence(slot)
+            self._stats.evictions += 1
+        return RF_OK
+
+    cdef void _append_apply(self, SeqRec* s, int64_t count, const int32_t* tokens,
+                            int64_t* slots_out) noexcept nogil:
+        """Append `count` tokens; room and free blocks were reserved by the caller."""
+        cdef int64_t bs = self.block_size
+        cdef int64_t off = s.num_tokens % bs
+        cdef int64_t j
+        cdef int32_t cur = -1, fresh
+        if count == 0:
+            return
+        if off != 0:
+            cur = s.blocks.back()
+            if self._refcnt[cur] > 1:
+                # Copy-on-write: the partly filled last block is shared.
+                fresh = self._take_block()
+                rf_push(self._pending_copies, cur)
+                rf_push(self._pending_copies, fresh)
+                self._refcnt[cur] -= 1
+                s.blocks[s.blocks.size() - 1] = fresh
+                self._stats.cow_copies += 1
+                cur = fresh
+        for j in range(count):
+            if off == 0:
+                cur = self._take_block()
+                rf_push(s.blocks, cur)
+            slots_out[j] = <int64_t>cur * bs + off
+            off += 1
+            if off == bs:
+                off = 0
+        if tokens != NULL:
+            rf_append_n(s.tokens, tokens, count)
+        s.num_tokens += count
+
+    # --- C API (declared in _core.pxd) -------------------------------------
+
+    cdef int c_allocate(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil:
+        cdef int st
+        with self._lock:
+            st = self._allocate_locked(n, out, err)
+        return st
+
+    cdef int _allocate_locked(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil:
+        cdef int st
+        cdef int32_t i
+        if n < 0:
+            err.id = n
+            return RF_INVALID_ARGUMENT
+        st = self._ensure_free(n, self._next_epoch(), err)
+        if st != RF_OK:
+            return st
+        self._take_lowest(n, out)
+        for i in range(n):
+            self._extref[out[i]] = 1
+        self._note_peak()
+        return RF_OK
+
+    cdef int c_incref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
+        cdef int st
+        with self._lock:
+            st = self._incref_locked(ids, n, err)
+        return st
+
+    cdef int _incref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
+        cdef uint64_t epoch = self._next_epoch()
+        cdef Py_ssize_t i
+        cdef int32_t b
+        cdef BlockScratch* sc
+        for i in range(n):
+            b = ids[i]
+            if b < 0 or b >= self.num_blocks:
+                err.id = b
+                err.a = self.num_blocks
+                return RF_BLOCK_NOT_FOUND
+            if self._refcnt[b] == 0:
+                err.id = b
+                return RF_BLOCK_FREE
+            sc = self._scratch_at(b, epoch)
+            sc.count += 1
+            if sc.count > INT32_MAX - self._refcnt[b]:
+                err.id = b
+                return RF_REFCOUNT_OVERFLOW
+        for i in range(n):
+            self._refcnt[ids[i]] += 1
+            self._extref[ids[i]] += 1
+        return RF_OK
+
+    cdef int c_decref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
+        cdef int st
+        with self._lock:
+            st = self._decref_locked(ids, n, err)
+        return st
+
+    cdef int _decref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
+        cdef uint64_t epoch = self._next_epoch()
+        cdef Py_ssize_t i
+        cdef int32_t b
+        cdef BlockScratch* sc
+        for i in range(n):
+            b = ids[i]
+            if b < 0 or b >= self.num_blocks:
+                err.id = b
+                err.a = self.num_blocks
+                return RF_BLOCK_NOT_FOUND
+            sc = self._scratch_at(b, epoch)
+            sc.count += 1
+            if sc.count > self._extref[b]:
+                err.id = b
+                err.a = self._refcnt[b]
+                return RF_BLOCK_FREE if self._refcnt[b] == 0 else RF_NO_EXTERNAL_REF
+        for i in range(n):
+            self._extref[ids[i]] -= 1
+            self._unref(ids[i])
+        return RF_OK
+
+    cdef int c_add_sequence(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
+                            int64_t num_tokens, int64_t* slots_out, ErrInfo* err) noexcept nogil:
+        cdef int st
+        with self._lock:
+            st = self._add_sequence_locked(seq_id, with_tokens, tokens, num_tokens, slots_out, err)
+        return st
+
+    cdef int _add_sequence_locked(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
+                                  int64_t num_tokens, int64_t* slots_out, ErrInfo* err) noexcept nogil:
+        cdef int st
+        cdef int32_t slot
+        cdef int64_t nblocks
+        cdef SeqRec* s
+        if seq_id < 0 or num_tokens < 0:
+            err.id = seq_id if seq_id < 0 else num_tokens
+            return RF_INVALID_ARGUMENT
+        nblocks = _ceil_div(num_tokens, self.block_size)
+        if nblocks > self.num_blocks:
+            err.a = nblocks
+            err.b = self.num_blocks
+            return RF_OUT_OF_BLOCKS
+        if self._find(seq_id) != NO_SLOT:
+            err.id = seq_id
+            return RF_SEQ_EXISTS
+        st = self._claim_slot(&slot, err)
+        if st != RF_OK:
+            return st
+        s = &self._seqs[slot]
+        if rf_reserve(s.blocks, nblocks) or (with_tokens and rf_reserve(s.tokens, num_tokens)):
+            return self._unclaim_slot(slot, RF_NO_MEMORY)
+        # Publish the id before evicting so failure can undo it with a plain erase.
+        if rf_map_put(self._index, seq_id, slot):
+            return self._unclaim_slot(slot, RF_NO_MEMORY)
+        st = self._ensure_free(nblocks, self._next_epoch(), err)
+        if st != RF_OK:
+            self._index.erase(seq_id)
+            return self._unclaim_slot(slot, st)
+        self._open_sequence(slot, seq_id, with_tokens, _wall_now())
+        self._append_apply(&self._seqs[slot], num_tokens, tokens if with_tokens else NULL, slots_out)
+        self._note_peak()
+        return RF_OK
+
+    cdef int c_append_batch(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
+                            bint with_tokens, const int32_t* tokens, int64_t* slots_out,
+                            ErrInfo* err) noexcept nogil:
+        cdef int st
+        with self._lock:
+            st = self._append_batch_locked(seq_ids, counts, n, with_tokens, tokens, slots_out, err)
+        return st
+
+    cdef int _append_batch_locked(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
+                                  bint with_tokens, const int32_t* tokens, int64_t* slots_out,
+                                  ErrInfo* err) noexcept nogil:
+        cdef uint64_t epoch = self._next_epoch()
+        cdef int64_t bs = self.block_size
+        cdef int64_t needed = 0, copies = 0, nt, c, off_tok = 0, off_out = 0
+        cdef Py_ssize_t i
+        cdef size_t j
+        cdef int32_t slot, last
+        cdef SeqRec* s
+        cdef BlockScratch* sc
+        cdef double now
+        cdef int st
+        if rf_reserve(self._tmp_slots, n):
+            return RF_NO_MEMORY
+        self._tmp_slots.clear()
+        self._tmp_blocks.clear()
+        # Pass 1: validate, count fresh blocks, and count sharers of shared
+        # partly filled last blocks (each needs a copy unless it is the last
+        # reference: min(sharers_in_batch, refcount - 1) copies per block).
+        for i in range(n):
+            slot = self._find(seq_ids[i])
+            if slot == NO_SLOT:
+                err.id = seq_ids[i]
+                return RF_SEQ_NOT_FOUND
+            s = &self._seqs[slot]
+            if s.mark == epoch:
+                err.id = seq_ids[i]
+                return RF_DUPLICATE_SEQ
+            s.mark = epoch
+            c = counts[i]
+            if c < 0:
+                err.id = seq_ids[i]
+                err.a = c
+                return RF_NEGATIVE_COUNT
+            if with_tokens and not s.has_tokens:
+                err.id = seq_ids[i]
+                return RF_TOKENS_UNEXPECTED
+            if c > 0 and s.has_tokens and not with_tokens:
+                err.id = seq_ids[i]
+                return RF_TOKENS_REQUIRED
+            rf_push(self._tmp_slots, slot)
+            if c == 0:
+                continue
+            nt = s.num_tokens
+            needed += _ceil_div(nt + c, bs) - _ceil_div(nt, bs)
+            if nt % bs != 0:
+                last = s.blocks.back()
+                if self._refcnt[last] > 1:
+                    sc = self._scratch_at(last, epoch)
+                    if sc.count == 0:
+                        if rf_reserve(self._tmp_blocks, self._tmp_blocks.size() + 1):
+                            return RF_NO_MEMORY
+                        rf_push(self._tmp_blocks, last)
+                    sc.count += 1
+            if rf_reserve(s.blocks, _ceil_div(nt + c, bs)):
+                return RF_NO_MEMORY
+            if with_tokens and rf_reserve(s.tokens, nt + c):
+                return RF_NO_MEMORY
+        if needed > self.num_blocks:
+            err.a = needed
+            err.b = self.num_blocks
+            return RF_OUT_OF_BLOCKS
+        for j in range(self._tmp_blocks.size()):
+            last = self._tmp_blocks[j]
+            sc = &self._scratch[last]
+            copies += sc.count if sc.count < self._refcnt[last] - 1 else self._refcnt[last] - 1
+        if copies and rf_reserve(self._pending_copies, self._pending_copies.size() + 2 * copies):
+            return RF_NO_MEMORY
+        st = self._ensure_free(needed + copies, epoch, err)
+        if st != RF_OK:
+            return st
+        # Pass 2: apply (cannot fail now).
+        now = _wall_now()
+        for i in range(n):
+            slot = self._tmp_slots[i]
+            c = counts[i]
+            self._append_apply(&self._seqs[slot], c, tokens + off_tok if with_tokens else NULL,
+                               slots_out + off_out)
+            if with_tokens:
+                off_tok += c
+            off_out += c
+            self._touch(slot, now)
+        self._note_peak()
+        return RF_OK
+
+    cdef int c_fork(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil:
+        cdef int st
+        with self._lock:
+            st = self._fork_locked(src, dst, err)
+        return st
+
+    cdef int _fork_locked(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil:
+        cdef int32_t src_slot = self._find(src), dst_slot, b
+        cdef SeqRec* s
+        cdef SeqRec* d
+        cdef size_t j
+        cdef int st
+        cdef double now
+        if src_slot == NO_SLOT:
+            err.id = src
+            return RF_SEQ_NOT_FOUND
+        if dst < 0:
+            err.id = dst
+            return RF_INVALID_ARGUMENT
+        if self._find(dst) != NO_SLOT:
+            err.id = dst
+            return RF_SEQ_EXISTS
+        s = &self._seqs[src_slot]
+        for j in range(s.blocks.size()):
+            if self._refcnt[s.blocks[j]] == INT32_MAX:
+                err.id = s.blocks[j]
+                return RF_REFCOUNT_OVERFLOW
+        st = self._claim_slot(&dst_slot, err)   # may move records: re-take pointers after
+        if st != RF_OK:
+            return st
+        s = &self._seqs[src_slot]
+        d = &self._seqs[dst_slot]
+        if rf_reserve(d.blocks, s.blocks.size()) or rf_reserve(d.tokens, s.tokens.size()):
+            return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
+        if rf_map_put(self._index, dst, dst_slot):
+            return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
+        now = _wall_now()
+        self._touch(src_slot, now)
+        self._open_sequence(dst_slot, dst, s.has_tokens, now)
+        for j in range(s.blocks.size()):
+            b = s.blocks[j]
+            rf_push(d.blocks, b)
+            self._refcnt[b] += 1
+        if s.has_tokens and s.tokens.size():
+            rf_append_n(d.tokens, s.tokens.data(), s.tokens.size())
+        d.num_tokens = s.num_tokens
+        return RF_OK
+
+    cdef int c_remove_sequence(self, int64_t seq_id, ErrInfo* err) noexcept nogil:
+        cdef int32_t slot
+        with self._lock:
+            slot = self._find(seq_id)
+            if slot != NO_SLOT:
+                self._drop_sequence(slot)
+        if slot == NO_SLOT:
+            err.id = seq_id
+            return RF_SEQ_NOT_FOUND
+        return RF_OK
+
+    # --- pool restructuring ------------------------------------------------
+
+    cdef int _compact_locked(self, vector[int32_t]* moves, ErrInfo* err) noexcept nogil:
+        cdef int32_t lo = 0, hi = self.num_blocks - 1, slot
+        cdef int32_t used = self.num_blocks - self._num_free
+        cdef vector[int32_t] remap
+        cdef size_t j
+        cdef SeqRec* s
+        cdef double t0 = _mono_ms()
+        if self._pending_copies.size():
+            err.a = self._pending_copies.size() // 2
+            return RF_PENDING_COPIES
+        if rf_reserve(moves[0], 2 * <size_t>(used if used < self._num_free else self._num_free)):
+            return RF_NO_MEMORY
+        if rf_resize(remap, self.num_blocks, _NEG_ONE):
+            return RF_NO_MEMORY
+        while True:
+            while lo < self.num_blocks and self._refcnt[lo] != 0:
+                lo += 1
+            while hi >= 0 and self._refcnt[hi] == 0:
+                hi -= 1
+            if lo >= hi:
+                break
+            rf_push(moves[0], hi)
+            rf_push(moves[0], lo)
+            remap[hi] = lo
+            self._refcnt[lo] = self._refcnt[hi]
+            self._extref[lo] = self._extref[hi]
+            self._refcnt[hi] = 0
+            self._extref[hi] = 0
+        if moves.size():
+            for slot in range(<int32_t>self._seqs.size()):
+                s = &self._seqs[slot]
+                for j in range(s.blocks.size()):
+                    if remap[s.blocks[j]] >= 0:
+                        s.blocks[j] = remap[s.blocks[j]]
+            self._bits_build()
+        self._stats.compaction_count += 1
+        self._stats.last_compaction_ms = _mono_ms() - t0
+        return RF_OK
+
+    cdef int _shrink_locked(self, int32_t n, ErrInfo* err) noexcept nogil:
+        cdef int32_t b
+        if self._pending_copies.size():
+            err.a = self._pending_copies.size() // 2
+            return RF_PENDING_COPIES
+        for b in range(n, self.num_blocks):
+            if self._refcnt[b] != 0:
+                err.id = b
+                return RF_BLOCK_IN_USE
+        return self._resize_pool(n)
+
+    # --- invariants ------------------------------------------------------
+
+    cdef int _check_locked(self, char* msg, size_t cap) noexcept nogil:
+        """Recompute every derived quantity and compare; 0 when consistent."""
+        cdef int64_t n = self.num_blocks, bs = self.block_size, fill, words
+        cdef int64_t i, free_count = 0, live = 0, lru_len = 0, total = 0
+        cdef int32_t b, slot, prev
+        cdef size_t j
+        cdef int L
+        cdef SeqRec* s
+        cdef vector[int32_t] refs, fills
+        cdef uint64_t bit, w
+        if (<int64_t>self._refcnt.size() != n or <int64_t>self._extref.size() != n
+                or <int64_t>self._scratch.size() != n):
+            snprintf(msg, cap, "per-block arrays do not have num_blocks=%lld entries", n)
+            return 1
+        if rf_resize(refs, n, _ZERO) or rf_resize(fills, n, _NEG_ONE):
+            snprintf(msg, cap, "out of memory while checking invariants")
+            return 1
+        for slot in range(<int32_t>self._seqs.size()):
+            s = &self._seqs[slot]
+            if not s.live:
+                continue
+            live += 1
+            if self._find(s.seq_id) != slot:
+                snprintf(msg, cap, "sequence %lld: index does not point at its record", s.seq_id)
+                return 1
+            if <int64_t>s.blocks.size() != _ceil_div(s.num_tokens, bs):
+                snprintf(msg, cap, "sequence %lld: %lld tokens in %lld blocks of %lld",
+                         s.seq_id, s.num_tokens, <int64_t>s.blocks.size(), bs)
+                return 1
+            if s.has_tokens and <int64_t>s.tokens.size() != s.num_tokens:
+                snprintf(msg, cap, "sequence %lld: %lld token ids for %lld tokens",
+                         s.seq_id, <int64_t>s.tokens.size(), s.num_tokens)
+                return 1
+            for j in range(s.blocks.size()):
+                b = s.blocks[j]
+                if b < 0 or b >= n:
+                    snprintf(msg, cap, "sequence %lld holds block %d outside the pool", s.seq_id, b)
+                    return 1
+                refs[b] += 1
+                fill = s.num_tokens - <int64_t>j * bs
+                fill = bs if fill > bs else fill
+                if fills[b] < 0:
+                    fills[b] = <int32_t>fill
+                elif fills[b] != fill:
+                    snprintf(msg, cap, "block %d is shared with different fill levels (%d and %lld)",
+                             b, fills[b], fill)
+                    return 1
+        if live != <int64_t>self._index.size():
+            snprintf(msg, cap, "%lld live sequences but %lld index entries", live,
+                     <int64_t>self._index.size())
+            return 1
+        prev = NO_SLOT
+        slot = self._lru_head
+        while slot != NO_SLOT:
+            s = &self._seqs[slot]
+            if not s.live or s.lru_prev != prev:
+                snprintf(msg, cap, "LRU list broken at slot %d", slot)
+                return 1
+            lru_len += 1
+            if lru_len > live:
+                snprintf(msg, cap, "LRU list longer than the %lld live sequences", live)
+                return 1
+            prev = slot
+            slot = s.lru_next
+        if prev != self._lru_tail or lru_len != live:
+            snprintf(msg, cap, "LRU list holds %lld of %lld sequences", lru_len, live)
+            return 1
+        for i in range(n):
+            if self._extref[i] < 0 or self._refcnt[i] != refs[i] + self._extref[i]:
+                snprintf(msg, cap, "block %lld: refcount %d != %d table refs + %d external refs",
+                         i, self._refcnt[i], refs[i], self._extref[i])
+                return 1
+            bit = (self._bits[i >> 6] >> (i & 63)) & 1
+            if bit != (self._refcnt[i] == 0):
+                snprintf(msg, cap, "block %lld: free bit %d but refcount %d", i, <int>bit, self._refcnt[i])
+                return 1
+            free_count += bit
+        if free_count != self._num_free:
+            snprintf(msg, cap, "free set holds %lld blocks, counter says %d", free_count, self._num_free)
+            return 1
+        words = _ceil_div(n, 64)
+        for L in range(1, self._levels):
+            for i in range(_ceil_div(words, 64) * 64):
+                w = self._bits[self._level_off[L - 1] + i] if i < words else 0
+                bit = (self._bits[self._level_off[L] + (i >> 6)] >> (i & 63)) & 1
+                if bit != (w != 0):
+                    snprintf(msg, cap, "free bitmap summary level %d wrong at word %lld", L, i)
+                    return 1
+            words = _ceil_div(words, 64)
+        if n % 64 and (self._bits[n >> 6] >> (n & 63)) != 0:
+            snprintf(msg, cap, "free bitmap has bits set beyond num_blocks")
+            return 1
+        for j in range(self._pending_copies.size()):
+            if self._pending_copies[j] < 0 or self._pending_copies[j] >= n:
+                snprintf(msg, cap, "pending copy names block %d outside the pool", self._pending_copies[j])
+                return 1
+        if self._stats.peak_allocations < n - self._num_free:
+            snprintf(msg, cap, "peak allocations below current use")
+            return 1
+        if self._stats.total_allocations - self._stats.total_deallocations != n - self._num_free:
+            snprintf(msg, cap, "allocations minus deallocations (%lld) != used blocks (%lld)",
+                     self._stats.total_allocations - self._stats.total_deallocations,
+                     n - self._num_free)
+            return 1
+        return 0
+
+    # =======================================================================
+    # Python API
+    # =======================================================================
+
+    # --- block level ---------------------------------------------------------
+
+    def allocate(self, n, *, out=None):
+        """Take ``n`` free blocks (lowest ids first) with refcount 1; int32 array.
+
+        All or nothing: raises OutOfBlocks and allocates nothing when ``n``
+        blocks cannot be made free. ``out`` may be a reusable int32 buffer of
+        at least ``n`` elements; the result is then (a view of) ``out``.
+        """
+        cdef int32_t count = <int32_t>_count(n, "n", INT32_MAX)
+        cdef cnp.ndarray arr = _out_array(out, count, cnp.NPY_INT32, "out")
+        cdef int32_t* ptr = <int32_t*>cnp.PyArray_DATA(arr)
+        cdef ErrInfo err
+        cdef int st
+        with nogil:
+            st = self.c_allocate(count, ptr, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        return _fit(arr, count)
+
+    def allocate_one(self):
+        """Take the lowest free block with refcount 1 and return its id (fast path)."""
+        cdef int32_t b
+        cdef ErrInfo err
+        cdef int st
+        with self._lock:
+            st = self._allocate_locked(1, &b, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        return b
+
+    def incref(self, ids):
+        """Add one reference to each listed block (an id listed twice gains two)."""
+        cdef cnp.ndarray arr = _index_array(ids, cnp.NPY_INT32, "ids", BlockNotFound)
+        cdef const int32_t* ptr = <const int32_t*>cnp.PyArray_DATA(arr)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
+        cdef ErrInfo err
+        cdef int st
+        with nogil:
+            st = self.c_incref(ptr, n, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+
+    def decref(self, ids):
+        """Drop one reference from each listed block; blocks at zero become free.
+
+        Only references taken with allocate/incref can be dropped here;
+        references held by sequence tables are dropped by remove_sequence.
+        Raises RefcountError (changing nothing) on any would-be underflow.
+        """
+        cdef cnp.ndarray arr = _index_array(ids, cnp.NPY_INT32, "ids", BlockNotFound)
+        cdef const int32_t* ptr = <const int32_t*>cnp.PyArray_DATA(arr)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
+        cdef ErrInfo err
+        cdef int st
+        with nogil:
+            st = self.c_decref(ptr, n, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+
+    def decref_one(self, block_id):
+        """Drop one external reference from a single block (fast path of decref)."""
+        cdef int32_t b = _block_id(block_id)
+        cdef ErrInfo err
+        cdef int st
+        with self._lock:
+            st = self._decref_locked(&b, 1, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+
+    def refcount(self, block_id):
+        """Current refcount of one block (table references plus external ones)."""
+        cdef int32_t b = _block_id(block_id)
+        cdef int32_t rc = -1, n
+        with self._lock:
+            n = self.num_blocks
+            if b < n:
+                rc = self._refcnt[b]
+        if rc < 0:
+            raise BlockNotFound(f"block {b} out of range [0, {n})")
+        return rc
+
+    # --- sequence level ------------------------------------------------------
+
+    def add_sequence(self, seq_id, tokens=None, num_tokens=0):
+        """Create a sequence with its initial tokens; returns their int64 slots.
+
+        Pass ``tokens`` (token ids) to have the sequence keep them, or only a
+        ``num_tokens`` count. Raises SequenceExists, OutOfBlocks.
+        """
+        cdef int64_t sid = _seq_id(seq_id)
+        cdef int64_t count = _count(num_tokens, "num_tokens", INT64_MAX)
+        cdef cnp.ndarray toks = None
+        cdef const int32_t* tptr = NULL
+        cdef bint with_tokens = tokens is not None
+        cdef ErrInfo err
+        cdef int st
+        if with_tokens:
+            toks = _index_array(tokens, cnp.NPY_INT32, "tokens")
+            if count not in (0, cnp.PyArray_DIM(toks, 0)):
+                raise ArgumentValueError(
+                    f"num_tokens={count} disagrees with {cnp.PyArray_DIM(toks, 0)} tokens")
+            count = cnp.PyArray_DIM(toks, 0)
+            tptr = <const int32_t*>cnp.PyArray_DATA(toks)
+        if count > <int64_t>self.num_blocks * self.block_size:
+            raise OutOfBlocks(f"{count} tokens need more blocks than the pool has ({self.num_blocks})")
+        cdef cnp.ndarray slots = cnp.PyArray_EMPTY(1, [count], cnp.NPY_INT64, 0)
+        cdef int64_t* sptr = <int64_t*>cnp.PyArray_DATA(slots)
+        with nogil:
+            st = self.c_add_sequence(sid, with_tokens, tptr, count, sptr, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        return slots
+
+    def append(self, seq_id, tokens_or_count):
+        """Append tokens (an array of ids) or a count to one sequence; int64 slots."""
+        cdef int64_t sid = _seq_id(seq_id)
+        cdef int32_t c
+        if isinstance(tokens_or_count, (int, np.integer)) and not isinstance(tokens_or_count, (bool, np.bool_)):
+            c = <int32_t>_count(tokens_or_count, "count", INT32_MAX)
+            return self._append_batch(np.array([sid], dtype=np.int64), np.array([c], dtype=np.int32),
+                                      None, None)
+        toks = _index_array(tokens_or_count, cnp.NPY_INT32, "tokens")
+        return self._append_batch(np.array([sid], dtype=np.int64),
+                                  np.array([len(toks)], dtype=np.int32), toks, None)
+
+    def append_batch(self, seq_ids, counts, tokens=None, *, out=None):
+        """Append ``counts[i]`` tokens to ``seq_ids[i]`` for every i in one atomic step.
+
+        The decode hot path: one call per step for all running sequences.
+        ``tokens`` (optional) holds the appended token ids back to back; it is
+        required exactly for sequences that keep token ids. Returns the int64
+        slot of every appended token, in order; ``out`` may be a reusable
+        buffer. All or nothing; the GIL is released while the core works.
+        """
+        return self._append_batch(seq_ids, counts, tokens, out)
+
+    cdef object _append_batch(self, object seq_ids, object counts, object tokens, object out):
+        cdef cnp.ndarray ids = _index_array(seq_ids, cnp.NPY_INT64, "seq_ids")
+        cdef cnp.ndarray cnt = _index_array(counts, cnp.NPY_INT32, "counts")
+        cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0), i
+        cdef const int32_t* cptr = <const int32_t*>cnp.PyArray_DATA(cnt)
+        cdef const int64_t* iptr = <const int64_t*>cnp.PyArray_DATA(ids)
+        cdef const int32_t* tptr = NULL
+        cdef int64_t total = 0
+        cdef bint negative = False
+        cdef ErrInfo err
+        cdef int st
+        if cnp.PyArray_DIM(cnt, 0) != n:
+            raise ArgumentValueError(f"{n} seq_ids but {cnp.PyArray_DIM(cnt, 0)} counts")
+        with nogil:
+            for i in range(n):
+                if cptr[i] < 0:
+                    negative = True
+                total += cptr[i]
+        if negative:
+            raise ArgumentValueError("counts must be >= 0")
+        if tokens is not None:
+            toks = _index_array(tokens, cnp.NPY_INT32, "tokens")
+            if cnp.PyArray_DIM(toks, 0) != total:
+                raise ArgumentValueError(f"counts add up to {total} but {len(toks)} tokens were given")
+            tptr = <const int32_t*>cnp.PyArray_DATA(toks)
+        cdef cnp.ndarray slots = _out_array(out, total, cnp.NPY_INT64, "out")
+        cdef int64_t* sptr = <int64_t*>cnp.PyArray_DATA(slots)
+        with nogil:
+            st = self.c_append_batch(iptr, cptr, n, tokens is not None, tptr, sptr, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        return _fit(slots, total)
+
+    def fork(self, src, dst):
+        """Create sequence ``dst`` sharing all of ``src``'s blocks (and tokens).
+
+        Appending into a shared, partly filled last block later copies it
+        first (copy-on-write); see take_pending_copies().
+        """
+        cdef int64_t s = _seq_id(src, "src"), d = _seq_id(dst, "dst")
+        cdef ErrInfo err
+        cdef int st
+        with nogil:
+            st = self.c_fork(s, d, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+
+    def remove_sequence(self, seq_id):
+        """Remove a sequence, dropping its reference on every block it holds."""
+        cdef int64_t sid = _seq_id(seq_id)
+        cdef ErrInfo err
+        cdef int st
+        with nogil:
+            st = self.c_remove_sequence(sid, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+
+    def take_pending_copies(self):
+        """Return and clear the queued copy-on-write copies: int32 (k, 2) of (src, dst).
+
+        Apply them (copy block src's K/V into dst) before writing new tokens.
+        """
+        cdef vector[int32_t] pairs
+        with self._lock:
+            pairs.swap(self._pending_copies)
+        return _i32_from_vector(pairs, 0, pairs.size()).reshape(-1, 2)
+
+    def take_evicted(self):
+        """Return and clear the ids of sequences evicted since the last call (int64)."""
+        cdef vector[int64_t] ids
+        with self._lock:
+            ids.swap(self._evicted)
+        cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [ids.size()], cnp.NPY_INT64, 0)
+        if ids.size():
+            memcpy(cnp.PyArray_DATA(arr), ids.data(), ids.size() * sizeof(int64_t))
+        return arr
+
+    # --- tables --------------------------------------------------------------
+
+    cdef int _gather_tables(self, const int64_t* ids, Py_ssize_t n, vector[int32_t]* flat,
+                            vector[int64_t]* lens, ErrInfo* err) noexcept nogil:
+        """Copy the tables (and token counts) of n sequences into local vectors."""
+        cdef Py_ssize_t i
+        cdef int32_t slot
+        cdef SeqRec* s
+        cdef size_t total = 0
+        with self._lock:
+            for i in range(n):
+                slot = self._find(ids[i])
+                if slot == NO_SLOT:
+                    err.id = ids[i]
+                    return RF_SEQ_NOT_FOUND
+                total += self._seqs[slot].blocks.size()
+            if rf_reserve(flat[0], total) or rf_reserve(lens[0], 2 * n):
+                return RF_NO_MEMORY
+            for i in range(n):
+                s = &self._seqs[self._find(ids[i])]
+                if s.blocks.size():
+                    rf_append_n(flat[0], s.blocks.data(), s.blocks.size())
+                rf_push(lens[0], <int64_t>s.blocks.size())
+                rf_push(lens[0], s.num_tokens)
+        return RF_OK
+
+    def block_table(self, seq_id):
+        """The block ids of one sequence, in order (int32 copy)."""
+        cdef int64_t sid = _seq_id(seq_id)
+        cdef vector[int32_t] flat
+        cdef vector[int64_t] lens
+        cdef ErrInfo err
+        cdef int st
+        with nogil:
+            st = self._gather_tables(&sid, 1, &flat, &lens, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        return _i32_from_vector(flat, 0, flat.size())
+
+    def block_tables(self, seq_ids, out=None):
+        """Tables of many sequences as an int32 [n, max_blocks] array padded with -1.
+
+        vLLM's layout. ``out`` may be a reusable C-contiguous int32 [n, m]
+        array with m at least the longest table; every row is padded to m.
+        """
+        cdef cnp.ndarray ids = _index_array(seq_ids, cnp.NPY_INT64, "seq_ids")
+        cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0), i, width = 0, pos = 0, k
+        cdef vector[int32_t] flat
+        cdef vector[int64_t] lens
+        cdef ErrInfo err
+        cdef int st
+        with nogil:
+            st = self._gather_tables(<const int64_t*>cnp.PyArray_DATA(ids), n, &flat, &lens, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        for i in range(n):
+            width = max(width, <Py_ssize_t>lens[2 * i])
+        cdef cnp.ndarray table
+        if out is None:
+            table = np.empty((n, width), dtype=np.int32)
+        else:
+            if (not cnp.PyArray_Check(out) or cnp.PyArray_TYPE(out) != cnp.NPY_INT32
+                    or cnp.PyArray_NDIM(out) != 2 or not cnp.PyArray_IS_C_CONTIGUOUS(out)
+                    or not cnp.PyArray_ISWRITEABLE(out)):
+                raise ArgumentTypeError("out must be a writeable C-contiguous int32 2-D array")
+            table = <cnp.ndarray>out
+            if cnp.PyArray_DIM(table, 0) != n or cnp.PyArray_DIM(table, 1) < width:
+                raise ArgumentValueError(
+                    f"out has shape {out.shape}, need ({n}, >= {width})")
+            width = cnp.PyArray_DIM(table, 1)
+        cdef int32_t* dst = <int32_t*>cnp.PyArray_DATA(table)
+        with nogil:
+            for i in range(n):
+                for k in range(width):
+                    dst[i * width + k] = flat[pos + k] if k < lens[2 * i] else -1
+                pos += lens[2 * i]
+        return table
+
+    def csr_block_tables(self, seq_ids):
+        """Tables in FlashInfer's CSR layout: (indptr, indices, last_page_len), all int32.
+
+        ``indices[indptr[i]:indptr[i+1]]`` are the blocks of ``seq_ids[i]``;
+        ``last_page_len[i]`` is the number of tokens in its last block
+        (0 for an empty sequence).
+        """
+        cdef cnp.ndarray ids = _index_array(seq_ids, cnp.NPY_INT64, "seq_ids")
+        cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0), i
+        cdef vector[int32_t] flat
+        cdef vector[int64_t] lens
+        cdef ErrInfo err
+        cdef int st
+        cdef int64_t nt, bs = self.block_size
+        with nogil:
+            st = self._gather_tables(<const int64_t*>cnp.PyArray_DATA(ids), n, &flat, &lens, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        if flat.size() > INT32_MAX:
+            raise ArgumentValueError("tables too large for int32 indptr")
+        cdef cnp.ndarray indptr = cnp.PyArray_EMPTY(1, [n + 1], cnp.NPY_INT32, 0)
+        cdef cnp.ndarray last = cnp.PyArray_EMPTY(1, [n], cnp.NPY_INT32, 0)
+        cdef int32_t* ip = <int32_t*>cnp.PyArray_DATA(indptr)
+        cdef int32_t* lp = <int32_t*>cnp.PyArray_DATA(last)
+        ip[0] = 0
+        for i in range(n):
+            ip[i + 1] = ip[i] + <int32_t>lens[2 * i]
+            nt = lens[2 * i + 1]
+            lp[i] = 0 if nt == 0 else <int32_t>(nt - (nt - 1) // bs * bs)
+        return indptr, _i32_from_vector(flat, 0, flat.size()), last
+
+    # --- sequence queries ----------------------------------------------------
+
+    def num_tokens(self, seq_id):
+        """Number of tokens in a sequence."""
+        cdef int64_t sid = _seq_id(seq_id)
+        cdef int32_t slot
+        cdef int64_t nt = 0
+        with self._lock:
+            slot = self._find(sid)
+            if slot != NO_SLOT:
+                nt = self._seqs[slot].num_tokens
+        if slot == NO_SLOT:
+            raise SequenceNotFound(f"sequence {sid} not found")
+        return nt
+
+    def sequence_tokens(self, seq_id):
+        """The token ids of a sequence (int32 copy), or None if it was created without them."""
+        cdef int64_t sid = _seq_id(seq_id)
+        cdef int32_t slot
+        cdef bint has = False
+        cdef vector[int32_t] toks
+        cdef int st = RF_OK
+        cdef SeqRec* s
+        with self._lock:
+            slot = self._find(sid)
+            if slot != NO_SLOT:
+                s = &self._seqs[slot]
+                has = s.has_tokens
+                if has and s.tokens.size():
+                    if rf_reserve(toks, s.tokens.size()):
+                        st = RF_NO_MEMORY
+                    else:
+                        rf_append_n(toks, s.tokens.data(), s.tokens.size())
+        if slot == NO_SLOT:
+            raise SequenceNotFound(f"sequence {sid} not found")
+        if st != RF_OK:
+            raise MemoryError("rocmforge: host memory exhausted")
+        if not has:
+            return None
+        return _i32_from_vector(toks, 0, toks.size())
+
+    def sequence_info(self, seq_id):
+        """A dict: seq_id, created_at, last_access (time.time() seconds), access_count,
+        num_blocks, num_tokens, has_tokens."""
+        cdef int64_t sid = _seq_id(seq_id)
+        cdef int32_t slot
+        cdef SeqRec* s
+        cdef double created = 0, last = 0
+        cdef int64_t accesses = 0, nt = 0, nblocks = 0
+        cdef bint has = False
+        with self._lock:
+            slot = self._find(sid)
+            if slot != NO_SLOT:
+                s = &self._seqs[slot]
+                created, last, accesses = s.created_at, s.last_access, s.access_count
+                nt, nblocks, has = s.num_tokens, s.blocks.size(), s.has_tokens
+        if slot == NO_SLOT:
+            raise SequenceNotFound(f"sequence {sid} not found")
+        return {
+            "seq_id": sid,
+            "created_at": created,
+            "last_access": last,
+            "access_count": accesses,
+            "num_blocks": nblocks,
+            "num_tokens": nt,
+            "has_tokens": bool(has),
+        }
+
+    def sequence_ids(self):
+        """Ids of all sequences, least recently accessed first (int64)."""
+        cdef vector[int64_t] ids
+        cdef int32_t slot
+        cdef int st = RF_OK
+        with self._lock:
+            if rf_reserve(ids, self._index.size()):
+                st = RF_NO_MEMORY
+            else:
+                slot = self._lru_head
+                while slot != NO_SLOT:
+                    rf_push(ids, self._seqs[slot].seq_id)
+                    slot = self._seqs[slot].lru_next
+        if st != RF_OK:
+            raise MemoryError("rocmforge: host memory exhausted")
+        cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [ids.size()], cnp.NPY_INT64, 0)
+        if ids.size():
+            memcpy(cnp.PyArray_DATA(arr), ids.data(), ids.size() * sizeof(int64_t))
+        return arr
+
+    def __contains__(self, seq_id):
+        if isinstance(seq_id, (bool, np.bool_)) or not hasattr(seq_id, "__index__"):
+            return False
+        value = seq_id.__index__()
+        if value < 0 or value > INT64_MAX:
+            return False
+        cdef int64_t sid = value
+        cdef bint found
+        with self._lock:
+            found = self._find(sid) != NO_SLOT
+        return found
+
+    def __len__(self):
+        cdef size_t n
+        with self._lock:
+            n = self._index.size()
+        return n
+
+    # --- pool ------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self):
+        """Blocks with refcount 0."""
+        cdef int32_t n
+        with self._lock:
+            n = self._num_free
+        return n
+
+    @property
+    def num_used_blocks(self):
+        """Blocks with refcount > 0."""
+        cdef int32_t n
+        with self._lock:
+            n = self.num_blocks - self._num_free
+        return n
+
+    def stats(self):
+        """Counters as a dict (see the README for their meaning)."""
+        cdef Stats st
+        cdef int32_t used
+        cdef size_t nseq
+        with self._lock:
+            st = self._stats
+            used = self.num_blocks - self._num_free
+            nseq = self._index.size()
+        return {
+            "total_allocations": st.total_allocations,
+            "total_deallocations": st.total_deallocations,
+            "peak_allocations": st.peak_allocations,
+            "current_allocations": used,
+            "evictions": st.evictions,
+            "cow_copies": st.cow_copies,
+            "compaction_count": st.compaction_count,
+            "last_compaction_ms": st.last_compaction_ms,
+            "num_sequences": nseq,
+        }
+
+    def fragmentation_ratio(self):
+        """Share of the span [0, highest used id] that is free: 0.0 when packed."""
+        cdef int64_t top = -1, b
+        cdef int64_t used
+        with self._lock:
+            used = self.num_blocks - self._num_free
+            b = self.num_blocks - 1
+            while b >= 0 and used > 0:
+                if self._refcnt[b] != 0:
+                    top = b
+                    break
+                b -= 1
+        if top < 0:
+            return 0.0
+        return <double>(top + 1 - used) / <double>(top + 1)
+
+    def memory_efficiency(self):
+        """Share of the token slots in sequence-held blocks that hold tokens (1.0 when
+        every block is full). Shared blocks count once; blocks held only through
+        allocate()/incref() are not counted."""
+        cdef int64_t filled = 0, held = 0, bs = self.block_size, fill
+        cdef vector[int32_t] seen
+        cdef int32_t slot, b
+        cdef size_t j
+        cdef SeqRec* s
+        cdef int st = RF_OK
+        with self._lock:
+            if rf_resize(seen, self.num_blocks, _ZERO):
+                st = RF_NO_MEMORY
+            else:
+                for slot in range(<int32_t>self._seqs.size()):
+                    s = &self._seqs[slot]
+                    if not s.live:
+                        continue
+                    for j in range(s.blocks.size()):
+                        b = s.blocks[j]
+                        if seen[b]:
+                            continue
+                        seen[b] = 1
+                        fill = s.num_tokens - <int64_t>j * bs
+                        filled += bs if fill > bs else fill
+                        held += bs
+        if st != RF_OK:
+            raise MemoryError("rocmforge: host memory exhausted")
+        return 1.0 if held == 0 else <double>filled / <double>held
+
+    def should_compact(self, threshold=0.3):
+        """True when fragmentation_ratio() exceeds ``threshold`` (in [0, 1])."""
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+            raise ArgumentTypeError("threshold must be a number")
+        if not 0.0 <= threshold <= 1.0:
+            raise ArgumentValueError(f"threshold must be in [0, 1], got {threshold}")
+        return self.fragmentation_ratio() > threshold
+
+    def compact(self):
+        """Move live blocks from the top of the pool into the lowest free ids.
+
+        Afterwards used blocks occupy [0, num_used_blocks). Every sequence
+        table is rewritten; returns the moves as int32 (k, 2) of (old, new) so
+        the data path can move K/V and callers can remap ids they hold through
+        allocate()/incref(). Refuses (KvCacheError) while copy-on-write copies
+        are pending.
+        """
+        cdef vector[int32_t] moves
+        cdef ErrInfo err
+        cdef int st
+        with nogil:
+            with self._lock:
+                st = self._compact_locked(&moves, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        return _i32_from_vector(moves, 0, moves.size()).reshape(-1, 2)
+
+    def shrink(self, num_blocks):
+        """Reduce the pool to ``num_blocks``; every block being dropped must be free."""
+        cdef int32_t n = <int32_t>_count(num_blocks, "num_blocks", INT32_MAX)
+        cdef ErrInfo err
+        cdef int st
+        if n < 1:
+            raise InvalidConfiguration("num_blocks must be >= 1")
+        if n > self.num_blocks:
+            raise InvalidConfiguration(f"shrink to {n} > num_blocks={self.num_blocks}: use grow()")
+        with nogil:
+            with self._lock:
+                st = self._shrink_locked(n, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+
+    def grow(self, num_blocks):
+        """Enlarge the pool to ``num_blocks``; the new blocks are free."""
+        cdef int32_t n = <int32_t>_count(num_blocks, "num_blocks", INT32_MAX)
+        cdef int st
+        if n < self.num_blocks:
+            raise InvalidConfiguration(f"grow to {n} < num_blocks={self.num_blocks}: use shrink()")
+        with nogil:
+            with self._lock:
+                st = self._resize_pool(n) if n > self.num_blocks else RF_OK
+        if st != RF_OK:
+            raise MemoryError(f"cannot allocate bookkeeping for {n} blocks")
+
+    def metadata_bytes(self):
+        """Host memory held by the manager's own structures, in bytes (capacities)."""
+        cdef size_t total = 0, slot
+        with self._lock:
+            total += self._refcnt.capacity() * sizeof(int32_t) * 2
+            total += self._scratch.capacity() * sizeof(BlockScratch)
+            total += self._bits.capacity() * sizeof(uint64_t)
+            total += self._seqs.capacity() * sizeof(SeqRec)
+            for slot in range(self._seqs.size()):
+                total += self._seqs[slot].blocks.capacity() * sizeof(int32_t)
+                total += self._seqs[slot].tokens.capacity() * sizeof(int32_t)
+            total += self._free_slots.capacity() * sizeof(int32_t)
+            total += rf_map_bytes(self._index)
+            total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity()
+                      + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
+            total += self._evicted.capacity() * sizeof(int64_t)
+        return total + sizeof(BlockManager)
+
+    def check_invariants(self):
+        """Recompute every derived quantity and raise InvariantError on any mismatch.
+
+        Checks: refcount == table references + external references for every
+        block; the free set is exactly the blocks at refcount 0 (every bitmap
+        level); token counts match block counts; shared partly filled blocks
+        have one fill level; the index and LRU list hold exactly the live
+        sequences; statistics agree with the pool.
+        """
+        cdef char msg[512]
+        cdef int bad
+        with nogil:
+            with self._lock:
+                bad = self._check_locked(msg, sizeof(msg))
+        if bad:
+            raise InvariantError(msg.decode("utf-8", "replace"))
+
+    def __repr__(self):
+        return (f"BlockManager(num_blocks={self.num_blocks}, block_size={self.block_size}, "
+                f"free={self.num_free_blocks}, sequences={len(self)})")

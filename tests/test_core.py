@@ -1,0 +1,377 @@
+"""Behaviour of BlockManager on hand-written scenarios (the seeds' plan and the awkward cases)."""
+
+import time
+
+import numpy as np
+import pytest
+
+import rocmforge as rf
+from rocmforge import BlockManager
+
+
+def test_allocate_lowest_ids_first_and_free_on_zero():
+    m = BlockManager(8, 4)
+    assert m.allocate(3).tolist() == [0, 1, 2]
+    m.decref([1])
+    assert m.allocate(2).tolist() == [1, 3]
+    assert m.allocate_one() == 4
+    m.incref([4])
+    assert m.refcount(4) == 2
+    m.decref_one(4)
+    m.decref_one(4)
+    assert m.refcount(4) == 0 and m.num_free_blocks == 4
+    m.check_invariants()
+
+
+def test_allocate_is_all_or_nothing():
+    m = BlockManager(4, 1)
+    m.allocate(3)
+    with pytest.raises(rf.OutOfBlocks):
+        m.allocate(2)
+    assert m.num_free_blocks == 1
+    assert m.allocate(1).tolist() == [3]
+    with pytest.raises(rf.OutOfBlocks):
+        m.allocate_one()
+
+
+def test_allocate_into_reused_buffer():
+    m = BlockManager(16, 1)
+    buf = np.empty(8, dtype=np.int32)
+    got = m.allocate(8, out=buf)
+    assert got is buf and buf.tolist() == list(range(8))
+    got = m.allocate(3, out=buf)
+    assert got.base is buf and got.tolist() == [8, 9, 10]
+
+
+def test_refcount_underflow_raises_and_changes_nothing():
+    m = BlockManager(4, 2)
+    a, b = m.allocate(2)
+    with pytest.raises(rf.RefcountError):
+        m.decref([a, b, b])  # b would go below zero: nothing happens
+    assert m.refcount(a) == 1 and m.refcount(b) == 1
+    m.decref([a])
+    with pytest.raises(rf.RefcountError, match="free"):
+        m.decref([a])
+    with pytest.raises(rf.RefcountError, match="free"):
+        m.incref([a])
+
+
+def test_decref_cannot_drop_a_table_reference():
+    m = BlockManager(4, 2)
+    m.add_sequence(1, num_tokens=3)
+    b = m.block_table(1)[0]
+    with pytest.raises(rf.RefcountError, match="sequence tables"):
+        m.decref([b])
+    m.incref([b])
+    m.decref([b])
+    assert m.refcount(b) == 1
+    m.check_invariants()
+
+
+def test_block_ids_out_of_range():
+    m = BlockManager(4, 2)
+    for bad in (-1, 4, 2**31 - 1, 2**31, 2**70):
+        with pytest.raises(rf.BlockNotFound):
+            m.refcount(bad)
+        with pytest.raises(rf.BlockNotFound):
+            m.decref_one(bad)
+    for bad in ([-1], [4], np.array([2**31], dtype=np.int64)):
+        with pytest.raises(rf.BlockNotFound):
+            m.incref(bad)
+        with pytest.raises(rf.BlockNotFound):
+            m.decref(bad)
+    assert m.refcount(3) == 0
+
+
+def test_sequence_ids_at_the_edges_of_int64():
+    m = BlockManager(8, 2)
+    top = 2**63 - 1
+    m.add_sequence(top, num_tokens=1)
+    m.add_sequence(0, num_tokens=1)
+    assert top in m and 0 in m and 2**63 not in m and -1 not in m
+    assert m.sequence_ids().tolist() == [top, 0]
+    m.fork(top, top - 1)
+    assert m.append_batch(np.array([top, top - 1]), [1, 1]).tolist() == [2 * 2 + 1, 0 * 2 + 1]
+    with pytest.raises(rf.ArgumentValueError):
+        m.add_sequence(2**63)
+    with pytest.raises(rf.ArgumentValueError):
+        m.add_sequence(-1)
+    m.check_invariants()
+
+
+def test_slots_follow_block_ids():
+    m = BlockManager(10, 4)
+    m.allocate(1)  # block 0 held elsewhere
+    slots = m.add_sequence(5, num_tokens=6)
+    assert slots.dtype == np.int64
+    assert slots.tolist() == [4, 5, 6, 7, 8, 9]
+    assert m.append(5, 3).tolist() == [10, 11, 12]
+    assert m.block_table(5).tolist() == [1, 2, 3]
+    assert m.num_tokens(5) == 9
+
+
+def test_tokens_are_kept_and_required():
+    m = BlockManager(10, 4)
+    m.add_sequence(1, tokens=[5, 6, 7])
+    m.append(1, [8, 9])
+    assert m.sequence_tokens(1).tolist() == [5, 6, 7, 8, 9]
+    with pytest.raises(rf.ArgumentValueError, match="tracks token ids"):
+        m.append(1, 2)
+    m.add_sequence(2, num_tokens=3)
+    assert m.sequence_tokens(2) is None
+    with pytest.raises(rf.ArgumentValueError, match="without token ids"):
+        m.append(2, [1])
+    with pytest.raises(rf.ArgumentValueError):
+        m.add_sequence(3, tokens=[1, 2], num_tokens=5)
+
+
+def test_fork_then_copy_on_write():
+    m = BlockManager(16, 4)
+    m.add_sequence(1, tokens=list(range(6)))  # blocks [0, 1], second half full
+    m.fork(1, 2)
+    assert m.block_table(2).tolist() == [0, 1]
+    assert m.refcount(0) == 2 and m.refcount(1) == 2
+    assert m.sequence_tokens(2).tolist() == list(range(6))
+    slots = m.append(2, [6])
+    # Block 1 is shared and partly filled: seq 2 gets a fresh block 2 and a copy is queued.
+    assert m.block_table(2).tolist() == [0, 2]
+    assert slots.tolist() == [2 * 4 + 2]
+    assert m.take_pending_copies().tolist() == [[1, 2]]
+    assert m.take_pending_copies().shape == (0, 2)
+    # The parent now holds block 1 alone and appends in place.
+    assert m.append(1, [7]).tolist() == [1 * 4 + 2]
+    assert m.stats()["cow_copies"] == 1
+    m.check_invariants()
+
+
+def test_full_shared_block_needs_no_copy():
+    m = BlockManager(8, 2)
+    m.add_sequence(1, num_tokens=4)
+    m.fork(1, 2)
+    m.append(2, 1)
+    assert m.take_pending_copies().size == 0
+    assert m.block_table(2).tolist()[:2] == m.block_table(1).tolist()
+
+
+def test_batch_naming_parent_and_fork_copies_once():
+    m = BlockManager(8, 4)
+    m.add_sequence(1, num_tokens=2)
+    m.fork(1, 2)
+    slots = m.append_batch([1, 2], [1, 1])
+    # The first sharer copies, the second is then the only holder and writes in place.
+    assert m.take_pending_copies().tolist() == [[0, 1]]
+    assert slots.tolist() == [1 * 4 + 2, 0 * 4 + 2]
+    m.check_invariants()
+
+
+def test_batch_with_parent_and_fork_fits_the_last_free_block():
+    # Two sharers of a partly filled block need one copy, not two: exactly one block is free.
+    m = BlockManager(2, 4)
+    m.add_sequence(1, num_tokens=2)
+    m.fork(1, 2)
+    assert m.num_free_blocks == 1
+    m.append_batch([1, 2], [1, 1])
+    assert m.num_free_blocks == 0
+    m.check_invariants()
+
+
+def test_batch_failure_halfway_changes_nothing():
+    m = BlockManager(4, 2)
+    m.add_sequence(1, num_tokens=1)
+    m.add_sequence(2, num_tokens=1)
+    before = (m.num_free_blocks, m.block_table(1).tolist(), m.num_tokens(1), m.sequence_ids().tolist())
+    for ids, counts, exc in [([1, 2, 99], [1, 1, 1], rf.SequenceNotFound),
+                             ([1, 2, 1], [1, 1, 1], rf.ArgumentValueError),
+                             ([1, 2], [3, 8], rf.OutOfBlocks)]:
+        with pytest.raises(exc):
+            m.append_batch(ids, counts)
+        assert (m.num_free_blocks, m.block_table(1).tolist(), m.num_tokens(1),
+                m.sequence_ids().tolist()) == before
+    m.check_invariants()
+
+
+def test_lru_eviction_when_full():
+    m = BlockManager(6, 2, evict_sequences=True)
+    for sid in (10, 11, 12):
+        m.add_sequence(sid, num_tokens=4)  # two blocks each: the pool is full
+    m.append(10, 1)  # needs a block: evicts 11, the least recently accessed
+    assert m.take_evicted().tolist() == [11]
+    assert m.sequence_ids().tolist() == [12, 10]
+    m.add_sequence(13, num_tokens=4)  # needs 2, one is free: evicts 12
+    assert m.take_evicted().tolist() == [12]
+    assert m.sequence_ids().tolist() == [10, 13]
+    assert m.stats()["evictions"] == 2
+    m.check_invariants()
+
+
+def test_eviction_spares_named_sequences_and_is_all_or_nothing():
+    m = BlockManager(4, 2, evict_sequences=True)
+    m.add_sequence(1, num_tokens=2)
+    m.add_sequence(2, num_tokens=4)
+    # 8 more tokens need 4 fresh blocks; 1 is free and evicting 2 frees 2: impossible,
+    # so nothing is evicted.
+    with pytest.raises(rf.OutOfBlocks):
+        m.append_batch([1], [8])
+    assert 2 in m and m.take_evicted().size == 0
+    m.append_batch([1], [4])  # needs 2: evicts 2 (the oldest unnamed)
+    assert m.take_evicted().tolist() == [2]
+    m.check_invariants()
+
+
+def test_eviction_of_a_fork_partner_frees_nothing_shared():
+    m = BlockManager(3, 2, evict_sequences=True)
+    m.add_sequence(1, num_tokens=4)  # blocks 0, 1
+    m.fork(1, 2)
+    m.allocate(1)
+    # Pool full. A new sequence evicts 1 (oldest), which frees nothing (2 shares),
+    # then 2, which frees both blocks.
+    m.add_sequence(3, num_tokens=2)
+    assert m.take_evicted().tolist() == [1, 2]
+    m.check_invariants()
+
+
+def test_no_eviction_without_the_flag():
+    m = BlockManager(2, 2)
+    m.add_sequence(1, num_tokens=4)
+    with pytest.raises(rf.OutOfBlocks):
+        m.add_sequence(2, num_tokens=1)
+    assert 1 in m
+
+
+def test_lifetime_tracking():
+    m = BlockManager(8, 4)
+    t0 = time.time()
+    m.add_sequence(1, num_tokens=2)
+    info = m.sequence_info(1)
+    assert info["access_count"] == 1 and info["num_blocks"] == 1 and info["num_tokens"] == 2
+    assert t0 - 1 <= info["created_at"] <= time.time() + 1
+    time.sleep(0.01)
+    m.append(1, 3)
+    later = m.sequence_info(1)
+    assert later["access_count"] == 2 and later["num_tokens"] == 5 and later["num_blocks"] == 2
+    assert later["last_access"] > info["last_access"] and later["created_at"] == info["created_at"]
+
+
+def test_thousand_sequences_leave_nothing_behind():
+    m = BlockManager(64, 16)
+    base = m.metadata_bytes()
+    for sid in range(1000):
+        m.add_sequence(sid, tokens=np.arange(sid % 40, dtype=np.int32))
+        m.append(sid, np.arange(sid % 7, dtype=np.int32))
+        if sid % 3 == 0:
+            m.fork(sid, sid + 10**6)
+            m.append(sid + 10**6, [1])
+            m.remove_sequence(sid + 10**6)
+        m.remove_sequence(sid)
+    m.take_pending_copies()
+    assert len(m) == 0 and m.num_free_blocks == 64 and m.num_used_blocks == 0
+    s = m.stats()
+    assert s["total_allocations"] == s["total_deallocations"] and s["current_allocations"] == 0
+    # Slots are recycled: metadata does not grow with the number of sequences served.
+    assert m.metadata_bytes() < base + 64 * 1024
+    m.check_invariants()
+
+
+def test_remove_frees_and_unknown_sequences_raise():
+    m = BlockManager(8, 2)
+    m.add_sequence(1, num_tokens=5)
+    assert m.num_free_blocks == 5
+    m.remove_sequence(1)
+    assert m.num_free_blocks == 8
+    for fn in (m.remove_sequence, m.block_table, m.num_tokens, m.sequence_info, m.sequence_tokens):
+        with pytest.raises(rf.SequenceNotFound):
+            fn(1)
+    with pytest.raises(rf.SequenceNotFound):
+        m.fork(1, 2)
+    m.add_sequence(2)
+    with pytest.raises(rf.SequenceExists):
+        m.fork(2, 2)
+    with pytest.raises(rf.SequenceExists):
+        m.add_sequence(2)
+
+
+def test_block_tables_vllm_layout():
+    m = BlockManager(16, 2)
+    m.add_sequence(1, num_tokens=5)
+    m.add_sequence(2, num_tokens=1)
+    m.add_sequence(3)
+    t = m.block_tables([1, 2, 3])
+    assert t.dtype == np.int32 and t.tolist() == [[0, 1, 2], [3, -1, -1], [-1, -1, -1]]
+    out = np.zeros((3, 5), dtype=np.int32)
+    assert m.block_tables([1, 2, 3], out=out) is out
+    assert out[0].tolist() == [0, 1, 2, -1, -1]
+    with pytest.raises(rf.ArgumentValueError):
+        m.block_tables([1, 2, 3], out=np.zeros((3, 2), dtype=np.int32))
+    with pytest.raises(rf.SequenceNotFound):
+        m.block_tables([1, 9])
+
+
+def test_csr_block_tables_flashinfer_layout():
+    m = BlockManager(16, 4)
+    m.add_sequence(1, num_tokens=5)
+    m.add_sequence(2, num_tokens=8)
+    m.add_sequence(3)
+    indptr, indices, last = m.csr_block_tables([1, 2, 3])
+    assert indptr.tolist() == [0, 2, 4, 4]
+    assert indices.tolist() == [0, 1, 2, 3]
+    assert last.tolist() == [1, 4, 0]
+    assert indptr.dtype == indices.dtype == last.dtype == np.int32
+
+
+def test_compaction_packs_blocks_and_rewrites_tables():
+    m = BlockManager(10, 1)
+    for sid in range(10):
+        m.add_sequence(sid, num_tokens=1)
+    for sid in (0, 2, 3, 5):
+        m.remove_sequence(sid)
+    ext = m.allocate(1)[0]          # takes block 0
+    assert ext == 0
+    assert m.fragmentation_ratio() == pytest.approx(3 / 10)
+    assert m.should_compact(0.25) and not m.should_compact(0.3)
+    moves = m.compact()
+    assert moves.tolist() == [[9, 2], [8, 3], [7, 5]]
+    assert sorted(int(m.block_table(s)[0]) for s in (1, 4, 6, 7, 8, 9)) == [1, 2, 3, 4, 5, 6]
+    assert m.block_table(9).tolist() == [2]
+    assert m.fragmentation_ratio() == 0.0 and m.stats()["compaction_count"] == 1
+    m.shrink(7)
+    assert m.num_blocks == 7 and m.num_free_blocks == 0
+    with pytest.raises(rf.InvalidConfiguration):
+        m.shrink(6)
+    m.grow(12)
+    assert m.num_free_blocks == 5 and m.allocate(1).tolist() == [7]
+    m.check_invariants()
+
+
+def test_compact_refuses_while_copies_are_pending():
+    m = BlockManager(8, 4)
+    m.add_sequence(1, num_tokens=1)
+    m.fork(1, 2)
+    m.append(2, 1)
+    with pytest.raises(rf.KvCacheError, match="take_pending_copies"):
+        m.compact()
+    m.take_pending_copies()
+    m.compact()
+
+
+def test_stats_and_efficiency():
+    m = BlockManager(8, 4)
+    m.add_sequence(1, num_tokens=6)
+    m.fork(1, 2)
+    s = m.stats()
+    assert s["current_allocations"] == 2 and s["peak_allocations"] == 2 and s["num_sequences"] == 2
+    assert m.memory_efficiency() == pytest.approx(6 / 8)
+    m.remove_sequence(1)
+    m.remove_sequence(2)
+    s = m.stats()
+    assert s["total_deallocations"] == 2 and s["peak_allocations"] == 2 and s["current_allocations"] == 0
+    assert m.memory_efficiency() == 1.0
+
+
+def test_invalid_configuration():
+    for args in [(0, 16), (2**31, 16), (10, 0), (10, 2**21), (-5, 16)]:
+        with pytest.raises(rf.InvalidConfiguration):
+            BlockManager(*args)
+    with pytest.raises(rf.ArgumentTypeError):
+        BlockManager(1.5, 16)
+    with pytest.raises(rf.ArgumentTypeError):
+        BlockManager(10, "16")
