@@ -10,8 +10,12 @@
 
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libcpp.vector cimport vector
-from libcpp.unordered_map cimport unordered_map
 cimport cython
+
+cdef extern from "_core_support.h" nogil:
+    # Sequence id -> record slot; see _core_support.h.
+    cppclass rf_idmap:
+        size_t count
 
 cdef enum Status:
     RF_OK = 0
@@ -69,6 +73,8 @@ cdef struct Stats:
 
 cdef int raise_status(int status, const ErrInfo* err) except -1
 
+# final: internal cdef methods are called directly (and inlined), not through a vtable.
+@cython.final
 cdef class BlockManager:
     cdef cython.pymutex _lock
     cdef readonly int32_t num_blocks
@@ -91,7 +97,7 @@ cdef class BlockManager:
     # Sequences: records in reusable slots, an id -> slot index, an LRU list.
     cdef vector[SeqRec] _seqs
     cdef vector[int32_t] _free_slots
-    cdef unordered_map[int64_t, int32_t] _index
+    cdef rf_idmap _index
     cdef int32_t _lru_head
     cdef int32_t _lru_tail
 

@@ -8,14 +8,14 @@ applies all of its effects or none (it returns a status and raises only after
 the lock is released). Batched loops run without the GIL.
 """
 
-from cython.operator cimport dereference as deref
+from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow
 from libc.stdint cimport int32_t, int64_t, uint64_t, INT32_MAX, INT64_MAX
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
-from libcpp.unordered_map cimport unordered_map
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
 cimport numpy as cnp
+cimport cython
 
 import numpy as np
 
@@ -39,13 +39,17 @@ cdef extern from "_core_support.h" nogil:
     int rf_resize[T](vector[T]& v, size_t n, const T& value)
     void rf_push[T](vector[T]& v, const T& x)
     void rf_append_n(vector[int32_t]& v, const int32_t* src, size_t n)
-    int rf_map_put(unordered_map[int64_t, int32_t]& m, int64_t key, int32_t value)
+    int32_t rf_idmap_find(const rf_idmap& m, int64_t key)
+    int rf_idmap_reserve(rf_idmap& m, size_t n)
+    int rf_idmap_put(rf_idmap& m, int64_t key, int32_t val)
+    void rf_idmap_erase(rf_idmap& m, int64_t key)
+    size_t rf_idmap_bytes(const rf_idmap& m)
     int rf_ctz64(uint64_t x)
-    size_t rf_map_bytes(unordered_map[int64_t, int32_t]& m)
 
 cdef enum:
     MAX_BLOCK_SIZE = 1 << 20    # largest block the core accepts (slots stay far from int64 limits)
     NO_SLOT = -1                # "no record" in the LRU links and lookups
+    NOGIL_MIN = 64              # batches this long release the GIL; shorter ones cost less holding it
 
 cdef int32_t _NEG_ONE = -1
 cdef int32_t _ZERO = 0
@@ -53,6 +57,20 @@ cdef int32_t _ZERO = 0
 
 cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
+
+
+cdef inline int64_t _room(const SeqRec* s, int64_t bs) noexcept nogil:
+    """Free token slots in the sequence's last block (0 when full or without blocks)."""
+    return <int64_t>s.blocks.size() * bs - s.num_tokens
+
+
+cdef inline int64_t _fresh_blocks(int64_t room, int64_t count, int64_t bs) noexcept nogil:
+    """Blocks needed to append `count` tokens after `room` free slots (divides only past one block)."""
+    if count <= room:
+        return 0
+    if count - room <= bs:
+        return 1
+    return _ceil_div(count - room, bs)
 
 
 cdef inline double _wall_now() noexcept nogil:
@@ -141,12 +159,12 @@ cdef cnp.ndarray _index_array(object obj, int typenum, str name, object range_er
             raise ArgumentTypeError(f"{name} must be a 1-D array of integers: {exc}") from None
         if arr.ndim == 1 and arr.size == 0:
             return np.empty(0, dtype=_DTYPES[typenum])
+    if arr.dtype.kind not in "iu":
+        raise ArgumentTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.ndim != 1:
         raise ArgumentValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if not arr.flags.c_contiguous:
         raise ArgumentValueError(f"{name} must be contiguous (use np.ascontiguousarray)")
-    if arr.dtype.kind not in "iu":
-        raise ArgumentTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     dtype = _DTYPES[typenum]
     info = np.iinfo(dtype)
     if arr.size:
@@ -158,39 +176,49 @@ cdef cnp.ndarray _index_array(object obj, int typenum, str name, object range_er
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-cdef int64_t _seq_id(object obj, str name="seq_id") except -1:
-    """A sequence id: an integer in [0, 2**63)."""
-    cdef int64_t v
-    if type(obj) is not int:
-        if isinstance(obj, (bool, np.bool_)):
-            raise ArgumentTypeError(f"{name} must be an integer, got bool")
-        try:
-            obj = obj.__index__()
-        except AttributeError:
-            raise ArgumentTypeError(f"{name} must be an integer, got {type(obj).__name__}") from None
-    try:
-        v = obj
-    except OverflowError:
-        raise ArgumentValueError(f"{name} {obj} is outside [0, 2**63)") from None
-    if v < 0:
-        raise ArgumentValueError(f"{name} must be >= 0, got {v}")
-    return v
+cdef object _as_index(object obj, str name, object type_error=ArgumentTypeError):
+    """Any integer-like (int, numpy integer; not bool) as a Python int."""
+    if isinstance(obj, (bool, np.bool_)) or not hasattr(obj, "__index__"):
+        raise type_error(f"{name} must be an integer, got {type(obj).__name__}")
+    return obj.__index__()
+
+
+cdef inline bint _exact_int(object obj, long long* value) noexcept:
+    """Fast path: obj is a plain int that fits in int64."""
+    cdef int overflow = 0
+    if not PyLong_CheckExact(obj):
+        return False
+    value[0] = PyLong_AsLongLongAndOverflow(obj, &overflow)
+    return overflow == 0
 
 
 cdef int64_t _count(object obj, str name, int64_t limit) except -1:
     """A non-negative integer no larger than `limit`."""
-    if isinstance(obj, (bool, np.bool_)) or not hasattr(obj, "__index__"):
-        raise ArgumentTypeError(f"{name} must be an integer, got {type(obj).__name__}")
-    value = obj.__index__()
+    cdef long long v
+    if _exact_int(obj, &v) and 0 <= v <= limit:
+        return v
+    value = _as_index(obj, name)
     if value < 0 or value > limit:
         raise ArgumentValueError(f"{name} must be in [0, {limit}], got {value}")
     return value
 
 
+cdef int64_t _seq_id(object obj, str name="seq_id") except -1:
+    """A sequence id: an integer in [0, 2**63)."""
+    cdef long long v
+    if _exact_int(obj, &v) and v >= 0:
+        return v
+    value = _as_index(obj, name)
+    if not 0 <= value <= INT64_MAX:
+        raise ArgumentValueError(f"{name} must be in [0, 2**63), got {value}")
+    return value
+
+
 cdef int32_t _block_id(object obj) except? -1:
-    if isinstance(obj, (bool, np.bool_)) or not hasattr(obj, "__index__"):
-        raise ArgumentTypeError(f"block id must be an integer, got {type(obj).__name__}")
-    value = obj.__index__()
+    cdef long long v
+    if _exact_int(obj, &v) and 0 <= v <= INT32_MAX:
+        return <int32_t>v
+    value = _as_index(obj, "block id")
     if value < 0 or value > INT32_MAX:
         raise BlockNotFound(f"block {value} out of range")
     return value
@@ -207,7 +235,7 @@ cdef cnp.ndarray _out_array(object out, Py_ssize_t n, int typenum, str name):
     if (cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_NDIM(arr) != 1
             or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISWRITEABLE(arr)):
         raise ArgumentTypeError(
-            f"{name} must be a writeable 1-D contiguous {np.PyArray_DescrFromType(typenum)} array")
+            f"{name} must be a writeable 1-D contiguous {_DTYPES[typenum]} array")
     if cnp.PyArray_DIM(arr, 0) < n:
         raise ArgumentValueError(f"{name} has {cnp.PyArray_DIM(arr, 0)} elements, {n} needed")
     return arr
@@ -228,6 +256,7 @@ cdef cnp.ndarray _i32_from_vector(const vector[int32_t]& v, Py_ssize_t start, Py
 # The manager
 # ---------------------------------------------------------------------------
 
+@cython.final
 cdef class BlockManager:
     """Paged KV-cache bookkeeping: a pool of fixed-size blocks shared by sequences.
 
@@ -422,10 +451,7 @@ cdef class BlockManager:
     # --- sequence internals ----------------------------------------------
 
     cdef int32_t _find(self, int64_t seq_id) noexcept nogil:
-        cdef unordered_map[int64_t, int32_t].iterator it = self._index.find(seq_id)
-        if it == self._index.end():
-            return NO_SLOT
-        return deref(it).second
+        return rf_idmap_find(self._index, seq_id)
 
     cdef void _lru_unlink(self, int32_t slot) noexcept nogil:
         cdef SeqRec* s = &self._seqs[slot]
@@ -465,7 +491,7 @@ cdef class BlockManager:
         for j in range(s.blocks.size()):
             self._unref(s.blocks[j])
         self._lru_unlink(slot)
-        self._index.erase(s.seq_id)
+        rf_idmap_erase(self._index, s.seq_id)
         s.blocks.clear()
         s.tokens.clear()
         s.live = False
@@ -537,7 +563,7 @@ cdef class BlockManager:
             err.b = self._num_free
             return RF_OUT_OF_BLOCKS
         self._tmp_victims.clear()
-        if rf_reserve(self._tmp_victims, self._index.size()):
+        if rf_reserve(self._tmp_victims, self._index.count):
             return RF_NO_MEMORY
         slot = self._lru_head
         while slot != NO_SLOT and self._num_free + freed < needed:
@@ -573,7 +599,8 @@ cdef class BlockManager:
                             int64_t* slots_out) noexcept nogil:
         """Append `count` tokens; room and free blocks were reserved by the caller."""
         cdef int64_t bs = self.block_size
-        cdef int64_t off = s.num_tokens % bs
+        cdef int64_t room = _room(s, bs)
+        cdef int64_t off = bs - room if room else 0
         cdef int64_t j
         cdef int32_t cur = -1, fresh
         if count == 0:
@@ -713,11 +740,11 @@ cdef class BlockManager:
         if rf_reserve(s.blocks, nblocks) or (with_tokens and rf_reserve(s.tokens, num_tokens)):
             return self._unclaim_slot(slot, RF_NO_MEMORY)
         # Publish the id before evicting so failure can undo it with a plain erase.
-        if rf_map_put(self._index, seq_id, slot):
+        if rf_idmap_put(self._index, seq_id, slot):
             return self._unclaim_slot(slot, RF_NO_MEMORY)
         st = self._ensure_free(nblocks, self._next_epoch(), err)
         if st != RF_OK:
-            self._index.erase(seq_id)
+            rf_idmap_erase(self._index, seq_id)
             return self._unclaim_slot(slot, st)
         self._open_sequence(slot, seq_id, with_tokens, _wall_now())
         self._append_apply(&self._seqs[slot], num_tokens, tokens if with_tokens else NULL, slots_out)
@@ -737,7 +764,7 @@ cdef class BlockManager:
                                   ErrInfo* err) noexcept nogil:
         cdef uint64_t epoch = self._next_epoch()
         cdef int64_t bs = self.block_size
-        cdef int64_t needed = 0, copies = 0, nt, c, off_tok = 0, off_out = 0
+        cdef int64_t needed = 0, copies = 0, nt, c, room, off_tok = 0, off_out = 0
         cdef Py_ssize_t i
         cdef size_t j
         cdef int32_t slot, last
@@ -777,8 +804,9 @@ cdef class BlockManager:
             if c == 0:
                 continue
             nt = s.num_tokens
-            needed += _ceil_div(nt + c, bs) - _ceil_div(nt, bs)
-            if nt % bs != 0:
+            room = _room(s, bs)
+            needed += _fresh_blocks(room, c, bs)
+            if room != 0:
                 last = s.blocks.back()
                 if self._refcnt[last] > 1:
                     sc = self._scratch_at(last, epoch)
@@ -787,7 +815,7 @@ cdef class BlockManager:
                             return RF_NO_MEMORY
                         rf_push(self._tmp_blocks, last)
                     sc.count += 1
-            if rf_reserve(s.blocks, _ceil_div(nt + c, bs)):
+            if rf_reserve(s.blocks, s.blocks.size() + _fresh_blocks(room, c, bs)):
                 return RF_NO_MEMORY
             if with_tokens and rf_reserve(s.tokens, nt + c):
                 return RF_NO_MEMORY
@@ -852,7 +880,7 @@ cdef class BlockManager:
         d = &self._seqs[dst_slot]
         if rf_reserve(d.blocks, s.blocks.size()) or rf_reserve(d.tokens, s.tokens.size()):
             return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
-        if rf_map_put(self._index, dst, dst_slot):
+        if rf_idmap_put(self._index, dst, dst_slot):
             return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
         now = _wall_now()
         self._touch(src_slot, now)
@@ -978,9 +1006,9 @@ cdef class BlockManager:
                     snprintf(msg, cap, "block %d is shared with different fill levels (%d and %lld)",
                              b, fills[b], fill)
                     return 1
-        if live != <int64_t>self._index.size():
+        if live != <int64_t>self._index.count:
             snprintf(msg, cap, "%lld live sequences but %lld index entries", live,
-                     <int64_t>self._index.size())
+                     <int64_t>self._index.count)
             return 1
         prev = NO_SLOT
         slot = self._lru_head
@@ -1055,7 +1083,10 @@ cdef class BlockManager:
         cdef int32_t* ptr = <int32_t*>cnp.PyArray_DATA(arr)
         cdef ErrInfo err
         cdef int st
-        with nogil:
+        if count >= NOGIL_MIN:
+            with nogil:
+                st = self.c_allocate(count, ptr, &err)
+        else:
             st = self.c_allocate(count, ptr, &err)
         if st != RF_OK:
             raise_status(st, &err)
@@ -1063,7 +1094,7 @@ cdef class BlockManager:
 
     def allocate_one(self):
         """Take the lowest free block with refcount 1 and return its id (fast path)."""
-        cdef int32_t b
+        cdef int32_t b = -1
         cdef ErrInfo err
         cdef int st
         with self._lock:
@@ -1079,7 +1110,10 @@ cdef class BlockManager:
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         cdef ErrInfo err
         cdef int st
-        with nogil:
+        if n >= NOGIL_MIN:
+            with nogil:
+                st = self.c_incref(ptr, n, &err)
+        else:
             st = self.c_incref(ptr, n, &err)
         if st != RF_OK:
             raise_status(st, &err)
@@ -1096,7 +1130,10 @@ cdef class BlockManager:
         cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
         cdef ErrInfo err
         cdef int st
-        with nogil:
+        if n >= NOGIL_MIN:
+            with nogil:
+                st = self.c_decref(ptr, n, &err)
+        else:
             st = self.c_decref(ptr, n, &err)
         if st != RF_OK:
             raise_status(st, &err)
@@ -1191,11 +1228,10 @@ cdef class BlockManager:
         cdef int st
         if cnp.PyArray_DIM(cnt, 0) != n:
             raise ArgumentValueError(f"{n} seq_ids but {cnp.PyArray_DIM(cnt, 0)} counts")
-        with nogil:
-            for i in range(n):
-                if cptr[i] < 0:
-                    negative = True
-                total += cptr[i]
+        for i in range(n):
+            if cptr[i] < 0:
+                negative = True
+            total += cptr[i]
         if negative:
             raise ArgumentValueError("counts must be >= 0")
         if tokens is not None:
@@ -1205,8 +1241,12 @@ cdef class BlockManager:
             tptr = <const int32_t*>cnp.PyArray_DATA(toks)
         cdef cnp.ndarray slots = _out_array(out, total, cnp.NPY_INT64, "out")
         cdef int64_t* sptr = <int64_t*>cnp.PyArray_DATA(slots)
-        with nogil:
-            st = self.c_append_batch(iptr, cptr, n, tokens is not None, tptr, sptr, &err)
+        cdef bint with_tokens = tokens is not None
+        if n >= NOGIL_MIN:
+            with nogil:
+                st = self.c_append_batch(iptr, cptr, n, with_tokens, tptr, sptr, &err)
+        else:
+            st = self.c_append_batch(iptr, cptr, n, with_tokens, tptr, sptr, &err)
         if st != RF_OK:
             raise_status(st, &err)
         return _fit(slots, total)
@@ -1438,7 +1478,7 @@ cdef class BlockManager:
         cdef int32_t slot
         cdef int st = RF_OK
         with self._lock:
-            if rf_reserve(ids, self._index.size()):
+            if rf_reserve(ids, self._index.count):
                 st = RF_NO_MEMORY
             else:
                 slot = self._lru_head
@@ -1467,7 +1507,7 @@ cdef class BlockManager:
     def __len__(self):
         cdef size_t n
         with self._lock:
-            n = self._index.size()
+            n = self._index.count
         return n
 
     # --- pool ------------------------------------------------------------
@@ -1496,7 +1536,7 @@ cdef class BlockManager:
         with self._lock:
             st = self._stats
             used = self.num_blocks - self._num_free
-            nseq = self._index.size()
+            nseq = self._index.count
         return {
             "total_allocations": st.total_allocations,
             "total_deallocations": st.total_deallocations,
@@ -1621,7 +1661,7 @@ cdef class BlockManager:
                 total += self._seqs[slot].blocks.capacity() * sizeof(int32_t)
                 total += self._seqs[slot].tokens.capacity() * sizeof(int32_t)
             total += self._free_slots.capacity() * sizeof(int32_t)
-            total += rf_map_bytes(self._index)
+            total += rf_idmap_bytes(self._index)
             total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity()
                       + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
             total += self._evicted.capacity() * sizeof(int64_t)

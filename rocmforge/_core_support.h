@@ -6,7 +6,6 @@
 
 #include <cstdint>
 #include <new>
-#include <unordered_map>
 #include <vector>
 
 /* Grow capacity to at least n; 0 on success, -1 when memory is exhausted. */
@@ -42,20 +41,96 @@ static inline void rf_append_n(std::vector<int32_t> &v, const int32_t *src, size
     v.insert(v.end(), src, src + n);
 }
 
-/* Approximate heap bytes of an unordered_map: bucket array plus one node per entry. */
-static inline size_t rf_map_bytes(const std::unordered_map<int64_t, int32_t> &m) noexcept {
-    struct node { void *next; std::pair<const int64_t, int32_t> kv; size_t hash; };
-    return m.bucket_count() * sizeof(void *) + m.size() * sizeof(node);
+/* rf_idmap: sequence id (int64 >= 0) -> record slot (int32).
+ * Open addressing with linear probing over a power-of-two table kept at most
+ * half full; a multiplicative hash picks the home bucket, so a lookup costs a
+ * multiply and a short scan (no division, no node chasing). Deletion shifts
+ * later entries back, so there are no tombstones. Empty buckets hold key -1. */
+struct rf_idmap {
+    std::vector<int64_t> keys;
+    std::vector<int32_t> vals;
+    size_t count = 0;
+    int shift = 64;   /* 64 - log2(capacity) */
+};
+
+static inline size_t rf_idmap_home(const rf_idmap &m, int64_t key) noexcept {
+    return (size_t)(((uint64_t)key * 0x9E3779B97F4A7C15ull) >> m.shift);
 }
 
-/* Insert key -> value; 0 on success, -1 when memory is exhausted. */
-static inline int rf_map_put(std::unordered_map<int64_t, int32_t> &m, int64_t key, int32_t value) noexcept {
+/* The slot stored for key, or -1. */
+static inline int32_t rf_idmap_find(const rf_idmap &m, int64_t key) noexcept {
+    if (m.count == 0) return -1;
+    const size_t mask = m.keys.size() - 1;
+    for (size_t i = rf_idmap_home(m, key);; i = (i + 1) & mask) {
+        if (m.keys[i] == key) return m.vals[i];
+        if (m.keys[i] == -1) return -1;
+    }
+}
+
+static inline void rf_idmap_place(rf_idmap &m, int64_t key, int32_t val) noexcept {
+    const size_t mask = m.keys.size() - 1;
+    size_t i = rf_idmap_home(m, key);
+    while (m.keys[i] != -1 && m.keys[i] != key) i = (i + 1) & mask;
+    if (m.keys[i] == -1) m.count++;
+    m.keys[i] = key;
+    m.vals[i] = val;
+}
+
+/* Room for n entries without rehashing later; 0 on success, -1 (map unchanged) when out of memory. */
+static inline int rf_idmap_reserve(rf_idmap &m, size_t n) noexcept {
+    size_t cap = m.keys.size();
+    if (2 * n <= cap) return 0;
+    size_t want = cap ? cap : 16;
+    int shift = cap ? m.shift : 60;
+    while (2 * n > want) { want *= 2; shift--; }
+    rf_idmap grown;
     try {
-        m[key] = value;
-        return 0;
+        grown.keys.assign(want, -1);
+        grown.vals.assign(want, -1);
     } catch (...) {
         return -1;
     }
+    grown.shift = shift;
+    for (size_t i = 0; i < cap; i++)
+        if (m.keys[i] != -1) rf_idmap_place(grown, m.keys[i], m.vals[i]);
+    m.keys.swap(grown.keys);
+    m.vals.swap(grown.vals);
+    m.shift = shift;
+    return 0;
+}
+
+/* Insert or update; 0 on success, -1 (map unchanged) when out of memory. */
+static inline int rf_idmap_put(rf_idmap &m, int64_t key, int32_t val) noexcept {
+    if (rf_idmap_reserve(m, m.count + 1)) return -1;
+    rf_idmap_place(m, key, val);
+    return 0;
+}
+
+static inline void rf_idmap_erase(rf_idmap &m, int64_t key) noexcept {
+    if (m.count == 0) return;
+    const size_t mask = m.keys.size() - 1;
+    size_t i = rf_idmap_home(m, key);
+    while (m.keys[i] != key) {
+        if (m.keys[i] == -1) return;
+        i = (i + 1) & mask;
+    }
+    /* Backward shift: pull each later entry of the probe run into the hole
+     * unless its home lies cyclically in (hole, position]. */
+    for (size_t j = (i + 1) & mask; m.keys[j] != -1; j = (j + 1) & mask) {
+        size_t home = rf_idmap_home(m, m.keys[j]);
+        bool stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+        if (!stays) {
+            m.keys[i] = m.keys[j];
+            m.vals[i] = m.vals[j];
+            i = j;
+        }
+    }
+    m.keys[i] = -1;
+    m.count--;
+}
+
+static inline size_t rf_idmap_bytes(const rf_idmap &m) noexcept {
+    return m.keys.capacity() * sizeof(int64_t) + m.vals.capacity() * sizeof(int32_t);
 }
 
 /* Index of the lowest set bit; x must be non-zero. */

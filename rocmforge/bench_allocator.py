@@ -1,0 +1,193 @@
+"""Allocator benchmarks: the cost of the calls an engine makes on every step.
+
+Each case reports the median of several repetitions. Prints a table, then
+one JSON line with every figure (for scripts and CI logs).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+from rocmforge import BlockManager
+
+DECODE_SEQS = 256
+DECODE_BLOCK = 16
+MIN_LEN, MAX_LEN = 64, 2048
+
+
+def _progress(total, desc):
+    """tqdm when installed (optional dependency), else a plain line per step on stderr."""
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+    except ImportError:
+        class Plain:
+            def __init__(self):
+                self.done = 0
+
+            def update(self, n=1):
+                self.done += n
+                print(f"  {desc}: {self.done}/{total}", file=sys.stderr, flush=True)
+
+            def close(self):
+                pass
+        return Plain()
+
+
+def _median(run, reps, desc):
+    bar = _progress(reps, desc)
+    samples = []
+    for _ in range(reps):
+        samples.append(run())
+        bar.update(1)
+    bar.close()
+    return statistics.median(samples), samples
+
+
+def alloc_free_single(ops):
+    """ns per allocate_one() + decref_one() pair on a 65,536-block pool."""
+    m = BlockManager(65536, 16)
+    alloc, free = m.allocate_one, m.decref_one
+    start = time.perf_counter_ns()
+    for _ in range(ops):
+        free(alloc())
+    return (time.perf_counter_ns() - start) / ops
+
+
+def alloc_free_batch(rounds, batch=64):
+    """ns per block of allocate(64, out=buf) + decref(buf)."""
+    m = BlockManager(65536, 16)
+    buf = np.empty(batch, dtype=np.int32)
+    alloc, free = m.allocate, m.decref
+    start = time.perf_counter_ns()
+    for _ in range(rounds):
+        free(alloc(batch, out=buf))
+    return (time.perf_counter_ns() - start) / (rounds * batch)
+
+
+def decode_sim(tokens, manager=None, id_base=0, seed=0, timed=True):
+    """One append_batch per step over 256 running sequences; a sequence that
+    reaches its length (drawn from [64, 2048]) is removed and a new one starts.
+    Returns ns per appended token (churn included)."""
+    rng = np.random.default_rng(seed)
+    m = manager if manager is not None else BlockManager(DECODE_SEQS * MAX_LEN // DECODE_BLOCK + 64, DECODE_BLOCK)
+    ids = np.arange(id_base, id_base + DECODE_SEQS, dtype=np.int64)
+    ones = np.ones(DECODE_SEQS, dtype=np.int32)
+    out = np.empty(DECODE_SEQS, dtype=np.int64)
+    lengths = rng.integers(MIN_LEN, MAX_LEN + 1, size=1 << 16).tolist()
+    ends = []
+    for slot in range(DECODE_SEQS):
+        # Start mid-way through each first sequence so the run sees steady churn.
+        length = lengths.pop()
+        done = int(rng.integers(0, length))
+        m.add_sequence(int(ids[slot]), num_tokens=done)
+        ends.append((length - done, slot))
+    heapq.heapify(ends)
+    next_id = id_base + DECODE_SEQS
+    steps = tokens // DECODE_SEQS
+    append, remove, add = m.append_batch, m.remove_sequence, m.add_sequence
+    start = time.perf_counter_ns()
+    for step in range(1, steps + 1):
+        append(ids, ones, out=out)
+        while ends[0][0] == step:
+            _, slot = heapq.heappop(ends)
+            remove(int(ids[slot]))
+            ids[slot] = next_id
+            add(next_id)
+            next_id += 1
+            heapq.heappush(ends, (step + lengths.pop(), slot))
+    elapsed = time.perf_counter_ns() - start
+    for sid in ids.tolist():
+        remove(sid)
+    return elapsed / (steps * DECODE_SEQS)
+
+
+def decode_threads(nthreads, tokens_per_thread):
+    """Aggregate tokens/s of decode_sim run by n threads on one manager, private sequences."""
+    m = BlockManager(nthreads * (DECODE_SEQS * MAX_LEN // DECODE_BLOCK + 64), DECODE_BLOCK)
+    barrier = threading.Barrier(nthreads + 1)
+    errors = []
+
+    def work(t):
+        barrier.wait()
+        try:
+            decode_sim(tokens_per_thread, manager=m, id_base=t * 10**9, seed=t)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    m.check_invariants()
+    tokens = nthreads * (tokens_per_thread // DECODE_SEQS) * DECODE_SEQS
+    return tokens / elapsed
+
+
+def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=sys.stdout):
+    scale = 100 if quick else 1
+    single_ops = 200_000 // scale
+    batch_rounds = 20_000 // scale
+    decode_tokens = 200_000 // scale
+    results = {}
+    rows = []
+    for name, fn, arg, unit, target in [
+        ("alloc_free_single", alloc_free_single, single_ops, "ns/pair", 60),
+        ("alloc_free_batch", alloc_free_batch, batch_rounds, "ns/block", 5),
+        ("decode_sim", decode_sim, decode_tokens, "ns/token", 10),
+    ]:
+        fn(max(arg // 10, 1))  # warm up
+        med, samples = _median(lambda: fn(arg), reps, name)
+        results[name] = {"median": round(med, 2), "unit": unit, "target": target,
+                         "samples": [round(s, 2) for s in samples]}
+        rows.append((name, f"{med:.1f} {unit}", f"<= {target}", f"{min(samples):.1f}-{max(samples):.1f}"))
+    threads = {}
+    base = None
+    for n in thread_counts:
+        med, samples = _median(lambda: decode_threads(n, decode_tokens), reps, f"threads={n}")
+        base = base or med
+        threads[str(n)] = {"tokens_per_s": round(med), "scaling": round(med / base, 2)}
+        rows.append((f"threads x{n}", f"{med / 1e6:.1f} M tok/s", f"x{med / base:.2f} vs 1",
+                     f"{min(samples) / 1e6:.1f}-{max(samples) / 1e6:.1f}"))
+    results["threads"] = threads
+    headers = ("benchmark", f"median of {reps}", "target / scaling", "range")
+    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(4)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)), file=out)
+    summary = {"benchmark": "allocator", "reps": reps, "quick": quick,
+               "python": platform.python_version(), "cpus": os.cpu_count(), "results": results}
+    print(json.dumps(summary), file=out)
+    return summary
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="rocmforge allocator benchmarks")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per case (median reported)")
+    parser.add_argument("--quick", action="store_true", help="1/100 of the work (smoke test)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    args = parser.parse_args(argv)
+    if args.reps < 1 or any(t < 1 for t in args.threads):
+        parser.error("--reps and --threads must be >= 1")
+    run(reps=args.reps, quick=args.quick, thread_counts=args.threads)
+
+
+if __name__ == "__main__":
+    main()
