@@ -16,8 +16,16 @@ from rocmforge.errors import (
 
 __version__ = "0.1.0"
 
+
+def get_include():
+    """Directory holding _core.pxd and _core_support.h, for Cython extensions that cimport rocmforge."""
+    import os
+    return os.path.dirname(__file__)
+
+
 __all__ = [
     "BlockManager",
+    "get_include",
     "KvCacheError",
     "OutOfBlocks",
     "SequenceNotFound",

@@ -93,7 +93,7 @@ def decode_sim(tokens, manager=None, id_base=0, seed=0, timed=True):
         ends.append((length - done, slot))
     heapq.heapify(ends)
     next_id = id_base + DECODE_SEQS
-    steps = tokens // DECODE_SEQS
+    steps = max(tokens // DECODE_SEQS, 1)
     append, remove, add = m.append_batch, m.remove_sequence, m.add_sequence
     start = time.perf_counter_ns()
     for step in range(1, steps + 1):
@@ -135,11 +135,12 @@ def decode_threads(nthreads, tokens_per_thread):
     if errors:
         raise errors[0]
     m.check_invariants()
-    tokens = nthreads * (tokens_per_thread // DECODE_SEQS) * DECODE_SEQS
+    tokens = nthreads * max(tokens_per_thread // DECODE_SEQS, 1) * DECODE_SEQS
     return tokens / elapsed
 
 
-def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=sys.stdout):
+def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=None):
+    out = out or sys.stdout
     scale = 100 if quick else 1
     single_ops = 200_000 // scale
     batch_rounds = 20_000 // scale
