@@ -176,10 +176,10 @@ cdef cnp.ndarray _index_array(object obj, int typenum, str name, object range_er
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
-cdef object _as_index(object obj, str name, object type_error=ArgumentTypeError):
+cdef object _as_index(object obj, str name):
     """Any integer-like (int, numpy integer; not bool) as a Python int."""
     if isinstance(obj, (bool, np.bool_)) or not hasattr(obj, "__index__"):
-        raise type_error(f"{name} must be an integer, got {type(obj).__name__}")
+        raise ArgumentTypeError(f"{name} must be an integer, got {type(obj).__name__}")
     return obj.__index__()
 
 
@@ -764,7 +764,7 @@ cdef class BlockManager:
                                   ErrInfo* err) noexcept nogil:
         cdef uint64_t epoch = self._next_epoch()
         cdef int64_t bs = self.block_size
-        cdef int64_t needed = 0, copies = 0, nt, c, room, off_tok = 0, off_out = 0
+        cdef int64_t needed = 0, copies = 0, nt, c, room, fresh, off_tok = 0, off_out = 0
         cdef Py_ssize_t i
         cdef size_t j
         cdef int32_t slot, last
@@ -805,7 +805,8 @@ cdef class BlockManager:
                 continue
             nt = s.num_tokens
             room = _room(s, bs)
-            needed += _fresh_blocks(room, c, bs)
+            fresh = _fresh_blocks(room, c, bs)
+            needed += fresh
             if room != 0:
                 last = s.blocks.back()
                 if self._refcnt[last] > 1:
@@ -815,7 +816,7 @@ cdef class BlockManager:
                             return RF_NO_MEMORY
                         rf_push(self._tmp_blocks, last)
                     sc.count += 1
-            if rf_reserve(s.blocks, s.blocks.size() + _fresh_blocks(room, c, bs)):
+            if rf_reserve(s.blocks, s.blocks.size() + fresh):
                 return RF_NO_MEMORY
             if with_tokens and rf_reserve(s.tokens, nt + c):
                 return RF_NO_MEMORY

@@ -74,7 +74,7 @@ def alloc_free_batch(rounds, batch=64):
     return (time.perf_counter_ns() - start) / (rounds * batch)
 
 
-def decode_sim(tokens, manager=None, id_base=0, seed=0, timed=True):
+def decode_sim(tokens, manager=None, id_base=0, seed=0):
     """One append_batch per step over 256 running sequences; a sequence that
     reaches its length (drawn from [64, 2048]) is removed and a new one starts.
     Returns ns per appended token (churn included)."""
