@@ -13,6 +13,7 @@ from rocmforge.errors import (
     SequenceExists,
     SequenceNotFound,
 )
+from rocmforge.events import AllCleared, BlockRemoved, BlockStored
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,7 @@ __all__ = [
     "ArgumentTypeError",
     "ArgumentValueError",
     "InvariantError",
+    "BlockStored",
+    "BlockRemoved",
+    "AllCleared",
 ]

@@ -8,7 +8,7 @@
 # exception with ``raise_status`` once the GIL is held again.
 # Pointers passed in are borrowed for the duration of the call only.
 
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t, uint8_t
 from libcpp.vector cimport vector
 cimport cython
 
@@ -35,6 +35,18 @@ cdef enum Status:
     RF_TOO_MANY_SEQUENCES = 14  # err.a = limit
     RF_INVALID_ARGUMENT = 15    # err.id = offending value (negative id or count)
     RF_PENDING_COPIES = 16      # err.a = copies not yet taken (compact/shrink need none)
+    RF_PREFIX_DISABLED = 17     # a prefix-caching call on a manager built without it
+
+# Eviction policies for cached (refcount 0, still indexed) blocks.
+cdef enum Policy:
+    POLICY_LRU = 0              # one list; a released sequence's tail blocks go first
+    POLICY_ARC = 1              # adaptive: first-use vs reused lists sized by ghost hits
+
+# KV event kinds (take_events).
+cdef enum EventKind:
+    EV_STORED = 0
+    EV_REMOVED = 1
+    EV_CLEARED = 2
 
 cdef struct ErrInfo:
     int64_t id
@@ -55,6 +67,32 @@ cdef struct SeqRec:
     int32_t lru_prev            # slot of the previous (older) sequence, -1 at the head
     int32_t lru_next            # slot of the next (newer) sequence, -1 at the tail
     uint64_t mark               # == manager epoch while named by the running operation
+    vector[int64_t] keys        # content key of every full block (prefix caching, token sequences)
+    int64_t salt                # salt of the first block's key
+    int64_t cached_tokens       # leading tokens found in the prefix cache when it was added
+
+# Prefix-cache state of one block. A block is *registered* (serial != 0) when
+# the prefix index maps its key to it; a registered block's parent is
+# registered too, so every indexed chain is complete. A registered block with
+# refcount 0 is *evictable*: it sits in one of the policy's lists.
+cdef struct PBlock:
+    int64_t key
+    int64_t salt                # salt of a root block (parent == -1)
+    uint64_t serial             # registration number, 0 when not registered
+    int32_t parent              # parent block, -1 for the first block of a chain
+    int32_t child               # first registered child, -1 when none
+    int32_t sib_prev            # siblings under the same parent
+    int32_t sib_next
+    int32_t ev_prev             # neighbours in the policy list (older / newer)
+    int32_t ev_next
+    uint8_t ev_list             # 0: not evictable, 1 or 2: which policy list holds it
+    uint8_t hot                 # reused since it was registered (ARC sends it to list 2)
+
+cdef struct KvEvent:
+    int32_t kind
+    int32_t num_tokens
+    int64_t key
+    int64_t parent_key          # -1 for a chain's first block
 
 # Per-block scratch for one operation, valid while mark == manager epoch.
 cdef struct BlockScratch:
@@ -70,6 +108,11 @@ cdef struct Stats:
     int64_t cow_copies
     int64_t compaction_count
     double last_compaction_ms
+    int64_t prefix_lookups       # add_sequence calls that consulted the prefix index
+    int64_t prefix_query_tokens  # tokens those calls asked for
+    int64_t prefix_hit_tokens    # tokens served from cached blocks
+    int64_t cached_blocks_evicted
+    int64_t cached_blocks_stored
 
 cdef int raise_status(int status, const ErrInfo* err) except -1
 
@@ -80,6 +123,10 @@ cdef class BlockManager:
     cdef readonly int32_t num_blocks
     cdef readonly int32_t block_size
     cdef readonly bint evict_sequences
+    cdef readonly bint enable_prefix_caching
+    cdef readonly bint enable_events
+    cdef int _policy
+    cdef int64_t _key_mask
 
     # Block pool: refcount = references from sequence tables + external ones.
     cdef vector[int32_t] _refcnt
@@ -106,6 +153,24 @@ cdef class BlockManager:
     cdef vector[int32_t] _tmp_blocks      # shared partly filled blocks a batch appends into
     cdef vector[int32_t] _tmp_victims     # sequences an eviction dry run chose
 
+    # Prefix cache: key -> block index, per-block state, token copies (for
+    # verifying every hit), two policy lists, ARC's target and ghost keys.
+    cdef rf_idmap _pindex
+    cdef vector[PBlock] _pb
+    cdef vector[int32_t] _btok            # block_size token ids per registered block
+    cdef uint64_t _serial
+    cdef int32_t _ev_head[3]
+    cdef int32_t _ev_tail[3]
+    cdef int32_t _ev_len[3]
+    cdef int32_t _num_evictable
+    cdef double _arc_p                    # ARC: target length of list 1
+    cdef rf_idmap _ghost[3]               # ARC: keys evicted from list 1 / list 2 -> ring position
+    cdef vector[int64_t] _ghost_ring[3]
+    cdef int64_t _ghost_pos[3]
+    cdef vector[int32_t] _tmp_hits        # blocks an add_sequence found cached
+    cdef vector[int32_t] _tmp_stack       # subtree walk when unregistering
+    cdef vector[KvEvent] _events
+
     # Outputs waiting to be taken by the caller.
     cdef vector[int32_t] _pending_copies   # flattened (src, dst) pairs
     cdef vector[int64_t] _evicted
@@ -116,7 +181,10 @@ cdef class BlockManager:
     cdef int c_incref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil
     cdef int c_decref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil
     cdef int c_add_sequence(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
-                            int64_t num_tokens, int64_t* slots_out, ErrInfo* err) noexcept nogil
+                            int64_t num_tokens, int64_t salt, int64_t* slots_out,
+                            ErrInfo* err) noexcept nogil
+    cdef int64_t c_lookup_prefix(self, const int32_t* tokens, int64_t num_tokens,
+                                 int64_t salt) noexcept nogil
     cdef int c_append_batch(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                             bint with_tokens, const int32_t* tokens, int64_t* slots_out,
                             ErrInfo* err) noexcept nogil
@@ -125,6 +193,7 @@ cdef class BlockManager:
 
     # --- internals: the caller holds the lock ------------------------------
     cdef int _resize_pool(self, int32_t n) noexcept nogil
+    cdef int _resize_prefix(self, int32_t n) noexcept nogil
     cdef void _bits_build(self) noexcept nogil
     cdef int32_t _bits_lowest(self) noexcept nogil
     cdef void _bits_set(self, int32_t b) noexcept nogil
@@ -151,7 +220,25 @@ cdef class BlockManager:
     cdef int _incref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil
     cdef int _decref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil
     cdef int _add_sequence_locked(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
-                                  int64_t num_tokens, int64_t* slots_out, ErrInfo* err) noexcept nogil
+                                  int64_t num_tokens, int64_t salt, const int64_t* keys,
+                                  int64_t* slots_out, ErrInfo* err) noexcept nogil
+    cdef int64_t _avail(self) noexcept nogil
+    cdef int64_t _match_prefix(self, const int32_t* tokens, const int64_t* keys, int64_t nfull,
+                               int64_t salt, vector[int32_t]* hits) noexcept nogil
+    cdef void _ev_link(self, int32_t b, int lst) noexcept nogil
+    cdef void _ev_unlink(self, int32_t b) noexcept nogil
+    cdef int32_t _ev_victim(self) noexcept nogil
+    cdef void _ghost_add(self, int lst, int64_t key) noexcept nogil
+    cdef void _ghost_check(self, int32_t b) noexcept nogil
+    cdef void _event(self, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok) noexcept nogil
+    cdef void _unregister_tree(self, int32_t b) noexcept nogil
+    cdef void _register_block(self, SeqRec* s, int64_t j) noexcept nogil
+    cdef void _register_full(self, SeqRec* s, int64_t from_block) noexcept nogil
+    cdef int _reserve_registrations(self, int64_t n) noexcept nogil
+    cdef void _move_block(self, int32_t src, int32_t dst) noexcept nogil
+    cdef bint _occupied(self, int32_t b) noexcept nogil
+    cdef void _reset_prefix_locked(self) noexcept nogil
+    cdef int _check_prefix_locked(self, char* msg, size_t cap) noexcept nogil
     cdef int _append_batch_locked(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                                   bint with_tokens, const int32_t* tokens, int64_t* slots_out,
                                   ErrInfo* err) noexcept nogil
@@ -161,4 +248,5 @@ cdef class BlockManager:
     cdef int _check_locked(self, char* msg, size_t cap) noexcept nogil
     cdef int _gather_tables(self, const int64_t* ids, Py_ssize_t n, vector[int32_t]* flat,
                             vector[int64_t]* lens, ErrInfo* err) noexcept nogil
+    cdef int64_t _token_count(self, object seq_id, bint cached) except -1
     cdef object _append_batch(self, object seq_ids, object counts, object tokens, object out)

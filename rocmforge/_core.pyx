@@ -9,13 +9,15 @@ the lock is released). Batched loops run without the GIL.
 """
 
 from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow
-from libc.stdint cimport int32_t, int64_t, uint64_t, INT32_MAX, INT64_MAX
+from libc.stdint cimport int32_t, int64_t, uint64_t, uint8_t, INT32_MAX, INT64_MAX
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memcmp
 from libcpp.vector cimport vector
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
 cimport numpy as cnp
 cimport cython
+
+import hashlib
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from rocmforge.errors import (
     SequenceExists,
     SequenceNotFound,
 )
+from rocmforge.events import AllCleared, BlockRemoved, BlockStored
 
 cnp.import_array()
 
@@ -39,17 +42,23 @@ cdef extern from "_core_support.h" nogil:
     int rf_resize[T](vector[T]& v, size_t n, const T& value)
     void rf_push[T](vector[T]& v, const T& x)
     void rf_append_n(vector[int32_t]& v, const int32_t* src, size_t n)
+    void rf_append_n64(vector[int64_t]& v, const int64_t* src, size_t n)
     int32_t rf_idmap_find(const rf_idmap& m, int64_t key)
     int rf_idmap_reserve(rf_idmap& m, size_t n)
     int rf_idmap_put(rf_idmap& m, int64_t key, int32_t val)
     void rf_idmap_erase(rf_idmap& m, int64_t key)
+    void rf_idmap_update(rf_idmap& m, int64_t key, int32_t val)
+    void rf_idmap_clear(rf_idmap& m)
     size_t rf_idmap_bytes(const rf_idmap& m)
+    int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t* t, int64_t n, int64_t mask)
     int rf_ctz64(uint64_t x)
 
 cdef enum:
     MAX_BLOCK_SIZE = 1 << 20    # largest block the core accepts (slots stay far from int64 limits)
     NO_SLOT = -1                # "no record" in the LRU links and lookups
     NOGIL_MIN = 64              # batches this long release the GIL; shorter ones cost less holding it
+    KEYS_ON_STACK = 256         # prompts up to this many full blocks hash into a stack buffer
+    GHOSTS_PER_BLOCK = 2        # ARC remembers 2 x num_blocks evicted keys per ghost list
 
 cdef int32_t _NEG_ONE = -1
 cdef int32_t _ZERO = 0
@@ -128,6 +137,8 @@ cdef int raise_status(int status, const ErrInfo* err) except -1:
     if status == RF_PENDING_COPIES:
         raise KvCacheError(
             f"{err.a} copy-on-write copies are pending: take_pending_copies() and apply them first")
+    if status == RF_PREFIX_DISABLED:
+        raise KvCacheError("prefix caching is off: build the manager with enable_prefix_caching=True")
     raise KvCacheError(f"unknown rocmforge status {status}")
 
 
@@ -252,6 +263,31 @@ cdef cnp.ndarray _i32_from_vector(const vector[int32_t]& v, Py_ssize_t start, Py
     return arr
 
 
+cdef int64_t _salt_value(object salt) except? -1:
+    """A salt as the int64 that enters block keys: 0 for None, else a 64-bit digest.
+
+    ints, str and bytes are digested with distinct prefixes, so 1, "1" and
+    b"1" are different salts.
+    """
+    if salt is None:
+        return 0
+    if isinstance(salt, (bool, np.bool_)):
+        raise ArgumentTypeError("salt must be None, an int, str or bytes, got bool")
+    if isinstance(salt, str):
+        data = b"s" + salt.encode("utf-8")
+    elif isinstance(salt, (bytes, bytearray, memoryview)):
+        data = b"b" + bytes(salt)
+    elif hasattr(salt, "__index__"):
+        data = b"i" + str(salt.__index__()).encode()
+    else:
+        raise ArgumentTypeError(f"salt must be None, an int, str or bytes, got {type(salt).__name__}")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+cdef dict _POLICIES = {"lru": POLICY_LRU, "arc": POLICY_ARC}
+cdef tuple _POLICY_NAMES = ("lru", "arc")
+
+
 # ---------------------------------------------------------------------------
 # The manager
 # ---------------------------------------------------------------------------
@@ -260,7 +296,8 @@ cdef cnp.ndarray _i32_from_vector(const vector[int32_t]& v, Py_ssize_t start, Py
 cdef class BlockManager:
     """Paged KV-cache bookkeeping: a pool of fixed-size blocks shared by sequences.
 
-    BlockManager(num_blocks, block_size, *, evict_sequences=False)
+    BlockManager(num_blocks, block_size, *, evict_sequences=False,
+                 enable_prefix_caching=False, eviction_policy="lru", enable_events=False)
 
     Block ids are int32 in ``[0, num_blocks)``; the cache slot of token
     ``offset`` in block ``b`` is ``b * block_size + offset`` (int64).
@@ -274,11 +311,29 @@ cdef class BlockManager:
     the least recently accessed sequences not named by that call until it can;
     their ids are returned by :meth:`take_evicted`.
 
+    With ``enable_prefix_caching=True`` every full block of a sequence that
+    keeps token ids is indexed by a content key chained from its parent's key,
+    its tokens and the sequence's salt. ``add_sequence`` reuses the longest
+    run of cached leading blocks (each hit verified token by token). A cached
+    block whose refcount drops to zero stays findable (*evictable*) until an
+    allocation needs it: free blocks go first, then evictable ones in the
+    order of ``eviction_policy``; evicting a block also drops its cached
+    descendants, which could never be reached again. Policies:
+
+    - ``"lru"``: least recently released first; a released sequence's tail
+      blocks go before its head (vLLM's order).
+    - ``"arc"``: adaptive replacement over two such lists, blocks used once
+      and blocks reused since they were cached. Keys of evicted blocks are
+      remembered (2 x num_blocks per list); when one comes back, the list it
+      was evicted from grows. O(1) per operation.
+
     Every method is thread-safe and atomic; one that raises leaves the state
     exactly as it was.
     """
 
-    def __cinit__(self, num_blocks, block_size, *, evict_sequences=False):
+    def __cinit__(self, num_blocks, block_size, *, evict_sequences=False,
+                  enable_prefix_caching=False, eviction_policy="lru", enable_events=False,
+                  _key_bits=63):
         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
             raise ArgumentTypeError(f"num_blocks must be an integer, got {type(num_blocks).__name__}")
         if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
@@ -291,7 +346,27 @@ cdef class BlockManager:
             raise InvalidConfiguration(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {bs}")
         self.num_blocks = 0
         self.block_size = bs
+        if eviction_policy not in _POLICIES:
+            raise InvalidConfiguration(
+                f"eviction_policy must be one of {', '.join(_POLICY_NAMES)}, got {eviction_policy!r}")
+        if not isinstance(_key_bits, int) or not 1 <= _key_bits <= 63:
+            raise InvalidConfiguration("_key_bits must be in [1, 63]")
         self.evict_sequences = bool(evict_sequences)
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        if enable_events and not enable_prefix_caching:
+            raise InvalidConfiguration("enable_events needs enable_prefix_caching=True")
+        self.enable_events = bool(enable_events)
+        self._policy = _POLICIES[eviction_policy]
+        self._key_mask = (1 << _key_bits) - 1
+        self._serial = 0
+        self._num_evictable = 0
+        self._arc_p = 0
+        cdef int lst
+        for lst in range(3):
+            self._ev_head[lst] = -1
+            self._ev_tail[lst] = -1
+            self._ev_len[lst] = 0
+            self._ghost_pos[lst] = 0
         self._epoch = 0
         self._num_free = 0
         self._lru_head = NO_SLOT
@@ -328,11 +403,47 @@ cdef class BlockManager:
         if (rf_resize(self._refcnt, n, _ZERO) or rf_resize(self._extref, n, _ZERO)
                 or rf_resize(self._scratch, n, blank) or rf_resize(self._bits, total, <uint64_t>0)):
             return RF_NO_MEMORY
+        if self.enable_prefix_caching and self._resize_prefix(n):
+            return RF_NO_MEMORY
         self._num_free += n - self.num_blocks
         self.num_blocks = n
         self._levels = levels
         memcpy(self._level_off, offs, sizeof(offs))
         self._bits_build()
+        return RF_OK
+
+    cdef int _resize_prefix(self, int32_t n) noexcept nogil:
+        """Size the prefix cache's per-block state and ghost lists for n blocks.
+
+        Ghost lists are rebuilt empty (they only tune ARC's target)."""
+        cdef PBlock blank
+        cdef int lst
+        cdef int64_t i, cap = <int64_t>n * GHOSTS_PER_BLOCK
+        blank.key = 0
+        blank.salt = 0
+        blank.serial = 0
+        blank.parent = -1
+        blank.child = -1
+        blank.sib_prev = -1
+        blank.sib_next = -1
+        blank.ev_prev = -1
+        blank.ev_next = -1
+        blank.ev_list = 0
+        blank.hot = 0
+        if (rf_resize(self._pb, n, blank)
+                or rf_resize(self._btok, <size_t>n * <size_t>self.block_size, _ZERO)
+                or rf_reserve(self._tmp_stack, n) or rf_idmap_reserve(self._pindex, n)):
+            return RF_NO_MEMORY
+        for lst in range(1, 3):
+            if (rf_resize(self._ghost_ring[lst], cap, <int64_t>-1)
+                    or rf_idmap_reserve(self._ghost[lst], cap)):
+                return RF_NO_MEMORY
+            rf_idmap_clear(self._ghost[lst])
+            for i in range(cap):
+                self._ghost_ring[lst][i] = -1
+            self._ghost_pos[lst] = 0
+        if self._arc_p > n:
+            self._arc_p = n
         return RF_OK
 
     cdef void _bits_build(self) noexcept nogil:
@@ -342,8 +453,9 @@ cdef class BlockManager:
         cdef uint64_t* bits = self._bits.data()
         for i in range(<int64_t>self._bits.size()):
             bits[i] = 0
+        cdef bint prefix = self.enable_prefix_caching
         for i in range(n):
-            if self._refcnt[i] == 0:
+            if self._refcnt[i] == 0 and not (prefix and self._pb[i].serial != 0):
                 bits[i >> 6] |= (<uint64_t>1) << (i & 63)
         words = _ceil_div(n, 64)
         for L in range(1, self._levels):
@@ -387,28 +499,35 @@ cdef class BlockManager:
             i >>= 6
 
     cdef int32_t _take_block(self) noexcept nogil:
-        """Take the lowest free block (one must exist) with refcount 1."""
-        cdef int32_t b = self._bits_lowest()
-        self._bits_clear_from(0, b)
+        """Take a block with refcount 1: the lowest free one, else the policy's victim
+        among the evictable cached blocks (one of the two must exist)."""
+        cdef int32_t b
+        if self._num_free > 0:
+            b = self._bits_lowest()
+            self._bits_clear_from(0, b)
+            self._num_free -= 1
+        else:
+            b = self._ev_victim()
+            self._unregister_tree(b)
         self._refcnt[b] = 1
-        self._num_free -= 1
         self._stats.total_allocations += 1
         return b
 
     cdef void _take_lowest(self, int32_t n, int32_t* out) noexcept nogil:
-        """Take the n lowest free blocks (they must exist), a bitmap word at a time."""
-        cdef int32_t got = 0, b
+        """Take n blocks (free or evictable, they must exist): the lowest free ids a
+        bitmap word at a time, then the policy's victims."""
+        cdef int32_t got = 0, b, from_bits = n if n < self._num_free else self._num_free
         cdef int64_t idx
         cdef int L
         cdef uint64_t w
         cdef uint64_t* leaf
-        while got < n:
+        while got < from_bits:
             idx = 0
             for L in range(self._levels - 1, 0, -1):
                 idx = idx * 64 + rf_ctz64(self._bits[self._level_off[L] + idx])
             leaf = &self._bits[idx]
             w = leaf[0]
-            while w != 0 and got < n:
+            while w != 0 and got < from_bits:
                 b = <int32_t>(idx * 64 + rf_ctz64(w))
                 w &= w - 1
                 self._refcnt[b] = 1
@@ -417,13 +536,20 @@ cdef class BlockManager:
             leaf[0] = w
             if w == 0 and self._levels > 1:
                 self._bits_clear_from(1, idx)
-        self._num_free -= n
-        self._stats.total_allocations += n
+        self._num_free -= from_bits
+        self._stats.total_allocations += from_bits
+        while got < n:
+            out[got] = self._take_block()
+            got += 1
 
     cdef void _release_block(self, int32_t b) noexcept nogil:
-        """Return a block whose refcount just reached zero to the free set."""
-        self._bits_set(b)
-        self._num_free += 1
+        """A block's refcount just reached zero: cached blocks become evictable,
+        others free."""
+        if self.enable_prefix_caching and self._pb[b].serial != 0:
+            self._ev_link(b, 2 if self._policy == POLICY_ARC and self._pb[b].hot else 1)
+        else:
+            self._bits_set(b)
+            self._num_free += 1
         self._stats.total_deallocations += 1
 
     cdef inline void _unref(self, int32_t b) noexcept nogil:
@@ -432,9 +558,208 @@ cdef class BlockManager:
             self._release_block(b)
 
     cdef void _note_peak(self) noexcept nogil:
-        cdef int64_t used = self.num_blocks - self._num_free
+        cdef int64_t used = self.num_blocks - self._num_free - self._num_evictable
         if used > self._stats.peak_allocations:
             self._stats.peak_allocations = used
+
+    cdef inline int64_t _avail(self) noexcept nogil:
+        """Blocks an allocation can take now: free plus evictable."""
+        return <int64_t>self._num_free + self._num_evictable
+
+    # --- prefix cache internals (the caller holds the lock) -----------------
+
+    cdef void _ev_link(self, int32_t b, int lst) noexcept nogil:
+        """Append an evictable block to policy list lst as its newest entry."""
+        cdef PBlock* p = &self._pb[b]
+        p.ev_list = <uint8_t>lst
+        p.ev_next = -1
+        p.ev_prev = self._ev_tail[lst]
+        if self._ev_tail[lst] >= 0:
+            self._pb[self._ev_tail[lst]].ev_next = b
+        else:
+            self._ev_head[lst] = b
+        self._ev_tail[lst] = b
+        self._ev_len[lst] += 1
+        self._num_evictable += 1
+
+    cdef void _ev_unlink(self, int32_t b) noexcept nogil:
+        cdef PBlock* p = &self._pb[b]
+        cdef int lst = p.ev_list
+        if p.ev_prev >= 0:
+            self._pb[p.ev_prev].ev_next = p.ev_next
+        else:
+            self._ev_head[lst] = p.ev_next
+        if p.ev_next >= 0:
+            self._pb[p.ev_next].ev_prev = p.ev_prev
+        else:
+            self._ev_tail[lst] = p.ev_prev
+        p.ev_prev = -1
+        p.ev_next = -1
+        p.ev_list = 0
+        self._ev_len[lst] -= 1
+        self._num_evictable -= 1
+
+    cdef int32_t _ev_victim(self) noexcept nogil:
+        """Unlink and return the evictable block the policy gives up (one must exist)."""
+        cdef int lst = 1
+        cdef int32_t b
+        if self._policy == POLICY_ARC and (
+                self._ev_len[1] == 0 or (self._ev_len[2] > 0 and self._ev_len[1] <= self._arc_p)):
+            lst = 2
+        b = self._ev_head[lst]
+        self._ev_unlink(b)
+        if self._policy == POLICY_ARC:
+            self._ghost_add(lst, self._pb[b].key)
+        return b
+
+    cdef void _ghost_add(self, int lst, int64_t key) noexcept nogil:
+        """Remember an evicted key in ghost list lst, forgetting its oldest entry."""
+        cdef int64_t cap = self._ghost_ring[lst].size()
+        cdef int64_t pos = self._ghost_pos[lst] % cap
+        cdef int64_t old = self._ghost_ring[lst][pos]
+        if old >= 0 and rf_idmap_find(self._ghost[lst], old) == pos:
+            rf_idmap_erase(self._ghost[lst], old)
+        self._ghost_ring[lst][pos] = key
+        rf_idmap_put(self._ghost[lst], key, <int32_t>pos)   # reserved for cap entries
+        self._ghost_pos[lst] += 1
+
+    cdef void _ghost_check(self, int32_t b) noexcept nogil:
+        """ARC: a block being cached under a key evicted recently was evicted too
+        early. Grow the target of the list it left and treat the block as reused."""
+        cdef int64_t key = self._pb[b].key
+        cdef double n1 = self._ghost[1].count, n2 = self._ghost[2].count, step
+        if rf_idmap_find(self._ghost[1], key) >= 0:
+            step = n2 / n1 if n2 > n1 else 1.0
+            self._arc_p = min(<double>self.num_blocks, self._arc_p + step)
+            rf_idmap_erase(self._ghost[1], key)
+            self._pb[b].hot = 1
+        elif rf_idmap_find(self._ghost[2], key) >= 0:
+            step = n1 / n2 if n1 > n2 else 1.0
+            self._arc_p = max(0.0, self._arc_p - step)
+            rf_idmap_erase(self._ghost[2], key)
+            self._pb[b].hot = 1
+
+    cdef void _event(self, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok) noexcept nogil:
+        cdef KvEvent ev
+        if not self.enable_events:
+            return
+        ev.kind = kind
+        ev.key = key
+        ev.parent_key = parent_key
+        ev.num_tokens = ntok
+        rf_push(self._events, ev)   # capacity reserved by _reserve_registrations
+
+    cdef int _reserve_registrations(self, int64_t n) noexcept nogil:
+        """Room for n new index entries and for every event an operation may emit
+        (n stores, one removal per indexed block, a clear), so applying cannot fail."""
+        if not self.enable_prefix_caching:
+            return RF_OK
+        if rf_idmap_reserve(self._pindex, self._pindex.count + n):
+            return RF_NO_MEMORY
+        if self.enable_events and rf_reserve(
+                self._events, self._events.size() + n + self._pindex.count + 1):
+            return RF_NO_MEMORY
+        return RF_OK
+
+    cdef void _unregister_tree(self, int32_t b) noexcept nogil:
+        """Drop b and all its cached descendants from the index (none of them could be
+        reached once b is gone). Evictable ones become free; blocks in use stay
+        allocated, uncached. b itself becomes free only if it was still evictable."""
+        cdef PBlock* p = &self._pb[b]
+        cdef int32_t x, c
+        if p.sib_prev >= 0:
+            self._pb[p.sib_prev].sib_next = p.sib_next
+        elif p.parent >= 0:
+            self._pb[p.parent].child = p.sib_next
+        if p.sib_next >= 0:
+            self._pb[p.sib_next].sib_prev = p.sib_prev
+        self._tmp_stack.clear()
+        rf_push(self._tmp_stack, b)     # capacity num_blocks: each block is pushed once
+        while self._tmp_stack.size():
+            x = self._tmp_stack.back()
+            self._tmp_stack.pop_back()
+            p = &self._pb[x]
+            c = p.child
+            while c >= 0:
+                rf_push(self._tmp_stack, c)
+                c = self._pb[c].sib_next
+            rf_idmap_erase(self._pindex, p.key)
+            self._event(EV_REMOVED, p.key, -1, 0)
+            self._stats.cached_blocks_evicted += 1
+            p.serial = 0
+            p.parent = -1
+            p.child = -1
+            p.sib_prev = -1
+            p.sib_next = -1
+            p.hot = 0
+            if p.ev_list:
+                self._ev_unlink(x)
+                self._bits_set(x)
+                self._num_free += 1
+
+    cdef void _register_block(self, SeqRec* s, int64_t j) noexcept nogil:
+        """Index full block j of s under s.keys[j] when its parent is indexed and the
+        key is new (room reserved by the caller)."""
+        cdef int32_t b = s.blocks[j], parent = -1
+        cdef int64_t bs = self.block_size
+        cdef PBlock* p = &self._pb[b]
+        if p.serial != 0:
+            return
+        if j > 0:
+            parent = s.blocks[j - 1]
+            if self._pb[parent].serial == 0:
+                return
+        if rf_idmap_find(self._pindex, s.keys[j]) >= 0:
+            return
+        rf_idmap_put(self._pindex, s.keys[j], b)
+        self._serial += 1
+        p.serial = self._serial
+        p.key = s.keys[j]
+        p.salt = s.salt
+        p.parent = parent
+        p.child = -1
+        p.sib_prev = -1
+        p.sib_next = -1
+        p.hot = 0
+        if parent >= 0:
+            p.sib_next = self._pb[parent].child
+            if p.sib_next >= 0:
+                self._pb[p.sib_next].sib_prev = b
+            self._pb[parent].child = b
+        memcpy(&self._btok[<size_t>b * bs], &s.tokens[j * bs], bs * sizeof(int32_t))
+        self._stats.cached_blocks_stored += 1
+        self._event(EV_STORED, p.key, s.keys[j - 1] if j > 0 else -1, <int32_t>bs)
+        if self._policy == POLICY_ARC:
+            self._ghost_check(b)
+
+    cdef void _register_full(self, SeqRec* s, int64_t from_block) noexcept nogil:
+        """Key (and index) the blocks of s that became full after block from_block - 1."""
+        cdef int64_t bs = self.block_size, j, nfull = s.num_tokens // bs, parent
+        for j in range(from_block, nfull):
+            parent = s.keys[j - 1] if j > 0 else -1
+            rf_push(s.keys, rf_block_key(parent, s.salt, &s.tokens[j * bs], bs, self._key_mask))
+            self._register_block(s, j)
+
+    cdef int64_t _match_prefix(self, const int32_t* tokens, const int64_t* keys, int64_t nfull,
+                               int64_t salt, vector[int32_t]* hits) noexcept nogil:
+        """Leading blocks found in the index, each verified: same parent block (same
+        salt for the first) and the same token ids. Fills hits (reserved for nfull)."""
+        cdef int64_t j, bs = self.block_size
+        cdef int32_t b, prev = -1
+        cdef PBlock* p
+        hits.clear()
+        for j in range(nfull):
+            b = rf_idmap_find(self._pindex, keys[j])
+            if b < 0:
+                break
+            p = &self._pb[b]
+            if p.parent != prev or (prev < 0 and p.salt != salt):
+                break
+            if memcmp(&self._btok[<size_t>b * bs], tokens + j * bs, bs * sizeof(int32_t)) != 0:
+                break
+            rf_push(hits[0], b)
+            prev = b
+        return <int64_t>hits.size()
 
     cdef uint64_t _next_epoch(self) noexcept nogil:
         self._epoch += 1
@@ -488,12 +813,14 @@ cdef class BlockManager:
         """Release every block of a sequence and recycle its slot."""
         cdef SeqRec* s = &self._seqs[slot]
         cdef size_t j
-        for j in range(s.blocks.size()):
-            self._unref(s.blocks[j])
+        # Tail first, so a cached chain's deepest blocks are the first to be evicted.
+        for j in range(s.blocks.size(), 0, -1):
+            self._unref(s.blocks[j - 1])
         self._lru_unlink(slot)
         rf_idmap_erase(self._index, s.seq_id)
         s.blocks.clear()
         s.tokens.clear()
+        s.keys.clear()
         s.live = False
         s.num_tokens = 0
         rf_push(self._free_slots, slot)   # capacity kept >= len(_seqs)
@@ -521,6 +848,8 @@ cdef class BlockManager:
             blank.lru_prev = NO_SLOT
             blank.lru_next = NO_SLOT
             blank.mark = 0
+            blank.salt = 0
+            blank.cached_tokens = 0
             rf_push(self._seqs, blank)
             rf_push(self._free_slots, <int32_t>n)
         slot_out[0] = self._free_slots.back()
@@ -542,6 +871,9 @@ cdef class BlockManager:
         s.last_access = now
         s.access_count = 1
         s.mark = 0
+        s.salt = 0
+        s.cached_tokens = 0
+        s.keys.clear()
         self._lru_push(slot)
 
     cdef int _ensure_free(self, int64_t needed, uint64_t epoch, ErrInfo* err) noexcept nogil:
@@ -556,17 +888,18 @@ cdef class BlockManager:
         cdef size_t j
         cdef SeqRec* s
         cdef BlockScratch* sc
-        if needed <= self._num_free:
+        cdef int64_t avail = self._avail()
+        if needed <= avail:
             return RF_OK
         if not self.evict_sequences:
             err.a = needed
-            err.b = self._num_free
+            err.b = avail
             return RF_OUT_OF_BLOCKS
         self._tmp_victims.clear()
         if rf_reserve(self._tmp_victims, self._index.count):
             return RF_NO_MEMORY
         slot = self._lru_head
-        while slot != NO_SLOT and self._num_free + freed < needed:
+        while slot != NO_SLOT and avail + freed < needed:
             s = &self._seqs[slot]
             if s.mark != epoch:
                 rf_push(self._tmp_victims, slot)
@@ -582,9 +915,9 @@ cdef class BlockManager:
                     if eff == 1:
                         freed += 1
             slot = s.lru_next
-        if self._num_free + freed < needed:
+        if avail + freed < needed:
             err.a = needed
-            err.b = self._num_free + freed
+            err.b = avail + freed
             return RF_OUT_OF_BLOCKS
         if rf_reserve(self._evicted, self._evicted.size() + self._tmp_victims.size()):
             return RF_NO_MEMORY
@@ -642,6 +975,8 @@ cdef class BlockManager:
         if n < 0:
             err.id = n
             return RF_INVALID_ARGUMENT
+        if self._reserve_registrations(0):
+            return RF_NO_MEMORY
         st = self._ensure_free(n, self._next_epoch(), err)
         if st != RF_OK:
             return st
@@ -710,22 +1045,42 @@ cdef class BlockManager:
         return RF_OK
 
     cdef int c_add_sequence(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
-                            int64_t num_tokens, int64_t* slots_out, ErrInfo* err) noexcept nogil:
+                            int64_t num_tokens, int64_t salt, int64_t* slots_out,
+                            ErrInfo* err) noexcept nogil:
         cdef int st
+        cdef vector[int64_t] heap_keys
+        cdef int64_t stack_keys[KEYS_ON_STACK]
+        cdef int64_t* keys = NULL
+        cdef int64_t j, bs = self.block_size, nfull, parent = -1
+        if with_tokens and self.enable_prefix_caching and num_tokens >= 0:
+            # Keys are a pure function of the tokens: hash before taking the lock.
+            nfull = num_tokens // bs
+            keys = stack_keys
+            if nfull > KEYS_ON_STACK:
+                if rf_resize(heap_keys, nfull, parent):
+                    return RF_NO_MEMORY
+                keys = heap_keys.data()
+            for j in range(nfull):
+                parent = rf_block_key(parent, salt, tokens + j * bs, bs, self._key_mask)
+                keys[j] = parent
         with self._lock:
-            st = self._add_sequence_locked(seq_id, with_tokens, tokens, num_tokens, slots_out, err)
+            st = self._add_sequence_locked(seq_id, with_tokens, tokens, num_tokens, salt,
+                                           keys, slots_out, err)
         return st
 
     cdef int _add_sequence_locked(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
-                                  int64_t num_tokens, int64_t* slots_out, ErrInfo* err) noexcept nogil:
+                                  int64_t num_tokens, int64_t salt, const int64_t* keys,
+                                  int64_t* slots_out, ErrInfo* err) noexcept nogil:
+        """keys: the content keys of the full blocks (NULL without prefix caching)."""
         cdef int st
-        cdef int32_t slot
-        cdef int64_t nblocks
+        cdef int32_t slot, b
+        cdef int64_t nblocks, bs = self.block_size, nfull = 0, h = 0, h_ev = 0, j, o
+        cdef uint64_t epoch
         cdef SeqRec* s
         if seq_id < 0 or num_tokens < 0:
             err.id = seq_id if seq_id < 0 else num_tokens
             return RF_INVALID_ARGUMENT
-        nblocks = _ceil_div(num_tokens, self.block_size)
+        nblocks = _ceil_div(num_tokens, bs)
         if nblocks > self.num_blocks:
             err.a = nblocks
             err.b = self.num_blocks
@@ -733,23 +1088,80 @@ cdef class BlockManager:
         if self._find(seq_id) != NO_SLOT:
             err.id = seq_id
             return RF_SEQ_EXISTS
+        if keys != NULL:
+            nfull = num_tokens // bs
+            if rf_reserve(self._tmp_hits, nfull) or self._reserve_registrations(nfull):
+                return RF_NO_MEMORY
+            h = self._match_prefix(tokens, keys, nfull, salt, &self._tmp_hits)
         st = self._claim_slot(&slot, err)
         if st != RF_OK:
             return st
         s = &self._seqs[slot]
-        if rf_reserve(s.blocks, nblocks) or (with_tokens and rf_reserve(s.tokens, num_tokens)):
+        if (rf_reserve(s.blocks, nblocks) or (with_tokens and rf_reserve(s.tokens, num_tokens))
+                or rf_reserve(s.keys, nfull)):
             return self._unclaim_slot(slot, RF_NO_MEMORY)
         # Publish the id before evicting so failure can undo it with a plain erase.
         if rf_idmap_put(self._index, seq_id, slot):
             return self._unclaim_slot(slot, RF_NO_MEMORY)
-        st = self._ensure_free(nblocks, self._next_epoch(), err)
+        # Cached hits must stay out of the eviction dry run's count (this call
+        # will hold them), and evictable hits leave the allocatable pool.
+        epoch = self._next_epoch()
+        for j in range(h):
+            if self._refcnt[self._tmp_hits[j]] == 0:
+                h_ev += 1
+        if nblocks - h + h_ev > self._avail():
+            for j in range(h):
+                self._scratch_at(self._tmp_hits[j], epoch).dec = -1
+        st = self._ensure_free(nblocks - h + h_ev, epoch, err)
         if st != RF_OK:
             rf_idmap_erase(self._index, seq_id)
             return self._unclaim_slot(slot, st)
         self._open_sequence(slot, seq_id, with_tokens, _wall_now())
-        self._append_apply(&self._seqs[slot], num_tokens, tokens if with_tokens else NULL, slots_out)
+        s = &self._seqs[slot]
+        s.salt = salt
+        for j in range(h):
+            b = self._tmp_hits[j]
+            if self._refcnt[b] == 0:
+                self._ev_unlink(b)
+                self._stats.total_allocations += 1
+            self._refcnt[b] += 1
+            self._pb[b].hot = 1
+            rf_push(s.blocks, b)
+            for o in range(bs):
+                slots_out[j * bs + o] = <int64_t>b * bs + o
+        if h:
+            rf_append_n(s.tokens, tokens, h * bs)
+            s.num_tokens = h * bs
+            s.cached_tokens = h * bs
+        self._append_apply(s, num_tokens - h * bs, tokens + h * bs if with_tokens else NULL,
+                           slots_out + h * bs)
+        if keys != NULL:
+            rf_append_n64(s.keys, keys, nfull)
+            for j in range(h, nfull):
+                self._register_block(s, j)
+            self._stats.prefix_lookups += 1
+            self._stats.prefix_query_tokens += num_tokens
+            self._stats.prefix_hit_tokens += h * bs
         self._note_peak()
         return RF_OK
+
+    cdef int64_t c_lookup_prefix(self, const int32_t* tokens, int64_t num_tokens,
+                                 int64_t salt) noexcept nogil:
+        """Cached leading tokens for these token ids (no change of state); -1 when
+        prefix caching is off or memory is exhausted."""
+        cdef vector[int64_t] keys
+        cdef vector[int32_t] hits
+        cdef int64_t j, bs = self.block_size, nfull = num_tokens // bs, parent = -1, h
+        if not self.enable_prefix_caching:
+            return -1
+        if rf_reserve(keys, nfull) or rf_reserve(hits, nfull):
+            return -1
+        for j in range(nfull):
+            parent = rf_block_key(parent, salt, tokens + j * bs, bs, self._key_mask)
+            rf_push(keys, parent)
+        with self._lock:
+            h = self._match_prefix(tokens, keys.data(), nfull, salt, &hits)
+        return h * bs
 
     cdef int c_append_batch(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                             bint with_tokens, const int32_t* tokens, int64_t* slots_out,
@@ -765,6 +1177,8 @@ cdef class BlockManager:
         cdef uint64_t epoch = self._next_epoch()
         cdef int64_t bs = self.block_size
         cdef int64_t needed = 0, copies = 0, nt, c, room, fresh, off_tok = 0, off_out = 0
+        cdef int64_t full_new, regs = 0
+        cdef bint prefix = self.enable_prefix_caching
         cdef Py_ssize_t i
         cdef size_t j
         cdef int32_t slot, last
@@ -820,6 +1234,13 @@ cdef class BlockManager:
                 return RF_NO_MEMORY
             if with_tokens and rf_reserve(s.tokens, nt + c):
                 return RF_NO_MEMORY
+            if prefix and with_tokens:
+                full_new = (nt + c) // bs - nt // bs
+                if full_new and rf_reserve(s.keys, s.keys.size() + full_new):
+                    return RF_NO_MEMORY
+                regs += full_new
+        if self._reserve_registrations(regs):
+            return RF_NO_MEMORY
         if needed > self.num_blocks:
             err.a = needed
             err.b = self.num_blocks
@@ -838,10 +1259,12 @@ cdef class BlockManager:
         for i in range(n):
             slot = self._tmp_slots[i]
             c = counts[i]
-            self._append_apply(&self._seqs[slot], c, tokens + off_tok if with_tokens else NULL,
-                               slots_out + off_out)
+            s = &self._seqs[slot]
+            self._append_apply(s, c, tokens + off_tok if with_tokens else NULL, slots_out + off_out)
             if with_tokens:
                 off_tok += c
+                if prefix:
+                    self._register_full(s, s.keys.size())
             off_out += c
             self._touch(slot, now)
         self._note_peak()
@@ -879,7 +1302,8 @@ cdef class BlockManager:
             return st
         s = &self._seqs[src_slot]
         d = &self._seqs[dst_slot]
-        if rf_reserve(d.blocks, s.blocks.size()) or rf_reserve(d.tokens, s.tokens.size()):
+        if (rf_reserve(d.blocks, s.blocks.size()) or rf_reserve(d.tokens, s.tokens.size())
+                or rf_reserve(d.keys, s.keys.size())):
             return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
         if rf_idmap_put(self._index, dst, dst_slot):
             return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
@@ -892,6 +1316,9 @@ cdef class BlockManager:
             self._refcnt[b] += 1
         if s.has_tokens and s.tokens.size():
             rf_append_n(d.tokens, s.tokens.data(), s.tokens.size())
+        if s.keys.size():
+            rf_append_n64(d.keys, s.keys.data(), s.keys.size())
+        d.salt = s.salt
         d.num_tokens = s.num_tokens
         return RF_OK
 
@@ -923,19 +1350,16 @@ cdef class BlockManager:
         if rf_resize(remap, self.num_blocks, _NEG_ONE):
             return RF_NO_MEMORY
         while True:
-            while lo < self.num_blocks and self._refcnt[lo] != 0:
+            while lo < self.num_blocks and self._occupied(lo):
                 lo += 1
-            while hi >= 0 and self._refcnt[hi] == 0:
+            while hi >= 0 and not self._occupied(hi):
                 hi -= 1
             if lo >= hi:
                 break
             rf_push(moves[0], hi)
             rf_push(moves[0], lo)
             remap[hi] = lo
-            self._refcnt[lo] = self._refcnt[hi]
-            self._extref[lo] = self._extref[hi]
-            self._refcnt[hi] = 0
-            self._extref[hi] = 0
+            self._move_block(hi, lo)
         if moves.size():
             for slot in range(<int32_t>self._seqs.size()):
                 s = &self._seqs[slot]
@@ -947,6 +1371,56 @@ cdef class BlockManager:
         self._stats.last_compaction_ms = _mono_ms() - t0
         return RF_OK
 
+    cdef inline bint _occupied(self, int32_t b) noexcept nogil:
+        """In use or cached: not in the free bitmap."""
+        return self._refcnt[b] != 0 or (self.enable_prefix_caching and self._pb[b].serial != 0)
+
+    cdef void _move_block(self, int32_t src, int32_t dst) noexcept nogil:
+        """Relabel occupied block src as free block dst (refcounts and prefix-cache
+        state, with every link that names src). Sequence tables are the caller's."""
+        cdef PBlock* p
+        cdef int32_t c
+        cdef int64_t bs = self.block_size
+        self._refcnt[dst] = self._refcnt[src]
+        self._extref[dst] = self._extref[src]
+        self._refcnt[src] = 0
+        self._extref[src] = 0
+        if not self.enable_prefix_caching or self._pb[src].serial == 0:
+            return
+        self._pb[dst] = self._pb[src]
+        p = &self._pb[dst]
+        rf_idmap_update(self._pindex, p.key, dst)
+        if p.sib_prev >= 0:
+            self._pb[p.sib_prev].sib_next = dst
+        elif p.parent >= 0:
+            self._pb[p.parent].child = dst
+        if p.sib_next >= 0:
+            self._pb[p.sib_next].sib_prev = dst
+        c = p.child
+        while c >= 0:
+            self._pb[c].parent = dst
+            c = self._pb[c].sib_next
+        if p.ev_list:
+            if p.ev_prev >= 0:
+                self._pb[p.ev_prev].ev_next = dst
+            else:
+                self._ev_head[p.ev_list] = dst
+            if p.ev_next >= 0:
+                self._pb[p.ev_next].ev_prev = dst
+            else:
+                self._ev_tail[p.ev_list] = dst
+        memcpy(&self._btok[<size_t>dst * bs], &self._btok[<size_t>src * bs], bs * sizeof(int32_t))
+        p = &self._pb[src]
+        p.serial = 0
+        p.parent = -1
+        p.child = -1
+        p.sib_prev = -1
+        p.sib_next = -1
+        p.ev_prev = -1
+        p.ev_next = -1
+        p.ev_list = 0
+        p.hot = 0
+
     cdef int _shrink_locked(self, int32_t n, ErrInfo* err) noexcept nogil:
         cdef int32_t b
         if self._pending_copies.size():
@@ -956,6 +1430,13 @@ cdef class BlockManager:
             if self._refcnt[b] != 0:
                 err.id = b
                 return RF_BLOCK_IN_USE
+        if self._reserve_registrations(0):
+            return RF_NO_MEMORY
+        if self.enable_prefix_caching:
+            # Cached blocks past the new end leave the cache (with their descendants).
+            for b in range(n, self.num_blocks):
+                if self._pb[b].serial != 0:
+                    self._unregister_tree(b)
         return self._resize_pool(n)
 
     # --- invariants ------------------------------------------------------
@@ -963,7 +1444,7 @@ cdef class BlockManager:
     cdef int _check_locked(self, char* msg, size_t cap) noexcept nogil:
         """Recompute every derived quantity and compare; 0 when consistent."""
         cdef int64_t n = self.num_blocks, bs = self.block_size, fill, words
-        cdef int64_t i, free_count = 0, live = 0, lru_len = 0, total = 0
+        cdef int64_t i, free_count = 0, live = 0, lru_len = 0, total = 0, used
         cdef int32_t b, slot, prev
         cdef size_t j
         cdef int L
@@ -1033,7 +1514,7 @@ cdef class BlockManager:
                          i, self._refcnt[i], refs[i], self._extref[i])
                 return 1
             bit = (self._bits[i >> 6] >> (i & 63)) & 1
-            if bit != (self._refcnt[i] == 0):
+            if bit != (not self._occupied(<int32_t>i)):
                 snprintf(msg, cap, "block %lld: free bit %d but refcount %d", i, <int>bit, self._refcnt[i])
                 return 1
             free_count += bit
@@ -1056,15 +1537,135 @@ cdef class BlockManager:
             if self._pending_copies[j] < 0 or self._pending_copies[j] >= n:
                 snprintf(msg, cap, "pending copy names block %d outside the pool", self._pending_copies[j])
                 return 1
-        if self._stats.peak_allocations < n - self._num_free:
+        used = n - self._num_free - self._num_evictable
+        if self._stats.peak_allocations < used:
             snprintf(msg, cap, "peak allocations below current use")
             return 1
-        if self._stats.total_allocations - self._stats.total_deallocations != n - self._num_free:
+        if self._stats.total_allocations - self._stats.total_deallocations != used:
             snprintf(msg, cap, "allocations minus deallocations (%lld) != used blocks (%lld)",
-                     self._stats.total_allocations - self._stats.total_deallocations,
-                     n - self._num_free)
+                     self._stats.total_allocations - self._stats.total_deallocations, used)
+            return 1
+        if self.enable_prefix_caching:
+            return self._check_prefix_locked(msg, cap)
+        if self._num_evictable != 0:
+            snprintf(msg, cap, "%d evictable blocks without prefix caching", self._num_evictable)
             return 1
         return 0
+
+    cdef int _check_prefix_locked(self, char* msg, size_t cap) noexcept nogil:
+        """The prefix index, the child lists, the policy lists and every key."""
+        cdef int64_t n = self.num_blocks, bs = self.block_size, i, j, registered = 0, linked = 0
+        cdef int64_t nfull, key, parent_key, seen
+        cdef int32_t b, c, prev
+        cdef int lst
+        cdef PBlock* p
+        cdef SeqRec* s
+        for i in range(n):
+            p = &self._pb[i]
+            if p.serial == 0:
+                if p.ev_list or p.child >= 0 or p.parent >= 0:
+                    snprintf(msg, cap, "block %lld: not cached but linked in the prefix cache", i)
+                    return 1
+                continue
+            registered += 1
+            if rf_idmap_find(self._pindex, p.key) != i:
+                snprintf(msg, cap, "block %lld: prefix index does not map its key to it", i)
+                return 1
+            if (p.ev_list != 0) != (self._refcnt[i] == 0):
+                snprintf(msg, cap, "block %lld: cached with refcount %d but evictable=%d",
+                         i, self._refcnt[i], <int>p.ev_list)
+                return 1
+            if p.ev_list == 2 and self._policy != POLICY_ARC:
+                snprintf(msg, cap, "block %lld in list 2 under the LRU policy", i)
+                return 1
+            parent_key = -1
+            if p.parent >= 0:
+                if self._pb[p.parent].serial == 0:
+                    snprintf(msg, cap, "block %lld: cached but its parent %d is not", i, p.parent)
+                    return 1
+                parent_key = self._pb[p.parent].key
+            key = rf_block_key(parent_key, p.salt, &self._btok[i * bs], bs, self._key_mask)
+            if key != p.key:
+                snprintf(msg, cap, "block %lld: key does not match its tokens and parent", i)
+                return 1
+            c = p.child
+            prev = -1
+            while c >= 0:
+                if self._pb[c].parent != i or self._pb[c].sib_prev != prev or linked > n:
+                    snprintf(msg, cap, "block %lld: child list broken at %d", i, c)
+                    return 1
+                linked += 1
+                prev = c
+                c = self._pb[c].sib_next
+            if p.parent < 0:
+                linked += 1
+        if registered != <int64_t>self._pindex.count or linked != registered:
+            snprintf(msg, cap, "%lld cached blocks, %lld index entries, %lld in the tree",
+                     registered, <int64_t>self._pindex.count, linked)
+            return 1
+        seen = 0
+        for lst in range(1, 3):
+            prev = -1
+            b = self._ev_head[lst]
+            i = 0
+            while b >= 0:
+                if self._pb[b].ev_list != lst or self._pb[b].ev_prev != prev or i > n:
+                    snprintf(msg, cap, "policy list %d broken at block %d", lst, b)
+                    return 1
+                i += 1
+                prev = b
+                b = self._pb[b].ev_next
+            if prev != self._ev_tail[lst] or i != self._ev_len[lst]:
+                snprintf(msg, cap, "policy list %d holds %lld blocks, length says %d",
+                         lst, i, self._ev_len[lst])
+                return 1
+            seen += i
+        if seen != self._num_evictable:
+            snprintf(msg, cap, "%lld blocks in policy lists, counter says %d", seen, self._num_evictable)
+            return 1
+        for i in range(<int64_t>self._seqs.size()):
+            s = &self._seqs[i]
+            if not s.live or not s.has_tokens:
+                continue
+            nfull = s.num_tokens // bs
+            if <int64_t>s.keys.size() != nfull:
+                snprintf(msg, cap, "sequence %lld: %lld keys for %lld full blocks",
+                         s.seq_id, <int64_t>s.keys.size(), nfull)
+                return 1
+            parent_key = -1
+            for j in range(nfull):
+                key = rf_block_key(parent_key, s.salt, &s.tokens[j * bs], bs, self._key_mask)
+                b = s.blocks[j]
+                if key != s.keys[j] or (self._pb[b].serial != 0 and self._pb[b].key != key):
+                    snprintf(msg, cap, "sequence %lld: key of block %lld is wrong", s.seq_id, j)
+                    return 1
+                parent_key = key
+        return 0
+
+    cdef void _reset_prefix_locked(self) noexcept nogil:
+        """Empty the prefix index: evictable blocks become free, blocks in use stay
+        allocated but uncached. Ghost keys are forgotten too."""
+        cdef int32_t b
+        cdef PBlock* p
+        cdef int lst
+        for b in range(self.num_blocks):
+            p = &self._pb[b]
+            if p.serial == 0:
+                continue
+            if p.ev_list:
+                self._ev_unlink(b)
+                self._bits_set(b)
+                self._num_free += 1
+            p.serial = 0
+            p.parent = -1
+            p.child = -1
+            p.sib_prev = -1
+            p.sib_next = -1
+            p.hot = 0
+        rf_idmap_clear(self._pindex)
+        for lst in range(1, 3):
+            rf_idmap_clear(self._ghost[lst])
+        self._event(EV_CLEARED, -1, -1, 0)
 
     # =======================================================================
     # Python API
@@ -1163,13 +1764,18 @@ cdef class BlockManager:
 
     # --- sequence level ------------------------------------------------------
 
-    def add_sequence(self, seq_id, tokens=None, num_tokens=0):
+    def add_sequence(self, seq_id, tokens=None, num_tokens=0, salt=None):
         """Create a sequence with its initial tokens; returns their int64 slots.
 
         Pass ``tokens`` (token ids) to have the sequence keep them, or only a
-        ``num_tokens`` count. Raises SequenceExists, OutOfBlocks.
+        ``num_tokens`` count. With prefix caching, the longest run of cached
+        leading full blocks with the same ``salt`` (None, int, str or bytes;
+        blocks never match across salts) is reused instead of allocated:
+        ``num_cached_tokens(seq_id)`` says how many leading tokens need no
+        K/V write. Raises SequenceExists, OutOfBlocks.
         """
         cdef int64_t sid = _seq_id(seq_id)
+        cdef int64_t salt_value = _salt_value(salt)
         cdef int64_t count = _count(num_tokens, "num_tokens", INT64_MAX)
         cdef cnp.ndarray toks = None
         cdef const int32_t* tptr = NULL
@@ -1187,8 +1793,11 @@ cdef class BlockManager:
             raise OutOfBlocks(f"{count} tokens need more blocks than the pool has ({self.num_blocks})")
         cdef cnp.ndarray slots = cnp.PyArray_EMPTY(1, [count], cnp.NPY_INT64, 0)
         cdef int64_t* sptr = <int64_t*>cnp.PyArray_DATA(slots)
-        with nogil:
-            st = self.c_add_sequence(sid, with_tokens, tptr, count, sptr, &err)
+        if count >= NOGIL_MIN * self.block_size:
+            with nogil:
+                st = self.c_add_sequence(sid, with_tokens, tptr, count, salt_value, sptr, &err)
+        else:
+            st = self.c_add_sequence(sid, with_tokens, tptr, count, salt_value, sptr, &err)
         if st != RF_OK:
             raise_status(st, &err)
         return slots
@@ -1271,8 +1880,8 @@ cdef class BlockManager:
         cdef int64_t sid = _seq_id(seq_id)
         cdef ErrInfo err
         cdef int st
-        with nogil:
-            st = self.c_remove_sequence(sid, &err)
+        # Releasing costs a few ns per block: cheaper than dropping the GIL.
+        st = self.c_remove_sequence(sid, &err)
         if st != RF_OK:
             raise_status(st, &err)
 
@@ -1285,6 +1894,82 @@ cdef class BlockManager:
         with self._lock:
             pairs.swap(self._pending_copies)
         return _i32_from_vector(pairs, 0, pairs.size()).reshape(-1, 2)
+
+    # --- prefix cache --------------------------------------------------------
+
+    def lookup_prefix(self, tokens, salt=None):
+        """Number of leading tokens of ``tokens`` that are cached (whole blocks,
+        verified), changing nothing."""
+        cdef cnp.ndarray toks = _index_array(tokens, cnp.NPY_INT32, "tokens")
+        cdef int64_t salt_value = _salt_value(salt)
+        cdef const int32_t* tptr = <const int32_t*>cnp.PyArray_DATA(toks)
+        cdef int64_t n = cnp.PyArray_DIM(toks, 0), hit
+        cdef ErrInfo err
+        if not self.enable_prefix_caching:
+            raise_status(RF_PREFIX_DISABLED, &err)
+        with nogil:
+            hit = self.c_lookup_prefix(tptr, n, salt_value)
+        if hit < 0:
+            raise MemoryError("rocmforge: host memory exhausted")
+        return hit
+
+    def num_cached_tokens(self, seq_id):
+        """Leading tokens of a sequence that add_sequence found in the prefix cache."""
+        return self._token_count(seq_id, True)
+
+    def reset_prefix_cache(self):
+        """Empty the prefix index. Evictable cached blocks become free; blocks in
+        use stay with their sequences (uncached). Emits AllCleared."""
+        cdef ErrInfo err
+        cdef int st = RF_OK
+        if not self.enable_prefix_caching:
+            raise_status(RF_PREFIX_DISABLED, &err)
+        with nogil:
+            with self._lock:
+                st = self._reserve_registrations(0)
+                if st == RF_OK:
+                    self._reset_prefix_locked()
+        if st != RF_OK:
+            raise_status(st, &err)
+
+    @property
+    def num_cached_blocks(self):
+        """Blocks in the prefix index (in use or evictable)."""
+        cdef size_t n
+        with self._lock:
+            n = self._pindex.count
+        return n
+
+    @property
+    def num_evictable_blocks(self):
+        """Cached blocks with refcount 0: reusable by a hit, reclaimable by allocation."""
+        cdef int32_t n
+        with self._lock:
+            n = self._num_evictable
+        return n
+
+    @property
+    def eviction_policy(self):
+        """Name of the policy that orders evictable cached blocks."""
+        return _POLICY_NAMES[self._policy]
+
+    def take_events(self):
+        """Return and clear the KV events recorded since the last call, in order:
+        BlockStored, BlockRemoved and AllCleared (see rocmforge.events)."""
+        cdef vector[KvEvent] evs
+        cdef size_t i
+        with self._lock:
+            evs.swap(self._events)
+        out = []
+        for i in range(evs.size()):
+            if evs[i].kind == EV_STORED:
+                out.append(BlockStored(evs[i].key, None if evs[i].parent_key < 0 else evs[i].parent_key,
+                                       evs[i].num_tokens))
+            elif evs[i].kind == EV_REMOVED:
+                out.append(BlockRemoved(evs[i].key))
+            else:
+                out.append(AllCleared())
+        return out
 
     def take_evicted(self):
         """Return and clear the ids of sequences evicted since the last call (int64)."""
@@ -1409,13 +2094,17 @@ cdef class BlockManager:
 
     def num_tokens(self, seq_id):
         """Number of tokens in a sequence."""
+        return self._token_count(seq_id, False)
+
+    cdef int64_t _token_count(self, object seq_id, bint cached) except -1:
+        """A sequence's token count, or its count of tokens found cached."""
         cdef int64_t sid = _seq_id(seq_id)
         cdef int32_t slot
         cdef int64_t nt = 0
         with self._lock:
             slot = self._find(sid)
             if slot != NO_SLOT:
-                nt = self._seqs[slot].num_tokens
+                nt = self._seqs[slot].cached_tokens if cached else self._seqs[slot].num_tokens
         if slot == NO_SLOT:
             raise SequenceNotFound(f"sequence {sid} not found")
         return nt
@@ -1453,7 +2142,7 @@ cdef class BlockManager:
         cdef int32_t slot
         cdef SeqRec* s
         cdef double created = 0, last = 0
-        cdef int64_t accesses = 0, nt = 0, nblocks = 0
+        cdef int64_t accesses = 0, nt = 0, nblocks = 0, cached = 0
         cdef bint has = False
         with self._lock:
             slot = self._find(sid)
@@ -1461,6 +2150,7 @@ cdef class BlockManager:
                 s = &self._seqs[slot]
                 created, last, accesses = s.created_at, s.last_access, s.access_count
                 nt, nblocks, has = s.num_tokens, s.blocks.size(), s.has_tokens
+                cached = s.cached_tokens
         if slot == NO_SLOT:
             raise SequenceNotFound(f"sequence {sid} not found")
         return {
@@ -1471,6 +2161,7 @@ cdef class BlockManager:
             "num_blocks": nblocks,
             "num_tokens": nt,
             "has_tokens": bool(has),
+            "num_cached_tokens": cached,
         }
 
     def sequence_ids(self):
@@ -1515,28 +2206,29 @@ cdef class BlockManager:
 
     @property
     def num_free_blocks(self):
-        """Blocks with refcount 0."""
-        cdef int32_t n
+        """Blocks with refcount 0, all of which an allocation can take (free ones
+        and, with prefix caching, evictable cached ones)."""
+        cdef int64_t n
         with self._lock:
-            n = self._num_free
+            n = self._avail()
         return n
 
     @property
     def num_used_blocks(self):
         """Blocks with refcount > 0."""
-        cdef int32_t n
+        cdef int64_t n
         with self._lock:
-            n = self.num_blocks - self._num_free
+            n = self.num_blocks - self._avail()
         return n
 
     def stats(self):
         """Counters as a dict (see the README for their meaning)."""
         cdef Stats st
-        cdef int32_t used
+        cdef int64_t used
         cdef size_t nseq
         with self._lock:
             st = self._stats
-            used = self.num_blocks - self._num_free
+            used = self.num_blocks - self._num_free - self._num_evictable
             nseq = self._index.count
         return {
             "total_allocations": st.total_allocations,
@@ -1548,17 +2240,25 @@ cdef class BlockManager:
             "compaction_count": st.compaction_count,
             "last_compaction_ms": st.last_compaction_ms,
             "num_sequences": nseq,
+            "prefix_lookups": st.prefix_lookups,
+            "prefix_query_tokens": st.prefix_query_tokens,
+            "prefix_hit_tokens": st.prefix_hit_tokens,
+            "prefix_hit_rate": (<double>st.prefix_hit_tokens / <double>st.prefix_query_tokens
+                                if st.prefix_query_tokens else 0.0),
+            "cached_blocks_stored": st.cached_blocks_stored,
+            "cached_blocks_evicted": st.cached_blocks_evicted,
         }
 
     def fragmentation_ratio(self):
-        """Share of the span [0, highest used id] that is free: 0.0 when packed."""
+        """Share of the span [0, highest occupied id] that is free: 0.0 when packed.
+        Occupied blocks are those in use or cached."""
         cdef int64_t top = -1, b
         cdef int64_t used
         with self._lock:
             used = self.num_blocks - self._num_free
             b = self.num_blocks - 1
             while b >= 0 and used > 0:
-                if self._refcnt[b] != 0:
+                if self._occupied(<int32_t>b):
                     top = b
                     break
                 b -= 1
@@ -1607,8 +2307,9 @@ cdef class BlockManager:
     def compact(self):
         """Move live blocks from the top of the pool into the lowest free ids.
 
-        Afterwards used blocks occupy [0, num_used_blocks). Every sequence
-        table is rewritten; returns the moves as int32 (k, 2) of (old, new) so
+        Afterwards occupied blocks (in use, and cached ones with prefix
+        caching) fill the lowest ids. Every sequence table and the prefix
+        index are rewritten; returns the moves as int32 (k, 2) of (old, new) so
         the data path can move K/V and callers can remap ids they hold through
         allocate()/incref(). Refuses (KvCacheError) while copy-on-write copies
         are pending.
@@ -1666,6 +2367,13 @@ cdef class BlockManager:
             total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity()
                       + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
             total += self._evicted.capacity() * sizeof(int64_t)
+            total += self._pb.capacity() * sizeof(PBlock) + self._btok.capacity() * sizeof(int32_t)
+            total += rf_idmap_bytes(self._pindex) + rf_idmap_bytes(self._ghost[1]) + rf_idmap_bytes(self._ghost[2])
+            total += (self._ghost_ring[1].capacity() + self._ghost_ring[2].capacity()) * sizeof(int64_t)
+            total += (self._tmp_hits.capacity() + self._tmp_stack.capacity()) * sizeof(int32_t)
+            total += self._events.capacity() * sizeof(KvEvent)
+            for slot in range(self._seqs.size()):
+                total += self._seqs[slot].keys.capacity() * sizeof(int64_t)
         return total + sizeof(BlockManager)
 
     def check_invariants(self):
@@ -1686,5 +2394,6 @@ cdef class BlockManager:
             raise InvariantError(msg.decode("utf-8", "replace"))
 
     def __repr__(self):
+        cached = f", cached={self.num_cached_blocks}" if self.enable_prefix_caching else ""
         return (f"BlockManager(num_blocks={self.num_blocks}, block_size={self.block_size}, "
-                f"free={self.num_free_blocks}, sequences={len(self)})")
+                f"free={self.num_free_blocks}{cached}, sequences={len(self)})")

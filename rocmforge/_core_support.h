@@ -41,6 +41,11 @@ static inline void rf_append_n(std::vector<int32_t> &v, const int32_t *src, size
     v.insert(v.end(), src, src + n);
 }
 
+/* Append n int64 values within reserved capacity (callers reserve first). */
+static inline void rf_append_n64(std::vector<int64_t> &v, const int64_t *src, size_t n) noexcept {
+    v.insert(v.end(), src, src + n);
+}
+
 /* rf_idmap: sequence id (int64 >= 0) -> record slot (int32).
  * Open addressing with linear probing over a power-of-two table kept at most
  * half full; a multiplicative hash picks the home bucket, so a lookup costs a
@@ -129,8 +134,51 @@ static inline void rf_idmap_erase(rf_idmap &m, int64_t key) noexcept {
     m.count--;
 }
 
+/* Point an existing key at a new value (no allocation); the key must be present. */
+static inline void rf_idmap_update(rf_idmap &m, int64_t key, int32_t val) noexcept {
+    const size_t mask = m.keys.size() - 1;
+    size_t i = rf_idmap_home(m, key);
+    while (m.keys[i] != key) i = (i + 1) & mask;
+    m.vals[i] = val;
+}
+
+static inline void rf_idmap_clear(rf_idmap &m) noexcept {
+    for (size_t i = 0; i < m.keys.size(); i++) m.keys[i] = -1;
+    m.count = 0;
+}
+
 static inline size_t rf_idmap_bytes(const rf_idmap &m) noexcept {
     return m.keys.capacity() * sizeof(int64_t) + m.vals.capacity() * sizeof(int32_t);
+}
+
+/* Content key of one full block of token ids, chained from its parent's key
+ * (-1 for a chain's first block) and the sequence's salt. Two independent
+ * multiply-rotate lanes take 64 bits of tokens each per step; a final mix
+ * spreads every input bit over the result. Keys are masked to non-negative
+ * int64 (fewer bits only in tests that force collisions). Collisions are
+ * harmless: every hit is verified against the cached token ids. */
+static inline uint64_t rf_rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static inline int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t *t, int64_t n,
+                                   int64_t mask) noexcept {
+    const uint64_t K = 0x9E3779B97F4A7C15ull;
+    uint64_t a = (uint64_t)parent ^ 0x243F6A8885A308D3ull;
+    uint64_t b = (uint64_t)salt ^ 0x13198A2E03707344ull ^ (uint64_t)n;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint64_t v = (uint64_t)(uint32_t)t[i] | ((uint64_t)(uint32_t)t[i + 1] << 32);
+        uint64_t w = (uint64_t)(uint32_t)t[i + 2] | ((uint64_t)(uint32_t)t[i + 3] << 32);
+        a = rf_rotl(a ^ v, 29) * K;
+        b = rf_rotl(b ^ w, 31) * K;
+    }
+    for (; i < n; i++) a = rf_rotl(a ^ (uint64_t)(uint32_t)t[i], 29) * K;
+    uint64_t h = a ^ rf_rotl(b, 32);
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 29;
+    h *= 0x94D049BB133111EBull;
+    h ^= h >> 32;
+    return (int64_t)(h & (uint64_t)mask);
 }
 
 /* Index of the lowest set bit; x must be non-zero. */

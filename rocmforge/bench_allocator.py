@@ -74,6 +74,34 @@ def alloc_free_batch(rounds, batch=64):
     return (time.perf_counter_ns() - start) / (rounds * batch)
 
 
+PREFIX_BLOCKS = 64          # blocks per cached prefix (one engine request)
+PREFIX_CACHED = 4096        # cached blocks in the pool
+
+
+def prefix_touch(rounds):
+    """ns per block of a prefix hit as an engine makes it: add_sequence with a
+    64-block prompt that is fully cached (hash, look up and verify every block,
+    take it), then remove_sequence (release it back to the evictable set).
+    4,096 cached blocks (64 prompts), block size 16."""
+    nprompts = PREFIX_CACHED // PREFIX_BLOCKS
+    m = BlockManager(2 * PREFIX_CACHED, DECODE_BLOCK, enable_prefix_caching=True)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 1 << 17, PREFIX_BLOCKS * DECODE_BLOCK, dtype=np.int32)
+               for _ in range(nprompts)]
+    for i, p in enumerate(prompts):
+        m.add_sequence(i, p)
+        m.remove_sequence(i)
+    add, remove = m.add_sequence, m.remove_sequence
+    start = time.perf_counter_ns()
+    for i in range(rounds):
+        add(0, prompts[i % nprompts])
+        remove(0)
+    elapsed = time.perf_counter_ns() - start
+    if m.stats()["prefix_hit_tokens"] < rounds * PREFIX_BLOCKS * DECODE_BLOCK:
+        raise RuntimeError("prefix_touch: a prompt missed the cache")
+    return elapsed / (rounds * PREFIX_BLOCKS)
+
+
 def decode_sim(tokens, manager=None, id_base=0, seed=0):
     """One append_batch per step over 256 running sequences; a sequence that
     reaches its length (drawn from [64, 2048]) is removed and a new one starts.
@@ -145,12 +173,14 @@ def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=None):
     single_ops = 200_000 // scale
     batch_rounds = 20_000 // scale
     decode_tokens = 200_000 // scale
+    prefix_rounds = 20_000 // scale
     results = {}
     rows = []
     for name, fn, arg, unit, target in [
         ("alloc_free_single", alloc_free_single, single_ops, "ns/pair", 60),
         ("alloc_free_batch", alloc_free_batch, batch_rounds, "ns/block", 5),
         ("decode_sim", decode_sim, decode_tokens, "ns/token", 10),
+        ("prefix_touch", prefix_touch, prefix_rounds, "ns/block", 30),
     ]:
         fn(max(arg // 10, 1))  # warm up
         med, samples = _median(lambda: fn(arg), reps, name)

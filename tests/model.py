@@ -6,7 +6,8 @@ core raises, so tests can compare outcomes one to one.
 """
 
 import copy
-from collections import OrderedDict
+import hashlib
+from collections import OrderedDict, deque
 
 from rocmforge.errors import (
     ArgumentValueError,
@@ -24,16 +25,70 @@ def ceil_div(a, b):
     return -(-a // b)
 
 
+M64 = (1 << 64) - 1
+
+
+def _rotl(x, r):
+    return ((x << r) | (x >> (64 - r))) & M64
+
+
+def block_key(parent, salt, toks, mask):
+    """The core's content key of one full block, written out independently."""
+    K = 0x9E3779B97F4A7C15
+    n = len(toks)
+    t = [x & 0xFFFFFFFF for x in toks]
+    a = (parent & M64) ^ 0x243F6A8885A308D3
+    b = (salt & M64) ^ 0x13198A2E03707344 ^ n
+    i = 0
+    while i + 4 <= n:
+        a = (_rotl(a ^ (t[i] | t[i + 1] << 32), 29) * K) & M64
+        b = (_rotl(b ^ (t[i + 2] | t[i + 3] << 32), 31) * K) & M64
+        i += 4
+    for x in t[i:]:
+        a = (_rotl(a ^ x, 29) * K) & M64
+    h = a ^ _rotl(b, 32)
+    h ^= h >> 31
+    h = (h * 0xBF58476D1CE4E5B9) & M64
+    h ^= h >> 29
+    h = (h * 0x94D049BB133111EB) & M64
+    h ^= h >> 32
+    return h & mask
+
+
+def salt_value(salt):
+    if salt is None:
+        return 0
+    if isinstance(salt, str):
+        data = b"s" + salt.encode()
+    elif isinstance(salt, bytes):
+        data = b"b" + salt
+    else:
+        data = b"i" + str(int(salt)).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
 class Seq:
     def __init__(self, tokens):
         self.blocks = []
         self.num_tokens = 0
         self.tokens = tokens  # list of ids, or None for a count-only sequence
         self.access_count = 1
+        self.keys = []        # content keys of full blocks (prefix caching)
+        self.salt = 0
+        self.cached_tokens = 0
+
+
+class Cached:
+    """Prefix-cache state of one indexed block."""
+
+    def __init__(self, key, salt, parent, tokens, serial):
+        self.key, self.salt, self.parent, self.tokens, self.serial = key, salt, parent, tokens, serial
+        self.hot = False
 
 
 class ModelManager:
-    def __init__(self, num_blocks, block_size, evict_sequences=False):
+    def __init__(self, num_blocks, block_size, evict_sequences=False, prefix=False,
+                 policy="lru", key_bits=63):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.evict = evict_sequences
@@ -43,12 +98,79 @@ class ModelManager:
         self.pending = []
         self.evicted = []
         self.stats = dict(total_allocations=0, total_deallocations=0, peak_allocations=0,
-                          evictions=0, cow_copies=0, compaction_count=0)
+                          evictions=0, cow_copies=0, compaction_count=0,
+                          prefix_lookups=0, prefix_query_tokens=0, prefix_hit_tokens=0,
+                          cached_blocks_stored=0, cached_blocks_evicted=0)
+        # Prefix cache: key -> block, block -> Cached, evictable lists (oldest first).
+        self.prefix = prefix
+        self.policy = policy
+        self.mask = (1 << key_bits) - 1
+        self.index = {}
+        self.cached = {}
+        self.lists = {1: OrderedDict(), 2: OrderedDict()}
+        self.serial = 0
+        self.events = []
+        self.arc_p = 0.0
+        self._reset_ghosts()
+
+    def _reset_ghosts(self):
+        """ARC's ghost lists: the last 2 x num_blocks keys evicted from each list
+        (a key stays until its ring entry is overwritten or it comes back)."""
+        self.ghost_ring = {1: deque(), 2: deque()}
+        self.ghost_live = {1: {}, 2: {}}
+        self.ghost_adds = 0
 
     # --- helpers -----------------------------------------------------------
     @property
     def num_free(self):
+        """Blocks with refcount 0 (free or evictable)."""
         return sum(1 for r in self.rc if r == 0)
+
+    def _is_free(self, b):
+        return self.rc[b] == 0 and b not in self.cached
+
+    def _in_list(self, b):
+        return next((n for n, lst in self.lists.items() if b in lst), 0)
+
+    def _children(self, b):
+        return sorted((c for c, e in self.cached.items() if e.parent == b),
+                      key=lambda c: self.cached[c].serial)
+
+    def _unregister_tree(self, b):
+        """Preorder, children oldest first (the core's stack order)."""
+        e = self.cached.pop(b)
+        kids = sorted((c for c, x in self.cached.items() if x.parent == b),
+                      key=lambda c: self.cached[c].serial)
+        del self.index[e.key]
+        self.events.append(("removed", e.key))
+        self.stats["cached_blocks_evicted"] += 1
+        lst = self._in_list(b)
+        if lst:
+            del self.lists[lst][b]
+        for c in kids:
+            self._unregister_tree(c)
+
+    def _ghost_add(self, lst, key):
+        cap = 2 * self.num_blocks
+        ring, live = self.ghost_ring[lst], self.ghost_live[lst]
+        if len(ring) == cap:
+            old, tag = ring.popleft()
+            if live.get(old) == tag:
+                del live[old]
+        self.ghost_adds += 1
+        ring.append((key, self.ghost_adds))
+        live[key] = self.ghost_adds
+
+    def _victim(self):
+        n1, n2 = len(self.lists[1]), len(self.lists[2])
+        lst = 1
+        if self.policy == "arc" and (n1 == 0 or (n2 > 0 and n1 <= self.arc_p)):
+            lst = 2
+        b = next(iter(self.lists[lst]))
+        del self.lists[lst][b]
+        if self.policy == "arc":
+            self._ghost_add(lst, self.cached[b].key)
+        return b
 
     def _atomic(self, fn):
         """Run fn; on any exception restore the state from before it."""
@@ -63,7 +185,12 @@ class ModelManager:
         return result
 
     def _take(self):
-        b = self.rc.index(0)
+        free = [b for b in range(self.num_blocks) if self._is_free(b)]
+        if free:
+            b = free[0]
+        else:
+            b = self._victim()
+            self._unregister_tree(b)
         self.rc[b] = 1
         self.stats["total_allocations"] += 1
         return b
@@ -72,10 +199,63 @@ class ModelManager:
         self.rc[b] -= 1
         if self.rc[b] == 0:
             self.stats["total_deallocations"] += 1
+            if b in self.cached:
+                hot = self.policy == "arc" and self.cached[b].hot
+                self.lists[2 if hot else 1][b] = None
 
     def _drop(self, seq_id):
-        for b in self.seqs.pop(seq_id).blocks:
+        for b in reversed(self.seqs.pop(seq_id).blocks):
             self._unref(b)
+
+    def _register(self, s, j):
+        bs = self.block_size
+        b = s.blocks[j]
+        if b in self.cached or (j > 0 and s.blocks[j - 1] not in self.cached) or s.keys[j] in self.index:
+            return
+        self.serial += 1
+        parent = s.blocks[j - 1] if j > 0 else -1
+        e = Cached(s.keys[j], s.salt, parent, list(s.tokens[j * bs:(j + 1) * bs]), self.serial)
+        self.cached[b] = e
+        self.index[e.key] = b
+        self.stats["cached_blocks_stored"] += 1
+        self.events.append(("stored", e.key, s.keys[j - 1] if j > 0 else None, bs))
+        if self.policy == "arc":
+            n1, n2 = len(self.ghost_live[1]), len(self.ghost_live[2])
+            if e.key in self.ghost_live[1]:
+                self.arc_p = min(float(self.num_blocks), self.arc_p + (n2 / n1 if n2 > n1 else 1.0))
+                del self.ghost_live[1][e.key]
+                e.hot = True
+            elif e.key in self.ghost_live[2]:
+                self.arc_p = max(0.0, self.arc_p - (n1 / n2 if n1 > n2 else 1.0))
+                del self.ghost_live[2][e.key]
+                e.hot = True
+
+    def _register_full(self, s):
+        bs = self.block_size
+        for j in range(len(s.keys), s.num_tokens // bs):
+            parent = s.keys[j - 1] if j > 0 else -1
+            s.keys.append(block_key(parent, s.salt, s.tokens[j * bs:(j + 1) * bs], self.mask))
+            self._register(s, j)
+
+    def _keys(self, tokens, salt):
+        bs, keys, parent = self.block_size, [], -1
+        for j in range(len(tokens) // bs):
+            parent = block_key(parent, salt, tokens[j * bs:(j + 1) * bs], self.mask)
+            keys.append(parent)
+        return keys
+
+    def _match(self, tokens, keys, salt):
+        bs, hits, prev = self.block_size, [], -1
+        for j, key in enumerate(keys):
+            b = self.index.get(key)
+            if b is None:
+                break
+            e = self.cached[b]
+            if e.parent != prev or (prev < 0 and e.salt != salt) or e.tokens != list(tokens[j * bs:(j + 1) * bs]):
+                break
+            hits.append(b)
+            prev = b
+        return hits
 
     def _touch(self, seq_id):
         self.seqs.move_to_end(seq_id)
@@ -126,6 +306,8 @@ class ModelManager:
             s.num_tokens += 1
         if toks is not None:
             s.tokens.extend(toks)
+            if self.prefix:
+                self._register_full(s)
         return out
 
     # --- block level ---------------------------------------------------------
@@ -167,19 +349,63 @@ class ModelManager:
         return self._atomic(run)
 
     # --- sequence level ------------------------------------------------------
-    def add_sequence(self, seq_id, tokens=None, num_tokens=0):
+    def add_sequence(self, seq_id, tokens=None, num_tokens=0, salt=None):
         def run():
+            bs = self.block_size
             n = len(tokens) if tokens is not None else num_tokens
-            need = ceil_div(n, self.block_size)
+            need = ceil_div(n, bs)
             if need > self.num_blocks:
                 raise OutOfBlocks(seq_id)
             if seq_id in self.seqs:
                 raise SequenceExists(seq_id)
-            self._make_room(lambda: need, set())
+            sv = salt_value(salt)
+            lookup = self.prefix and tokens is not None
+            keys = self._keys(tokens, sv) if lookup else []
+            hits = self._match(tokens, keys, sv) if lookup else []
+            self._make_room(lambda: need - len(hits) + sum(self.rc[b] == 0 for b in hits), set())
             s = Seq([] if tokens is not None else None)
+            s.salt = sv
             self.seqs[seq_id] = s
-            return self._append_one(s, n, tokens)
+            out = []
+            for b in hits:
+                if self.rc[b] == 0:
+                    del self.lists[self._in_list(b)][b]
+                    self.stats["total_allocations"] += 1
+                self.rc[b] += 1
+                self.cached[b].hot = True
+                s.blocks.append(b)
+                out.extend(b * bs + o for o in range(bs))
+            h = len(hits) * bs
+            if hits:
+                s.tokens.extend(tokens[:h])
+                s.num_tokens = s.cached_tokens = h
+                s.keys = keys[:len(hits)]
+            out.extend(self._append_one(s, n - h, tokens[h:] if tokens is not None else None))
+            if lookup:
+                self.stats["prefix_lookups"] += 1
+                self.stats["prefix_query_tokens"] += n
+                self.stats["prefix_hit_tokens"] += h
+            return out
         return self._atomic(run)
+
+    def lookup_prefix(self, tokens, salt=None):
+        if not self.prefix:
+            raise KvCacheError("prefix caching is off")
+        sv = salt_value(salt)
+        return len(self._match(tokens, self._keys(tokens, sv), sv)) * self.block_size
+
+    def reset_prefix_cache(self):
+        if not self.prefix:
+            raise KvCacheError("prefix caching is off")
+        self.cached.clear()
+        self.index.clear()
+        self.lists = {1: OrderedDict(), 2: OrderedDict()}
+        self.ghost_live = {1: {}, 2: {}}
+        self.events.append(("cleared",))
+
+    def take_events(self):
+        out, self.events = self.events, []
+        return out
 
     def append_batch(self, seq_ids, counts, tokens=None):
         def run():
@@ -225,6 +451,8 @@ class ModelManager:
             d = Seq(list(s.tokens) if s.tokens is not None else None)
             d.blocks = list(s.blocks)
             d.num_tokens = s.num_tokens
+            d.keys = list(s.keys)
+            d.salt = s.salt
             for b in s.blocks:
                 self.rc[b] += 1
             self.seqs[dst] = d
@@ -252,19 +480,26 @@ class ModelManager:
                 raise KvCacheError("pending copies")
             moves = []
             lo, hi = 0, self.num_blocks - 1
+            occupied = lambda b: self.rc[b] != 0 or b in self.cached  # noqa: E731
             while True:
-                while lo < self.num_blocks and self.rc[lo] != 0:
+                while lo < self.num_blocks and occupied(lo):
                     lo += 1
-                while hi >= 0 and self.rc[hi] == 0:
+                while hi >= 0 and not occupied(hi):
                     hi -= 1
                 if lo >= hi:
                     break
                 moves.append((hi, lo))
                 self.rc[lo], self.ext[lo] = self.rc[hi], self.ext[hi]
                 self.rc[hi] = self.ext[hi] = 0
+                if hi in self.cached:
+                    self.cached[lo] = self.cached.pop(hi)
             remap = dict(moves)
             for s in self.seqs.values():
                 s.blocks = [remap.get(b, b) for b in s.blocks]
+            for e in self.cached.values():
+                e.parent = remap.get(e.parent, e.parent)
+            self.index = {k: remap.get(b, b) for k, b in self.index.items()}
+            self.lists = {n: OrderedDict((remap.get(b, b), None) for b in lst) for n, lst in self.lists.items()}
             self.stats["compaction_count"] += 1
             return moves
         return self._atomic(run)
@@ -277,14 +512,21 @@ class ModelManager:
                 raise KvCacheError("pending copies")
             if any(self.rc[b] for b in range(n, self.num_blocks)):
                 raise InvalidConfiguration("in use")
+            for b in range(n, self.num_blocks):
+                if b in self.cached:
+                    self._unregister_tree(b)
             del self.rc[n:], self.ext[n:]
             self.num_blocks = n
+            self._reset_ghosts()
+            self.arc_p = min(self.arc_p, float(n))
         return self._atomic(run)
 
     def grow(self, n):
         def run():
             if n < self.num_blocks:
                 raise InvalidConfiguration(n)
+            if n > self.num_blocks:
+                self._reset_ghosts()
             self.rc += [0] * (n - self.num_blocks)
             self.ext += [0] * (n - self.num_blocks)
             self.num_blocks = n

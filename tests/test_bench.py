@@ -3,6 +3,8 @@
 import io
 import json
 
+import numpy as np
+
 from rocmforge.bench_allocator import run
 from rocmforge.cli import main
 
@@ -13,7 +15,7 @@ def test_quick_benchmark_prints_a_table_then_json():
     lines = buf.getvalue().strip().splitlines()
     assert lines[0].startswith("benchmark")
     assert json.loads(lines[-1]) == summary
-    for name in ("alloc_free_single", "alloc_free_batch", "decode_sim"):
+    for name in ("alloc_free_single", "alloc_free_batch", "decode_sim", "prefix_touch"):
         assert summary["results"][name]["median"] > 0
     assert set(summary["results"]["threads"]) == {"1", "2"}
 
@@ -21,3 +23,74 @@ def test_quick_benchmark_prints_a_table_then_json():
 def test_cli_bench(capsys):
     assert main(["bench", "--quick", "--reps", "1", "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["quick"] is True
+
+
+# --- bench_prefix --------------------------------------------------------------
+
+import os  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+
+import pytest  # noqa: E402
+
+from rocmforge import bench_prefix  # noqa: E402
+
+TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "conversation_trace.jsonl")
+
+
+def plain_lru(requests, capacity_tokens):
+    """An independent block-level LRU (vLLM order) over hash ids: the real replay must agree."""
+    bs = bench_prefix.BLOCK
+    num_blocks = capacity_tokens // bs
+    cached, queue = set(), OrderedDict()
+    hit = total = 0
+    for ids, n in requests:
+        keys = ids[:n // bs]
+        total += n
+        h = 0
+        while h < len(keys) and keys[h] in cached:
+            queue.pop(keys[h], None)
+            h += 1
+        hit += h * bs
+        need = len(keys) - h + (1 if n % bs else 0)
+        while num_blocks - len(cached) < need:
+            cached.discard(queue.popitem(last=False)[0])
+        cached.update(keys[h:])
+        for k in reversed(keys):
+            queue[k] = None
+    return hit / total
+
+
+def test_prefix_bench_on_a_tiny_trace(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    rows = [([1, 2, 3], 1500), ([1, 2, 4], 1100), ([1, 2, 3, 5], 2048), ([9], 100), ([1, 2], 1024)]
+    trace.write_text("\n".join(
+        f'{{"timestamp": {i}, "input_length": {n}, "output_length": 1, "hash_ids": {ids}}}'
+        for i, (ids, n) in enumerate(rows)))
+    requests = bench_prefix.load_mooncake(str(trace))
+    buf = io.StringIO()
+    summary = bench_prefix.run(requests, capacities=(2048, 100_000), out=buf, name="tiny")
+    assert json.loads(buf.getvalue().strip().splitlines()[-1]) == summary
+    big = summary["results"]["100000"]
+    # Unlimited room: requests 2, 3 and 5 each hit blocks 1, 2 (block 3 was partial
+    # in request 1, so it was not cached then).
+    assert big["lru"]["hit_tokens"] == big["arc"]["hit_tokens"] == big["belady"]["hit_tokens"] == 6 * 512
+    for cap in ("2048", "100000"):
+        assert summary["results"][cap]["lru"]["hit_rate"] == pytest.approx(plain_lru(requests, int(cap)))
+
+
+def test_expanded_tokens_are_deterministic_and_distinct():
+    a = bench_prefix.expand_tokens([7, 8], 1000)
+    assert a.dtype == np.int32 and len(a) == 1000
+    assert (a == bench_prefix.expand_tokens([7, 8], 1000)).all()
+    assert (a[:512] == bench_prefix.expand_tokens([7, 9], 600)[:512]).all()
+    assert not (a[512:600] == bench_prefix.expand_tokens([7, 9], 600)[512:]).all()
+
+
+@pytest.mark.skipif(not os.path.exists(TRACE), reason="../shared/data not present")
+def test_prefix_bench_on_the_conversation_trace():
+    requests = bench_prefix.load_mooncake(TRACE, limit=2000)
+    summary = bench_prefix.run(requests, capacities=(200_000, 1_000_000), out=io.StringIO())
+    for cap, row in summary["results"].items():
+        assert row["lru"]["hit_rate"] == pytest.approx(plain_lru(requests, int(cap)))
+        assert row["belady"]["hit_rate"] >= max(row["lru"]["hit_rate"], row["arc"]["hit_rate"])
+        assert row["lru"]["hit_rate"] > 0

@@ -11,15 +11,38 @@ from model import ModelManager
 
 SEQ_IDS = st.integers(min_value=0, max_value=7)
 TOKEN = st.integers(min_value=-(2**31), max_value=2**31 - 1)
+# Prefix-cache runs draw tokens from a few shared stems and a tiny alphabet, so
+# prompts share leading blocks and hits, misses and key collisions all happen.
+STEMS = [[], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5, 5, 5, 5, 5, 5]]
+PROMPT = st.tuples(st.sampled_from(STEMS), st.lists(st.integers(0, 2), max_size=8)).map(
+    lambda t: (t[0] + t[1])[:14])
+SALT = st.sampled_from([None, None, 1, "tenant"])
+
+
+def event_tuple(ev):
+    if isinstance(ev, rocmforge.BlockStored):
+        return ("stored", ev.key, ev.parent_key, ev.num_tokens)
+    if isinstance(ev, rocmforge.BlockRemoved):
+        return ("removed", ev.key)
+    return ("cleared",)
 
 
 class CoreVsModel(RuleBasedStateMachine):
     core = None
+    prefix = False
 
-    @initialize(num_blocks=st.integers(1, 40), block_size=st.integers(1, 5), evict=st.booleans())
-    def setup(self, num_blocks, block_size, evict):
-        self.core = rocmforge.BlockManager(num_blocks, block_size, evict_sequences=evict)
-        self.model = ModelManager(num_blocks, block_size, evict)
+    @initialize(num_blocks=st.integers(1, 40), block_size=st.integers(1, 5), evict=st.booleans(),
+                policy=st.sampled_from(["lru", "arc"]), key_bits=st.sampled_from([63, 63, 2]))
+    def setup(self, num_blocks, block_size, evict, policy, key_bits):
+        if self.prefix:
+            self.core = rocmforge.BlockManager(
+                num_blocks, block_size, evict_sequences=evict, enable_prefix_caching=True,
+                eviction_policy=policy, enable_events=True, _key_bits=key_bits)
+            self.model = ModelManager(num_blocks, block_size, evict, prefix=True, policy=policy,
+                                      key_bits=key_bits)
+        else:
+            self.core = rocmforge.BlockManager(num_blocks, block_size, evict_sequences=evict)
+            self.model = ModelManager(num_blocks, block_size, evict)
 
     def both(self, core_fn, model_fn):
         """Run one operation on both sides: same exception class, or same result."""
@@ -79,6 +102,39 @@ class CoreVsModel(RuleBasedStateMachine):
                           lambda: self.model.add_sequence(sid, num_tokens=n))
         if r:
             assert r[0].tolist() == r[1]
+
+    @precondition(lambda self: self.prefix)
+    @rule(sid=SEQ_IDS, prompt=PROMPT, salt=SALT)
+    def add_prompt(self, sid, prompt, salt):
+        r = self.both(lambda: self.core.add_sequence(sid, np.array(prompt, dtype=np.int32), salt=salt),
+                      lambda: self.model.add_sequence(sid, tokens=prompt, salt=salt))
+        if r:
+            assert r[0].tolist() == r[1]
+
+    @precondition(lambda self: self.prefix)
+    @rule(turns=st.lists(st.tuples(SEQ_IDS, PROMPT, SALT), min_size=1, max_size=4))
+    def prompt_turns(self, turns):
+        """Requests coming and going: each replaces its sequence id with a new prompt."""
+        for sid, prompt, salt in turns:
+            if sid in self.model.seqs:
+                self.both(lambda: self.core.remove_sequence(sid), lambda: self.model.remove_sequence(sid))
+            self.add_prompt(sid, prompt, salt)
+
+    @precondition(lambda self: self.prefix)
+    @rule(prompt=PROMPT, salt=SALT)
+    def lookup_prefix(self, prompt, salt):
+        assert self.core.lookup_prefix(prompt, salt=salt) == self.model.lookup_prefix(prompt, salt)
+
+    @precondition(lambda self: self.prefix)
+    @rule()
+    def reset_prefix_cache(self):
+        self.core.reset_prefix_cache()
+        self.model.reset_prefix_cache()
+
+    @precondition(lambda self: self.prefix)
+    @rule()
+    def take_events(self):
+        assert [event_tuple(e) for e in self.core.take_events()] == self.model.take_events()
 
     @rule(sids=st.lists(SEQ_IDS, max_size=5), with_tokens=st.booleans(), data=st.data())
     def append_batch(self, sids, with_tokens, data):
@@ -150,11 +206,25 @@ class CoreVsModel(RuleBasedStateMachine):
             toks = core.sequence_tokens(sid)
             assert (None if toks is None else toks.tolist()) == s.tokens
             assert core.sequence_info(sid)["access_count"] == s.access_count
+            assert core.num_cached_tokens(sid) == s.cached_tokens
+        if self.prefix:
+            assert core.num_cached_blocks == len(model.cached)
+            assert core.num_evictable_blocks == sum(len(lst) for lst in model.lists.values())
         stats = core.stats()
         for key, value in model.stats.items():
             assert stats[key] == value, key
 
 
+class PrefixCoreVsModel(CoreVsModel):
+    """The same machine with prefix caching, both policies, events and (2-bit
+    keys) forced hash collisions."""
+
+    prefix = True
+
+
+SETTINGS = settings(max_examples=200, stateful_step_count=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 TestCoreVsModel = CoreVsModel.TestCase
-TestCoreVsModel.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
-                                    suppress_health_check=[HealthCheck.too_slow])
+TestCoreVsModel.settings = SETTINGS
+TestPrefixCoreVsModel = PrefixCoreVsModel.TestCase
+TestPrefixCoreVsModel.settings = SETTINGS

@@ -1,0 +1,187 @@
+"""Prefix-cache hit rates on a request trace, per eviction policy and capacity.
+
+Replays a Mooncake-format trace (JSON lines with ``input_length`` and
+``hash_ids``, one id per 512-token block of the prompt) through a real
+BlockManager with block_size 512. Each hash id is expanded into 512
+deterministic token ids, so equal ids give equal tokens and the manager's own
+hashing, lookup and verification decide every hit. Requests run one at a
+time: look up and take the cached prefix, allocate the rest, release.
+
+The ceiling is Belady's offline optimum on the same replay: when a block must
+go, evict the cached block whose next use lies furthest in the future.
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+from rocmforge import BlockManager
+
+BLOCK = 512                     # tokens per Mooncake hash id
+DEFAULT_CAPACITIES = (1_000_000, 3_000_000, 10_000_000)
+
+
+def load_mooncake(path, limit=None):
+    """[(hash_ids, input_length)] from a Mooncake JSONL trace."""
+    requests = []
+    with open(path) as f:
+        for line in f:
+            if limit is not None and len(requests) >= limit:
+                break
+            if line.strip():
+                r = json.loads(line)
+                requests.append((list(r["hash_ids"]), int(r["input_length"])))
+    if not requests:
+        raise ValueError(f"{path}: no requests")
+    return requests
+
+
+_OFFSETS = np.arange(BLOCK, dtype=np.uint64)
+
+
+def expand_tokens(hash_ids, input_length):
+    """input_length token ids: block j holds 512 ids derived from hash_ids[j] alone."""
+    ids = np.asarray(hash_ids, dtype=np.uint64)[:, None] * np.uint64(BLOCK) + _OFFSETS
+    x = ids * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(29)
+    return (x.reshape(-1)[:input_length] >> np.uint64(33)).astype(np.int32)
+
+
+def replay(requests, capacity_tokens, policy):
+    """Token hit rate of one policy at one capacity (a real BlockManager)."""
+    num_blocks = max(capacity_tokens // BLOCK, 1)
+    m = BlockManager(num_blocks, BLOCK, enable_prefix_caching=True, eviction_policy=policy)
+    hit = total = skipped = 0
+    for hash_ids, input_length in requests:
+        if -(-input_length // BLOCK) > num_blocks:
+            skipped += 1
+            continue
+        total += input_length
+        m.add_sequence(0, expand_tokens(hash_ids, input_length))
+        hit += m.num_cached_tokens(0)
+        m.remove_sequence(0)
+    m.check_invariants()
+    stats = m.stats()
+    return {"hit_rate": hit / total if total else 0.0, "hit_tokens": hit, "tokens": total,
+            "skipped": skipped, "cached_blocks_evicted": stats["cached_blocks_evicted"]}
+
+
+def belady(requests, capacity_tokens):
+    """Token hit rate of the offline optimum on the same sequential replay.
+
+    Only full blocks are cached (as in the manager). A child is never used
+    without its parent, so its next use is never sooner: evicting the furthest
+    next use (deepest first on ties) never strands a child without its parent.
+    """
+    num_blocks = max(capacity_tokens // BLOCK, 1)
+    chains = [(ids[:n // BLOCK], n) for ids, n in requests if -(-n // BLOCK) <= num_blocks]
+    uses = defaultdict(list)
+    for t, (keys, _) in enumerate(chains):
+        for k in keys:
+            uses[k].append(t)
+    cursor = defaultdict(int)
+    never = len(chains)
+    cached, depth, current = set(), {}, {}
+    heap = []
+    hit = total = 0
+    for t, (keys, n) in enumerate(chains):
+        total += n
+        h = 0
+        while h < len(keys) and keys[h] in cached:
+            current.pop(keys[h], None)
+            h += 1
+        hit += h * BLOCK
+        need = len(keys) - h + (1 if n % BLOCK else 0)
+        while num_blocks - len(cached) < need:
+            nxt, _, k = heapq.heappop(heap)
+            if current.get(k) == -nxt:
+                del current[k]
+                cached.discard(k)
+        for j in range(h, len(keys)):
+            cached.add(keys[j])
+            depth[keys[j]] = j
+        for k in keys:
+            u, c = uses[k], cursor[k]
+            while c < len(u) and u[c] <= t:
+                c += 1
+            cursor[k] = c
+            nxt = u[c] if c < len(u) else never
+            current[k] = nxt
+            heapq.heappush(heap, (-nxt, -depth[k], k))
+    return {"hit_rate": hit / total if total else 0.0, "hit_tokens": hit, "tokens": total}
+
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+    except ImportError:
+        return None
+
+
+def run(requests, capacities=DEFAULT_CAPACITIES, policies=("lru", "arc"), out=None, name="trace"):
+    out = out or sys.stdout
+    bar = _progress(len(capacities) * (len(policies) + 1), "replays")
+    results = {}
+    for cap in capacities:
+        row = {}
+        for policy in policies:
+            row[policy] = replay(requests, cap, policy)
+            if bar:
+                bar.update(1)
+        row["belady"] = belady(requests, cap)
+        if bar:
+            bar.update(1)
+        results[str(cap)] = row
+    if bar:
+        bar.close()
+    names = list(policies) + ["belady"]
+    headers = ["capacity (tokens)"] + [f"{p} hit" for p in names]
+    base = policies[0]
+    others = [p for p in policies if p != base]
+    headers += [f"{p} / {base}" for p in others]
+    rows = []
+    for cap, row in results.items():
+        cells = [f"{int(cap):,}"] + [f"{100 * row[p]['hit_rate']:.2f}%" for p in names]
+        for p in others:
+            ratio = row[p]["hit_rate"] / row[base]["hit_rate"] if row[base]["hit_rate"] else float("nan")
+            cells.append(f"x{ratio:.3f}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows + [headers]) for i in range(len(headers))]
+    print(f"{name}: {len(requests)} requests, block size {BLOCK}, token ids expanded from hash ids", file=out)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=out)
+    summary = {"benchmark": "prefix", "trace": name, "requests": len(requests), "block_size": BLOCK,
+               "results": results}
+    print(json.dumps(summary), file=out)
+    return summary
+
+
+def main(argv=None):
+    import argparse
+    import os
+    parser = argparse.ArgumentParser(description="prefix-cache hit rate per eviction policy on a Mooncake trace")
+    parser.add_argument("--trace", required=True, help="Mooncake JSONL trace (hash_ids of 512-token blocks)")
+    parser.add_argument("--capacity-tokens", type=int, nargs="+", default=list(DEFAULT_CAPACITIES))
+    parser.add_argument("--policy", nargs="+", default=["lru", "arc"], help="first one is the baseline")
+    parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    args = parser.parse_args(argv)
+    if any(c < BLOCK for c in args.capacity_tokens):
+        parser.error(f"--capacity-tokens must be >= {BLOCK}")
+    requests = load_mooncake(args.trace, args.limit)
+    run(requests, tuple(args.capacity_tokens), tuple(args.policy), name=os.path.basename(args.trace))
+
+
+if __name__ == "__main__":
+    main()
