@@ -70,6 +70,7 @@ cdef struct SeqRec:
     vector[int64_t] keys        # content key of every full block (prefix caching, token sequences)
     int64_t salt                # salt of the first block's key
     int64_t cached_tokens       # leading tokens found in the prefix cache when it was added
+    bint cold                   # ARC: its new cached blocks are released to the cold segment
 
 # Prefix-cache state of one block. A block is *registered* (serial != 0) when
 # the prefix index maps its key to it; a registered block's parent is
@@ -85,8 +86,9 @@ cdef struct PBlock:
     int32_t sib_next
     int32_t ev_prev             # neighbours in the policy list (older / newer)
     int32_t ev_next
-    uint8_t ev_list             # 0: not evictable, 1 or 2: which policy list holds it
+    uint8_t ev_list             # 0: not evictable, else which policy list holds it (1, 2 or 3)
     uint8_t hot                 # reused since it was registered (ARC sends it to list 2)
+    uint8_t cold                # ARC, not sampled while thrashing: released to list 3
 
 cdef struct KvEvent:
     int32_t kind
@@ -159,11 +161,14 @@ cdef class BlockManager:
     cdef vector[PBlock] _pb
     cdef vector[int32_t] _btok            # block_size token ids per registered block
     cdef uint64_t _serial
-    cdef int32_t _ev_head[3]
-    cdef int32_t _ev_tail[3]
-    cdef int32_t _ev_len[3]
+    cdef int32_t _ev_head[4]
+    cdef int32_t _ev_tail[4]
+    cdef int32_t _ev_len[4]
     cdef int32_t _num_evictable
-    cdef double _arc_p                    # ARC: target length of list 1
+    cdef double _arc_p                    # ARC: target length of lists 1 + 3
+    cdef double _arc_hits                 # ARC: recent hits and ghost hits (decaying counts)
+    cdef double _arc_ghost_hits
+    cdef int32_t _cold_anchor             # last block released to list 3 by the running release
     cdef rf_idmap _ghost[3]               # ARC: keys evicted from list 1 / list 2 -> ring position
     cdef vector[int64_t] _ghost_ring[3]
     cdef int64_t _ghost_pos[3]
@@ -226,6 +231,8 @@ cdef class BlockManager:
     cdef int64_t _match_prefix(self, const int32_t* tokens, const int64_t* keys, int64_t nfull,
                                int64_t salt, vector[int32_t]* hits) noexcept nogil
     cdef void _ev_link(self, int32_t b, int lst) noexcept nogil
+    cdef void _ev_link_after(self, int32_t b, int lst, int32_t anchor) noexcept nogil
+    cdef bint _arc_thrashing(self) noexcept nogil
     cdef void _ev_unlink(self, int32_t b) noexcept nogil
     cdef int32_t _ev_victim(self) noexcept nogil
     cdef void _ghost_add(self, int lst, int64_t key) noexcept nogil

@@ -325,7 +325,10 @@ cdef class BlockManager:
     - ``"arc"``: adaptive replacement over two such lists, blocks used once
       and blocks reused since they were cached. Keys of evicted blocks are
       remembered (2 x num_blocks per list); when one comes back, the list it
-      was evicted from grows. O(1) per operation.
+      was evicted from grows. While such ghost hits reach half the real hits
+      (the cache thrashes), only a sampled half of new prompts enters the
+      once-used list; the rest go to a cold segment that is evicted first.
+      O(1) per operation.
 
     Every method is thread-safe and atomic; one that raises leaves the state
     exactly as it was.
@@ -362,7 +365,10 @@ cdef class BlockManager:
         self._num_evictable = 0
         self._arc_p = 0
         cdef int lst
-        for lst in range(3):
+        self._arc_hits = 0
+        self._arc_ghost_hits = 0
+        self._cold_anchor = -1
+        for lst in range(4):
             self._ev_head[lst] = -1
             self._ev_tail[lst] = -1
             self._ev_len[lst] = 0
@@ -430,6 +436,7 @@ cdef class BlockManager:
         blank.ev_next = -1
         blank.ev_list = 0
         blank.hot = 0
+        blank.cold = 0
         if (rf_resize(self._pb, n, blank)
                 or rf_resize(self._btok, <size_t>n * <size_t>self.block_size, _ZERO)
                 or rf_reserve(self._tmp_stack, n) or rf_idmap_reserve(self._pindex, n)):
@@ -545,8 +552,18 @@ cdef class BlockManager:
     cdef void _release_block(self, int32_t b) noexcept nogil:
         """A block's refcount just reached zero: cached blocks become evictable,
         others free."""
+        cdef PBlock* p
         if self.enable_prefix_caching and self._pb[b].serial != 0:
-            self._ev_link(b, 2 if self._policy == POLICY_ARC and self._pb[b].hot else 1)
+            p = &self._pb[b]
+            if self._policy != POLICY_ARC or not (p.hot or p.cold):
+                self._ev_link(b, 1)
+            elif p.hot:
+                self._ev_link(b, 2)
+            else:
+                # Cold blocks of one release line up tail first at the front of
+                # list 3, ahead of those released earlier: the newest go first.
+                self._ev_link_after(b, 3, self._cold_anchor)
+                self._cold_anchor = b
         else:
             self._bits_set(b)
             self._num_free += 1
@@ -582,6 +599,29 @@ cdef class BlockManager:
         self._ev_len[lst] += 1
         self._num_evictable += 1
 
+    cdef void _ev_link_after(self, int32_t b, int lst, int32_t anchor) noexcept nogil:
+        """Insert an evictable block into list lst after anchor (at the front when -1)."""
+        cdef PBlock* p = &self._pb[b]
+        cdef int32_t nxt = self._ev_head[lst] if anchor < 0 else self._pb[anchor].ev_next
+        p.ev_list = <uint8_t>lst
+        p.ev_prev = anchor
+        p.ev_next = nxt
+        if anchor >= 0:
+            self._pb[anchor].ev_next = b
+        else:
+            self._ev_head[lst] = b
+        if nxt >= 0:
+            self._pb[nxt].ev_prev = b
+        else:
+            self._ev_tail[lst] = b
+        self._ev_len[lst] += 1
+        self._num_evictable += 1
+
+    cdef bint _arc_thrashing(self) noexcept nogil:
+        """Recent ghost hits at least half the real hits: reuse distances exceed what
+        the cache holds."""
+        return self._arc_ghost_hits > 0 and self._arc_ghost_hits >= 0.5 * self._arc_hits
+
     cdef void _ev_unlink(self, int32_t b) noexcept nogil:
         cdef PBlock* p = &self._pb[b]
         cdef int lst = p.ev_list
@@ -602,14 +642,16 @@ cdef class BlockManager:
     cdef int32_t _ev_victim(self) noexcept nogil:
         """Unlink and return the evictable block the policy gives up (one must exist)."""
         cdef int lst = 1
-        cdef int32_t b
-        if self._policy == POLICY_ARC and (
-                self._ev_len[1] == 0 or (self._ev_len[2] > 0 and self._ev_len[1] <= self._arc_p)):
-            lst = 2
+        cdef int32_t b, once = self._ev_len[1] + self._ev_len[3]
+        if self._policy == POLICY_ARC:
+            if once == 0 or (self._ev_len[2] > 0 and once <= self._arc_p):
+                lst = 2
+            elif self._ev_len[3] > 0:
+                lst = 3
         b = self._ev_head[lst]
         self._ev_unlink(b)
         if self._policy == POLICY_ARC:
-            self._ghost_add(lst, self._pb[b].key)
+            self._ghost_add(2 if lst == 2 else 1, self._pb[b].key)
         return b
 
     cdef void _ghost_add(self, int lst, int64_t key) noexcept nogil:
@@ -628,12 +670,18 @@ cdef class BlockManager:
         early. Grow the target of the list it left and treat the block as reused."""
         cdef int64_t key = self._pb[b].key
         cdef double n1 = self._ghost[1].count, n2 = self._ghost[2].count, step
+        cdef double decay = 1.0 - 1.0 / <double>self.num_blocks
+        # Hit and ghost-hit counts fade over about one cache's worth of new blocks.
+        self._arc_hits *= decay
+        self._arc_ghost_hits *= decay
         if rf_idmap_find(self._ghost[1], key) >= 0:
+            self._arc_ghost_hits += 1
             step = n2 / n1 if n2 > n1 else 1.0
             self._arc_p = min(<double>self.num_blocks, self._arc_p + step)
             rf_idmap_erase(self._ghost[1], key)
             self._pb[b].hot = 1
         elif rf_idmap_find(self._ghost[2], key) >= 0:
+            self._arc_ghost_hits += 1
             step = n1 / n2 if n1 > n2 else 1.0
             self._arc_p = max(0.0, self._arc_p - step)
             rf_idmap_erase(self._ghost[2], key)
@@ -692,6 +740,7 @@ cdef class BlockManager:
             p.sib_prev = -1
             p.sib_next = -1
             p.hot = 0
+            p.cold = 0
             if p.ev_list:
                 self._ev_unlink(x)
                 self._bits_set(x)
@@ -721,6 +770,7 @@ cdef class BlockManager:
         p.sib_prev = -1
         p.sib_next = -1
         p.hot = 0
+        p.cold = s.cold
         if parent >= 0:
             p.sib_next = self._pb[parent].child
             if p.sib_next >= 0:
@@ -814,6 +864,7 @@ cdef class BlockManager:
         cdef SeqRec* s = &self._seqs[slot]
         cdef size_t j
         # Tail first, so a cached chain's deepest blocks are the first to be evicted.
+        self._cold_anchor = -1
         for j in range(s.blocks.size(), 0, -1):
             self._unref(s.blocks[j - 1])
         self._lru_unlink(slot)
@@ -850,6 +901,7 @@ cdef class BlockManager:
             blank.mark = 0
             blank.salt = 0
             blank.cached_tokens = 0
+            blank.cold = False
             rf_push(self._seqs, blank)
             rf_push(self._free_slots, <int32_t>n)
         slot_out[0] = self._free_slots.back()
@@ -873,6 +925,7 @@ cdef class BlockManager:
         s.mark = 0
         s.salt = 0
         s.cached_tokens = 0
+        s.cold = False
         s.keys.clear()
         self._lru_push(slot)
 
@@ -1039,6 +1092,7 @@ cdef class BlockManager:
                 err.id = b
                 err.a = self._refcnt[b]
                 return RF_BLOCK_FREE if self._refcnt[b] == 0 else RF_NO_EXTERNAL_REF
+        self._cold_anchor = -1
         for i in range(n):
             self._extref[ids[i]] -= 1
             self._unref(ids[i])
@@ -1126,6 +1180,7 @@ cdef class BlockManager:
                 self._stats.total_allocations += 1
             self._refcnt[b] += 1
             self._pb[b].hot = 1
+            self._arc_hits += 1
             rf_push(s.blocks, b)
             for o in range(bs):
                 slots_out[j * bs + o] = <int64_t>b * bs + o
@@ -1137,6 +1192,11 @@ cdef class BlockManager:
                            slots_out + h * bs)
         if keys != NULL:
             rf_append_n64(s.keys, keys, nfull)
+            # While the cache thrashes, only a sampled half of new prompts (by key)
+            # enter list 1 proper; the rest go to the cold segment, evicted first,
+            # so the sampled ones live long enough to be reused.
+            s.cold = (self._policy == POLICY_ARC and h < nfull and self._arc_thrashing()
+                      and ((<uint64_t>keys[h]) * <uint64_t>0x9E3779B97F4A7C15) >> 63)
             for j in range(h, nfull):
                 self._register_block(s, j)
             self._stats.prefix_lookups += 1
@@ -1319,6 +1379,7 @@ cdef class BlockManager:
         if s.keys.size():
             rf_append_n64(d.keys, s.keys.data(), s.keys.size())
         d.salt = s.salt
+        d.cold = s.cold
         d.num_tokens = s.num_tokens
         return RF_OK
 
@@ -1420,6 +1481,7 @@ cdef class BlockManager:
         p.ev_next = -1
         p.ev_list = 0
         p.hot = 0
+        p.cold = 0
 
     cdef int _shrink_locked(self, int32_t n, ErrInfo* err) noexcept nogil:
         cdef int32_t b
@@ -1575,8 +1637,8 @@ cdef class BlockManager:
                 snprintf(msg, cap, "block %lld: cached with refcount %d but evictable=%d",
                          i, self._refcnt[i], <int>p.ev_list)
                 return 1
-            if p.ev_list == 2 and self._policy != POLICY_ARC:
-                snprintf(msg, cap, "block %lld in list 2 under the LRU policy", i)
+            if p.ev_list >= 2 and self._policy != POLICY_ARC:
+                snprintf(msg, cap, "block %lld in list %d under the LRU policy", i, <int>p.ev_list)
                 return 1
             parent_key = -1
             if p.parent >= 0:
@@ -1604,7 +1666,7 @@ cdef class BlockManager:
                      registered, <int64_t>self._pindex.count, linked)
             return 1
         seen = 0
-        for lst in range(1, 3):
+        for lst in range(1, 4):
             prev = -1
             b = self._ev_head[lst]
             i = 0
@@ -1662,6 +1724,7 @@ cdef class BlockManager:
             p.sib_prev = -1
             p.sib_next = -1
             p.hot = 0
+            p.cold = 0
         rf_idmap_clear(self._pindex)
         for lst in range(1, 3):
             rf_idmap_clear(self._ghost[lst])

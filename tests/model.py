@@ -76,6 +76,7 @@ class Seq:
         self.keys = []        # content keys of full blocks (prefix caching)
         self.salt = 0
         self.cached_tokens = 0
+        self.cold = False
 
 
 class Cached:
@@ -84,6 +85,7 @@ class Cached:
     def __init__(self, key, salt, parent, tokens, serial):
         self.key, self.salt, self.parent, self.tokens, self.serial = key, salt, parent, tokens, serial
         self.hot = False
+        self.cold = False
 
 
 class ModelManager:
@@ -107,10 +109,12 @@ class ModelManager:
         self.mask = (1 << key_bits) - 1
         self.index = {}
         self.cached = {}
-        self.lists = {1: OrderedDict(), 2: OrderedDict()}
+        self.lists = {1: [], 2: [], 3: []}   # evictable blocks, eviction order first
         self.serial = 0
         self.events = []
         self.arc_p = 0.0
+        self.arc_hits = self.arc_ghost_hits = 0.0
+        self.cold_anchor = None
         self._reset_ghosts()
 
     def _reset_ghosts(self):
@@ -146,7 +150,7 @@ class ModelManager:
         self.stats["cached_blocks_evicted"] += 1
         lst = self._in_list(b)
         if lst:
-            del self.lists[lst][b]
+            self.lists[lst].remove(b)
         for c in kids:
             self._unregister_tree(c)
 
@@ -162,15 +166,20 @@ class ModelManager:
         live[key] = self.ghost_adds
 
     def _victim(self):
-        n1, n2 = len(self.lists[1]), len(self.lists[2])
+        once, n2 = len(self.lists[1]) + len(self.lists[3]), len(self.lists[2])
         lst = 1
-        if self.policy == "arc" and (n1 == 0 or (n2 > 0 and n1 <= self.arc_p)):
-            lst = 2
-        b = next(iter(self.lists[lst]))
-        del self.lists[lst][b]
         if self.policy == "arc":
-            self._ghost_add(lst, self.cached[b].key)
+            if once == 0 or (n2 > 0 and once <= self.arc_p):
+                lst = 2
+            elif self.lists[3]:
+                lst = 3
+        b = self.lists[lst].pop(0)
+        if self.policy == "arc":
+            self._ghost_add(2 if lst == 2 else 1, self.cached[b].key)
         return b
+
+    def _thrashing(self):
+        return self.arc_ghost_hits > 0 and self.arc_ghost_hits >= 0.5 * self.arc_hits
 
     def _atomic(self, fn):
         """Run fn; on any exception restore the state from before it."""
@@ -200,10 +209,19 @@ class ModelManager:
         if self.rc[b] == 0:
             self.stats["total_deallocations"] += 1
             if b in self.cached:
-                hot = self.policy == "arc" and self.cached[b].hot
-                self.lists[2 if hot else 1][b] = None
+                e = self.cached[b]
+                if self.policy != "arc" or not (e.hot or e.cold):
+                    self.lists[1].append(b)
+                elif e.hot:
+                    self.lists[2].append(b)
+                else:
+                    # after the previous cold block of this release, else at the front
+                    at = 0 if self.cold_anchor is None else self.lists[3].index(self.cold_anchor) + 1
+                    self.lists[3].insert(at, b)
+                    self.cold_anchor = b
 
     def _drop(self, seq_id):
+        self.cold_anchor = None
         for b in reversed(self.seqs.pop(seq_id).blocks):
             self._unref(b)
 
@@ -215,17 +233,23 @@ class ModelManager:
         self.serial += 1
         parent = s.blocks[j - 1] if j > 0 else -1
         e = Cached(s.keys[j], s.salt, parent, list(s.tokens[j * bs:(j + 1) * bs]), self.serial)
+        e.cold = s.cold
         self.cached[b] = e
         self.index[e.key] = b
         self.stats["cached_blocks_stored"] += 1
         self.events.append(("stored", e.key, s.keys[j - 1] if j > 0 else None, bs))
         if self.policy == "arc":
             n1, n2 = len(self.ghost_live[1]), len(self.ghost_live[2])
+            decay = 1.0 - 1.0 / self.num_blocks
+            self.arc_hits *= decay
+            self.arc_ghost_hits *= decay
             if e.key in self.ghost_live[1]:
+                self.arc_ghost_hits += 1
                 self.arc_p = min(float(self.num_blocks), self.arc_p + (n2 / n1 if n2 > n1 else 1.0))
                 del self.ghost_live[1][e.key]
                 e.hot = True
             elif e.key in self.ghost_live[2]:
+                self.arc_ghost_hits += 1
                 self.arc_p = max(0.0, self.arc_p - (n1 / n2 if n1 > n2 else 1.0))
                 del self.ghost_live[2][e.key]
                 e.hot = True
@@ -343,6 +367,7 @@ class ModelManager:
                 seen[b] = seen.get(b, 0) + 1
                 if seen[b] > self.ext[b]:
                     raise RefcountError(b)
+            self.cold_anchor = None
             for b in ids:
                 self.ext[b] -= 1
                 self._unref(b)
@@ -369,10 +394,11 @@ class ModelManager:
             out = []
             for b in hits:
                 if self.rc[b] == 0:
-                    del self.lists[self._in_list(b)][b]
+                    self.lists[self._in_list(b)].remove(b)
                     self.stats["total_allocations"] += 1
                 self.rc[b] += 1
                 self.cached[b].hot = True
+                self.arc_hits += 1
                 s.blocks.append(b)
                 out.extend(b * bs + o for o in range(bs))
             h = len(hits) * bs
@@ -380,6 +406,8 @@ class ModelManager:
                 s.tokens.extend(tokens[:h])
                 s.num_tokens = s.cached_tokens = h
                 s.keys = keys[:len(hits)]
+            if self.policy == "arc" and len(hits) < len(keys) and self._thrashing():
+                s.cold = bool(((keys[len(hits)] & M64) * 0x9E3779B97F4A7C15 & M64) >> 63)
             out.extend(self._append_one(s, n - h, tokens[h:] if tokens is not None else None))
             if lookup:
                 self.stats["prefix_lookups"] += 1
@@ -399,7 +427,7 @@ class ModelManager:
             raise KvCacheError("prefix caching is off")
         self.cached.clear()
         self.index.clear()
-        self.lists = {1: OrderedDict(), 2: OrderedDict()}
+        self.lists = {1: [], 2: [], 3: []}
         self.ghost_live = {1: {}, 2: {}}
         self.events.append(("cleared",))
 
@@ -453,6 +481,7 @@ class ModelManager:
             d.num_tokens = s.num_tokens
             d.keys = list(s.keys)
             d.salt = s.salt
+            d.cold = s.cold
             for b in s.blocks:
                 self.rc[b] += 1
             self.seqs[dst] = d
@@ -499,7 +528,7 @@ class ModelManager:
             for e in self.cached.values():
                 e.parent = remap.get(e.parent, e.parent)
             self.index = {k: remap.get(b, b) for k, b in self.index.items()}
-            self.lists = {n: OrderedDict((remap.get(b, b), None) for b in lst) for n, lst in self.lists.items()}
+            self.lists = {n: [remap.get(b, b) for b in lst] for n, lst in self.lists.items()}
             self.stats["compaction_count"] += 1
             return moves
         return self._atomic(run)

@@ -330,3 +330,30 @@ def test_lookup_bad_tokens(bad):
     m = prefix_manager()
     with pytest.raises((rf.ArgumentTypeError, rf.ArgumentValueError)):
         m.lookup_prefix(bad)
+
+
+def test_arc_thrash_protection_matches_the_model():
+    """A loop of prompts larger than the cache makes ARC's evicted keys come back
+    (ghost hits); it then sends an unsampled half of new prompts to the cold
+    segment. Core and reference model must agree block for block throughout."""
+    from model import ModelManager
+    core = prefix_manager(num_blocks=24, eviction_policy="arc", enable_events=True)
+    model = ModelManager(24, BS, prefix=True, policy="arc")
+    rng = random.Random(1)
+    stems = [[s] * 8 + [s + 100] * 4 for s in range(12)]       # 3 full blocks each
+    cold_seen = False
+    for i in range(600):
+        prompt = stems[(i + rng.randrange(2)) % len(stems)] + [rng.randrange(3) for _ in range(rng.randrange(4))]
+        got = core.add_sequence(i, prompt)
+        assert got.tolist() == model.add_sequence(i, tokens=prompt)
+        core.remove_sequence(i)
+        model.remove_sequence(i)
+        cold_seen |= bool(model.lists[3])
+        assert [core.refcount(b) for b in range(24)] == model.rc
+        assert core.num_evictable_blocks == sum(map(len, model.lists.values()))
+        assert [(type(e).__name__, e.key) for e in core.take_events()] == [
+            ("BlockStored" if e[0] == "stored" else "BlockRemoved", e[1]) for e in model.take_events()]
+        core.check_invariants()
+    assert cold_seen, "the loop never made ARC protect against thrashing"
+    stats = core.stats()
+    assert stats["prefix_hit_tokens"] == model.stats["prefix_hit_tokens"] > 0
