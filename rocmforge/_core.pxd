@@ -71,6 +71,7 @@ cdef struct SeqRec:
     int64_t salt                # salt of the first block's key
     int64_t cached_tokens       # leading tokens found in the prefix cache when it was added
     bint cold                   # ARC: its new cached blocks are released to the cold segment
+    bint warm                   # ARC: its new cached blocks count as reused (a returning prompt)
 
 # Prefix-cache state of one block. A block is *registered* (serial != 0) when
 # the prefix index maps its key to it; a registered block's parent is
@@ -80,6 +81,7 @@ cdef struct PBlock:
     int64_t key
     int64_t salt                # salt of a root block (parent == -1)
     uint64_t serial             # registration number, 0 when not registered
+    uint64_t stamp              # when it last became evictable (policy clock)
     int32_t parent              # parent block, -1 for the first block of a chain
     int32_t child               # first registered child, -1 when none
     int32_t sib_prev            # siblings under the same parent
@@ -168,6 +170,7 @@ cdef class BlockManager:
     cdef double _arc_p                    # ARC: target length of lists 1 + 3
     cdef double _arc_hits                 # ARC: recent hits and ghost hits (decaying counts)
     cdef double _arc_ghost_hits
+    cdef uint64_t _ev_clock               # counts blocks made evictable
     cdef int32_t _cold_anchor             # last block released to list 3 by the running release
     cdef rf_idmap _ghost[3]               # ARC: keys evicted from list 1 / list 2 -> ring position
     cdef vector[int64_t] _ghost_ring[3]
@@ -233,6 +236,7 @@ cdef class BlockManager:
     cdef void _ev_link(self, int32_t b, int lst) noexcept nogil
     cdef void _ev_link_after(self, int32_t b, int lst, int32_t anchor) noexcept nogil
     cdef bint _arc_thrashing(self) noexcept nogil
+    cdef bint _arc_calm(self) noexcept nogil
     cdef void _ev_unlink(self, int32_t b) noexcept nogil
     cdef int32_t _ev_victim(self) noexcept nogil
     cdef void _ghost_add(self, int lst, int64_t key) noexcept nogil

@@ -328,7 +328,9 @@ cdef class BlockManager:
       was evicted from grows. While such ghost hits reach half the real hits
       (the cache thrashes), only a sampled half of new prompts enters the
       once-used list; the rest go to a cold segment that is evicted first.
-      O(1) per operation.
+      A prompt that finds half of its blocks cached has its new blocks
+      counted as reused. While ghost hits stay under a tenth of the real
+      hits, plain recency picks between the lists. O(1) per operation.
 
     Every method is thread-safe and atomic; one that raises leaves the state
     exactly as it was.
@@ -588,6 +590,8 @@ cdef class BlockManager:
     cdef void _ev_link(self, int32_t b, int lst) noexcept nogil:
         """Append an evictable block to policy list lst as its newest entry."""
         cdef PBlock* p = &self._pb[b]
+        self._ev_clock += 1
+        p.stamp = self._ev_clock
         p.ev_list = <uint8_t>lst
         p.ev_next = -1
         p.ev_prev = self._ev_tail[lst]
@@ -603,6 +607,8 @@ cdef class BlockManager:
         """Insert an evictable block into list lst after anchor (at the front when -1)."""
         cdef PBlock* p = &self._pb[b]
         cdef int32_t nxt = self._ev_head[lst] if anchor < 0 else self._pb[anchor].ev_next
+        self._ev_clock += 1
+        p.stamp = self._ev_clock
         p.ev_list = <uint8_t>lst
         p.ev_prev = anchor
         p.ev_next = nxt
@@ -616,6 +622,10 @@ cdef class BlockManager:
             self._ev_tail[lst] = b
         self._ev_len[lst] += 1
         self._num_evictable += 1
+
+    cdef bint _arc_calm(self) noexcept nogil:
+        """Recent ghost hits below a tenth of the real hits."""
+        return self._arc_ghost_hits < 0.1 * self._arc_hits
 
     cdef bint _arc_thrashing(self) noexcept nogil:
         """Recent ghost hits at least half the real hits: reuse distances exceed what
@@ -644,7 +654,18 @@ cdef class BlockManager:
         cdef int lst = 1
         cdef int32_t b, once = self._ev_len[1] + self._ev_len[3]
         if self._policy == POLICY_ARC:
-            if once == 0 or (self._ev_len[2] > 0 and once <= self._arc_p):
+            if once == 0:
+                lst = 2
+            elif self._ev_len[2] == 0:
+                lst = 3 if self._ev_len[3] > 0 else 1
+            elif self._arc_calm():
+                # Evicted keys rarely come back: the cache holds nearly every reuse
+                # and the lists' split would only misorder. Plain recency decides.
+                if self._ev_len[3] > 0:
+                    lst = 3
+                elif self._pb[self._ev_head[2]].stamp < self._pb[self._ev_head[1]].stamp:
+                    lst = 2
+            elif once <= self._arc_p:
                 lst = 2
             elif self._ev_len[3] > 0:
                 lst = 3
@@ -769,7 +790,7 @@ cdef class BlockManager:
         p.child = -1
         p.sib_prev = -1
         p.sib_next = -1
-        p.hot = 0
+        p.hot = s.warm
         p.cold = s.cold
         if parent >= 0:
             p.sib_next = self._pb[parent].child
@@ -902,6 +923,7 @@ cdef class BlockManager:
             blank.salt = 0
             blank.cached_tokens = 0
             blank.cold = False
+            blank.warm = False
             rf_push(self._seqs, blank)
             rf_push(self._free_slots, <int32_t>n)
         slot_out[0] = self._free_slots.back()
@@ -926,6 +948,7 @@ cdef class BlockManager:
         s.salt = 0
         s.cached_tokens = 0
         s.cold = False
+        s.warm = False
         s.keys.clear()
         self._lru_push(slot)
 
@@ -1192,11 +1215,16 @@ cdef class BlockManager:
                            slots_out + h * bs)
         if keys != NULL:
             rf_append_n64(s.keys, keys, nfull)
-            # While the cache thrashes, only a sampled half of new prompts (by key)
-            # enter list 1 proper; the rest go to the cold segment, evicted first,
-            # so the sampled ones live long enough to be reused.
-            s.cold = (self._policy == POLICY_ARC and h < nfull and self._arc_thrashing()
-                      and ((<uint64_t>keys[h]) * <uint64_t>0x9E3779B97F4A7C15) >> 63)
+            if self._policy == POLICY_ARC and h < nfull:
+                if h >= 2 and 2 * h >= nfull:
+                    # Half the prompt or more was cached: a returning conversation,
+                    # whose new blocks are as likely to be reused as its history.
+                    s.warm = True
+                elif self._arc_thrashing():
+                    # While the cache thrashes, only a sampled half of new prompts
+                    # (by key) enter list 1 proper; the rest go to the cold segment,
+                    # evicted first, so the sampled ones live long enough to be reused.
+                    s.cold = ((<uint64_t>keys[h]) * <uint64_t>0x9E3779B97F4A7C15) >> 63
             for j in range(h, nfull):
                 self._register_block(s, j)
             self._stats.prefix_lookups += 1
@@ -1380,6 +1408,7 @@ cdef class BlockManager:
             rf_append_n64(d.keys, s.keys.data(), s.keys.size())
         d.salt = s.salt
         d.cold = s.cold
+        d.warm = s.warm
         d.num_tokens = s.num_tokens
         return RF_OK
 

@@ -43,6 +43,51 @@ def load_mooncake(path, limit=None):
     return requests
 
 
+def synthetic_trace(kind, num_requests=12000, seed=0):
+    """A Mooncake-format request list with a known sharing structure (no file needed).
+
+    - "agent": tool-using agents. 40 system prompts (4-24 blocks, Zipf
+      popularity); sessions of geometric length (mean 4 turns) interleave,
+      each turn re-sending the whole history plus 1-6 new blocks.
+    - "docqa": questions over 300 shared documents (8-64 blocks, Zipf
+      popularity), each followed by a unique 1-2 block question.
+    """
+    rng = np.random.default_rng(seed)
+    next_id = [0]
+
+    def fresh(n):
+        ids = list(range(next_id[0], next_id[0] + n))
+        next_id[0] += n
+        return ids
+
+    def zipf_pick(n):
+        weights = 1.0 / np.arange(1, n + 1)
+        return int(rng.choice(n, p=weights / weights.sum()))
+
+    requests = []
+    if kind == "agent":
+        prompts = [fresh(int(rng.integers(4, 25))) for _ in range(40)]
+        live = []
+        while len(requests) < num_requests:
+            if not live or rng.random() < 0.3:
+                live.append({"ids": list(prompts[zipf_pick(len(prompts))]),
+                             "turns": int(rng.geometric(0.25))})
+            s = live[int(rng.integers(len(live)))]
+            s["ids"] = s["ids"] + fresh(int(rng.integers(1, 7)))
+            requests.append((list(s["ids"]), len(s["ids"]) * BLOCK - int(rng.integers(0, BLOCK))))
+            s["turns"] -= 1
+            if s["turns"] <= 0:
+                live.remove(s)
+    elif kind == "docqa":
+        docs = [fresh(int(rng.integers(8, 65))) for _ in range(300)]
+        for _ in range(num_requests):
+            ids = docs[zipf_pick(len(docs))] + fresh(int(rng.integers(1, 3)))
+            requests.append((ids, len(ids) * BLOCK - int(rng.integers(0, BLOCK))))
+    else:
+        raise ValueError(f"unknown synthetic trace {kind!r} (agent, docqa)")
+    return requests
+
+
 _OFFSETS = np.arange(BLOCK, dtype=np.uint64)
 
 
@@ -172,15 +217,20 @@ def main(argv=None):
     import argparse
     import os
     parser = argparse.ArgumentParser(description="prefix-cache hit rate per eviction policy on a Mooncake trace")
-    parser.add_argument("--trace", required=True, help="Mooncake JSONL trace (hash_ids of 512-token blocks)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", help="Mooncake JSONL trace (hash_ids of 512-token blocks)")
+    source.add_argument("--synthetic", choices=["agent", "docqa"], help="a generated trace instead")
     parser.add_argument("--capacity-tokens", type=int, nargs="+", default=list(DEFAULT_CAPACITIES))
     parser.add_argument("--policy", nargs="+", default=["lru", "arc"], help="first one is the baseline")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     args = parser.parse_args(argv)
     if any(c < BLOCK for c in args.capacity_tokens):
         parser.error(f"--capacity-tokens must be >= {BLOCK}")
-    requests = load_mooncake(args.trace, args.limit)
-    run(requests, tuple(args.capacity_tokens), tuple(args.policy), name=os.path.basename(args.trace))
+    if args.trace:
+        requests, name = load_mooncake(args.trace, args.limit), os.path.basename(args.trace)
+    else:
+        requests, name = synthetic_trace(args.synthetic, args.limit or 12000), f"synthetic-{args.synthetic}"
+    run(requests, tuple(args.capacity_tokens), tuple(args.policy), name=name)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class Seq:
         self.salt = 0
         self.cached_tokens = 0
         self.cold = False
+        self.warm = False
 
 
 class Cached:
@@ -115,6 +116,8 @@ class ModelManager:
         self.arc_p = 0.0
         self.arc_hits = self.arc_ghost_hits = 0.0
         self.cold_anchor = None
+        self.ev_clock = 0
+        self.stamp = {}                      # block -> when it last became evictable
         self._reset_ghosts()
 
     def _reset_ghosts(self):
@@ -169,7 +172,16 @@ class ModelManager:
         once, n2 = len(self.lists[1]) + len(self.lists[3]), len(self.lists[2])
         lst = 1
         if self.policy == "arc":
-            if once == 0 or (n2 > 0 and once <= self.arc_p):
+            if once == 0:
+                lst = 2
+            elif n2 == 0:
+                lst = 3 if self.lists[3] else 1
+            elif self.arc_ghost_hits < 0.1 * self.arc_hits:      # calm: plain recency
+                if self.lists[3]:
+                    lst = 3
+                elif self.stamp[self.lists[2][0]] < self.stamp[self.lists[1][0]]:
+                    lst = 2
+            elif once <= self.arc_p:
                 lst = 2
             elif self.lists[3]:
                 lst = 3
@@ -210,6 +222,8 @@ class ModelManager:
             self.stats["total_deallocations"] += 1
             if b in self.cached:
                 e = self.cached[b]
+                self.ev_clock += 1
+                self.stamp[b] = self.ev_clock
                 if self.policy != "arc" or not (e.hot or e.cold):
                     self.lists[1].append(b)
                 elif e.hot:
@@ -234,6 +248,7 @@ class ModelManager:
         parent = s.blocks[j - 1] if j > 0 else -1
         e = Cached(s.keys[j], s.salt, parent, list(s.tokens[j * bs:(j + 1) * bs]), self.serial)
         e.cold = s.cold
+        e.hot = s.warm
         self.cached[b] = e
         self.index[e.key] = b
         self.stats["cached_blocks_stored"] += 1
@@ -406,8 +421,12 @@ class ModelManager:
                 s.tokens.extend(tokens[:h])
                 s.num_tokens = s.cached_tokens = h
                 s.keys = keys[:len(hits)]
-            if self.policy == "arc" and len(hits) < len(keys) and self._thrashing():
-                s.cold = bool(((keys[len(hits)] & M64) * 0x9E3779B97F4A7C15 & M64) >> 63)
+            h_blocks = len(hits)
+            if self.policy == "arc" and h_blocks < len(keys):
+                if h_blocks >= 2 and 2 * h_blocks >= len(keys):
+                    s.warm = True
+                elif self._thrashing():
+                    s.cold = bool(((keys[h_blocks] & M64) * 0x9E3779B97F4A7C15 & M64) >> 63)
             out.extend(self._append_one(s, n - h, tokens[h:] if tokens is not None else None))
             if lookup:
                 self.stats["prefix_lookups"] += 1
@@ -482,6 +501,7 @@ class ModelManager:
             d.keys = list(s.keys)
             d.salt = s.salt
             d.cold = s.cold
+            d.warm = s.warm
             for b in s.blocks:
                 self.rc[b] += 1
             self.seqs[dst] = d
@@ -522,6 +542,8 @@ class ModelManager:
                 self.rc[hi] = self.ext[hi] = 0
                 if hi in self.cached:
                     self.cached[lo] = self.cached.pop(hi)
+                    if hi in self.stamp:
+                        self.stamp[lo] = self.stamp.pop(hi)
             remap = dict(moves)
             for s in self.seqs.values():
                 s.blocks = [remap.get(b, b) for b in s.blocks]
