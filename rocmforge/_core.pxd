@@ -193,6 +193,8 @@ cdef class BlockManager:
                             ErrInfo* err) noexcept nogil
     cdef int64_t c_lookup_prefix(self, const int32_t* tokens, int64_t num_tokens,
                                  int64_t salt) noexcept nogil
+    cdef int c_acquire_prefix(self, const int32_t* tokens, int64_t num_tokens, int64_t salt,
+                              int32_t* ids_out, int64_t* num_out, ErrInfo* err) noexcept nogil
     cdef int c_append_batch(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                             bint with_tokens, const int32_t* tokens, int64_t* slots_out,
                             ErrInfo* err) noexcept nogil
@@ -232,7 +234,9 @@ cdef class BlockManager:
                                   int64_t* slots_out, ErrInfo* err) noexcept nogil
     cdef int64_t _avail(self) noexcept nogil
     cdef int64_t _match_prefix(self, const int32_t* tokens, const int64_t* keys, int64_t nfull,
-                               int64_t salt, vector[int32_t]* hits) noexcept nogil
+                               int64_t salt, int32_t* hits) noexcept nogil
+    cdef int64_t* _hash_prompt(self, const int32_t* tokens, int64_t num_tokens, int64_t salt,
+                               int64_t* stack_keys, vector[int64_t]* heap_keys) noexcept nogil
     cdef void _ev_link(self, int32_t b, int lst) noexcept nogil
     cdef void _ev_link_after(self, int32_t b, int lst, int32_t anchor) noexcept nogil
     cdef bint _arc_thrashing(self) noexcept nogil

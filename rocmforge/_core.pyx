@@ -49,6 +49,8 @@ cdef extern from "_core_support.h" nogil:
     void rf_idmap_erase(rf_idmap& m, int64_t key)
     void rf_idmap_update(rf_idmap& m, int64_t key, int32_t val)
     void rf_idmap_clear(rf_idmap& m)
+    void rf_idmap_prefetch(const rf_idmap& m, int64_t key)
+    void rf_prefetch(const void* p)
     size_t rf_idmap_bytes(const rf_idmap& m)
     int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t* t, int64_t n, int64_t mask)
     int rf_ctz64(uint64_t x)
@@ -812,25 +814,36 @@ cdef class BlockManager:
             self._register_block(s, j)
 
     cdef int64_t _match_prefix(self, const int32_t* tokens, const int64_t* keys, int64_t nfull,
-                               int64_t salt, vector[int32_t]* hits) noexcept nogil:
+                               int64_t salt, int32_t* hits) noexcept nogil:
         """Leading blocks found in the index, each verified: same parent block (same
-        salt for the first) and the same token ids. Fills hits (reserved for nfull)."""
-        cdef int64_t j, bs = self.block_size
+        salt for the first) and the same token ids. Writes them to hits (room for
+        nfull) and returns how many."""
+        cdef int64_t j, found = nfull, bs = self.block_size
         cdef int32_t b, prev = -1
         cdef PBlock* p
-        hits.clear()
+        # Pass 1 finds every candidate (the keys are all known, so the index
+        # loads overlap) and starts loading their state; pass 2 verifies.
+        for j in range(min(nfull, 8)):
+            rf_idmap_prefetch(self._pindex, keys[j])
         for j in range(nfull):
+            if j + 8 < nfull:
+                rf_idmap_prefetch(self._pindex, keys[j + 8])
             b = rf_idmap_find(self._pindex, keys[j])
             if b < 0:
+                found = j
                 break
+            hits[j] = b
+            rf_prefetch(&self._pb[b])
+            rf_prefetch(&self._btok[<size_t>b * bs])
+        for j in range(found):
+            b = hits[j]
             p = &self._pb[b]
             if p.parent != prev or (prev < 0 and p.salt != salt):
-                break
+                return j
             if memcmp(&self._btok[<size_t>b * bs], tokens + j * bs, bs * sizeof(int32_t)) != 0:
-                break
-            rf_push(hits[0], b)
+                return j
             prev = b
-        return <int64_t>hits.size()
+        return found
 
     cdef uint64_t _next_epoch(self) noexcept nogil:
         self._epoch += 1
@@ -1128,18 +1141,11 @@ cdef class BlockManager:
         cdef vector[int64_t] heap_keys
         cdef int64_t stack_keys[KEYS_ON_STACK]
         cdef int64_t* keys = NULL
-        cdef int64_t j, bs = self.block_size, nfull, parent = -1
         if with_tokens and self.enable_prefix_caching and num_tokens >= 0:
             # Keys are a pure function of the tokens: hash before taking the lock.
-            nfull = num_tokens // bs
-            keys = stack_keys
-            if nfull > KEYS_ON_STACK:
-                if rf_resize(heap_keys, nfull, parent):
-                    return RF_NO_MEMORY
-                keys = heap_keys.data()
-            for j in range(nfull):
-                parent = rf_block_key(parent, salt, tokens + j * bs, bs, self._key_mask)
-                keys[j] = parent
+            keys = self._hash_prompt(tokens, num_tokens, salt, stack_keys, &heap_keys)
+            if keys == NULL:
+                return RF_NO_MEMORY
         with self._lock:
             st = self._add_sequence_locked(seq_id, with_tokens, tokens, num_tokens, salt,
                                            keys, slots_out, err)
@@ -1167,9 +1173,9 @@ cdef class BlockManager:
             return RF_SEQ_EXISTS
         if keys != NULL:
             nfull = num_tokens // bs
-            if rf_reserve(self._tmp_hits, nfull) or self._reserve_registrations(nfull):
+            if rf_resize(self._tmp_hits, nfull, _NEG_ONE) or self._reserve_registrations(nfull):
                 return RF_NO_MEMORY
-            h = self._match_prefix(tokens, keys, nfull, salt, &self._tmp_hits)
+            h = self._match_prefix(tokens, keys, nfull, salt, self._tmp_hits.data())
         st = self._claim_slot(&slot, err)
         if st != RF_OK:
             return st
@@ -1233,23 +1239,76 @@ cdef class BlockManager:
         self._note_peak()
         return RF_OK
 
+    cdef int64_t* _hash_prompt(self, const int32_t* tokens, int64_t num_tokens, int64_t salt,
+                               int64_t* stack_keys, vector[int64_t]* heap_keys) noexcept nogil:
+        """Keys of the full blocks of a prompt (a pure function of the tokens, so no
+        lock): into stack_keys when KEYS_ON_STACK suffice, else heap_keys. NULL
+        when memory is exhausted."""
+        cdef int64_t j, bs = self.block_size, nfull = num_tokens // bs, parent = -1
+        cdef int64_t* keys = stack_keys
+        if nfull > KEYS_ON_STACK:
+            if rf_resize(heap_keys[0], nfull, parent):
+                return NULL
+            keys = heap_keys.data()
+        for j in range(nfull):
+            parent = rf_block_key(parent, salt, tokens + j * bs, bs, self._key_mask)
+            keys[j] = parent
+        return keys
+
     cdef int64_t c_lookup_prefix(self, const int32_t* tokens, int64_t num_tokens,
                                  int64_t salt) noexcept nogil:
         """Cached leading tokens for these token ids (no change of state); -1 when
         prefix caching is off or memory is exhausted."""
-        cdef vector[int64_t] keys
+        cdef vector[int64_t] heap_keys
+        cdef int64_t stack_keys[KEYS_ON_STACK]
         cdef vector[int32_t] hits
-        cdef int64_t j, bs = self.block_size, nfull = num_tokens // bs, parent = -1, h
-        if not self.enable_prefix_caching:
+        cdef int64_t* keys
+        cdef int64_t h, nfull = num_tokens // self.block_size
+        if not self.enable_prefix_caching or rf_resize(hits, nfull, _NEG_ONE):
             return -1
-        if rf_reserve(keys, nfull) or rf_reserve(hits, nfull):
+        keys = self._hash_prompt(tokens, num_tokens, salt, stack_keys, &heap_keys)
+        if keys == NULL:
             return -1
-        for j in range(nfull):
-            parent = rf_block_key(parent, salt, tokens + j * bs, bs, self._key_mask)
-            rf_push(keys, parent)
         with self._lock:
-            h = self._match_prefix(tokens, keys.data(), nfull, salt, &hits)
-        return h * bs
+            h = self._match_prefix(tokens, keys, nfull, salt, hits.data())
+        return h * self.block_size
+
+    cdef int c_acquire_prefix(self, const int32_t* tokens, int64_t num_tokens, int64_t salt,
+                              int32_t* ids_out, int64_t* num_out, ErrInfo* err) noexcept nogil:
+        """Take an external reference on every block of the cached prefix of tokens
+        (room for num_tokens // block_size ids); num_out = how many."""
+        cdef vector[int64_t] heap_keys
+        cdef int64_t stack_keys[KEYS_ON_STACK]
+        cdef int64_t* keys
+        cdef int64_t h, j, nfull = num_tokens // self.block_size
+        cdef int32_t b
+        num_out[0] = 0
+        if not self.enable_prefix_caching:
+            return RF_PREFIX_DISABLED
+        keys = self._hash_prompt(tokens, num_tokens, salt, stack_keys, &heap_keys)
+        if keys == NULL:
+            return RF_NO_MEMORY
+        with self._lock:
+            h = self._match_prefix(tokens, keys, nfull, salt, ids_out)
+            for j in range(h):
+                if self._refcnt[ids_out[j]] == INT32_MAX:
+                    h = j       # this block cannot take another reference: stop before it
+                    break
+            for j in range(h):
+                b = ids_out[j]
+                if self._refcnt[b] == 0:
+                    self._ev_unlink(b)
+                    self._stats.total_allocations += 1
+                self._refcnt[b] += 1
+                self._extref[b] += 1
+                self._pb[b].hot = 1
+                self._arc_hits += 1
+            self._stats.prefix_lookups += 1
+            self._stats.prefix_query_tokens += num_tokens
+            self._stats.prefix_hit_tokens += h * self.block_size
+            self._note_peak()
+        num_out[0] = h
+        return RF_OK
 
     cdef int c_append_batch(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                             bint with_tokens, const int32_t* tokens, int64_t* slots_out,
@@ -2004,6 +2063,28 @@ cdef class BlockManager:
         if hit < 0:
             raise MemoryError("rocmforge: host memory exhausted")
         return hit
+
+    def acquire_prefix(self, tokens, salt=None, *, out=None):
+        """Take the cached prefix of ``tokens`` for an engine that manages blocks
+        itself: every hit block gains one external reference (drop it with
+        decref). Returns the int32 ids, in order (a view of ``out`` when given:
+        room for ``len(tokens) // block_size`` ids). Counts as a lookup in stats."""
+        cdef cnp.ndarray toks = _index_array(tokens, cnp.NPY_INT32, "tokens")
+        cdef int64_t salt_value = _salt_value(salt)
+        cdef int64_t n = cnp.PyArray_DIM(toks, 0), got = 0
+        cdef cnp.ndarray ids = _out_array(out, n // self.block_size, cnp.NPY_INT32, "out")
+        cdef const int32_t* tptr = <const int32_t*>cnp.PyArray_DATA(toks)
+        cdef int32_t* iptr = <int32_t*>cnp.PyArray_DATA(ids)
+        cdef ErrInfo err
+        cdef int st
+        if n >= NOGIL_MIN * self.block_size:
+            with nogil:
+                st = self.c_acquire_prefix(tptr, n, salt_value, iptr, &got, &err)
+        else:
+            st = self.c_acquire_prefix(tptr, n, salt_value, iptr, &got, &err)
+        if st != RF_OK:
+            raise_status(st, &err)
+        return _fit(ids, got)
 
     def num_cached_tokens(self, seq_id):
         """Leading tokens of a sequence that add_sequence found in the prefix cache."""

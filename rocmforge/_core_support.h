@@ -4,6 +4,7 @@
 #ifndef ROCMFORGE_CORE_SUPPORT_H
 #define ROCMFORGE_CORE_SUPPORT_H
 
+#include <cstddef>
 #include <cstdint>
 #include <new>
 #include <vector>
@@ -134,6 +135,16 @@ static inline void rf_idmap_erase(rf_idmap &m, int64_t key) noexcept {
     m.count--;
 }
 
+/* Start loading the bucket where key's probe begins (a hint; no effect on results). */
+static inline void rf_idmap_prefetch(const rf_idmap &m, int64_t key) noexcept {
+    if (m.count == 0) return;
+    size_t i = rf_idmap_home(m, key);
+    __builtin_prefetch(&m.keys[i]);
+    __builtin_prefetch(&m.vals[i]);
+}
+
+static inline void rf_prefetch(const void *p) noexcept { __builtin_prefetch(p); }
+
 /* Point an existing key at a new value (no allocation); the key must be present. */
 static inline void rf_idmap_update(rf_idmap &m, int64_t key, int32_t val) noexcept {
     const size_t mask = m.keys.size() - 1;
@@ -152,32 +163,47 @@ static inline size_t rf_idmap_bytes(const rf_idmap &m) noexcept {
 }
 
 /* Content key of one full block of token ids, chained from its parent's key
- * (-1 for a chain's first block) and the sequence's salt. Two independent
- * multiply-rotate lanes take 64 bits of tokens each per step; a final mix
- * spreads every input bit over the result. Keys are masked to non-negative
- * int64 (fewer bits only in tests that force collisions). Collisions are
- * harmless: every hit is verified against the cached token ids. */
+ * (-1 for a chain's first block, whose key depends on the salt instead).
+ * The tokens are hashed on their own first: four multiply-rotate lanes take
+ * two tokens each per step and a final mix spreads every bit. Only one
+ * multiply links a block to its parent, so the token hashes of a prompt's
+ * blocks overlap in the CPU instead of waiting on each other. Keys are
+ * masked to non-negative int64 (fewer bits only in tests that force
+ * collisions). Collisions are harmless: every hit is verified against the
+ * cached token ids and parent block. */
 static inline uint64_t rf_rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
-static inline int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t *t, int64_t n,
-                                   int64_t mask) noexcept {
+static inline uint64_t rf_pair(const int32_t *t) {
+    return (uint64_t)(uint32_t)t[0] | ((uint64_t)(uint32_t)t[1] << 32);
+}
+
+static inline uint64_t rf_tokens_hash(const int32_t *t, int64_t n) noexcept {
     const uint64_t K = 0x9E3779B97F4A7C15ull;
-    uint64_t a = (uint64_t)parent ^ 0x243F6A8885A308D3ull;
-    uint64_t b = (uint64_t)salt ^ 0x13198A2E03707344ull ^ (uint64_t)n;
+    uint64_t a = 0x243F6A8885A308D3ull ^ (uint64_t)n;
+    uint64_t b = 0x13198A2E03707344ull;
+    uint64_t c = 0xA4093822299F31D0ull;
+    uint64_t d = 0x082EFA98EC4E6C89ull;
     int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        uint64_t v = (uint64_t)(uint32_t)t[i] | ((uint64_t)(uint32_t)t[i + 1] << 32);
-        uint64_t w = (uint64_t)(uint32_t)t[i + 2] | ((uint64_t)(uint32_t)t[i + 3] << 32);
-        a = rf_rotl(a ^ v, 29) * K;
-        b = rf_rotl(b ^ w, 31) * K;
+    for (; i + 8 <= n; i += 8) {
+        a = rf_rotl(a ^ rf_pair(t + i), 29) * K;
+        b = rf_rotl(b ^ rf_pair(t + i + 2), 31) * K;
+        c = rf_rotl(c ^ rf_pair(t + i + 4), 27) * K;
+        d = rf_rotl(d ^ rf_pair(t + i + 6), 33) * K;
     }
     for (; i < n; i++) a = rf_rotl(a ^ (uint64_t)(uint32_t)t[i], 29) * K;
-    uint64_t h = a ^ rf_rotl(b, 32);
+    uint64_t h = a ^ rf_rotl(b, 16) ^ rf_rotl(c, 32) ^ rf_rotl(d, 48);
     h ^= h >> 31;
     h *= 0xBF58476D1CE4E5B9ull;
     h ^= h >> 29;
     h *= 0x94D049BB133111EBull;
     h ^= h >> 32;
+    return h;
+}
+
+static inline int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t *t, int64_t n,
+                                   int64_t mask) noexcept {
+    uint64_t link = parent >= 0 ? (uint64_t)parent : (uint64_t)salt ^ 0x452821E638D01377ull;
+    uint64_t h = (rf_rotl(link, 23) * 0xD6E8FEB86659FD93ull) ^ rf_tokens_hash(t, n);
     return (int64_t)(h & (uint64_t)mask);
 }
 

@@ -32,27 +32,37 @@ def _rotl(x, r):
     return ((x << r) | (x >> (64 - r))) & M64
 
 
-def block_key(parent, salt, toks, mask):
-    """The core's content key of one full block, written out independently."""
+def tokens_hash(toks):
     K = 0x9E3779B97F4A7C15
     n = len(toks)
     t = [x & 0xFFFFFFFF for x in toks]
-    a = (parent & M64) ^ 0x243F6A8885A308D3
-    b = (salt & M64) ^ 0x13198A2E03707344 ^ n
+    pair = lambda i: t[i] | t[i + 1] << 32  # noqa: E731
+    a = 0x243F6A8885A308D3 ^ n
+    b = 0x13198A2E03707344
+    c = 0xA4093822299F31D0
+    d = 0x082EFA98EC4E6C89
     i = 0
-    while i + 4 <= n:
-        a = (_rotl(a ^ (t[i] | t[i + 1] << 32), 29) * K) & M64
-        b = (_rotl(b ^ (t[i + 2] | t[i + 3] << 32), 31) * K) & M64
-        i += 4
+    while i + 8 <= n:
+        a = (_rotl(a ^ pair(i), 29) * K) & M64
+        b = (_rotl(b ^ pair(i + 2), 31) * K) & M64
+        c = (_rotl(c ^ pair(i + 4), 27) * K) & M64
+        d = (_rotl(d ^ pair(i + 6), 33) * K) & M64
+        i += 8
     for x in t[i:]:
         a = (_rotl(a ^ x, 29) * K) & M64
-    h = a ^ _rotl(b, 32)
+    h = a ^ _rotl(b, 16) ^ _rotl(c, 32) ^ _rotl(d, 48)
     h ^= h >> 31
     h = (h * 0xBF58476D1CE4E5B9) & M64
     h ^= h >> 29
     h = (h * 0x94D049BB133111EB) & M64
     h ^= h >> 32
-    return h & mask
+    return h
+
+
+def block_key(parent, salt, toks, mask):
+    """The core's content key of one full block, written out independently."""
+    link = parent if parent >= 0 else (salt & M64) ^ 0x452821E638D01377
+    return ((_rotl(link, 23) * 0xD6E8FEB86659FD93) & M64 ^ tokens_hash(toks)) & mask
 
 
 def salt_value(salt):
@@ -440,6 +450,25 @@ class ModelManager:
             raise KvCacheError("prefix caching is off")
         sv = salt_value(salt)
         return len(self._match(tokens, self._keys(tokens, sv), sv)) * self.block_size
+
+    def acquire_prefix(self, tokens, salt=None):
+        if not self.prefix:
+            raise KvCacheError("prefix caching is off")
+        sv = salt_value(salt)
+        hits = self._match(tokens, self._keys(tokens, sv), sv)
+        for b in hits:
+            if self.rc[b] == 0:
+                self.lists[self._in_list(b)].remove(b)
+                self.stats["total_allocations"] += 1
+            self.rc[b] += 1
+            self.ext[b] += 1
+            self.cached[b].hot = True
+            self.arc_hits += 1
+        self.stats["prefix_lookups"] += 1
+        self.stats["prefix_query_tokens"] += len(tokens)
+        self.stats["prefix_hit_tokens"] += len(hits) * self.block_size
+        self.stats["peak_allocations"] = max(self.stats["peak_allocations"], self.num_blocks - self.num_free)
+        return hits
 
     def reset_prefix_cache(self):
         if not self.prefix:

@@ -126,6 +126,11 @@ class CoreVsModel(RuleBasedStateMachine):
         assert self.core.lookup_prefix(prompt, salt=salt) == self.model.lookup_prefix(prompt, salt)
 
     @precondition(lambda self: self.prefix)
+    @rule(prompt=PROMPT, salt=SALT)
+    def acquire_prefix(self, prompt, salt):
+        assert self.core.acquire_prefix(prompt, salt=salt).tolist() == self.model.acquire_prefix(prompt, salt)
+
+    @precondition(lambda self: self.prefix)
     @rule()
     def reset_prefix_cache(self):
         self.core.reset_prefix_cache()
