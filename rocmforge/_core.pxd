@@ -243,6 +243,7 @@ cdef class BlockManager:
     cdef bint _arc_calm(self) noexcept nogil
     cdef void _ev_unlink(self, int32_t b) noexcept nogil
     cdef int32_t _ev_victim(self) noexcept nogil
+    cdef void _take_cached(self, const int32_t* ids, int64_t n, bint external) noexcept nogil
     cdef void _ghost_add(self, int lst, int64_t key) noexcept nogil
     cdef void _ghost_check(self, int32_t b) noexcept nogil
     cdef void _event(self, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok) noexcept nogil

@@ -656,6 +656,47 @@ cdef class BlockManager:
         self._ev_len[lst] -= 1
         self._num_evictable -= 1
 
+    cdef void _take_cached(self, const int32_t* ids, int64_t n, bint external) noexcept nogil:
+        """Add a reference to each of n cached blocks (a verified prefix), taking the
+        evictable ones out of their policy lists; they count as reused. One pass
+        with local pointers and counters: this is the prefix-hit hot loop."""
+        cdef PBlock* pb = self._pb.data()
+        cdef int32_t* rc = self._refcnt.data()
+        cdef int32_t* ext = self._extref.data()
+        cdef int32_t b, prv, nxt
+        cdef int32_t dlen[4]
+        cdef int lst
+        cdef int64_t j, taken = 0
+        dlen[0] = dlen[1] = dlen[2] = dlen[3] = 0
+        for j in range(n):
+            b = ids[j]
+            if rc[b] == 0:
+                lst = pb[b].ev_list
+                prv = pb[b].ev_prev
+                nxt = pb[b].ev_next
+                if prv >= 0:
+                    pb[prv].ev_next = nxt
+                else:
+                    self._ev_head[lst] = nxt
+                if nxt >= 0:
+                    pb[nxt].ev_prev = prv
+                else:
+                    self._ev_tail[lst] = prv
+                pb[b].ev_prev = -1
+                pb[b].ev_next = -1
+                pb[b].ev_list = 0
+                dlen[lst] += 1
+                taken += 1
+            rc[b] += 1
+            if external:
+                ext[b] += 1
+            pb[b].hot = 1
+        for lst in range(1, 4):
+            self._ev_len[lst] -= dlen[lst]
+        self._num_evictable -= <int32_t>taken
+        self._stats.total_allocations += taken
+        self._arc_hits += <double>n
+
     cdef int32_t _ev_victim(self) noexcept nogil:
         """Unlink and return the evictable block the policy gives up (one must exist)."""
         cdef int lst = 1
@@ -1207,14 +1248,9 @@ cdef class BlockManager:
         self._open_sequence(slot, seq_id, with_tokens, _wall_now())
         s = &self._seqs[slot]
         s.salt = salt
+        self._take_cached(self._tmp_hits.data(), h, False)
         for j in range(h):
             b = self._tmp_hits[j]
-            if self._refcnt[b] == 0:
-                self._ev_unlink(b)
-                self._stats.total_allocations += 1
-            self._refcnt[b] += 1
-            self._pb[b].hot = 1
-            self._arc_hits += 1
             rf_push(s.blocks, b)
             for o in range(bs):
                 slots_out[j * bs + o] = <int64_t>b * bs + o
@@ -1299,15 +1335,7 @@ cdef class BlockManager:
                 if self._refcnt[ids_out[j]] == INT32_MAX:
                     h = j       # this block cannot take another reference: stop before it
                     break
-            for j in range(h):
-                b = ids_out[j]
-                if self._refcnt[b] == 0:
-                    self._ev_unlink(b)
-                    self._stats.total_allocations += 1
-                self._refcnt[b] += 1
-                self._extref[b] += 1
-                self._pb[b].hot = 1
-                self._arc_hits += 1
+            self._take_cached(ids_out, h, True)
             self._stats.prefix_lookups += 1
             self._stats.prefix_query_tokens += num_tokens
             self._stats.prefix_hit_tokens += h * self.block_size

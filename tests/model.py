@@ -423,9 +423,9 @@ class ModelManager:
                     self.stats["total_allocations"] += 1
                 self.rc[b] += 1
                 self.cached[b].hot = True
-                self.arc_hits += 1
                 s.blocks.append(b)
                 out.extend(b * bs + o for o in range(bs))
+            self.arc_hits += len(hits)
             h = len(hits) * bs
             if hits:
                 s.tokens.extend(tokens[:h])
@@ -463,7 +463,7 @@ class ModelManager:
             self.rc[b] += 1
             self.ext[b] += 1
             self.cached[b].hot = True
-            self.arc_hits += 1
+        self.arc_hits += len(hits)
         self.stats["prefix_lookups"] += 1
         self.stats["prefix_query_tokens"] += len(tokens)
         self.stats["prefix_hit_tokens"] += len(hits) * self.block_size
