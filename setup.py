@@ -12,4 +12,16 @@ core = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
-setup(ext_modules=cythonize([core], compiler_directives={"language_level": 3}))
+# The GPU runtime layer (hip/) is plain C: it loads HIP or CUDA at run time,
+# so no GPU SDK is needed to build it.
+runtime = Extension(
+    "rocmforge._runtime",
+    sources=["rocmforge/_runtime.pyx", "hip/rf_runtime.c"],
+    include_dirs=["hip", numpy.get_include()],
+    libraries=["dl"],
+    extra_compile_args=["-O2", "-pthread"],
+    extra_link_args=["-pthread"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+setup(ext_modules=cythonize([core, runtime], compiler_directives={"language_level": 3}))

@@ -1,10 +1,12 @@
 """rocmforge: a paged KV-cache manager for LLM inference engines."""
 
 from rocmforge._core import BlockManager
+from rocmforge._runtime import DeviceBuffer, backend_info
 from rocmforge.errors import (
     ArgumentTypeError,
     ArgumentValueError,
     BlockNotFound,
+    DeviceError,
     InvalidConfiguration,
     InvariantError,
     KvCacheError,
@@ -37,6 +39,9 @@ __all__ = [
     "ArgumentTypeError",
     "ArgumentValueError",
     "InvariantError",
+    "DeviceError",
+    "DeviceBuffer",
+    "backend_info",
     "BlockStored",
     "BlockRemoved",
     "AllCleared",

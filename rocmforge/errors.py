@@ -59,3 +59,13 @@ __all__ = [
     "ArgumentValueError",
     "InvariantError",
 ]
+
+
+class DeviceError(KvCacheError):
+    """The GPU runtime failed or is unavailable. ``code`` is rocmforge's status;
+    ``runtime_code`` the HIP/CUDA error code when the runtime itself failed."""
+
+    def __init__(self, message, code=None, runtime_code=None):
+        super().__init__(message)
+        self.code = code
+        self.runtime_code = runtime_code

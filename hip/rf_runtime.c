@@ -1,0 +1,234 @@
+/* The runtime loader and thin wrappers; see rf_runtime.h. */
+#define _GNU_SOURCE
+#include "rf_runtime.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+/* One list of every symbol: table field, HIP name, CUDA driver name, and
+ * parameters. Both APIs take and return the same shapes here: int status
+ * codes, int device handles, 64-bit device pointers, opaque contexts. */
+#define RF_SYMBOLS(X)                                                                         \
+    X(init, "hipInit", "cuInit", (unsigned))                                          \
+    X(device_count, "hipGetDeviceCount", "cuDeviceGetCount", (int *))                  \
+    X(device_get, "hipDeviceGet", "cuDeviceGet", (int *, int))                         \
+    X(device_name, "hipDeviceGetName", "cuDeviceGetName", (char *, int, int))          \
+    X(total_mem, "hipDeviceTotalMem", "cuDeviceTotalMem_v2", (size_t *, int))          \
+    X(ctx_retain, "hipDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain", (void **, int)) \
+    X(ctx_set, "hipCtxSetCurrent", "cuCtxSetCurrent", (void *))                        \
+    X(mem_info, "hipMemGetInfo", "cuMemGetInfo_v2", (size_t *, size_t *))              \
+    X(mem_alloc, "hipMalloc", "cuMemAlloc_v2", (uint64_t *, size_t))                   \
+    X(mem_free, "hipFree", "cuMemFree_v2", (uint64_t))                                 \
+    X(memset_d8, "hipMemsetD8", "cuMemsetD8_v2", (uint64_t, unsigned char, size_t))    \
+    X(copy_htod, "hipMemcpyHtoD", "cuMemcpyHtoD_v2", (uint64_t, const void *, size_t)) \
+    X(copy_dtoh, "hipMemcpyDtoH", "cuMemcpyDtoH_v2", (void *, uint64_t, size_t))       \
+    X(copy_dtod, "hipMemcpyDtoD", "cuMemcpyDtoD_v2", (uint64_t, uint64_t, size_t))     \
+    X(synchronize, "hipCtxSynchronize", "cuCtxSynchronize", (void))
+
+#define RF_FIELD(field, hip, cuda, params) int (*field) params;
+struct rf_table {
+    RF_SYMBOLS(RF_FIELD)
+};
+#undef RF_FIELD
+
+static const char *const RF_HIP_NAMES[] = {
+#define RF_NAME(field, hip, cuda, params) hip,
+    RF_SYMBOLS(RF_NAME)
+#undef RF_NAME
+};
+static const char *const RF_CUDA_NAMES[] = {
+#define RF_NAME(field, hip, cuda, params) cuda,
+    RF_SYMBOLS(RF_NAME)
+#undef RF_NAME
+};
+#define RF_NUM_SYMBOLS (sizeof(RF_HIP_NAMES) / sizeof(RF_HIP_NAMES[0]))
+
+enum { RF_MAX_DEVICES = 64 };
+#define RF_CU_CC_MAJOR 75   /* CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR */
+#define RF_CU_CC_MINOR 76
+
+static pthread_mutex_t rf_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct rf_table rf_fn;
+static rf_backend rf_loaded = RF_BACKEND_HOST;
+static void *rf_handle;
+static int rf_num_devices;
+static void *rf_ctx[RF_MAX_DEVICES];
+/* Error-string and attribute calls differ in shape between the two APIs. */
+static const char *(*rf_hip_error_string)(int);
+static int (*rf_cu_error_string)(int, const char **);
+static int (*rf_cu_attribute)(int *, int, int);
+
+static __thread int rf_err_code;
+static __thread char rf_err_msg[256];
+
+static int rf_runtime_error(int code, const char *what) {
+    const char *text = NULL;
+    if (rf_loaded == RF_BACKEND_HIP && rf_hip_error_string)
+        text = rf_hip_error_string(code);
+    else if (rf_loaded == RF_BACKEND_CUDA && rf_cu_error_string)
+        rf_cu_error_string(code, &text);
+    rf_err_code = code;
+    snprintf(rf_err_msg, sizeof rf_err_msg, "%s failed: %s (error %d)", what,
+             text ? text : "unknown error", code);
+    return RF_RT_RUNTIME;
+}
+
+/* dlopen a library, reusing a copy already in the process first. */
+static void *rf_open(const char *const *names) {
+    for (const char *const *n = names; *n; n++) {
+        void *h = dlopen(*n, RTLD_NOW | RTLD_NOLOAD);
+        if (h) return h;
+    }
+    for (const char *const *n = names; *n; n++) {
+        void *h = dlopen(*n, RTLD_NOW | RTLD_LOCAL);
+        if (h) return h;
+    }
+    return NULL;
+}
+
+static int rf_try(rf_backend backend, char *msg, size_t cap) {
+    static const char *const hip_libs[] = {"libamdhip64.so", "libamdhip64.so.6", "libamdhip64.so.5", NULL};
+    static const char *const cuda_libs[] = {"libcuda.so.1", "libcuda.so", NULL};
+    const char *const *names = backend == RF_BACKEND_HIP ? RF_HIP_NAMES : RF_CUDA_NAMES;
+    const char *lib = backend == RF_BACKEND_HIP ? "libamdhip64.so" : "libcuda.so.1";
+    void *h = rf_open(backend == RF_BACKEND_HIP ? hip_libs : cuda_libs);
+    struct rf_table t;
+    void **slot = (void **)&t;
+    int st, n = 0;
+    if (!h) {
+        snprintf(msg, cap, "%s not found", lib);
+        return RF_RT_NO_RUNTIME;
+    }
+    for (size_t i = 0; i < RF_NUM_SYMBOLS; i++) {
+        slot[i] = dlsym(h, names[i]);
+        if (!slot[i]) {
+            snprintf(msg, cap, "%s lacks symbol %s", lib, names[i]);
+            dlclose(h);
+            return RF_RT_MISSING_SYMBOL;
+        }
+    }
+    st = t.init(0);
+    if (st == 0) st = t.device_count(&n);
+    if (st != 0 || n <= 0) {
+        if (st != 0)
+            snprintf(msg, cap, "%s: no usable device (init/device count returned error %d)", lib, st);
+        else
+            snprintf(msg, cap, "%s: no device", lib);
+        dlclose(h);
+        return RF_RT_NO_DEVICE;
+    }
+    rf_fn = t;
+    rf_handle = h;
+    rf_loaded = backend;
+    rf_num_devices = n < RF_MAX_DEVICES ? n : RF_MAX_DEVICES;
+    if (backend == RF_BACKEND_HIP) {
+        *(void **)&rf_hip_error_string = dlsym(h, "hipGetErrorString");
+    } else {
+        *(void **)&rf_cu_error_string = dlsym(h, "cuGetErrorString");
+        *(void **)&rf_cu_attribute = dlsym(h, "cuDeviceGetAttribute");
+    }
+    snprintf(msg, cap, "%s: %d device(s)", lib, rf_num_devices);
+    return RF_RT_OK;
+}
+
+int rf_rt_load(int want, char *msg, size_t cap) {
+    int st;
+    char first[160] = "";
+    pthread_mutex_lock(&rf_lock);
+    if (rf_loaded != RF_BACKEND_HOST) {
+        snprintf(msg, cap, "%s already loaded", rf_loaded == RF_BACKEND_HIP ? "HIP" : "CUDA");
+        st = (want < 0 || want == (int)rf_loaded) ? RF_RT_OK : RF_RT_NOT_LOADED;
+    } else if (want == RF_BACKEND_HOST) {
+        snprintf(msg, cap, "host backend requested");
+        st = RF_RT_NOT_LOADED;
+    } else if (want == RF_BACKEND_HIP || want == RF_BACKEND_CUDA) {
+        st = rf_try((rf_backend)want, msg, cap);
+    } else {
+        st = rf_try(RF_BACKEND_HIP, first, sizeof first);
+        if (st != RF_RT_OK) {
+            char second[160];
+            st = rf_try(RF_BACKEND_CUDA, second, sizeof second);
+            if (st == RF_RT_OK)
+                snprintf(msg, cap, "%s (HIP: %s)", second, first);
+            else
+                snprintf(msg, cap, "%s; %s", first, second);
+        } else {
+            snprintf(msg, cap, "%s", first);
+        }
+    }
+    pthread_mutex_unlock(&rf_lock);
+    return st;
+}
+
+rf_backend rf_rt_backend(void) { return rf_loaded; }
+
+/* Make dev's primary context current on this thread (retained once). */
+static int rf_use(int dev) {
+    int st, handle;
+    if (rf_loaded == RF_BACKEND_HOST) return RF_RT_NOT_LOADED;
+    if (dev < 0 || dev >= rf_num_devices) return RF_RT_BAD_DEVICE;
+    if (!rf_ctx[dev]) {
+        void *ctx = NULL;
+        pthread_mutex_lock(&rf_lock);
+        st = rf_fn.device_get(&handle, dev);
+        if (st == 0 && !rf_ctx[dev]) st = rf_fn.ctx_retain(&ctx, handle);
+        if (st == 0 && !rf_ctx[dev]) rf_ctx[dev] = ctx;
+        pthread_mutex_unlock(&rf_lock);
+        if (st != 0) return rf_runtime_error(st, "retaining the device context");
+    }
+    st = rf_fn.ctx_set(rf_ctx[dev]);
+    return st == 0 ? RF_RT_OK : rf_runtime_error(st, "setting the device context");
+}
+
+int rf_rt_device_count(int *count) {
+    *count = rf_loaded == RF_BACKEND_HOST ? 0 : rf_num_devices;
+    return RF_RT_OK;
+}
+
+int rf_rt_device_info(int dev, char *name, size_t name_cap, char *arch, size_t arch_cap,
+                      size_t *total_bytes, size_t *free_bytes) {
+    int st = rf_use(dev), handle, major = 0, minor = 0;
+    size_t total = 0;
+    if (st != RF_RT_OK) return st;
+    if ((st = rf_fn.device_get(&handle, dev)) != 0) return rf_runtime_error(st, "getting the device");
+    if ((st = rf_fn.device_name(name, (int)name_cap, handle)) != 0)
+        return rf_runtime_error(st, "reading the device name");
+    if ((st = rf_fn.total_mem(&total, handle)) != 0) return rf_runtime_error(st, "reading total memory");
+    if ((st = rf_fn.mem_info(free_bytes, total_bytes)) != 0) return rf_runtime_error(st, "reading free memory");
+    arch[0] = '\0';
+    if (rf_loaded == RF_BACKEND_CUDA && rf_cu_attribute && rf_cu_attribute(&major, RF_CU_CC_MAJOR, handle) == 0
+        && rf_cu_attribute(&minor, RF_CU_CC_MINOR, handle) == 0)
+        snprintf(arch, arch_cap, "sm_%d%d", major, minor);
+    return RF_RT_OK;
+}
+
+#define RF_CALL(expr, what)                                    \
+    do {                                                       \
+        int rf_st_ = rf_use(dev);                              \
+        if (rf_st_ != RF_RT_OK) return rf_st_;                 \
+        rf_st_ = (expr);                                       \
+        return rf_st_ == 0 ? RF_RT_OK : rf_runtime_error(rf_st_, what); \
+    } while (0)
+
+int rf_rt_malloc(int dev, size_t bytes, uint64_t *ptr) { RF_CALL(rf_fn.mem_alloc(ptr, bytes), "device allocation"); }
+int rf_rt_free(int dev, uint64_t ptr) { RF_CALL(rf_fn.mem_free(ptr), "device free"); }
+int rf_rt_memset(int dev, uint64_t ptr, unsigned char value, size_t bytes) {
+    RF_CALL(rf_fn.memset_d8(ptr, value, bytes), "device memset");
+}
+int rf_rt_copy_htod(int dev, uint64_t dst, const void *src, size_t bytes) {
+    RF_CALL(rf_fn.copy_htod(dst, src, bytes), "host-to-device copy");
+}
+int rf_rt_copy_dtoh(int dev, void *dst, uint64_t src, size_t bytes) {
+    RF_CALL(rf_fn.copy_dtoh(dst, src, bytes), "device-to-host copy");
+}
+int rf_rt_copy_dtod(int dev, uint64_t dst, uint64_t src, size_t bytes) {
+    RF_CALL(rf_fn.copy_dtod(dst, src, bytes), "device-to-device copy");
+}
+int rf_rt_synchronize(int dev) { RF_CALL(rf_fn.synchronize(), "synchronize"); }
+
+int rf_rt_last_error(char *msg, size_t cap) {
+    snprintf(msg, cap, "%s", rf_err_msg);
+    return rf_err_code;
+}

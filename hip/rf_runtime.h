@@ -1,0 +1,57 @@
+/* rocmforge's GPU runtime layer: no Python here.
+ *
+ * Loads a GPU runtime at run time: HIP's libamdhip64 first, else the CUDA
+ * driver (libcuda.so.1), whose API has the same shape; one function table
+ * serves both. Every call returns a status code; RF_RT_RUNTIME means the
+ * runtime itself failed and rf_rt_last_error() holds its code and message
+ * (per thread). Nothing here aborts or prints. */
+#ifndef ROCMFORGE_RUNTIME_H
+#define ROCMFORGE_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { RF_BACKEND_HOST = 0, RF_BACKEND_HIP = 1, RF_BACKEND_CUDA = 2 } rf_backend;
+
+enum {
+    RF_RT_OK = 0,
+    RF_RT_NO_RUNTIME = 1,       /* library not found */
+    RF_RT_MISSING_SYMBOL = 2,   /* library lacks a symbol (named in the load message) */
+    RF_RT_NO_DEVICE = 3,        /* runtime present, no usable device */
+    RF_RT_RUNTIME = 4,          /* the runtime returned an error: rf_rt_last_error */
+    RF_RT_BAD_DEVICE = 5,       /* device index out of range */
+    RF_RT_NOT_LOADED = 6        /* no GPU runtime is loaded (host backend) */
+};
+
+/* Load a runtime: want = -1 tries HIP then CUDA; RF_BACKEND_HIP or
+ * RF_BACKEND_CUDA tries only that one; RF_BACKEND_HOST loads nothing.
+ * Writes why the chosen backend was picked (or why GPUs are unavailable)
+ * to msg. Safe to call again: a loaded runtime stays loaded. */
+int rf_rt_load(int want, char *msg, size_t cap);
+rf_backend rf_rt_backend(void);
+
+int rf_rt_device_count(int *count);
+/* arch: "sm_90" on CUDA; empty on HIP (ROCm 5 exposes no arch attribute in
+ * this API). Memory in bytes. */
+int rf_rt_device_info(int dev, char *name, size_t name_cap, char *arch, size_t arch_cap,
+                      size_t *total_bytes, size_t *free_bytes);
+
+int rf_rt_malloc(int dev, size_t bytes, uint64_t *ptr);
+int rf_rt_free(int dev, uint64_t ptr);
+int rf_rt_memset(int dev, uint64_t ptr, unsigned char value, size_t bytes);
+int rf_rt_copy_htod(int dev, uint64_t dst, const void *src, size_t bytes);
+int rf_rt_copy_dtoh(int dev, void *dst, uint64_t src, size_t bytes);
+int rf_rt_copy_dtod(int dev, uint64_t dst, uint64_t src, size_t bytes);
+int rf_rt_synchronize(int dev);
+
+/* The last runtime error of this thread: its code, and its message in msg. */
+int rf_rt_last_error(char *msg, size_t cap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

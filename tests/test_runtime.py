@@ -1,0 +1,156 @@
+"""The GPU runtime layer: backend choice with its reason, and device memory that is
+freed exactly once. Runs on the host backend everywhere; tests marked gpu need a
+HIP or CUDA device."""
+
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import rocmforge as rf
+from rocmforge import _runtime
+
+INFO = _runtime.backend_info()
+ON_GPU = INFO["backend"] in ("hip", "cuda")
+gpu = pytest.mark.skipif(not ON_GPU, reason="no GPU runtime with a device")
+
+
+def info_with(backend):
+    """backend_info() of a fresh process with ROCMFORGE_BACKEND set."""
+    env = dict(os.environ, ROCMFORGE_BACKEND=backend)
+    code = "import json, rocmforge._runtime as r; print(json.dumps(r.backend_info()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_backend_info_says_what_and_why():
+    assert INFO["backend"] in ("host", "hip", "cuda")
+    assert INFO["reason"]
+    assert (len(INFO["devices"]) > 0) == ON_GPU
+    for dev in INFO["devices"]:
+        assert dev["name"] and dev["total_memory"] >= dev["free_memory"] > 0
+
+
+def test_forcing_the_host_backend():
+    info = info_with("host")
+    assert info == {"backend": "host", "reason": "host backend requested", "devices": []}
+
+
+def test_unknown_backend_name_is_refused():
+    env = dict(os.environ, ROCMFORGE_BACKEND="metal")
+    code = "import rocmforge._runtime as r; r.backend_info()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "InvalidConfiguration" in out.stderr and "metal" in out.stderr
+
+
+@pytest.mark.skipif(ctypes.util.find_library("amdhip64") is None, reason="HIP runtime not installed")
+def test_hip_loader_reaches_a_clean_answer():
+    """With the HIP runtime installed, forcing HIP either finds devices or falls
+    back to host saying why (CI: Debian's libamdhip64, no AMD GPU)."""
+    info = info_with("hip")
+    if info["backend"] == "hip":
+        assert info["devices"]
+    else:
+        assert info["backend"] == "host" and "device" in info["reason"], info
+
+
+@pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="a CUDA driver is installed")
+def test_missing_cuda_driver_is_reported():
+    info = info_with("cuda")
+    assert info["backend"] == "host" and "libcuda.so.1 not found" in info["reason"]
+
+
+def roundtrip(device=0):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
+    with _runtime.DeviceBuffer(data.nbytes, device) as a, _runtime.DeviceBuffer(data.nbytes, device) as b:
+        a.copy_from_host(data)
+        b.copy_from(a)
+        b.synchronize()
+        assert (b.to_host() == data).all()
+        a.memset(7)
+        assert (a.to_host() == 7).all()
+        assert (b.to_host() == data).all()
+
+
+def test_buffer_roundtrip_on_the_current_backend():
+    roundtrip()
+
+
+def test_buffer_is_freed_once_and_refuses_use_after_close():
+    b = _runtime.DeviceBuffer(64)
+    assert not b.closed and b.ptr
+    b.close()
+    b.close()
+    assert b.closed
+    for call in (lambda: b.ptr, lambda: b.memset(0), b.to_host, lambda: b.copy_from_host(b"x")):
+        with pytest.raises(rf.ArgumentValueError, match="closed"):
+            call()
+
+
+def test_empty_buffer():
+    with _runtime.DeviceBuffer(0) as b:
+        assert b.to_host().size == 0
+        b.memset(1)
+        b.copy_from_host(b"")
+
+
+@pytest.mark.parametrize("nbytes, exc", [(-1, rf.ArgumentValueError), (1.5, rf.ArgumentTypeError),
+                                         (True, rf.ArgumentTypeError), (1 << 63, rf.ArgumentValueError)])
+def test_bad_sizes(nbytes, exc):
+    with pytest.raises(exc):
+        _runtime.DeviceBuffer(nbytes)
+
+
+def test_bad_copies():
+    with _runtime.DeviceBuffer(8) as b:
+        with pytest.raises(rf.ArgumentValueError, match="do not fit"):
+            b.copy_from_host(np.zeros(9, dtype=np.uint8))
+        with pytest.raises(rf.ArgumentValueError, match="contiguous"):
+            b.copy_from_host(np.zeros((4, 4), dtype=np.uint8)[:, ::2])
+        with pytest.raises(rf.ArgumentTypeError):
+            b.copy_from_host([1, 2, 3])
+        with pytest.raises(rf.ArgumentValueError, match="byte"):
+            b.memset(256)
+        with _runtime.DeviceBuffer(16) as big:
+            with pytest.raises(rf.ArgumentValueError, match="do not fit"):
+                b.copy_from(big)
+
+
+def test_bad_device_index():
+    with pytest.raises(rf.DeviceError) as info:
+        _runtime.DeviceBuffer(8, device=len(INFO["devices"]) + 1)
+    assert info.value.code == 5
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_roundtrip_on_every_device():
+    for dev in INFO["devices"]:
+        roundtrip(dev["index"])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_memory_returns_after_many_buffers():
+    free_before = _runtime.backend_info()["devices"][0]["free_memory"]
+    for _ in range(1000):
+        with _runtime.DeviceBuffer(8 << 20) as b:
+            b.memset(1)
+    buffers = [_runtime.DeviceBuffer(8 << 20) for _ in range(64)]
+    del buffers                                     # freed by collection
+    assert _runtime.backend_info()["devices"][0]["free_memory"] == free_before
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_out_of_memory_is_a_device_error():
+    total = INFO["devices"][0]["total_memory"]
+    with pytest.raises(rf.DeviceError) as info:
+        _runtime.DeviceBuffer(total * 4)
+    assert info.value.runtime_code
