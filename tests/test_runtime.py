@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,11 +20,19 @@ ON_GPU = INFO["backend"] in ("hip", "cuda")
 gpu = pytest.mark.skipif(not ON_GPU, reason="no GPU runtime with a device")
 
 
+def run_python(code, backend):
+    """A fresh interpreter with ROCMFORGE_BACKEND set, started outside the source
+    tree so it imports the same rocmforge as this process."""
+    env = dict(os.environ, ROCMFORGE_BACKEND=backend)
+    root = os.path.dirname(os.path.dirname(rf.__file__))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tempfile.gettempdir())
+
+
 def info_with(backend):
     """backend_info() of a fresh process with ROCMFORGE_BACKEND set."""
-    env = dict(os.environ, ROCMFORGE_BACKEND=backend)
-    code = "import json, rocmforge._runtime as r; print(json.dumps(r.backend_info()))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = run_python("import json, rocmforge._runtime as r; print(json.dumps(r.backend_info()))", backend)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -42,9 +51,7 @@ def test_forcing_the_host_backend():
 
 
 def test_unknown_backend_name_is_refused():
-    env = dict(os.environ, ROCMFORGE_BACKEND="metal")
-    code = "import rocmforge._runtime as r; r.backend_info()"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = run_python("import rocmforge._runtime as r; r.backend_info()", "metal")
     assert out.returncode != 0 and "InvalidConfiguration" in out.stderr and "metal" in out.stderr
 
 
