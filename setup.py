@@ -24,4 +24,14 @@ runtime = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
-setup(ext_modules=cythonize([core, runtime], compiler_directives={"language_level": 3}))
+# The host versions of the K/V kernels (the host backend and the GPU kernels' reference).
+kernels = Extension(
+    "rocmforge._kernels",
+    sources=["rocmforge/_kernels.pyx", "hip/rf_host_kernels.c"],
+    include_dirs=["hip", numpy.get_include()],
+    libraries=["m"],
+    extra_compile_args=["-O2"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+setup(ext_modules=cythonize([core, runtime, kernels], compiler_directives={"language_level": 3}))

@@ -1,0 +1,149 @@
+/* Host K/V kernels; see rf_host_kernels.h. */
+#include "rf_host_kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+static int rf_dtype_size(int dt) {
+    switch (dt) {
+    case RF_DT_F32: return 4;
+    case RF_DT_F16: case RF_DT_BF16: return 2;
+    case RF_DT_FP8_E4M3: case RF_DT_I8: return 1;
+    default: return 0;
+    }
+}
+
+uint16_t rf_f32_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);  /* quiet NaN */
+    u += 0x7FFFu + ((u >> 16) & 1u);                                           /* nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static float rf_bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+uint8_t rf_f32_to_e4m3(float x) {
+    uint8_t sign = signbit(x) ? 0x80 : 0;
+    float a = fabsf(x);
+    int e;
+    if (isnan(x)) return 0x7F | sign;
+    if (a >= 448.0f) return 0x7E | sign;                   /* saturate (and +-inf) */
+    if (a < 0.015625f) {                                   /* below 2^-6: subnormal steps of 2^-9 */
+        return sign | (uint8_t)nearbyintf(a * 512.0f);     /* 8 lands on the smallest normal */
+    }
+    frexpf(a, &e);                                         /* a = f * 2^e, f in [0.5, 1) */
+    e -= 1;                                                /* a = m * 2^e, m in [1, 2) */
+    {
+        int q = (int)nearbyintf((ldexpf(a, -e) - 1.0f) * 8.0f);
+        if (q == 8) {
+            q = 0;
+            e += 1;
+        }
+        if (e + 7 > 15 || (e + 7 == 15 && q == 7)) return 0x7E | sign;
+        return sign | (uint8_t)(((e + 7) << 3) | q);
+    }
+}
+
+float rf_e4m3_to_f32(uint8_t v) {
+    int exp = (v >> 3) & 0xF, man = v & 7;
+    float a;
+    if ((v & 0x7F) == 0x7F) return NAN;
+    a = exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + man / 8.0f, exp - 7);
+    return (v & 0x80) ? -a : a;
+}
+
+static float rf_load(const void *p, int64_t i, int dt) {
+    switch (dt) {
+    case RF_DT_F32: return ((const float *)p)[i];
+    case RF_DT_F16: return (float)((const _Float16 *)p)[i];
+    default: return rf_bf16_to_f32(((const uint16_t *)p)[i]);
+    }
+}
+
+static void rf_store(void *p, int64_t i, int dt, float x, float inv_scale) {
+    switch (dt) {
+    case RF_DT_F32: ((float *)p)[i] = x; break;
+    case RF_DT_F16: ((_Float16 *)p)[i] = (_Float16)x; break;
+    case RF_DT_BF16: ((uint16_t *)p)[i] = rf_f32_to_bf16(x); break;
+    case RF_DT_FP8_E4M3: ((uint8_t *)p)[i] = rf_f32_to_e4m3(x * inv_scale); break;
+    default: {
+        float q = nearbyintf(x * inv_scale);
+        q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+        ((int8_t *)p)[i] = isnan(q) ? 0 : (int8_t)q;
+    }
+    }
+}
+
+int rf_host_write_kv(void *key_cache, void *value_cache, const void *key, const void *value,
+                     const int64_t *slot_mapping, int64_t T, int64_t row, int64_t num_slots,
+                     int in_dt, int cache_dt, float k_scale, float v_scale, int64_t *bad) {
+    int64_t t, j;
+    int isz = rf_dtype_size(in_dt), csz = rf_dtype_size(cache_dt);
+    float ik = 1.0f / k_scale, iv = 1.0f / v_scale;
+    if (isz == 0 || in_dt > RF_DT_BF16 || csz == 0) return RF_K_BAD_DTYPE;
+    for (t = 0; t < T; t++) {
+        if (slot_mapping[t] < -1 || slot_mapping[t] >= num_slots) {
+            *bad = t;
+            return RF_K_BAD_SLOT;
+        }
+    }
+    for (t = 0; t < T; t++) {
+        int64_t s = slot_mapping[t];
+        if (s < 0) continue;
+        if (in_dt == cache_dt) {                           /* same type: a plain row copy */
+            memcpy((char *)key_cache + s * row * csz, (const char *)key + t * row * isz, row * isz);
+            memcpy((char *)value_cache + s * row * csz, (const char *)value + t * row * isz, row * isz);
+            continue;
+        }
+        for (j = 0; j < row; j++) {
+            rf_store(key_cache, s * row + j, cache_dt, rf_load(key, t * row + j, in_dt), ik);
+            rf_store(value_cache, s * row + j, cache_dt, rf_load(value, t * row + j, in_dt), iv);
+        }
+    }
+    return RF_K_OK;
+}
+
+int rf_host_copy_blocks(void *const *caches, int64_t num_caches, const int32_t *pairs,
+                        int64_t num_pairs, int64_t block_bytes, int64_t num_blocks, int64_t *bad) {
+    int64_t i, c;
+    for (i = 0; i < 2 * num_pairs; i++) {
+        if (pairs[i] < 0 || pairs[i] >= num_blocks) {
+            *bad = i / 2;
+            return RF_K_BAD_BLOCK;
+        }
+    }
+    for (c = 0; c < num_caches; c++)
+        for (i = 0; i < num_pairs; i++)
+            if (pairs[2 * i] != pairs[2 * i + 1])
+                memcpy((char *)caches[c] + pairs[2 * i + 1] * block_bytes,
+                       (const char *)caches[c] + pairs[2 * i] * block_bytes, block_bytes);
+    return RF_K_OK;
+}
+
+int rf_host_gather(const void *cache, const int32_t *table, int64_t table_len, int64_t num_tokens,
+                   int64_t block_size, int64_t row_bytes, int64_t num_blocks, void *out, int64_t *bad) {
+    int64_t i, done = 0;
+    if (num_tokens > table_len * block_size) {
+        *bad = num_tokens;
+        return RF_K_BAD_SLOT;
+    }
+    for (i = 0; i * block_size < num_tokens; i++) {
+        if (table[i] < 0 || table[i] >= num_blocks) {
+            *bad = i;
+            return RF_K_BAD_BLOCK;
+        }
+    }
+    for (i = 0; done < num_tokens; i++) {
+        int64_t n = num_tokens - done < block_size ? num_tokens - done : block_size;
+        memcpy((char *)out + done * row_bytes, (const char *)cache + table[i] * block_size * row_bytes,
+               n * row_bytes);
+        done += n;
+    }
+    return RF_K_OK;
+}
