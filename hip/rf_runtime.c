@@ -25,7 +25,12 @@
     X(copy_htod, "hipMemcpyHtoD", "cuMemcpyHtoD_v2", (uint64_t, const void *, size_t)) \
     X(copy_dtoh, "hipMemcpyDtoH", "cuMemcpyDtoH_v2", (void *, uint64_t, size_t))       \
     X(copy_dtod, "hipMemcpyDtoD", "cuMemcpyDtoD_v2", (uint64_t, uint64_t, size_t))     \
-    X(synchronize, "hipCtxSynchronize", "cuCtxSynchronize", (void))
+    X(synchronize, "hipCtxSynchronize", "cuCtxSynchronize", (void))                          \
+    X(module_load, "hipModuleLoadData", "cuModuleLoadData", (void **, const void *))          \
+    X(module_unload, "hipModuleUnload", "cuModuleUnload", (void *))                           \
+    X(module_function, "hipModuleGetFunction", "cuModuleGetFunction", (void **, void *, const char *)) \
+    X(launch, "hipModuleLaunchKernel", "cuLaunchKernel",                                      \
+      (void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **, void **))
 
 #define RF_FIELD(field, hip, cuda, params) int (*field) params;
 struct rf_table {
@@ -227,6 +232,18 @@ int rf_rt_copy_dtod(int dev, uint64_t dst, uint64_t src, size_t bytes) {
     RF_CALL(rf_fn.copy_dtod(dst, src, bytes), "device-to-device copy");
 }
 int rf_rt_synchronize(int dev) { RF_CALL(rf_fn.synchronize(), "synchronize"); }
+
+int rf_rt_module_load(int dev, const void *image, void **module) {
+    RF_CALL(rf_fn.module_load(module, image), "loading a kernel module");
+}
+int rf_rt_module_unload(int dev, void *module) { RF_CALL(rf_fn.module_unload(module), "unloading a kernel module"); }
+int rf_rt_function(int dev, void *module, const char *name, void **fn) {
+    RF_CALL(rf_fn.module_function(fn, module, name), "finding a kernel");
+}
+int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], void **params) {
+    RF_CALL(rf_fn.launch(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, NULL, params, NULL),
+            "launching a kernel");
+}
 
 int rf_rt_last_error(char *msg, size_t cap) {
     snprintf(msg, cap, "%s", rf_err_msg);

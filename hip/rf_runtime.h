@@ -48,6 +48,13 @@ int rf_rt_copy_dtoh(int dev, void *dst, uint64_t src, size_t bytes);
 int rf_rt_copy_dtod(int dev, uint64_t dst, uint64_t src, size_t bytes);
 int rf_rt_synchronize(int dev);
 
+/* Kernel modules: load a code object (CUDA fatbin or HIP code object) on
+ * dev, find a kernel by name, launch it on the default stream. */
+int rf_rt_module_load(int dev, const void *image, void **module);
+int rf_rt_module_unload(int dev, void *module);
+int rf_rt_function(int dev, void *module, const char *name, void **fn);
+int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], void **params);
+
 /* The last runtime error of this thread: its code, and its message in msg. */
 int rf_rt_last_error(char *msg, size_t cap);
 
