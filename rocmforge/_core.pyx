@@ -89,6 +89,17 @@ cdef inline int64_t _fresh_blocks(int64_t room, int64_t count, int64_t bs) noexc
     return _ceil_div(count - room, bs)
 
 
+cdef inline void _uncache(PBlock* p) noexcept nogil:
+    """Forget a block's prefix-cache identity and tree links (policy links are the caller's)."""
+    p.serial = 0
+    p.parent = -1
+    p.child = -1
+    p.sib_prev = -1
+    p.sib_next = -1
+    p.hot = 0
+    p.cold = 0
+
+
 cdef inline double _wall_now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
@@ -436,16 +447,11 @@ cdef class BlockManager:
         cdef int64_t i, cap = <int64_t>n * GHOSTS_PER_BLOCK
         blank.key = 0
         blank.salt = 0
-        blank.serial = 0
-        blank.parent = -1
-        blank.child = -1
-        blank.sib_prev = -1
-        blank.sib_next = -1
+        blank.stamp = 0
         blank.ev_prev = -1
         blank.ev_next = -1
         blank.ev_list = 0
-        blank.hot = 0
-        blank.cold = 0
+        _uncache(&blank)
         if (rf_resize(self._pb, n, blank)
                 or rf_resize(self._btok, <size_t>n * <size_t>self.block_size, _ZERO)
                 or rf_reserve(self._tmp_stack, n) or rf_idmap_reserve(self._pindex, n)):
@@ -803,13 +809,7 @@ cdef class BlockManager:
             rf_idmap_erase(self._pindex, p.key)
             self._event(EV_REMOVED, p.key, -1, 0)
             self._stats.cached_blocks_evicted += 1
-            p.serial = 0
-            p.parent = -1
-            p.child = -1
-            p.sib_prev = -1
-            p.sib_next = -1
-            p.hot = 0
-            p.cold = 0
+            _uncache(p)
             if p.ev_list:
                 self._ev_unlink(x)
                 self._bits_set(x)
@@ -1593,16 +1593,10 @@ cdef class BlockManager:
                 self._ev_tail[p.ev_list] = dst
         memcpy(&self._btok[<size_t>dst * bs], &self._btok[<size_t>src * bs], bs * sizeof(int32_t))
         p = &self._pb[src]
-        p.serial = 0
-        p.parent = -1
-        p.child = -1
-        p.sib_prev = -1
-        p.sib_next = -1
+        _uncache(p)
         p.ev_prev = -1
         p.ev_next = -1
         p.ev_list = 0
-        p.hot = 0
-        p.cold = 0
 
     cdef int _shrink_locked(self, int32_t n, ErrInfo* err) noexcept nogil:
         cdef int32_t b
@@ -1839,13 +1833,7 @@ cdef class BlockManager:
                 self._ev_unlink(b)
                 self._bits_set(b)
                 self._num_free += 1
-            p.serial = 0
-            p.parent = -1
-            p.child = -1
-            p.sib_prev = -1
-            p.sib_next = -1
-            p.hot = 0
-            p.cold = 0
+            _uncache(p)
         rf_idmap_clear(self._pindex)
         for lst in range(1, 3):
             rf_idmap_clear(self._ghost[lst])
