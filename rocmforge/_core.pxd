@@ -237,7 +237,6 @@ cdef class BlockManager:
                                int64_t salt, int32_t* hits) noexcept nogil
     cdef int64_t* _hash_prompt(self, const int32_t* tokens, int64_t num_tokens, int64_t salt,
                                int64_t* stack_keys, vector[int64_t]* heap_keys) noexcept nogil
-    cdef void _ev_link(self, int32_t b, int lst) noexcept nogil
     cdef void _ev_link_after(self, int32_t b, int lst, int32_t anchor) noexcept nogil
     cdef bint _arc_thrashing(self) noexcept nogil
     cdef bint _arc_calm(self) noexcept nogil

@@ -571,9 +571,9 @@ cdef class BlockManager:
         if self.enable_prefix_caching and self._pb[b].serial != 0:
             p = &self._pb[b]
             if self._policy != POLICY_ARC or not (p.hot or p.cold):
-                self._ev_link(b, 1)
+                self._ev_link_after(b, 1, self._ev_tail[1])
             elif p.hot:
-                self._ev_link(b, 2)
+                self._ev_link_after(b, 2, self._ev_tail[2])
             else:
                 # Cold blocks of one release line up tail first at the front of
                 # list 3, ahead of those released earlier: the newest go first.
@@ -590,7 +590,7 @@ cdef class BlockManager:
             self._release_block(b)
 
     cdef void _note_peak(self) noexcept nogil:
-        cdef int64_t used = self.num_blocks - self._num_free - self._num_evictable
+        cdef int64_t used = self.num_blocks - self._avail()
         if used > self._stats.peak_allocations:
             self._stats.peak_allocations = used
 
@@ -600,24 +600,9 @@ cdef class BlockManager:
 
     # --- prefix cache internals (the caller holds the lock) -----------------
 
-    cdef void _ev_link(self, int32_t b, int lst) noexcept nogil:
-        """Append an evictable block to policy list lst as its newest entry."""
-        cdef PBlock* p = &self._pb[b]
-        self._ev_clock += 1
-        p.stamp = self._ev_clock
-        p.ev_list = <uint8_t>lst
-        p.ev_next = -1
-        p.ev_prev = self._ev_tail[lst]
-        if self._ev_tail[lst] >= 0:
-            self._pb[self._ev_tail[lst]].ev_next = b
-        else:
-            self._ev_head[lst] = b
-        self._ev_tail[lst] = b
-        self._ev_len[lst] += 1
-        self._num_evictable += 1
-
     cdef void _ev_link_after(self, int32_t b, int lst, int32_t anchor) noexcept nogil:
-        """Insert an evictable block into list lst after anchor (at the front when -1)."""
+        """Insert an evictable block into list lst after anchor (at the front when -1,
+        as the newest entry when anchor is the list's tail)."""
         cdef PBlock* p = &self._pb[b]
         cdef int32_t nxt = self._ev_head[lst] if anchor < 0 else self._pb[anchor].ev_next
         self._ev_clock += 1
@@ -664,43 +649,18 @@ cdef class BlockManager:
 
     cdef void _take_cached(self, const int32_t* ids, int64_t n, bint external) noexcept nogil:
         """Add a reference to each of n cached blocks (a verified prefix), taking the
-        evictable ones out of their policy lists; they count as reused. One pass
-        with local pointers and counters: this is the prefix-hit hot loop."""
-        cdef PBlock* pb = self._pb.data()
-        cdef int32_t* rc = self._refcnt.data()
-        cdef int32_t* ext = self._extref.data()
-        cdef int32_t b, prv, nxt
-        cdef int32_t dlen[4]
-        cdef int lst
-        cdef int64_t j, taken = 0
-        dlen[0] = dlen[1] = dlen[2] = dlen[3] = 0
+        evictable ones out of their policy lists; they count as reused."""
+        cdef int32_t b
+        cdef int64_t j
         for j in range(n):
             b = ids[j]
-            if rc[b] == 0:
-                lst = pb[b].ev_list
-                prv = pb[b].ev_prev
-                nxt = pb[b].ev_next
-                if prv >= 0:
-                    pb[prv].ev_next = nxt
-                else:
-                    self._ev_head[lst] = nxt
-                if nxt >= 0:
-                    pb[nxt].ev_prev = prv
-                else:
-                    self._ev_tail[lst] = prv
-                pb[b].ev_prev = -1
-                pb[b].ev_next = -1
-                pb[b].ev_list = 0
-                dlen[lst] += 1
-                taken += 1
-            rc[b] += 1
+            if self._refcnt[b] == 0:
+                self._ev_unlink(b)
+                self._stats.total_allocations += 1
+            self._refcnt[b] += 1
             if external:
-                ext[b] += 1
-            pb[b].hot = 1
-        for lst in range(1, 4):
-            self._ev_len[lst] -= dlen[lst]
-        self._num_evictable -= <int32_t>taken
-        self._stats.total_allocations += taken
+                self._extref[b] += 1
+            self._pb[b].hot = 1
         self._arc_hits += <double>n
 
     cdef int32_t _ev_victim(self) noexcept nogil:
@@ -1714,7 +1674,7 @@ cdef class BlockManager:
             if self._pending_copies[j] < 0 or self._pending_copies[j] >= n:
                 snprintf(msg, cap, "pending copy names block %d outside the pool", self._pending_copies[j])
                 return 1
-        used = n - self._num_free - self._num_evictable
+        used = n - self._avail()
         if self._stats.peak_allocations < used:
             snprintf(msg, cap, "peak allocations below current use")
             return 1
@@ -2422,7 +2382,7 @@ cdef class BlockManager:
         cdef size_t nseq
         with self._lock:
             st = self._stats
-            used = self.num_blocks - self._num_free - self._num_evictable
+            used = self.num_blocks - self._avail()
             nseq = self._index.count
         return {
             "total_allocations": st.total_allocations,

@@ -158,25 +158,24 @@ cdef class DeviceBuffer:
     def closed(self):
         return not self._open
 
-    def close(self):
-        """Free the memory now (later calls do nothing)."""
+    cdef int _release(self) noexcept:
+        """Free the memory if still owned (once); the runtime's status."""
         cdef uint64_t ptr = self._ptr
         if not self._open:
-            return
+            return RF_RT_OK
         self._open = False
         self._ptr = 0
         if self.on_host:
             free(<void*><uintptr_t>ptr)
-        elif ptr:
-            check(rf_rt_free(self.device, ptr), "freeing device memory")
+            return RF_RT_OK
+        return rf_rt_free(self.device, ptr) if ptr else RF_RT_OK
+
+    def close(self):
+        """Free the memory now (later calls do nothing)."""
+        check(self._release(), "freeing device memory")
 
     def __dealloc__(self):
-        if self._open:
-            self._open = False
-            if self.on_host:
-                free(<void*><uintptr_t>self._ptr)
-            elif self._ptr:
-                rf_rt_free(self.device, self._ptr)   # no exception can leave a destructor
+        self._release()     # a destructor cannot raise
 
     def __enter__(self):
         return self

@@ -90,6 +90,13 @@ def _cached_prompts():
     return m, prompts
 
 
+def _ns_per_block(name, m, hits_before, rounds, elapsed):
+    """Check that every round hit all its blocks; ns per block."""
+    if m.stats()["prefix_hit_tokens"] - hits_before != rounds * PREFIX_BLOCKS * DECODE_BLOCK:
+        raise RuntimeError(f"{name}: a prompt missed the cache")
+    return elapsed / (rounds * PREFIX_BLOCKS)
+
+
 def prefix_touch(rounds):
     """ns per block of a prefix hit for an engine that manages blocks: per round,
     acquire_prefix on a fully cached 64-block prompt (hash, look up and verify
@@ -101,10 +108,7 @@ def prefix_touch(rounds):
     start = time.perf_counter_ns()
     for i in range(rounds):
         release(acquire(prompts[i % len(prompts)], out=buf))
-    elapsed = time.perf_counter_ns() - start
-    if m.stats()["prefix_hit_tokens"] - before != rounds * PREFIX_BLOCKS * DECODE_BLOCK:
-        raise RuntimeError("prefix_touch: a prompt missed the cache")
-    return elapsed / (rounds * PREFIX_BLOCKS)
+    return _ns_per_block("prefix_touch", m, before, rounds, time.perf_counter_ns() - start)
 
 
 def prefix_sequence(rounds):
@@ -117,10 +121,7 @@ def prefix_sequence(rounds):
     for i in range(rounds):
         add(0, prompts[i % len(prompts)])
         remove(0)
-    elapsed = time.perf_counter_ns() - start
-    if m.stats()["prefix_hit_tokens"] - before != rounds * PREFIX_BLOCKS * DECODE_BLOCK:
-        raise RuntimeError("prefix_sequence: a prompt missed the cache")
-    return elapsed / (rounds * PREFIX_BLOCKS)
+    return _ns_per_block("prefix_sequence", m, before, rounds, time.perf_counter_ns() - start)
 
 
 def decode_sim(tokens, manager=None, id_base=0, seed=0):

@@ -155,9 +155,8 @@ class ModelManager:
 
     def _unregister_tree(self, b):
         """Preorder, children oldest first (the core's stack order)."""
+        kids = self._children(b)
         e = self.cached.pop(b)
-        kids = sorted((c for c, x in self.cached.items() if x.parent == b),
-                      key=lambda c: self.cached[c].serial)
         del self.index[e.key]
         self.events.append(("removed", e.key))
         self.stats["cached_blocks_evicted"] += 1
