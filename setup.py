@@ -1,5 +1,5 @@
 """Builds rocmforge's extensions (Cython; a C/C++ compiler is all they need) and,
-when nvcc is on PATH, the CUDA code object of the K/V kernels (package data)."""
+when nvcc or hipcc is on PATH, the code objects of the K/V kernels (package data)."""
 import os
 import shutil
 import subprocess
@@ -39,25 +39,63 @@ kernels = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
-def build_cuda_kernels():
-    """nvcc -> rocmforge/kernels/kv_kernels.fatbin for ROCMFORGE_CUDA_ARCHS (default 80;90,
-    plus PTX of the newest). Without nvcc, or if it fails, GPUs use no kernels."""
-    nvcc = shutil.which("nvcc")
-    out = os.path.join("rocmforge", "kernels", "kv_kernels.fatbin")
-    if not nvcc:
-        print("rocmforge: nvcc not found, CUDA kernels not built")
+# Arrays across DLPack, and KvCache (storage and data path; links the host
+# kernels for the host backend and reaches the GPU through _runtime).
+dlpack = Extension(
+    "rocmforge._dlpack",
+    sources=["rocmforge/_dlpack.pyx"],
+    include_dirs=["hip", numpy.get_include()],
+    extra_compile_args=["-O2"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+kvcache = Extension(
+    "rocmforge._kvcache",
+    sources=["rocmforge/_kvcache.pyx", "hip/rf_host_kernels.c"],
+    include_dirs=["hip", numpy.get_include()],
+    language="c++",
+    extra_compile_args=["-O2"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+
+KERNEL_SOURCES = [os.path.join("hip", "kernels", "kv_kernels.cu"), os.path.join("hip", "rf_convert.h")]
+
+
+def build_kernels(compiler, image, archs_var, default_archs, arch_flags, env=None):
+    """Compile kv_kernels.cu with `compiler` (when on PATH) into rocmforge/kernels/<image>
+    for the archs in $archs_var; skipped when the image is newer than its sources (setup.py
+    runs more than once per install). Without the compiler, or if it fails, that GPU kind
+    gets no kernels and everything else still builds."""
+    path = shutil.which(compiler)
+    out = os.path.join("rocmforge", "kernels", image)
+    if not path:
+        print(f"rocmforge: {compiler} not found, {image} not built")
         return
-    archs = [a.strip() for a in os.environ.get("ROCMFORGE_CUDA_ARCHS", "80;90").split(";") if a.strip()]
-    cmd = [nvcc, "-fatbin", "-O3", "-o", out, os.path.join("hip", "kernels", "kv_kernels.cu")]
-    for a in archs:
-        cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    cmd += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    if os.path.exists(out) and all(os.path.getmtime(out) > os.path.getmtime(s) for s in KERNEL_SOURCES):
+        return
+    archs = [a.strip() for a in os.environ.get(archs_var, default_archs).split(";") if a.strip()]
+    cmd = [path, "-std=c++17", "-O3", "-o", out, KERNEL_SOURCES[0]] + arch_flags(archs)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    print("rocmforge:", " ".join(cmd))
-    if subprocess.run(cmd).returncode != 0:
-        print("rocmforge: nvcc failed, CUDA kernels not built")
+    print("rocmforge:", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd))
+    if subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode != 0:
+        print(f"rocmforge: {compiler} failed, {image} not built")
 
 
-build_cuda_kernels()
+def cuda_flags(archs):
+    """A fatbin: machine code per arch, plus PTX of the newest for later GPUs."""
+    flags = ["-fatbin"]
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return flags + ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
 
-setup(ext_modules=cythonize([core, runtime, kernels], compiler_directives={"language_level": 3}))
+
+def hip_flags(archs):
+    """A bundle of one code object per arch."""
+    return ["--genco"] + [f"--offload-arch={a}" for a in archs]
+
+
+build_kernels("nvcc", "kv_kernels.fatbin", "ROCMFORGE_CUDA_ARCHS", "80;90", cuda_flags)
+build_kernels("hipcc", "kv_kernels.hsaco", "ROCMFORGE_HIP_ARCHS", "gfx90a;gfx940", hip_flags,
+              env={"HIP_PLATFORM": "amd"})
+
+setup(ext_modules=cythonize([core, runtime, kernels, dlpack, kvcache], compiler_directives={"language_level": 3}))

@@ -1,7 +1,6 @@
 /* Host K/V kernels; see rf_host_kernels.h. */
 #include "rf_host_kernels.h"
 
-#include <math.h>
 #include <string.h>
 
 static int rf_dtype_size(int dt) {
@@ -13,71 +12,32 @@ static int rf_dtype_size(int dt) {
     }
 }
 
-uint16_t rf_f32_to_bf16(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);  /* quiet NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);                                           /* nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-static float rf_bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float x;
-    memcpy(&x, &u, 4);
-    return x;
-}
-
-uint8_t rf_f32_to_e4m3(float x) {
-    uint8_t sign = signbit(x) ? 0x80 : 0;
-    float a = fabsf(x);
-    int e;
-    if (isnan(x)) return 0x7F | sign;
-    if (a >= 448.0f) return 0x7E | sign;                   /* saturate (and +-inf) */
-    if (a < 0.015625f) {                                   /* below 2^-6: subnormal steps of 2^-9 */
-        return sign | (uint8_t)nearbyintf(a * 512.0f);     /* 8 lands on the smallest normal */
-    }
-    frexpf(a, &e);                                         /* a = f * 2^e, f in [0.5, 1) */
-    e -= 1;                                                /* a = m * 2^e, m in [1, 2) */
-    {
-        int q = (int)nearbyintf((ldexpf(a, -e) - 1.0f) * 8.0f);
-        if (q == 8) {
-            q = 0;
-            e += 1;
-        }
-        if (e + 7 > 15 || (e + 7 == 15 && q == 7)) return 0x7E | sign;
-        return sign | (uint8_t)(((e + 7) << 3) | q);
-    }
-}
-
-float rf_e4m3_to_f32(uint8_t v) {
-    int exp = (v >> 3) & 0xF, man = v & 7;
-    float a;
-    if ((v & 0x7F) == 0x7F) return NAN;
-    a = exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + man / 8.0f, exp - 7);
-    return (v & 0x80) ? -a : a;
-}
-
 static float rf_load(const void *p, int64_t i, int dt) {
     switch (dt) {
     case RF_DT_F32: return ((const float *)p)[i];
-    case RF_DT_F16: return (float)((const _Float16 *)p)[i];
-    default: return rf_bf16_to_f32(((const uint16_t *)p)[i]);
+    case RF_DT_F16: return rf_f16_bits_to_f32(((const uint16_t *)p)[i]);
+    default: return rf_bf16_bits_to_f32(((const uint16_t *)p)[i]);
     }
 }
 
 static void rf_store(void *p, int64_t i, int dt, float x, float inv_scale) {
     switch (dt) {
     case RF_DT_F32: ((float *)p)[i] = x; break;
-    case RF_DT_F16: ((_Float16 *)p)[i] = (_Float16)x; break;
-    case RF_DT_BF16: ((uint16_t *)p)[i] = rf_f32_to_bf16(x); break;
-    case RF_DT_FP8_E4M3: ((uint8_t *)p)[i] = rf_f32_to_e4m3(x * inv_scale); break;
-    default: {
-        float q = nearbyintf(x * inv_scale);
-        q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
-        ((int8_t *)p)[i] = isnan(q) ? 0 : (int8_t)q;
+    case RF_DT_F16: ((uint16_t *)p)[i] = rf_f32_to_f16_bits(x); break;
+    case RF_DT_BF16: ((uint16_t *)p)[i] = rf_f32_to_bf16_bits(x); break;
+    case RF_DT_FP8_E4M3: ((uint8_t *)p)[i] = rf_f32_to_e4m3_bits(x * inv_scale); break;
+    default: ((int8_t *)p)[i] = rf_f32_to_i8(x * inv_scale);
     }
+}
+
+static int rf_check_blocks(const int32_t *ids, int64_t n, int64_t num_blocks, int64_t *bad) {
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= num_blocks) {
+            *bad = i;
+            return RF_K_BAD_BLOCK;
+        }
     }
+    return RF_K_OK;
 }
 
 int rf_host_write_kv(void *key_cache, void *value_cache, const void *key, const void *value,
@@ -133,17 +93,35 @@ int rf_host_gather(const void *cache, const int32_t *table, int64_t table_len, i
         *bad = num_tokens;
         return RF_K_BAD_SLOT;
     }
-    for (i = 0; i * block_size < num_tokens; i++) {
-        if (table[i] < 0 || table[i] >= num_blocks) {
-            *bad = i;
-            return RF_K_BAD_BLOCK;
-        }
-    }
+    if (rf_check_blocks(table, (num_tokens + block_size - 1) / block_size, num_blocks, bad) != RF_K_OK)
+        return RF_K_BAD_BLOCK;
     for (i = 0; done < num_tokens; i++) {
         int64_t n = num_tokens - done < block_size ? num_tokens - done : block_size;
         memcpy((char *)out + done * row_bytes, (const char *)cache + table[i] * block_size * row_bytes,
                n * row_bytes);
         done += n;
     }
+    return RF_K_OK;
+}
+
+int rf_host_gather_blocks(const void *const *caches, int64_t num_caches, const int32_t *ids, int64_t num_ids,
+                          int64_t block_bytes, int64_t num_blocks, void *out, int64_t *bad) {
+    int st = rf_check_blocks(ids, num_ids, num_blocks, bad);
+    if (st != RF_K_OK) return st;
+    for (int64_t c = 0; c < num_caches; c++)
+        for (int64_t i = 0; i < num_ids; i++)
+            memcpy((char *)out + (c * num_ids + i) * block_bytes,
+                   (const char *)caches[c] + ids[i] * block_bytes, block_bytes);
+    return RF_K_OK;
+}
+
+int rf_host_scatter_blocks(void *const *caches, int64_t num_caches, const int32_t *ids, int64_t num_ids,
+                           int64_t block_bytes, int64_t num_blocks, const void *in, int64_t *bad) {
+    int st = rf_check_blocks(ids, num_ids, num_blocks, bad);
+    if (st != RF_K_OK) return st;
+    for (int64_t c = 0; c < num_caches; c++)
+        for (int64_t i = 0; i < num_ids; i++)
+            memcpy((char *)caches[c] + ids[i] * block_bytes,
+                   (const char *)in + (c * num_ids + i) * block_bytes, block_bytes);
     return RF_K_OK;
 }

@@ -6,14 +6,13 @@
 
 #include <stdint.h>
 
+/* Element types (RF_DT_*) and their conversions. fp8 e4m3 and int8 caches
+ * store x / scale. */
+#include "rf_convert.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* Element types of inputs and caches. fp8 is OCP e4m3 ("e4m3fn": no
- * infinities, largest 448), stored saturating; int8 is symmetric in
- * [-127, 127]. Both quantize x / scale with round-to-nearest-even. */
-enum { RF_DT_F32 = 0, RF_DT_F16 = 1, RF_DT_BF16 = 2, RF_DT_FP8_E4M3 = 3, RF_DT_I8 = 4 };
 
 enum { RF_K_OK = 0, RF_K_BAD_SLOT = 1, RF_K_BAD_BLOCK = 2, RF_K_BAD_DTYPE = 3 };
 
@@ -33,10 +32,12 @@ int rf_host_copy_blocks(void *const *caches, int64_t num_caches, const int32_t *
 int rf_host_gather(const void *cache, const int32_t *table, int64_t table_len, int64_t num_tokens,
                    int64_t block_size, int64_t row_bytes, int64_t num_blocks, void *out, int64_t *bad);
 
-/* Element conversions (exposed for tests). */
-uint8_t rf_f32_to_e4m3(float x);
-float rf_e4m3_to_f32(uint8_t v);
-uint16_t rf_f32_to_bf16(float x);
+/* Swapping: copy blocks ids[0..num_ids) of every cache to out, laid out
+ * [num_caches][num_ids][block_bytes] (gather), or back from in (scatter). */
+int rf_host_gather_blocks(const void *const *caches, int64_t num_caches, const int32_t *ids, int64_t num_ids,
+                          int64_t block_bytes, int64_t num_blocks, void *out, int64_t *bad);
+int rf_host_scatter_blocks(void *const *caches, int64_t num_caches, const int32_t *ids, int64_t num_ids,
+                           int64_t block_bytes, int64_t num_blocks, const void *in, int64_t *bad);
 
 #ifdef __cplusplus
 }

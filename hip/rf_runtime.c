@@ -25,8 +25,14 @@
     X(copy_htod, "hipMemcpyHtoD", "cuMemcpyHtoD_v2", (uint64_t, const void *, size_t)) \
     X(copy_dtoh, "hipMemcpyDtoH", "cuMemcpyDtoH_v2", (void *, uint64_t, size_t))       \
     X(copy_dtod, "hipMemcpyDtoD", "cuMemcpyDtoD_v2", (uint64_t, uint64_t, size_t))     \
+    X(copy_htod_async, "hipMemcpyHtoDAsync", "cuMemcpyHtoDAsync_v2", (uint64_t, const void *, size_t, void *)) \
+    X(copy_dtoh_async, "hipMemcpyDtoHAsync", "cuMemcpyDtoHAsync_v2", (void *, uint64_t, size_t, void *)) \
+    X(copy_dtod_async, "hipMemcpyDtoDAsync", "cuMemcpyDtoDAsync_v2", (uint64_t, uint64_t, size_t, void *)) \
+    X(memset_d8_async, "hipMemsetD8Async", "cuMemsetD8Async", (uint64_t, unsigned char, size_t, void *)) \
     X(synchronize, "hipCtxSynchronize", "cuCtxSynchronize", (void))                          \
-    X(module_load, "hipModuleLoadData", "cuModuleLoadData", (void **, const void *))          \
+    X(stream_synchronize, "hipStreamSynchronize", "cuStreamSynchronize", (void *))             \
+    X(module_load, "hipModuleLoadDataEx", "cuModuleLoadDataEx",                               \
+      (void **, const void *, unsigned, int *, void **))                                      \
     X(module_unload, "hipModuleUnload", "cuModuleUnload", (void *))                           \
     X(module_function, "hipModuleGetFunction", "cuModuleGetFunction", (void **, void *, const char *)) \
     X(launch, "hipModuleLaunchKernel", "cuLaunchKernel",                                      \
@@ -53,6 +59,9 @@ static const char *const RF_CUDA_NAMES[] = {
 enum { RF_MAX_DEVICES = 64 };
 #define RF_CU_CC_MAJOR 75   /* CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR */
 #define RF_CU_CC_MINOR 76
+/* JIT options for module loading, numbered alike in CUjit_option and hipJitOption. */
+#define RF_JIT_ERROR_LOG_BUFFER 5
+#define RF_JIT_ERROR_LOG_BUFFER_SIZE_BYTES 6
 
 static pthread_mutex_t rf_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct rf_table rf_fn;
@@ -66,7 +75,7 @@ static int (*rf_cu_error_string)(int, const char **);
 static int (*rf_cu_attribute)(int *, int, int);
 
 static __thread int rf_err_code;
-static __thread char rf_err_msg[256];
+static __thread char rf_err_msg[1024];
 
 static int rf_runtime_error(int code, const char *what) {
     const char *text = NULL;
@@ -231,17 +240,45 @@ int rf_rt_copy_dtoh(int dev, void *dst, uint64_t src, size_t bytes) {
 int rf_rt_copy_dtod(int dev, uint64_t dst, uint64_t src, size_t bytes) {
     RF_CALL(rf_fn.copy_dtod(dst, src, bytes), "device-to-device copy");
 }
+int rf_rt_memset_async(int dev, uint64_t ptr, unsigned char value, size_t bytes, void *stream) {
+    RF_CALL(rf_fn.memset_d8_async(ptr, value, bytes, stream), "device memset");
+}
+int rf_rt_copy_htod_async(int dev, uint64_t dst, const void *src, size_t bytes, void *stream) {
+    RF_CALL(rf_fn.copy_htod_async(dst, src, bytes, stream), "host-to-device copy");
+}
+int rf_rt_copy_dtoh_async(int dev, void *dst, uint64_t src, size_t bytes, void *stream) {
+    RF_CALL(rf_fn.copy_dtoh_async(dst, src, bytes, stream), "device-to-host copy");
+}
+int rf_rt_copy_dtod_async(int dev, uint64_t dst, uint64_t src, size_t bytes, void *stream) {
+    RF_CALL(rf_fn.copy_dtod_async(dst, src, bytes, stream), "device-to-device copy");
+}
 int rf_rt_synchronize(int dev) { RF_CALL(rf_fn.synchronize(), "synchronize"); }
+int rf_rt_stream_synchronize(int dev, void *stream) {
+    RF_CALL(rf_fn.stream_synchronize(stream), "stream synchronize");
+}
 
 int rf_rt_module_load(int dev, const void *image, void **module) {
-    RF_CALL(rf_fn.module_load(module, image), "loading a kernel module");
+    char log[1024] = "";
+    int options[2] = {RF_JIT_ERROR_LOG_BUFFER, RF_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
+    void *values[2] = {log, (void *)(uintptr_t)sizeof log};
+    int st = rf_use(dev);
+    if (st != RF_RT_OK) return st;
+    st = rf_fn.module_load(module, image, 2, options, values);
+    if (st == 0) return RF_RT_OK;
+    rf_runtime_error(st, "loading a kernel module");
+    if (log[0]) {
+        size_t used = strlen(rf_err_msg);
+        log[sizeof log - 1] = '\0';
+        snprintf(rf_err_msg + used, sizeof rf_err_msg - used, "; loader log: %s", log);
+    }
+    return RF_RT_RUNTIME;
 }
 int rf_rt_module_unload(int dev, void *module) { RF_CALL(rf_fn.module_unload(module), "unloading a kernel module"); }
 int rf_rt_function(int dev, void *module, const char *name, void **fn) {
     RF_CALL(rf_fn.module_function(fn, module, name), "finding a kernel");
 }
-int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], void **params) {
-    RF_CALL(rf_fn.launch(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, NULL, params, NULL),
+int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], void **params, void *stream) {
+    RF_CALL(rf_fn.launch(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream, params, NULL),
             "launching a kernel");
 }
 

@@ -48,12 +48,22 @@ int rf_rt_copy_dtoh(int dev, void *dst, uint64_t src, size_t bytes);
 int rf_rt_copy_dtod(int dev, uint64_t dst, uint64_t src, size_t bytes);
 int rf_rt_synchronize(int dev);
 
+/* Stream-ordered forms: stream is the runtime's stream handle (NULL: the
+ * default stream). Host memory that is not page-locked makes the copies
+ * synchronous with the host, as the runtimes document. */
+int rf_rt_memset_async(int dev, uint64_t ptr, unsigned char value, size_t bytes, void *stream);
+int rf_rt_copy_htod_async(int dev, uint64_t dst, const void *src, size_t bytes, void *stream);
+int rf_rt_copy_dtoh_async(int dev, void *dst, uint64_t src, size_t bytes, void *stream);
+int rf_rt_copy_dtod_async(int dev, uint64_t dst, uint64_t src, size_t bytes, void *stream);
+int rf_rt_stream_synchronize(int dev, void *stream);
+
 /* Kernel modules: load a code object (CUDA fatbin or HIP code object) on
- * dev, find a kernel by name, launch it on the default stream. */
+ * dev (a failure's message carries the loader's error log), find a kernel
+ * by name, launch it on a stream. */
 int rf_rt_module_load(int dev, const void *image, void **module);
 int rf_rt_module_unload(int dev, void *module);
 int rf_rt_function(int dev, void *module, const char *name, void **fn);
-int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], void **params);
+int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], void **params, void *stream);
 
 /* The last runtime error of this thread: its code, and its message in msg. */
 int rf_rt_last_error(char *msg, size_t cap);

@@ -1,6 +1,8 @@
 """rocmforge: a paged KV-cache manager for LLM inference engines."""
 
 from rocmforge._core import BlockManager
+from rocmforge._dlpack import DeviceArray
+from rocmforge._kvcache import KvCache
 from rocmforge._runtime import DeviceBuffer, backend_info
 from rocmforge.errors import (
     ArgumentTypeError,
@@ -41,6 +43,8 @@ __all__ = [
     "InvariantError",
     "DeviceError",
     "DeviceBuffer",
+    "DeviceArray",
+    "KvCache",
     "backend_info",
     "BlockStored",
     "BlockRemoved",

@@ -19,6 +19,7 @@ class SequenceInfo(TypedDict):
     num_tokens: int
     has_tokens: bool
     num_cached_tokens: int
+    salt_key: int
 
 class ManagerStats(TypedDict):
     total_allocations: int

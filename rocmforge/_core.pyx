@@ -1896,7 +1896,7 @@ cdef class BlockManager:
 
     # --- sequence level ------------------------------------------------------
 
-    def add_sequence(self, seq_id, tokens=None, num_tokens=0, salt=None):
+    def add_sequence(self, seq_id, tokens=None, num_tokens=0, salt=None, *, _salt_key=None):
         """Create a sequence with its initial tokens; returns their int64 slots.
 
         Pass ``tokens`` (token ids) to have the sequence keep them, or only a
@@ -1904,10 +1904,12 @@ cdef class BlockManager:
         leading full blocks with the same ``salt`` (None, int, str or bytes;
         blocks never match across salts) is reused instead of allocated:
         ``num_cached_tokens(seq_id)`` says how many leading tokens need no
-        K/V write. Raises SequenceExists, OutOfBlocks.
+        K/V write. Raises SequenceExists, OutOfBlocks. (``_salt_key``, private:
+        a salt already digested, as ``sequence_info`` reports it, for restoring
+        a swapped-out sequence.)
         """
         cdef int64_t sid = _seq_id(seq_id)
-        cdef int64_t salt_value = _salt_value(salt)
+        cdef int64_t salt_value = _salt_value(salt) if _salt_key is None else _salt_key
         cdef int64_t count = _count(num_tokens, "num_tokens", INT64_MAX)
         cdef cnp.ndarray toks = None
         cdef const int32_t* tptr = NULL
@@ -2291,12 +2293,13 @@ cdef class BlockManager:
 
     def sequence_info(self, seq_id):
         """A dict: seq_id, created_at, last_access (time.time() seconds), access_count,
-        num_blocks, num_tokens, has_tokens."""
+        num_blocks, num_tokens, has_tokens, num_cached_tokens and salt_key (the
+        64-bit digest of the sequence's salt that enters its block keys; 0 for none)."""
         cdef int64_t sid = _seq_id(seq_id)
         cdef int32_t slot
         cdef SeqRec* s
         cdef double created = 0, last = 0
-        cdef int64_t accesses = 0, nt = 0, nblocks = 0, cached = 0
+        cdef int64_t accesses = 0, nt = 0, nblocks = 0, cached = 0, salt = 0
         cdef bint has = False
         with self._lock:
             slot = self._find(sid)
@@ -2304,7 +2307,7 @@ cdef class BlockManager:
                 s = &self._seqs[slot]
                 created, last, accesses = s.created_at, s.last_access, s.access_count
                 nt, nblocks, has = s.num_tokens, s.blocks.size(), s.has_tokens
-                cached = s.cached_tokens
+                cached, salt = s.cached_tokens, s.salt
         if slot == NO_SLOT:
             raise SequenceNotFound(f"sequence {sid} not found")
         return {
@@ -2316,6 +2319,7 @@ cdef class BlockManager:
             "num_tokens": nt,
             "has_tokens": bool(has),
             "num_cached_tokens": cached,
+            "salt_key": salt,
         }
 
     def sequence_ids(self):

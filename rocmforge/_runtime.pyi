@@ -1,6 +1,6 @@
 """Type stubs for rocmforge._runtime (the GPU runtime layer)."""
 
-from typing import Iterable, Literal, TypedDict, Union
+from typing import Literal, Optional, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +24,7 @@ class DeviceBuffer:
     nbytes: int
     device: int
     on_host: bool
-    def __init__(self, nbytes: int, device: int = 0) -> None: ...
+    def __init__(self, nbytes: int, device: Optional[int] = None) -> None: ...
     @property
     def ptr(self) -> int: ...
     @property
@@ -39,11 +39,6 @@ class DeviceBuffer:
     def synchronize(self) -> None: ...
 
 class DeviceKernels:
+    """The precompiled K/V kernels loaded on one device (launched by KvCache)."""
     device: int
-    def __init__(self, device: int = 0) -> None: ...
-    def write_kv(self, key_cache: DeviceBuffer, value_cache: DeviceBuffer, key: DeviceBuffer,
-                 value: DeviceBuffer, slot_mapping: npt.NDArray[np.int64], row_bytes: int) -> None: ...
-    def copy_blocks(self, caches: Iterable[DeviceBuffer], pairs: npt.NDArray[np.int32],
-                    block_bytes: int) -> None: ...
-    def gather(self, out: DeviceBuffer, cache: DeviceBuffer, block_table: npt.NDArray[np.int32],
-               num_tokens: int, block_size: int, row_bytes: int) -> None: ...
+    def __init__(self, device: int = 0, image: Optional[bytes] = None) -> None: ...

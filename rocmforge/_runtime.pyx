@@ -43,11 +43,17 @@ cdef extern from "rf_runtime.h" nogil:
     int rf_rt_copy_dtoh(int dev, void* dst, uint64_t src, size_t nbytes)
     int rf_rt_copy_dtod(int dev, uint64_t dst, uint64_t src, size_t nbytes)
     int rf_rt_synchronize(int dev)
+    int rf_rt_memset_async(int dev, uint64_t ptr, unsigned char value, size_t nbytes, void* stream)
+    int rf_rt_copy_htod_async(int dev, uint64_t dst, const void* src, size_t nbytes, void* stream)
+    int rf_rt_copy_dtoh_async(int dev, void* dst, uint64_t src, size_t nbytes, void* stream)
+    int rf_rt_copy_dtod_async(int dev, uint64_t dst, uint64_t src, size_t nbytes, void* stream)
+    int rf_rt_stream_synchronize(int dev, void* stream)
     int rf_rt_last_error(char* msg, size_t cap)
     int rf_rt_module_load(int dev, const void* image, void** module)
     int rf_rt_module_unload(int dev, void* module)
     int rf_rt_function(int dev, void* module, const char* name, void** fn)
-    int rf_rt_launch(int dev, void* fn, const unsigned* grid, const unsigned* block, void** params)
+    int rf_rt_launch(int dev, void* fn, const unsigned* grid, const unsigned* block, void** params,
+                     void* stream)
 
 _BACKENDS = {"auto": -1, "hip": RF_BACKEND_HIP, "cuda": RF_BACKEND_CUDA, "host": RF_BACKEND_HOST}
 _NAMES = {RF_BACKEND_HOST: "host", RF_BACKEND_HIP: "hip", RF_BACKEND_CUDA: "cuda"}
@@ -106,20 +112,16 @@ def backend_info():
 
 
 cdef class DeviceBuffer:
-    """``nbytes`` of memory on ``device`` (host memory on the host backend).
+    """``nbytes`` of memory on GPU ``device``, or of host memory for device -1.
 
+    device=None picks GPU 0 when a GPU backend is loaded, else host memory.
     Owns its memory and frees it exactly once: on close(), on leaving a with
-    block, or when collected. ``ptr`` is the device address (an int)."""
+    block, or when collected. ``ptr`` is the address (an int)."""
 
-    cdef readonly size_t nbytes
-    cdef readonly int device
-    cdef readonly bint on_host
-    cdef uint64_t _ptr
-    cdef bint _open
-
-    def __cinit__(self, nbytes, int device=0):
+    def __cinit__(self, nbytes, device=None):
         cdef int count = 0
         cdef uint64_t ptr = 0
+        cdef int dev
         self._open = False
         if isinstance(nbytes, bool) or not hasattr(nbytes, "__index__"):
             raise ArgumentTypeError(f"nbytes must be an integer, got {type(nbytes).__name__}")
@@ -127,21 +129,25 @@ cdef class DeviceBuffer:
         if n < 0 or n > (1 << 62):
             raise ArgumentValueError(f"nbytes must be in [0, 2**62], got {n}")
         load_backend()
+        rf_rt_device_count(&count)
+        if device is None:
+            dev = 0 if count else -1
+        elif isinstance(device, bool) or not hasattr(device, "__index__"):
+            raise ArgumentTypeError(f"device must be an int or None, got {type(device).__name__}")
+        else:
+            dev = max(-2, min(device.__index__(), 1 << 20))
+        if not -1 <= dev < count:
+            raise DeviceError(f"device {device} out of range: -1 (host) or a GPU in [0, {count})",
+                              RF_RT_BAD_DEVICE)
         self.nbytes = n
-        self.device = device
-        self.on_host = rf_rt_backend() == RF_BACKEND_HOST
+        self.device = dev
+        self.on_host = dev < 0
         if self.on_host:
-            if device != 0:
-                raise DeviceError(f"device {device}: the host backend has only device 0", RF_RT_BAD_DEVICE)
             ptr = <uint64_t><uintptr_t>malloc(n if n else 1)
             if ptr == 0:
                 raise MemoryError(f"cannot allocate {n} bytes of host memory")
-        else:
-            rf_rt_device_count(&count)
-            if not 0 <= device < count:
-                raise DeviceError(f"device {device} out of range [0, {count})", RF_RT_BAD_DEVICE)
-            if n:
-                check(rf_rt_malloc(device, n, &ptr), f"allocating {n} bytes on device {device}")
+        elif n:
+            check(rf_rt_malloc(dev, n, &ptr), f"allocating {n} bytes on device {dev}")
         self._ptr = ptr
         self._open = True
 
@@ -261,27 +267,31 @@ cdef cnp.ndarray _contiguous(object data):
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _IMAGES = {RF_BACKEND_CUDA: "kv_kernels.fatbin", RF_BACKEND_HIP: "kv_kernels.hsaco"}
-THREADS = 256
+_KERNELS = (b"rf_write_kv", b"rf_copy_blocks", b"rf_gather_rows", b"rf_gather_blocks", b"rf_scatter_blocks")
+cdef unsigned THREADS = 256
+
+
+cdef inline unsigned _threads(int64_t work) noexcept nogil:
+    """Threads per block for `work` parallel items (a 16-byte copy thread takes four
+    pieces at once): a multiple of 32, at most THREADS."""
+    return <unsigned>min(<int64_t>THREADS, max(<int64_t>32, (work + 31) // 32 * 32))
+
+
+cdef inline int64_t _dt_bytes(int dt) noexcept nogil:
+    return 4 if dt == 0 else (2 if dt <= 2 else 1)
 
 
 cdef class DeviceKernels:
-    """rocmforge's precompiled K/V kernels, loaded on one device.
+    """rocmforge's precompiled K/V kernels (hip/kernels/kv_kernels.cu), loaded
+    on one device. Launches are asynchronous, on the caller's stream; their
+    C-level interface is in _runtime.pxd (KvCache is the Python API)."""
 
-    Byte-level forms of write_kv (same element type in and out), copy_blocks
-    and gather_kv on DeviceBuffers; results equal the host kernels'. Every
-    index is checked on the host before a launch; calls return when the
-    device is done."""
-
-    cdef void* _module
-    cdef void* _write
-    cdef void* _copy
-    cdef void* _gather
-    cdef readonly int device
-
-    def __cinit__(self, int device=0):
-        cdef bytes image
+    def __cinit__(self, int device=0, bytes image=None):
+        """Load the packaged code object for the backend, or ``image`` (the bytes
+        of another build of kv_kernels.cu)."""
         cdef int count = 0
         cdef const char* data
+        cdef void** slots[5]
         self._module = NULL
         self.device = device
         load_backend()
@@ -292,122 +302,94 @@ cdef class DeviceKernels:
         rf_rt_device_count(&count)
         if not 0 <= device < count:
             raise DeviceError(f"device {device} out of range [0, {count})", RF_RT_BAD_DEVICE)
-        path = os.path.join(KERNEL_DIR, _IMAGES[backend])
-        try:
-            with open(path, "rb") as f:
-                image = f.read()
-        except OSError as exc:
-            raise DeviceError(f"kernel code object missing ({exc}); rebuild rocmforge with the GPU compiler "
-                              f"on PATH", RF_RT_NO_RUNTIME) from None
+        path = os.path.join(KERNEL_DIR, _IMAGES[backend]) if image is None else "the given code object"
+        if image is None:
+            try:
+                with open(path, "rb") as f:
+                    image = f.read()
+            except OSError as exc:
+                raise DeviceError(f"kernel code object missing ({exc}); rebuild rocmforge with the GPU "
+                                  f"compiler on PATH", RF_RT_NO_RUNTIME) from None
         data = image
         check(rf_rt_module_load(device, data, &self._module), f"loading {path}")
-        check(rf_rt_function(device, self._module, b"rf_write_kv_rows", &self._write), "rf_write_kv_rows")
-        check(rf_rt_function(device, self._module, b"rf_copy_blocks", &self._copy), "rf_copy_blocks")
-        check(rf_rt_function(device, self._module, b"rf_gather_rows", &self._gather), "rf_gather_rows")
+        slots[0], slots[1], slots[2] = &self._write, &self._copy, &self._gather
+        slots[3], slots[4] = &self._to_staging, &self._from_staging
+        for i, name in enumerate(_KERNELS):
+            check(rf_rt_function(device, self._module, name, slots[i]), name.decode())
 
     def __dealloc__(self):
         if self._module != NULL:
             rf_rt_module_unload(self.device, self._module)
 
-    cdef int _launch(self, void* fn, unsigned gx, unsigned gy, void** params) except -1:
+    cdef int _launch(self, void* fn, unsigned gx, unsigned gy, unsigned threads, void** params,
+                     void* stream, unsigned threads_y=1) noexcept nogil:
         cdef unsigned grid[3]
         cdef unsigned block[3]
-        cdef int st
         grid[0], grid[1], grid[2] = gx, gy, 1
-        block[0], block[1], block[2] = THREADS, 1, 1
-        with nogil:
-            st = rf_rt_launch(self.device, fn, grid, block, params)
-            if st == RF_RT_OK:
-                st = rf_rt_synchronize(self.device)
-        return check(st, "kernel")
+        block[0], block[1], block[2] = threads, threads_y, 1
+        return rf_rt_launch(self.device, fn, grid, block, params, stream)
 
-    cdef DeviceBuffer _upload(self, cnp.ndarray arr):
-        cdef DeviceBuffer buf = DeviceBuffer(arr.nbytes, self.device)
-        buf.copy_from_host(arr)
-        return buf
-
-    def _same_device(self, *buffers):
-        for b in buffers:
-            if (<DeviceBuffer?>b).on_host or (<DeviceBuffer>b).device != self.device:
-                raise ArgumentValueError(f"every buffer must live on device {self.device}")
-            (<DeviceBuffer>b)._live()
-
-    def write_kv(self, DeviceBuffer key_cache not None, DeviceBuffer value_cache not None,
-                 DeviceBuffer key not None, DeviceBuffer value not None, slot_mapping, row_bytes):
-        """Row t of key/value (row_bytes each) to row slot_mapping[t] of the caches
-        (a host int64 array; -1 skips a padding token)."""
-        cdef int64_t rb = row_bytes, T
-        cdef cnp.ndarray slots = np.ascontiguousarray(slot_mapping)
-        self._same_device(key_cache, value_cache, key, value)
-        if slots.dtype != np.int64 or slots.ndim != 1:
-            raise ArgumentTypeError("slot_mapping must be a 1-D int64 array")
-        T = slots.shape[0]
-        if rb <= 0 or T * rb > min(key.nbytes, value.nbytes):
-            raise ArgumentValueError(f"{T} rows of {rb} bytes do not fit the key/value buffers")
-        num_slots = min(key_cache.nbytes, value_cache.nbytes) // rb
-        if T and (slots.min() < -1 or slots.max() >= num_slots):
-            raise ArgumentValueError(f"slot_mapping holds a slot outside [-1, {num_slots})")
+    cdef int write_kv(self, uint64_t key_cache, uint64_t value_cache, uint64_t key, uint64_t value,
+                      uint64_t slots, int64_t T, int64_t row, int64_t num_slots, int in_dt,
+                      int cache_dt, float inv_k, float inv_v, uint64_t bad, void* stream) noexcept nogil:
+        cdef void* params[13]
+        # same type: K and V rows as 16-byte pieces, four per thread; converting: 8 elements of a row
+        cdef int64_t work = (2 * row * _dt_bytes(in_dt) // 16 + 3) // 4 if in_dt == cache_dt else row // 8
+        cdef unsigned tx = _threads(work), ty = THREADS // tx      # several short rows share a block
         if T == 0:
-            return
-        cdef DeviceBuffer dslots = self._upload(slots)
-        cdef uint64_t kc = key_cache._ptr, vc = value_cache._ptr, k = key._ptr, v = value._ptr
-        cdef uint64_t sp = dslots._ptr
-        cdef void* params[6]
-        params[0], params[1], params[2], params[3] = &kc, &vc, &k, &v
-        params[4], params[5] = &sp, &rb
-        self._launch(self._write, <unsigned>T, 1, params)
-        dslots.close()
+            return RF_RT_OK
+        params[0], params[1], params[2], params[3] = &key_cache, &value_cache, &key, &value
+        params[4], params[5], params[6], params[7] = &slots, &T, &row, &num_slots
+        params[8], params[9], params[10], params[11], params[12] = &in_dt, &cache_dt, &inv_k, &inv_v, &bad
+        return self._launch(self._write, <unsigned>((T + ty - 1) // ty), 1, tx, params, stream, ty)
 
-    def copy_blocks(self, caches, pairs, block_bytes):
-        """For each (src, dst) row of pairs (host int32 [k, 2]), copy block src over
-        block dst (block_bytes each) in every buffer of caches. Pairs must not
-        chain (a dst is never another pair's src): they run in parallel."""
-        cdef list bufs = list(caches)
-        cdef int64_t bb = block_bytes
-        cdef cnp.ndarray p = np.ascontiguousarray(pairs)
-        if not bufs:
-            return
-        self._same_device(*bufs)
-        if p.dtype != np.int32 or p.ndim != 2 or p.shape[1] != 2:
-            raise ArgumentTypeError("pairs must be int32 of shape (k, 2)")
-        if bb <= 0:
-            raise ArgumentValueError("block_bytes must be > 0")
-        num_blocks = min((<DeviceBuffer>b).nbytes for b in bufs) // bb
-        if p.shape[0] == 0:
-            return
-        if p.min() < 0 or p.max() >= num_blocks:
-            raise ArgumentValueError(f"pairs name a block outside [0, {num_blocks})")
-        if set(p[:, 1].tolist()) & set(p[:, 0].tolist()):
-            raise ArgumentValueError("pairs chain (a destination is also a source)")
-        cdef DeviceBuffer dptrs = self._upload(np.array([(<DeviceBuffer>b)._ptr for b in bufs], dtype=np.uint64))
-        cdef DeviceBuffer dpairs = self._upload(p)
-        cdef uint64_t cp = dptrs._ptr, pp = dpairs._ptr
+    cdef int copy_blocks(self, uint64_t cache_ptrs, int64_t num_caches, uint64_t pairs, int64_t num_pairs,
+                         int64_t block_bytes, void* stream) noexcept nogil:
         cdef void* params[3]
-        params[0], params[1], params[2] = &cp, &pp, &bb
-        self._launch(self._copy, <unsigned>p.shape[0], <unsigned>len(bufs), params)
-        dptrs.close()
-        dpairs.close()
+        if num_pairs == 0 or num_caches == 0:
+            return RF_RT_OK
+        params[0], params[1], params[2] = &cache_ptrs, &pairs, &block_bytes
+        return self._launch(self._copy, <unsigned>num_pairs, <unsigned>num_caches, _threads(block_bytes // 64),
+                            params, stream)
 
-    def gather(self, DeviceBuffer out not None, DeviceBuffer cache not None, block_table, num_tokens,
-               block_size, row_bytes):
-        """The first num_tokens rows of the blocks in block_table (host int32), contiguous in out."""
-        cdef int64_t n = num_tokens, bs = block_size, rb = row_bytes
-        cdef cnp.ndarray table = np.ascontiguousarray(block_table)
-        self._same_device(out, cache)
-        if table.dtype != np.int32 or table.ndim != 1:
-            raise ArgumentTypeError("block_table must be a 1-D int32 array")
-        if n < 0 or bs <= 0 or rb <= 0 or n > table.shape[0] * bs or n * rb > out.nbytes:
-            raise ArgumentValueError("num_tokens, block_size or row_bytes do not fit the table and out")
-        num_blocks = cache.nbytes // (bs * rb)
-        used = -(-n // bs)
-        if used and (table[:used].min() < 0 or table[:used].max() >= num_blocks):
-            raise ArgumentValueError(f"block_table names a block outside [0, {num_blocks})")
-        if used == 0:
-            return
-        cdef DeviceBuffer dtable = self._upload(table)
-        cdef uint64_t op = out._ptr, cp = cache._ptr, tp = dtable._ptr
+    cdef int gather(self, uint64_t out, uint64_t cache, uint64_t table, int64_t num_tokens,
+                    int64_t block_size, int64_t row_bytes, void* stream) noexcept nogil:
         cdef void* params[6]
-        params[0], params[1], params[2] = &op, &cp, &tp
-        params[3], params[4], params[5] = &n, &bs, &rb
-        self._launch(self._gather, <unsigned>used, 1, params)
-        dtable.close()
+        cdef int64_t used = (num_tokens + block_size - 1) // block_size
+        if used == 0:
+            return RF_RT_OK
+        params[0], params[1], params[2] = &out, &cache, &table
+        params[3], params[4], params[5] = &num_tokens, &block_size, &row_bytes
+        return self._launch(self._gather, <unsigned>used, 1, _threads(block_size * row_bytes // 64), params,
+                            stream)
+
+    cdef int move_blocks(self, bint to_staging, uint64_t staging, uint64_t cache_ptrs, int64_t num_caches,
+                         uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream) noexcept nogil:
+        cdef void* params[5]
+        if num_ids == 0 or num_caches == 0:
+            return RF_RT_OK
+        params[0], params[1], params[2], params[3], params[4] = &staging, &cache_ptrs, &ids, &num_ids, &block_bytes
+        return self._launch(self._to_staging if to_staging else self._from_staging, <unsigned>num_ids,
+                            <unsigned>num_caches, _threads(block_bytes // 64), params, stream)
+
+
+cdef int rt_backend() noexcept nogil:
+    return rf_rt_backend()
+
+cdef int rt_memset(int dev, uint64_t ptr, unsigned char value, size_t nbytes, void* stream) noexcept nogil:
+    return rf_rt_memset_async(dev, ptr, value, nbytes, stream) if nbytes else RF_RT_OK
+
+cdef int rt_htod(int dev, uint64_t dst, const void* src, size_t nbytes, void* stream) noexcept nogil:
+    return rf_rt_copy_htod_async(dev, dst, src, nbytes, stream) if nbytes else RF_RT_OK
+
+cdef int rt_dtoh(int dev, void* dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil:
+    return rf_rt_copy_dtoh_async(dev, dst, src, nbytes, stream) if nbytes else RF_RT_OK
+
+cdef int rt_dtod(int dev, uint64_t dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil:
+    return rf_rt_copy_dtod_async(dev, dst, src, nbytes, stream) if nbytes else RF_RT_OK
+
+cdef int rt_stream_sync(int dev, void* stream) noexcept nogil:
+    return rf_rt_stream_synchronize(dev, stream)
+
+cdef int rt_device_sync(int dev) noexcept nogil:
+    return rf_rt_synchronize(dev)

@@ -1,14 +1,20 @@
-"""The GPU K/V kernels against the host kernels, byte for byte (device only)."""
+"""The GPU data path on the device machine: torch arrays in and out through
+DLPack, bfloat16 inputs, streams, device-side slot checks, and memory that
+comes back after many caches and sequences. (tests/test_kvcache.py runs its
+kernel comparisons on the GPU too.) Skipped without a GPU."""
 
 import numpy as np
 import pytest
 
 import rocmforge as rf
-from rocmforge import _kernels as host
+from rocmforge import _kernels as K
 from rocmforge import _runtime
+from rocmforge.config import CacheConfig
 
-ON_GPU = _runtime.backend_info()["backend"] in ("hip", "cuda")
+INFO = _runtime.backend_info()
+ON_GPU = INFO["backend"] in ("hip", "cuda") and bool(INFO["devices"])
 gpu = pytest.mark.skipif(not ON_GPU, reason="no GPU runtime with a device")
+DEVICE = f"{INFO['backend']}:0"
 
 
 def test_gpu_kernels_need_a_gpu_backend():
@@ -18,66 +24,107 @@ def test_gpu_kernels_need_a_gpu_backend():
         _runtime.DeviceKernels()
 
 
-def upload(arr):
-    buf = _runtime.DeviceBuffer(arr.nbytes)
-    buf.copy_from_host(np.ascontiguousarray(arr))
-    return buf
+def cache(dtype="float16", heads=8, head_dim=128, num_blocks=64, **kw):
+    return rf.KvCache(CacheConfig(2, heads, head_dim, block_size=16, num_blocks=num_blocks, dtype=dtype), DEVICE, **kw)
+
+
+def free_memory():
+    return _runtime.backend_info()["devices"][0]["free_memory"]
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads, head_dim, dtype", [(8, 128, np.float16), (2, 3, np.float32), (1, 1, np.float16)])
-@pytest.mark.parametrize("T", [0, 1, 37, 256])
-def test_write_kv_rows_matches_host(heads, head_dim, dtype, T):
-    kern = _runtime.DeviceKernels()
-    rng = np.random.default_rng(T)
-    nb, bs = 40, 16
-    kc = rng.standard_normal((nb, bs, heads, head_dim)).astype(dtype)
-    vc = rng.standard_normal((nb, bs, heads, head_dim)).astype(dtype)
-    k = rng.standard_normal((T, heads, head_dim)).astype(dtype)
-    v = rng.standard_normal((T, heads, head_dim)).astype(dtype)
-    slots = rng.permutation(nb * bs)[:T].astype(np.int64)
-    slots[rng.random(T) < 0.1] = -1
-    dk, dv, dkc, dvc = upload(k), upload(v), upload(kc), upload(vc)
-    row = heads * head_dim * k.itemsize
-    kern.write_kv(dkc, dvc, dk, dv, slots, row)
-    host.write_kv(kc, vc, k, v, slots)
-    assert np.array_equal(dkc.to_host(), kc.view(np.uint8).reshape(-1))
-    assert np.array_equal(dvc.to_host(), vc.view(np.uint8).reshape(-1))
+def test_a_bad_code_object_reports_the_loader():
+    with pytest.raises(rf.DeviceError, match="loading the given code object") as info:
+        _runtime.DeviceKernels(0, image=b"\x7fELF not really a code object" + bytes(64))
+    assert info.value.runtime_code
 
 
 @gpu
 @pytest.mark.gpu
-def test_copy_blocks_and_gather_match_host():
-    kern = _runtime.DeviceKernels()
-    rng = np.random.default_rng(1)
-    caches = [rng.standard_normal((64, 16, 8, 128)).astype(np.float16) for _ in range(4)]
-    bufs = [upload(c) for c in caches]
-    pairs = np.stack([np.arange(0, 20), np.arange(40, 60)], axis=1).astype(np.int32)
-    block_bytes = caches[0][0].nbytes
-    kern.copy_blocks(bufs, pairs, block_bytes)
-    host.copy_blocks(caches, pairs)
-    for b, c in zip(bufs, caches):
-        assert np.array_equal(b.to_host(), c.view(np.uint8).reshape(-1))
-    table = rng.permutation(64).astype(np.int32)[:10]
-    for n in (0, 1, 16, 150):
-        out = _runtime.DeviceBuffer(max(n, 1) * 8 * 128 * 2)
-        kern.gather(out, bufs[0], table, n, 16, 8 * 128 * 2)
-        want = host.gather_kv(caches[0], table, n)
-        assert np.array_equal(out.to_host()[: want.nbytes], want.view(np.uint8).reshape(-1))
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16", "fp8_e4m3", "int8"])
+def test_torch_bfloat16_inputs_on_a_stream_match_the_host(cache_dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    T = 300
+    k32 = (rng.standard_normal((T, 8, 128)) * 30).astype(np.float32)
+    kb = torch.from_numpy(k32).to("cuda", torch.bfloat16)
+    vb = -kb
+    slots = rng.permutation(64 * 16)[:T].astype(np.int64)
+    slots[::7] = -1
+    with cache(cache_dtype, k_scale=0.25, v_scale=0.5) as c:
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            c.write_kv(1, kb, vb, torch.from_numpy(slots).cuda(), stream=stream)
+        c.synchronize()
+        bits_k = kb.view(torch.int16).cpu().numpy().view(np.uint16)
+        bits_v = vb.view(torch.int16).cpu().numpy().view(np.uint16)
+        storage = K.DTYPES[cache_dtype][1]
+        ref_k = np.zeros((64, 16, 8, 128), dtype=storage)
+        ref_v = np.zeros_like(ref_k)
+        K.write_kv(ref_k, ref_v, bits_k, bits_v, slots, dtype="bfloat16", cache_dtype=cache_dtype,
+                   k_scale=0.25, v_scale=0.5)
+        assert np.array_equal(c.key_cache(1).to_numpy().view(np.uint8), ref_k.view(np.uint8))
+        assert np.array_equal(c.value_cache(1).to_numpy().view(np.uint8), ref_v.view(np.uint8))
 
 
 @gpu
 @pytest.mark.gpu
-def test_kernel_arguments_are_checked_before_launch():
-    kern = _runtime.DeviceKernels()
-    cache = _runtime.DeviceBuffer(1024)
-    rows = _runtime.DeviceBuffer(64)
-    with pytest.raises(rf.ArgumentValueError, match="slot"):
-        kern.write_kv(cache, cache, rows, rows, np.array([0, 32], dtype=np.int64), 32)
-    with pytest.raises(rf.ArgumentValueError, match="block"):
-        kern.copy_blocks([cache], np.array([[0, 8]], dtype=np.int32), 128)
-    with pytest.raises(rf.ArgumentValueError, match="chain"):
-        kern.copy_blocks([cache], np.array([[0, 1], [1, 2]], dtype=np.int32), 128)
-    with pytest.raises(rf.ArgumentValueError, match="block"):
-        kern.gather(rows, cache, np.array([32], dtype=np.int32), 1, 1, 32)   # 32 blocks of 32 bytes
+def test_torch_sees_the_cache_itself():
+    torch = pytest.importorskip("torch")
+    with cache() as c:
+        kc = torch.from_dlpack(c.key_cache(0))
+        assert kc.shape == (64, 16, 8, 128) and kc.dtype == torch.float16 and kc.is_cuda
+        assert kc.data_ptr() == c.key_cache(0).ptr
+        c.manager.add_sequence(1, num_tokens=20)
+        table = c.manager.block_table(1)
+        kc[int(table[1]), 2] = 3.0                                 # token 18, written through torch
+        torch.cuda.synchronize()
+        k, _ = c.gather(1, 0)
+        assert (k.to_numpy()[18] == 3.0).all() and not k.to_numpy()[:18].any()
+        rows = torch.full((20, 8, 128), 5.0, dtype=torch.float16, device="cuda")
+        slots = torch.from_numpy(c.manager.block_table(1).astype(np.int64)).cuda()
+        slots = (slots[:, None] * 16 + torch.arange(16, device="cuda")).reshape(-1)[:20]
+        c.write_kv(0, rows, rows, slots)
+        c.synchronize()
+        assert (kc[int(table[0])] == 5.0).all()                    # a write_kv is seen by torch
+        got = torch.from_dlpack(c.gather(1, 0)[1])
+        assert got.shape == (20, 8, 128) and (got == 5.0).all()
+        fp8 = rf.KvCache(CacheConfig(1, 1, 16, num_blocks=2, dtype="fp8_e4m3"), DEVICE)
+        assert torch.from_dlpack(fp8.key_cache(0)).dtype == torch.uint8
+        assert torch.from_dlpack(cache("bfloat16").key_cache(0)).dtype == torch.bfloat16
+
+
+@gpu
+@pytest.mark.gpu
+def test_device_side_bad_slots_are_skipped_and_reported():
+    torch = pytest.importorskip("torch")
+    with cache() as c:
+        rows = torch.ones((3, 8, 128), dtype=torch.float16, device="cuda")
+        c.write_kv(0, rows, rows, torch.tensor([5, 64 * 16, 7], device="cuda"))
+        with pytest.raises(rf.DeviceError, match=r"layer 0: slot_mapping\[1\]"):
+            c.synchronize()
+        c.synchronize()                                            # reported once
+        flat = c.key_cache(0).to_numpy().reshape(-1, 8, 128)
+        assert (flat[[5, 7]] == 1).all() and flat.sum() == 2 * 8 * 128
+
+
+@gpu
+@pytest.mark.gpu
+def test_memory_comes_back_after_10000_caches_and_1000000_sequences():
+    c = cache(num_blocks=4)            # loads the kernels once for the process
+    c.close()
+    start = free_memory()
+    for i in range(10_000):
+        with cache(num_blocks=4, heads=1, head_dim=64) as c:
+            if i % 1000 == 0:
+                c.manager.add_sequence(1, num_tokens=5)
+    assert free_memory() == start
+    with cache(num_blocks=256) as c:
+        m = c.manager
+        for i in range(1_000_000):
+            m.add_sequence(i, num_tokens=1 + i % 64)
+            m.remove_sequence(i)
+        assert m.num_used_blocks == 0 and len(m) == 0
+        m.check_invariants()
+    assert free_memory() == start

@@ -169,3 +169,45 @@ def test_bad_input_writes_nothing():
         K.gather_kv(kc, np.array([0, 5], dtype=np.int32), 4)
     with pytest.raises(rf.ArgumentValueError):
         K.gather_kv(kc, np.array([0], dtype=np.int32), 3)
+
+
+def convert(x32, cache_name, scale=1.0, in_name="float32"):
+    """Write x (as in_name) into a one-row cache of cache_name through the host kernel."""
+    x = to_storage(x32, in_name) if in_name != "float32" else x32.astype(np.float32)
+    kc = np.zeros((1, 1, 1, len(x32)), dtype=K.DTYPES[cache_name][1])
+    K.write_kv(kc, kc.copy(), x.reshape(1, 1, -1), x.reshape(1, 1, -1), np.zeros(1, dtype=np.int64),
+               dtype=in_name, cache_dtype=cache_name, k_scale=scale, v_scale=scale)
+    return kc.reshape(-1)
+
+
+EDGES = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, 2**-14, 2**-24, 2**-25,
+                  2**-25 * 1.0001, 3 * 2**-26, 1e-30, 1e30, 0.5, 1.5, 2.5, -126.5, 127.49, 127.5, 1000,
+                  np.finfo(np.float32).tiny, np.finfo(np.float32).max], dtype=np.float32)
+
+
+def test_f16_conversions_match_numpy_for_every_code_and_edge():
+    codes = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    finite = ~np.isnan(codes.view(np.float16))
+    got = convert(codes.view(np.float16).astype(np.float32)[finite], "float32", in_name="float16")
+    assert np.array_equal(got.view(np.uint32), codes.view(np.float16)[finite].astype(np.float32).view(np.uint32))
+    rng = np.random.default_rng(7)
+    x = np.concatenate([EDGES, (rng.standard_normal(20000) * 10.0 ** rng.integers(-9, 6, 20000))
+                        .astype(np.float32)])
+    with np.errstate(over="ignore"):
+        expect = x.astype(np.float16)
+    assert np.array_equal(convert(x, "float16").view(np.uint16), expect.view(np.uint16))
+    assert np.isnan(convert(np.array([np.nan], dtype=np.float32), "float16").view(np.float16)[0])
+
+
+def test_quantized_conversions_match_the_references():
+    rng = np.random.default_rng(8)
+    x = np.concatenate([EDGES, (rng.standard_normal(20000) * 10.0 ** rng.integers(-4, 4, 20000))
+                        .astype(np.float32)])
+    x = x[np.isfinite(x) | (np.abs(x) == np.inf)]
+    assert convert(x, "fp8_e4m3").tolist() == ref_e4m3(x).tolist()
+    assert np.array_equal(convert(x, "bfloat16"), ref_bf16(x))
+    i8 = convert(x, "int8", scale=0.25)
+    assert np.array_equal(i8, np.clip(np.rint(x.astype(np.float64) * 4), -127, 127).astype(np.int8))
+    nan = np.array([np.nan, -np.nan], dtype=np.float32)
+    assert convert(nan, "int8").tolist() == [0, 0]
+    assert [c & 0x7F for c in convert(nan, "fp8_e4m3")] == [0x7F, 0x7F]

@@ -72,7 +72,7 @@ def test_missing_cuda_driver_is_reported():
     assert info["backend"] == "host" and "libcuda.so.1 not found" in info["reason"]
 
 
-def roundtrip(device=0):
+def roundtrip(device=None):
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
     with _runtime.DeviceBuffer(data.nbytes, device) as a, _runtime.DeviceBuffer(data.nbytes, device) as b:
@@ -130,9 +130,18 @@ def test_bad_copies():
 
 
 def test_bad_device_index():
-    with pytest.raises(rf.DeviceError) as info:
-        _runtime.DeviceBuffer(8, device=len(INFO["devices"]) + 1)
-    assert info.value.code == 5
+    for device in (len(INFO["devices"]), -2, 1 << 40):
+        with pytest.raises(rf.DeviceError) as info:
+            _runtime.DeviceBuffer(8, device=device)
+        assert info.value.code == 5
+    with pytest.raises(rf.ArgumentTypeError):
+        _runtime.DeviceBuffer(8, device="0")
+
+
+def test_host_memory_on_any_backend():
+    roundtrip(-1)
+    with _runtime.DeviceBuffer(8, -1) as b:
+        assert b.on_host and b.device == -1
 
 
 @gpu
@@ -161,3 +170,19 @@ def test_gpu_out_of_memory_is_a_device_error():
     with pytest.raises(rf.DeviceError) as info:
         _runtime.DeviceBuffer(total * 4)
     assert info.value.runtime_code
+
+
+@pytest.mark.parametrize("compiler, image, markers", [
+    ("hipcc", "kv_kernels.hsaco", [b"__CLANG_OFFLOAD_BUNDLE__", b"gfx90a", b"gfx940"]),
+    ("nvcc", "kv_kernels.fatbin", [b"rf_write_kv", b"rf_copy_blocks", b"rf_scatter_blocks"]),
+])
+def test_kernel_code_objects_are_built_when_the_compiler_is_present(compiler, image, markers):
+    """setup.py compiles hip/kernels/kv_kernels.cu with every GPU compiler on PATH
+    (CI installs Debian's hipcc; nvcc where CUDA is installed) and ships the result."""
+    import shutil
+    if not shutil.which(compiler):
+        pytest.skip(f"{compiler} not on PATH")
+    with open(os.path.join(_runtime.KERNEL_DIR, image), "rb") as f:
+        data = f.read()
+    for marker in markers:
+        assert marker in data, (image, marker)

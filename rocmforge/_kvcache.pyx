@@ -1,0 +1,626 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""KvCache: a BlockManager plus the K/V storage of every layer, on a GPU or in
+host memory, and the data path between them (write, copy-on-write, gather,
+swap, compaction) through the precompiled kernels or their host versions."""
+
+cimport cython
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.string cimport memcpy, memset
+from libcpp.vector cimport vector
+cimport numpy as cnp
+import numpy as np
+
+from rocmforge._core import BlockManager
+from rocmforge._dlpack cimport ArrayInfo, DeviceArray, import_array, DL_CPU, DL_CUDA, DL_ROCM, DT_I64
+from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
+from rocmforge._runtime cimport (DeviceBuffer, DeviceKernels, check, rt_backend, rt_memset, rt_htod, rt_dtoh,
+                                 rt_dtod, rt_stream_sync, rt_device_sync)
+from rocmforge._runtime import backend_info, load_backend
+from rocmforge.config import CacheConfig
+from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
+                              InvalidConfiguration, OutOfBlocks, SequenceExists, SequenceNotFound)
+
+cnp.import_array()
+
+from rocmforge._host_kernels cimport *
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "int8")
+_RT_BAD_DEVICE = 5
+_kernels_by_device = {}         # one loaded kernel module per device, for the process
+
+
+cdef DeviceKernels _kernels_for(int device):
+    if device not in _kernels_by_device:
+        _kernels_by_device[device] = DeviceKernels(device)
+    return _kernels_by_device[device]
+
+
+cdef int64_t _first_bad(const int64_t* slots, int64_t n, int64_t num_slots) noexcept nogil:
+    """Index of the first slot outside [-1, num_slots), or -1."""
+    cdef int64_t i
+    for i in range(n):
+        if slots[i] < -1 or slots[i] >= num_slots:
+            return i
+    return -1
+
+
+cdef void* _stream_handle(object stream) except? NULL:
+    """None (the default stream), an int handle, or a torch / cupy stream object."""
+    if stream is None:
+        return NULL
+    for attr in ("cuda_stream", "ptr"):
+        if hasattr(stream, attr):
+            stream = getattr(stream, attr)
+            break
+    if isinstance(stream, bool) or not hasattr(stream, "__index__"):
+        raise ArgumentTypeError(f"stream must be None, an int handle or a stream object, got {type(stream).__name__}")
+    return <void*><size_t>stream.__index__()
+
+
+cdef inline float _inverse(float scale) noexcept nogil:
+    """1 / scale in float arithmetic, as the host kernel computes it."""
+    cdef float one = 1.0
+    return one / scale
+
+
+def _waves(pairs):
+    """Split (src, dst) pairs, applied in order, into runs that may run in
+    parallel: a run ends before a pair that reads or writes a block an earlier
+    pair of the run writes, or writes a block one of them reads."""
+    if not np.isin(pairs[:, 1], pairs[:, 0]).any() and np.unique(pairs[:, 1]).size == len(pairs):
+        return [pairs]                  # no block both read and written, none written twice
+    waves, start, reads, writes = [], 0, set(), set()
+    for i, (src, dst) in enumerate(pairs.tolist()):
+        if src in writes or dst in writes or dst in reads:
+            waves.append(pairs[start:i])
+            start, reads, writes = i, set(), set()
+        reads.add(src)
+        writes.add(dst)
+    if start < len(pairs):
+        waves.append(pairs[start:])
+    return waves
+
+
+@cython.final
+cdef class KvCache:
+    """A paged KV cache: ``manager`` (a BlockManager) hands out blocks; this
+    object owns the K and V storage of every layer, shaped [num_blocks,
+    block_size, num_kv_heads, head_dim], and moves data in and out of it.
+
+    ``device`` is "auto" (GPU 0 when a GPU backend is loaded, else "cpu"),
+    "cpu", "cuda:N" or "hip:N". A context manager: memory is freed once, on
+    close() or collection; arrays exported with key_cache()/value_cache()
+    keep their memory alive until they are gone. Thread-safe: storage changes
+    (compact, grow, close) are serialized with the data path."""
+
+    cdef readonly object config
+    cdef readonly object manager
+    cdef readonly str device
+    cdef readonly str dtype
+    cdef int _dev                       # GPU index, -1 for host memory
+    cdef int _dt
+    cdef int _num_layers
+    cdef int64_t _heads, _head_dim, _row, _itemsize, _block_size, _block_bytes, _num_blocks
+    cdef list _buffers                  # K0, V0, K1, V1, ...: one DeviceBuffer per layer and kind
+    cdef vector[uint64_t] _addrs        # their addresses
+    cdef vector[float] _k_scale, _v_scale   # per layer
+    cdef DeviceBuffer _dev_addrs        # GPU: _addrs on the device (copy_blocks, swap)
+    cdef DeviceBuffer _scratch          # GPU: host-side indices uploaded for a call
+    cdef DeviceBuffer _bad              # GPU: per layer, the first token a device-checked write skipped
+    cdef DeviceKernels _kernels
+    cdef dict _swapped                  # seq_id -> (host bytes, num_tokens, tokens, salt_key)
+    cdef cython.pymutex _lock
+    cdef bint _open
+
+    def __init__(self, config, device="auto", *, k_scale=1.0, v_scale=1.0, **manager_options):
+        """``manager_options`` go to BlockManager (evict_sequences,
+        enable_prefix_caching, eviction_policy, enable_events). ``k_scale`` and
+        ``v_scale`` (a float or one per layer) are the quantization scales of
+        fp8_e4m3 and int8 storage: the cache holds x / scale."""
+        if not isinstance(config, CacheConfig):
+            raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")
+        if config.dtype not in STORAGE_DTYPES:
+            raise InvalidConfiguration(f"dtype: the kernels store {', '.join(STORAGE_DTYPES)}, not {config.dtype}")
+        self._open = False
+        self.config = config
+        self.dtype = config.dtype
+        self._dt = _ARRAY_DTYPES[config.dtype][0]
+        self._itemsize = _ARRAY_DTYPES[config.dtype][2].itemsize
+        self._num_layers = config.num_layers
+        self._heads, self._head_dim = config.num_kv_heads, config.head_dim
+        self._row = self._heads * self._head_dim
+        self._block_size = config.block_size
+        self._block_bytes = self._block_size * self._row * self._itemsize
+        self._k_scale = self._scales(k_scale, "k_scale")
+        self._v_scale = self._scales(v_scale, "v_scale")
+        self._dev = self._parse_device(device)
+        self.device = "cpu" if self._dev < 0 else f"{'hip' if rt_backend() == 1 else 'cuda'}:{self._dev}"
+        if self._dev >= 0:
+            self._kernels = _kernels_for(self._dev)
+            self._bad = DeviceBuffer(8 * self._num_layers, self._dev)
+            self._bad.memset(0xFF)
+            self._scratch = DeviceBuffer(1 << 16, self._dev)
+        self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
+        self._swapped = {}
+        self._buffers = []
+        self._allocate(config.num_blocks, None)
+        self._open = True
+
+    cdef vector[float] _scales(self, object scale, str name) except *:
+        cdef vector[float] out
+        values = [scale] * self._num_layers if isinstance(scale, (int, float)) else list(scale)
+        if len(values) != self._num_layers:
+            raise ArgumentValueError(f"{name}: one scale per layer ({self._num_layers}), got {len(values)}")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+                raise ArgumentValueError(f"{name} must hold finite numbers > 0, got {v!r}")
+            out.push_back(<float>v)
+        return out
+
+    cdef int _parse_device(self, object device) except -2:
+        cdef int count
+        if not isinstance(device, str):
+            raise ArgumentTypeError(f"device must be a string ('auto', 'cpu', 'cuda:N', 'hip:N'), got {device!r}")
+        backend, reason = load_backend()
+        name, _, index = device.strip().lower().partition(":")
+        if name == "auto" and not index:
+            return 0 if backend != "host" else -1
+        if name == "cpu" and not index:
+            return -1
+        if name not in ("cuda", "hip") or (index and not index.isdigit()):
+            raise ArgumentValueError(f"device must be 'auto', 'cpu', 'cuda:N' or 'hip:N', got {device!r}")
+        if backend != name:
+            raise DeviceError(f"device {device!r} needs the {name} backend; the {backend} backend is loaded "
+                              f"({reason})", _RT_BAD_DEVICE)
+        count = len(backend_info()["devices"])
+        dev = int(index or 0)
+        if dev >= count:
+            raise DeviceError(f"device {device!r}: only {count} device(s)", _RT_BAD_DEVICE)
+        return dev
+
+    cdef _allocate(self, int64_t num_blocks, list old):
+        """Storage for num_blocks blocks per cache, keeping the leading blocks of old
+        (zeros elsewhere); installs it under the lock. Raises before changing anything."""
+        cdef int64_t nbytes = num_blocks * self._block_bytes, keep
+        cdef DeviceBuffer buf, prev
+        cdef int st = 0, i
+        cdef vector[uint64_t] addrs
+        fresh = []
+        for i in range(2 * self._num_layers):
+            buf = DeviceBuffer(nbytes, self._dev)
+            fresh.append(buf)
+            addrs.push_back(buf._ptr)
+        table = None
+        if self._dev >= 0:
+            table = DeviceBuffer(8 * len(fresh), self._dev)
+            table.copy_from_host(np.array([b.ptr for b in fresh], dtype=np.uint64))
+        keep = min(nbytes, old[0].nbytes) if old else 0
+        for i in range(len(fresh)):
+            buf = fresh[i]
+            if buf.on_host:
+                memset(<void*><size_t>(buf._ptr + keep), 0, nbytes - keep)
+            elif st == 0:
+                st = rt_memset(self._dev, buf._ptr + keep, 0, nbytes - keep, NULL)
+        with self._lock:
+            for i in range(len(fresh) if old else 0):
+                buf, prev = fresh[i], old[i]
+                if buf.on_host:
+                    memcpy(<void*><size_t>buf._ptr, <const void*><size_t>prev._ptr, keep)
+                elif st == 0:
+                    st = rt_dtod(self._dev, buf._ptr, prev._ptr, keep, NULL)
+            if st == 0 and self._dev >= 0:
+                st = rt_device_sync(self._dev)
+            if st == 0:
+                self._buffers, self._addrs, self._dev_addrs, self._num_blocks = fresh, addrs, table, num_blocks
+        check(st, "allocating the cache storage")
+
+    # ---- state ------------------------------------------------------------------------------------
+
+    def _live(self):
+        if not self._open:
+            raise ArgumentValueError("the KvCache is closed")
+
+    @property
+    def closed(self):
+        return not self._open
+
+    @property
+    def num_layers(self):
+        return self._num_layers
+
+    @property
+    def num_blocks(self):
+        return self._num_blocks
+
+    @property
+    def block_size(self):
+        return self._block_size
+
+    @property
+    def nbytes(self):
+        """Bytes of K/V storage held (all layers)."""
+        return 2 * self._num_layers * self._num_blocks * self._block_bytes if self._open else 0
+
+    def close(self):
+        """Free the storage now (later calls do nothing). Arrays exported earlier
+        keep their memory alive until they are collected."""
+        with self._lock:
+            self._open = False
+            self._buffers, self._dev_addrs, self._scratch, self._bad = [], None, None, None
+            self._addrs.clear()
+        self._swapped = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if not self._open else f"{self._num_blocks} blocks"
+        return (f"KvCache({self._num_layers} layers x {self._heads} heads x {self._head_dim}, {self.dtype}, "
+                f"block_size={self._block_size}, {state}, device={self.device!r})")
+
+    cdef int _layer(self, object layer) except -1:
+        self._live()
+        if isinstance(layer, bool) or not hasattr(layer, "__index__"):
+            raise ArgumentTypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer.__index__() < self._num_layers:
+            raise ArgumentValueError(f"layer {layer} outside [0, {self._num_layers})")
+        return layer.__index__()
+
+    def key_cache(self, layer):
+        """Layer's key cache as a DeviceArray [num_blocks, block_size, heads, head_dim]
+        (zero-copy through DLPack). compact() and grow() replace the storage:
+        take the arrays again after them."""
+        return DeviceArray(self._buffers[2 * self._layer(layer)], self._cache_shape(), self.dtype)
+
+    def value_cache(self, layer):
+        """Layer's value cache as a DeviceArray (see key_cache)."""
+        return DeviceArray(self._buffers[2 * self._layer(layer) + 1], self._cache_shape(), self.dtype)
+
+    def _cache_shape(self):
+        return (self._num_blocks, self._block_size, self._heads, self._head_dim)
+
+    # ---- scratch: host-side indices for GPU kernels ---------------------------------------------------
+
+    cdef uint64_t _stage(self, cnp.ndarray arr, int64_t* used, void* stream) noexcept:
+        """Copy a host array into the scratch buffer at *used (16-byte aligned),
+        stream-ordered; the caller synchronizes the stream before the lock is
+        released, so the next call may reuse the space. Call with the lock held."""
+        cdef int64_t at = (used[0] + 15) // 16 * 16, n = arr.nbytes
+        cdef int st
+        if at + n > <int64_t>self._scratch.nbytes:
+            return 0
+        st = rt_htod(self._dev, self._scratch._ptr + at, cnp.PyArray_DATA(arr), n, stream)
+        if st != 0:
+            return 0
+        used[0] = at + n
+        return self._scratch._ptr + at
+
+    cdef _reserve_scratch(self, int64_t nbytes):
+        """Grow the scratch buffer to hold nbytes (plus alignment)."""
+        if nbytes + 64 > <int64_t>self._scratch.nbytes:
+            grown = DeviceBuffer(max(nbytes + 64, 2 * self._scratch.nbytes), self._dev)
+            with self._lock:
+                self._scratch = grown
+
+    # ---- the data path ----------------------------------------------------------------------------
+
+    def write_kv(self, layer, key, value, slot_mapping, stream=None):
+        """Write T new tokens' key and value ([T, num_kv_heads, head_dim], float32,
+        float16 or bfloat16, any DLPack array on the cache's device) at
+        slot_mapping (int64 [T]; -1 skips a padding token). Pending copy-on-write
+        copies run first. On a GPU the work is queued on ``stream`` (None: the
+        default stream; an int handle or a torch/cupy stream).
+
+        A host (numpy) slot_mapping is checked before anything is written (and
+        makes a GPU call wait for its stream). A slot_mapping on the GPU is
+        checked by the kernel: a bad slot is skipped and the next synchronize()
+        raises DeviceError naming it."""
+        cdef int l = self._layer(layer)
+        cdef ArrayInfo k, v, s
+        cdef void* strm = _stream_handle(stream)
+        cdef int64_t T, bad = -1, used = 0
+        cdef uint64_t slots_dev = 0
+        cdef int st = 0
+        handle = None if strm == NULL else <size_t>strm      # producers take the consumer stream as an int
+        keep = (import_array(key, &k, handle), import_array(value, &v, handle),
+                import_array(slot_mapping, &s, handle))
+        self._check_rows(&k, "key")
+        self._check_rows(&v, "value")
+        T = k.shape[0]
+        if v.dtype != k.dtype or v.shape[0] != T:
+            raise ArgumentValueError("key and value must have the same dtype and shape")
+        if s.dtype != DT_I64 or s.ndim != 1 or s.shape[0] != T or not s.contiguous:
+            raise ArgumentValueError(f"slot_mapping must be a contiguous 1-D int64 array of {T} entries")
+        host_slots = s.device_type == DL_CPU
+        if not host_slots:
+            self._check_device(&s, "slot_mapping")
+        elif not isinstance(slot_mapping, np.ndarray):     # e.g. a torch CPU tensor: view its memory
+            slot_mapping = cnp.PyArray_SimpleNewFromData(1, &T, cnp.NPY_INT64, <void*><size_t>s.ptr)
+        if self._dev >= 0 and host_slots:
+            self._reserve_scratch(8 * T)
+        if T == 0:
+            return
+        if host_slots:
+            bad = _first_bad(<const int64_t*><size_t>s.ptr, T, self._num_blocks * self._block_size)
+            if bad >= 0:
+                raise ArgumentValueError(f"slot_mapping[{bad}] = {slot_mapping[bad]} outside "
+                                         f"[-1, {self._num_blocks * self._block_size})")
+        self._apply_pending(strm)
+        with self._lock:    # checked again: compact() may have shrunk the pool meanwhile
+            if not self._open:
+                st = -2
+            elif host_slots:
+                bad = _first_bad(<const int64_t*><size_t>s.ptr, T, self._num_blocks * self._block_size)
+            if st == 0 and bad < 0 and self._dev < 0:
+                st = rf_host_write_kv(<void*><size_t>self._addrs[2 * l], <void*><size_t>self._addrs[2 * l + 1],
+                                      <void*><size_t>k.ptr, <void*><size_t>v.ptr, <const int64_t*><size_t>s.ptr,
+                                      T, self._row, self._num_blocks * self._block_size, k.dtype, self._dt,
+                                      self._k_scale[l], self._v_scale[l], &bad)
+            elif st == 0 and bad < 0:
+                slots_dev = self._stage(<cnp.ndarray>slot_mapping, &used, strm) if host_slots else s.ptr
+                st = -1 if slots_dev == 0 else self._kernels.write_kv(
+                    self._addrs[2 * l], self._addrs[2 * l + 1], k.ptr, v.ptr, slots_dev, T, self._row,
+                    self._num_blocks * self._block_size, k.dtype, self._dt, _inverse(self._k_scale[l]),
+                    _inverse(self._v_scale[l]),
+                    self._bad._ptr + 8 * l, strm)
+                if st == 0 and host_slots:
+                    st = rt_stream_sync(self._dev, strm)
+        if st == -2:
+            self._live()
+        if bad >= 0:
+            raise ArgumentValueError(f"slot_mapping[{bad}] = {slot_mapping[bad]} outside "
+                                     f"[-1, {self._num_blocks * self._block_size})")
+        check(st if st >= 0 else 4, "write_kv")
+        del keep
+
+    cdef int _check_rows(self, ArrayInfo* a, str what) except -1:
+        if a.dtype not in (0, 1, 2):
+            raise ArgumentTypeError(f"{what} must be float32, float16 or bfloat16")
+        if a.ndim != 3 or a.shape[1] != self._heads or a.shape[2] != self._head_dim:
+            shape = tuple(a.shape[i] for i in range(a.ndim))
+            raise ArgumentValueError(f"{what} must be [T, {self._heads}, {self._head_dim}], got {shape}")
+        if not a.contiguous:
+            raise ArgumentValueError(f"{what} must be C-contiguous")
+        return self._check_device(a, what)
+
+    cdef int _check_device(self, ArrayInfo* a, str what) except -1:
+        if self._dev < 0:
+            ok = a.device_type == DL_CPU
+        else:
+            ok = a.device_type == (DL_ROCM if rt_backend() == 1 else DL_CUDA) and a.device_id == self._dev
+        if not ok:
+            where = {DL_CPU: "cpu", DL_CUDA: "cuda", DL_ROCM: "hip"}.get(a.device_type, "another device type")
+            raise ArgumentValueError(f"{what} lives on {where}:{a.device_id}, the cache on {self.device}")
+        return 0
+
+    def copy_blocks(self, pairs, stream=None):
+        """Copy block src over block dst, for each (src, dst) row of pairs (int32
+        [k, 2]), in order, in every layer's K and V. Nothing is copied if any id
+        is outside the pool (BlockNotFound)."""
+        self._live()
+        arr = np.asarray(pairs)
+        if arr.dtype != np.int32 or arr.ndim != 2 or arr.shape[1] != 2:
+            raise ArgumentValueError("pairs must be int32 of shape (k, 2)")
+        if arr.size and (arr.min() < 0 or arr.max() >= self._num_blocks):
+            raise BlockNotFound(f"pairs name a block outside [0, {self._num_blocks})")
+        if len(arr):
+            self._copy_pairs(arr, _stream_handle(stream))
+
+    def apply_pending_copies(self, stream=None):
+        """Run the manager's queued copy-on-write copies now (write_kv does it first anyway)."""
+        self._live()
+        self._apply_pending(_stream_handle(stream))
+
+    cdef _apply_pending(self, void* stream):
+        pairs = self.manager.take_pending_copies()
+        if len(pairs):
+            self._copy_pairs(pairs, stream)
+
+    cdef _copy_pairs(self, cnp.ndarray pairs, void* stream):
+        """Apply (src, dst) block copies, in order, to every layer's K and V."""
+        cdef int64_t bad = -1, used = 0
+        cdef uint64_t staged
+        cdef int st = 0
+        cdef cnp.ndarray wave
+        pairs = np.ascontiguousarray(pairs, dtype=np.int32)
+        waves = _waves(pairs) if self._dev >= 0 else [pairs]
+        if self._dev >= 0:
+            self._reserve_scratch(pairs.nbytes + 16 * len(waves))
+        with self._lock:
+            for wave in waves:
+                if self._dev < 0:
+                    st = rf_host_copy_blocks(<void* const*>self._addrs.data(), self._addrs.size(),
+                                             <const int32_t*>cnp.PyArray_DATA(wave), wave.shape[0],
+                                             self._block_bytes, self._num_blocks, &bad)
+                else:
+                    staged = self._stage(wave, &used, stream)
+                    st = -1 if staged == 0 else self._kernels.copy_blocks(
+                        self._dev_addrs._ptr, self._addrs.size(), staged, wave.shape[0], self._block_bytes, stream)
+                if st != 0:
+                    break
+            if st == 0 and self._dev >= 0:
+                st = rt_stream_sync(self._dev, stream)
+        if self._dev < 0 and st != 0:
+            raise BlockNotFound(f"copy pair {pairs[bad].tolist()} names a block outside [0, {self._num_blocks})")
+        check(st if st >= 0 else 4, "copy_blocks")
+
+    def synchronize(self):
+        """Wait for the device's queued work; raise DeviceError if a write_kv with a
+        device-side slot_mapping met a slot outside the cache (that token was skipped)."""
+        cdef cnp.ndarray words = np.empty(self._num_layers, dtype=np.uint64)
+        cdef int st = 0
+        self._live()
+        if self._dev < 0:
+            return
+        with nogil:
+            st = rt_device_sync(self._dev)
+            if st == 0:
+                st = rt_dtoh(self._dev, cnp.PyArray_DATA(words), self._bad._ptr, 8 * self._num_layers, NULL)
+            if st == 0:
+                st = rt_device_sync(self._dev)
+        check(st, "synchronize")
+        if (words != np.uint64(2**64 - 1)).any():
+            layer = int(np.argmax(words != np.uint64(2**64 - 1)))
+            self._bad.memset(0xFF)
+            raise DeviceError(f"write_kv on layer {layer}: slot_mapping[{int(words[layer])}] was outside "
+                              f"[-1, {self._num_blocks * self._block_size}); that token was not written", 0)
+
+    def gather(self, seq_id, layer):
+        """A sequence's keys and values of one layer, contiguous: two DeviceArrays
+        [num_tokens, heads, head_dim] in the storage dtype (copies)."""
+        cdef int l = self._layer(layer)
+        cdef cnp.ndarray table = np.ascontiguousarray(self.manager.block_table(seq_id), dtype=np.int32)
+        cdef int64_t n = self.manager.num_tokens(seq_id), bad = -1, used = 0, i, row_bytes
+        cdef uint64_t staged
+        cdef int st = 0
+        cdef DeviceBuffer out
+        row_bytes = self._row * self._itemsize
+        outs = [DeviceBuffer(n * row_bytes, self._dev) for _ in range(2)]
+        if self._dev >= 0:
+            self._reserve_scratch(table.nbytes)
+        with self._lock:
+            for i in range(2):
+                out = outs[i]
+                if self._dev < 0:
+                    st = rf_host_gather(<void*><size_t>self._addrs[2 * l + i], <const int32_t*>cnp.PyArray_DATA(table),
+                                        table.shape[0], n, self._block_size, row_bytes, self._num_blocks,
+                                        <void*><size_t>out._ptr, &bad)
+                else:
+                    staged = self._stage(table, &used, NULL) if i == 0 else staged
+                    st = -1 if staged == 0 else self._kernels.gather(
+                        out._ptr, self._addrs[2 * l + i], staged, n, self._block_size, row_bytes, NULL)
+                if st != 0:
+                    break
+            if st == 0 and self._dev >= 0:
+                st = rt_stream_sync(self._dev, NULL)
+        check(st if st >= 0 else 4, "gather")
+        shape = (n, self._heads, self._head_dim)
+        return DeviceArray(outs[0], shape, self.dtype), DeviceArray(outs[1], shape, self.dtype)
+
+    # ---- swapping ---------------------------------------------------------------------------------
+
+    cdef _move_blocks(self, bint out, cnp.ndarray ids, cnp.ndarray host):
+        """Copy blocks ids of every cache to host ([2L, len(ids), block_bytes] bytes) or back."""
+        cdef int64_t bad = -1, used = 0, n = ids.shape[0]
+        cdef uint64_t staged
+        cdef int st = 0
+        cdef DeviceBuffer staging = None
+        if n == 0:
+            return
+        if self._dev >= 0:
+            staging = DeviceBuffer(host.nbytes, self._dev)
+            self._reserve_scratch(ids.nbytes)
+        with self._lock:
+            if self._dev < 0 and out:
+                st = rf_host_gather_blocks(<const void* const*>self._addrs.data(), self._addrs.size(),
+                                           <const int32_t*>cnp.PyArray_DATA(ids), n, self._block_bytes,
+                                           self._num_blocks, cnp.PyArray_DATA(host), &bad)
+            elif self._dev < 0:
+                st = rf_host_scatter_blocks(<void* const*>self._addrs.data(), self._addrs.size(),
+                                            <const int32_t*>cnp.PyArray_DATA(ids), n, self._block_bytes,
+                                            self._num_blocks, cnp.PyArray_DATA(host), &bad)
+            else:
+                staged = self._stage(ids, &used, NULL)
+                st = -1 if staged == 0 else 0
+                if st == 0 and not out:
+                    st = rt_htod(self._dev, staging._ptr, cnp.PyArray_DATA(host), host.nbytes, NULL)
+                if st == 0:
+                    st = self._kernels.move_blocks(out, staging._ptr, self._dev_addrs._ptr, self._addrs.size(),
+                                                   staged, n, self._block_bytes, NULL)
+                if st == 0 and out:
+                    st = rt_dtoh(self._dev, cnp.PyArray_DATA(host), staging._ptr, host.nbytes, NULL)
+                if st == 0:
+                    st = rt_stream_sync(self._dev, NULL)
+        check(st if st >= 0 else 4, "swapping blocks")
+
+    def swap_out(self, seq_ids):
+        """Move sequences' K/V to host memory and release their blocks (preemption
+        by swapping). All named sequences must exist; nothing changes otherwise."""
+        self._live()
+        ids = [int(s) for s in seq_ids]
+        if len(set(ids)) != len(ids):
+            raise ArgumentValueError("seq_ids repeats a sequence")
+        for sid in ids:
+            if sid not in self.manager:
+                raise SequenceNotFound(f"sequence {sid} not found")
+        self._apply_pending(NULL)
+        for sid in ids:
+            info = self.manager.sequence_info(sid)
+            table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
+            host = np.empty((2 * self._num_layers, len(table), self._block_bytes), dtype=np.uint8)
+            self._move_blocks(True, table, host)
+            self._swapped[sid] = (host, info["num_tokens"], self.manager.sequence_tokens(sid), info["salt_key"])
+            self.manager.remove_sequence(sid)
+
+    def swap_in(self, seq_ids):
+        """Bring swapped-out sequences back: fresh blocks (a cached prefix is reused),
+        their K/V copied back. All or nothing: OutOfBlocks leaves them swapped out."""
+        self._live()
+        ids = [int(s) for s in seq_ids]
+        if len(set(ids)) != len(ids):
+            raise ArgumentValueError("seq_ids repeats a sequence")
+        for sid in ids:
+            if sid not in self._swapped:
+                raise SequenceNotFound(f"sequence {sid} is not swapped out")
+            if sid in self.manager:
+                raise SequenceExists(f"sequence {sid} exists")
+        done = []
+        try:
+            for sid in ids:
+                host, num_tokens, tokens, salt_key = self._swapped[sid]
+                if tokens is None:
+                    self.manager.add_sequence(sid, num_tokens=num_tokens)
+                else:
+                    self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
+                done.append(sid)
+                hits = self.manager.num_cached_tokens(sid) // self._block_size
+                table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
+                self._move_blocks(False, table, np.ascontiguousarray(host[:, hits:]))
+        except BaseException:
+            for sid in done:                # their data is in place: removing keeps the cache valid
+                self.manager.remove_sequence(sid)
+            raise
+        for sid in ids:
+            del self._swapped[sid]
+
+    def swapped_sequences(self):
+        """Ids of the sequences swapped out to host memory."""
+        return sorted(self._swapped)
+
+    def swapped_bytes(self):
+        """Host memory held by swapped-out sequences."""
+        return sum(entry[0].nbytes for entry in self._swapped.values())
+
+    # ---- pool size ----------------------------------------------------------------------------------
+
+    def compact(self, shrink=True):
+        """Compact the manager (occupied blocks move to the lowest ids), move their
+        K/V accordingly, and with ``shrink`` cut the pool and the storage down to
+        the occupied blocks, giving the memory back. Returns the (old, new) moves.
+        Other threads must not use the manager meanwhile."""
+        self._live()
+        self._apply_pending(NULL)
+        moves = self.manager.compact()
+        if len(moves):
+            self._copy_pairs(moves, NULL)
+        occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
+        if shrink and occupied < self._num_blocks:
+            self.manager.shrink(occupied)
+            self._allocate(occupied, self._buffers)
+        return moves
+
+    def grow(self, num_blocks):
+        """Enlarge the pool and the storage to num_blocks (new blocks are zeroed)."""
+        self._live()
+        if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
+            raise ArgumentTypeError("num_blocks must be an int")
+        n = num_blocks.__index__()
+        if n < self._num_blocks:
+            raise InvalidConfiguration(f"grow to {n} < num_blocks={self._num_blocks}: use compact()")
+        self._allocate(n, self._buffers)
+        self.manager.grow(n)
+
+

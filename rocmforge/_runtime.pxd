@@ -1,0 +1,51 @@
+# The runtime layer's C-level interface for rocmforge's other extensions
+# (_kvcache cimports it): device memory and raw kernel launches.
+from libc.stdint cimport int64_t, uint64_t
+
+
+cdef int check(int status, str what) except -1
+
+
+cdef class DeviceBuffer:
+    cdef readonly size_t nbytes
+    cdef readonly int device            # -1: host memory
+    cdef readonly bint on_host
+    cdef uint64_t _ptr
+    cdef bint _open
+    cdef uint64_t _live(self) except? 0
+    cdef int _release(self) noexcept
+
+
+cdef class DeviceKernels:
+    cdef void* _module
+    cdef void* _write
+    cdef void* _copy
+    cdef void* _gather
+    cdef void* _to_staging
+    cdef void* _from_staging
+    cdef readonly int device
+    cdef int _launch(self, void* fn, unsigned gx, unsigned gy, unsigned threads, void** params,
+                     void* stream, unsigned threads_y=*) noexcept nogil
+    # Raw launches on `stream` (NULL: the default stream), asynchronous;
+    # every pointer is a device address and every index was checked by the
+    # caller (write_kv also checks slots on the device). Return a status.
+    cdef int write_kv(self, uint64_t key_cache, uint64_t value_cache, uint64_t key, uint64_t value,
+                      uint64_t slots, int64_t T, int64_t row, int64_t num_slots, int in_dt,
+                      int cache_dt, float inv_k, float inv_v, uint64_t bad, void* stream) noexcept nogil
+    cdef int copy_blocks(self, uint64_t cache_ptrs, int64_t num_caches, uint64_t pairs, int64_t num_pairs,
+                         int64_t block_bytes, void* stream) noexcept nogil
+    cdef int gather(self, uint64_t out, uint64_t cache, uint64_t table, int64_t num_tokens,
+                    int64_t block_size, int64_t row_bytes, void* stream) noexcept nogil
+    cdef int move_blocks(self, bint to_staging, uint64_t staging, uint64_t cache_ptrs, int64_t num_caches,
+                         uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream) noexcept nogil
+
+
+# Thin stream-ordered wrappers of hip/rf_runtime.c for other extensions (the C
+# layer's state lives in this module only). A status comes back, never raised.
+cdef int rt_backend() noexcept nogil
+cdef int rt_memset(int dev, uint64_t ptr, unsigned char value, size_t nbytes, void* stream) noexcept nogil
+cdef int rt_htod(int dev, uint64_t dst, const void* src, size_t nbytes, void* stream) noexcept nogil
+cdef int rt_dtoh(int dev, void* dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil
+cdef int rt_dtod(int dev, uint64_t dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil
+cdef int rt_stream_sync(int dev, void* stream) noexcept nogil
+cdef int rt_device_sync(int dev) noexcept nogil

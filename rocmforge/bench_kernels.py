@@ -1,0 +1,147 @@
+"""GPU K/V kernel benchmarks: write_kv and copy_blocks against the device's own
+copy bandwidth and against torch doing the same writes (index_copy_).
+
+Needs a GPU and torch (for CUDA events and the comparison). Bandwidth counts
+bytes read plus bytes written; the ceiling is a 512 MiB device-to-device copy
+(far beyond the L2 cache, so it measures the memory itself). Kernel times come from CUDA events around a
+burst of launches queued behind a GPU sleep, so the host's launch cost does
+not hide in them; the host's own cost per write_kv call is reported apart.
+Every figure is the median of several repetitions. Prints a table, then one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+HEADS, HEAD_DIM, BLOCK = 8, 128, 16
+
+
+def _burst_us(torch, fn, launches, reps):
+    """Median GPU time per launch of fn, in microseconds."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(50_000_000)           # lets the host queue the whole burst first
+        start.record()
+        for _ in range(launches):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / launches)
+    return statistics.median(times)
+
+
+def _wall_us(fn, calls, reps, sync):
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e6 / calls)
+        sync()
+    return statistics.median(times)
+
+
+def run(reps=7):
+    import torch
+
+    import rocmforge as rf
+    from rocmforge.config import CacheConfig
+
+    info = rf.backend_info()
+    if info["backend"] == "host":
+        raise SystemExit(f"bench_kernels needs a GPU ({info['reason']})")
+    device = f"{info['backend']}:0"
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def row(name, us, nbytes, ceiling_tbs=None, torch_us=None):
+        tbs = nbytes / (us * 1e-6) / 1e12
+        rows.append({"case": name, "us": us, "tb_s": tbs,
+                     "pct_of_copy": None if ceiling_tbs is None else 100.0 * tbs / ceiling_tbs,
+                     "torch_us": torch_us, "speedup_vs_torch": None if torch_us is None else torch_us / us})
+        return tbs
+
+    # the ceiling: a device-to-device copy far larger than the L2 cache
+    big = 512 << 20
+    src = torch.empty(big, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ceiling = row(f"d2d copy ({big >> 20} MiB)", _burst_us(torch, lambda: dst.copy_(src), 20, reps), 2 * big)
+    del src, dst
+
+    # write_kv: one layer, float16, random distinct slots
+    num_blocks = 8192
+    with rf.KvCache(CacheConfig(1, HEADS, HEAD_DIM, block_size=BLOCK, num_blocks=num_blocks,
+                                dtype="float16"), device) as cache:
+        kc, vc = torch.from_dlpack(cache.key_cache(0)), torch.from_dlpack(cache.value_cache(0))
+        for T in (256, 8192):
+            k = torch.randn((T, HEADS, HEAD_DIM), dtype=torch.float16, device="cuda")
+            v = torch.randn_like(k)
+            slots = torch.from_numpy(rng.permutation(num_blocks * BLOCK)[:T].astype(np.int64)).cuda()
+            nbytes = 2 * 2 * k.numel() * 2              # K and V, read and written, 2 bytes each
+            ours = _burst_us(torch, lambda: cache.write_kv(0, k, v, slots), 200, reps)
+            flat_k, flat_v = kc.view(-1, HEADS, HEAD_DIM), vc.view(-1, HEADS, HEAD_DIM)
+
+            def torch_write():
+                flat_k.index_copy_(0, slots, k)
+                flat_v.index_copy_(0, slots, v)
+
+            theirs = _burst_us(torch, torch_write, 200, reps)
+            row(f"write_kv T={T}", ours, nbytes, ceiling, theirs)
+            host = _wall_us(lambda: cache.write_kv(0, k, v, slots), 2000, reps, torch.cuda.synchronize)
+            rows[-1]["host_us_per_call"] = host
+            cache.synchronize()
+            assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
+
+    # copy_blocks: 8 layers (16 caches) of 32 KiB blocks; 1,024 pairs move 512 MiB
+    layers, pairs_n = 8, 1024
+    with rf.KvCache(CacheConfig(layers, HEADS, HEAD_DIM, block_size=BLOCK, num_blocks=2 * pairs_n,
+                                dtype="float16"), device) as cache:
+        pairs = np.stack([rng.permutation(pairs_n), pairs_n + rng.permutation(pairs_n)], axis=1).astype(np.int32)
+        moved = 2 * layers * pairs_n * BLOCK * HEADS * HEAD_DIM * 2
+        nbytes = 2 * moved
+        ours = _wall_us(lambda: cache.copy_blocks(pairs), 20, reps, torch.cuda.synchronize)
+        caches = [torch.from_dlpack(cache.key_cache(i)) for i in range(layers)]
+        caches += [torch.from_dlpack(cache.value_cache(i)) for i in range(layers)]
+        s_idx = torch.from_numpy(pairs[:, 0].astype(np.int64)).cuda()
+        d_idx = torch.from_numpy(pairs[:, 1].astype(np.int64)).cuda()
+
+        def torch_copy():
+            for c in caches:
+                c.index_copy_(0, d_idx, c.index_select(0, s_idx))
+
+        theirs = _burst_us(torch, torch_copy, 5, reps)
+        row(f"copy_blocks {moved >> 20} MiB (wall, incl. sync)", ours, nbytes, ceiling, theirs)
+    return {"device": info["devices"][0]["name"], "backend": info["backend"], "rows": rows}
+
+
+def print_table(result):
+    print(f"rocmforge kernels on {result['device']} ({result['backend']})")
+    print(f"{'case':<40} {'time us':>10} {'TB/s':>7} {'% copy':>7} {'torch us':>9} {'vs torch':>9} {'host us':>8}")
+    for r in result["rows"]:
+        pct = "" if r["pct_of_copy"] is None else f"{r['pct_of_copy']:.1f}"
+        tus = "" if r["torch_us"] is None else f"{r['torch_us']:.2f}"
+        sp = "" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x"
+        host = f"{r['host_us_per_call']:.2f}" if "host_us_per_call" in r else ""
+        print(f"{r['case']:<40} {r['us']:>10.2f} {r['tb_s']:>7.3f} {pct:>7} {tus:>9} {sp:>9} {host:>8}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7, help="repetitions per figure (median)")
+    args = parser.parse_args(argv)
+    result = run(args.reps)
+    print_table(result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""KvCache on every backend this machine has ("cpu" always, the GPU when there
+is one), against the host kernels on numpy arrays as the reference: writes of
+every dtype pair, copy-on-write, gather, swapping, compaction, DLPack, close."""
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rocmforge as rf
+from rocmforge import _kernels as K
+from rocmforge import _runtime
+from rocmforge.config import CacheConfig
+from rocmforge._dlpack import DeviceArray
+
+INFO = _runtime.backend_info()
+GPU = f"{INFO['backend']}:0" if INFO["devices"] else None
+DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="no GPU")])]
+NP_IN = {"float32": np.float32, "float16": np.float16}
+CACHE_TYPES = ["float32", "float16", "bfloat16", "fp8_e4m3", "int8"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return "cpu" if request.param == "cpu" else GPU
+
+
+def make(device, layers=2, heads=2, head_dim=8, block_size=4, num_blocks=16, dtype="float16", **kw):
+    return rf.KvCache(CacheConfig(layers, heads, head_dim, block_size=block_size, num_blocks=num_blocks,
+                                  dtype=dtype), device, **kw)
+
+
+def on(cache, arr):
+    """arr where cache can read it: itself on the host, else a device copy (a DeviceArray)."""
+    if cache.device == "cpu":
+        return arr
+    buf = rf.DeviceBuffer(arr.nbytes, 0)
+    buf.copy_from_host(np.ascontiguousarray(arr))
+    name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int64): "int64"}
+    return DeviceArray(buf, arr.shape, name[arr.dtype])
+
+
+def reference(cache):
+    """Numpy mirrors of the cache's storage (zeros, like a fresh cache)."""
+    storage = K.DTYPES[cache.dtype][1]
+    shape = (cache.num_blocks, cache.block_size, cache.config.num_kv_heads, cache.config.head_dim)
+    return [[np.zeros(shape, dtype=storage) for _ in range(2)] for _ in range(cache.num_layers)]
+
+
+def assert_same(cache, ref):
+    for layer, (k, v) in enumerate(ref):
+        assert np.array_equal(cache.key_cache(layer).to_numpy().view(np.uint8), k.view(np.uint8))
+        assert np.array_equal(cache.value_cache(layer).to_numpy().view(np.uint8), v.view(np.uint8))
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_TYPES)
+@pytest.mark.parametrize("in_dtype", list(NP_IN))
+@pytest.mark.parametrize("device_slots", [False, True])
+def test_write_kv_matches_the_host_kernels(device, cache_dtype, in_dtype, device_slots):
+    scales = (0.5, 0.01) if cache_dtype in ("fp8_e4m3", "int8") else (1.0, 1.0)
+    with make(device, dtype=cache_dtype, head_dim=16, k_scale=[scales[0], 2.0], v_scale=scales[1]) as cache:
+        ref = reference(cache)
+        rng = np.random.default_rng(3)
+        for layer in range(cache.num_layers):
+            T = 37
+            slots = rng.permutation(cache.num_blocks * cache.block_size)[:T].astype(np.int64)
+            slots[rng.random(T) < 0.2] = -1
+            k = (rng.standard_normal((T, 2, 16)) * 40).astype(NP_IN[in_dtype])
+            v = (rng.standard_normal((T, 2, 16)) * 0.02).astype(NP_IN[in_dtype])
+            cache.write_kv(layer, on(cache, k), on(cache, v), on(cache, slots) if device_slots else slots)
+            ks = (scales[0], 2.0)[layer] if cache_dtype in ("fp8_e4m3", "int8") else 1.0
+            K.write_kv(ref[layer][0], ref[layer][1], k, v, slots, dtype=in_dtype, cache_dtype=cache_dtype,
+                       k_scale=ks, v_scale=scales[1])
+        cache.synchronize()
+        assert_same(cache, ref)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_write_kv_random_geometry_on_the_host(data):
+    heads, head_dim = data.draw(st.integers(1, 3)), data.draw(st.sampled_from([1, 3, 8, 24]))
+    bs, nb = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 6))
+    dtype = data.draw(st.sampled_from(CACHE_TYPES))
+    T = data.draw(st.integers(0, nb * bs))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    with make("cpu", layers=1, heads=heads, head_dim=head_dim, block_size=bs, num_blocks=nb, dtype=dtype) as cache:
+        ref = reference(cache)
+        slots = rng.permutation(nb * bs)[:T].astype(np.int64)
+        k = rng.standard_normal((T, heads, head_dim)).astype(np.float32)
+        cache.write_kv(0, k, -k, slots)
+        K.write_kv(ref[0][0], ref[0][1], k, -k, slots, cache_dtype=dtype)
+        assert_same(cache, ref)
+
+
+def fill(cache, seq_ids, rng):
+    """Write random K/V for every token of the sequences, mirrored in a reference."""
+    ref = reference(cache)
+    for sid in seq_ids:
+        table, n = cache.manager.block_table(sid), cache.manager.num_tokens(sid)
+        slots = (table[np.arange(n) // cache.block_size].astype(np.int64) * cache.block_size
+                 + np.arange(n) % cache.block_size)
+        for layer in range(cache.num_layers):
+            k = rng.standard_normal((n, cache.config.num_kv_heads, cache.config.head_dim)).astype(np.float16)
+            cache.write_kv(layer, on(cache, k), on(cache, k * 2), slots)
+            K.write_kv(ref[layer][0], ref[layer][1], k, k * 2, slots)
+    return ref
+
+
+def gathered(cache, sid):
+    return [tuple(a.to_numpy() for a in cache.gather(sid, layer)) for layer in range(cache.num_layers)]
+
+
+def test_copy_on_write_runs_before_the_write(device):
+    with make(device) as cache:
+        m = cache.manager
+        m.add_sequence(1, num_tokens=6)
+        fill(cache, [1], np.random.default_rng(0))
+        before = gathered(cache, 1)
+        m.fork(1, 2)
+        m.fork(2, 3)
+        slots2 = m.append(2, 1)               # 2's partly filled last block is copied first
+        slots3 = m.append(3, 1)
+        row = np.full((1, 2, 8), 7, dtype=np.float16)
+        cache.write_kv(0, on(cache, row), on(cache, row), slots2)
+        cache.write_kv(0, on(cache, row * 2), on(cache, row * 2), slots3)
+        for sid, value in ((2, 7), (3, 14)):
+            k, v = cache.gather(sid, 0)
+            k = k.to_numpy()
+            assert np.array_equal(k[:6], before[0][0]) and (k[6] == value).all()
+        assert np.array_equal(gathered(cache, 1)[1][1], before[1][1])   # layer 1 was copied too
+        assert np.array_equal(gathered(cache, 3)[1][0][:6], before[1][0])
+
+
+def test_chained_copies_apply_in_order(device):
+    """Pairs (a, b), (b, c): c must receive a's data, not b's old data."""
+    with make(device) as cache:
+        rng = np.random.default_rng(5)
+        for sid in (1, 2, 3):
+            cache.manager.add_sequence(sid, num_tokens=8)
+        ref = fill(cache, [1, 2, 3], rng)
+        t = [cache.manager.block_table(s) for s in (1, 2, 3)]
+        pairs = np.array([[t[0][0], t[1][0]], [t[1][0], t[2][0]], [t[2][1], t[0][1]]], dtype=np.int32)
+        cache.copy_blocks(pairs)
+        K.copy_blocks([a for layer in ref for a in layer], pairs)
+        assert_same(cache, ref)
+
+
+def test_gather_matches_the_tables(device):
+    with make(device) as cache:
+        for sid, n in ((1, 0), (2, 5), (3, 16)):
+            cache.manager.add_sequence(sid, num_tokens=n)
+        ref = fill(cache, [1, 2, 3], np.random.default_rng(1))
+        for sid in (1, 2, 3):
+            for layer in range(2):
+                k, v = cache.gather(sid, layer)
+                n = cache.manager.num_tokens(sid)
+                assert k.shape == (n, 2, 8) and k.dtype == "float16" and k.device == cache.device
+                table = cache.manager.block_table(sid)
+                assert np.array_equal(k.to_numpy(), K.gather_kv(ref[layer][0], table, n))
+                assert np.array_equal(v.to_numpy(), K.gather_kv(ref[layer][1], table, n))
+
+
+def test_swap_out_and_in_restores_data_tokens_and_salt(device):
+    with make(device, num_blocks=8, enable_prefix_caching=True) as cache:
+        m = cache.manager
+        tokens = np.arange(10, dtype=np.int32)
+        m.add_sequence(1, tokens, salt="tenant-a")
+        m.add_sequence(2, num_tokens=7)
+        fill(cache, [1, 2], np.random.default_rng(2))
+        want = {sid: gathered(cache, sid) for sid in (1, 2)}
+        salt_key = m.sequence_info(1)["salt_key"]
+        cache.swap_out([1, 2])
+        assert cache.swapped_sequences() == [1, 2] and cache.swapped_bytes() > 0
+        assert len(m) == 0 and m.num_used_blocks == 0
+        m.add_sequence(9, num_tokens=4 * 4)        # reuses the freed blocks (and evicts cached ones)
+        m.remove_sequence(9)
+        cache.swap_in([2, 1])
+        assert cache.swapped_sequences() == []
+        for sid in (1, 2):
+            assert all(np.array_equal(a, b) for g, w in zip(gathered(cache, sid), want[sid]) for a, b in zip(g, w))
+        assert np.array_equal(m.sequence_tokens(1), tokens) and m.sequence_info(1)["salt_key"] == salt_key
+        assert m.sequence_tokens(2) is None
+        m.check_invariants()
+
+
+def test_swap_in_hits_the_cached_prefix(device):
+    with make(device, num_blocks=8, enable_prefix_caching=True) as cache:
+        m = cache.manager
+        m.add_sequence(1, np.arange(9, dtype=np.int32))
+        fill(cache, [1], np.random.default_rng(4))
+        want = gathered(cache, 1)
+        cache.swap_out([1])
+        cache.swap_in([1])
+        assert m.num_cached_tokens(1) == 8                  # both full blocks were still cached
+        for g, w in zip(gathered(cache, 1), want):
+            assert all(np.array_equal(a, b) for a, b in zip(g, w))
+
+
+def test_swap_is_all_or_nothing(device):
+    with make(device, num_blocks=4) as cache:
+        m = cache.manager
+        m.add_sequence(1, num_tokens=8)
+        m.add_sequence(2, num_tokens=8)
+        fill(cache, [1, 2], np.random.default_rng(6))
+        with pytest.raises(rf.SequenceNotFound):
+            cache.swap_out([1, 3])
+        assert len(m) == 2 and cache.swapped_sequences() == []
+        cache.swap_out([1, 2])
+        m.add_sequence(3, num_tokens=4)                       # leaves room for only one of them
+        with pytest.raises(rf.OutOfBlocks):
+            cache.swap_in([1, 2])
+        assert cache.swapped_sequences() == [1, 2] and list(m.sequence_ids()) == [3]
+        m.check_invariants()
+        with pytest.raises(rf.SequenceNotFound):
+            cache.swap_in([7])
+        with pytest.raises(rf.ArgumentValueError):
+            cache.swap_out([3, 3])
+
+
+def test_compact_moves_data_and_gives_memory_back(device):
+    with make(device, num_blocks=32) as cache:
+        m = cache.manager
+        for sid in range(8):
+            m.add_sequence(sid, num_tokens=10)
+        fill(cache, range(8), np.random.default_rng(7))
+        for sid in range(0, 8, 2):
+            m.remove_sequence(sid)
+        want = {sid: gathered(cache, sid) for sid in range(1, 8, 2)}
+        before = cache.nbytes
+        old_view = np.from_dlpack(cache.key_cache(0)) if device == "cpu" else None
+        moves = cache.compact()
+        assert len(moves) > 0 and cache.num_blocks == m.num_blocks == m.num_used_blocks == 12
+        assert cache.nbytes == before * 12 // 32
+        for sid, w in want.items():
+            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+        if old_view is not None:
+            old_view[...] = 0                      # the old storage stays alive for its export
+        cache.grow(20)
+        assert cache.num_blocks == m.num_blocks == 20
+        m.add_sequence(100, num_tokens=8 * 4)
+        assert not cache.key_cache(1).to_numpy()[12:].any()      # new blocks are zeroed
+        m.check_invariants()
+
+
+def test_dlpack_exports_are_zero_copy_on_the_host():
+    with make("cpu", dtype="float32") as cache:
+        view = np.from_dlpack(cache.key_cache(1))
+        assert view.shape == (16, 4, 2, 8) and view.dtype == np.float32
+        cache.manager.add_sequence(1, num_tokens=3)
+        rows = np.arange(48, dtype=np.float32).reshape(3, 2, 8)
+        cache.write_kv(1, rows, rows, np.array([0, 1, 2], dtype=np.int64))
+        assert np.array_equal(view[0, :3], rows)                 # the write is seen through the export
+        view[0, 0] = -1                                          # and a write through it by gather
+        assert (cache.gather(1, 1)[0].to_numpy()[0] == -1).all()
+        capsule = cache.value_cache(0).__dlpack__(max_version=(1, 0))
+        assert "dltensor_versioned" in repr(capsule)
+        assert "dltensor" in repr(cache.value_cache(0).__dlpack__())
+        with pytest.raises(BufferError):
+            cache.value_cache(0).__dlpack__(copy=True)
+        with pytest.raises(BufferError):
+            cache.value_cache(0).__dlpack__(dl_device=(2, 0))
+        cache.close()
+        view[1] = 5                                              # the export kept its memory alive
+        assert (view[1] == 5).all()
+
+
+def test_close_is_once_and_use_after_close_raises(device):
+    cache = make(device)
+    cache.close()
+    cache.close()
+    assert cache.closed and cache.nbytes == 0
+    k = np.zeros((1, 2, 8), dtype=np.float16)
+    for call in (lambda: cache.write_kv(0, k, k, np.zeros(1, dtype=np.int64)), lambda: cache.key_cache(0),
+                 lambda: cache.gather(1, 0), cache.compact, lambda: cache.swap_out([]), cache.synchronize):
+        with pytest.raises(rf.ArgumentValueError, match="closed"):
+            call()
+
+
+def test_bad_input_changes_nothing(device):
+    with make(device) as cache:
+        m = cache.manager
+        m.add_sequence(1, num_tokens=2)
+        m.fork(1, 2)
+        slots = m.append(2, 1)                                  # queues a copy-on-write pair
+        k = on(cache, np.ones((1, 2, 8), dtype=np.float16))
+        bad = [
+            ((0, k, k, np.array([64], dtype=np.int64)), rf.ArgumentValueError, "slot_mapping"),
+            ((0, k, k, np.array([-2], dtype=np.int64)), rf.ArgumentValueError, "slot_mapping"),
+            ((0, k, k, np.zeros(2, dtype=np.int64)), rf.ArgumentValueError, "int64"),
+            ((0, k, k, np.zeros(1, dtype=np.int32)), rf.ArgumentValueError, "int64"),
+            ((2, k, k, slots), rf.ArgumentValueError, "layer"),
+            ((True, k, k, slots), rf.ArgumentTypeError, "layer"),
+            ((0, on(cache, np.ones((1, 2, 4), dtype=np.float16)), k, slots), rf.ArgumentValueError, r"\[T, 2, 8\]"),
+            ((0, k, on(cache, np.ones((1, 2, 8), dtype=np.float32)), slots), rf.ArgumentValueError, "same dtype"),
+            ((0, np.ones((1, 2, 8), dtype=np.int32), k, slots), rf.ArgumentTypeError, "float"),
+            ((0, [1, 2], k, slots), rf.ArgumentTypeError, "DLPack"),
+        ]
+        if device == "cpu":
+            bad.append(((0, np.ones((1, 2, 16), dtype=np.float16)[:, :, ::2], k, slots),
+                        rf.ArgumentValueError, "contiguous"))
+        else:
+            host = np.ones((1, 2, 8), dtype=np.float16)
+            bad.append(((0, host, host, slots), rf.ArgumentValueError, "lives on cpu"))
+        for args, exc, match in bad:
+            with pytest.raises(exc, match=match):
+                cache.write_kv(*args)
+        assert len(m.take_pending_copies()) == 1                # still queued
+        assert not cache.key_cache(0).to_numpy().any()
+        with pytest.raises(rf.ArgumentTypeError):
+            cache.write_kv(0, k, k, slots, stream="default")
+
+
+def test_bad_configuration_and_devices():
+    with pytest.raises(rf.ArgumentTypeError):
+        rf.KvCache({"num_layers": 1}, "cpu")
+    with pytest.raises(rf.InvalidConfiguration, match="fp8_e5m2"):
+        make("cpu", dtype="fp8_e5m2")
+    for device in ("gpu", "cuda:x", "cpu:0", 3):
+        with pytest.raises((rf.ArgumentValueError, rf.ArgumentTypeError)):
+            make(device)
+    other = "hip:0" if INFO["backend"] == "cuda" else "cuda:0"
+    with pytest.raises(rf.DeviceError, match="backend"):
+        make(other)
+    for scale in (0.0, -1.0, float("nan"), [1.0]):
+        with pytest.raises(rf.ArgumentValueError, match="scale"):
+            make("cpu", k_scale=scale)
+    assert make("auto").device == (GPU or "cpu")
+
+
+def test_threads_write_and_gather_while_another_compacts_nothing_else():
+    """Writers on different layers and readers at once: every write lands once."""
+    with make("cpu", layers=4, num_blocks=64) as cache:
+        for sid in range(4):
+            cache.manager.add_sequence(sid, num_tokens=64)
+        errors = []
+
+        def worker(layer):
+            try:
+                rng = np.random.default_rng(layer)
+                for _ in range(50):
+                    sid = int(rng.integers(4))
+                    table = cache.manager.block_table(sid)
+                    slots = table.astype(np.int64)[:, None] * 4 + np.arange(4)
+                    k = np.full((64, 2, 8), layer + 1, dtype=np.float16)
+                    cache.write_kv(layer, k, k, slots.reshape(-1))
+                    got = cache.gather(sid, layer)[0].to_numpy()
+                    assert (got == layer + 1).all()
+            except Exception as exc:      # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(layer,)) for layer in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
