@@ -586,6 +586,14 @@ cdef class KvCache:
         for sid in ids:
             del self._swapped[sid]
 
+    def drop_swapped(self, seq_ids):
+        """Forget swapped-out sequences (their host copies are freed)."""
+        for sid in [int(s) for s in seq_ids]:
+            if sid not in self._swapped:
+                raise SequenceNotFound(f"sequence {sid} is not swapped out")
+        for sid in seq_ids:
+            del self._swapped[int(sid)]
+
     def swapped_sequences(self):
         """Ids of the sequences swapped out to host memory."""
         return sorted(self._swapped)

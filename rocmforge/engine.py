@@ -1,0 +1,396 @@
+"""The engine layer: requests from arrival to release, continuous batching,
+preemption, and bounded records of finished requests.
+
+One thread calls ``Engine.step()``; any thread may ``submit`` and ``cancel``.
+A request's KV blocks are released in the step that finishes or cancels it,
+always, and finished requests leave a record in a table bounded by count and
+age, so an engine that runs forever keeps constant metadata.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from rocmforge._core import BlockManager
+from rocmforge._kvcache import KvCache
+from rocmforge.errors import ArgumentTypeError, ArgumentValueError, OutOfBlocks
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+@dataclass(eq=False)
+class Request:
+    """A generation request. The engine owns every field after ``prompt_tokens``."""
+
+    request_id: Any
+    prompt_tokens: np.ndarray
+    max_new_tokens: int
+    salt: Any = None
+    priority: int = 0                       # lower runs first; FCFS within a priority
+    eos_token_id: Optional[int] = None
+    state: RequestState = RequestState.WAITING
+    output_tokens: list = field(default_factory=list)
+    num_computed: int = 0                   # tokens of prompt + output already in the cache
+    num_cached_tokens: int = 0              # prefix-cache hits at the last admission
+    num_preemptions: int = 0
+    arrival_time: float = 0.0
+    finish_time: float = 0.0
+    seq_id: int = -1
+
+    def __post_init__(self):
+        tokens = np.ascontiguousarray(self.prompt_tokens, dtype=np.int32)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise ArgumentValueError("prompt_tokens must be a non-empty 1-D array of token ids")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ArgumentTypeError("max_new_tokens must be an int")
+        if self.max_new_tokens < 1:
+            raise ArgumentValueError("max_new_tokens must be >= 1")
+        self.prompt_tokens = tokens
+
+    def context(self) -> np.ndarray:
+        """Prompt and output so far: what a recomputed request prefills again."""
+        if not self.output_tokens:
+            return self.prompt_tokens
+        return np.concatenate([self.prompt_tokens, np.asarray(self.output_tokens, dtype=np.int32)])
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt_tokens) + len(self.output_tokens)
+
+    def context_slice(self, start: int, stop: int) -> np.ndarray:
+        """context()[start:stop] without building the whole context (a decode step needs one token)."""
+        p = len(self.prompt_tokens)
+        if start >= p:
+            return np.asarray(self.output_tokens[start - p:stop - p], dtype=np.int32)
+        return self.context()[start:stop]
+
+
+@dataclass(frozen=True)
+class FinishedRecord:
+    request_id: Any
+    state: RequestState
+    prompt_len: int
+    output_tokens: tuple
+    num_cached_tokens: int
+    num_preemptions: int
+    arrival_time: float
+    finish_time: float
+
+
+@dataclass
+class SchedulerConfig:
+    """max_num_seqs: running requests at most; max_tokens_per_step: the step's
+    token budget (prompts are prefilled in chunks within it); preemption:
+    "recompute", or "swap" to host memory (a KvCache is needed);
+    max_finished / finished_ttl: the bound on finished records (count, seconds)."""
+
+    max_num_seqs: int = 256
+    max_tokens_per_step: int = 8192
+    preemption: str = "recompute"
+    max_finished: int = 10_000
+    finished_ttl: float = 600.0
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_tokens_per_step", "max_finished"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArgumentValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.preemption not in ("recompute", "swap"):
+            raise ArgumentValueError(f"preemption must be 'recompute' or 'swap', got {self.preemption!r}")
+        if not self.finished_ttl > 0:
+            raise ArgumentValueError("finished_ttl must be > 0 seconds")
+
+
+@dataclass
+class Batch:
+    """One step's work: for each scheduled request, its new tokens and their
+    cache slots; ``sampling`` lists the requests whose context is complete
+    after this step, in order: the model returns one new token for each."""
+
+    requests: list
+    num_new_tokens: list
+    slots: np.ndarray
+    sampling: list
+
+
+class Engine:
+    """Continuous batching over a KvCache (K/V written when the model returns
+    them) or a bare BlockManager (bookkeeping only).
+
+    ``model(batch)`` returns the new token ids of ``batch.sampling``, or an
+    object with ``tokens`` and per-layer ``keys`` / ``values`` ([T, heads,
+    head_dim] for the batch's slots) to be written."""
+
+    def __init__(self, cache, model: Callable[[Batch], Any], config: Optional[SchedulerConfig] = None):
+        if isinstance(cache, KvCache):
+            self.cache, self.manager = cache, cache.manager
+        elif isinstance(cache, BlockManager):
+            self.cache, self.manager = None, cache
+        else:
+            raise ArgumentTypeError(f"cache must be a KvCache or BlockManager, got {type(cache).__name__}")
+        self.model = model
+        self.config = config or SchedulerConfig()
+        if self.config.preemption == "swap" and self.cache is None:
+            raise ArgumentValueError("swap preemption needs a KvCache (host memory to swap to)")
+        self._lock = threading.Lock()           # guards the inbox, cancels and ids
+        self._inbox: list = []
+        self._cancels: set = set()
+        self._live: dict = {}                   # request_id -> Request, not yet finished
+        self._next_seq = 0
+        self.waiting: list = []                 # admission order: (priority, arrival) sorted
+        self.running: list = []
+        self.swapped: list = []
+        self.finished: OrderedDict = OrderedDict()
+        self.counters = dict(steps=0, submitted=0, finished=0, cancelled=0, preemptions=0, evictions=0,
+                             prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0, prefix_query_tokens=0)
+        self.step_times = deque(maxlen=4096)
+
+    # ---- any thread ----------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (admitted at the next step). Raises ArgumentValueError for an id in use."""
+        if not isinstance(request, Request):
+            raise ArgumentTypeError(f"expected a Request, got {type(request).__name__}")
+        bs = self.manager.block_size
+        if -(-(len(request.prompt_tokens) + request.max_new_tokens) // bs) > self.manager.num_blocks:
+            raise ArgumentValueError(f"request {request.request_id!r} needs more blocks than the cache has")
+        with self._lock:
+            if request.request_id in self._live:
+                raise ArgumentValueError(f"request {request.request_id!r} is already in the engine")
+            request.arrival_time = time.monotonic()
+            request.seq_id = self._next_seq
+            self._next_seq += 1
+            self._live[request.request_id] = request
+            self._inbox.append(request)
+
+    def cancel(self, request_id) -> bool:
+        """Cancel a request not yet finished: released at the next step. False if unknown."""
+        with self._lock:
+            if request_id not in self._live:
+                return False
+            self._cancels.add(request_id)
+            return True
+
+    # ---- the stepping thread ----------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    def step(self) -> list:
+        """Schedule, run the model once, append and write, finish and release.
+        Returns the requests finished or cancelled in this step."""
+        t0 = time.perf_counter()
+        done = self._take_inbox_and_cancels()
+        self._reclaim_evicted(())
+        budget = self.config.max_tokens_per_step
+        work = self._place_running(budget)                  # [(request, slots)]
+        work += self._admit(budget - sum(len(w[1]) for w in work))
+        work = self._reclaim_evicted(work)                  # evict_sequences may have taken some
+        for req, new in work:
+            req.num_computed += len(new)
+        sampling = [r for r, _ in work if r.num_computed == r.context_len]
+        if work:
+            slots = np.concatenate([w[1] for w in work])
+            out = self.model(Batch([w[0] for w in work], [len(w[1]) for w in work], slots, sampling))
+            tokens = np.asarray(getattr(out, "tokens", out), dtype=np.int64).reshape(-1)
+            if len(tokens) != len(sampling):
+                raise ArgumentValueError(f"the model returned {len(tokens)} tokens for {len(sampling)} requests")
+            if self.cache is not None and getattr(out, "keys", None) is not None:
+                for layer, (k, v) in enumerate(zip(out.keys, out.values)):
+                    self.cache.write_kv(layer, k, v, slots)
+            for req, token in zip(sampling, tokens.tolist()):
+                req.output_tokens.append(int(token))
+                self.counters["generated_tokens"] += 1
+                if len(req.output_tokens) >= req.max_new_tokens or token == req.eos_token_id:
+                    self._finish(req, RequestState.FINISHED)
+                    done.append(req)
+        self.running = [r for r in self.running if r.state is RequestState.RUNNING]
+        self._purge_finished()
+        self.counters["steps"] += 1
+        self.step_times.append(time.perf_counter() - t0)
+        return done
+
+    def _take_inbox_and_cancels(self) -> list:
+        with self._lock:
+            arrivals, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
+        self.counters["submitted"] += len(arrivals)
+        self.waiting.extend(arrivals)
+        self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
+        done = []
+        if cancels:
+            for queue in (self.waiting, self.running, self.swapped):
+                for req in queue:
+                    if req.request_id in cancels:
+                        self._finish(req, RequestState.CANCELLED)
+                        done.append(req)
+                queue[:] = [r for r in queue if r.request_id not in cancels]
+        return done
+
+    def _reclaim_evicted(self, work) -> list:
+        """Running requests whose sequences the manager evicted (evict_sequences=True)
+        are preempted for recompute and leave this step's work."""
+        evicted = set(self.manager.take_evicted().tolist())
+        if not evicted:
+            return list(work)
+        for req in self.running:
+            if req.seq_id in evicted:
+                self._preempted(req, swapped=False)
+                self.counters["evictions"] += 1
+        self.running = [r for r in self.running if r.state is RequestState.RUNNING]
+        return [w for w in work if w[0].seq_id not in evicted]
+
+    def _place_running(self, budget) -> list:
+        """Slots for every running request's next tokens (one for decode, a chunk for
+        a prefill in progress), preempting the least recently used request while the
+        blocks do not suffice."""
+        while self.running:
+            reqs, want = [], []
+            for req in self.running:
+                n = min(req.context_len - req.num_computed, budget - sum(want))
+                if n > 0:
+                    reqs.append(req)
+                    want.append(n)
+            if not reqs:
+                return []
+            ids = np.array([r.seq_id for r in reqs], dtype=np.int64)
+            tokens = np.concatenate([r.context_slice(r.num_computed, r.num_computed + n) for r, n in zip(reqs, want)])
+            try:
+                slots = self.manager.append_batch(ids, np.array(want, dtype=np.int32), tokens)
+            except OutOfBlocks:
+                if len(self.running) == 1:
+                    raise
+                self._preempt_one()
+                continue
+            return list(zip(reqs, np.split(slots, np.cumsum(want)[:-1])))
+        return []
+
+    def _preempt_one(self) -> None:
+        running = {r.seq_id: r for r in self.running}
+        victim = next(running[s] for s in self.manager.sequence_ids().tolist() if s in running)
+        swap = self.config.preemption == "swap"
+        if swap:
+            self.cache.swap_out([victim.seq_id])
+        else:
+            self.manager.remove_sequence(victim.seq_id)
+        self._preempted(victim, swapped=swap)
+        self.running = [r for r in self.running if r is not victim]
+
+    def _preempted(self, req, swapped) -> None:
+        req.state = RequestState.PREEMPTED
+        req.num_preemptions += 1
+        self.counters["preemptions"] += 1
+        if swapped:
+            self.swapped.append(req)
+        else:
+            req.num_computed = 0
+            self.waiting.insert(0, req)         # first in line when blocks free up
+
+    def _admit(self, budget) -> list:
+        """Bring back swapped requests, then admit waiting ones in order while the
+        blocks, the token budget and max_num_seqs allow (prefix hits need no blocks)."""
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            req = self.swapped[0]
+            try:
+                self.cache.swap_in([req.seq_id])
+            except OutOfBlocks:
+                return []
+            self.swapped.pop(0)
+            req.state = RequestState.RUNNING
+            self.running.append(req)
+        work = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            context = req.context()
+            n = min(len(context), budget)
+            try:
+                slots = self.manager.add_sequence(req.seq_id, context[:n], salt=req.salt)
+            except OutOfBlocks:
+                break
+            self.waiting.pop(0)
+            cached = self.manager.num_cached_tokens(req.seq_id)
+            req.num_cached_tokens = cached
+            self.counters["prefix_hit_tokens"] += cached
+            self.counters["prefix_query_tokens"] += len(context)
+            if req.num_preemptions == 0:
+                self.counters["prompt_tokens"] += len(req.prompt_tokens)
+            req.state = RequestState.RUNNING
+            self.running.append(req)
+            # cached tokens need no compute; the last one is kept when all are cached,
+            # so that the model sees the context and samples (it rewrites the same K/V)
+            skip = min(cached, n - 1)
+            req.num_computed += skip
+            work.append((req, slots[skip:]))
+            budget -= n - skip
+        return work
+
+    def _finish(self, req, state) -> None:
+        """Release the request's blocks now and keep a bounded record of it."""
+        if req.state is RequestState.RUNNING and req.seq_id in self.manager:
+            self.manager.remove_sequence(req.seq_id)
+        if req.state is RequestState.PREEMPTED and req in self.swapped:
+            self.cache.drop_swapped([req.seq_id])
+        req.state = state
+        req.finish_time = time.monotonic()
+        self.counters["finished" if state is RequestState.FINISHED else "cancelled"] += 1
+        with self._lock:
+            self._live.pop(req.request_id, None)
+        self.finished[req.request_id] = FinishedRecord(
+            req.request_id, state, len(req.prompt_tokens), tuple(req.output_tokens), req.num_cached_tokens,
+            req.num_preemptions, req.arrival_time, req.finish_time)
+        self.finished.move_to_end(req.request_id)
+
+    def _purge_finished(self) -> None:
+        """Oldest records first: beyond max_finished, or older than finished_ttl."""
+        limit = time.monotonic() - self.config.finished_ttl
+        while self.finished:
+            oldest = next(iter(self.finished.values()))
+            if len(self.finished) <= self.config.max_finished and oldest.finish_time >= limit:
+                break
+            self.finished.popitem(last=False)
+
+    # ---- metrics --------------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """Counters and gauges: running, waiting, swapped, preemptions, evictions,
+        prefix hit rate, block usage, step time percentiles (seconds)."""
+        m = self.manager
+        times = np.array(self.step_times) if self.step_times else np.zeros(1)
+        query = self.counters["prefix_query_tokens"]
+        used = m.num_blocks - m.num_free_blocks
+        return {
+            **self.counters,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "swapped": len(self.swapped),
+            "finished_records": len(self.finished),
+            "prefix_hit_rate": self.counters["prefix_hit_tokens"] / query if query else 0.0,
+            "blocks_used": used,
+            "blocks_total": m.num_blocks,
+            "block_usage": used / m.num_blocks,
+            "step_time_p50": float(np.percentile(times, 50)),
+            "step_time_p99": float(np.percentile(times, 99)),
+        }
+
+    def metrics_text(self) -> str:
+        """metrics() in the Prometheus text exposition format."""
+        lines = []
+        for name, value in self.metrics().items():
+            kind = "counter" if name in self.counters else "gauge"
+            lines.append(f"# TYPE rocmforge_{name} {kind}")
+            lines.append(f"rocmforge_{name} {float(value):.9g}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,253 @@
+"""The engine layer: blocks released on completion and cancel in the same step,
+bounded finished records, preemption (recompute and swap) that changes no
+output, eviction by the manager, threads submitting while one steps."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import rocmforge as rf
+from rocmforge.config import CacheConfig
+from rocmforge.engine import Engine, Request, RequestState, SchedulerConfig
+
+
+def next_token(context):
+    """A deterministic 'model': the next token depends on the context only."""
+    return int((int(context[-1]) * 1103515245 + len(context) * 12345) % 50021)
+
+
+class Model:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        assert len(batch.slots) == sum(batch.num_new_tokens)
+        return np.array([next_token(r.context()) for r in batch.sampling], dtype=np.int64)
+
+
+class KvModel(Model):
+    """Also returns K/V for every new token: a function of (token, position), as a real model's would be."""
+
+    def __init__(self, layers, heads, dim):
+        super().__init__()
+        self.shape = (layers, heads, dim)
+
+    def __call__(self, batch):
+        tokens = super().__call__(batch)
+        rows = []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            start = req.num_computed - n
+            ctx = req.context()[start:req.num_computed].astype(np.float32)
+            pos = np.arange(start, req.num_computed, dtype=np.float32)
+            rows.append(ctx[:, None] * 0.001 + pos[:, None])
+        flat = np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
+        layers, heads, dim = self.shape
+        kv = np.broadcast_to(flat[:, :, None], (len(flat), heads, dim)).astype(np.float32)
+
+        class Out:
+            pass
+        out = Out()
+        out.tokens, out.keys, out.values = tokens, [kv] * layers, [-kv] * layers
+        return out
+
+
+def expected_output(prompt, n):
+    ctx = list(prompt)
+    for _ in range(n):
+        ctx.append(next_token(np.array(ctx)))
+    return tuple(ctx[len(prompt):])
+
+
+def run(engine, max_steps=100_000):
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < max_steps
+    return steps
+
+
+def prompts(n, rng, lo=5, hi=60):
+    return [rng.integers(0, 1000, int(rng.integers(lo, hi))).astype(np.int32) for _ in range(n)]
+
+
+def test_completion_releases_blocks_in_the_same_step():
+    m = rf.BlockManager(64, 4)
+    eng = Engine(m, Model())
+    eng.submit(Request("a", np.arange(10, dtype=np.int32), max_new_tokens=3))
+    finished = []
+    while not finished:
+        finished = eng.step()
+        if not finished:
+            assert m.num_used_blocks > 0
+    assert finished[0].state is RequestState.FINISHED and m.num_used_blocks == 0 and len(m) == 0
+    assert eng.finished["a"].output_tokens == expected_output(np.arange(10), 3)
+
+
+def test_a_thousand_requests_leave_nothing_behind():
+    m = rf.BlockManager(256, 16, enable_prefix_caching=True)
+    eng = Engine(m, Model(), SchedulerConfig(max_finished=100))
+    rng = np.random.default_rng(0)
+    ps = prompts(1000, rng)
+    for i, p in enumerate(ps):
+        eng.submit(Request(i, p, max_new_tokens=int(rng.integers(1, 20)), eos_token_id=7))
+        if i % 50 == 0:
+            run(eng)
+    run(eng)
+    m.check_invariants()
+    assert m.num_used_blocks == 0 and len(m) == 0
+    assert len(eng.finished) == 100 and not eng.running and not eng.waiting
+    assert eng.metrics()["finished"] == 1000
+    for rid in list(eng.finished)[-5:]:
+        rec = eng.finished[rid]
+        full = expected_output(ps[rid], 20)
+        assert rec.output_tokens == full[:len(rec.output_tokens)]
+
+
+def test_finished_records_are_purged_by_age():
+    eng = Engine(rf.BlockManager(64, 4), Model(), SchedulerConfig(finished_ttl=0.05))
+    eng.submit(Request("old", np.arange(3, dtype=np.int32), 1))
+    run(eng)
+    assert "old" in eng.finished
+    time.sleep(0.1)
+    eng.submit(Request("new", np.arange(3, dtype=np.int32), 1))
+    run(eng)
+    assert list(eng.finished) == ["new"]
+
+
+def test_cancel_releases_waiting_and_running_requests():
+    m = rf.BlockManager(64, 4)
+    eng = Engine(m, Model(), SchedulerConfig(max_num_seqs=1))
+    eng.submit(Request("run", np.arange(12, dtype=np.int32), 100))
+    eng.submit(Request("wait", np.arange(12, dtype=np.int32), 100))
+    eng.step()
+    assert m.num_used_blocks > 0 and len(eng.waiting) == 1
+    assert eng.cancel("run") and eng.cancel("wait") and not eng.cancel("nobody")
+    done = eng.step()
+    assert {r.request_id for r in done} == {"run", "wait"}
+    assert all(r.state is RequestState.CANCELLED for r in done)
+    assert m.num_used_blocks == 0 and not eng.has_work()
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap", "evict"])
+def test_a_full_cache_preempts_and_outputs_are_unchanged(mode):
+    rng = np.random.default_rng(1)
+    ps = prompts(12, rng, 10, 40)
+    cfg = CacheConfig(2, 1, 4, block_size=4, num_blocks=40, dtype="float32")
+    cache = rf.KvCache(cfg, "cpu", evict_sequences=(mode == "evict"))
+    eng = Engine(cache, KvModel(2, 1, 4),
+                 SchedulerConfig(max_tokens_per_step=64, preemption="swap" if mode == "swap" else "recompute"))
+    for i, p in enumerate(ps):
+        eng.submit(Request(i, p, max_new_tokens=30))
+    run(eng)
+    metrics = eng.metrics()
+    assert metrics["preemptions"] > 0
+    if mode == "evict":
+        assert metrics["evictions"] > 0
+    for i, p in enumerate(ps):
+        assert eng.finished[i].output_tokens == expected_output(p, 30)
+    assert cache.manager.num_used_blocks == 0 and cache.swapped_sequences() == []
+    cache.manager.check_invariants()
+
+
+def test_kv_written_by_the_engine_is_in_the_cache():
+    cfg = CacheConfig(2, 1, 4, block_size=4, num_blocks=64, dtype="float32")
+    cache = rf.KvCache(cfg, "cpu")
+    captured = {}
+
+    class Peek(KvModel):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            for req in batch.requests:
+                if req.num_computed == req.context_len and len(req.output_tokens) == 2:
+                    captured["ctx"] = req.context().copy()
+            return out
+
+    eng = Engine(cache, Peek(2, 1, 4))
+    eng.submit(Request("x", np.arange(9, dtype=np.int32), max_new_tokens=5))
+    while "ctx" not in captured:
+        eng.step()
+    k, v = cache.gather(eng.running[0].seq_id, 1)
+    ctx = captured["ctx"]
+    want = ctx.astype(np.float32) * 0.001 + np.arange(len(ctx), dtype=np.float32)
+    assert np.allclose(k.to_numpy()[:, 0, 0], want) and np.allclose(v.to_numpy()[:, 0, 3], -want)
+
+
+def test_threads_submit_and_cancel_while_one_thread_steps():
+    m = rf.BlockManager(512, 8, enable_prefix_caching=True)
+    eng = Engine(m, Model(), SchedulerConfig(max_tokens_per_step=256))
+    stop = threading.Event()
+    errors = []
+
+    def stepper():
+        try:
+            while not stop.is_set() or eng.has_work():
+                eng.step()
+        except Exception as exc:        # reported below
+            errors.append(exc)
+
+    def client(k):
+        rng = np.random.default_rng(k)
+        for i in range(200):
+            eng.submit(Request((k, i), rng.integers(0, 50, int(rng.integers(1, 40))).astype(np.int32), 8))
+            if i % 7 == 0:
+                eng.cancel((k, i - 3))
+
+    t = threading.Thread(target=stepper)
+    t.start()
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    stop.set()
+    t.join()
+    assert not errors
+    met = eng.metrics()
+    assert met["finished"] + met["cancelled"] == 800 and m.num_used_blocks == 0
+    m.check_invariants()
+
+
+def test_metrics_text_and_bad_input():
+    m = rf.BlockManager(8, 4)
+    eng = Engine(m, Model())
+    text = eng.metrics_text()
+    assert "# TYPE rocmforge_preemptions counter" in text and "rocmforge_block_usage 0" in text
+    with pytest.raises(rf.ArgumentValueError, match="more blocks"):
+        eng.submit(Request("big", np.arange(30, dtype=np.int32), 10))
+    eng.submit(Request("a", np.arange(3, dtype=np.int32), 1))
+    with pytest.raises(rf.ArgumentValueError, match="already"):
+        eng.submit(Request("a", np.arange(3, dtype=np.int32), 1))
+    for bad in (dict(prompt_tokens=np.zeros(0, np.int32), max_new_tokens=1),
+                dict(prompt_tokens=np.zeros(3, np.int32), max_new_tokens=0)):
+        with pytest.raises(rf.ArgumentValueError):
+            Request("b", **bad)
+    with pytest.raises(rf.ArgumentValueError):
+        SchedulerConfig(preemption="drop")
+    with pytest.raises(rf.ArgumentValueError, match="swap"):
+        Engine(m, Model(), SchedulerConfig(preemption="swap"))
+    with pytest.raises(rf.ArgumentTypeError):
+        Engine(object(), Model())
+
+
+def test_prefix_hits_are_not_computed_again():
+    m = rf.BlockManager(64, 4, enable_prefix_caching=True)
+    seen = []
+
+    class Record(Model):
+        def __call__(self, batch):
+            seen.append(list(batch.num_new_tokens))
+            return super().__call__(batch)
+
+    eng = Engine(m, Record())
+    prompt = np.arange(16, dtype=np.int32)
+    for rid in ("first", "second"):
+        eng.submit(Request(rid, prompt, max_new_tokens=2))
+        run(eng)
+    assert seen[0] == [16] and seen[2] == [1]            # 15 of 16 prompt tokens were cache hits
+    assert eng.finished["second"].num_cached_tokens == 16
+    assert eng.finished["second"].output_tokens == eng.finished["first"].output_tokens
+    assert eng.metrics()["prefix_hit_rate"] == 0.5
