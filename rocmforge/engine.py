@@ -229,8 +229,9 @@ class Engine:
             arrivals, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, set()
         self.counters["submitted"] += len(arrivals)
-        self.waiting.extend(arrivals)
-        self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
+        if arrivals:
+            self.waiting.extend(arrivals)
+            self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
         done = []
         if cancels:
             for queue in (self.waiting, self.running, self.swapped):
@@ -259,12 +260,13 @@ class Engine:
         a prefill in progress), preempting the least recently used request while the
         blocks do not suffice."""
         while self.running:
-            reqs, want = [], []
+            reqs, want, left = [], [], budget
             for req in self.running:
-                n = min(req.context_len - req.num_computed, budget - sum(want))
+                n = min(req.context_len - req.num_computed, left)
                 if n > 0:
                     reqs.append(req)
                     want.append(n)
+                    left -= n
             if not reqs:
                 return []
             ids = np.array([r.seq_id for r in reqs], dtype=np.int64)
@@ -317,6 +319,13 @@ class Engine:
             req = self.waiting[0]
             context = req.context()
             n = min(len(context), budget)
+            # admit only when the whole context fits beside one growing block per
+            # running request: a request admitted a chunk at a time into a cache
+            # too small for it would only be preempted again
+            bs = self.manager.block_size
+            hits = self.manager.lookup_prefix(context, req.salt) // bs if self.manager.enable_prefix_caching else 0
+            if -(-len(context) // bs) - hits > self.manager.num_free_blocks - len(self.running) and self.running:
+                break
             try:
                 slots = self.manager.add_sequence(req.seq_id, context[:n], salt=req.salt)
             except OutOfBlocks:

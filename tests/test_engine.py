@@ -142,6 +142,12 @@ def test_a_full_cache_preempts_and_outputs_are_unchanged(mode):
                  SchedulerConfig(max_tokens_per_step=64, preemption="swap" if mode == "swap" else "recompute"))
     for i, p in enumerate(ps):
         eng.submit(Request(i, p, max_new_tokens=30))
+    if mode == "evict":              # another user of the manager takes blocks: running requests are evicted
+        for _ in range(3):
+            eng.step()
+        cache.manager.add_sequence(10**9, num_tokens=4 * 30)
+        eng.step()
+        cache.manager.remove_sequence(10**9)
     run(eng)
     metrics = eng.metrics()
     assert metrics["preemptions"] > 0

@@ -1,0 +1,67 @@
+"""`rocmforge replay` end to end: the bundled sample, trace formats, a plot, and a
+10,000-request soak on the host backend with invariants checked along the way."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rocmforge import cli
+from rocmforge.replay import SAMPLE, TraceRequest, load_trace, replay
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def test_replay_of_the_bundled_sample(capsys, tmp_path):
+    args = ["replay", "--limit", "20", "--device", "cpu"]
+    if _has_matplotlib():
+        args += ["--plot", str(tmp_path / "run.png")]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["requests"] == 20 and report["rejected"] == 0 and report["final_blocks_used"] == 0 and report["finished_records"] == 20
+    assert report["generated_tokens"] == sum(r.output_len for r in load_trace(SAMPLE, 20))
+    assert report["peak_blocks_used"] > 0 and "prefix hit rate" in out
+    if _has_matplotlib():
+        assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_mooncake_prefixes_are_shared_tokens():
+    trace = load_trace(SAMPLE, 2)           # both requests start with hash id 0
+    assert np.array_equal(trace[0].prompt[:512], trace[1].prompt[:512])
+    assert not np.array_equal(trace[0].prompt[512:1024], trace[1].prompt[512:1024])
+    assert len(trace[0].prompt) == 6758 and trace[0].output_len == 500
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(DATA, "AzureLLMInferenceTrace_conv.csv")),
+                    reason="../shared/data not present")
+def test_azure_csv_trace():
+    trace = load_trace(os.path.join(DATA, "AzureLLMInferenceTrace_conv.csv"), 30)
+    assert len(trace) == 30 and trace[0].arrival == 0 and len(trace[0].prompt) == 374
+    assert all(b.arrival >= a.arrival for a, b in zip(trace, trace[1:]))
+    report, _ = replay(trace, num_blocks=4096, progress=False)
+    assert report["requests"] == 30 and report["final_blocks_used"] == 0
+
+
+def test_soak_10000_requests_on_the_host_backend():
+    rng = np.random.default_rng(0)
+    prefixes = [rng.integers(0, 1000, 48).astype(np.int32) for _ in range(20)]
+    trace = []
+    for i in range(10_000):
+        head = prefixes[int(rng.integers(len(prefixes)))][: int(rng.integers(0, 49))]
+        tail = rng.integers(0, 1000, int(rng.integers(1, 24))).astype(np.int32)
+        trace.append(TraceRequest(0.0, np.concatenate([head, tail]), int(rng.integers(1, 100))))
+    report, timeline = replay(trace, num_blocks=160, check_every=500, progress=False)
+    assert report["requests"] == 10_000 and report["rejected"] == 0
+    assert report["final_blocks_used"] == 0 and report["finished_records"] == 10_000
+    assert report["preemptions"] > 0 and report["prefix_hit_rate"] > 0.2
+    assert len(timeline) == report["steps"]
