@@ -22,6 +22,8 @@ from datetime import datetime
 
 import numpy as np
 
+from rocmforge._dlpack import DeviceArray
+from rocmforge._runtime import DeviceBuffer
 from rocmforge.bench_prefix import expand_tokens
 from rocmforge.config import CacheConfig, format_bytes, parse_bytes
 from rocmforge.engine import Engine, Request, SchedulerConfig
@@ -83,6 +85,10 @@ class SyntheticModel:
                               for r, n in zip(batch.requests, batch.num_new_tokens)])
         base = ((ids.astype(np.int64) * 31 + pos) % 997).astype(np.float32) / 997.0
         kv = np.broadcast_to(base[:, None, None], (len(base), HEADS, HEAD_DIM)).astype(self.dtype)
+        if self.cache.device != "cpu":          # the rows must live where the cache does
+            buf = DeviceBuffer(kv.nbytes, int(self.cache.device.split(":")[1]))
+            buf.copy_from_host(kv)
+            kv = DeviceArray(buf, kv.shape, "float16")
         return _Out(tokens, [kv] * LAYERS, [kv] * LAYERS)
 
 
