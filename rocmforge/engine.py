@@ -126,121 +126,40 @@ class Batch:
     sampling: list
 
 
-class Engine:
-    """Continuous batching over a KvCache (K/V written when the model returns
-    them) or a bare BlockManager (bookkeeping only).
+class Scheduler:
+    """The scheduling half of the engine: the waiting, running and swapped
+    queues, and each step's decisions (who gets tokens, who is admitted, who
+    is preempted). Single-threaded: the Engine's stepping thread drives it."""
 
-    ``model(batch)`` returns the new token ids of ``batch.sampling``, or an
-    object with ``tokens`` and per-layer ``keys`` / ``values`` ([T, heads,
-    head_dim] for the batch's slots) to be written."""
-
-    def __init__(self, cache, model: Callable[[Batch], Any], config: Optional[SchedulerConfig] = None):
-        if isinstance(cache, KvCache):
-            self.cache, self.manager = cache, cache.manager
-        elif isinstance(cache, BlockManager):
-            self.cache, self.manager = None, cache
-        else:
-            raise ArgumentTypeError(f"cache must be a KvCache or BlockManager, got {type(cache).__name__}")
-        self.model = model
-        self.config = config or SchedulerConfig()
-        if self.config.preemption == "swap" and self.cache is None:
-            raise ArgumentValueError("swap preemption needs a KvCache (host memory to swap to)")
-        self._lock = threading.Lock()           # guards the inbox, cancels and ids
-        self._inbox: list = []
-        self._cancels: set = set()
-        self._live: dict = {}                   # request_id -> Request, not yet finished
-        self._next_seq = 0
-        self.waiting: list = []                 # admission order: (priority, arrival) sorted
+    def __init__(self, manager, cache, config: SchedulerConfig, counters: dict):
+        self.manager, self.cache, self.config, self.counters = manager, cache, config, counters
+        self.waiting: list = []                 # admission order: (priority, arrival)
         self.running: list = []
         self.swapped: list = []
-        self.finished: OrderedDict = OrderedDict()
-        self.counters = dict(steps=0, submitted=0, finished=0, cancelled=0, preemptions=0, evictions=0,
-                             prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0, prefix_query_tokens=0)
-        self.step_times = deque(maxlen=4096)
 
-    # ---- any thread ----------------------------------------------------------------------------
-
-    def submit(self, request: Request) -> None:
-        """Queue a request (admitted at the next step). Raises ArgumentValueError for an id in use."""
-        if not isinstance(request, Request):
-            raise ArgumentTypeError(f"expected a Request, got {type(request).__name__}")
-        bs = self.manager.block_size
-        if -(-(len(request.prompt_tokens) + request.max_new_tokens) // bs) > self.manager.num_blocks:
-            raise ArgumentValueError(f"request {request.request_id!r} needs more blocks than the cache has")
-        with self._lock:
-            if request.request_id in self._live:
-                raise ArgumentValueError(f"request {request.request_id!r} is already in the engine")
-            request.arrival_time = time.monotonic()
-            request.seq_id = self._next_seq
-            self._next_seq += 1
-            self._live[request.request_id] = request
-            self._inbox.append(request)
-
-    def cancel(self, request_id) -> bool:
-        """Cancel a request not yet finished: released at the next step. False if unknown."""
-        with self._lock:
-            if request_id not in self._live:
-                return False
-            self._cancels.add(request_id)
-            return True
-
-    # ---- the stepping thread ----------------------------------------------------------------------
-
-    def has_work(self) -> bool:
-        with self._lock:
-            return bool(self._live)
-
-    def step(self) -> list:
-        """Schedule, run the model once, append and write, finish and release.
-        Returns the requests finished or cancelled in this step."""
-        t0 = time.perf_counter()
-        done = self._take_inbox_and_cancels()
-        self._reclaim_evicted(())
-        budget = self.config.max_tokens_per_step
-        work = self._place_running(budget)                  # [(request, slots)]
-        work += self._admit(budget - sum(len(w[1]) for w in work))
-        work = self._reclaim_evicted(work)                  # evict_sequences may have taken some
-        for req, new in work:
-            req.num_computed += len(new)
-        sampling = [r for r, _ in work if r.num_computed == r.context_len]
-        if work:
-            slots = np.concatenate([w[1] for w in work])
-            out = self.model(Batch([w[0] for w in work], [len(w[1]) for w in work], slots, sampling))
-            tokens = np.asarray(getattr(out, "tokens", out), dtype=np.int64).reshape(-1)
-            if len(tokens) != len(sampling):
-                raise ArgumentValueError(f"the model returned {len(tokens)} tokens for {len(sampling)} requests")
-            if self.cache is not None and getattr(out, "keys", None) is not None:
-                for layer, (k, v) in enumerate(zip(out.keys, out.values)):
-                    self.cache.write_kv(layer, k, v, slots)
-            for req, token in zip(sampling, tokens.tolist()):
-                req.output_tokens.append(int(token))
-                self.counters["generated_tokens"] += 1
-                if len(req.output_tokens) >= req.max_new_tokens or token == req.eos_token_id:
-                    self._finish(req, RequestState.FINISHED)
-                    done.append(req)
-        self.running = [r for r in self.running if r.state is RequestState.RUNNING]
-        self._purge_finished()
-        self.counters["steps"] += 1
-        self.step_times.append(time.perf_counter() - t0)
-        return done
-
-    def _take_inbox_and_cancels(self) -> list:
-        with self._lock:
-            arrivals, self._inbox = self._inbox, []
-            cancels, self._cancels = self._cancels, set()
-        self.counters["submitted"] += len(arrivals)
+    def add(self, arrivals) -> None:
         if arrivals:
             self.waiting.extend(arrivals)
             self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
-        done = []
-        if cancels:
-            for queue in (self.waiting, self.running, self.swapped):
-                for req in queue:
-                    if req.request_id in cancels:
-                        self._finish(req, RequestState.CANCELLED)
-                        done.append(req)
-                queue[:] = [r for r in queue if r.request_id not in cancels]
-        return done
+
+    def remove(self, request_ids) -> list:
+        """Take the named requests out of every queue; returns them."""
+        out = [r for q in (self.waiting, self.running, self.swapped) for r in q if r.request_id in request_ids]
+        for queue in (self.waiting, self.running, self.swapped):
+            queue[:] = [r for r in queue if r.request_id not in request_ids]
+        return out
+
+    def schedule(self, budget) -> list:
+        """This step's work, [(request, slots of its new tokens)]: running requests
+        first, then swapped-in and newly admitted ones, within the token budget."""
+        self._reclaim_evicted(())
+        work = self._place_running(budget)
+        work += self._admit(budget - sum(len(w[1]) for w in work))
+        return self._reclaim_evicted(work)          # evict_sequences may have taken some
+
+    def retire(self) -> None:
+        """Drop finished requests from the running queue."""
+        self.running = [r for r in self.running if r.state is RequestState.RUNNING]
 
     def _reclaim_evicted(self, work) -> list:
         """Running requests whose sequences the manager evicted (evict_sequences=True)
@@ -347,11 +266,127 @@ class Engine:
             budget -= n - skip
         return work
 
+
+class Engine:
+    """Continuous batching over a KvCache (K/V written when the model returns
+    them) or a bare BlockManager (bookkeeping only).
+
+    ``model(batch)`` returns the new token ids of ``batch.sampling``, or an
+    object with ``tokens`` and per-layer ``keys`` / ``values`` ([T, heads,
+    head_dim] for the batch's slots) to be written."""
+
+    def __init__(self, cache, model: Callable[[Batch], Any], config: Optional[SchedulerConfig] = None):
+        if isinstance(cache, KvCache):
+            self.cache, self.manager = cache, cache.manager
+        elif isinstance(cache, BlockManager):
+            self.cache, self.manager = None, cache
+        else:
+            raise ArgumentTypeError(f"cache must be a KvCache or BlockManager, got {type(cache).__name__}")
+        self.model = model
+        self.config = config or SchedulerConfig()
+        if self.config.preemption == "swap" and self.cache is None:
+            raise ArgumentValueError("swap preemption needs a KvCache (host memory to swap to)")
+        self._lock = threading.Lock()           # guards the inbox, cancels and ids
+        self._inbox: list = []
+        self._cancels: set = set()
+        self._live: dict = {}                   # request_id -> Request, not yet finished
+        self._next_seq = 0
+        self.finished: OrderedDict = OrderedDict()
+        self.counters = dict(steps=0, submitted=0, finished=0, cancelled=0, preemptions=0, evictions=0,
+                             prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0, prefix_query_tokens=0)
+        self.scheduler = Scheduler(self.manager, self.cache, self.config, self.counters)
+        self.step_times = deque(maxlen=4096)
+
+    @property
+    def waiting(self) -> list:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list:
+        return self.scheduler.running
+
+    @property
+    def swapped(self) -> list:
+        return self.scheduler.swapped
+
+    # ---- any thread ----------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (admitted at the next step). Raises ArgumentValueError for an id in use."""
+        if not isinstance(request, Request):
+            raise ArgumentTypeError(f"expected a Request, got {type(request).__name__}")
+        bs = self.manager.block_size
+        if -(-(len(request.prompt_tokens) + request.max_new_tokens) // bs) > self.manager.num_blocks:
+            raise ArgumentValueError(f"request {request.request_id!r} needs more blocks than the cache has")
+        with self._lock:
+            if request.request_id in self._live:
+                raise ArgumentValueError(f"request {request.request_id!r} is already in the engine")
+            request.arrival_time = time.monotonic()
+            request.seq_id = self._next_seq
+            self._next_seq += 1
+            self._live[request.request_id] = request
+            self._inbox.append(request)
+
+    def cancel(self, request_id) -> bool:
+        """Cancel a request not yet finished: released at the next step. False if unknown."""
+        with self._lock:
+            if request_id not in self._live:
+                return False
+            self._cancels.add(request_id)
+            return True
+
+    # ---- the stepping thread ----------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    def step(self) -> list:
+        """Schedule, run the model once, append and write, finish and release.
+        Returns the requests finished or cancelled in this step."""
+        t0 = time.perf_counter()
+        done = self._take_inbox_and_cancels()
+        work = self.scheduler.schedule(self.config.max_tokens_per_step)
+        for req, new in work:
+            req.num_computed += len(new)
+        sampling = [r for r, _ in work if r.num_computed == r.context_len]
+        if work:
+            slots = np.concatenate([w[1] for w in work])
+            out = self.model(Batch([w[0] for w in work], [len(w[1]) for w in work], slots, sampling))
+            tokens = np.asarray(getattr(out, "tokens", out), dtype=np.int64).reshape(-1)
+            if len(tokens) != len(sampling):
+                raise ArgumentValueError(f"the model returned {len(tokens)} tokens for {len(sampling)} requests")
+            if self.cache is not None and getattr(out, "keys", None) is not None:
+                for layer, (k, v) in enumerate(zip(out.keys, out.values)):
+                    self.cache.write_kv(layer, k, v, slots)
+            for req, token in zip(sampling, tokens.tolist()):
+                req.output_tokens.append(int(token))
+                self.counters["generated_tokens"] += 1
+                if len(req.output_tokens) >= req.max_new_tokens or token == req.eos_token_id:
+                    self._finish(req, RequestState.FINISHED)
+                    done.append(req)
+        self.scheduler.retire()
+        self._purge_finished()
+        self.counters["steps"] += 1
+        self.step_times.append(time.perf_counter() - t0)
+        return done
+
+    def _take_inbox_and_cancels(self) -> list:
+        with self._lock:
+            arrivals, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
+        self.counters["submitted"] += len(arrivals)
+        self.scheduler.add(arrivals)
+        done = self.scheduler.remove(cancels) if cancels else []
+        for req in done:
+            self._finish(req, RequestState.CANCELLED)
+        return done
+
     def _finish(self, req, state) -> None:
         """Release the request's blocks now and keep a bounded record of it."""
         if req.state is RequestState.RUNNING and req.seq_id in self.manager:
             self.manager.remove_sequence(req.seq_id)
-        if req.state is RequestState.PREEMPTED and req in self.swapped:
+        elif self.cache is not None and req.seq_id in self.cache.swapped_sequences():
             self.cache.drop_swapped([req.seq_id])
         req.state = state
         req.finish_time = time.monotonic()

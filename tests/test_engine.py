@@ -257,3 +257,18 @@ def test_prefix_hits_are_not_computed_again():
     assert eng.finished["second"].num_cached_tokens == 16
     assert eng.finished["second"].output_tokens == eng.finished["first"].output_tokens
     assert eng.metrics()["prefix_hit_rate"] == 0.5
+
+
+def test_cancel_drops_a_swapped_out_request():
+    rng = np.random.default_rng(3)
+    cfg = CacheConfig(1, 1, 4, block_size=4, num_blocks=40, dtype="float32")
+    cache = rf.KvCache(cfg, "cpu")
+    eng = Engine(cache, KvModel(1, 1, 4), SchedulerConfig(max_tokens_per_step=64, preemption="swap"))
+    for i, p in enumerate(prompts(12, rng, 10, 40)):
+        eng.submit(Request(i, p, max_new_tokens=30))
+    while not eng.swapped:
+        eng.step()
+    for i in range(12):
+        eng.cancel(i)
+    eng.step()
+    assert cache.swapped_sequences() == [] and cache.manager.num_used_blocks == 0 and not eng.has_work()
