@@ -99,7 +99,7 @@ def test_a_thousand_requests_leave_nothing_behind():
     run(eng)
     m.check_invariants()
     assert m.num_used_blocks == 0 and len(m) == 0
-    assert len(eng.finished) == 100 and not eng.running and not eng.waiting
+    assert len(eng.finished) == 100 and not eng.running and not eng.waiting and not eng.has_work()
     assert eng.metrics()["finished"] == 1000
     for rid in list(eng.finished)[-5:]:
         rec = eng.finished[rid]

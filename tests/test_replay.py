@@ -65,3 +65,11 @@ def test_soak_10000_requests_on_the_host_backend():
     assert report["final_blocks_used"] == 0 and report["finished_records"] == 10_000
     assert report["preemptions"] > 0 and report["prefix_hit_rate"] > 0.2
     assert len(timeline) == report["steps"]
+
+
+def test_realtime_speed_waits_for_arrivals():
+    rng = np.random.default_rng(5)
+    trace = [TraceRequest(t, rng.integers(0, 100, 20).astype(np.int32), 3) for t in (0.0, 0.3, 0.6)]
+    report, timeline = replay(trace, num_blocks=64, speed="realtime", progress=False)
+    assert report["requests"] == 3 and report["final_blocks_used"] == 0
+    assert report["wall_s"] >= 0.6 and timeline[-1][0] >= 0.6
