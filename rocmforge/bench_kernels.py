@@ -1,11 +1,15 @@
 """GPU K/V kernel benchmarks: write_kv and copy_blocks against the device's own
 copy bandwidth and against torch doing the same writes (index_copy_).
 
-Needs a GPU and torch (for CUDA events and the comparison). Bandwidth counts
-bytes read plus bytes written; the ceiling is a 512 MiB device-to-device copy
-(far beyond the L2 cache, so it measures the memory itself). Kernel times come from CUDA events around a
-burst of launches queued behind a GPU sleep, so the host's launch cost does
-not hide in them; the host's own cost per write_kv call is reported apart.
+Needs a GPU and torch (CUDA events, the CUPTI profiler, the comparison).
+Bandwidth counts bytes read plus bytes written; the ceiling is a 512 MiB
+device-to-device copy (far beyond the L2 cache, so it measures the memory
+itself). "device us" is the GPU time the profiler records per call (kernels
+and copies, gaps excluded) and gives the bandwidth; "burst us" is CUDA-event
+time per call over a burst of launches queued behind a GPU sleep (gaps
+between launches included; copy_blocks, which waits for its stream, is timed
+on the wall clock instead); the host's own cost per write_kv call is
+reported apart.
 Every figure is the median of several repetitions. Prints a table, then one
 JSON line.
 """
@@ -38,6 +42,21 @@ def _burst_us(torch, fn, launches, reps):
     return statistics.median(times)
 
 
+def _device_us(torch, fn, calls, reps):
+    """Median device time per call, in microseconds: the sum of the GPU activities
+    (kernels, copies) CUPTI records for the calls, gaps between them excluded."""
+    from torch.profiler import ProfilerActivity, profile
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        times.append(sum(e.device_time_total for e in prof.key_averages()) / calls)
+    return statistics.median(times)
+
+
 def _wall_us(fn, calls, reps, sync):
     times = []
     for _ in range(reps):
@@ -63,18 +82,24 @@ def run(reps=7):
     rng = np.random.default_rng(0)
     rows = []
 
-    def row(name, us, nbytes, ceiling_tbs=None, torch_us=None):
+    def row(name, fn, calls, nbytes, ceiling_tbs=None, torch_fn=None, wall=False):
+        """Measure fn (and torch_fn doing the same work); one row of the table."""
+        us = _device_us(torch, fn, calls, reps)
+        other = (_wall_us(fn, calls, reps, torch.cuda.synchronize) if wall
+                 else _burst_us(torch, fn, calls, reps))
         tbs = nbytes / (us * 1e-6) / 1e12
-        rows.append({"case": name, "us": us, "tb_s": tbs,
+        theirs = _device_us(torch, torch_fn, calls, reps) if torch_fn else None
+        rows.append({"case": name, "device_us": us, "tb_s": tbs,
                      "pct_of_copy": None if ceiling_tbs is None else 100.0 * tbs / ceiling_tbs,
-                     "torch_us": torch_us, "speedup_vs_torch": None if torch_us is None else torch_us / us})
+                     ("wall_us" if wall else "burst_us"): other,
+                     "torch_device_us": theirs, "speedup_vs_torch": None if theirs is None else theirs / us})
         return tbs
 
     # the ceiling: a device-to-device copy far larger than the L2 cache
     big = 512 << 20
     src = torch.empty(big, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ceiling = row(f"d2d copy ({big >> 20} MiB)", _burst_us(torch, lambda: dst.copy_(src), 20, reps), 2 * big)
+    ceiling = row(f"d2d copy ({big >> 20} MiB)", lambda: dst.copy_(src), 20, 2 * big)
     del src, dst
 
     # write_kv: one layer, float16, random distinct slots
@@ -86,18 +111,17 @@ def run(reps=7):
             k = torch.randn((T, HEADS, HEAD_DIM), dtype=torch.float16, device="cuda")
             v = torch.randn_like(k)
             slots = torch.from_numpy(rng.permutation(num_blocks * BLOCK)[:T].astype(np.int64)).cuda()
-            nbytes = 2 * 2 * k.numel() * 2              # K and V, read and written, 2 bytes each
-            ours = _burst_us(torch, lambda: cache.write_kv(0, k, v, slots), 200, reps)
             flat_k, flat_v = kc.view(-1, HEADS, HEAD_DIM), vc.view(-1, HEADS, HEAD_DIM)
 
             def torch_write():
                 flat_k.index_copy_(0, slots, k)
                 flat_v.index_copy_(0, slots, v)
 
-            theirs = _burst_us(torch, torch_write, 200, reps)
-            row(f"write_kv T={T}", ours, nbytes, ceiling, theirs)
-            host = _wall_us(lambda: cache.write_kv(0, k, v, slots), 2000, reps, torch.cuda.synchronize)
-            rows[-1]["host_us_per_call"] = host
+            nbytes = 2 * 2 * k.numel() * 2              # K and V, read and written, 2 bytes each
+            row(f"write_kv T={T}", lambda: cache.write_kv(0, k, v, slots), 200, nbytes, ceiling, torch_write)
+            rows[-1]["host_us_per_call"] = _wall_us(lambda: cache.write_kv(0, k, v, slots), 2000, reps,
+                                                    torch.cuda.synchronize)
+            cache.write_kv(0, k, v, slots)
             cache.synchronize()
             assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
 
@@ -107,8 +131,6 @@ def run(reps=7):
                                 dtype="float16"), device) as cache:
         pairs = np.stack([rng.permutation(pairs_n), pairs_n + rng.permutation(pairs_n)], axis=1).astype(np.int32)
         moved = 2 * layers * pairs_n * BLOCK * HEADS * HEAD_DIM * 2
-        nbytes = 2 * moved
-        ours = _wall_us(lambda: cache.copy_blocks(pairs), 20, reps, torch.cuda.synchronize)
         caches = [torch.from_dlpack(cache.key_cache(i)) for i in range(layers)]
         caches += [torch.from_dlpack(cache.value_cache(i)) for i in range(layers)]
         s_idx = torch.from_numpy(pairs[:, 0].astype(np.int64)).cuda()
@@ -118,20 +140,21 @@ def run(reps=7):
             for c in caches:
                 c.index_copy_(0, d_idx, c.index_select(0, s_idx))
 
-        theirs = _burst_us(torch, torch_copy, 5, reps)
-        row(f"copy_blocks {moved >> 20} MiB (wall, incl. sync)", ours, nbytes, ceiling, theirs)
+        row(f"copy_blocks ({moved >> 20} MiB)", lambda: cache.copy_blocks(pairs), 10, 2 * moved, ceiling,
+            torch_copy, wall=True)
     return {"device": info["devices"][0]["name"], "backend": info["backend"], "rows": rows}
 
 
 def print_table(result):
     print(f"rocmforge kernels on {result['device']} ({result['backend']})")
-    print(f"{'case':<40} {'time us':>10} {'TB/s':>7} {'% copy':>7} {'torch us':>9} {'vs torch':>9} {'host us':>8}")
+    print(f"{'case':<22} {'device us':>10} {'TB/s':>7} {'% copy':>7} {'burst/wall us':>14} "
+          f"{'torch us':>9} {'vs torch':>9} {'host us':>8}")
     for r in result["rows"]:
-        pct = "" if r["pct_of_copy"] is None else f"{r['pct_of_copy']:.1f}"
-        tus = "" if r["torch_us"] is None else f"{r['torch_us']:.2f}"
-        sp = "" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x"
-        host = f"{r['host_us_per_call']:.2f}" if "host_us_per_call" in r else ""
-        print(f"{r['case']:<40} {r['us']:>10.2f} {r['tb_s']:>7.3f} {pct:>7} {tus:>9} {sp:>9} {host:>8}")
+        def fmt(v, spec):
+            return "" if v is None else format(v, spec)
+        print(f"{r['case']:<22} {r['device_us']:>10.2f} {r['tb_s']:>7.3f} {fmt(r['pct_of_copy'], '.1f'):>7} "
+              f"{fmt(r.get('burst_us', r.get('wall_us')), '.2f'):>14} {fmt(r['torch_device_us'], '.2f'):>9} "
+              f"{fmt(r['speedup_vs_torch'], '.2f'):>9} {fmt(r.get('host_us_per_call'), '.2f'):>8}")
 
 
 def main(argv=None):
