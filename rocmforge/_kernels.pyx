@@ -14,20 +14,15 @@ from libc.stdint cimport int32_t, int64_t, uintptr_t
 cimport numpy as cnp
 import numpy as np
 
+from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
 from rocmforge.errors import ArgumentTypeError, ArgumentValueError, BlockNotFound
 
 cnp.import_array()
 
 from rocmforge._host_kernels cimport *
 
-# name -> (code, numpy storage dtype)
-DTYPES = {
-    "float32": (RF_DT_F32, np.dtype(np.float32)),
-    "float16": (RF_DT_F16, np.dtype(np.float16)),
-    "bfloat16": (RF_DT_BF16, np.dtype(np.uint16)),
-    "fp8_e4m3": (RF_DT_FP8_E4M3, np.dtype(np.uint8)),
-    "int8": (RF_DT_I8, np.dtype(np.int8)),
-}
+# name -> (code, numpy storage dtype): the storage types of rocmforge._dlpack's table
+DTYPES = {name: (code, storage) for name, (code, _, storage) in _ARRAY_DTYPES.items() if code <= RF_DT_I8}
 _IMPLIED = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int8): "int8"}
 
 

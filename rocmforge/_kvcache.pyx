@@ -11,7 +11,8 @@ cimport numpy as cnp
 import numpy as np
 
 from rocmforge._core import BlockManager
-from rocmforge._dlpack cimport ArrayInfo, DeviceArray, import_array, DL_CPU, DL_CUDA, DL_ROCM, DT_I64
+from rocmforge._dlpack cimport (ArrayInfo, DeviceArray, import_array, DL_CPU, DL_CUDA, DL_ROCM, DT_F32, DT_F16,
+                                DT_BF16, DT_I64)
 from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
 from rocmforge._runtime cimport (DeviceBuffer, DeviceKernels, check, rt_backend, rt_memset, rt_htod, rt_dtoh,
                                  rt_dtod, rt_stream_sync, rt_device_sync)
@@ -25,6 +26,7 @@ cnp.import_array()
 from rocmforge._host_kernels cimport *
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "int8")
+_RT_RUNTIME = 4         # rf_runtime.h's RF_RT_RUNTIME: the runtime's last error says what failed
 _RT_BAD_DEVICE = 5
 _kernels_by_device = {}         # one loaded kernel module per device, for the process
 
@@ -61,6 +63,14 @@ cdef inline float _inverse(float scale) noexcept nogil:
     """1 / scale in float arithmetic, as the host kernel computes it."""
     cdef float one = 1.0
     return one / scale
+
+
+def _distinct_ids(seq_ids):
+    """Sequence ids as ints, refusing a repeated one."""
+    ids = [int(s) for s in seq_ids]
+    if len(set(ids)) != len(ids):
+        raise ArgumentValueError("seq_ids repeats a sequence")
+    return ids
 
 
 def _waves(pairs):
@@ -361,7 +371,7 @@ cdef class KvCache:
                                       self._k_scale[l], self._v_scale[l], &bad)
             elif st == 0 and bad < 0:
                 slots_dev = self._stage(<cnp.ndarray>slot_mapping, &used, strm) if host_slots else s.ptr
-                st = -1 if slots_dev == 0 else self._kernels.write_kv(
+                st = _RT_RUNTIME if slots_dev == 0 else self._kernels.write_kv(
                     self._addrs[2 * l], self._addrs[2 * l + 1], k.ptr, v.ptr, slots_dev, T, self._row,
                     self._num_blocks * self._block_size, k.dtype, self._dt, _inverse(self._k_scale[l]),
                     _inverse(self._v_scale[l]),
@@ -373,11 +383,11 @@ cdef class KvCache:
         if bad >= 0:
             raise ArgumentValueError(f"slot_mapping[{bad}] = {slot_mapping[bad]} outside "
                                      f"[-1, {self._num_blocks * self._block_size})")
-        check(st if st >= 0 else 4, "write_kv")
+        check(st, "write_kv")
         del keep
 
     cdef int _check_rows(self, ArrayInfo* a, str what) except -1:
-        if a.dtype not in (0, 1, 2):
+        if a.dtype not in (DT_F32, DT_F16, DT_BF16):
             raise ArgumentTypeError(f"{what} must be float32, float16 or bfloat16")
         if a.ndim != 3 or a.shape[1] != self._heads or a.shape[2] != self._head_dim:
             shape = tuple(a.shape[i] for i in range(a.ndim))
@@ -437,7 +447,7 @@ cdef class KvCache:
                                              self._block_bytes, self._num_blocks, &bad)
                 else:
                     staged = self._stage(wave, &used, stream)
-                    st = -1 if staged == 0 else self._kernels.copy_blocks(
+                    st = _RT_RUNTIME if staged == 0 else self._kernels.copy_blocks(
                         self._dev_addrs._ptr, self._addrs.size(), staged, wave.shape[0], self._block_bytes, stream)
                 if st != 0:
                     break
@@ -445,7 +455,7 @@ cdef class KvCache:
                 st = rt_stream_sync(self._dev, stream)
         if self._dev < 0 and st != 0:
             raise BlockNotFound(f"copy pair {pairs[bad].tolist()} names a block outside [0, {self._num_blocks})")
-        check(st if st >= 0 else 4, "copy_blocks")
+        check(st, "copy_blocks")
 
     def synchronize(self):
         """Wait for the device's queued work; raise DeviceError if a write_kv with a
@@ -490,13 +500,13 @@ cdef class KvCache:
                                         <void*><size_t>out._ptr, &bad)
                 else:
                     staged = self._stage(table, &used, NULL) if i == 0 else staged
-                    st = -1 if staged == 0 else self._kernels.gather(
+                    st = _RT_RUNTIME if staged == 0 else self._kernels.gather(
                         out._ptr, self._addrs[2 * l + i], staged, n, self._block_size, row_bytes, NULL)
                 if st != 0:
                     break
             if st == 0 and self._dev >= 0:
                 st = rt_stream_sync(self._dev, NULL)
-        check(st if st >= 0 else 4, "gather")
+        check(st, "gather")
         shape = (n, self._heads, self._head_dim)
         return DeviceArray(outs[0], shape, self.dtype), DeviceArray(outs[1], shape, self.dtype)
 
@@ -524,7 +534,7 @@ cdef class KvCache:
                                             self._num_blocks, cnp.PyArray_DATA(host), &bad)
             else:
                 staged = self._stage(ids, &used, NULL)
-                st = -1 if staged == 0 else 0
+                st = _RT_RUNTIME if staged == 0 else 0
                 if st == 0 and not out:
                     st = rt_htod(self._dev, staging._ptr, cnp.PyArray_DATA(host), host.nbytes, NULL)
                 if st == 0:
@@ -534,15 +544,13 @@ cdef class KvCache:
                     st = rt_dtoh(self._dev, cnp.PyArray_DATA(host), staging._ptr, host.nbytes, NULL)
                 if st == 0:
                     st = rt_stream_sync(self._dev, NULL)
-        check(st if st >= 0 else 4, "swapping blocks")
+        check(st, "swapping blocks")
 
     def swap_out(self, seq_ids):
         """Move sequences' K/V to host memory and release their blocks (preemption
         by swapping). All named sequences must exist; nothing changes otherwise."""
         self._live()
-        ids = [int(s) for s in seq_ids]
-        if len(set(ids)) != len(ids):
-            raise ArgumentValueError("seq_ids repeats a sequence")
+        ids = _distinct_ids(seq_ids)
         for sid in ids:
             if sid not in self.manager:
                 raise SequenceNotFound(f"sequence {sid} not found")
@@ -559,9 +567,7 @@ cdef class KvCache:
         """Bring swapped-out sequences back: fresh blocks (a cached prefix is reused),
         their K/V copied back. All or nothing: OutOfBlocks leaves them swapped out."""
         self._live()
-        ids = [int(s) for s in seq_ids]
-        if len(set(ids)) != len(ids):
-            raise ArgumentValueError("seq_ids repeats a sequence")
+        ids = _distinct_ids(seq_ids)
         for sid in ids:
             if sid not in self._swapped:
                 raise SequenceNotFound(f"sequence {sid} is not swapped out")
@@ -588,11 +594,12 @@ cdef class KvCache:
 
     def drop_swapped(self, seq_ids):
         """Forget swapped-out sequences (their host copies are freed)."""
-        for sid in [int(s) for s in seq_ids]:
+        ids = _distinct_ids(seq_ids)
+        for sid in ids:
             if sid not in self._swapped:
                 raise SequenceNotFound(f"sequence {sid} is not swapped out")
-        for sid in seq_ids:
-            del self._swapped[int(sid)]
+        for sid in ids:
+            del self._swapped[sid]
 
     def swapped_sequences(self):
         """Ids of the sequences swapped out to host memory."""

@@ -171,7 +171,7 @@ class Scheduler:
             if req.seq_id in evicted:
                 self._preempted(req, swapped=False)
                 self.counters["evictions"] += 1
-        self.running = [r for r in self.running if r.state is RequestState.RUNNING]
+        self.retire()
         return [w for w in work if w[0].seq_id not in evicted]
 
     def _place_running(self, budget) -> list:
@@ -409,20 +409,25 @@ class Engine:
 
     # ---- metrics --------------------------------------------------------------------------------
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens found in the prefix cache at admission, over all admitted."""
+        query = self.counters["prefix_query_tokens"]
+        return self.counters["prefix_hit_tokens"] / query if query else 0.0
+
     def metrics(self) -> dict:
         """Counters and gauges: running, waiting, swapped, preemptions, evictions,
         prefix hit rate, block usage, step time percentiles (seconds)."""
         m = self.manager
         times = np.array(self.step_times) if self.step_times else np.zeros(1)
-        query = self.counters["prefix_query_tokens"]
-        used = m.num_blocks - m.num_free_blocks
+        used = m.num_used_blocks
         return {
             **self.counters,
             "running": len(self.running),
             "waiting": len(self.waiting),
             "swapped": len(self.swapped),
             "finished_records": len(self.finished),
-            "prefix_hit_rate": self.counters["prefix_hit_tokens"] / query if query else 0.0,
+            "prefix_hit_rate": self.prefix_hit_rate,
             "blocks_used": used,
             "blocks_total": m.num_blocks,
             "block_usage": used / m.num_blocks,

@@ -136,9 +136,7 @@ def replay(trace, num_blocks, device="cpu", policy="lru", speed="max", check_eve
             bar.update(len(finished))
         used = cache.manager.num_used_blocks
         peak = max(peak, used)
-        m = engine.counters
-        timeline.append((time.perf_counter() - t0, used / num_blocks,
-                         m["prefix_hit_tokens"] / m["prefix_query_tokens"] if m["prefix_query_tokens"] else 0.0))
+        timeline.append((time.perf_counter() - t0, used / num_blocks, engine.prefix_hit_rate))
         if check_every and engine.counters["steps"] % check_every == 0:
             cache.manager.check_invariants()
     wall = time.perf_counter() - t0

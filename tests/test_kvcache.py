@@ -217,6 +217,11 @@ def test_swap_is_all_or_nothing(device):
             cache.swap_in([7])
         with pytest.raises(rf.ArgumentValueError):
             cache.swap_out([3, 3])
+        with pytest.raises(rf.ArgumentValueError):
+            cache.drop_swapped([1, 1])
+        assert cache.swapped_sequences() == [1, 2]
+        cache.drop_swapped([1, 2])
+        assert cache.swapped_sequences() == [] and cache.swapped_bytes() == 0
 
 
 def test_compact_moves_data_and_gives_memory_back(device):
