@@ -17,6 +17,17 @@ core = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
+# The allocator benchmarks' loops through the core's C API (what an engine
+# written in Cython calls); `rocmforge bench` reports them beside the Python path.
+bench_capi = Extension(
+    "rocmforge._bench_capi",
+    sources=["rocmforge/_bench_capi.pyx"],
+    include_dirs=["rocmforge", numpy.get_include()],
+    language="c++",
+    extra_compile_args=["-O3", "-std=c++17"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
 # The GPU runtime layer (hip/) is plain C: it loads HIP or CUDA at run time,
 # so no GPU SDK is needed to build it.
 runtime = Extension(
@@ -98,4 +109,4 @@ build_kernels("nvcc", "kv_kernels.fatbin", "ROCMFORGE_CUDA_ARCHS", "80;90", cuda
 build_kernels("hipcc", "kv_kernels.hsaco", "ROCMFORGE_HIP_ARCHS", "gfx90a;gfx940", hip_flags,
               env={"HIP_PLATFORM": "amd"})
 
-setup(ext_modules=cythonize([core, runtime, kernels, dlpack, kvcache], compiler_directives={"language_level": 3}))
+setup(ext_modules=cythonize([core, bench_capi, runtime, kernels, dlpack, kvcache], compiler_directives={"language_level": 3}))

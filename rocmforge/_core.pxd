@@ -16,6 +16,11 @@ cdef extern from "_core_support.h" nogil:
     # Sequence id -> record slot; see _core_support.h.
     cppclass rf_idmap:
         size_t count
+    # The manager's lock; lock() may be called with or without the GIL (it
+    # lets go of the GIL while it waits). Never held across a Python call.
+    cppclass rf_mutex:
+        void lock()
+        void unlock()
 
 cdef enum Status:
     RF_OK = 0
@@ -123,7 +128,7 @@ cdef int raise_status(int status, const ErrInfo* err) except -1
 # final: internal cdef methods are called directly (and inlined), not through a vtable.
 @cython.final
 cdef class BlockManager:
-    cdef cython.pymutex _lock
+    cdef rf_mutex _lock
     cdef readonly int32_t num_blocks
     cdef readonly int32_t block_size
     cdef readonly bint evict_sequences
@@ -207,11 +212,15 @@ cdef class BlockManager:
     cdef void _bits_build(self) noexcept nogil
     cdef int32_t _bits_lowest(self) noexcept nogil
     cdef void _bits_set(self, int32_t b) noexcept nogil
+    cdef void _bits_set_word(self, int64_t i, uint64_t bits) noexcept nogil
+    cdef void _bits_set_summary(self, int64_t i) noexcept nogil
     cdef void _bits_clear_from(self, int level, int64_t i) noexcept nogil
     cdef int32_t _take_block(self) noexcept nogil
     cdef void _take_lowest(self, int32_t n, int32_t* out) noexcept nogil
     cdef void _release_block(self, int32_t b) noexcept nogil
+    cdef void _release_cached(self, int32_t b) noexcept nogil
     cdef void _unref(self, int32_t b) noexcept nogil
+    cdef void _unref_plain(self, const int32_t* ids, Py_ssize_t n) noexcept nogil
     cdef void _note_peak(self) noexcept nogil
     cdef uint64_t _next_epoch(self) noexcept nogil
     cdef BlockScratch* _scratch_at(self, int32_t b, uint64_t epoch) noexcept nogil
@@ -263,5 +272,7 @@ cdef class BlockManager:
     cdef int _check_locked(self, char* msg, size_t cap) noexcept nogil
     cdef int _gather_tables(self, const int64_t* ids, Py_ssize_t n, vector[int32_t]* flat,
                             vector[int64_t]* lens, ErrInfo* err) noexcept nogil
+    cdef int _gather_tables_locked(self, const int64_t* ids, Py_ssize_t n, vector[int32_t]* flat,
+                                   vector[int64_t]* lens, ErrInfo* err) noexcept nogil
     cdef int64_t _token_count(self, object seq_id, bint cached) except -1
     cdef object _append_batch(self, object seq_ids, object counts, object tokens, object out)

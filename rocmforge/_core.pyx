@@ -64,6 +64,7 @@ cdef enum:
     NOGIL_MIN = 64
     NOGIL_MIN_IDS = 1024
     NOGIL_MIN_TOKENS = 16384
+    PREFETCH_AHEAD = 8          # batch loops request the data of the item this far ahead
     KEYS_ON_STACK = 256         # prompts up to this many full blocks hash into a stack buffer
     GHOSTS_PER_BLOCK = 2        # ARC remembers 2 x num_blocks evicted keys per ghost list
 
@@ -497,12 +498,24 @@ cdef class BlockManager:
             idx = idx * 64 + rf_ctz64(w)
         return <int32_t>idx
 
-    cdef void _bits_set(self, int32_t b) noexcept nogil:
-        cdef int64_t i = b
+    cdef inline void _bits_set(self, int32_t b) noexcept nogil:
+        """Mark b free: one leaf bit, and the summary levels only when its word was empty."""
+        self._bits_set_word(b >> 6, (<uint64_t>1) << (b & 63))   # level 0 starts at offset 0
+
+    cdef inline void _bits_set_word(self, int64_t i, uint64_t bits) noexcept nogil:
+        """Mark the blocks of leaf word i given by bits free (none of them was)."""
+        cdef uint64_t* leaf = &self._bits[i]
+        cdef uint64_t was = leaf[0]
+        leaf[0] = was | bits
+        if was == 0 and self._levels > 1:
+            self._bits_set_summary(i)
+
+    cdef void _bits_set_summary(self, int64_t i) noexcept nogil:
+        """Leaf word i just gained its first free bit: set its bit one level up (and higher)."""
         cdef int L
         cdef uint64_t* p
         cdef uint64_t was
-        for L in range(self._levels):
+        for L in range(1, self._levels):
             p = &self._bits[self._level_off[L] + (i >> 6)]
             was = p[0]
             p[0] = was | ((<uint64_t>1) << (i & 63))
@@ -564,25 +577,28 @@ cdef class BlockManager:
             out[got] = self._take_block()
             got += 1
 
-    cdef void _release_block(self, int32_t b) noexcept nogil:
+    cdef inline void _release_block(self, int32_t b) noexcept nogil:
         """A block's refcount just reached zero: cached blocks become evictable,
         others free."""
-        cdef PBlock* p
         if self.enable_prefix_caching and self._pb[b].serial != 0:
-            p = &self._pb[b]
-            if self._policy != POLICY_ARC or not (p.hot or p.cold):
-                self._ev_link_after(b, 1, self._ev_tail[1])
-            elif p.hot:
-                self._ev_link_after(b, 2, self._ev_tail[2])
-            else:
-                # Cold blocks of one release line up tail first at the front of
-                # list 3, ahead of those released earlier: the newest go first.
-                self._ev_link_after(b, 3, self._cold_anchor)
-                self._cold_anchor = b
+            self._release_cached(b)
         else:
             self._bits_set(b)
             self._num_free += 1
         self._stats.total_deallocations += 1
+
+    cdef void _release_cached(self, int32_t b) noexcept nogil:
+        """Put a cached block whose refcount reached zero into its policy list."""
+        cdef PBlock* p = &self._pb[b]
+        if self._policy != POLICY_ARC or not (p.hot or p.cold):
+            self._ev_link_after(b, 1, self._ev_tail[1])
+        elif p.hot:
+            self._ev_link_after(b, 2, self._ev_tail[2])
+        else:
+            # Cold blocks of one release line up tail first at the front of
+            # list 3, ahead of those released earlier: the newest go first.
+            self._ev_link_after(b, 3, self._cold_anchor)
+            self._cold_anchor = b
 
     cdef inline void _unref(self, int32_t b) noexcept nogil:
         self._refcnt[b] -= 1
@@ -868,6 +884,7 @@ cdef class BlockManager:
     cdef int32_t _find(self, int64_t seq_id) noexcept nogil:
         return rf_idmap_find(self._index, seq_id)
 
+
     cdef void _lru_unlink(self, int32_t slot) noexcept nogil:
         cdef SeqRec* s = &self._seqs[slot]
         if s.lru_prev != NO_SLOT:
@@ -1060,8 +1077,9 @@ cdef class BlockManager:
 
     cdef int c_allocate(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil:
         cdef int st
-        with self._lock:
-            st = self._allocate_locked(n, out, err)
+        self._lock.lock()
+        st = self._allocate_locked(n, out, err)
+        self._lock.unlock()
         return st
 
     cdef int _allocate_locked(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil:
@@ -1070,11 +1088,14 @@ cdef class BlockManager:
         if n < 0:
             err.id = n
             return RF_INVALID_ARGUMENT
-        if self._reserve_registrations(0):
-            return RF_NO_MEMORY
-        st = self._ensure_free(n, self._next_epoch(), err)
-        if st != RF_OK:
-            return st
+        if n > self._num_free:
+            # Cached blocks or sequences must give way: room for the events
+            # their removal emits, then evict (or fail, changing nothing).
+            if self._reserve_registrations(0):
+                return RF_NO_MEMORY
+            st = self._ensure_free(n, self._next_epoch(), err)
+            if st != RF_OK:
+                return st
         self._take_lowest(n, out)
         for i in range(n):
             self._extref[out[i]] = 1
@@ -1083,62 +1104,101 @@ cdef class BlockManager:
 
     cdef int c_incref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
         cdef int st
-        with self._lock:
-            st = self._incref_locked(ids, n, err)
+        self._lock.lock()
+        st = self._incref_locked(ids, n, err)
+        self._lock.unlock()
         return st
 
     cdef int _incref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
-        cdef uint64_t epoch = self._next_epoch()
+        """Add the references one id at a time; on the first bad id, take back those
+        already added (so an id listed twice is checked against its own additions)."""
         cdef Py_ssize_t i
-        cdef int32_t b
-        cdef BlockScratch* sc
+        cdef int32_t b, nb = self.num_blocks
+        cdef int st = RF_OK
+        cdef int32_t* rc = self._refcnt.data()
+        cdef int32_t* ext = self._extref.data()
         for i in range(n):
             b = ids[i]
-            if b < 0 or b >= self.num_blocks:
+            if b < 0 or b >= nb:
                 err.id = b
-                err.a = self.num_blocks
-                return RF_BLOCK_NOT_FOUND
-            if self._refcnt[b] == 0:
+                err.a = nb
+                st = RF_BLOCK_NOT_FOUND
+            elif rc[b] == 0:
                 err.id = b
-                return RF_BLOCK_FREE
-            sc = self._scratch_at(b, epoch)
-            sc.count += 1
-            if sc.count > INT32_MAX - self._refcnt[b]:
+                st = RF_BLOCK_FREE
+            elif rc[b] == INT32_MAX:
                 err.id = b
-                return RF_REFCOUNT_OVERFLOW
-        for i in range(n):
-            self._refcnt[ids[i]] += 1
-            self._extref[ids[i]] += 1
+                st = RF_REFCOUNT_OVERFLOW
+            if st != RF_OK:
+                while i > 0:
+                    i -= 1
+                    rc[ids[i]] -= 1
+                    ext[ids[i]] -= 1
+                return st
+            rc[b] += 1
+            ext[b] += 1
         return RF_OK
 
     cdef int c_decref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
         cdef int st
-        with self._lock:
-            st = self._decref_locked(ids, n, err)
+        self._lock.lock()
+        st = self._decref_locked(ids, n, err)
+        self._lock.unlock()
         return st
 
     cdef int _decref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
-        cdef uint64_t epoch = self._next_epoch()
+        """Pass 1 takes the external references one id at a time and, on the first
+        id without one left, gives back those taken (state unchanged); pass 2
+        drops the refcounts, freeing blocks that reach zero."""
         cdef Py_ssize_t i
-        cdef int32_t b
-        cdef BlockScratch* sc
+        cdef int32_t b, nb = self.num_blocks
+        cdef int32_t* ext = self._extref.data()
         for i in range(n):
             b = ids[i]
-            if b < 0 or b >= self.num_blocks:
+            if b < 0 or b >= nb or ext[b] == 0:
+                while i > 0:
+                    i -= 1
+                    ext[ids[i]] += 1
                 err.id = b
-                err.a = self.num_blocks
-                return RF_BLOCK_NOT_FOUND
-            sc = self._scratch_at(b, epoch)
-            sc.count += 1
-            if sc.count > self._extref[b]:
-                err.id = b
+                if b < 0 or b >= nb:
+                    err.a = nb
+                    return RF_BLOCK_NOT_FOUND
                 err.a = self._refcnt[b]
                 return RF_BLOCK_FREE if self._refcnt[b] == 0 else RF_NO_EXTERNAL_REF
+            ext[b] -= 1
         self._cold_anchor = -1
-        for i in range(n):
-            self._extref[ids[i]] -= 1
-            self._unref(ids[i])
+        if self.enable_prefix_caching or n == 1:
+            for i in range(n):
+                self._unref(ids[i])
+        else:
+            self._unref_plain(ids, n)
         return RF_OK
+
+    cdef void _unref_plain(self, const int32_t* ids, Py_ssize_t n) noexcept nogil:
+        """_unref over many ids of a manager without prefix caching: blocks reaching
+        zero are freed with their bitmap word built up in a register (an engine's
+        ids come in runs that share words) and the counters updated once."""
+        cdef Py_ssize_t i
+        cdef int32_t b, freed = 0
+        cdef int64_t word = -1
+        cdef uint64_t acc = 0
+        cdef int32_t* rc = self._refcnt.data()
+        for i in range(n):
+            b = ids[i]
+            rc[b] -= 1
+            if rc[b] != 0:
+                continue
+            freed += 1
+            if (b >> 6) != word:
+                if word >= 0:
+                    self._bits_set_word(word, acc)
+                word = b >> 6
+                acc = 0
+            acc |= (<uint64_t>1) << (b & 63)
+        if word >= 0:
+            self._bits_set_word(word, acc)
+        self._num_free += freed
+        self._stats.total_deallocations += freed
 
     cdef int c_add_sequence(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
                             int64_t num_tokens, int64_t salt, int64_t* slots_out,
@@ -1152,9 +1212,10 @@ cdef class BlockManager:
             keys = self._hash_prompt(tokens, num_tokens, salt, stack_keys, &heap_keys)
             if keys == NULL:
                 return RF_NO_MEMORY
-        with self._lock:
-            st = self._add_sequence_locked(seq_id, with_tokens, tokens, num_tokens, salt,
-                                           keys, slots_out, err)
+        self._lock.lock()
+        st = self._add_sequence_locked(seq_id, with_tokens, tokens, num_tokens, salt,
+                                       keys, slots_out, err)
+        self._lock.unlock()
         return st
 
     cdef int _add_sequence_locked(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
@@ -1270,8 +1331,9 @@ cdef class BlockManager:
         keys = self._hash_prompt(tokens, num_tokens, salt, stack_keys, &heap_keys)
         if keys == NULL:
             return -1
-        with self._lock:
-            h = self._match_prefix(tokens, keys, nfull, salt, hits.data())
+        self._lock.lock()
+        h = self._match_prefix(tokens, keys, nfull, salt, hits.data())
+        self._lock.unlock()
         return h * self.block_size
 
     cdef int c_acquire_prefix(self, const int32_t* tokens, int64_t num_tokens, int64_t salt,
@@ -1289,17 +1351,18 @@ cdef class BlockManager:
         keys = self._hash_prompt(tokens, num_tokens, salt, stack_keys, &heap_keys)
         if keys == NULL:
             return RF_NO_MEMORY
-        with self._lock:
-            h = self._match_prefix(tokens, keys, nfull, salt, ids_out)
-            for j in range(h):
-                if self._refcnt[ids_out[j]] == INT32_MAX:
-                    h = j       # this block cannot take another reference: stop before it
-                    break
-            self._take_cached(ids_out, h, True)
-            self._stats.prefix_lookups += 1
-            self._stats.prefix_query_tokens += num_tokens
-            self._stats.prefix_hit_tokens += h * self.block_size
-            self._note_peak()
+        self._lock.lock()
+        h = self._match_prefix(tokens, keys, nfull, salt, ids_out)
+        for j in range(h):
+            if self._refcnt[ids_out[j]] == INT32_MAX:
+                h = j       # this block cannot take another reference: stop before it
+                break
+        self._take_cached(ids_out, h, True)
+        self._stats.prefix_lookups += 1
+        self._stats.prefix_query_tokens += num_tokens
+        self._stats.prefix_hit_tokens += h * self.block_size
+        self._note_peak()
+        self._lock.unlock()
         num_out[0] = h
         return RF_OK
 
@@ -1307,8 +1370,9 @@ cdef class BlockManager:
                             bint with_tokens, const int32_t* tokens, int64_t* slots_out,
                             ErrInfo* err) noexcept nogil:
         cdef int st
-        with self._lock:
-            st = self._append_batch_locked(seq_ids, counts, n, with_tokens, tokens, slots_out, err)
+        self._lock.lock()
+        st = self._append_batch_locked(seq_ids, counts, n, with_tokens, tokens, slots_out, err)
+        self._lock.unlock()
         return st
 
     cdef int _append_batch_locked(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
@@ -1316,24 +1380,31 @@ cdef class BlockManager:
                                   ErrInfo* err) noexcept nogil:
         cdef uint64_t epoch = self._next_epoch()
         cdef int64_t bs = self.block_size
-        cdef int64_t needed = 0, copies = 0, nt, c, room, fresh, off_tok = 0, off_out = 0
-        cdef int64_t full_new, regs = 0
+        cdef int64_t needed = 0, copies = 0, nt, c, room, fresh, off_tok = 0, off_out = 0, base
+        cdef int64_t full_new, regs = 0, k
         cdef bint prefix = self.enable_prefix_caching
+        # The batch already holds the newest end of the LRU list in its own
+        # order (steady decode): touching it leaves the list as it is.
+        cdef bint in_order = True
         cdef Py_ssize_t i
         cdef size_t j
-        cdef int32_t slot, last
+        cdef int32_t slot, last, prev = NO_SLOT
+        cdef int32_t* slots
         cdef SeqRec* s
         cdef BlockScratch* sc
         cdef double now
         cdef int st
         if rf_reserve(self._tmp_slots, n):
             return RF_NO_MEMORY
-        self._tmp_slots.clear()
+        rf_resize(self._tmp_slots, n, _NEG_ONE)   # within capacity: cannot fail
+        slots = self._tmp_slots.data()
         self._tmp_blocks.clear()
         # Pass 1: validate, count fresh blocks, and count sharers of shared
         # partly filled last blocks (each needs a copy unless it is the last
         # reference: min(sharers_in_batch, refcount - 1) copies per block).
         for i in range(n):
+            if i + PREFETCH_AHEAD < n:
+                rf_idmap_prefetch(self._index, seq_ids[i + PREFETCH_AHEAD])
             slot = self._find(seq_ids[i])
             if slot == NO_SLOT:
                 err.id = seq_ids[i]
@@ -1343,6 +1414,10 @@ cdef class BlockManager:
                 err.id = seq_ids[i]
                 return RF_DUPLICATE_SEQ
             s.mark = epoch
+            slots[i] = slot
+            if i != 0 and s.lru_prev != prev:
+                in_order = False
+            prev = slot
             c = counts[i]
             if c < 0:
                 err.id = seq_ids[i]
@@ -1354,13 +1429,10 @@ cdef class BlockManager:
             if c > 0 and s.has_tokens and not with_tokens:
                 err.id = seq_ids[i]
                 return RF_TOKENS_REQUIRED
-            rf_push(self._tmp_slots, slot)
             if c == 0:
                 continue
             nt = s.num_tokens
             room = _room(s, bs)
-            fresh = _fresh_blocks(room, c, bs)
-            needed += fresh
             if room != 0:
                 last = s.blocks.back()
                 if self._refcnt[last] > 1:
@@ -1370,16 +1442,22 @@ cdef class BlockManager:
                             return RF_NO_MEMORY
                         rf_push(self._tmp_blocks, last)
                     sc.count += 1
-            if rf_reserve(s.blocks, s.blocks.size() + fresh):
-                return RF_NO_MEMORY
-            if with_tokens and rf_reserve(s.tokens, nt + c):
-                return RF_NO_MEMORY
-            if prefix and with_tokens:
-                full_new = (nt + c) // bs - nt // bs
-                if full_new and rf_reserve(s.keys, s.keys.size() + full_new):
+            if c > room:
+                fresh = _fresh_blocks(room, c, bs)
+                needed += fresh
+                if rf_reserve(s.blocks, s.blocks.size() + fresh):
                     return RF_NO_MEMORY
-                regs += full_new
-        if self._reserve_registrations(regs):
+            if with_tokens:
+                if rf_reserve(s.tokens, nt + c):
+                    return RF_NO_MEMORY
+                if prefix:
+                    full_new = (nt + c) // bs - nt // bs
+                    if full_new and rf_reserve(s.keys, s.keys.size() + full_new):
+                        return RF_NO_MEMORY
+                    regs += full_new
+        if prev != self._lru_tail:
+            in_order = False
+        if regs and self._reserve_registrations(regs):
             return RF_NO_MEMORY
         if needed > self.num_blocks:
             err.a = needed
@@ -1391,29 +1469,44 @@ cdef class BlockManager:
             copies += sc.count if sc.count < self._refcnt[last] - 1 else self._refcnt[last] - 1
         if copies and rf_reserve(self._pending_copies, self._pending_copies.size() + 2 * copies):
             return RF_NO_MEMORY
-        st = self._ensure_free(needed + copies, epoch, err)
-        if st != RF_OK:
-            return st
+        if needed + copies > 0:
+            st = self._ensure_free(needed + copies, epoch, err)
+            if st != RF_OK:
+                return st
         # Pass 2: apply (cannot fail now).
         now = _wall_now()
         for i in range(n):
-            slot = self._tmp_slots[i]
+            slot = slots[i]
             c = counts[i]
             s = &self._seqs[slot]
-            self._append_apply(s, c, tokens + off_tok if with_tokens else NULL, slots_out + off_out)
-            if with_tokens:
-                off_tok += c
-                if prefix:
-                    self._register_full(s, s.keys.size())
-            off_out += c
-            self._touch(slot, now)
+            if c != 0:
+                room = _room(s, bs)
+                if c <= room and not with_tokens and self._refcnt[s.blocks.back()] == 1:
+                    # Common decode case: the tokens fit the sequence's own last block.
+                    base = <int64_t>s.blocks.back() * bs + bs - room
+                    for k in range(c):
+                        slots_out[off_out + k] = base + k
+                    s.num_tokens += c
+                else:
+                    self._append_apply(s, c, tokens + off_tok if with_tokens else NULL, slots_out + off_out)
+                    if with_tokens:
+                        off_tok += c
+                        if prefix:
+                            self._register_full(s, s.keys.size())
+                off_out += c
+            if not in_order and self._lru_tail != slot:
+                self._lru_unlink(slot)
+                self._lru_push(slot)
+            s.last_access = now
+            s.access_count += 1
         self._note_peak()
         return RF_OK
 
     cdef int c_fork(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil:
         cdef int st
-        with self._lock:
-            st = self._fork_locked(src, dst, err)
+        self._lock.lock()
+        st = self._fork_locked(src, dst, err)
+        self._lock.unlock()
         return st
 
     cdef int _fork_locked(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil:
@@ -1466,10 +1559,11 @@ cdef class BlockManager:
 
     cdef int c_remove_sequence(self, int64_t seq_id, ErrInfo* err) noexcept nogil:
         cdef int32_t slot
-        with self._lock:
-            slot = self._find(seq_id)
-            if slot != NO_SLOT:
-                self._drop_sequence(slot)
+        self._lock.lock()
+        slot = self._find(seq_id)
+        if slot != NO_SLOT:
+            self._drop_sequence(slot)
+        self._lock.unlock()
         if slot == NO_SLOT:
             err.id = seq_id
             return RF_SEQ_NOT_FOUND
@@ -1831,8 +1925,9 @@ cdef class BlockManager:
         cdef int32_t b = -1
         cdef ErrInfo err
         cdef int st
-        with self._lock:
-            st = self._allocate_locked(1, &b, &err)
+        self._lock.lock()
+        st = self._allocate_locked(1, &b, &err)
+        self._lock.unlock()
         if st != RF_OK:
             raise_status(st, &err)
         return b
@@ -1877,8 +1972,9 @@ cdef class BlockManager:
         cdef int32_t b = _block_id(block_id)
         cdef ErrInfo err
         cdef int st
-        with self._lock:
-            st = self._decref_locked(&b, 1, &err)
+        self._lock.lock()
+        st = self._decref_locked(&b, 1, &err)
+        self._lock.unlock()
         if st != RF_OK:
             raise_status(st, &err)
 
@@ -1886,10 +1982,11 @@ cdef class BlockManager:
         """Current refcount of one block (table references plus external ones)."""
         cdef int32_t b = _block_id(block_id)
         cdef int32_t rc = -1, n
-        with self._lock:
-            n = self.num_blocks
-            if b < n:
-                rc = self._refcnt[b]
+        self._lock.lock()
+        n = self.num_blocks
+        if b < n:
+            rc = self._refcnt[b]
+        self._lock.unlock()
         if rc < 0:
             raise BlockNotFound(f"block {b} out of range [0, {n})")
         return rc
@@ -2025,8 +2122,9 @@ cdef class BlockManager:
         Apply them (copy block src's K/V into dst) before writing new tokens.
         """
         cdef vector[int32_t] pairs
-        with self._lock:
-            pairs.swap(self._pending_copies)
+        self._lock.lock()
+        pairs.swap(self._pending_copies)
+        self._lock.unlock()
         return _i32_from_vector(pairs, 0, pairs.size()).reshape(-1, 2)
 
     # --- prefix cache --------------------------------------------------------
@@ -2081,10 +2179,11 @@ cdef class BlockManager:
         if not self.enable_prefix_caching:
             raise_status(RF_PREFIX_DISABLED, &err)
         with nogil:
-            with self._lock:
-                st = self._reserve_registrations(0)
-                if st == RF_OK:
-                    self._reset_prefix_locked()
+            self._lock.lock()
+            st = self._reserve_registrations(0)
+            if st == RF_OK:
+                self._reset_prefix_locked()
+            self._lock.unlock()
         if st != RF_OK:
             raise_status(st, &err)
 
@@ -2092,16 +2191,18 @@ cdef class BlockManager:
     def num_cached_blocks(self):
         """Blocks in the prefix index (in use or evictable)."""
         cdef size_t n
-        with self._lock:
-            n = self._pindex.count
+        self._lock.lock()
+        n = self._pindex.count
+        self._lock.unlock()
         return n
 
     @property
     def num_evictable_blocks(self):
         """Cached blocks with refcount 0: reusable by a hit, reclaimable by allocation."""
         cdef int32_t n
-        with self._lock:
-            n = self._num_evictable
+        self._lock.lock()
+        n = self._num_evictable
+        self._lock.unlock()
         return n
 
     @property
@@ -2114,8 +2215,9 @@ cdef class BlockManager:
         BlockStored, BlockRemoved and AllCleared (see rocmforge.events)."""
         cdef vector[KvEvent] evs
         cdef size_t i
-        with self._lock:
-            evs.swap(self._events)
+        self._lock.lock()
+        evs.swap(self._events)
+        self._lock.unlock()
         out = []
         for i in range(evs.size()):
             if evs[i].kind == EV_STORED:
@@ -2130,8 +2232,9 @@ cdef class BlockManager:
     def take_evicted(self):
         """Return and clear the ids of sequences evicted since the last call (int64)."""
         cdef vector[int64_t] ids
-        with self._lock:
-            ids.swap(self._evicted)
+        self._lock.lock()
+        ids.swap(self._evicted)
+        self._lock.unlock()
         cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [ids.size()], cnp.NPY_INT64, 0)
         if ids.size():
             memcpy(cnp.PyArray_DATA(arr), ids.data(), ids.size() * sizeof(int64_t))
@@ -2142,25 +2245,32 @@ cdef class BlockManager:
     cdef int _gather_tables(self, const int64_t* ids, Py_ssize_t n, vector[int32_t]* flat,
                             vector[int64_t]* lens, ErrInfo* err) noexcept nogil:
         """Copy the tables (and token counts) of n sequences into local vectors."""
+        cdef int st
+        self._lock.lock()
+        st = self._gather_tables_locked(ids, n, flat, lens, err)
+        self._lock.unlock()
+        return st
+
+    cdef int _gather_tables_locked(self, const int64_t* ids, Py_ssize_t n, vector[int32_t]* flat,
+                                   vector[int64_t]* lens, ErrInfo* err) noexcept nogil:
         cdef Py_ssize_t i
         cdef int32_t slot
         cdef SeqRec* s
         cdef size_t total = 0
-        with self._lock:
-            for i in range(n):
-                slot = self._find(ids[i])
-                if slot == NO_SLOT:
-                    err.id = ids[i]
-                    return RF_SEQ_NOT_FOUND
-                total += self._seqs[slot].blocks.size()
-            if rf_reserve(flat[0], total) or rf_reserve(lens[0], 2 * n):
-                return RF_NO_MEMORY
-            for i in range(n):
-                s = &self._seqs[self._find(ids[i])]
-                if s.blocks.size():
-                    rf_append_n(flat[0], s.blocks.data(), s.blocks.size())
-                rf_push(lens[0], <int64_t>s.blocks.size())
-                rf_push(lens[0], s.num_tokens)
+        for i in range(n):
+            slot = self._find(ids[i])
+            if slot == NO_SLOT:
+                err.id = ids[i]
+                return RF_SEQ_NOT_FOUND
+            total += self._seqs[slot].blocks.size()
+        if rf_reserve(flat[0], total) or rf_reserve(lens[0], 2 * n):
+            return RF_NO_MEMORY
+        for i in range(n):
+            s = &self._seqs[self._find(ids[i])]
+            if s.blocks.size():
+                rf_append_n(flat[0], s.blocks.data(), s.blocks.size())
+            rf_push(lens[0], <int64_t>s.blocks.size())
+            rf_push(lens[0], s.num_tokens)
         return RF_OK
 
     def block_table(self, seq_id):
@@ -2257,10 +2367,11 @@ cdef class BlockManager:
         cdef int64_t sid = _seq_id(seq_id)
         cdef int32_t slot
         cdef int64_t nt = 0
-        with self._lock:
-            slot = self._find(sid)
-            if slot != NO_SLOT:
-                nt = self._seqs[slot].cached_tokens if cached else self._seqs[slot].num_tokens
+        self._lock.lock()
+        slot = self._find(sid)
+        if slot != NO_SLOT:
+            nt = self._seqs[slot].cached_tokens if cached else self._seqs[slot].num_tokens
+        self._lock.unlock()
         if slot == NO_SLOT:
             raise SequenceNotFound(f"sequence {sid} not found")
         return nt
@@ -2273,16 +2384,17 @@ cdef class BlockManager:
         cdef vector[int32_t] toks
         cdef int st = RF_OK
         cdef SeqRec* s
-        with self._lock:
-            slot = self._find(sid)
-            if slot != NO_SLOT:
-                s = &self._seqs[slot]
-                has = s.has_tokens
-                if has and s.tokens.size():
-                    if rf_reserve(toks, s.tokens.size()):
-                        st = RF_NO_MEMORY
-                    else:
-                        rf_append_n(toks, s.tokens.data(), s.tokens.size())
+        self._lock.lock()
+        slot = self._find(sid)
+        if slot != NO_SLOT:
+            s = &self._seqs[slot]
+            has = s.has_tokens
+            if has and s.tokens.size():
+                if rf_reserve(toks, s.tokens.size()):
+                    st = RF_NO_MEMORY
+                else:
+                    rf_append_n(toks, s.tokens.data(), s.tokens.size())
+        self._lock.unlock()
         if slot == NO_SLOT:
             raise SequenceNotFound(f"sequence {sid} not found")
         if st != RF_OK:
@@ -2301,13 +2413,14 @@ cdef class BlockManager:
         cdef double created = 0, last = 0
         cdef int64_t accesses = 0, nt = 0, nblocks = 0, cached = 0, salt = 0
         cdef bint has = False
-        with self._lock:
-            slot = self._find(sid)
-            if slot != NO_SLOT:
-                s = &self._seqs[slot]
-                created, last, accesses = s.created_at, s.last_access, s.access_count
-                nt, nblocks, has = s.num_tokens, s.blocks.size(), s.has_tokens
-                cached, salt = s.cached_tokens, s.salt
+        self._lock.lock()
+        slot = self._find(sid)
+        if slot != NO_SLOT:
+            s = &self._seqs[slot]
+            created, last, accesses = s.created_at, s.last_access, s.access_count
+            nt, nblocks, has = s.num_tokens, s.blocks.size(), s.has_tokens
+            cached, salt = s.cached_tokens, s.salt
+        self._lock.unlock()
         if slot == NO_SLOT:
             raise SequenceNotFound(f"sequence {sid} not found")
         return {
@@ -2327,14 +2440,15 @@ cdef class BlockManager:
         cdef vector[int64_t] ids
         cdef int32_t slot
         cdef int st = RF_OK
-        with self._lock:
-            if rf_reserve(ids, self._index.count):
-                st = RF_NO_MEMORY
-            else:
-                slot = self._lru_head
-                while slot != NO_SLOT:
-                    rf_push(ids, self._seqs[slot].seq_id)
-                    slot = self._seqs[slot].lru_next
+        self._lock.lock()
+        if rf_reserve(ids, self._index.count):
+            st = RF_NO_MEMORY
+        else:
+            slot = self._lru_head
+            while slot != NO_SLOT:
+                rf_push(ids, self._seqs[slot].seq_id)
+                slot = self._seqs[slot].lru_next
+        self._lock.unlock()
         if st != RF_OK:
             raise MemoryError("rocmforge: host memory exhausted")
         cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, [ids.size()], cnp.NPY_INT64, 0)
@@ -2350,14 +2464,16 @@ cdef class BlockManager:
             return False
         cdef int64_t sid = value
         cdef bint found
-        with self._lock:
-            found = self._find(sid) != NO_SLOT
+        self._lock.lock()
+        found = self._find(sid) != NO_SLOT
+        self._lock.unlock()
         return found
 
     def __len__(self):
         cdef size_t n
-        with self._lock:
-            n = self._index.count
+        self._lock.lock()
+        n = self._index.count
+        self._lock.unlock()
         return n
 
     # --- pool ------------------------------------------------------------
@@ -2367,16 +2483,18 @@ cdef class BlockManager:
         """Blocks with refcount 0, all of which an allocation can take (free ones
         and, with prefix caching, evictable cached ones)."""
         cdef int64_t n
-        with self._lock:
-            n = self._avail()
+        self._lock.lock()
+        n = self._avail()
+        self._lock.unlock()
         return n
 
     @property
     def num_used_blocks(self):
         """Blocks with refcount > 0."""
         cdef int64_t n
-        with self._lock:
-            n = self.num_blocks - self._avail()
+        self._lock.lock()
+        n = self.num_blocks - self._avail()
+        self._lock.unlock()
         return n
 
     def stats(self):
@@ -2384,10 +2502,11 @@ cdef class BlockManager:
         cdef Stats st
         cdef int64_t used
         cdef size_t nseq
-        with self._lock:
-            st = self._stats
-            used = self.num_blocks - self._avail()
-            nseq = self._index.count
+        self._lock.lock()
+        st = self._stats
+        used = self.num_blocks - self._avail()
+        nseq = self._index.count
+        self._lock.unlock()
         return {
             "total_allocations": st.total_allocations,
             "total_deallocations": st.total_deallocations,
@@ -2412,14 +2531,15 @@ cdef class BlockManager:
         Occupied blocks are those in use or cached."""
         cdef int64_t top = -1, b
         cdef int64_t used
-        with self._lock:
-            used = self.num_blocks - self._num_free
-            b = self.num_blocks - 1
-            while b >= 0 and used > 0:
-                if self._occupied(<int32_t>b):
-                    top = b
-                    break
-                b -= 1
+        self._lock.lock()
+        used = self.num_blocks - self._num_free
+        b = self.num_blocks - 1
+        while b >= 0 and used > 0:
+            if self._occupied(<int32_t>b):
+                top = b
+                break
+            b -= 1
+        self._lock.unlock()
         if top < 0:
             return 0.0
         return <double>(top + 1 - used) / <double>(top + 1)
@@ -2434,22 +2554,23 @@ cdef class BlockManager:
         cdef size_t j
         cdef SeqRec* s
         cdef int st = RF_OK
-        with self._lock:
-            if rf_resize(seen, self.num_blocks, _ZERO):
-                st = RF_NO_MEMORY
-            else:
-                for slot in range(<int32_t>self._seqs.size()):
-                    s = &self._seqs[slot]
-                    if not s.live:
+        self._lock.lock()
+        if rf_resize(seen, self.num_blocks, _ZERO):
+            st = RF_NO_MEMORY
+        else:
+            for slot in range(<int32_t>self._seqs.size()):
+                s = &self._seqs[slot]
+                if not s.live:
+                    continue
+                for j in range(s.blocks.size()):
+                    b = s.blocks[j]
+                    if seen[b]:
                         continue
-                    for j in range(s.blocks.size()):
-                        b = s.blocks[j]
-                        if seen[b]:
-                            continue
-                        seen[b] = 1
-                        fill = s.num_tokens - <int64_t>j * bs
-                        filled += bs if fill > bs else fill
-                        held += bs
+                    seen[b] = 1
+                    fill = s.num_tokens - <int64_t>j * bs
+                    filled += bs if fill > bs else fill
+                    held += bs
+        self._lock.unlock()
         if st != RF_OK:
             raise MemoryError("rocmforge: host memory exhausted")
         return 1.0 if held == 0 else <double>filled / <double>held
@@ -2476,8 +2597,9 @@ cdef class BlockManager:
         cdef ErrInfo err
         cdef int st
         with nogil:
-            with self._lock:
-                st = self._compact_locked(&moves, &err)
+            self._lock.lock()
+            st = self._compact_locked(&moves, &err)
+            self._lock.unlock()
         if st != RF_OK:
             raise_status(st, &err)
         return _i32_from_vector(moves, 0, moves.size()).reshape(-1, 2)
@@ -2492,8 +2614,9 @@ cdef class BlockManager:
         if n > self.num_blocks:
             raise InvalidConfiguration(f"shrink to {n} > num_blocks={self.num_blocks}: use grow()")
         with nogil:
-            with self._lock:
-                st = self._shrink_locked(n, &err)
+            self._lock.lock()
+            st = self._shrink_locked(n, &err)
+            self._lock.unlock()
         if st != RF_OK:
             raise_status(st, &err)
 
@@ -2504,34 +2627,36 @@ cdef class BlockManager:
         if n < self.num_blocks:
             raise InvalidConfiguration(f"grow to {n} < num_blocks={self.num_blocks}: use shrink()")
         with nogil:
-            with self._lock:
-                st = self._resize_pool(n) if n > self.num_blocks else RF_OK
+            self._lock.lock()
+            st = self._resize_pool(n) if n > self.num_blocks else RF_OK
+            self._lock.unlock()
         if st != RF_OK:
             raise MemoryError(f"cannot allocate bookkeeping for {n} blocks")
 
     def metadata_bytes(self):
         """Host memory held by the manager's own structures, in bytes (capacities)."""
         cdef size_t total = 0, slot
-        with self._lock:
-            total += self._refcnt.capacity() * sizeof(int32_t) * 2
-            total += self._scratch.capacity() * sizeof(BlockScratch)
-            total += self._bits.capacity() * sizeof(uint64_t)
-            total += self._seqs.capacity() * sizeof(SeqRec)
-            for slot in range(self._seqs.size()):
-                total += self._seqs[slot].blocks.capacity() * sizeof(int32_t)
-                total += self._seqs[slot].tokens.capacity() * sizeof(int32_t)
-            total += self._free_slots.capacity() * sizeof(int32_t)
-            total += rf_idmap_bytes(self._index)
-            total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity()
-                      + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
-            total += self._evicted.capacity() * sizeof(int64_t)
-            total += self._pb.capacity() * sizeof(PBlock) + self._btok.capacity() * sizeof(int32_t)
-            total += rf_idmap_bytes(self._pindex) + rf_idmap_bytes(self._ghost[1]) + rf_idmap_bytes(self._ghost[2])
-            total += (self._ghost_ring[1].capacity() + self._ghost_ring[2].capacity()) * sizeof(int64_t)
-            total += (self._tmp_hits.capacity() + self._tmp_stack.capacity()) * sizeof(int32_t)
-            total += self._events.capacity() * sizeof(KvEvent)
-            for slot in range(self._seqs.size()):
-                total += self._seqs[slot].keys.capacity() * sizeof(int64_t)
+        self._lock.lock()
+        total += self._refcnt.capacity() * sizeof(int32_t) * 2
+        total += self._scratch.capacity() * sizeof(BlockScratch)
+        total += self._bits.capacity() * sizeof(uint64_t)
+        total += self._seqs.capacity() * sizeof(SeqRec)
+        for slot in range(self._seqs.size()):
+            total += self._seqs[slot].blocks.capacity() * sizeof(int32_t)
+            total += self._seqs[slot].tokens.capacity() * sizeof(int32_t)
+        total += self._free_slots.capacity() * sizeof(int32_t)
+        total += rf_idmap_bytes(self._index)
+        total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity()
+                  + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
+        total += self._evicted.capacity() * sizeof(int64_t)
+        total += self._pb.capacity() * sizeof(PBlock) + self._btok.capacity() * sizeof(int32_t)
+        total += rf_idmap_bytes(self._pindex) + rf_idmap_bytes(self._ghost[1]) + rf_idmap_bytes(self._ghost[2])
+        total += (self._ghost_ring[1].capacity() + self._ghost_ring[2].capacity()) * sizeof(int64_t)
+        total += (self._tmp_hits.capacity() + self._tmp_stack.capacity()) * sizeof(int32_t)
+        total += self._events.capacity() * sizeof(KvEvent)
+        for slot in range(self._seqs.size()):
+            total += self._seqs[slot].keys.capacity() * sizeof(int64_t)
+        self._lock.unlock()
         return total + sizeof(BlockManager)
 
     def check_invariants(self):
@@ -2546,8 +2671,9 @@ cdef class BlockManager:
         cdef char msg[512]
         cdef int bad
         with nogil:
-            with self._lock:
-                bad = self._check_locked(msg, sizeof(msg))
+            self._lock.lock()
+            bad = self._check_locked(msg, sizeof(msg))
+            self._lock.unlock()
         if bad:
             raise InvariantError(msg.decode("utf-8", "replace"))
 

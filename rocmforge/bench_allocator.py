@@ -1,7 +1,10 @@
 """Allocator benchmarks: the cost of the calls an engine makes on every step.
 
-Each case reports the median of several repetitions. Prints a table, then
-one JSON line with every figure (for scripts and CI logs).
+Each case runs twice: through the Python API, and through the C API of
+rocmforge/_core.pxd (the cheapest path: what an engine written in Cython
+calls, without Python's per-call cost). Each reports the median of several
+repetitions. Prints a table, then one JSON line with every figure (for
+scripts and CI logs).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 
 import numpy as np
 
-from rocmforge import BlockManager
+from rocmforge import BlockManager, _bench_capi
 
 DECODE_SEQS = 256
 DECODE_BLOCK = 16
@@ -90,10 +93,15 @@ def _cached_prompts():
     return m, prompts
 
 
-def _ns_per_block(name, m, hits_before, rounds, elapsed):
-    """Check that every round hit all its blocks; ns per block."""
+def _check_hits(name, m, hits_before, rounds):
+    """Raise unless every round hit all its blocks."""
     if m.stats()["prefix_hit_tokens"] - hits_before != rounds * PREFIX_BLOCKS * DECODE_BLOCK:
         raise RuntimeError(f"{name}: a prompt missed the cache")
+
+
+def _ns_per_block(name, m, hits_before, rounds, elapsed):
+    """Check that every round hit all its blocks; ns per block."""
+    _check_hits(name, m, hits_before, rounds)
     return elapsed / (rounds * PREFIX_BLOCKS)
 
 
@@ -124,23 +132,34 @@ def prefix_sequence(rounds):
     return _ns_per_block("prefix_sequence", m, before, rounds, time.perf_counter_ns() - start)
 
 
-def decode_sim(tokens, manager=None, id_base=0, seed=0):
-    """One append_batch per step over 256 running sequences; a sequence that
-    reaches its length (drawn from [64, 2048]) is removed and a new one starts.
-    Returns ns per appended token (churn included)."""
-    rng = np.random.default_rng(seed)
-    m = manager if manager is not None else BlockManager(DECODE_SEQS * MAX_LEN // DECODE_BLOCK + 64, DECODE_BLOCK)
+def _decode_start(m, id_base, rng):
+    """256 running sequences, each started mid-way through its length (so a run
+    sees steady churn): their ids, tokens left to each, and the lengths of the
+    sequences that will replace them (drawn from [64, 2048], used from the end)."""
     ids = np.arange(id_base, id_base + DECODE_SEQS, dtype=np.int64)
-    ones = np.ones(DECODE_SEQS, dtype=np.int32)
-    out = np.empty(DECODE_SEQS, dtype=np.int64)
     lengths = rng.integers(MIN_LEN, MAX_LEN + 1, size=1 << 16).tolist()
-    ends = []
+    left = []
     for slot in range(DECODE_SEQS):
-        # Start mid-way through each first sequence so the run sees steady churn.
         length = lengths.pop()
         done = int(rng.integers(0, length))
         m.add_sequence(int(ids[slot]), num_tokens=done)
-        ends.append((length - done, slot))
+        left.append(length - done)
+    return ids, left, lengths
+
+
+def _decode_manager():
+    return BlockManager(DECODE_SEQS * MAX_LEN // DECODE_BLOCK + 64, DECODE_BLOCK)
+
+
+def decode_sim(tokens, manager=None, id_base=0, seed=0):
+    """One append_batch per step over 256 running sequences; a sequence that
+    reaches its length is removed and a new one starts.
+    Returns ns per appended token (churn included)."""
+    m = manager if manager is not None else _decode_manager()
+    ids, left, lengths = _decode_start(m, id_base, np.random.default_rng(seed))
+    ones = np.ones(DECODE_SEQS, dtype=np.int32)
+    out = np.empty(DECODE_SEQS, dtype=np.int64)
+    ends = [(n, slot) for slot, n in enumerate(left)]
     heapq.heapify(ends)
     next_id = id_base + DECODE_SEQS
     steps = max(tokens // DECODE_SEQS, 1)
@@ -159,6 +178,40 @@ def decode_sim(tokens, manager=None, id_base=0, seed=0):
     for sid in ids.tolist():
         remove(sid)
     return elapsed / (steps * DECODE_SEQS)
+
+
+# --- the same work through the C API (rocmforge/_core.pxd) --------------------
+
+def alloc_free_single_capi(ops):
+    """alloc_free_single as an engine written in Cython runs it."""
+    return _bench_capi.alloc_free_single(BlockManager(65536, 16), ops)
+
+
+def alloc_free_batch_capi(rounds, batch=64):
+    """alloc_free_batch through the C API."""
+    return _bench_capi.alloc_free_batch(BlockManager(65536, 16), rounds, batch)
+
+
+def prefix_touch_capi(rounds):
+    """prefix_touch through the C API."""
+    m, prompts = _cached_prompts()
+    before = m.stats()["prefix_hit_tokens"]
+    ns = _bench_capi.prefix_touch(m, np.stack(prompts), rounds)
+    _check_hits("prefix_touch", m, before, rounds)
+    return ns
+
+
+def decode_sim_capi(tokens, seed=0):
+    """decode_sim through the C API (same sequences and lengths)."""
+    m = _decode_manager()
+    ids, left, lengths = _decode_start(m, 0, np.random.default_rng(seed))
+    left = np.array(left, dtype=np.int64)
+    ns = _bench_capi.decode_sim(m, ids, left, np.array(lengths[::-1], dtype=np.int64),
+                                max(tokens // DECODE_SEQS, 1), DECODE_SEQS)
+    for sid in ids.tolist():
+        m.remove_sequence(sid)
+    m.check_invariants()
+    return ns
 
 
 def decode_threads(nthreads, tokens_per_thread):
@@ -198,30 +251,35 @@ def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=None):
     prefix_rounds = 20_000 // scale
     results = {}
     rows = []
-    for name, fn, arg, unit, target in [
-        ("alloc_free_single", alloc_free_single, single_ops, "ns/pair", 60),
-        ("alloc_free_batch", alloc_free_batch, batch_rounds, "ns/block", 5),
-        ("decode_sim", decode_sim, decode_tokens, "ns/token", 10),
-        ("prefix_touch", prefix_touch, prefix_rounds, "ns/block", 30),
-        ("prefix_sequence", prefix_sequence, prefix_rounds, "ns/block", None),
+    # (name, Python path, C API path or None, work, unit, target)
+    for name, fn, capi, arg, unit, target in [
+        ("alloc_free_single", alloc_free_single, alloc_free_single_capi, single_ops, "ns/pair", 60),
+        ("alloc_free_batch", alloc_free_batch, alloc_free_batch_capi, batch_rounds, "ns/block", 5),
+        ("decode_sim", decode_sim, decode_sim_capi, decode_tokens, "ns/token", 10),
+        ("prefix_touch", prefix_touch, prefix_touch_capi, prefix_rounds, "ns/block", 30),
+        ("prefix_sequence", prefix_sequence, None, prefix_rounds, "ns/block", None),
     ]:
-        fn(max(arg // 10, 1))  # warm up
-        med, samples = _median(lambda: fn(arg), reps, name)
-        results[name] = {"median": round(med, 2), "unit": unit, "target": target,
-                         "samples": [round(s, 2) for s in samples]}
-        rows.append((name, f"{med:.1f} {unit}", f"<= {target}" if target else "-",
-                     f"{min(samples):.1f}-{max(samples):.1f}"))
+        for path, f, key in [("python", fn, name), ("C API", capi, name + "_capi")]:
+            if f is None:
+                continue
+            f(max(arg // 10, 1))  # warm up
+            med, samples = _median(lambda: f(arg), reps, key)
+            results[key] = {"median": round(med, 2), "unit": unit, "target": target, "path": path,
+                            "samples": [round(x, 2) for x in samples]}
+            verdict = "-" if target is None else f"<= {target}: " + ("met" if med <= target else "not met")
+            rows.append((name, path, f"{med:.1f} {unit}", verdict,
+                         f"{min(samples):.1f}-{max(samples):.1f}"))
     threads = {}
     base = None
     for n in thread_counts:
         med, samples = _median(lambda: decode_threads(n, decode_tokens), reps, f"threads={n}")
         base = base or med
         threads[str(n)] = {"tokens_per_s": round(med), "scaling": round(med / base, 2)}
-        rows.append((f"threads x{n}", f"{med / 1e6:.1f} M tok/s", f"x{med / base:.2f} vs 1",
+        rows.append((f"threads x{n}", "python", f"{med / 1e6:.1f} M tok/s", f"x{med / base:.2f} vs 1",
                      f"{min(samples) / 1e6:.1f}-{max(samples) / 1e6:.1f}"))
     results["threads"] = threads
-    headers = ("benchmark", f"median of {reps}", "target / scaling", "range")
-    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(4)]
+    headers = ("benchmark", "path", f"median of {reps}", "target / scaling", "range")
+    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for r in rows:

@@ -4,7 +4,9 @@ import io
 import json
 
 import numpy as np
+import pytest
 
+import rocmforge as rf
 from rocmforge.bench_allocator import run
 from rocmforge.cli import main
 
@@ -20,6 +22,25 @@ def test_quick_benchmark_prints_a_table_then_json():
     assert set(summary["results"]["threads"]) == {"1", "2"}
 
 
+def test_c_api_loops_report_failures():
+    """The C API loops check every status and raise the manager's errors."""
+    from rocmforge import BlockManager, _bench_capi
+    with pytest.raises(rf.OutOfBlocks):
+        _bench_capi.alloc_free_batch(BlockManager(16, 4), 3, 32)
+    m = BlockManager(64, 4, enable_prefix_caching=True)
+    with pytest.raises(RuntimeError, match="0 of 2 blocks were cached"):
+        _bench_capi.prefix_touch(m, np.zeros((1, 8), dtype=np.int32), 1)
+    m = BlockManager(64, 4)
+    with pytest.raises(rf.SequenceNotFound):
+        _bench_capi.decode_sim(m, np.array([5], dtype=np.int64), np.array([3], dtype=np.int64),
+                               np.array([4], dtype=np.int64), 1, 6)
+    m.add_sequence(5)
+    ids, left = np.array([5], dtype=np.int64), np.array([2], dtype=np.int64)
+    assert _bench_capi.decode_sim(m, ids, left, np.array([4], dtype=np.int64), 3, 6) > 0
+    assert ids.tolist() == [6] and left.tolist() == [3] and m.num_tokens(6) == 1
+    m.check_invariants()
+
+
 def test_cli_bench(capsys):
     assert main(["bench", "--quick", "--reps", "1", "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["quick"] is True
@@ -30,7 +51,6 @@ def test_cli_bench(capsys):
 import os  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 
-import pytest  # noqa: E402
 
 from rocmforge import bench_prefix  # noqa: E402
 

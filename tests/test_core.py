@@ -56,6 +56,43 @@ def test_refcount_underflow_raises_and_changes_nothing():
         m.incref([a])
 
 
+def test_incref_and_decref_fail_whole_after_partial_progress():
+    """The first bad id comes after good ones (some listed twice): what was
+    already added or taken is given back."""
+    m = BlockManager(300, 2)
+    ids = m.allocate(200)
+    free_id = 250
+    with pytest.raises(rf.RefcountError, match="free"):
+        m.incref(np.concatenate([ids, ids[:5], [free_id]]).astype(np.int32))
+    with pytest.raises(rf.BlockNotFound):
+        m.incref(np.concatenate([ids, [300]]).astype(np.int32))
+    assert [m.refcount(int(b)) for b in ids] == [1] * 200
+    with pytest.raises(rf.RefcountError):
+        m.decref(np.concatenate([ids, ids[7:8]]).astype(np.int32))
+    with pytest.raises(rf.BlockNotFound):
+        m.decref(np.concatenate([ids[:50], [-1]]).astype(np.int32))
+    assert [m.refcount(int(b)) for b in ids] == [1] * 200
+    assert m.num_free_blocks == 100
+    m.check_invariants()
+
+
+def test_decref_of_scattered_ids_keeps_the_free_set_exact():
+    """Batched frees build bitmap words in registers; every freed id must come
+    back, lowest first, and the summary levels must stay right."""
+    rng = np.random.default_rng(1)
+    m = BlockManager(70_000, 1)    # three bitmap levels
+    ids = m.allocate(70_000)
+    order = rng.permutation(ids).astype(np.int32)
+    freed = set()
+    for chunk in np.array_split(order[:40_000], 37):
+        m.decref(chunk)
+        freed.update(chunk.tolist())
+        m.check_invariants()
+    assert m.num_free_blocks == len(freed)
+    assert m.allocate(1000).tolist() == sorted(freed)[:1000]
+    m.check_invariants()
+
+
 def test_decref_cannot_drop_a_table_reference():
     m = BlockManager(4, 2)
     m.add_sequence(1, num_tokens=3)

@@ -1,0 +1,131 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Allocator benchmark loops driven through the C API of rocmforge/_core.pxd.
+
+An engine written in Cython (or C++ through Cython) calls the manager's
+``c_*`` methods directly; these loops measure that path, the cheapest the
+manager offers, without Python's per-call cost. Each runs the same work as
+its Python twin in bench_allocator.py, checks every status, and returns
+nanoseconds per operation.
+"""
+
+from libc.stdint cimport int32_t, int64_t
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+import numpy as np
+
+from rocmforge._core cimport BlockManager, ErrInfo, RF_OK, raise_status
+
+
+cdef inline double _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec * 1e9 + <double>ts.tv_nsec
+
+
+def alloc_free_single(BlockManager m, long ops):
+    """ns per c_allocate(1) + c_decref(1) pair."""
+    cdef ErrInfo err
+    cdef int32_t b = -1
+    cdef long i
+    cdef int st = RF_OK
+    cdef double t
+    with nogil:
+        t = _now_ns()
+        for i in range(ops):
+            st = m.c_allocate(1, &b, &err)
+            if st != RF_OK:
+                break
+            st = m.c_decref(&b, 1, &err)
+            if st != RF_OK:
+                break
+        t = _now_ns() - t
+    if st != RF_OK:
+        raise_status(st, &err)
+    return t / ops
+
+
+def alloc_free_batch(BlockManager m, long rounds, int32_t batch):
+    """ns per block of c_allocate(batch) + c_decref of the same ids."""
+    cdef int32_t[::1] buf = np.empty(batch, dtype=np.int32)
+    cdef ErrInfo err
+    cdef long i
+    cdef int st = RF_OK
+    cdef double t
+    with nogil:
+        t = _now_ns()
+        for i in range(rounds):
+            st = m.c_allocate(batch, &buf[0], &err)
+            if st != RF_OK:
+                break
+            st = m.c_decref(&buf[0], batch, &err)
+            if st != RF_OK:
+                break
+        t = _now_ns() - t
+    if st != RF_OK:
+        raise_status(st, &err)
+    return t / (rounds * batch)
+
+
+def prefix_touch(BlockManager m, int32_t[:, ::1] prompts, long rounds):
+    """ns per block of c_acquire_prefix on a cached prompt + c_decref of its ids.
+    Raises RuntimeError if a prompt was not fully cached."""
+    cdef int64_t ntok = prompts.shape[1], want = ntok // m.block_size, got = 0
+    cdef int32_t[::1] ids = np.empty(max(want, 1), dtype=np.int32)
+    cdef Py_ssize_t nprompts = prompts.shape[0]
+    cdef ErrInfo err
+    cdef long i
+    cdef int st = RF_OK
+    cdef double t
+    with nogil:
+        t = _now_ns()
+        for i in range(rounds):
+            st = m.c_acquire_prefix(&prompts[i % nprompts, 0], ntok, 0, &ids[0], &got, &err)
+            if st != RF_OK or got != want:
+                break
+            st = m.c_decref(&ids[0], got, &err)
+            if st != RF_OK:
+                break
+        t = _now_ns() - t
+    if st != RF_OK:
+        raise_status(st, &err)
+    if got != want:
+        raise RuntimeError(f"prefix_touch: {got} of {want} blocks were cached")
+    return t / (rounds * want)
+
+
+def decode_sim(BlockManager m, int64_t[::1] ids, int64_t[::1] left, int64_t[::1] lengths,
+               long steps, int64_t next_id):
+    """ns per token of decode steps: one c_append_batch adding a token to every
+    sequence in ids; a sequence whose `left` count runs out is removed and a new
+    one (next length from `lengths`) takes its place. ids and left are updated."""
+    cdef Py_ssize_t n = ids.shape[0], k, used = 0
+    cdef int32_t[::1] ones = np.ones(n, dtype=np.int32)
+    cdef int64_t[::1] slots = np.empty(n, dtype=np.int64)
+    cdef ErrInfo err
+    cdef long step
+    cdef int st = RF_OK
+    cdef double t
+    with nogil:
+        t = _now_ns()
+        for step in range(steps):
+            st = m.c_append_batch(&ids[0], &ones[0], n, False, NULL, &slots[0], &err)
+            if st != RF_OK:
+                break
+            for k in range(n):
+                left[k] -= 1
+                if left[k] == 0:
+                    st = m.c_remove_sequence(ids[k], &err)
+                    if st == RF_OK:
+                        st = m.c_add_sequence(next_id, False, NULL, 0, 0, NULL, &err)
+                    if st != RF_OK:
+                        break
+                    ids[k] = next_id
+                    next_id += 1
+                    left[k] = lengths[used % lengths.shape[0]]
+                    used += 1
+            if st != RF_OK:
+                break
+        t = _now_ns() - t
+    if st != RF_OK:
+        raise_status(st, &err)
+    return t / (steps * n)
