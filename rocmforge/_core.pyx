@@ -11,7 +11,7 @@ the lock is released). Batched loops run without the GIL.
 from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow
 from libc.stdint cimport int32_t, int64_t, uint64_t, uint8_t, INT32_MAX, INT64_MAX
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy, memcmp
+from libc.string cimport memcpy
 from libcpp.vector cimport vector
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
 cimport numpy as cnp
@@ -54,6 +54,7 @@ cdef extern from "_core_support.h" nogil:
     size_t rf_idmap_bytes(const rf_idmap& m)
     int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t* t, int64_t n, int64_t mask)
     int rf_ctz64(uint64_t x)
+    bint rf_tokens_equal(const int32_t* a, const int32_t* b, int64_t n)
 
 cdef enum:
     MAX_BLOCK_SIZE = 1 << 20    # largest block the core accepts (slots stay far from int64 limits)
@@ -862,7 +863,7 @@ cdef class BlockManager:
             p = &self._pb[b]
             if p.parent != prev or (prev < 0 and p.salt != salt):
                 return j
-            if memcmp(&self._btok[<size_t>b * bs], tokens + j * bs, bs * sizeof(int32_t)) != 0:
+            if not rf_tokens_equal(&self._btok[<size_t>b * bs], tokens + j * bs, bs):
                 return j
             prev = b
         return found

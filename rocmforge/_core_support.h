@@ -243,6 +243,21 @@ static inline int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t *
     return (int64_t)(h & (uint64_t)mask);
 }
 
+/* Whether n token ids are equal: a hit's verification. Words are compared
+ * without early exit (a mismatch means a hash collision, which is rare), so
+ * the loop is branch-free and inlined where memcmp would be a call. */
+static inline bool rf_tokens_equal(const int32_t *a, const int32_t *b, int64_t n) noexcept {
+    uint64_t diff = 0, x, y;
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        __builtin_memcpy(&x, a + i, 8);
+        __builtin_memcpy(&y, b + i, 8);
+        diff |= x ^ y;
+    }
+    if (i < n) diff |= (uint32_t)(a[i] ^ b[i]);
+    return diff == 0;
+}
+
 /* Index of the lowest set bit; x must be non-zero. */
 static inline int rf_ctz64(uint64_t x) { return __builtin_ctzll(x); }
 

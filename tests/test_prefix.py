@@ -123,6 +123,21 @@ def test_a_hash_collision_never_shares_a_wrong_block():
     m.check_invariants()
 
 
+@pytest.mark.parametrize("block_size", [1, 3, 5])
+def test_verification_compares_every_token_of_odd_sized_blocks(block_size):
+    """Keys collide (1 bit) for blocks that differ only in their last token: the
+    token check must see the odd tail, not only whole pairs."""
+    m = rf.BlockManager(64, block_size, enable_prefix_caching=True, _key_bits=1)
+    first = np.arange(1, 2 * block_size + 1, dtype=np.int32)
+    m.add_sequence(1, first)
+    m.remove_sequence(1)
+    for pos in range(2 * block_size):
+        other = first.copy()
+        other[pos] += 1000
+        assert m.lookup_prefix(other) == (pos // block_size) * block_size
+    m.check_invariants()
+
+
 def test_keys_match_the_documented_hash():
     m = prefix_manager(enable_events=True)
     m.add_sequence(1, PROMPT, salt=5)
