@@ -227,7 +227,7 @@ cdef class BlockManager:
     cdef int32_t _find(self, int64_t seq_id) noexcept nogil
     cdef void _lru_unlink(self, int32_t slot) noexcept nogil
     cdef void _lru_push(self, int32_t slot) noexcept nogil
-    cdef void _touch(self, int32_t slot, double now) noexcept nogil
+    cdef void _touch(self, int32_t slot, double now, bint relink) noexcept nogil
     cdef void _drop_sequence(self, int32_t slot) noexcept nogil
     cdef int _claim_slot(self, int32_t* slot_out, ErrInfo* err) noexcept nogil
     cdef int _unclaim_slot(self, int32_t slot, int status) noexcept nogil
@@ -235,6 +235,8 @@ cdef class BlockManager:
     cdef int _ensure_free(self, int64_t needed, uint64_t epoch, ErrInfo* err) noexcept nogil
     cdef void _append_apply(self, SeqRec* s, int64_t count, const int32_t* tokens,
                             int64_t* slots_out) noexcept nogil
+    cdef void _append_blocks(self, SeqRec* s, int64_t count, const int32_t* tokens,
+                             int64_t* slots_out) noexcept nogil
     cdef int _allocate_locked(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil
     cdef int _incref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil
     cdef int _decref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil

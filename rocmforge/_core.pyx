@@ -885,7 +885,6 @@ cdef class BlockManager:
     cdef int32_t _find(self, int64_t seq_id) noexcept nogil:
         return rf_idmap_find(self._index, seq_id)
 
-
     cdef void _lru_unlink(self, int32_t slot) noexcept nogil:
         cdef SeqRec* s = &self._seqs[slot]
         if s.lru_prev != NO_SLOT:
@@ -909,9 +908,11 @@ cdef class BlockManager:
             self._lru_head = slot
         self._lru_tail = slot
 
-    cdef void _touch(self, int32_t slot, double now) noexcept nogil:
+    cdef inline void _touch(self, int32_t slot, double now, bint relink) noexcept nogil:
+        """Record an access: move the sequence to the newest end of the LRU list
+        (callers that know it keeps its place pass relink=False) and stamp it."""
         cdef SeqRec* s = &self._seqs[slot]
-        if self._lru_tail != slot:
+        if relink and self._lru_tail != slot:
             self._lru_unlink(slot)
             self._lru_push(slot)
         s.last_access = now
@@ -1041,16 +1042,32 @@ cdef class BlockManager:
             self._stats.evictions += 1
         return RF_OK
 
-    cdef void _append_apply(self, SeqRec* s, int64_t count, const int32_t* tokens,
-                            int64_t* slots_out) noexcept nogil:
+    cdef inline void _append_apply(self, SeqRec* s, int64_t count, const int32_t* tokens,
+                                   int64_t* slots_out) noexcept nogil:
         """Append `count` tokens; room and free blocks were reserved by the caller."""
+        cdef int64_t bs = self.block_size
+        cdef int64_t room = _room(s, bs)
+        cdef int64_t base, j
+        if count == 0:
+            return
+        if count <= room and tokens == NULL and self._refcnt[s.blocks.back()] == 1:
+            # The decode step: the tokens fit the sequence's own last block.
+            base = <int64_t>s.blocks.back() * bs + bs - room
+            for j in range(count):
+                slots_out[j] = base + j
+            s.num_tokens += count
+            return
+        self._append_blocks(s, count, tokens, slots_out)
+
+    cdef void _append_blocks(self, SeqRec* s, int64_t count, const int32_t* tokens,
+                             int64_t* slots_out) noexcept nogil:
+        """_append_apply's general case: copy-on-write of a shared last block,
+        fresh blocks as the tokens need them, token ids kept."""
         cdef int64_t bs = self.block_size
         cdef int64_t room = _room(s, bs)
         cdef int64_t off = bs - room if room else 0
         cdef int64_t j
         cdef int32_t cur = -1, fresh
-        if count == 0:
-            return
         if off != 0:
             cur = s.blocks.back()
             if self._refcnt[cur] > 1:
@@ -1168,6 +1185,7 @@ cdef class BlockManager:
                 return RF_BLOCK_FREE if self._refcnt[b] == 0 else RF_NO_EXTERNAL_REF
             ext[b] -= 1
         self._cold_anchor = -1
+        # Cached blocks go to policy lists one by one; a single id has no word to share.
         if self.enable_prefix_caching or n == 1:
             for i in range(n):
                 self._unref(ids[i])
@@ -1381,8 +1399,8 @@ cdef class BlockManager:
                                   ErrInfo* err) noexcept nogil:
         cdef uint64_t epoch = self._next_epoch()
         cdef int64_t bs = self.block_size
-        cdef int64_t needed = 0, copies = 0, nt, c, room, fresh, off_tok = 0, off_out = 0, base
-        cdef int64_t full_new, regs = 0, k
+        cdef int64_t needed = 0, copies = 0, nt, c, room, fresh, off_tok = 0, off_out = 0
+        cdef int64_t full_new, regs = 0
         cdef bint prefix = self.enable_prefix_caching
         # The batch already holds the newest end of the LRU list in its own
         # order (steady decode): touching it leaves the list as it is.
@@ -1480,26 +1498,13 @@ cdef class BlockManager:
             slot = slots[i]
             c = counts[i]
             s = &self._seqs[slot]
-            if c != 0:
-                room = _room(s, bs)
-                if c <= room and not with_tokens and self._refcnt[s.blocks.back()] == 1:
-                    # Common decode case: the tokens fit the sequence's own last block.
-                    base = <int64_t>s.blocks.back() * bs + bs - room
-                    for k in range(c):
-                        slots_out[off_out + k] = base + k
-                    s.num_tokens += c
-                else:
-                    self._append_apply(s, c, tokens + off_tok if with_tokens else NULL, slots_out + off_out)
-                    if with_tokens:
-                        off_tok += c
-                        if prefix:
-                            self._register_full(s, s.keys.size())
-                off_out += c
-            if not in_order and self._lru_tail != slot:
-                self._lru_unlink(slot)
-                self._lru_push(slot)
-            s.last_access = now
-            s.access_count += 1
+            self._append_apply(s, c, tokens + off_tok if with_tokens else NULL, slots_out + off_out)
+            if with_tokens:
+                off_tok += c
+                if prefix:
+                    self._register_full(s, s.keys.size())
+            off_out += c
+            self._touch(slot, now, not in_order)
         self._note_peak()
         return RF_OK
 
@@ -1542,7 +1547,7 @@ cdef class BlockManager:
         if rf_idmap_put(self._index, dst, dst_slot):
             return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
         now = _wall_now()
-        self._touch(src_slot, now)
+        self._touch(src_slot, now, True)
         self._open_sequence(dst_slot, dst, s.has_tokens, now)
         for j in range(s.blocks.size()):
             b = s.blocks[j]
