@@ -8,7 +8,7 @@
 # exception with ``raise_status`` once the GIL is held again.
 # Pointers passed in are borrowed for the duration of the call only.
 
-from libc.stdint cimport int32_t, int64_t, uint64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t
 from libcpp.vector cimport vector
 cimport cython
 
@@ -21,6 +21,38 @@ cdef extern from "_core_support.h" nogil:
     cppclass rf_mutex:
         void lock()
         void unlock()
+    # A sequence's block table (keeps a copy of its last id); see _core_support.h.
+    cppclass rf_table:
+        size_t size()
+        size_t capacity()
+        int32_t back()
+        int32_t operator[](size_t i)
+        const int32_t* data()
+        void set(size_t i, int32_t b)
+        void push(int32_t b)
+        void clear()
+        int reserve(size_t n)
+    # One sequence; its blocks hold one reference each on the block pool. The
+    # header lays it out with the fields a decode step uses in one cache line.
+    cdef struct SeqRec:
+        rf_table blocks
+        int64_t num_tokens
+        double last_access
+        int64_t access_count
+        int32_t lru_prev        # slot of the previous (older) sequence, -1 at the head
+        int32_t lru_next        # slot of the next (newer) sequence, -1 at the tail
+        uint32_t mark           # == low 32 bits of the manager epoch while named by the running operation
+        bint has_tokens
+        uint64_t sole_gen       # == manager's _share_gen when its last block was seen held by it alone
+        int64_t seq_id
+        vector[int32_t] tokens  # token ids, kept only when has_tokens
+        vector[int64_t] keys    # content key of every full block (prefix caching, token sequences)
+        double created_at
+        int64_t salt            # salt of the first block's key
+        int64_t cached_tokens   # leading tokens found in the prefix cache when it was added
+        bint live
+        bint cold               # ARC: its new cached blocks are released to the cold segment
+        bint warm               # ARC: its new cached blocks count as reused (a returning prompt)
 
 cdef enum Status:
     RF_OK = 0
@@ -57,26 +89,6 @@ cdef struct ErrInfo:
     int64_t id
     int64_t a
     int64_t b
-
-# One sequence. Its blocks hold one reference each on the block pool.
-cdef struct SeqRec:
-    int64_t seq_id
-    int64_t num_tokens
-    vector[int32_t] blocks
-    vector[int32_t] tokens      # token ids, kept only when has_tokens
-    bint has_tokens
-    bint live
-    double created_at
-    double last_access
-    int64_t access_count
-    int32_t lru_prev            # slot of the previous (older) sequence, -1 at the head
-    int32_t lru_next            # slot of the next (newer) sequence, -1 at the tail
-    uint64_t mark               # == manager epoch while named by the running operation
-    vector[int64_t] keys        # content key of every full block (prefix caching, token sequences)
-    int64_t salt                # salt of the first block's key
-    int64_t cached_tokens       # leading tokens found in the prefix cache when it was added
-    bint cold                   # ARC: its new cached blocks are released to the cold segment
-    bint warm                   # ARC: its new cached blocks count as reused (a returning prompt)
 
 # Prefix-cache state of one block. A block is *registered* (serial != 0) when
 # the prefix index maps its key to it; a registered block's parent is
@@ -142,6 +154,11 @@ cdef class BlockManager:
     cdef vector[int32_t] _extref
     cdef vector[BlockScratch] _scratch
     cdef uint64_t _epoch
+    # Bumped whenever a block already in use gains a reference (incref, fork),
+    # so a record's sole_gen proves its partly filled last block unshared.
+    # Prefix hits need no bump: they take full blocks only, never the partly
+    # filled last block of a sequence.
+    cdef uint64_t _share_gen
     cdef int32_t _num_free
 
     # Free set: a bitmap (bit set = free) with one summary level per 64x,
@@ -160,6 +177,7 @@ cdef class BlockManager:
     # Operation scratch (used only with the lock held).
     cdef vector[int32_t] _tmp_slots       # record slots named by a batch
     cdef vector[int32_t] _tmp_blocks      # shared partly filled blocks a batch appends into
+    cdef vector[int64_t] _tmp_slow        # (index, output offset) of batch items pass 2 appends
     cdef vector[int32_t] _tmp_victims     # sequences an eviction dry run chose
 
     # Prefix cache: key -> block index, per-block state, token copies (for
@@ -227,12 +245,15 @@ cdef class BlockManager:
     cdef int32_t _find(self, int64_t seq_id) noexcept nogil
     cdef void _lru_unlink(self, int32_t slot) noexcept nogil
     cdef void _lru_push(self, int32_t slot) noexcept nogil
-    cdef void _touch(self, int32_t slot, double now, bint relink) noexcept nogil
+    cdef void _lru_insert_after(self, int32_t slot, int32_t anchor) noexcept nogil
+    cdef void _lru_run_to_tail(self, int32_t first, int32_t last) noexcept nogil
+    cdef void _touch(self, int32_t slot, double now) noexcept nogil
     cdef void _drop_sequence(self, int32_t slot) noexcept nogil
     cdef int _claim_slot(self, int32_t* slot_out, ErrInfo* err) noexcept nogil
     cdef int _unclaim_slot(self, int32_t slot, int status) noexcept nogil
     cdef void _open_sequence(self, int32_t slot, int64_t seq_id, bint has_tokens, double now) noexcept nogil
     cdef int _ensure_free(self, int64_t needed, uint64_t epoch, ErrInfo* err) noexcept nogil
+    cdef bint _sole_last(self, SeqRec* s) noexcept nogil
     cdef void _append_apply(self, SeqRec* s, int64_t count, const int32_t* tokens,
                             int64_t* slots_out) noexcept nogil
     cdef void _append_blocks(self, SeqRec* s, int64_t count, const int32_t* tokens,
@@ -265,6 +286,8 @@ cdef class BlockManager:
     cdef bint _occupied(self, int32_t b) noexcept nogil
     cdef void _reset_prefix_locked(self) noexcept nogil
     cdef int _check_prefix_locked(self, char* msg, size_t cap) noexcept nogil
+    cdef int _append_room(self, int64_t needed, int64_t regs, uint64_t epoch, ErrInfo* err) noexcept nogil
+    cdef void _append_undo(self, const int32_t* slots, const int32_t* counts, Py_ssize_t done) noexcept nogil
     cdef int _append_batch_locked(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                                   bint with_tokens, const int32_t* tokens, int64_t* slots_out,
                                   ErrInfo* err) noexcept nogil

@@ -9,7 +9,7 @@ the lock is released). Batched loops run without the GIL.
 """
 
 from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow
-from libc.stdint cimport int32_t, int64_t, uint64_t, uint8_t, INT32_MAX, INT64_MAX
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t, INT32_MAX, INT64_MAX
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
@@ -80,6 +80,30 @@ cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
 cdef inline int64_t _room(const SeqRec* s, int64_t bs) noexcept nogil:
     """Free token slots in the sequence's last block (0 when full or without blocks)."""
     return <int64_t>s.blocks.size() * bs - s.num_tokens
+
+
+cdef inline void _append_in_place(SeqRec* s, int64_t count, int64_t fill, int64_t bs,
+                                  const int32_t* tokens, int64_t* slots_out) noexcept nogil:
+    """Append `count` tokens into the last block, which holds `fill` and has
+    room for them (the decode step); token capacity was reserved by the caller."""
+    cdef int64_t base = <int64_t>s.blocks.back() * bs + fill
+    cdef int64_t j
+    for j in range(count):
+        slots_out[j] = base + j
+    if tokens != NULL:
+        rf_append_n(s.tokens, tokens, count)
+    s.num_tokens += count
+
+
+cdef inline int _check_append(const SeqRec* s, int64_t count, bint with_tokens) noexcept nogil:
+    """Whether `count` tokens may be appended to s, with or without token ids."""
+    if count < 0:
+        return RF_NEGATIVE_COUNT
+    if with_tokens and not s.has_tokens:
+        return RF_TOKENS_UNEXPECTED
+    if count > 0 and s.has_tokens and not with_tokens:
+        return RF_TOKENS_REQUIRED
+    return RF_OK
 
 
 cdef inline int64_t _fresh_blocks(int64_t room, int64_t count, int64_t bs) noexcept nogil:
@@ -396,6 +420,7 @@ cdef class BlockManager:
             self._ev_len[lst] = 0
             self._ghost_pos[lst] = 0
         self._epoch = 0
+        self._share_gen = 1
         self._num_free = 0
         self._lru_head = NO_SLOT
         self._lru_tail = NO_SLOT
@@ -869,7 +894,15 @@ cdef class BlockManager:
         return found
 
     cdef uint64_t _next_epoch(self) noexcept nogil:
+        """A new operation number. Sequence records keep its low 32 bits (their
+        mark shares the decode cache line), so when those wrap, every record's
+        mark is cleared and 0 is skipped: a stale mark never matches."""
+        cdef size_t j
         self._epoch += 1
+        if <uint32_t>self._epoch == 0:
+            for j in range(self._seqs.size()):
+                self._seqs[j].mark = 0
+            self._epoch += 1
         return self._epoch
 
     cdef inline BlockScratch* _scratch_at(self, int32_t b, uint64_t epoch) noexcept nogil:
@@ -899,20 +932,48 @@ cdef class BlockManager:
         s.lru_next = NO_SLOT
 
     cdef void _lru_push(self, int32_t slot) noexcept nogil:
+        """Link an unlinked record at the newest end."""
         cdef SeqRec* s = &self._seqs[slot]
-        s.lru_prev = self._lru_tail
-        s.lru_next = NO_SLOT
         if self._lru_tail != NO_SLOT:
-            self._seqs[self._lru_tail].lru_next = slot
+            self._lru_insert_after(slot, self._lru_tail)
         else:
+            s.lru_prev = NO_SLOT
+            s.lru_next = NO_SLOT
             self._lru_head = slot
-        self._lru_tail = slot
+            self._lru_tail = slot
 
-    cdef inline void _touch(self, int32_t slot, double now, bint relink) noexcept nogil:
-        """Record an access: move the sequence to the newest end of the LRU list
-        (callers that know it keeps its place pass relink=False) and stamp it."""
+    cdef void _lru_insert_after(self, int32_t slot, int32_t anchor) noexcept nogil:
+        """Link an unlinked record right after `anchor` (a linked one)."""
         cdef SeqRec* s = &self._seqs[slot]
-        if relink and self._lru_tail != slot:
+        cdef SeqRec* a = &self._seqs[anchor]
+        s.lru_prev = anchor
+        s.lru_next = a.lru_next
+        if a.lru_next != NO_SLOT:
+            self._seqs[a.lru_next].lru_prev = slot
+        else:
+            self._lru_tail = slot
+        a.lru_next = slot
+
+    cdef void _lru_run_to_tail(self, int32_t first, int32_t last) noexcept nogil:
+        """Move the contiguous run first..last (oldest to newest) to the newest end."""
+        cdef SeqRec* f = &self._seqs[first]
+        cdef SeqRec* l = &self._seqs[last]
+        if self._lru_tail == last:
+            return
+        self._seqs[l.lru_next].lru_prev = f.lru_prev     # last is not the tail
+        if f.lru_prev != NO_SLOT:
+            self._seqs[f.lru_prev].lru_next = l.lru_next
+        else:
+            self._lru_head = l.lru_next
+        f.lru_prev = self._lru_tail
+        self._seqs[self._lru_tail].lru_next = first
+        l.lru_next = NO_SLOT
+        self._lru_tail = last
+
+    cdef void _touch(self, int32_t slot, double now) noexcept nogil:
+        """Record an access: move the sequence to the newest end of the LRU list and stamp it."""
+        cdef SeqRec* s = &self._seqs[slot]
+        if self._lru_tail != slot:
             self._lru_unlink(slot)
             self._lru_push(slot)
         s.last_access = now
@@ -958,6 +1019,7 @@ cdef class BlockManager:
             blank.lru_prev = NO_SLOT
             blank.lru_next = NO_SLOT
             blank.mark = 0
+            blank.sole_gen = 0
             blank.salt = 0
             blank.cached_tokens = 0
             blank.cold = False
@@ -983,6 +1045,7 @@ cdef class BlockManager:
         s.last_access = now
         s.access_count = 1
         s.mark = 0
+        s.sole_gen = 0
         s.salt = 0
         s.cached_tokens = 0
         s.cold = False
@@ -1015,7 +1078,7 @@ cdef class BlockManager:
         slot = self._lru_head
         while slot != NO_SLOT and avail + freed < needed:
             s = &self._seqs[slot]
-            if s.mark != epoch:
+            if s.mark != <uint32_t>epoch:
                 rf_push(self._tmp_victims, slot)
                 for j in range(s.blocks.size()):
                     b = s.blocks[j]
@@ -1042,22 +1105,27 @@ cdef class BlockManager:
             self._stats.evictions += 1
         return RF_OK
 
+    cdef inline bint _sole_last(self, SeqRec* s) noexcept nogil:
+        """Whether the sequence alone holds its (partly filled) last block; a
+        yes is remembered until some block in use gains a reference."""
+        if s.sole_gen == self._share_gen:
+            return True
+        if self._refcnt[s.blocks.back()] == 1:
+            s.sole_gen = self._share_gen
+            return True
+        return False
+
     cdef inline void _append_apply(self, SeqRec* s, int64_t count, const int32_t* tokens,
                                    int64_t* slots_out) noexcept nogil:
         """Append `count` tokens; room and free blocks were reserved by the caller."""
         cdef int64_t bs = self.block_size
         cdef int64_t room = _room(s, bs)
-        cdef int64_t base, j
         if count == 0:
             return
-        if count <= room and tokens == NULL and self._refcnt[s.blocks.back()] == 1:
-            # The decode step: the tokens fit the sequence's own last block.
-            base = <int64_t>s.blocks.back() * bs + bs - room
-            for j in range(count):
-                slots_out[j] = base + j
-            s.num_tokens += count
-            return
-        self._append_blocks(s, count, tokens, slots_out)
+        if count <= room and self._sole_last(s):
+            _append_in_place(s, count, bs - room, bs, tokens, slots_out)
+        else:
+            self._append_blocks(s, count, tokens, slots_out)
 
     cdef void _append_blocks(self, SeqRec* s, int64_t count, const int32_t* tokens,
                              int64_t* slots_out) noexcept nogil:
@@ -1076,13 +1144,13 @@ cdef class BlockManager:
                 rf_push(self._pending_copies, cur)
                 rf_push(self._pending_copies, fresh)
                 self._refcnt[cur] -= 1
-                s.blocks[s.blocks.size() - 1] = fresh
+                s.blocks.set(s.blocks.size() - 1, fresh)
                 self._stats.cow_copies += 1
                 cur = fresh
         for j in range(count):
             if off == 0:
                 cur = self._take_block()
-                rf_push(s.blocks, cur)
+                s.blocks.push(cur)
             slots_out[j] = <int64_t>cur * bs + off
             off += 1
             if off == bs:
@@ -1155,6 +1223,7 @@ cdef class BlockManager:
                 return st
             rc[b] += 1
             ext[b] += 1
+        self._share_gen += 1
         return RF_OK
 
     cdef int c_decref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
@@ -1266,7 +1335,7 @@ cdef class BlockManager:
         if st != RF_OK:
             return st
         s = &self._seqs[slot]
-        if (rf_reserve(s.blocks, nblocks) or (with_tokens and rf_reserve(s.tokens, num_tokens))
+        if (s.blocks.reserve(nblocks) or (with_tokens and rf_reserve(s.tokens, num_tokens))
                 or rf_reserve(s.keys, nfull)):
             return self._unclaim_slot(slot, RF_NO_MEMORY)
         # Publish the id before evicting so failure can undo it with a plain erase.
@@ -1291,7 +1360,7 @@ cdef class BlockManager:
         self._take_cached(self._tmp_hits.data(), h, False)
         for j in range(h):
             b = self._tmp_hits[j]
-            rf_push(s.blocks, b)
+            s.blocks.push(b)
             for o in range(bs):
                 slots_out[j * bs + o] = <int64_t>b * bs + o
         if h:
@@ -1399,83 +1468,145 @@ cdef class BlockManager:
                                   ErrInfo* err) noexcept nogil:
         cdef uint64_t epoch = self._next_epoch()
         cdef int64_t bs = self.block_size
-        cdef int64_t needed = 0, copies = 0, nt, c, room, fresh, off_tok = 0, off_out = 0
+        cdef int64_t needed = 0, nt, c, room, fresh, off = 0
         cdef int64_t full_new, regs = 0
         cdef bint prefix = self.enable_prefix_caching
-        # The batch already holds the newest end of the LRU list in its own
-        # order (steady decode): touching it leaves the list as it is.
-        cdef bint in_order = True
-        cdef Py_ssize_t i
-        cdef size_t j
+        cdef Py_ssize_t i, done = n
+        cdef size_t k
         cdef int32_t slot, last, prev = NO_SLOT
         cdef int32_t* slots
         cdef SeqRec* s
         cdef BlockScratch* sc
         cdef double now
-        cdef int st
+        cdef int st = RF_OK
         if rf_reserve(self._tmp_slots, n):
             return RF_NO_MEMORY
         rf_resize(self._tmp_slots, n, _NEG_ONE)   # within capacity: cannot fail
         slots = self._tmp_slots.data()
         self._tmp_blocks.clear()
-        # Pass 1: validate, count fresh blocks, and count sharers of shared
-        # partly filled last blocks (each needs a copy unless it is the last
-        # reference: min(sharers_in_batch, refcount - 1) copies per block).
+        self._tmp_slow.clear()
+        # Pass 1: validate every item. Tokens that fit the sequence's own last
+        # block (a decode step) are appended at once, and taken back below if
+        # the batch fails. For the rest it records (index, output offset) and
+        # counts fresh blocks and sharers of shared partly filled last blocks
+        # (each needs a copy unless it is the last reference:
+        # min(sharers_in_batch, refcount - 1) copies per block).
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 rf_idmap_prefetch(self._index, seq_ids[i + PREFETCH_AHEAD])
             slot = self._find(seq_ids[i])
             if slot == NO_SLOT:
                 err.id = seq_ids[i]
-                return RF_SEQ_NOT_FOUND
+                st = RF_SEQ_NOT_FOUND
+                done = i
+                break
             s = &self._seqs[slot]
-            if s.mark == epoch:
+            if s.mark == <uint32_t>epoch:
                 err.id = seq_ids[i]
-                return RF_DUPLICATE_SEQ
-            s.mark = epoch
+                st = RF_DUPLICATE_SEQ
+                done = i
+                break
+            s.mark = <uint32_t>epoch
             slots[i] = slot
-            if i != 0 and s.lru_prev != prev:
-                in_order = False
-            prev = slot
             c = counts[i]
-            if c < 0:
+            st = _check_append(s, c, with_tokens)
+            if st != RF_OK:
                 err.id = seq_ids[i]
                 err.a = c
-                return RF_NEGATIVE_COUNT
-            if with_tokens and not s.has_tokens:
-                err.id = seq_ids[i]
-                return RF_TOKENS_UNEXPECTED
-            if c > 0 and s.has_tokens and not with_tokens:
-                err.id = seq_ids[i]
-                return RF_TOKENS_REQUIRED
+                done = i
+                break
             if c == 0:
                 continue
             nt = s.num_tokens
             room = _room(s, bs)
+            if (c <= room and (not with_tokens or not prefix or c < room)
+                    and self._sole_last(s)):
+                if with_tokens and rf_reserve(s.tokens, nt + c):
+                    st = RF_NO_MEMORY
+                    done = i
+                    break
+                _append_in_place(s, c, bs - room, bs, tokens + off if with_tokens else NULL,
+                                 slots_out + off)
+                off += c
+                continue
+            if rf_reserve(self._tmp_slow, self._tmp_slow.size() + 2):
+                st = RF_NO_MEMORY
+                done = i
+                break
             if room != 0:
                 last = s.blocks.back()
                 if self._refcnt[last] > 1:
                     sc = self._scratch_at(last, epoch)
                     if sc.count == 0:
                         if rf_reserve(self._tmp_blocks, self._tmp_blocks.size() + 1):
-                            return RF_NO_MEMORY
+                            st = RF_NO_MEMORY
+                            done = i
+                            break
                         rf_push(self._tmp_blocks, last)
                     sc.count += 1
             if c > room:
                 fresh = _fresh_blocks(room, c, bs)
                 needed += fresh
-                if rf_reserve(s.blocks, s.blocks.size() + fresh):
-                    return RF_NO_MEMORY
+                if s.blocks.reserve(s.blocks.size() + fresh):
+                    st = RF_NO_MEMORY
+                    done = i
+                    break
             if with_tokens:
                 if rf_reserve(s.tokens, nt + c):
-                    return RF_NO_MEMORY
+                    st = RF_NO_MEMORY
+                    done = i
+                    break
                 if prefix:
                     full_new = (nt + c) // bs - nt // bs
                     if full_new and rf_reserve(s.keys, s.keys.size() + full_new):
-                        return RF_NO_MEMORY
+                        st = RF_NO_MEMORY
+                        done = i
+                        break
                     regs += full_new
-        if prev != self._lru_tail:
-            in_order = False
+            rf_push(self._tmp_slow, <int64_t>i)
+            rf_push(self._tmp_slow, off)
+            off += c
+        if st == RF_OK:
+            st = self._append_room(needed, regs, epoch, err)
+        if st != RF_OK:
+            self._append_undo(slots, counts, done)
+            return st
+        # Pass 2: append the rest in batch order (cannot fail now).
+        for k in range(0, self._tmp_slow.size(), 2):
+            i = self._tmp_slow[k]
+            off = self._tmp_slow[k + 1]
+            s = &self._seqs[slots[i]]
+            self._append_blocks(s, counts[i], tokens + off if with_tokens else NULL, slots_out + off)
+            if with_tokens and prefix:
+                self._register_full(s, s.keys.size())
+        # Touch in batch order, as sequential touches would, but move only the
+        # records out of place: each goes behind its predecessor in the batch,
+        # then the whole run, now contiguous, to the newest end. A steady
+        # decode batch moves nothing.
+        now = _wall_now()
+        for i in range(n):
+            slot = slots[i]
+            s = &self._seqs[slot]
+            if i != 0 and s.lru_prev != prev:
+                self._lru_unlink(slot)
+                self._lru_insert_after(slot, prev)
+            prev = slot
+            s.last_access = now
+            s.access_count += 1
+        if n != 0:
+            self._lru_run_to_tail(slots[0], prev)
+        self._note_peak()
+        return RF_OK
+
+    cdef int _append_room(self, int64_t needed, int64_t regs, uint64_t epoch,
+                          ErrInfo* err) noexcept nogil:
+        """append_batch's reservations once pass 1 has counted: prefix
+        registrations, pending copies (from the sharers in _tmp_blocks), and
+        `needed` fresh blocks plus one per copy (evicting if allowed)."""
+        cdef int64_t copies = 0
+        cdef size_t j
+        cdef int32_t b
+        cdef BlockScratch* sc
         if regs and self._reserve_registrations(regs):
             return RF_NO_MEMORY
         if needed > self.num_blocks:
@@ -1483,30 +1614,31 @@ cdef class BlockManager:
             err.b = self.num_blocks
             return RF_OUT_OF_BLOCKS
         for j in range(self._tmp_blocks.size()):
-            last = self._tmp_blocks[j]
-            sc = &self._scratch[last]
-            copies += sc.count if sc.count < self._refcnt[last] - 1 else self._refcnt[last] - 1
+            b = self._tmp_blocks[j]
+            sc = &self._scratch[b]
+            copies += sc.count if sc.count < self._refcnt[b] - 1 else self._refcnt[b] - 1
         if copies and rf_reserve(self._pending_copies, self._pending_copies.size() + 2 * copies):
             return RF_NO_MEMORY
         if needed + copies > 0:
-            st = self._ensure_free(needed + copies, epoch, err)
-            if st != RF_OK:
-                return st
-        # Pass 2: apply (cannot fail now).
-        now = _wall_now()
-        for i in range(n):
-            slot = slots[i]
-            c = counts[i]
-            s = &self._seqs[slot]
-            self._append_apply(s, c, tokens + off_tok if with_tokens else NULL, slots_out + off_out)
-            if with_tokens:
-                off_tok += c
-                if prefix:
-                    self._register_full(s, s.keys.size())
-            off_out += c
-            self._touch(slot, now, not in_order)
-        self._note_peak()
+            return self._ensure_free(needed + copies, epoch, err)
         return RF_OK
+
+    cdef void _append_undo(self, const int32_t* slots, const int32_t* counts,
+                           Py_ssize_t done) noexcept nogil:
+        """Take back the in-place appends pass 1 made to items [0, done): all
+        items with tokens to append except those it recorded in _tmp_slow."""
+        cdef Py_ssize_t i
+        cdef size_t k = 0
+        cdef SeqRec* s
+        for i in range(done):
+            if k < self._tmp_slow.size() and self._tmp_slow[k] == i:
+                k += 2
+                continue
+            if counts[i] > 0:
+                s = &self._seqs[slots[i]]
+                s.num_tokens -= counts[i]
+                if s.has_tokens:
+                    rf_resize(s.tokens, <size_t>s.num_tokens, _ZERO)   # shrinks: cannot fail
 
     cdef int c_fork(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil:
         cdef int st
@@ -1541,17 +1673,18 @@ cdef class BlockManager:
             return st
         s = &self._seqs[src_slot]
         d = &self._seqs[dst_slot]
-        if (rf_reserve(d.blocks, s.blocks.size()) or rf_reserve(d.tokens, s.tokens.size())
+        if (d.blocks.reserve(s.blocks.size()) or rf_reserve(d.tokens, s.tokens.size())
                 or rf_reserve(d.keys, s.keys.size())):
             return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
         if rf_idmap_put(self._index, dst, dst_slot):
             return self._unclaim_slot(dst_slot, RF_NO_MEMORY)
         now = _wall_now()
-        self._touch(src_slot, now, True)
+        self._touch(src_slot, now)
         self._open_sequence(dst_slot, dst, s.has_tokens, now)
+        self._share_gen += 1
         for j in range(s.blocks.size()):
             b = s.blocks[j]
-            rf_push(d.blocks, b)
+            d.blocks.push(b)
             self._refcnt[b] += 1
         if s.has_tokens and s.tokens.size():
             rf_append_n(d.tokens, s.tokens.data(), s.tokens.size())
@@ -1607,7 +1740,7 @@ cdef class BlockManager:
                 s = &self._seqs[slot]
                 for j in range(s.blocks.size()):
                     if remap[s.blocks[j]] >= 0:
-                        s.blocks[j] = remap[s.blocks[j]]
+                        s.blocks.set(j, remap[s.blocks[j]])
             self._bits_build()
         self._stats.compaction_count += 1
         self._stats.last_compaction_ms = _mono_ms() - t0
@@ -1710,6 +1843,14 @@ cdef class BlockManager:
             if s.has_tokens and <int64_t>s.tokens.size() != s.num_tokens:
                 snprintf(msg, cap, "sequence %lld: %lld token ids for %lld tokens",
                          s.seq_id, <int64_t>s.tokens.size(), s.num_tokens)
+                return 1
+            if s.blocks.back() != (s.blocks[s.blocks.size() - 1] if s.blocks.size() else -1):
+                snprintf(msg, cap, "sequence %lld: table's copy of its last block is stale", s.seq_id)
+                return 1
+            if (_room(s, bs) != 0 and s.sole_gen == self._share_gen
+                    and self._refcnt[s.blocks.back()] != 1):
+                snprintf(msg, cap, "sequence %lld: marked sole holder of block %d, refcount %d",
+                         s.seq_id, s.blocks.back(), self._refcnt[s.blocks.back()])
                 return 1
             for j in range(s.blocks.size()):
                 b = s.blocks[j]
@@ -2652,7 +2793,7 @@ cdef class BlockManager:
             total += self._seqs[slot].tokens.capacity() * sizeof(int32_t)
         total += self._free_slots.capacity() * sizeof(int32_t)
         total += rf_idmap_bytes(self._index)
-        total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity()
+        total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity() + 2 * self._tmp_slow.capacity()
                   + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
         total += self._evicted.capacity() * sizeof(int64_t)
         total += self._pb.capacity() * sizeof(PBlock) + self._btok.capacity() * sizeof(int32_t)

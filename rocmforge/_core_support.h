@@ -9,6 +9,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <new>
 #include <vector>
 
@@ -41,6 +43,107 @@ struct rf_mutex {
 
     void unlock() noexcept { pthread_mutex_unlock(&m); }
 };
+
+/* rf_table: a sequence's block table. A growable int32 array that keeps a copy
+ * of its last id beside its length, so a decode step learns the block it
+ * writes into from the record's first cache line without loading the array.
+ * Writes go through set() and push() to keep that copy true; reads use the
+ * std::vector-like size()/back()/operator[]. The capacity lives in the word
+ * before ids[0] (only growth reads it), which keeps the table at 16 bytes. */
+struct rf_table {
+    int32_t *ids = nullptr;
+    uint32_t len = 0;
+    int32_t last = -1;
+
+    rf_table() = default;
+    rf_table(const rf_table &o) : len(o.len), last(o.last) {
+        if (o.len) {
+            ids = alloc(nullptr, o.len);
+            if (!ids) throw std::bad_alloc();
+            std::memcpy(ids, o.ids, o.len * sizeof(int32_t));
+        }
+    }
+    rf_table(rf_table &&o) noexcept : ids(o.ids), len(o.len), last(o.last) {
+        o.ids = nullptr;
+        o.len = 0;
+        o.last = -1;
+    }
+    rf_table &operator=(const rf_table &) = delete;
+    rf_table &operator=(rf_table &&) = delete;
+    ~rf_table() { std::free(ids ? ids - 1 : nullptr); }
+
+    size_t size() const noexcept { return len; }
+    size_t capacity() const noexcept { return ids ? (uint32_t)ids[-1] : 0; }
+    int32_t back() const noexcept { return last; }
+    int32_t operator[](size_t i) const noexcept { return ids[i]; }
+    const int32_t *data() const noexcept { return ids; }
+    void set(size_t i, int32_t b) noexcept {
+        ids[i] = b;
+        if (i + 1 == len) last = b;
+    }
+    /* Append within reserved capacity (callers reserve first). */
+    void push(int32_t b) noexcept {
+        ids[len++] = b;
+        last = b;
+    }
+    void clear() noexcept {
+        len = 0;
+        last = -1;
+    }
+    /* Capacity for at least n ids, growing geometrically; 0 on success, -1
+     * (table unchanged) when memory is exhausted or n exceeds 2**31 - 2 ids. */
+    int reserve(size_t n) noexcept {
+        size_t cap = capacity();
+        if (n <= cap) return 0;
+        if (n > (size_t)INT32_MAX - 1) return -1;
+        size_t want = n > 2 * cap ? n : 2 * cap;
+        if (want > (size_t)INT32_MAX - 1) want = n;
+        int32_t *grown = alloc(ids, want);
+        if (!grown) return -1;
+        ids = grown;
+        return 0;
+    }
+
+private:
+    /* (Re)allocate room for cap ids after a capacity word; nullptr on failure. */
+    static int32_t *alloc(int32_t *ids, size_t cap) noexcept {
+        void *base = std::realloc(ids ? ids - 1 : nullptr, (cap + 1) * sizeof(int32_t));
+        if (!base) return nullptr;
+        int32_t *grown = static_cast<int32_t *>(base) + 1;
+        grown[-1] = (int32_t)cap;
+        return grown;
+    }
+};
+
+/* One sequence's record (declared here because Cython cannot align a struct).
+ * The first 64-byte line holds every field a decode step reads or writes, so
+ * append_batch over 256 running sequences touches 16 KiB of records, which
+ * stays in L1, instead of 2-3 lines per record. The rest is read by slower
+ * calls. Field meanings are documented beside the Cython declaration in
+ * _core.pxd. */
+struct alignas(64) SeqRec {
+    /* hot: decode */
+    rf_table blocks;
+    int64_t num_tokens;
+    double last_access;
+    int64_t access_count;
+    int32_t lru_prev;
+    int32_t lru_next;
+    uint32_t mark;
+    int has_tokens;
+    uint64_t sole_gen;
+    /* cold */
+    int64_t seq_id;
+    std::vector<int32_t> tokens;
+    std::vector<int64_t> keys;
+    double created_at;
+    int64_t salt;
+    int64_t cached_tokens;
+    int live;
+    int cold;
+    int warm;
+};
+static_assert(offsetof(SeqRec, seq_id) == 64, "decode fields must fill the first cache line");
 
 /* Grow capacity to at least n; 0 on success, -1 when memory is exhausted.
  * Growth is geometric (at least doubling), so a vector that gains one element

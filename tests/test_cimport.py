@@ -74,3 +74,20 @@ def test_churn_through_the_c_api(engine_loop):
     assert engine_loop.churn(m, 1000) == 3 * 1000  # always the lowest free id
     assert m.num_used_blocks == 3
     m.check_invariants()
+
+
+def test_sequence_marks_survive_the_epoch_wrap(engine_loop):
+    # Records keep the low 32 bits of the operation number: a mark written just
+    # before the wrap must not read as "named twice" 2**32 operations later.
+    m = rf.BlockManager(64, 4, evict_sequences=True)
+    for sid in range(3):
+        m.add_sequence(sid, num_tokens=4)
+    engine_loop.set_epoch(m, 2**32 - 2)
+    m.append_batch(np.array([0], dtype=np.int64), np.ones(1, dtype=np.int32))  # marks 0 with 0xffffffff
+    m.append_batch(np.array([1], dtype=np.int64), np.ones(1, dtype=np.int32))  # wraps
+    engine_loop.set_epoch(m, 2**33 - 2)
+    slots = m.append_batch(np.array([0, 2], dtype=np.int64), np.ones(2, dtype=np.int32))
+    assert slots.tolist() == [m.block_table(0)[1] * 4 + 1, m.block_table(2)[1] * 4]
+    with pytest.raises(rf.KvCacheError, match="twice"):
+        m.append_batch(np.array([1, 1], dtype=np.int64), np.ones(2, dtype=np.int32))
+    m.check_invariants()

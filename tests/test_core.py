@@ -227,6 +227,42 @@ def test_batch_failure_halfway_changes_nothing():
     m.check_invariants()
 
 
+def test_batch_with_tokens_matches_single_appends_and_undoes_on_failure():
+    # Items that fit their own last block are appended during validation; a
+    # failure later in the batch must take them back, tokens included.
+    batched = BlockManager(32, 4, enable_prefix_caching=True)
+    single = BlockManager(32, 4, enable_prefix_caching=True)
+    for m in (batched, single):
+        m.add_sequence(1, [1, 2])        # room 2: one token fits in place
+        m.add_sequence(2, [3, 4, 5])     # room 1: one token completes the block
+        m.add_sequence(3, [6, 7, 8, 9])  # full: needs a fresh block
+        m.fork(1, 4)                     # 1 and 4 share a partly filled block
+        m.add_sequence(5, [20])          # room 3, its own: appended in place
+    sids = (1, 2, 3, 4, 5)
+    before = {sid: (batched.sequence_tokens(sid).tolist(), batched.block_table(sid).tolist())
+              for sid in sids}
+    with pytest.raises(rf.SequenceNotFound):
+        batched.append_batch([5, 3, 2, 1, 99], [2, 1, 1, 1, 1], tokens=[21, 22, 10, 11, 12, 13])
+    with pytest.raises(rf.ArgumentValueError):
+        batched.append_batch([5, 3, 2, 1, 5], [2, 1, 1, 1, 1], tokens=[21, 22, 10, 11, 12, 13])
+    assert {sid: (batched.sequence_tokens(sid).tolist(), batched.block_table(sid).tolist())
+            for sid in sids} == before
+    batched.check_invariants()
+    ids, counts, toks = [3, 5, 2, 1, 4], [1, 2, 1, 1, 2], [10, 21, 22, 11, 12, 13, 14]
+    slots = batched.append_batch(ids, counts, tokens=toks).tolist()
+    expected, at = [], 0
+    for sid, c in zip(ids, counts):
+        expected += single.append(sid, toks[at:at + c]).tolist()
+        at += c
+    assert slots == expected
+    for sid in sids:
+        assert batched.sequence_tokens(sid).tolist() == single.sequence_tokens(sid).tolist()
+        assert batched.block_table(sid).tolist() == single.block_table(sid).tolist()
+    assert batched.take_pending_copies().tolist() == single.take_pending_copies().tolist()
+    assert batched.num_cached_blocks == single.num_cached_blocks
+    batched.check_invariants()
+
+
 def test_lru_eviction_when_full():
     m = BlockManager(6, 2, evict_sequences=True)
     for sid in (10, 11, 12):

@@ -3,7 +3,7 @@
 """An engine-side loop written in Cython: it cimports rocmforge's manager and
 drives it through the C API, without the GIL and without Python objects."""
 
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 from rocmforge._core cimport BlockManager, ErrInfo, RF_OK, raise_status
 
 
@@ -41,3 +41,8 @@ def churn(BlockManager manager, int rounds):
     if status != RF_OK:
         raise_status(status, &err)
     return total
+
+
+def set_epoch(BlockManager manager, uint64_t epoch):
+    """Jump the manager's operation counter (tests of its 32-bit wrap-around)."""
+    manager._epoch = epoch
