@@ -44,7 +44,7 @@ cdef extern from "_core_support.h" nogil:
         uint32_t mark           # == low 32 bits of the manager epoch while named by the running operation
         bint has_tokens
         uint64_t sole_gen       # == manager's _share_gen when its last block was seen held by it alone
-        int64_t seq_id
+        int64_t seq_id          # -1 while the slot is free
         vector[int32_t] tokens  # token ids, kept only when has_tokens
         vector[int64_t] keys    # content key of every full block (prefix caching, token sequences)
         double created_at
@@ -171,6 +171,10 @@ cdef class BlockManager:
     cdef vector[SeqRec] _seqs
     cdef vector[int32_t] _free_slots
     cdef rf_idmap _index
+    # Per batch position, the record slot append_batch found there last time:
+    # engines pass the same ids in the same order step after step, so the
+    # next batch checks the record's seq_id first and skips the hash lookup.
+    cdef vector[int32_t] _hints
     cdef int32_t _lru_head
     cdef int32_t _lru_tail
 

@@ -993,6 +993,7 @@ cdef class BlockManager:
         s.tokens.clear()
         s.keys.clear()
         s.live = False
+        s.seq_id = -1                     # a batch hint naming this slot no longer matches
         s.num_tokens = 0
         rf_push(self._free_slots, slot)   # capacity kept >= len(_seqs)
 
@@ -1475,6 +1476,8 @@ cdef class BlockManager:
         cdef size_t k
         cdef int32_t slot, last, prev = NO_SLOT
         cdef int32_t* slots
+        cdef int32_t* hints
+        cdef Py_ssize_t nhints
         cdef SeqRec* s
         cdef BlockScratch* sc
         cdef double now
@@ -1483,6 +1486,10 @@ cdef class BlockManager:
             return RF_NO_MEMORY
         rf_resize(self._tmp_slots, n, _NEG_ONE)   # within capacity: cannot fail
         slots = self._tmp_slots.data()
+        if <Py_ssize_t>self._hints.size() < n:
+            rf_resize(self._hints, n, _NEG_ONE)   # hints are optional: failure leaves fewer
+        hints = self._hints.data()
+        nhints = min(n, <Py_ssize_t>self._hints.size())
         self._tmp_blocks.clear()
         self._tmp_slow.clear()
         # Pass 1: validate every item. Tokens that fit the sequence's own last
@@ -1492,14 +1499,16 @@ cdef class BlockManager:
         # (each needs a copy unless it is the last reference:
         # min(sharers_in_batch, refcount - 1) copies per block).
         for i in range(n):
-            if i + PREFETCH_AHEAD < n:
-                rf_idmap_prefetch(self._index, seq_ids[i + PREFETCH_AHEAD])
-            slot = self._find(seq_ids[i])
-            if slot == NO_SLOT:
-                err.id = seq_ids[i]
-                st = RF_SEQ_NOT_FOUND
-                done = i
-                break
+            slot = hints[i] if i < nhints else NO_SLOT
+            if slot == NO_SLOT or seq_ids[i] < 0 or self._seqs[slot].seq_id != seq_ids[i]:
+                slot = self._find(seq_ids[i])
+                if slot == NO_SLOT:
+                    err.id = seq_ids[i]
+                    st = RF_SEQ_NOT_FOUND
+                    done = i
+                    break
+                if i < nhints:
+                    hints[i] = slot
             s = &self._seqs[slot]
             if s.mark == <uint32_t>epoch:
                 err.id = seq_ids[i]
@@ -1831,6 +1840,9 @@ cdef class BlockManager:
         for slot in range(<int32_t>self._seqs.size()):
             s = &self._seqs[slot]
             if not s.live:
+                if s.seq_id != -1:
+                    snprintf(msg, cap, "free record slot %d still names sequence %lld", slot, s.seq_id)
+                    return 1
                 continue
             live += 1
             if self._find(s.seq_id) != slot:
@@ -2795,7 +2807,7 @@ cdef class BlockManager:
         total += rf_idmap_bytes(self._index)
         total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity() + 2 * self._tmp_slow.capacity()
                   + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
-        total += self._evicted.capacity() * sizeof(int64_t)
+        total += self._evicted.capacity() * sizeof(int64_t) + self._hints.capacity() * sizeof(int32_t)
         total += self._pb.capacity() * sizeof(PBlock) + self._btok.capacity() * sizeof(int32_t)
         total += rf_idmap_bytes(self._pindex) + rf_idmap_bytes(self._ghost[1]) + rf_idmap_bytes(self._ghost[2])
         total += (self._ghost_ring[1].capacity() + self._ghost_ring[2].capacity()) * sizeof(int64_t)

@@ -263,6 +263,31 @@ def test_batch_with_tokens_matches_single_appends_and_undoes_on_failure():
     batched.check_invariants()
 
 
+def test_batch_positions_follow_removal_and_slot_reuse():
+    # append_batch remembers which record each position named; a record that
+    # was recycled for another id (or an id re-added elsewhere) must not fool it.
+    m = BlockManager(64, 4)
+    for sid in (1, 2, 3):
+        m.add_sequence(sid, num_tokens=1)
+    m.append_batch([1, 2, 3], [1, 1, 1])
+    m.remove_sequence(1)
+    m.add_sequence(4, num_tokens=1)    # reuses 1's record
+    m.remove_sequence(2)
+    m.add_sequence(1, num_tokens=5)    # id 1 again, in 2's record
+    for ids in ([1, 2, 3], [2], [-1]):
+        with pytest.raises(rf.KvCacheError):
+            m.append_batch(ids, [1] * len(ids))
+    slots = m.append_batch([4, 1, 3], [1, 1, 1]).tolist()
+    assert [m.num_tokens(s) for s in (4, 1, 3)] == [2, 6, 3]
+    assert slots == [m.block_table(4)[0] * 4 + 1, m.block_table(1)[1] * 4 + 1,
+                     m.block_table(3)[0] * 4 + 2]
+    m.remove_sequence(3)               # its record stays free
+    with pytest.raises(rf.SequenceNotFound):
+        m.append_batch([4, 1, 3], [1, 1, 1])
+    assert [m.num_tokens(s) for s in (4, 1)] == [2, 6]
+    m.check_invariants()
+
+
 def test_lru_eviction_when_full():
     m = BlockManager(6, 2, evict_sequences=True)
     for sid in (10, 11, 12):
