@@ -242,7 +242,6 @@ cdef class BlockManager:
     cdef void _release_block(self, int32_t b) noexcept nogil
     cdef void _release_cached(self, int32_t b) noexcept nogil
     cdef void _unref(self, int32_t b) noexcept nogil
-    cdef void _unref_plain(self, const int32_t* ids, Py_ssize_t n) noexcept nogil
     cdef void _note_peak(self) noexcept nogil
     cdef uint64_t _next_epoch(self) noexcept nogil
     cdef BlockScratch* _scratch_at(self, int32_t b, uint64_t epoch) noexcept nogil
@@ -265,6 +264,8 @@ cdef class BlockManager:
     cdef int _allocate_locked(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil
     cdef int _incref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil
     cdef int _decref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil
+    cdef int _decref_status(self, int32_t b, ErrInfo* err) noexcept nogil
+    cdef int _decref_plain(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil
     cdef int _add_sequence_locked(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
                                   int64_t num_tokens, int64_t salt, const int64_t* keys,
                                   int64_t* slots_out, ErrInfo* err) noexcept nogil

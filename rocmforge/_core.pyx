@@ -575,13 +575,16 @@ cdef class BlockManager:
         return b
 
     cdef void _take_lowest(self, int32_t n, int32_t* out) noexcept nogil:
-        """Take n blocks (free or evictable, they must exist): the lowest free ids a
-        bitmap word at a time, then the policy's victims."""
+        """Take n blocks for the caller, one external reference each (free or
+        evictable blocks, they must exist): the lowest free ids a bitmap word
+        at a time, then the policy's victims."""
         cdef int32_t got = 0, b, from_bits = n if n < self._num_free else self._num_free
         cdef int64_t idx
         cdef int L
         cdef uint64_t w
         cdef uint64_t* leaf
+        cdef int32_t* rc = self._refcnt.data()
+        cdef int32_t* ext = self._extref.data()
         while got < from_bits:
             idx = 0
             for L in range(self._levels - 1, 0, -1):
@@ -591,7 +594,8 @@ cdef class BlockManager:
             while w != 0 and got < from_bits:
                 b = <int32_t>(idx * 64 + rf_ctz64(w))
                 w &= w - 1
-                self._refcnt[b] = 1
+                rc[b] = 1
+                ext[b] = 1
                 out[got] = b
                 got += 1
             leaf[0] = w
@@ -600,7 +604,9 @@ cdef class BlockManager:
         self._num_free -= from_bits
         self._stats.total_allocations += from_bits
         while got < n:
-            out[got] = self._take_block()
+            b = self._take_block()
+            ext[b] = 1
+            out[got] = b
             got += 1
 
     cdef inline void _release_block(self, int32_t b) noexcept nogil:
@@ -1171,7 +1177,6 @@ cdef class BlockManager:
 
     cdef int _allocate_locked(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil:
         cdef int st
-        cdef int32_t i
         if n < 0:
             err.id = n
             return RF_INVALID_ARGUMENT
@@ -1184,8 +1189,6 @@ cdef class BlockManager:
             if st != RF_OK:
                 return st
         self._take_lowest(n, out)
-        for i in range(n):
-            self._extref[out[i]] = 1
         self._note_peak()
         return RF_OK
 
@@ -1235,45 +1238,59 @@ cdef class BlockManager:
         return st
 
     cdef int _decref_locked(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
-        """Pass 1 takes the external references one id at a time and, on the first
-        id without one left, gives back those taken (state unchanged); pass 2
-        drops the refcounts, freeing blocks that reach zero."""
+        """Drop one external reference per id, freeing blocks that reach zero;
+        on the first id without one left, everything is given back."""
         cdef Py_ssize_t i
         cdef int32_t b, nb = self.num_blocks
         cdef int32_t* ext = self._extref.data()
+        if not self.enable_prefix_caching:
+            return self._decref_plain(ids, n, err)
+        # Cached blocks go to policy lists one by one: check every id first.
         for i in range(n):
             b = ids[i]
             if b < 0 or b >= nb or ext[b] == 0:
                 while i > 0:
                     i -= 1
                     ext[ids[i]] += 1
-                err.id = b
-                if b < 0 or b >= nb:
-                    err.a = nb
-                    return RF_BLOCK_NOT_FOUND
-                err.a = self._refcnt[b]
-                return RF_BLOCK_FREE if self._refcnt[b] == 0 else RF_NO_EXTERNAL_REF
+                return self._decref_status(b, err)
             ext[b] -= 1
         self._cold_anchor = -1
-        # Cached blocks go to policy lists one by one; a single id has no word to share.
-        if self.enable_prefix_caching or n == 1:
-            for i in range(n):
-                self._unref(ids[i])
-        else:
-            self._unref_plain(ids, n)
+        for i in range(n):
+            self._unref(ids[i])
         return RF_OK
 
-    cdef void _unref_plain(self, const int32_t* ids, Py_ssize_t n) noexcept nogil:
-        """_unref over many ids of a manager without prefix caching: blocks reaching
-        zero are freed with their bitmap word built up in a register (an engine's
-        ids come in runs that share words) and the counters updated once."""
-        cdef Py_ssize_t i
-        cdef int32_t b, freed = 0
+    cdef int _decref_status(self, int32_t b, ErrInfo* err) noexcept nogil:
+        """The error for a decref of block b, which has no external reference left."""
+        err.id = b
+        if b < 0 or b >= self.num_blocks:
+            err.a = self.num_blocks
+            return RF_BLOCK_NOT_FOUND
+        err.a = self._refcnt[b]
+        return RF_BLOCK_FREE if self._refcnt[b] == 0 else RF_NO_EXTERNAL_REF
+
+    cdef int _decref_plain(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
+        """decref without prefix caching, in one pass: blocks reaching zero are
+        freed with their bitmap word built up in a register (an engine's ids
+        come in runs that share words) and the counters updated once. The
+        first id without an external reference left undoes the pass."""
+        cdef Py_ssize_t i, j
+        cdef int32_t b, nb = self.num_blocks, freed = 0
         cdef int64_t word = -1
         cdef uint64_t acc = 0
         cdef int32_t* rc = self._refcnt.data()
+        cdef int32_t* ext = self._extref.data()
         for i in range(n):
             b = ids[i]
+            if b < 0 or b >= nb or ext[b] == 0:
+                # Newest first, so an id named twice is re-taken once. (Bits still
+                # in `acc` were never set: clearing them changes nothing.)
+                for j in range(i - 1, -1, -1):
+                    ext[ids[j]] += 1
+                    rc[ids[j]] += 1
+                    if rc[ids[j]] == 1:
+                        self._bits_clear_from(0, ids[j])
+                return self._decref_status(b, err)
+            ext[b] -= 1
             rc[b] -= 1
             if rc[b] != 0:
                 continue
@@ -1288,6 +1305,7 @@ cdef class BlockManager:
             self._bits_set_word(word, acc)
         self._num_free += freed
         self._stats.total_deallocations += freed
+        return RF_OK
 
     cdef int c_add_sequence(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
                             int64_t num_tokens, int64_t salt, int64_t* slots_out,
