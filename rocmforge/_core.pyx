@@ -1281,7 +1281,8 @@ cdef class BlockManager:
         cdef int32_t* ext = self._extref.data()
         for i in range(n):
             b = ids[i]
-            if b < 0 or b >= nb or ext[b] == 0:
+            # One unsigned compare checks both bounds (a negative id wraps high).
+            if <uint32_t>b >= <uint32_t>nb or ext[b] == 0:
                 # Newest first, so an id named twice is re-taken once. (Bits still
                 # in `acc` were never set: clearing them changes nothing.)
                 for j in range(i - 1, -1, -1):
