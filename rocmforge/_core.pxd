@@ -24,7 +24,7 @@ cdef extern from "_core_support.h" nogil:
     # A sequence's block table (keeps a copy of its last id); see _core_support.h.
     cppclass rf_table:
         size_t size()
-        size_t capacity()
+        size_t bytes()
         int32_t back()
         int32_t operator[](size_t i)
         const int32_t* data()

@@ -2820,7 +2820,7 @@ cdef class BlockManager:
         total += self._bits.capacity() * sizeof(uint64_t)
         total += self._seqs.capacity() * sizeof(SeqRec)
         for slot in range(self._seqs.size()):
-            total += self._seqs[slot].blocks.capacity() * sizeof(int32_t)
+            total += self._seqs[slot].blocks.bytes()
             total += self._seqs[slot].tokens.capacity() * sizeof(int32_t)
         total += self._free_slots.capacity() * sizeof(int32_t)
         total += rf_idmap_bytes(self._index)

@@ -74,6 +74,8 @@ struct rf_table {
 
     size_t size() const noexcept { return len; }
     size_t capacity() const noexcept { return ids ? (uint32_t)ids[-1] : 0; }
+    /* Heap bytes held, the capacity word included. */
+    size_t bytes() const noexcept { return ids ? (capacity() + 1) * sizeof(int32_t) : 0; }
     int32_t back() const noexcept { return last; }
     int32_t operator[](size_t i) const noexcept { return ids[i]; }
     const int32_t *data() const noexcept { return ids; }
