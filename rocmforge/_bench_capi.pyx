@@ -22,30 +22,9 @@ cdef inline double _now_ns() noexcept nogil:
     return <double>ts.tv_sec * 1e9 + <double>ts.tv_nsec
 
 
-def alloc_free_single(BlockManager m, long ops):
-    """ns per c_allocate(1) + c_decref(1) pair."""
-    cdef ErrInfo err
-    cdef int32_t b = -1
-    cdef long i
-    cdef int st = RF_OK
-    cdef double t
-    with nogil:
-        t = _now_ns()
-        for i in range(ops):
-            st = m.c_allocate(1, &b, &err)
-            if st != RF_OK:
-                break
-            st = m.c_decref(&b, 1, &err)
-            if st != RF_OK:
-                break
-        t = _now_ns() - t
-    if st != RF_OK:
-        raise_status(st, &err)
-    return t / ops
-
-
 def alloc_free_batch(BlockManager m, long rounds, int32_t batch):
-    """ns per block of c_allocate(batch) + c_decref of the same ids."""
+    """ns per block of c_allocate(batch) + c_decref of the same ids (batch 1 is
+    alloc_free_single: ns per pair)."""
     cdef int32_t[::1] buf = np.empty(batch, dtype=np.int32)
     cdef ErrInfo err
     cdef long i

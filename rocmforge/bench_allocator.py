@@ -184,7 +184,7 @@ def decode_sim(tokens, manager=None, id_base=0, seed=0):
 
 def alloc_free_single_capi(ops):
     """alloc_free_single as an engine written in Cython runs it."""
-    return _bench_capi.alloc_free_single(BlockManager(65536, 16), ops)
+    return _bench_capi.alloc_free_batch(BlockManager(65536, 16), ops, 1)
 
 
 def alloc_free_batch_capi(rounds, batch=64):
