@@ -979,9 +979,7 @@ cdef class BlockManager:
     cdef void _touch(self, int32_t slot, double now) noexcept nogil:
         """Record an access: move the sequence to the newest end of the LRU list and stamp it."""
         cdef SeqRec* s = &self._seqs[slot]
-        if self._lru_tail != slot:
-            self._lru_unlink(slot)
-            self._lru_push(slot)
+        self._lru_run_to_tail(slot, slot)
         s.last_access = now
         s.access_count += 1
 
