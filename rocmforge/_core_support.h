@@ -305,40 +305,36 @@ static inline size_t rf_idmap_bytes(const rf_idmap &m) noexcept {
 
 /* Content key of one full block of token ids, chained from its parent's key
  * (-1 for a chain's first block, whose key depends on the salt instead).
- * The tokens are hashed on their own first: four multiply-rotate lanes take
- * two tokens each per step and a final mix spreads every bit. Only one
- * multiply links a block to its parent, so the token hashes of a prompt's
- * blocks overlap in the CPU instead of waiting on each other. Keys are
- * masked to non-negative int64 (fewer bits only in tests that force
- * collisions). Collisions are harmless: every hit is verified against the
- * cached token ids and parent block. */
+ * The tokens are hashed on their own first: two lanes each fold 16 bytes per
+ * step into one 64x64 -> 128-bit multiply (its halves xored), and a last
+ * multiply merges the lanes. Only one multiply links a block to its parent,
+ * so the token hashes of a prompt's blocks overlap in the CPU instead of
+ * waiting on each other. Keys are masked to non-negative int64 (fewer bits
+ * only in tests that force collisions). Collisions are harmless: every hit
+ * is verified against the cached token ids and parent block. */
 static inline uint64_t rf_rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
 static inline uint64_t rf_pair(const int32_t *t) {
     return (uint64_t)(uint32_t)t[0] | ((uint64_t)(uint32_t)t[1] << 32);
 }
 
+/* Both halves of the 128-bit product, folded. */
+static inline uint64_t rf_mul_fold(uint64_t a, uint64_t b) {
+    unsigned __int128 r = (unsigned __int128)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
+
 static inline uint64_t rf_tokens_hash(const int32_t *t, int64_t n) noexcept {
-    const uint64_t K = 0x9E3779B97F4A7C15ull;
-    uint64_t a = 0x243F6A8885A308D3ull ^ (uint64_t)n;
-    uint64_t b = 0x13198A2E03707344ull;
-    uint64_t c = 0xA4093822299F31D0ull;
-    uint64_t d = 0x082EFA98EC4E6C89ull;
+    const uint64_t S0 = 0xA0761D6478BD642Full, S1 = 0xE7037ED1A0B428DBull;
+    const uint64_t S2 = 0x8EBC6AF09C88C6E3ull, S3 = 0x589965CC75374CC3ull;
+    uint64_t a = S2 ^ (uint64_t)n, b = S3;
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        a = rf_rotl(a ^ rf_pair(t + i), 29) * K;
-        b = rf_rotl(b ^ rf_pair(t + i + 2), 31) * K;
-        c = rf_rotl(c ^ rf_pair(t + i + 4), 27) * K;
-        d = rf_rotl(d ^ rf_pair(t + i + 6), 33) * K;
+        a = rf_mul_fold(rf_pair(t + i) ^ S0, rf_pair(t + i + 2) ^ a);
+        b = rf_mul_fold(rf_pair(t + i + 4) ^ S1, rf_pair(t + i + 6) ^ b);
     }
-    for (; i < n; i++) a = rf_rotl(a ^ (uint64_t)(uint32_t)t[i], 29) * K;
-    uint64_t h = a ^ rf_rotl(b, 16) ^ rf_rotl(c, 32) ^ rf_rotl(d, 48);
-    h ^= h >> 31;
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 29;
-    h *= 0x94D049BB133111EBull;
-    h ^= h >> 32;
-    return h;
+    for (; i < n; i++) a = rf_mul_fold((uint64_t)(uint32_t)t[i] ^ S0, a ^ S1);
+    return rf_mul_fold(a ^ S2, b ^ S1);
 }
 
 static inline int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t *t, int64_t n,
@@ -348,19 +344,25 @@ static inline int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t *
     return (int64_t)(h & (uint64_t)mask);
 }
 
-/* Whether n token ids are equal: a hit's verification. Words are compared
- * without early exit (a mismatch means a hash collision, which is rare), so
- * the loop is branch-free and inlined where memcmp would be a call. */
+/* Whether n token ids are equal: a hit's verification. 32 bytes are compared
+ * per step (SSE2 or NEON through GCC's vector extension), without early exit
+ * (a mismatch means a hash collision, which is rare), so the loop is
+ * branch-free and inlined where memcmp would be a call. */
+typedef uint64_t rf_u64x2 __attribute__((vector_size(16)));
+
 static inline bool rf_tokens_equal(const int32_t *a, const int32_t *b, int64_t n) noexcept {
-    uint64_t diff = 0, x, y;
+    rf_u64x2 diff = {0, 0}, x0, y0, x1, y1;
     int64_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-        __builtin_memcpy(&x, a + i, 8);
-        __builtin_memcpy(&y, b + i, 8);
-        diff |= x ^ y;
+    for (; i + 8 <= n; i += 8) {
+        __builtin_memcpy(&x0, a + i, 16);
+        __builtin_memcpy(&y0, b + i, 16);
+        __builtin_memcpy(&x1, a + i + 4, 16);
+        __builtin_memcpy(&y1, b + i + 4, 16);
+        diff |= (x0 ^ y0) | (x1 ^ y1);
     }
-    if (i < n) diff |= (uint32_t)(a[i] ^ b[i]);
-    return diff == 0;
+    uint64_t rest = diff[0] | diff[1];
+    for (; i < n; i++) rest |= (uint32_t)(a[i] ^ b[i]);
+    return rest == 0;
 }
 
 /* Index of the lowest set bit; x must be non-zero. */

@@ -32,31 +32,26 @@ def _rotl(x, r):
     return ((x << r) | (x >> (64 - r))) & M64
 
 
+def _mul_fold(a, b):
+    r = a * b
+    return (r ^ (r >> 64)) & M64
+
+
 def tokens_hash(toks):
-    K = 0x9E3779B97F4A7C15
+    S0, S1 = 0xA0761D6478BD642F, 0xE7037ED1A0B428DB
+    S2, S3 = 0x8EBC6AF09C88C6E3, 0x589965CC75374CC3
     n = len(toks)
     t = [x & 0xFFFFFFFF for x in toks]
     pair = lambda i: t[i] | t[i + 1] << 32  # noqa: E731
-    a = 0x243F6A8885A308D3 ^ n
-    b = 0x13198A2E03707344
-    c = 0xA4093822299F31D0
-    d = 0x082EFA98EC4E6C89
+    a, b = S2 ^ n, S3
     i = 0
     while i + 8 <= n:
-        a = (_rotl(a ^ pair(i), 29) * K) & M64
-        b = (_rotl(b ^ pair(i + 2), 31) * K) & M64
-        c = (_rotl(c ^ pair(i + 4), 27) * K) & M64
-        d = (_rotl(d ^ pair(i + 6), 33) * K) & M64
+        a = _mul_fold(pair(i) ^ S0, pair(i + 2) ^ a)
+        b = _mul_fold(pair(i + 4) ^ S1, pair(i + 6) ^ b)
         i += 8
     for x in t[i:]:
-        a = (_rotl(a ^ x, 29) * K) & M64
-    h = a ^ _rotl(b, 16) ^ _rotl(c, 32) ^ _rotl(d, 48)
-    h ^= h >> 31
-    h = (h * 0xBF58476D1CE4E5B9) & M64
-    h ^= h >> 29
-    h = (h * 0x94D049BB133111EB) & M64
-    h ^= h >> 32
-    return h
+        a = _mul_fold(x ^ S0, a ^ S1)
+    return _mul_fold(a ^ S2, b ^ S1)
 
 
 def block_key(parent, salt, toks, mask):
