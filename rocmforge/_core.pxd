@@ -166,6 +166,7 @@ cdef class BlockManager:
     cdef vector[uint64_t] _bits
     cdef int _levels
     cdef int64_t _level_off[8]
+    cdef int64_t _low_word           # leaf words below it are all zero (no free block)
 
     # Sequences: records in reusable slots, an id -> slot index, an LRU list.
     cdef vector[SeqRec] _seqs
@@ -232,6 +233,7 @@ cdef class BlockManager:
     cdef int _resize_pool(self, int32_t n) noexcept nogil
     cdef int _resize_prefix(self, int32_t n) noexcept nogil
     cdef void _bits_build(self) noexcept nogil
+    cdef int64_t _bits_low_word(self) noexcept nogil
     cdef int32_t _bits_lowest(self) noexcept nogil
     cdef void _bits_set(self, int32_t b) noexcept nogil
     cdef void _bits_set_word(self, int64_t i, uint64_t bits) noexcept nogil
@@ -279,7 +281,7 @@ cdef class BlockManager:
     cdef bint _arc_calm(self) noexcept nogil
     cdef void _ev_unlink(self, int32_t b) noexcept nogil
     cdef int32_t _ev_victim(self) noexcept nogil
-    cdef void _take_cached(self, const int32_t* ids, int64_t n, bint external) noexcept nogil
+    cdef int64_t _take_cached(self, const int32_t* ids, int64_t n, bint external) noexcept nogil
     cdef void _ghost_add(self, int lst, int64_t key) noexcept nogil
     cdef void _ghost_check(self, int32_t b) noexcept nogil
     cdef void _event(self, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok) noexcept nogil

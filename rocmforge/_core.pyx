@@ -512,17 +512,26 @@ cdef class BlockManager:
                 if bits[self._level_off[L - 1] + i] != 0:
                     bits[self._level_off[L] + (i >> 6)] |= (<uint64_t>1) << (i & 63)
             words = _ceil_div(words, 64)
+        self._low_word = 0
+
+    cdef int64_t _bits_low_word(self) noexcept nogil:
+        """Index of the lowest leaf word with a free bit (one must exist). The
+        word named by _low_word usually still has one, which saves the walk
+        down the summary levels (a chain of dependent loads)."""
+        cdef int64_t idx = self._low_word
+        cdef int L
+        if self._bits[idx] != 0:
+            return idx
+        idx = 0
+        for L in range(self._levels - 1, 0, -1):
+            idx = idx * 64 + rf_ctz64(self._bits[self._level_off[L] + idx])
+        self._low_word = idx
+        return idx
 
     cdef int32_t _bits_lowest(self) noexcept nogil:
-        cdef int64_t idx = 0
-        cdef int L
-        cdef uint64_t w
-        for L in range(self._levels - 1, -1, -1):
-            w = self._bits[self._level_off[L] + idx]
-            if w == 0:
-                return -1
-            idx = idx * 64 + rf_ctz64(w)
-        return <int32_t>idx
+        """The lowest free block (one must exist)."""
+        cdef int64_t idx = self._bits_low_word()
+        return <int32_t>(idx * 64 + rf_ctz64(self._bits[idx]))
 
     cdef inline void _bits_set(self, int32_t b) noexcept nogil:
         """Mark b free: one leaf bit, and the summary levels only when its word was empty."""
@@ -533,6 +542,8 @@ cdef class BlockManager:
         cdef uint64_t* leaf = &self._bits[i]
         cdef uint64_t was = leaf[0]
         leaf[0] = was | bits
+        if i < self._low_word:
+            self._low_word = i
         if was == 0 and self._levels > 1:
             self._bits_set_summary(i)
 
@@ -580,15 +591,12 @@ cdef class BlockManager:
         at a time, then the policy's victims."""
         cdef int32_t got = 0, b, from_bits = n if n < self._num_free else self._num_free
         cdef int64_t idx
-        cdef int L
         cdef uint64_t w
         cdef uint64_t* leaf
         cdef int32_t* rc = self._refcnt.data()
         cdef int32_t* ext = self._extref.data()
         while got < from_bits:
-            idx = 0
-            for L in range(self._levels - 1, 0, -1):
-                idx = idx * 64 + rf_ctz64(self._bits[self._level_off[L] + idx])
+            idx = self._bits_low_word()
             leaf = &self._bits[idx]
             w = leaf[0]
             while w != 0 and got < from_bits:
@@ -695,21 +703,27 @@ cdef class BlockManager:
         self._ev_len[lst] -= 1
         self._num_evictable -= 1
 
-    cdef void _take_cached(self, const int32_t* ids, int64_t n, bint external) noexcept nogil:
+    cdef int64_t _take_cached(self, const int32_t* ids, int64_t n, bint external) noexcept nogil:
         """Add a reference to each of n cached blocks (a verified prefix), taking the
-        evictable ones out of their policy lists; they count as reused."""
-        cdef int32_t b
+        evictable ones out of their policy lists; they count as reused. Stops
+        before a block whose refcount cannot grow; returns how many it took."""
+        cdef int32_t b, r
         cdef int64_t j
         for j in range(n):
             b = ids[j]
-            if self._refcnt[b] == 0:
+            r = self._refcnt[b]
+            if r == INT32_MAX:
+                n = j
+                break
+            if r == 0:
                 self._ev_unlink(b)
                 self._stats.total_allocations += 1
-            self._refcnt[b] += 1
+            self._refcnt[b] = r + 1
             if external:
                 self._extref[b] += 1
             self._pb[b].hot = 1
         self._arc_hits += <double>n
+        return n
 
     cdef int32_t _ev_victim(self) noexcept nogil:
         """Unlink and return the evictable block the policy gives up (one must exist)."""
@@ -1363,6 +1377,9 @@ cdef class BlockManager:
         # will hold them), and evictable hits leave the allocatable pool.
         epoch = self._next_epoch()
         for j in range(h):
+            if self._refcnt[self._tmp_hits[j]] == INT32_MAX:
+                h = j       # this block cannot take another reference: reuse ends before it
+                break
             if self._refcnt[self._tmp_hits[j]] == 0:
                 h_ev += 1
         if nblocks - h + h_ev > self._avail():
@@ -1449,8 +1466,7 @@ cdef class BlockManager:
         cdef vector[int64_t] heap_keys
         cdef int64_t stack_keys[KEYS_ON_STACK]
         cdef int64_t* keys
-        cdef int64_t h, j, nfull = num_tokens // self.block_size
-        cdef int32_t b
+        cdef int64_t h, nfull = num_tokens // self.block_size
         num_out[0] = 0
         if not self.enable_prefix_caching:
             return RF_PREFIX_DISABLED
@@ -1458,12 +1474,7 @@ cdef class BlockManager:
         if keys == NULL:
             return RF_NO_MEMORY
         self._lock.lock()
-        h = self._match_prefix(tokens, keys, nfull, salt, ids_out)
-        for j in range(h):
-            if self._refcnt[ids_out[j]] == INT32_MAX:
-                h = j       # this block cannot take another reference: stop before it
-                break
-        self._take_cached(ids_out, h, True)
+        h = self._take_cached(ids_out, self._match_prefix(tokens, keys, nfull, salt, ids_out), True)
         self._stats.prefix_lookups += 1
         self._stats.prefix_query_tokens += num_tokens
         self._stats.prefix_hit_tokens += h * self.block_size
@@ -1940,6 +1951,11 @@ cdef class BlockManager:
         if n % 64 and (self._bits[n >> 6] >> (n & 63)) != 0:
             snprintf(msg, cap, "free bitmap has bits set beyond num_blocks")
             return 1
+        for i in range(self._low_word):
+            if self._bits[i] != 0:
+                snprintf(msg, cap, "free block %lld lies below the lowest-word hint %lld",
+                         i * 64 + rf_ctz64(self._bits[i]), self._low_word)
+                return 1
         for j in range(self._pending_copies.size()):
             if self._pending_copies[j] < 0 or self._pending_copies[j] >= n:
                 snprintf(msg, cap, "pending copy names block %d outside the pool", self._pending_copies[j])

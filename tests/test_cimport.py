@@ -91,3 +91,40 @@ def test_sequence_marks_survive_the_epoch_wrap(engine_loop):
     with pytest.raises(rf.KvCacheError, match="twice"):
         m.append_batch(np.array([1, 1], dtype=np.int64), np.ones(2, dtype=np.int32))
     m.check_invariants()
+
+
+INT32_MAX = 2**31 - 1
+
+
+def test_refcounts_at_the_int32_edge(engine_loop):
+    # A block one reference short of INT32_MAX takes exactly one more; every
+    # call that would add another refuses (or stops before it), changing nothing.
+    m = rf.BlockManager(16, 4, enable_prefix_caching=True)
+    prompt = np.arange(12, dtype=np.int32)
+    m.add_sequence(0, prompt)
+    first, second, _ = m.block_table(0).tolist()
+    engine_loop.add_external_refs(m, second, INT32_MAX - 2)
+    m.incref(np.array([second], dtype=np.int32))
+    assert m.refcount(second) == INT32_MAX
+    m.check_invariants()
+    before = (m.num_free_blocks, m.refcount(first), m.stats()["total_allocations"])
+    with pytest.raises(rf.RefcountError, match="exceed"):
+        m.incref(np.array([first, second], dtype=np.int32))
+    with pytest.raises(rf.RefcountError):
+        m.fork(0, 1)
+    assert (m.num_free_blocks, m.refcount(first), m.stats()["total_allocations"]) == before
+    assert 1 not in m
+    # A prefix hit stops before the saturated block: the acquirer gets the
+    # first block only, and a new sequence reuses only that one.
+    assert m.acquire_prefix(prompt).tolist() == [first]
+    m.add_sequence(2, prompt)
+    assert m.num_cached_tokens(2) == 4
+    assert m.block_table(2)[0] == first and second not in m.block_table(2).tolist()
+    assert m.refcount(second) == INT32_MAX
+    m.check_invariants()
+    m.decref(np.array([first, second], dtype=np.int32))
+    engine_loop.drop_external_refs(m, second, INT32_MAX - 2)
+    for sid in (0, 2):
+        m.remove_sequence(sid)
+    assert m.num_used_blocks == 0
+    m.check_invariants()
