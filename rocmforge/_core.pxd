@@ -24,12 +24,14 @@ cdef extern from "_core_support.h" nogil:
     # A sequence's block table (keeps a copy of its last id); see _core_support.h.
     cppclass rf_table:
         size_t size()
+        size_t capacity()
         size_t bytes()
         int32_t back()
         int32_t operator[](size_t i)
         const int32_t* data()
         void set(size_t i, int32_t b)
         void push(int32_t b)
+        void pop()
         void clear()
         int reserve(size_t n)
     # One sequence; its blocks hold one reference each on the block pool. The
@@ -293,7 +295,7 @@ cdef class BlockManager:
     cdef bint _occupied(self, int32_t b) noexcept nogil
     cdef void _reset_prefix_locked(self) noexcept nogil
     cdef int _check_prefix_locked(self, char* msg, size_t cap) noexcept nogil
-    cdef int _append_room(self, int64_t needed, int64_t regs, uint64_t epoch, ErrInfo* err) noexcept nogil
+    cdef int _append_room(self, int64_t needed, int64_t early, int64_t regs, uint64_t epoch, ErrInfo* err) noexcept nogil
     cdef void _append_undo(self, const int32_t* slots, const int32_t* counts, Py_ssize_t done) noexcept nogil
     cdef int _append_batch_locked(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                                   bint with_tokens, const int32_t* tokens, int64_t* slots_out,

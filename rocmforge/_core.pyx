@@ -55,6 +55,10 @@ cdef extern from "_core_support.h" nogil:
     int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t* t, int64_t n, int64_t mask)
     int rf_ctz64(uint64_t x)
     bint rf_tokens_equal(const int32_t* a, const int32_t* b, int64_t n)
+    Py_ssize_t rf_decode_run(SeqRec* recs, const int64_t* seq_ids, const int32_t* counts,
+                             const int32_t* hints, Py_ssize_t i, Py_ssize_t n, uint32_t mark,
+                             uint64_t share_gen, int64_t bs, int32_t* slots, int64_t* slots_out,
+                             int64_t* off)
 
 cdef enum:
     MAX_BLOCK_SIZE = 1 << 20    # largest block the core accepts (slots stay far from int64 limits)
@@ -88,7 +92,8 @@ cdef inline void _append_in_place(SeqRec* s, int64_t count, int64_t fill, int64_
     room for them (the decode step); token capacity was reserved by the caller."""
     cdef int64_t base = <int64_t>s.blocks.back() * bs + fill
     cdef int64_t j
-    for j in range(count):
+    slots_out[0] = base                 # count >= 1; a decode step's only token
+    for j in range(1, count):
         slots_out[j] = base + j
     if tokens != NULL:
         rf_append_n(s.tokens, tokens, count)
@@ -1497,8 +1502,8 @@ cdef class BlockManager:
                                   ErrInfo* err) noexcept nogil:
         cdef uint64_t epoch = self._next_epoch()
         cdef int64_t bs = self.block_size
-        cdef int64_t needed = 0, nt, c, room, fresh, off = 0
-        cdef int64_t full_new, regs = 0
+        cdef int64_t needed = 0, nt, c, room, fresh, off = 0, j
+        cdef int64_t full_new, regs = 0, early = 0
         cdef bint prefix = self.enable_prefix_caching
         cdef Py_ssize_t i, done = n
         cdef size_t k
@@ -1526,7 +1531,14 @@ cdef class BlockManager:
         # counts fresh blocks and sharers of shared partly filled last blocks
         # (each needs a copy unless it is the last reference:
         # min(sharers_in_batch, refcount - 1) copies per block).
-        for i in range(n):
+        i = -1
+        while True:
+            i += 1
+            if not with_tokens and i < nhints:
+                i = rf_decode_run(self._seqs.data(), seq_ids, counts, hints, i, nhints,
+                                  <uint32_t>epoch, self._share_gen, bs, slots, slots_out, &off)
+            if i >= n:
+                break
             slot = hints[i] if i < nhints else NO_SLOT
             if slot == NO_SLOT or seq_ids[i] < 0 or self._seqs[slot].seq_id != seq_ids[i]:
                 slot = self._find(seq_ids[i])
@@ -1566,6 +1578,21 @@ cdef class BlockManager:
                                  slots_out + off)
                 off += c
                 continue
+            if (room == 0 and c <= bs and not with_tokens and not self.evict_sequences
+                    and self._tmp_slow.size() == 0 and self._num_free > 0
+                    and s.blocks.size() < s.blocks.capacity()):
+                # A decode step into a full last block takes the lowest free
+                # block at once. Only while no item waits for pass 2 and no
+                # sequence can be evicted, so ids go out in batch order, as
+                # sequential appends give them; undone if the batch fails.
+                slot = self._take_block()
+                s.blocks.push(slot)
+                for j in range(c):
+                    slots_out[off + j] = <int64_t>slot * bs + j
+                s.num_tokens += c
+                off += c
+                early += 1
+                continue
             if rf_reserve(self._tmp_slow, self._tmp_slow.size() + 2):
                 st = RF_NO_MEMORY
                 done = i
@@ -1604,7 +1631,7 @@ cdef class BlockManager:
             rf_push(self._tmp_slow, off)
             off += c
         if st == RF_OK:
-            st = self._append_room(needed, regs, epoch, err)
+            st = self._append_room(needed, early, regs, epoch, err)
         if st != RF_OK:
             self._append_undo(slots, counts, done)
             return st
@@ -1635,19 +1662,21 @@ cdef class BlockManager:
         self._note_peak()
         return RF_OK
 
-    cdef int _append_room(self, int64_t needed, int64_t regs, uint64_t epoch,
+    cdef int _append_room(self, int64_t needed, int64_t early, int64_t regs, uint64_t epoch,
                           ErrInfo* err) noexcept nogil:
         """append_batch's reservations once pass 1 has counted: prefix
         registrations, pending copies (from the sharers in _tmp_blocks), and
-        `needed` fresh blocks plus one per copy (evicting if allowed)."""
+        `needed` fresh blocks plus one per copy (evicting if allowed). Pass 1
+        took `early` blocks already; errors count them as still needed."""
         cdef int64_t copies = 0
         cdef size_t j
         cdef int32_t b
         cdef BlockScratch* sc
+        cdef int st
         if regs and self._reserve_registrations(regs):
             return RF_NO_MEMORY
-        if needed > self.num_blocks:
-            err.a = needed
+        if needed + early > self.num_blocks:
+            err.a = needed + early
             err.b = self.num_blocks
             return RF_OUT_OF_BLOCKS
         for j in range(self._tmp_blocks.size()):
@@ -1657,15 +1686,22 @@ cdef class BlockManager:
         if copies and rf_reserve(self._pending_copies, self._pending_copies.size() + 2 * copies):
             return RF_NO_MEMORY
         if needed + copies > 0:
-            return self._ensure_free(needed + copies, epoch, err)
+            st = self._ensure_free(needed + copies, epoch, err)
+            if st == RF_OUT_OF_BLOCKS:
+                err.a += early
+                err.b += early
+            return st
         return RF_OK
 
     cdef void _append_undo(self, const int32_t* slots, const int32_t* counts,
                            Py_ssize_t done) noexcept nogil:
-        """Take back the in-place appends pass 1 made to items [0, done): all
-        items with tokens to append except those it recorded in _tmp_slow."""
+        """Take back the appends pass 1 made to items [0, done): all items with
+        tokens to append except those it recorded in _tmp_slow. A last block
+        left empty was taken by pass 1 (a last block always holds a token):
+        it goes back to the free set, uncounted."""
         cdef Py_ssize_t i
         cdef size_t k = 0
+        cdef int32_t b
         cdef SeqRec* s
         for i in range(done):
             if k < self._tmp_slow.size() and self._tmp_slow[k] == i:
@@ -1676,6 +1712,13 @@ cdef class BlockManager:
                 s.num_tokens -= counts[i]
                 if s.has_tokens:
                     rf_resize(s.tokens, <size_t>s.num_tokens, _ZERO)   # shrinks: cannot fail
+                if <int64_t>(s.blocks.size() - 1) * self.block_size >= s.num_tokens:
+                    b = s.blocks.back()
+                    s.blocks.pop()
+                    self._refcnt[b] = 0
+                    self._bits_set(b)
+                    self._num_free += 1
+                    self._stats.total_allocations -= 1
 
     cdef int c_fork(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil:
         cdef int st

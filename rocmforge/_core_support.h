@@ -88,6 +88,11 @@ struct rf_table {
         ids[len++] = b;
         last = b;
     }
+    /* Drop the last id (the table must not be empty). */
+    void pop() noexcept {
+        len--;
+        last = len ? ids[len - 1] : -1;
+    }
     void clear() noexcept {
         len = 0;
         last = -1;
@@ -146,6 +151,41 @@ struct alignas(64) SeqRec {
     int warm;
 };
 static_assert(offsetof(SeqRec, seq_id) == 64, "decode fields must fill the first cache line");
+
+/* append_batch's decode fast path, from item i up to n: while each item
+ * names the record its batch position named last time (hints), is not yet
+ * marked by this batch, and appends count >= 1 tokens, without token ids,
+ * into a last block that the record alone holds (sole_gen == share_gen) and
+ * that has room for them: mark the record, note its slot, write the tokens'
+ * slots at *off and count the tokens. Returns the first item it did not
+ * take; append_batch's general loop decides what that one is. A few
+ * registers do here what the general loop spills to the stack. */
+static inline Py_ssize_t rf_decode_run(SeqRec *recs, const int64_t *seq_ids, const int32_t *counts,
+                                      const int32_t *hints, Py_ssize_t i, Py_ssize_t n,
+                                      uint32_t mark, uint64_t share_gen, int64_t bs,
+                                      int32_t *slots, int64_t *slots_out, int64_t *off) noexcept {
+    int64_t o = *off;
+    for (; i < n; i++) {
+        int32_t slot = hints[i];
+        int64_t id = seq_ids[i], c = counts[i];
+        if (slot < 0 || id < 0) break;
+        SeqRec *s = &recs[slot];
+        int64_t nt = s->num_tokens;
+        int64_t room = (int64_t)s->blocks.len * bs - nt;
+        if (s->seq_id != id || s->mark == mark || c <= 0 || c > room || s->has_tokens ||
+            s->sole_gen != share_gen)
+            break;
+        s->mark = mark;
+        slots[i] = slot;
+        int64_t base = (int64_t)s->blocks.last * bs + (bs - room);
+        slots_out[o] = base;
+        for (int64_t j = 1; j < c; j++) slots_out[o + j] = base + j;
+        s->num_tokens = nt + c;
+        o += c;
+    }
+    *off = o;
+    return i;
+}
 
 /* Grow capacity to at least n; 0 on success, -1 when memory is exhausted.
  * Growth is geometric (at least doubling), so a vector that gains one element

@@ -227,6 +227,39 @@ def test_batch_failure_halfway_changes_nothing():
     m.check_invariants()
 
 
+def test_batch_failure_gives_back_blocks_taken_during_validation():
+    # A decode step into a full last block takes its block while the batch is
+    # still being checked; a failure later must free it again, uncounted, and
+    # errors must count it as still needed.
+    batched, single = BlockManager(8, 2), BlockManager(8, 2)
+    for m in (batched, single):
+        for sid in (1, 2, 3):
+            m.add_sequence(sid, num_tokens=2)   # full last blocks
+        m.add_sequence(4, num_tokens=1)
+
+    def state():
+        st = batched.stats()
+        return (batched.num_free_blocks, [batched.block_table(s).tolist() for s in (1, 2, 3, 4)],
+                [batched.num_tokens(s) for s in (1, 2, 3, 4)], st["total_allocations"],
+                st["total_deallocations"], st["peak_allocations"])
+
+    before = state()
+    for ids, counts, exc, msg in [([1, 2, 99], [1, 1, 1], rf.SequenceNotFound, "99"),
+                                  ([1, 2, 1], [1, 1, 1], rf.ArgumentValueError, "twice"),
+                                  ([1, 2, 4], [1, 1, 7], rf.OutOfBlocks, "need 5 free blocks, only 4")]:
+        with pytest.raises(exc, match=msg):
+            batched.append_batch(ids, counts)
+        assert state() == before
+        batched.check_invariants()
+    ids, counts = [3, 1, 4, 2], [1, 2, 1, 1]
+    slots = batched.append_batch(ids, counts).tolist()
+    assert slots == [x for sid, c in zip(ids, counts) for x in single.append(sid, c).tolist()]
+    for sid in (1, 2, 3, 4):
+        assert batched.block_table(sid).tolist() == single.block_table(sid).tolist()
+    assert batched.stats() == single.stats()
+    batched.check_invariants()
+
+
 def test_batch_with_tokens_matches_single_appends_and_undoes_on_failure():
     # Items that fit their own last block are appended during validation; a
     # failure later in the batch must take them back, tokens included.
