@@ -246,6 +246,8 @@ cdef class BlockManager:
     cdef void _release_block(self, int32_t b) noexcept nogil
     cdef void _release_cached(self, int32_t b) noexcept nogil
     cdef void _unref(self, int32_t b) noexcept nogil
+    cdef void _unref_run(self, const int32_t* ids, Py_ssize_t n) noexcept nogil
+    cdef void _ev_flush_tail(self, int32_t tail, uint64_t clock, int32_t linked) noexcept nogil
     cdef void _note_peak(self) noexcept nogil
     cdef uint64_t _next_epoch(self) noexcept nogil
     cdef BlockScratch* _scratch_at(self, int32_t b, uint64_t epoch) noexcept nogil

@@ -1271,10 +1271,56 @@ cdef class BlockManager:
                     ext[ids[i]] += 1
                 return self._decref_status(b, err)
             ext[b] -= 1
+        self._unref_run(ids, n)
+        return RF_OK
+
+    cdef void _unref_run(self, const int32_t* ids, Py_ssize_t n) noexcept nogil:
+        """_unref each id in order (one release, as _drop_sequence's). Cached
+        blocks bound for the tail of list 1 (every one under LRU) are linked
+        with that tail, the clock and the counters held in locals, written
+        back once; any other release goes through _release_block."""
+        cdef Py_ssize_t i
+        cdef int32_t b, r, tail = self._ev_tail[1], linked = 0
+        cdef uint64_t clock = self._ev_clock
+        cdef int32_t* rc = self._refcnt.data()
+        cdef PBlock* pb = self._pb.data()
+        cdef PBlock* p
+        cdef bint arc = self._policy == POLICY_ARC
         self._cold_anchor = -1
         for i in range(n):
-            self._unref(ids[i])
-        return RF_OK
+            b = ids[i]
+            r = rc[b] - 1
+            rc[b] = r
+            if r != 0:
+                continue
+            p = &pb[b]
+            if p.serial == 0 or (arc and (p.hot or p.cold)):
+                self._ev_flush_tail(tail, clock, linked)
+                self._release_block(b)
+                tail = self._ev_tail[1]
+                clock = self._ev_clock
+                linked = 0
+                continue
+            clock += 1
+            p.stamp = clock
+            p.ev_list = 1
+            p.ev_prev = tail
+            p.ev_next = -1
+            if tail >= 0:
+                pb[tail].ev_next = b
+            else:
+                self._ev_head[1] = b
+            tail = b
+            linked += 1
+        self._ev_flush_tail(tail, clock, linked)
+
+    cdef inline void _ev_flush_tail(self, int32_t tail, uint64_t clock, int32_t linked) noexcept nogil:
+        """Write back what _unref_run kept in locals: `linked` blocks appended to list 1."""
+        self._ev_tail[1] = tail
+        self._ev_clock = clock
+        self._ev_len[1] += linked
+        self._num_evictable += linked
+        self._stats.total_deallocations += linked
 
     cdef int _decref_status(self, int32_t b, ErrInfo* err) noexcept nogil:
         """The error for a decref of block b, which has no external reference left."""
@@ -2077,6 +2123,11 @@ cdef class BlockManager:
             while b >= 0:
                 if self._pb[b].ev_list != lst or self._pb[b].ev_prev != prev or i > n:
                     snprintf(msg, cap, "policy list %d broken at block %d", lst, b)
+                    return 1
+                # Lists 1 and 2 only gain blocks at their newest end, stamped in order.
+                if (self._pb[b].stamp == 0 or self._pb[b].stamp > self._ev_clock
+                        or (lst < 3 and prev >= 0 and self._pb[b].stamp <= self._pb[prev].stamp)):
+                    snprintf(msg, cap, "policy list %d: block %d stamped out of order", lst, b)
                     return 1
                 i += 1
                 prev = b

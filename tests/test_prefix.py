@@ -372,3 +372,20 @@ def test_arc_thrash_protection_matches_the_model():
     assert cold_seen, "the loop never made ARC protect against thrashing"
     stats = core.stats()
     assert stats["prefix_hit_tokens"] == model.stats["prefix_hit_tokens"] > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc"])
+def test_released_hits_go_to_the_newest_end(policy):
+    # Blocks taken from the cache and released again are the newest evictable
+    # ones: stamped after every earlier release (check_invariants verifies the
+    # order), and under LRU evicted after blocks released before them.
+    m = rf.BlockManager(16, 4, enable_prefix_caching=True, eviction_policy=policy)
+    a, b = np.arange(8, dtype=np.int32), np.arange(100, 108, dtype=np.int32)
+    for sid, prompt in ((1, a), (2, b)):
+        m.add_sequence(sid, prompt)
+        m.remove_sequence(sid)
+    m.decref(m.acquire_prefix(a))
+    m.check_invariants()
+    if policy == "lru":
+        m.allocate(14)
+        assert (m.lookup_prefix(a), m.lookup_prefix(b)) == (8, 0)
