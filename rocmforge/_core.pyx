@@ -1631,10 +1631,10 @@ cdef class BlockManager:
                 # block at once. Only while no item waits for pass 2 and no
                 # sequence can be evicted, so ids go out in batch order, as
                 # sequential appends give them; undone if the batch fails.
-                slot = self._take_block()
-                s.blocks.push(slot)
+                last = self._take_block()
+                s.blocks.push(last)
                 for j in range(c):
-                    slots_out[off + j] = <int64_t>slot * bs + j
+                    slots_out[off + j] = <int64_t>last * bs + j
                 s.num_tokens += c
                 off += c
                 early += 1
