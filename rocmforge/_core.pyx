@@ -55,6 +55,8 @@ cdef extern from "_core_support.h" nogil:
     int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t* t, int64_t n, int64_t mask)
     int rf_ctz64(uint64_t x)
     bint rf_tokens_equal(const int32_t* a, const int32_t* b, int64_t n)
+    int64_t rf_room(const SeqRec* s, int64_t bs)
+    void rf_write_slots(int64_t* out, int64_t base, int64_t count)
     Py_ssize_t rf_decode_run(SeqRec* recs, const int64_t* seq_ids, const int32_t* counts,
                              const int32_t* hints, Py_ssize_t i, Py_ssize_t n, uint32_t mark,
                              uint64_t share_gen, int64_t bs, int32_t* slots, int64_t* slots_out,
@@ -81,20 +83,11 @@ cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline int64_t _room(const SeqRec* s, int64_t bs) noexcept nogil:
-    """Free token slots in the sequence's last block (0 when full or without blocks)."""
-    return <int64_t>s.blocks.size() * bs - s.num_tokens
-
-
 cdef inline void _append_in_place(SeqRec* s, int64_t count, int64_t fill, int64_t bs,
                                   const int32_t* tokens, int64_t* slots_out) noexcept nogil:
     """Append `count` tokens into the last block, which holds `fill` and has
     room for them (the decode step); token capacity was reserved by the caller."""
-    cdef int64_t base = <int64_t>s.blocks.back() * bs + fill
-    cdef int64_t j
-    slots_out[0] = base                 # count >= 1; a decode step's only token
-    for j in range(1, count):
-        slots_out[j] = base + j
+    rf_write_slots(slots_out, <int64_t>s.blocks.back() * bs + fill, count)
     if tokens != NULL:
         rf_append_n(s.tokens, tokens, count)
     s.num_tokens += count
@@ -1143,7 +1136,7 @@ cdef class BlockManager:
                                    int64_t* slots_out) noexcept nogil:
         """Append `count` tokens; room and free blocks were reserved by the caller."""
         cdef int64_t bs = self.block_size
-        cdef int64_t room = _room(s, bs)
+        cdef int64_t room = rf_room(s, bs)
         if count == 0:
             return
         if count <= room and self._sole_last(s):
@@ -1156,7 +1149,7 @@ cdef class BlockManager:
         """_append_apply's general case: copy-on-write of a shared last block,
         fresh blocks as the tokens need them, token ids kept."""
         cdef int64_t bs = self.block_size
-        cdef int64_t room = _room(s, bs)
+        cdef int64_t room = rf_room(s, bs)
         cdef int64_t off = bs - room if room else 0
         cdef int64_t j
         cdef int32_t cur = -1, fresh
@@ -1395,7 +1388,7 @@ cdef class BlockManager:
         """keys: the content keys of the full blocks (NULL without prefix caching)."""
         cdef int st
         cdef int32_t slot, b
-        cdef int64_t nblocks, bs = self.block_size, nfull = 0, h = 0, h_ev = 0, j, o
+        cdef int64_t nblocks, bs = self.block_size, nfull = 0, h = 0, h_ev = 0, j
         cdef uint64_t epoch
         cdef SeqRec* s
         if seq_id < 0 or num_tokens < 0:
@@ -1447,8 +1440,7 @@ cdef class BlockManager:
         for j in range(h):
             b = self._tmp_hits[j]
             s.blocks.push(b)
-            for o in range(bs):
-                slots_out[j * bs + o] = <int64_t>b * bs + o
+            rf_write_slots(slots_out + j * bs, <int64_t>b * bs, bs)
         if h:
             rf_append_n(s.tokens, tokens, h * bs)
             s.num_tokens = h * bs
@@ -1548,7 +1540,7 @@ cdef class BlockManager:
                                   ErrInfo* err) noexcept nogil:
         cdef uint64_t epoch = self._next_epoch()
         cdef int64_t bs = self.block_size
-        cdef int64_t needed = 0, nt, c, room, fresh, off = 0, j
+        cdef int64_t needed = 0, nt, c, room, fresh, off = 0
         cdef int64_t full_new, regs = 0, early = 0
         cdef bint prefix = self.enable_prefix_caching
         cdef Py_ssize_t i, done = n
@@ -1613,7 +1605,7 @@ cdef class BlockManager:
             if c == 0:
                 continue
             nt = s.num_tokens
-            room = _room(s, bs)
+            room = rf_room(s, bs)
             if (c <= room and (not with_tokens or not prefix or c < room)
                     and self._sole_last(s)):
                 if with_tokens and rf_reserve(s.tokens, nt + c):
@@ -1631,11 +1623,8 @@ cdef class BlockManager:
                 # block at once. Only while no item waits for pass 2 and no
                 # sequence can be evicted, so ids go out in batch order, as
                 # sequential appends give them; undone if the batch fails.
-                last = self._take_block()
-                s.blocks.push(last)
-                for j in range(c):
-                    slots_out[off + j] = <int64_t>last * bs + j
-                s.num_tokens += c
+                s.blocks.push(self._take_block())
+                _append_in_place(s, c, 0, bs, NULL, slots_out + off)
                 off += c
                 early += 1
                 continue
@@ -1976,7 +1965,7 @@ cdef class BlockManager:
             if s.blocks.back() != (s.blocks[s.blocks.size() - 1] if s.blocks.size() else -1):
                 snprintf(msg, cap, "sequence %lld: table's copy of its last block is stale", s.seq_id)
                 return 1
-            if (_room(s, bs) != 0 and s.sole_gen == self._share_gen
+            if (rf_room(s, bs) != 0 and s.sole_gen == self._share_gen
                     and self._refcnt[s.blocks.back()] != 1):
                 snprintf(msg, cap, "sequence %lld: marked sole holder of block %d, refcount %d",
                          s.seq_id, s.blocks.back(), self._refcnt[s.blocks.back()])

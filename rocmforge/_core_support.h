@@ -152,6 +152,18 @@ struct alignas(64) SeqRec {
 };
 static_assert(offsetof(SeqRec, seq_id) == 64, "decode fields must fill the first cache line");
 
+/* Free token slots in the sequence's last block (0 when full or without blocks). */
+static inline int64_t rf_room(const SeqRec *s, int64_t bs) noexcept {
+    return (int64_t)s->blocks.len * bs - s->num_tokens;
+}
+
+/* The slots of count >= 1 consecutive tokens from slot `base` (a decode
+ * step's single token skips the loop). */
+static inline void rf_write_slots(int64_t *out, int64_t base, int64_t count) noexcept {
+    out[0] = base;
+    for (int64_t j = 1; j < count; j++) out[j] = base + j;
+}
+
 /* append_batch's decode fast path, from item i up to n: while each item
  * names the record its batch position named last time (hints), is not yet
  * marked by this batch, and appends count >= 1 tokens, without token ids,
@@ -164,26 +176,24 @@ static inline Py_ssize_t rf_decode_run(SeqRec *recs, const int64_t *seq_ids, con
                                       const int32_t *hints, Py_ssize_t i, Py_ssize_t n,
                                       uint32_t mark, uint64_t share_gen, int64_t bs,
                                       int32_t *slots, int64_t *slots_out, int64_t *off) noexcept {
-    int64_t o = *off;
+    int64_t *out = slots_out + *off;
     for (; i < n; i++) {
         int32_t slot = hints[i];
         int64_t id = seq_ids[i], c = counts[i];
         if (slot < 0 || id < 0) break;
         SeqRec *s = &recs[slot];
         int64_t nt = s->num_tokens;
-        int64_t room = (int64_t)s->blocks.len * bs - nt;
+        int64_t room = rf_room(s, bs);
         if (s->seq_id != id || s->mark == mark || c <= 0 || c > room || s->has_tokens ||
             s->sole_gen != share_gen)
             break;
         s->mark = mark;
         slots[i] = slot;
-        int64_t base = (int64_t)s->blocks.last * bs + (bs - room);
-        slots_out[o] = base;
-        for (int64_t j = 1; j < c; j++) slots_out[o + j] = base + j;
+        rf_write_slots(out, (int64_t)s->blocks.last * bs + (bs - room), c);
         s->num_tokens = nt + c;
-        o += c;
+        out += c;
     }
-    *off = o;
+    *off = out - slots_out;
     return i;
 }
 
