@@ -2919,18 +2919,17 @@ cdef class BlockManager:
         for slot in range(self._seqs.size()):
             total += self._seqs[slot].blocks.bytes()
             total += self._seqs[slot].tokens.capacity() * sizeof(int32_t)
+            total += self._seqs[slot].keys.capacity() * sizeof(int64_t)
         total += self._free_slots.capacity() * sizeof(int32_t)
         total += rf_idmap_bytes(self._index)
-        total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity() + 2 * self._tmp_slow.capacity()
+        total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity() + self._hints.capacity()
                   + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
-        total += self._evicted.capacity() * sizeof(int64_t) + self._hints.capacity() * sizeof(int32_t)
+        total += (self._evicted.capacity() + self._tmp_slow.capacity()) * sizeof(int64_t)
         total += self._pb.capacity() * sizeof(PBlock) + self._btok.capacity() * sizeof(int32_t)
         total += rf_idmap_bytes(self._pindex) + rf_idmap_bytes(self._ghost[1]) + rf_idmap_bytes(self._ghost[2])
         total += (self._ghost_ring[1].capacity() + self._ghost_ring[2].capacity()) * sizeof(int64_t)
         total += (self._tmp_hits.capacity() + self._tmp_stack.capacity()) * sizeof(int32_t)
         total += self._events.capacity() * sizeof(KvEvent)
-        for slot in range(self._seqs.size()):
-            total += self._seqs[slot].keys.capacity() * sizeof(int64_t)
         self._lock.unlock()
         return total + sizeof(BlockManager)
 
