@@ -42,11 +42,11 @@ cdef extern from "_core_support.h" nogil:
         double last_access
         int64_t access_count
         int32_t lru_prev        # slot of the previous (older) sequence, -1 at the head
-        int32_t lru_next        # slot of the next (newer) sequence, -1 at the tail
         uint32_t mark           # == low 32 bits of the manager epoch while named by the running operation
-        bint has_tokens
-        uint64_t sole_gen       # == manager's _share_gen when its last block was seen held by it alone
+        uint64_t sole_gen       # rf_sole_gen(): manager's _share_gen when its last block was seen held by it alone
         int64_t seq_id          # -1 while the slot is free
+        int32_t lru_next        # slot of the next (newer) sequence, -1 at the tail
+        bint has_tokens
         vector[int32_t] tokens  # token ids, kept only when has_tokens
         vector[int64_t] keys    # content key of every full block (prefix caching, token sequences)
         double created_at
@@ -174,17 +174,18 @@ cdef class BlockManager:
     cdef vector[SeqRec] _seqs
     cdef vector[int32_t] _free_slots
     cdef rf_idmap _index
-    # Per batch position, the record slot append_batch found there last time:
-    # engines pass the same ids in the same order step after step, so the
-    # next batch checks the record's seq_id first and skips the hash lookup.
-    cdef vector[int32_t] _hints
+    # Per batch position, the record slot append_batch found there: the
+    # batch's own list of records, and a hint for the next batch. Engines
+    # pass the same ids in the same order step after step, so the next batch
+    # checks the hinted record's seq_id first and skips the hash lookup.
+    cdef vector[int32_t] _batch_slots
     cdef int32_t _lru_head
     cdef int32_t _lru_tail
 
     # Operation scratch (used only with the lock held).
-    cdef vector[int32_t] _tmp_slots       # record slots named by a batch
     cdef vector[int32_t] _tmp_blocks      # shared partly filled blocks a batch appends into
     cdef vector[int64_t] _tmp_slow        # (index, output offset) of batch items pass 2 appends
+    cdef vector[double] _tmp_stamps       # last_access of each batch item before the batch
     cdef vector[int32_t] _tmp_victims     # sequences an eviction dry run chose
 
     # Prefix cache: key -> block index, per-block state, token copies (for
@@ -297,8 +298,11 @@ cdef class BlockManager:
     cdef bint _occupied(self, int32_t b) noexcept nogil
     cdef void _reset_prefix_locked(self) noexcept nogil
     cdef int _check_prefix_locked(self, char* msg, size_t cap) noexcept nogil
+    cdef Py_ssize_t _decode_runs(self, const int64_t* seq_ids, const int32_t* counts, const int32_t* slots, Py_ssize_t i, Py_ssize_t n, uint32_t mark, double now, int64_t* slots_out, int64_t* off, int64_t* early) noexcept nogil
+    cdef bint _early_take_allowed(self) noexcept nogil
+    cdef void _took_from_word(self, int64_t word, int64_t k) noexcept nogil
     cdef int _append_room(self, int64_t needed, int64_t early, int64_t regs, uint64_t epoch, ErrInfo* err) noexcept nogil
-    cdef void _append_undo(self, const int32_t* slots, const int32_t* counts, Py_ssize_t done) noexcept nogil
+    cdef void _append_undo(self, const int32_t* slots, const int32_t* counts, Py_ssize_t done, Py_ssize_t stamped) noexcept nogil
     cdef int _append_batch_locked(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                                   bint with_tokens, const int32_t* tokens, int64_t* slots_out,
                                   ErrInfo* err) noexcept nogil

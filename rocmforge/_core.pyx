@@ -55,12 +55,18 @@ cdef extern from "_core_support.h" nogil:
     int64_t rf_block_key(int64_t parent, int64_t salt, const int32_t* t, int64_t n, int64_t mask)
     int rf_ctz64(uint64_t x)
     bint rf_tokens_equal(const int32_t* a, const int32_t* b, int64_t n)
+    uint64_t rf_sole_gen(const SeqRec* s, uint64_t share_gen)
     int64_t rf_room(const SeqRec* s, int64_t bs)
     void rf_write_slots(int64_t* out, int64_t base, int64_t count)
+    struct rf_supply:
+        uint64_t* word
+        int64_t base
+        int32_t* refcnt
+        int64_t taken
     Py_ssize_t rf_decode_run(SeqRec* recs, const int64_t* seq_ids, const int32_t* counts,
-                             const int32_t* hints, Py_ssize_t i, Py_ssize_t n, uint32_t mark,
-                             uint64_t share_gen, int64_t bs, int32_t* slots, int64_t* slots_out,
-                             int64_t* off)
+                             const int32_t* slots, Py_ssize_t i, Py_ssize_t n, uint32_t mark,
+                             uint64_t share_gen, int64_t bs, int32_t prev, rf_supply* supply,
+                             double now, double* old, int64_t* slots_out, int64_t* off)
 
 cdef enum:
     MAX_BLOCK_SIZE = 1 << 20    # largest block the core accepts (slots stay far from int64 limits)
@@ -1125,10 +1131,11 @@ cdef class BlockManager:
     cdef inline bint _sole_last(self, SeqRec* s) noexcept nogil:
         """Whether the sequence alone holds its (partly filled) last block; a
         yes is remembered until some block in use gains a reference."""
-        if s.sole_gen == self._share_gen:
+        cdef uint64_t proof = rf_sole_gen(s, self._share_gen)
+        if s.sole_gen == proof:
             return True
         if self._refcnt[s.blocks.back()] == 1:
-            s.sole_gen = self._share_gen
+            s.sole_gen = proof
             return True
         return False
 
@@ -1543,24 +1550,20 @@ cdef class BlockManager:
         cdef int64_t needed = 0, nt, c, room, fresh, off = 0
         cdef int64_t full_new, regs = 0, early = 0
         cdef bint prefix = self.enable_prefix_caching
-        cdef Py_ssize_t i, done = n
+        cdef Py_ssize_t i, done = n, moved = n, stamped = 0
         cdef size_t k
-        cdef int32_t slot, last, prev = NO_SLOT
+        cdef int32_t slot, last
         cdef int32_t* slots
-        cdef int32_t* hints
-        cdef Py_ssize_t nhints
         cdef SeqRec* s
         cdef BlockScratch* sc
         cdef double now
         cdef int st = RF_OK
-        if rf_reserve(self._tmp_slots, n):
+        if <Py_ssize_t>self._batch_slots.size() < n and rf_resize(self._batch_slots, n, _NEG_ONE):
             return RF_NO_MEMORY
-        rf_resize(self._tmp_slots, n, _NEG_ONE)   # within capacity: cannot fail
-        slots = self._tmp_slots.data()
-        if <Py_ssize_t>self._hints.size() < n:
-            rf_resize(self._hints, n, _NEG_ONE)   # hints are optional: failure leaves fewer
-        hints = self._hints.data()
-        nhints = min(n, <Py_ssize_t>self._hints.size())
+        if <Py_ssize_t>self._tmp_stamps.size() < n and rf_resize(self._tmp_stamps, n, 0.0):
+            return RF_NO_MEMORY
+        slots = self._batch_slots.data()   # hints in, this batch's records out
+        now = _wall_now()
         self._tmp_blocks.clear()
         self._tmp_slow.clear()
         # Pass 1: validate every item. Tokens that fit the sequence's own last
@@ -1568,16 +1571,20 @@ cdef class BlockManager:
         # the batch fails. For the rest it records (index, output offset) and
         # counts fresh blocks and sharers of shared partly filled last blocks
         # (each needs a copy unless it is the last reference:
-        # min(sharers_in_batch, refcount - 1) copies per block).
+        # min(sharers_in_batch, refcount - 1) copies per block). Every record
+        # is stamped when it is marked (items [0, stamped)), its old stamp
+        # kept for the undo. `moved` is the first item whose record does not
+        # follow its predecessor's in the LRU list.
         i = -1
         while True:
             i += 1
-            if not with_tokens and i < nhints:
-                i = rf_decode_run(self._seqs.data(), seq_ids, counts, hints, i, nhints,
-                                  <uint32_t>epoch, self._share_gen, bs, slots, slots_out, &off)
+            if not with_tokens and i < n:
+                i = self._decode_runs(seq_ids, counts, slots, i, n, <uint32_t>epoch, now,
+                                      slots_out, &off, &early)
+                stamped = i
             if i >= n:
                 break
-            slot = hints[i] if i < nhints else NO_SLOT
+            slot = slots[i]
             if slot == NO_SLOT or seq_ids[i] < 0 or self._seqs[slot].seq_id != seq_ids[i]:
                 slot = self._find(seq_ids[i])
                 if slot == NO_SLOT:
@@ -1585,8 +1592,6 @@ cdef class BlockManager:
                     st = RF_SEQ_NOT_FOUND
                     done = i
                     break
-                if i < nhints:
-                    hints[i] = slot
             s = &self._seqs[slot]
             if s.mark == <uint32_t>epoch:
                 err.id = seq_ids[i]
@@ -1595,6 +1600,12 @@ cdef class BlockManager:
                 break
             s.mark = <uint32_t>epoch
             slots[i] = slot
+            self._tmp_stamps[i] = s.last_access
+            s.last_access = now
+            s.access_count += 1
+            stamped = i + 1
+            if i != 0 and moved == n and s.lru_prev != slots[i - 1]:
+                moved = i
             c = counts[i]
             st = _check_append(s, c, with_tokens)
             if st != RF_OK:
@@ -1616,14 +1627,15 @@ cdef class BlockManager:
                                  slots_out + off)
                 off += c
                 continue
-            if (room == 0 and c <= bs and not with_tokens and not self.evict_sequences
-                    and self._tmp_slow.size() == 0 and self._num_free > 0
-                    and s.blocks.size() < s.blocks.capacity()):
+            if room == 0 and c <= bs and not with_tokens and self._early_take_allowed():
                 # A decode step into a full last block takes the lowest free
-                # block at once. Only while no item waits for pass 2 and no
-                # sequence can be evicted, so ids go out in batch order, as
-                # sequential appends give them; undone if the batch fails.
+                # block at once (given back if the batch fails).
+                if s.blocks.reserve(s.blocks.size() + 1):
+                    st = RF_NO_MEMORY
+                    done = i
+                    break
                 s.blocks.push(self._take_block())
+                s.sole_gen = rf_sole_gen(s, self._share_gen)   # a fresh block is its alone
                 _append_in_place(s, c, 0, bs, NULL, slots_out + off)
                 off += c
                 early += 1
@@ -1668,7 +1680,7 @@ cdef class BlockManager:
         if st == RF_OK:
             st = self._append_room(needed, early, regs, epoch, err)
         if st != RF_OK:
-            self._append_undo(slots, counts, done)
+            self._append_undo(slots, counts, done, stamped)
             return st
         # Pass 2: append the rest in batch order (cannot fail now).
         for k in range(0, self._tmp_slow.size(), 2):
@@ -1678,24 +1690,68 @@ cdef class BlockManager:
             self._append_blocks(s, counts[i], tokens + off if with_tokens else NULL, slots_out + off)
             if with_tokens and prefix:
                 self._register_full(s, s.keys.size())
-        # Touch in batch order, as sequential touches would, but move only the
-        # records out of place: each goes behind its predecessor in the batch,
-        # then the whole run, now contiguous, to the newest end. A steady
-        # decode batch moves nothing.
-        now = _wall_now()
-        for i in range(n):
+        # Touch in batch order, as sequential touches would: move the records
+        # out of place (from `moved` on) each behind its predecessor in the
+        # batch, then the whole run, now contiguous, to the newest end. A
+        # steady decode batch moves nothing.
+        for i in range(moved, n):
             slot = slots[i]
-            s = &self._seqs[slot]
-            if i != 0 and s.lru_prev != prev:
+            if self._seqs[slot].lru_prev != slots[i - 1]:
                 self._lru_unlink(slot)
-                self._lru_insert_after(slot, prev)
-            prev = slot
-            s.last_access = now
-            s.access_count += 1
+                self._lru_insert_after(slot, slots[i - 1])
         if n != 0:
-            self._lru_run_to_tail(slots[0], prev)
+            self._lru_run_to_tail(slots[0], slots[n - 1])
         self._note_peak()
         return RF_OK
+
+    cdef Py_ssize_t _decode_runs(self, const int64_t* seq_ids, const int32_t* counts,
+                                 const int32_t* slots, Py_ssize_t i, Py_ssize_t n, uint32_t mark,
+                                 double now, int64_t* slots_out, int64_t* off,
+                                 int64_t* early) noexcept nogil:
+        """append_batch's pass 1 through rf_decode_run from item i, which takes
+        fresh blocks from the lowest free bitmap word while early takes are
+        allowed; when that word runs dry the run goes on with the next one.
+        Returns the first item no run took."""
+        cdef rf_supply supply
+        cdef uint64_t no_blocks = 0
+        cdef int64_t word = 0
+        cdef int32_t prev = NO_SLOT
+        supply.refcnt = self._refcnt.data()
+        while True:
+            if i != 0:
+                prev = slots[i - 1]
+            elif slots[0] != NO_SLOT:
+                prev = self._seqs[slots[0]].lru_prev   # item 0 follows nothing
+            supply.word = &no_blocks
+            supply.taken = 0
+            if self._early_take_allowed():
+                word = self._bits_low_word()
+                supply.word = &self._bits[word]
+                supply.base = word * 64
+            i = rf_decode_run(self._seqs.data(), seq_ids, counts, slots, i, n, mark,
+                              self._share_gen, self.block_size, prev, &supply, now,
+                              self._tmp_stamps.data(), slots_out, off)
+            if supply.taken == 0:
+                return i
+            self._took_from_word(word, supply.taken)
+            early[0] += supply.taken
+            if i >= n or supply.word[0] != 0:
+                return i
+
+    cdef bint _early_take_allowed(self) noexcept nogil:
+        """Whether append_batch's pass 1 may take fresh blocks for decode steps
+        into full last blocks: only while no item waits for pass 2 and no
+        sequence can be evicted, so ids go out in batch order, as sequential
+        appends give them."""
+        return not self.evict_sequences and self._tmp_slow.size() == 0 and self._num_free > 0
+
+    cdef void _took_from_word(self, int64_t word, int64_t k) noexcept nogil:
+        """Account for k blocks taken by clearing their bits in leaf word `word`
+        (refcounts already 1): the summary levels follow an emptied word."""
+        self._num_free -= k
+        self._stats.total_allocations += k
+        if self._bits[word] == 0 and self._levels > 1:
+            self._bits_clear_from(1, word)
 
     cdef int _append_room(self, int64_t needed, int64_t early, int64_t regs, uint64_t epoch,
                           ErrInfo* err) noexcept nogil:
@@ -1729,15 +1785,20 @@ cdef class BlockManager:
         return RF_OK
 
     cdef void _append_undo(self, const int32_t* slots, const int32_t* counts,
-                           Py_ssize_t done) noexcept nogil:
+                           Py_ssize_t done, Py_ssize_t stamped) noexcept nogil:
         """Take back the appends pass 1 made to items [0, done): all items with
         tokens to append except those it recorded in _tmp_slow. A last block
         left empty was taken by pass 1 (a last block always holds a token):
-        it goes back to the free set, uncounted."""
+        it goes back to the free set, uncounted. Then the stamps of items
+        [0, stamped)."""
         cdef Py_ssize_t i
         cdef size_t k = 0
         cdef int32_t b
         cdef SeqRec* s
+        for i in range(stamped):
+            s = &self._seqs[slots[i]]
+            s.last_access = self._tmp_stamps[i]
+            s.access_count -= 1
         for i in range(done):
             if k < self._tmp_slow.size() and self._tmp_slow[k] == i:
                 k += 2
@@ -1965,7 +2026,11 @@ cdef class BlockManager:
             if s.blocks.back() != (s.blocks[s.blocks.size() - 1] if s.blocks.size() else -1):
                 snprintf(msg, cap, "sequence %lld: table's copy of its last block is stale", s.seq_id)
                 return 1
-            if (rf_room(s, bs) != 0 and s.sole_gen == self._share_gen
+            if s.has_tokens and s.sole_gen == self._share_gen:
+                snprintf(msg, cap, "sequence %lld keeps token ids but its sole_gen lacks the token bit",
+                         s.seq_id)
+                return 1
+            if (rf_room(s, bs) != 0 and s.sole_gen == rf_sole_gen(s, self._share_gen)
                     and self._refcnt[s.blocks.back()] != 1):
                 snprintf(msg, cap, "sequence %lld: marked sole holder of block %d, refcount %d",
                          s.seq_id, s.blocks.back(), self._refcnt[s.blocks.back()])
@@ -2922,9 +2987,10 @@ cdef class BlockManager:
             total += self._seqs[slot].keys.capacity() * sizeof(int64_t)
         total += self._free_slots.capacity() * sizeof(int32_t)
         total += rf_idmap_bytes(self._index)
-        total += (self._tmp_slots.capacity() + self._tmp_blocks.capacity() + self._hints.capacity()
+        total += (self._batch_slots.capacity() + self._tmp_blocks.capacity()
                   + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
         total += (self._evicted.capacity() + self._tmp_slow.capacity()) * sizeof(int64_t)
+        total += self._tmp_stamps.capacity() * sizeof(double)
         total += self._pb.capacity() * sizeof(PBlock) + self._btok.capacity() * sizeof(int32_t)
         total += rf_idmap_bytes(self._pindex) + rf_idmap_bytes(self._ghost[1]) + rf_idmap_bytes(self._ghost[2])
         total += (self._ghost_ring[1].capacity() + self._ghost_ring[2].capacity()) * sizeof(int64_t)

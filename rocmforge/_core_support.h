@@ -58,7 +58,7 @@ struct rf_table {
     rf_table() = default;
     rf_table(const rf_table &o) : len(o.len), last(o.last) {
         if (o.len) {
-            ids = alloc(nullptr, o.len);
+            ids = alloc(nullptr, round_up(o.len));
             if (!ids) throw std::bad_alloc();
             std::memcpy(ids, o.ids, o.len * sizeof(int32_t));
         }
@@ -97,27 +97,33 @@ struct rf_table {
         len = 0;
         last = -1;
     }
-    /* Capacity for at least n ids, growing geometrically; 0 on success, -1
-     * (table unchanged) when memory is exhausted or n exceeds 2**31 - 2 ids. */
+    /* Capacity for at least n ids: the next power of two, at least 8, so a
+     * table that gains one id per decode step grows O(log n) times and a new
+     * table has slack for its first steps; 0 on success, -1 (table unchanged)
+     * when memory is exhausted or n exceeds 2**31 - 2 ids. */
     int reserve(size_t n) noexcept {
-        size_t cap = capacity();
-        if (n <= cap) return 0;
+        if (n <= capacity()) return 0;
         if (n > (size_t)INT32_MAX - 1) return -1;
-        size_t want = n > 2 * cap ? n : 2 * cap;
-        if (want > (size_t)INT32_MAX - 1) want = n;
-        int32_t *grown = alloc(ids, want);
+        int32_t *grown = alloc(ids, round_up(n));
         if (!grown) return -1;
         ids = grown;
         return 0;
     }
 
 private:
+    /* The capacity kept for n ids: a power of two, at least 8 (n <= 2**31). */
+    static size_t round_up(size_t n) noexcept {
+        size_t cap = 8;
+        while (cap < n) cap *= 2;
+        return cap;
+    }
+
     /* (Re)allocate room for cap ids after a capacity word; nullptr on failure. */
     static int32_t *alloc(int32_t *ids, size_t cap) noexcept {
         void *base = std::realloc(ids ? ids - 1 : nullptr, (cap + 1) * sizeof(int32_t));
         if (!base) return nullptr;
         int32_t *grown = static_cast<int32_t *>(base) + 1;
-        grown[-1] = (int32_t)cap;
+        grown[-1] = (int32_t)(uint32_t)cap;
         return grown;
     }
 };
@@ -135,12 +141,12 @@ struct alignas(64) SeqRec {
     double last_access;
     int64_t access_count;
     int32_t lru_prev;
-    int32_t lru_next;
     uint32_t mark;
-    int has_tokens;
     uint64_t sole_gen;
-    /* cold */
     int64_t seq_id;
+    /* cold */
+    int32_t lru_next;
+    int has_tokens;
     std::vector<int32_t> tokens;
     std::vector<int64_t> keys;
     double created_at;
@@ -150,7 +156,15 @@ struct alignas(64) SeqRec {
     int cold;
     int warm;
 };
-static_assert(offsetof(SeqRec, seq_id) == 64, "decode fields must fill the first cache line");
+static_assert(offsetof(SeqRec, lru_next) == 64, "decode fields must fill the first cache line");
+
+/* The sole_gen that proves a record alone holds its last block under the
+ * manager's share_gen. A sequence with token ids has the top bit set as well
+ * (share_gen never reaches it), so the decode run, which appends counts only,
+ * never takes one: its sole_gen test covers has_tokens too. */
+static inline uint64_t rf_sole_gen(const SeqRec *s, uint64_t share_gen) noexcept {
+    return share_gen | ((uint64_t)(s->has_tokens != 0) << 63);
+}
 
 /* Free token slots in the sequence's last block (0 when full or without blocks). */
 static inline int64_t rf_room(const SeqRec *s, int64_t bs) noexcept {
@@ -164,34 +178,68 @@ static inline void rf_write_slots(int64_t *out, int64_t base, int64_t count) noe
     for (int64_t j = 1; j < count; j++) out[j] = base + j;
 }
 
+/* Index of the lowest set bit; x must be non-zero. */
+static inline int rf_ctz64(uint64_t x) { return __builtin_ctzll(x); }
+
+/* Free blocks the decode run may take for steps into a full last block:
+ * the free bits of one leaf word of the manager's bitmap (block ids from
+ * base), lowest first, as sequential appends would take them. The run
+ * clears each bit it takes, sets the block's refcount to 1 and counts it in
+ * `taken`; the caller accounts for them afterwards. An empty word supplies
+ * nothing. */
+struct rf_supply {
+    uint64_t *word;
+    int64_t base;
+    int32_t *refcnt;
+    int64_t taken;
+};
+
 /* append_batch's decode fast path, from item i up to n: while each item
- * names the record its batch position named last time (hints), is not yet
- * marked by this batch, and appends count >= 1 tokens, without token ids,
- * into a last block that the record alone holds (sole_gen == share_gen) and
- * that has room for them: mark the record, note its slot, write the tokens'
- * slots at *off and count the tokens. Returns the first item it did not
- * take; append_batch's general loop decides what that one is. A few
- * registers do here what the general loop spills to the stack. */
+ * names the record its batch position named last time (slots[i], the
+ * hint), is not yet marked by this batch, follows the previous item's
+ * record (`prev`) in the LRU list, and appends count >= 1 tokens into a
+ * last block that the record alone holds and that has room for them (a
+ * sole_gen equal to share_gen also says the sequence keeps no token ids),
+ * or count <= bs tokens after a full last block into a fresh block from
+ * the supply: mark and stamp the record (its old stamp saved in old[i]),
+ * write the tokens' slots at *off and count the tokens. Returns the first item it did not take; append_batch's
+ * general loop decides what that one is. A negative id needs no test: it
+ * can only match a free record, which has no room. A few registers do here
+ * what the general loop spills to the stack. */
 static inline Py_ssize_t rf_decode_run(SeqRec *recs, const int64_t *seq_ids, const int32_t *counts,
-                                      const int32_t *hints, Py_ssize_t i, Py_ssize_t n,
-                                      uint32_t mark, uint64_t share_gen, int64_t bs,
-                                      int32_t *slots, int64_t *slots_out, int64_t *off) noexcept {
+                                      const int32_t *slots, Py_ssize_t i, Py_ssize_t n,
+                                      uint32_t mark, uint64_t share_gen, int64_t bs, int32_t prev,
+                                      rf_supply *supply, double now, double *old,
+                                      int64_t *slots_out, int64_t *off) noexcept {
     int64_t *out = slots_out + *off;
     for (; i < n; i++) {
-        int32_t slot = hints[i];
-        int64_t id = seq_ids[i], c = counts[i];
-        if (slot < 0 || id < 0) break;
+        int32_t slot = slots[i];
+        if (slot < 0) break;
         SeqRec *s = &recs[slot];
-        int64_t nt = s->num_tokens;
+        int64_t c = counts[i], nt = s->num_tokens;
         int64_t room = rf_room(s, bs);
-        if (s->seq_id != id || s->mark == mark || c <= 0 || c > room || s->has_tokens ||
-            s->sole_gen != share_gen)
+        if (s->seq_id != seq_ids[i] || s->mark == mark || s->sole_gen != share_gen ||
+            s->lru_prev != prev)
             break;
+        if ((uint64_t)(c - 1) >= (uint64_t)room) {   /* not 1 <= c <= room */
+            uint64_t w = *supply->word;
+            if (room != 0 || c < 1 || c > bs || w == 0 || s->blocks.len >= s->blocks.capacity())
+                break;
+            int32_t b = (int32_t)(supply->base + rf_ctz64(w));
+            *supply->word = w & (w - 1);
+            supply->refcnt[b] = 1;
+            supply->taken++;
+            s->blocks.push(b);
+            room = bs;
+        }
         s->mark = mark;
-        slots[i] = slot;
+        old[i] = s->last_access;
+        s->last_access = now;
+        s->access_count++;
         rf_write_slots(out, (int64_t)s->blocks.last * bs + (bs - room), c);
         s->num_tokens = nt + c;
         out += c;
+        prev = slot;
     }
     *off = out - slots_out;
     return i;
@@ -414,8 +462,5 @@ static inline bool rf_tokens_equal(const int32_t *a, const int32_t *b, int64_t n
     for (; i < n; i++) rest |= (uint32_t)(a[i] ^ b[i]);
     return rest == 0;
 }
-
-/* Index of the lowest set bit; x must be non-zero. */
-static inline int rf_ctz64(uint64_t x) { return __builtin_ctzll(x); }
 
 #endif

@@ -240,9 +240,11 @@ def test_batch_failure_gives_back_blocks_taken_during_validation():
     def state():
         st = batched.stats()
         return (batched.num_free_blocks, [batched.block_table(s).tolist() for s in (1, 2, 3, 4)],
-                [batched.num_tokens(s) for s in (1, 2, 3, 4)], st["total_allocations"],
-                st["total_deallocations"], st["peak_allocations"])
+                [batched.sequence_info(s) for s in (1, 2, 3, 4)], batched.sequence_ids().tolist(),
+                st["total_allocations"], st["total_deallocations"], st["peak_allocations"])
 
+    batched.append_batch([2, 1], [0, 0])   # stamps 1 and 2 apart from 3 and 4
+    single.append_batch([2, 1], [0, 0])
     before = state()
     for ids, counts, exc, msg in [([1, 2, 99], [1, 1, 1], rf.SequenceNotFound, "99"),
                                   ([1, 2, 1], [1, 1, 1], rf.ArgumentValueError, "twice"),
@@ -257,6 +259,33 @@ def test_batch_failure_gives_back_blocks_taken_during_validation():
     for sid in (1, 2, 3, 4):
         assert batched.block_table(sid).tolist() == single.block_table(sid).tolist()
     assert batched.stats() == single.stats()
+    batched.check_invariants()
+
+
+def test_decode_batch_takes_fresh_blocks_across_bitmap_words():
+    # Decode steps into full last blocks take fresh blocks a free-bitmap word
+    # at a time; a batch that empties several words, with holes left by
+    # removed sequences, must hand out the ids sequential appends would.
+    batched, single = BlockManager(400, 1), BlockManager(400, 1)
+    ids = list(range(150))
+    for m in (batched, single):
+        for sid in ids:
+            m.add_sequence(sid, num_tokens=1)
+        for sid in ids[::7]:
+            m.remove_sequence(sid)
+    live = [sid for sid in ids if sid % 7]
+    before = (batched.num_free_blocks, batched.stats(), batched.block_table(live[-1]).tolist())
+    with pytest.raises(rf.SequenceNotFound):
+        batched.append_batch(live + [999], [1] * (len(live) + 1))
+    assert (batched.num_free_blocks, batched.stats(),
+            batched.block_table(live[-1]).tolist()) == before
+    batched.check_invariants()
+    for _ in range(2):
+        slots = batched.append_batch(live, [1] * len(live)).tolist()
+        assert slots == [single.append(sid, 1).tolist()[0] for sid in live]
+    assert batched.stats() == single.stats()
+    for sid in live:
+        assert batched.block_table(sid).tolist() == single.block_table(sid).tolist()
     batched.check_invariants()
 
 
@@ -318,6 +347,24 @@ def test_batch_positions_follow_removal_and_slot_reuse():
     with pytest.raises(rf.SequenceNotFound):
         m.append_batch([4, 1, 3], [1, 1, 1])
     assert [m.num_tokens(s) for s in (4, 1)] == [2, 6]
+    m.check_invariants()
+
+
+def test_batch_of_counts_refuses_a_sequence_with_tokens_at_a_hinted_position():
+    # The decode run takes count-only items at positions whose record it has
+    # seen before; a sequence that keeps token ids must still be refused
+    # there, after a token batch has proven it the sole holder of its block.
+    m = BlockManager(16, 8)
+    m.add_sequence(1, tokens=[7])
+    m.add_sequence(2, num_tokens=1)
+    m.append_batch([1], [1], tokens=[8])
+    m.append_batch([1], [1], tokens=[9])
+    before = (m.num_tokens(1), m.num_tokens(2), m.sequence_info(1)["access_count"])
+    for ids in ([1], [1, 2], [2, 1]):
+        with pytest.raises(rf.ArgumentValueError, match="tracks token ids"):
+            m.append_batch(ids, [1] * len(ids))
+    assert (m.num_tokens(1), m.num_tokens(2), m.sequence_info(1)["access_count"]) == before
+    assert m.sequence_tokens(1).tolist() == [7, 8, 9]
     m.check_invariants()
 
 
