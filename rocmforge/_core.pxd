@@ -186,6 +186,7 @@ cdef class BlockManager:
     cdef vector[int32_t] _tmp_blocks      # shared partly filled blocks a batch appends into
     cdef vector[int64_t] _tmp_slow        # (index, output offset) of batch items pass 2 appends
     cdef vector[double] _tmp_stamps       # last_access of each batch item before the batch
+    cdef vector[int64_t] _tmp_moved       # batch items whose record is out of LRU order
     cdef vector[int32_t] _tmp_victims     # sequences an eviction dry run chose
 
     # Prefix cache: key -> block index, per-block state, token copies (for
@@ -246,6 +247,7 @@ cdef class BlockManager:
     cdef void _take_lowest(self, int32_t n, int32_t* out) noexcept nogil
     cdef void _release_block(self, int32_t b) noexcept nogil
     cdef void _release_cached(self, int32_t b) noexcept nogil
+    cdef void _unref_plain(self, const int32_t* ids, size_t n) noexcept nogil
     cdef void _unref(self, int32_t b) noexcept nogil
     cdef void _unref_run(self, const int32_t* ids, Py_ssize_t n) noexcept nogil
     cdef void _ev_flush_tail(self, int32_t tail, uint64_t clock, int32_t linked) noexcept nogil

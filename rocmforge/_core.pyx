@@ -644,6 +644,22 @@ cdef class BlockManager:
             self._ev_link_after(b, 3, self._cold_anchor)
             self._cold_anchor = b
 
+    cdef void _unref_plain(self, const int32_t* ids, size_t n) noexcept nogil:
+        """Drop one reference from each of n blocks without prefix caching:
+        those that reach zero go back to the free set, counters kept in
+        locals."""
+        cdef int32_t* rc = self._refcnt.data()
+        cdef int32_t freed = 0, b
+        cdef size_t j
+        for j in range(n):
+            b = ids[j]
+            rc[b] -= 1
+            if rc[b] == 0:
+                self._bits_set(b)
+                freed += 1
+        self._num_free += freed
+        self._stats.total_deallocations += freed
+
     cdef inline void _unref(self, int32_t b) noexcept nogil:
         self._refcnt[b] -= 1
         if self._refcnt[b] == 0:
@@ -1005,10 +1021,13 @@ cdef class BlockManager:
         """Release every block of a sequence and recycle its slot."""
         cdef SeqRec* s = &self._seqs[slot]
         cdef size_t j
-        # Tail first, so a cached chain's deepest blocks are the first to be evicted.
-        self._cold_anchor = -1
-        for j in range(s.blocks.size(), 0, -1):
-            self._unref(s.blocks[j - 1])
+        if self.enable_prefix_caching:
+            # Tail first, so a cached chain's deepest blocks are the first to be evicted.
+            self._cold_anchor = -1
+            for j in range(s.blocks.size(), 0, -1):
+                self._unref(s.blocks[j - 1])
+        else:
+            self._unref_plain(s.blocks.data(), s.blocks.size())
         self._lru_unlink(slot)
         rf_idmap_erase(self._index, s.seq_id)
         s.blocks.clear()
@@ -1550,7 +1569,7 @@ cdef class BlockManager:
         cdef int64_t needed = 0, nt, c, room, fresh, off = 0
         cdef int64_t full_new, regs = 0, early = 0
         cdef bint prefix = self.enable_prefix_caching
-        cdef Py_ssize_t i, done = n, moved = n, stamped = 0
+        cdef Py_ssize_t i, done = n, stamped = 0, settled = 0
         cdef size_t k
         cdef int32_t slot, last
         cdef int32_t* slots
@@ -1558,7 +1577,10 @@ cdef class BlockManager:
         cdef BlockScratch* sc
         cdef double now
         cdef int st = RF_OK
-        if <Py_ssize_t>self._batch_slots.size() < n and rf_resize(self._batch_slots, n, _NEG_ONE):
+        # A new position's hint is record 0: any record will do, since hints
+        # are checked, and records are never taken away once made (the run
+        # starts once one exists).
+        if <Py_ssize_t>self._batch_slots.size() < n and rf_resize(self._batch_slots, n, _ZERO):
             return RF_NO_MEMORY
         if <Py_ssize_t>self._tmp_stamps.size() < n and rf_resize(self._tmp_stamps, n, 0.0):
             return RF_NO_MEMORY
@@ -1566,6 +1588,7 @@ cdef class BlockManager:
         now = _wall_now()
         self._tmp_blocks.clear()
         self._tmp_slow.clear()
+        self._tmp_moved.clear()
         # Pass 1: validate every item. Tokens that fit the sequence's own last
         # block (a decode step) are appended at once, and taken back below if
         # the batch fails. For the rest it records (index, output offset) and
@@ -1573,19 +1596,20 @@ cdef class BlockManager:
         # (each needs a copy unless it is the last reference:
         # min(sharers_in_batch, refcount - 1) copies per block). Every record
         # is stamped when it is marked (items [0, stamped)), its old stamp
-        # kept for the undo. `moved` is the first item whose record does not
-        # follow its predecessor's in the LRU list.
+        # kept for the undo. _tmp_moved lists the items whose record does not
+        # follow its predecessor's in the LRU list (the run takes none).
         i = -1
         while True:
             i += 1
-            if not with_tokens and i < n:
+            if not with_tokens and i < n and self._seqs.size() != 0:
                 i = self._decode_runs(seq_ids, counts, slots, i, n, <uint32_t>epoch, now,
                                       slots_out, &off, &early)
                 stamped = i
             if i >= n:
                 break
-            slot = slots[i]
-            if slot == NO_SLOT or seq_ids[i] < 0 or self._seqs[slot].seq_id != seq_ids[i]:
+            slot = slots[i]   # record 0 may not exist yet
+            if (<size_t>slot >= self._seqs.size() or seq_ids[i] < 0
+                    or self._seqs[slot].seq_id != seq_ids[i]):
                 slot = self._find(seq_ids[i])
                 if slot == NO_SLOT:
                     err.id = seq_ids[i]
@@ -1604,8 +1628,12 @@ cdef class BlockManager:
             s.last_access = now
             s.access_count += 1
             stamped = i + 1
-            if i != 0 and moved == n and s.lru_prev != slots[i - 1]:
-                moved = i
+            if i != 0 and s.lru_prev != slots[i - 1]:
+                if rf_reserve(self._tmp_moved, self._tmp_moved.size() + 1):
+                    st = RF_NO_MEMORY
+                    done = i
+                    break
+                rf_push(self._tmp_moved, <int64_t>i)
             c = counts[i]
             st = _check_append(s, c, with_tokens)
             if st != RF_OK:
@@ -1690,15 +1718,23 @@ cdef class BlockManager:
             self._append_blocks(s, counts[i], tokens + off if with_tokens else NULL, slots_out + off)
             if with_tokens and prefix:
                 self._register_full(s, s.keys.size())
-        # Touch in batch order, as sequential touches would: move the records
-        # out of place (from `moved` on) each behind its predecessor in the
-        # batch, then the whole run, now contiguous, to the newest end. A
-        # steady decode batch moves nothing.
-        for i in range(moved, n):
-            slot = slots[i]
-            if self._seqs[slot].lru_prev != slots[i - 1]:
+        # Touch in batch order, as sequential touches would: move each record
+        # out of place behind its predecessor in the batch, then the whole
+        # run, now contiguous, to the newest end. A steady decode batch moves
+        # nothing. Moving a record can only unsettle the next item (whose
+        # record followed it), so each move checks that one too.
+        for k in range(self._tmp_moved.size()):
+            i = self._tmp_moved[k]
+            if i < settled:
+                continue
+            while i < n:
+                slot = slots[i]
+                if self._seqs[slot].lru_prev == slots[i - 1]:
+                    break
                 self._lru_unlink(slot)
                 self._lru_insert_after(slot, slots[i - 1])
+                i += 1
+            settled = i + 1
         if n != 0:
             self._lru_run_to_tail(slots[0], slots[n - 1])
         self._note_peak()
@@ -1720,7 +1756,7 @@ cdef class BlockManager:
         while True:
             if i != 0:
                 prev = slots[i - 1]
-            elif slots[0] != NO_SLOT:
+            else:
                 prev = self._seqs[slots[0]].lru_prev   # item 0 follows nothing
             supply.word = &no_blocks
             supply.taken = 0
@@ -2989,7 +3025,8 @@ cdef class BlockManager:
         total += rf_idmap_bytes(self._index)
         total += (self._batch_slots.capacity() + self._tmp_blocks.capacity()
                   + self._tmp_victims.capacity() + self._pending_copies.capacity()) * sizeof(int32_t)
-        total += (self._evicted.capacity() + self._tmp_slow.capacity()) * sizeof(int64_t)
+        total += ((self._evicted.capacity() + self._tmp_slow.capacity() + self._tmp_moved.capacity())
+                  * sizeof(int64_t))
         total += self._tmp_stamps.capacity() * sizeof(double)
         total += self._pb.capacity() * sizeof(PBlock) + self._btok.capacity() * sizeof(int32_t)
         total += rf_idmap_bytes(self._pindex) + rf_idmap_bytes(self._ghost[1]) + rf_idmap_bytes(self._ghost[2])

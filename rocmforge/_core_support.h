@@ -97,9 +97,9 @@ struct rf_table {
         len = 0;
         last = -1;
     }
-    /* Capacity for at least n ids: the next power of two, at least 8, so a
-     * table that gains one id per decode step grows O(log n) times and a new
-     * table has slack for its first steps; 0 on success, -1 (table unchanged)
+    /* Capacity for at least n ids (round_up), so a table that gains one id
+     * per decode step grows O(log n) times and a new table has slack for its
+     * first steps; 0 on success, -1 (table unchanged)
      * when memory is exhausted or n exceeds 2**31 - 2 ids. */
     int reserve(size_t n) noexcept {
         if (n <= capacity()) return 0;
@@ -111,9 +111,10 @@ struct rf_table {
     }
 
 private:
-    /* The capacity kept for n ids: a power of two, at least 8 (n <= 2**31). */
+    /* The capacity kept for n ids: a power of two, at least 64 (256 bytes,
+     * so tables of up to 64 blocks never grow), n <= 2**31. */
     static size_t round_up(size_t n) noexcept {
-        size_t cap = 8;
+        size_t cap = 64;
         while (cap < n) cap *= 2;
         return cap;
     }
@@ -194,18 +195,36 @@ struct rf_supply {
     int64_t taken;
 };
 
-/* append_batch's decode fast path, from item i up to n: while each item
- * names the record its batch position named last time (slots[i], the
- * hint), is not yet marked by this batch, follows the previous item's
- * record (`prev`) in the LRU list, and appends count >= 1 tokens into a
- * last block that the record alone holds and that has room for them (a
- * sole_gen equal to share_gen also says the sequence keeps no token ids),
- * or count <= bs tokens after a full last block into a fresh block from
- * the supply: mark and stamp the record (its old stamp saved in old[i]),
- * write the tokens' slots at *off and count the tokens. Returns the first item it did not take; append_batch's
- * general loop decides what that one is. A negative id needs no test: it
- * can only match a free record, which has no room. A few registers do here
- * what the general loop spills to the stack. */
+/* The decode run's step into a full last block: push a fresh block from the
+ * supply and return its room (bs), or 0 when the step is not one the run
+ * takes (room left, count outside [1, bs], supply empty, table full). Out
+ * of line, so the run's common path keeps its registers. */
+static __attribute__((noinline)) int64_t rf_fresh_block(SeqRec *s, int64_t c, int64_t bs,
+                                                        rf_supply *supply) noexcept {
+    uint64_t w = *supply->word;
+    if (rf_room(s, bs) != 0 || c < 1 || c > bs || w == 0 || s->blocks.len >= s->blocks.capacity())
+        return 0;
+    int32_t b = (int32_t)(supply->base + rf_ctz64(w));
+    *supply->word = w & (w - 1);
+    supply->refcnt[b] = 1;
+    supply->taken++;
+    s->blocks.push(b);
+    return bs;
+}
+
+/* append_batch's decode fast path, from item i up to n. While an item
+ * names the record its batch position named last time (slots[i], the hint,
+ * which always indexes an existing record), that record is not yet marked
+ * by this batch and follows the previous item's record (`prev`) in the LRU
+ * list, and the item appends either count >= 1 tokens into a last block
+ * that the record alone holds and that has room for them (a sole_gen equal
+ * to share_gen also says the sequence keeps no token ids), or up to bs
+ * tokens after a full last block (rf_fresh_block): mark and stamp the
+ * record (its old stamp saved in old[i]), write the tokens' slots at *off
+ * and count the tokens. Returns the first item it did not take, for
+ * append_batch's general loop. A negative id needs no test: it can only
+ * match a free record, which has no room. A few registers do here what the
+ * general loop spills to the stack. */
 static inline Py_ssize_t rf_decode_run(SeqRec *recs, const int64_t *seq_ids, const int32_t *counts,
                                       const int32_t *slots, Py_ssize_t i, Py_ssize_t n,
                                       uint32_t mark, uint64_t share_gen, int64_t bs, int32_t prev,
@@ -214,7 +233,6 @@ static inline Py_ssize_t rf_decode_run(SeqRec *recs, const int64_t *seq_ids, con
     int64_t *out = slots_out + *off;
     for (; i < n; i++) {
         int32_t slot = slots[i];
-        if (slot < 0) break;
         SeqRec *s = &recs[slot];
         int64_t c = counts[i], nt = s->num_tokens;
         int64_t room = rf_room(s, bs);
@@ -222,15 +240,8 @@ static inline Py_ssize_t rf_decode_run(SeqRec *recs, const int64_t *seq_ids, con
             s->lru_prev != prev)
             break;
         if ((uint64_t)(c - 1) >= (uint64_t)room) {   /* not 1 <= c <= room */
-            uint64_t w = *supply->word;
-            if (room != 0 || c < 1 || c > bs || w == 0 || s->blocks.len >= s->blocks.capacity())
-                break;
-            int32_t b = (int32_t)(supply->base + rf_ctz64(w));
-            *supply->word = w & (w - 1);
-            supply->refcnt[b] = 1;
-            supply->taken++;
-            s->blocks.push(b);
-            room = bs;
+            room = rf_fresh_block(s, c, bs, supply);
+            if (room == 0) break;
         }
         s->mark = mark;
         old[i] = s->last_access;

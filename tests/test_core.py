@@ -350,6 +350,20 @@ def test_batch_positions_follow_removal_and_slot_reuse():
     m.check_invariants()
 
 
+def test_batch_touch_moves_a_record_and_the_one_that_followed_it():
+    # A batch touches its sequences in batch order. Moving an out-of-place
+    # record behind its batch predecessor can unsettle the next item, which
+    # followed the moved record in the LRU list; it must move too.
+    for ids, expected in (([1, 3, 4], [2, 1, 3, 4]), ([3, 1, 4], [2, 3, 1, 4]),
+                          ([1, 3, 4, 2], [1, 3, 4, 2]), ([4, 3, 1], [2, 4, 3, 1])):
+        m = BlockManager(32, 4)
+        for sid in (1, 2, 3, 4):          # LRU order 1 2 3 4
+            m.add_sequence(sid, num_tokens=1)
+        m.append_batch(ids, [1] * len(ids))
+        assert m.sequence_ids().tolist() == expected
+        m.check_invariants()
+
+
 def test_batch_of_counts_refuses_a_sequence_with_tokens_at_a_hinted_position():
     # The decode run takes count-only items at positions whose record it has
     # seen before; a sequence that keeps token ids must still be refused
