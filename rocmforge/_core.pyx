@@ -1601,7 +1601,8 @@ cdef class BlockManager:
         i = -1
         while True:
             i += 1
-            if not with_tokens and i < n and self._seqs.size() != 0:
+            if (not with_tokens and i < n and self._seqs.size() != 0
+                    and self._seqs[slots[i]].seq_id == seq_ids[i]):   # the hint holds
                 i = self._decode_runs(seq_ids, counts, slots, i, n, <uint32_t>epoch, now,
                                       slots_out, &off, &early)
                 stamped = i
