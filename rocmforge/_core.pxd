@@ -21,6 +21,11 @@ cdef extern from "_core_support.h" nogil:
     cppclass rf_mutex:
         void lock()
         void unlock()
+    # A block's reference counts, side by side so one load brings both:
+    # rc counts every reference (tables and external), ext the external ones.
+    struct BlockRefs:
+        int32_t rc
+        int32_t ext
     # A sequence's block table (keeps a copy of its last id); see _core_support.h.
     cppclass rf_table:
         size_t size()
@@ -152,8 +157,7 @@ cdef class BlockManager:
     cdef int64_t _key_mask
 
     # Block pool: refcount = references from sequence tables + external ones.
-    cdef vector[int32_t] _refcnt
-    cdef vector[int32_t] _extref
+    cdef vector[BlockRefs] _refs
     cdef vector[BlockScratch] _scratch
     cdef uint64_t _epoch
     # Bumped whenever a block already in use gains a reference (incref, fork),

@@ -61,7 +61,7 @@ cdef extern from "_core_support.h" nogil:
     struct rf_supply:
         uint64_t* word
         int64_t base
-        int32_t* refcnt
+        BlockRefs* refs
         int64_t taken
     Py_ssize_t rf_decode_run(SeqRec* recs, const int64_t* seq_ids, const int32_t* counts,
                              const int32_t* slots, Py_ssize_t i, Py_ssize_t n, uint32_t mark,
@@ -83,6 +83,7 @@ cdef enum:
 
 cdef int32_t _NEG_ONE = -1
 cdef int32_t _ZERO = 0
+cdef BlockRefs _NO_REFS = BlockRefs(0, 0)
 
 
 cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
@@ -457,8 +458,7 @@ cdef class BlockManager:
             if words == 1:
                 break
             words = _ceil_div(words, 64)
-        if (rf_resize(self._refcnt, n, _ZERO) or rf_resize(self._extref, n, _ZERO)
-                or rf_resize(self._scratch, n, blank) or rf_resize(self._bits, total, <uint64_t>0)):
+        if (rf_resize(self._refs, n, _NO_REFS) or rf_resize(self._scratch, n, blank) or rf_resize(self._bits, total, <uint64_t>0)):
             return RF_NO_MEMORY
         if self.enable_prefix_caching and self._resize_prefix(n):
             return RF_NO_MEMORY
@@ -508,7 +508,7 @@ cdef class BlockManager:
             bits[i] = 0
         cdef bint prefix = self.enable_prefix_caching
         for i in range(n):
-            if self._refcnt[i] == 0 and not (prefix and self._pb[i].serial != 0):
+            if self._refs[i].rc == 0 and not (prefix and self._pb[i].serial != 0):
                 bits[i >> 6] |= (<uint64_t>1) << (i & 63)
         words = _ceil_div(n, 64)
         for L in range(1, self._levels):
@@ -585,7 +585,7 @@ cdef class BlockManager:
         else:
             b = self._ev_victim()
             self._unregister_tree(b)
-        self._refcnt[b] = 1
+        self._refs[b].rc = 1
         self._stats.total_allocations += 1
         return b
 
@@ -597,8 +597,7 @@ cdef class BlockManager:
         cdef int64_t idx
         cdef uint64_t w
         cdef uint64_t* leaf
-        cdef int32_t* rc = self._refcnt.data()
-        cdef int32_t* ext = self._extref.data()
+        cdef BlockRefs* cnt = self._refs.data()
         while got < from_bits:
             idx = self._bits_low_word()
             leaf = &self._bits[idx]
@@ -606,8 +605,8 @@ cdef class BlockManager:
             while w != 0 and got < from_bits:
                 b = <int32_t>(idx * 64 + rf_ctz64(w))
                 w &= w - 1
-                rc[b] = 1
-                ext[b] = 1
+                cnt[b].rc = 1
+                cnt[b].ext = 1
                 out[got] = b
                 got += 1
             leaf[0] = w
@@ -617,7 +616,7 @@ cdef class BlockManager:
         self._stats.total_allocations += from_bits
         while got < n:
             b = self._take_block()
-            ext[b] = 1
+            cnt[b].ext = 1
             out[got] = b
             got += 1
 
@@ -648,21 +647,21 @@ cdef class BlockManager:
         """Drop one reference from each of n blocks without prefix caching:
         those that reach zero go back to the free set, counters kept in
         locals."""
-        cdef int32_t* rc = self._refcnt.data()
+        cdef BlockRefs* cnt = self._refs.data()
         cdef int32_t freed = 0, b
         cdef size_t j
         for j in range(n):
             b = ids[j]
-            rc[b] -= 1
-            if rc[b] == 0:
+            cnt[b].rc -= 1
+            if cnt[b].rc == 0:
                 self._bits_set(b)
                 freed += 1
         self._num_free += freed
         self._stats.total_deallocations += freed
 
     cdef inline void _unref(self, int32_t b) noexcept nogil:
-        self._refcnt[b] -= 1
-        if self._refcnt[b] == 0:
+        self._refs[b].rc -= 1
+        if self._refs[b].rc == 0:
             self._release_block(b)
 
     cdef void _note_peak(self) noexcept nogil:
@@ -731,16 +730,16 @@ cdef class BlockManager:
         cdef int64_t j
         for j in range(n):
             b = ids[j]
-            r = self._refcnt[b]
+            r = self._refs[b].rc
             if r == INT32_MAX:
                 n = j
                 break
             if r == 0:
                 self._ev_unlink(b)
                 self._stats.total_allocations += 1
-            self._refcnt[b] = r + 1
+            self._refs[b].rc = r + 1
             if external:
-                self._extref[b] += 1
+                self._refs[b].ext += 1
             self._pb[b].hot = 1
         self._arc_hits += <double>n
         return n
@@ -1125,7 +1124,7 @@ cdef class BlockManager:
                 for j in range(s.blocks.size()):
                     b = s.blocks[j]
                     sc = self._scratch_at(b, epoch)
-                    eff = self._refcnt[b] - sc.dec
+                    eff = self._refs[b].rc - sc.dec
                     if sc.count > 0:
                         before = sc.count if sc.count < eff - 1 else eff - 1
                         after = sc.count if sc.count < eff - 2 else eff - 2
@@ -1153,7 +1152,7 @@ cdef class BlockManager:
         cdef uint64_t proof = rf_sole_gen(s, self._share_gen)
         if s.sole_gen == proof:
             return True
-        if self._refcnt[s.blocks.back()] == 1:
+        if self._refs[s.blocks.back()].rc == 1:
             s.sole_gen = proof
             return True
         return False
@@ -1181,12 +1180,12 @@ cdef class BlockManager:
         cdef int32_t cur = -1, fresh
         if off != 0:
             cur = s.blocks.back()
-            if self._refcnt[cur] > 1:
+            if self._refs[cur].rc > 1:
                 # Copy-on-write: the partly filled last block is shared.
                 fresh = self._take_block()
                 rf_push(self._pending_copies, cur)
                 rf_push(self._pending_copies, fresh)
-                self._refcnt[cur] -= 1
+                self._refs[cur].rc -= 1
                 s.blocks.set(s.blocks.size() - 1, fresh)
                 self._stats.cow_copies += 1
                 cur = fresh
@@ -1241,28 +1240,27 @@ cdef class BlockManager:
         cdef Py_ssize_t i
         cdef int32_t b, nb = self.num_blocks
         cdef int st = RF_OK
-        cdef int32_t* rc = self._refcnt.data()
-        cdef int32_t* ext = self._extref.data()
+        cdef BlockRefs* cnt = self._refs.data()
         for i in range(n):
             b = ids[i]
             if b < 0 or b >= nb:
                 err.id = b
                 err.a = nb
                 st = RF_BLOCK_NOT_FOUND
-            elif rc[b] == 0:
+            elif cnt[b].rc == 0:
                 err.id = b
                 st = RF_BLOCK_FREE
-            elif rc[b] == INT32_MAX:
+            elif cnt[b].rc == INT32_MAX:
                 err.id = b
                 st = RF_REFCOUNT_OVERFLOW
             if st != RF_OK:
                 while i > 0:
                     i -= 1
-                    rc[ids[i]] -= 1
-                    ext[ids[i]] -= 1
+                    cnt[ids[i]].rc -= 1
+                    cnt[ids[i]].ext -= 1
                 return st
-            rc[b] += 1
-            ext[b] += 1
+            cnt[b].rc += 1
+            cnt[b].ext += 1
         self._share_gen += 1
         return RF_OK
 
@@ -1278,18 +1276,18 @@ cdef class BlockManager:
         on the first id without one left, everything is given back."""
         cdef Py_ssize_t i
         cdef int32_t b, nb = self.num_blocks
-        cdef int32_t* ext = self._extref.data()
+        cdef BlockRefs* cnt = self._refs.data()
         if not self.enable_prefix_caching:
             return self._decref_plain(ids, n, err)
         # Cached blocks go to policy lists one by one: check every id first.
         for i in range(n):
             b = ids[i]
-            if b < 0 or b >= nb or ext[b] == 0:
+            if b < 0 or b >= nb or cnt[b].ext == 0:
                 while i > 0:
                     i -= 1
-                    ext[ids[i]] += 1
+                    cnt[ids[i]].ext += 1
                 return self._decref_status(b, err)
-            ext[b] -= 1
+            cnt[b].ext -= 1
         self._unref_run(ids, n)
         return RF_OK
 
@@ -1301,15 +1299,15 @@ cdef class BlockManager:
         cdef Py_ssize_t i
         cdef int32_t b, r, tail = self._ev_tail[1], linked = 0
         cdef uint64_t clock = self._ev_clock
-        cdef int32_t* rc = self._refcnt.data()
+        cdef BlockRefs* cnt = self._refs.data()
         cdef PBlock* pb = self._pb.data()
         cdef PBlock* p
         cdef bint arc = self._policy == POLICY_ARC
         self._cold_anchor = -1
         for i in range(n):
             b = ids[i]
-            r = rc[b] - 1
-            rc[b] = r
+            r = cnt[b].rc - 1
+            cnt[b].rc = r
             if r != 0:
                 continue
             p = &pb[b]
@@ -1347,8 +1345,8 @@ cdef class BlockManager:
         if b < 0 or b >= self.num_blocks:
             err.a = self.num_blocks
             return RF_BLOCK_NOT_FOUND
-        err.a = self._refcnt[b]
-        return RF_BLOCK_FREE if self._refcnt[b] == 0 else RF_NO_EXTERNAL_REF
+        err.a = self._refs[b].rc
+        return RF_BLOCK_FREE if self._refs[b].rc == 0 else RF_NO_EXTERNAL_REF
 
     cdef int _decref_plain(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
         """decref without prefix caching, in one pass: blocks reaching zero are
@@ -1359,23 +1357,22 @@ cdef class BlockManager:
         cdef int32_t b, nb = self.num_blocks, freed = 0
         cdef int64_t word = -1
         cdef uint64_t acc = 0
-        cdef int32_t* rc = self._refcnt.data()
-        cdef int32_t* ext = self._extref.data()
+        cdef BlockRefs* cnt = self._refs.data()
         for i in range(n):
             b = ids[i]
             # One unsigned compare checks both bounds (a negative id wraps high).
-            if <uint32_t>b >= <uint32_t>nb or ext[b] == 0:
+            if <uint32_t>b >= <uint32_t>nb or cnt[b].ext == 0:
                 # Newest first, so an id named twice is re-taken once. (Bits still
                 # in `acc` were never set: clearing them changes nothing.)
                 for j in range(i - 1, -1, -1):
-                    ext[ids[j]] += 1
-                    rc[ids[j]] += 1
-                    if rc[ids[j]] == 1:
+                    cnt[ids[j]].ext += 1
+                    cnt[ids[j]].rc += 1
+                    if cnt[ids[j]].rc == 1:
                         self._bits_clear_from(0, ids[j])
                 return self._decref_status(b, err)
-            ext[b] -= 1
-            rc[b] -= 1
-            if rc[b] != 0:
+            cnt[b].ext -= 1
+            cnt[b].rc -= 1
+            if cnt[b].rc != 0:
                 continue
             freed += 1
             if (b >> 6) != word:
@@ -1447,10 +1444,10 @@ cdef class BlockManager:
         # will hold them), and evictable hits leave the allocatable pool.
         epoch = self._next_epoch()
         for j in range(h):
-            if self._refcnt[self._tmp_hits[j]] == INT32_MAX:
+            if self._refs[self._tmp_hits[j]].rc == INT32_MAX:
                 h = j       # this block cannot take another reference: reuse ends before it
                 break
-            if self._refcnt[self._tmp_hits[j]] == 0:
+            if self._refs[self._tmp_hits[j]].rc == 0:
                 h_ev += 1
         if nblocks - h + h_ev > self._avail():
             for j in range(h):
@@ -1675,7 +1672,7 @@ cdef class BlockManager:
                 break
             if room != 0:
                 last = s.blocks.back()
-                if self._refcnt[last] > 1:
+                if self._refs[last].rc > 1:
                     sc = self._scratch_at(last, epoch)
                     if sc.count == 0:
                         if rf_reserve(self._tmp_blocks, self._tmp_blocks.size() + 1):
@@ -1753,7 +1750,7 @@ cdef class BlockManager:
         cdef uint64_t no_blocks = 0
         cdef int64_t word = 0
         cdef int32_t prev = NO_SLOT
-        supply.refcnt = self._refcnt.data()
+        supply.refs = self._refs.data()
         while True:
             if i != 0:
                 prev = slots[i - 1]
@@ -1810,7 +1807,7 @@ cdef class BlockManager:
         for j in range(self._tmp_blocks.size()):
             b = self._tmp_blocks[j]
             sc = &self._scratch[b]
-            copies += sc.count if sc.count < self._refcnt[b] - 1 else self._refcnt[b] - 1
+            copies += sc.count if sc.count < self._refs[b].rc - 1 else self._refs[b].rc - 1
         if copies and rf_reserve(self._pending_copies, self._pending_copies.size() + 2 * copies):
             return RF_NO_MEMORY
         if needed + copies > 0:
@@ -1848,7 +1845,7 @@ cdef class BlockManager:
                 if <int64_t>(s.blocks.size() - 1) * self.block_size >= s.num_tokens:
                     b = s.blocks.back()
                     s.blocks.pop()
-                    self._refcnt[b] = 0
+                    self._refs[b].rc = 0
                     self._bits_set(b)
                     self._num_free += 1
                     self._stats.total_allocations -= 1
@@ -1878,7 +1875,7 @@ cdef class BlockManager:
             return RF_SEQ_EXISTS
         s = &self._seqs[src_slot]
         for j in range(s.blocks.size()):
-            if self._refcnt[s.blocks[j]] == INT32_MAX:
+            if self._refs[s.blocks[j]].rc == INT32_MAX:
                 err.id = s.blocks[j]
                 return RF_REFCOUNT_OVERFLOW
         st = self._claim_slot(&dst_slot, err)   # may move records: re-take pointers after
@@ -1898,7 +1895,7 @@ cdef class BlockManager:
         for j in range(s.blocks.size()):
             b = s.blocks[j]
             d.blocks.push(b)
-            self._refcnt[b] += 1
+            self._refs[b].rc += 1
         if s.has_tokens and s.tokens.size():
             rf_append_n(d.tokens, s.tokens.data(), s.tokens.size())
         if s.keys.size():
@@ -1961,7 +1958,7 @@ cdef class BlockManager:
 
     cdef inline bint _occupied(self, int32_t b) noexcept nogil:
         """In use or cached: not in the free bitmap."""
-        return self._refcnt[b] != 0 or (self.enable_prefix_caching and self._pb[b].serial != 0)
+        return self._refs[b].rc != 0 or (self.enable_prefix_caching and self._pb[b].serial != 0)
 
     cdef void _move_block(self, int32_t src, int32_t dst) noexcept nogil:
         """Relabel occupied block src as free block dst (refcounts and prefix-cache
@@ -1969,10 +1966,8 @@ cdef class BlockManager:
         cdef PBlock* p
         cdef int32_t c
         cdef int64_t bs = self.block_size
-        self._refcnt[dst] = self._refcnt[src]
-        self._extref[dst] = self._extref[src]
-        self._refcnt[src] = 0
-        self._extref[src] = 0
+        self._refs[dst] = self._refs[src]
+        self._refs[src] = _NO_REFS
         if not self.enable_prefix_caching or self._pb[src].serial == 0:
             return
         self._pb[dst] = self._pb[src]
@@ -2010,7 +2005,7 @@ cdef class BlockManager:
             err.a = self._pending_copies.size() // 2
             return RF_PENDING_COPIES
         for b in range(n, self.num_blocks):
-            if self._refcnt[b] != 0:
+            if self._refs[b].rc != 0:
                 err.id = b
                 return RF_BLOCK_IN_USE
         if self._reserve_registrations(0):
@@ -2034,8 +2029,7 @@ cdef class BlockManager:
         cdef SeqRec* s
         cdef vector[int32_t] refs, fills
         cdef uint64_t bit, w
-        if (<int64_t>self._refcnt.size() != n or <int64_t>self._extref.size() != n
-                or <int64_t>self._scratch.size() != n):
+        if <int64_t>self._refs.size() != n or <int64_t>self._scratch.size() != n:
             snprintf(msg, cap, "per-block arrays do not have num_blocks=%lld entries", n)
             return 1
         if rf_resize(refs, n, _ZERO) or rf_resize(fills, n, _NEG_ONE):
@@ -2068,9 +2062,9 @@ cdef class BlockManager:
                          s.seq_id)
                 return 1
             if (rf_room(s, bs) != 0 and s.sole_gen == rf_sole_gen(s, self._share_gen)
-                    and self._refcnt[s.blocks.back()] != 1):
+                    and self._refs[s.blocks.back()].rc != 1):
                 snprintf(msg, cap, "sequence %lld: marked sole holder of block %d, refcount %d",
-                         s.seq_id, s.blocks.back(), self._refcnt[s.blocks.back()])
+                         s.seq_id, s.blocks.back(), self._refs[s.blocks.back()].rc)
                 return 1
             for j in range(s.blocks.size()):
                 b = s.blocks[j]
@@ -2107,13 +2101,13 @@ cdef class BlockManager:
             snprintf(msg, cap, "LRU list holds %lld of %lld sequences", lru_len, live)
             return 1
         for i in range(n):
-            if self._extref[i] < 0 or self._refcnt[i] != refs[i] + self._extref[i]:
+            if self._refs[i].ext < 0 or self._refs[i].rc != refs[i] + self._refs[i].ext:
                 snprintf(msg, cap, "block %lld: refcount %d != %d table refs + %d external refs",
-                         i, self._refcnt[i], refs[i], self._extref[i])
+                         i, self._refs[i].rc, refs[i], self._refs[i].ext)
                 return 1
             bit = (self._bits[i >> 6] >> (i & 63)) & 1
             if bit != (not self._occupied(<int32_t>i)):
-                snprintf(msg, cap, "block %lld: free bit %d but refcount %d", i, <int>bit, self._refcnt[i])
+                snprintf(msg, cap, "block %lld: free bit %d but refcount %d", i, <int>bit, self._refs[i].rc)
                 return 1
             free_count += bit
         if free_count != self._num_free:
@@ -2174,9 +2168,9 @@ cdef class BlockManager:
             if rf_idmap_find(self._pindex, p.key) != i:
                 snprintf(msg, cap, "block %lld: prefix index does not map its key to it", i)
                 return 1
-            if (p.ev_list != 0) != (self._refcnt[i] == 0):
+            if (p.ev_list != 0) != (self._refs[i].rc == 0):
                 snprintf(msg, cap, "block %lld: cached with refcount %d but evictable=%d",
-                         i, self._refcnt[i], <int>p.ev_list)
+                         i, self._refs[i].rc, <int>p.ev_list)
                 return 1
             if p.ev_list >= 2 and self._policy != POLICY_ARC:
                 snprintf(msg, cap, "block %lld in list %d under the LRU policy", i, <int>p.ev_list)
@@ -2362,7 +2356,7 @@ cdef class BlockManager:
         self._lock.lock()
         n = self.num_blocks
         if b < n:
-            rc = self._refcnt[b]
+            rc = self._refs[b].rc
         self._lock.unlock()
         if rc < 0:
             raise BlockNotFound(f"block {b} out of range [0, {n})")
@@ -3014,7 +3008,7 @@ cdef class BlockManager:
         """Host memory held by the manager's own structures, in bytes (capacities)."""
         cdef size_t total = 0, slot
         self._lock.lock()
-        total += self._refcnt.capacity() * sizeof(int32_t) * 2
+        total += self._refs.capacity() * sizeof(BlockRefs)
         total += self._scratch.capacity() * sizeof(BlockScratch)
         total += self._bits.capacity() * sizeof(uint64_t)
         total += self._seqs.capacity() * sizeof(SeqRec)

@@ -182,6 +182,14 @@ static inline void rf_write_slots(int64_t *out, int64_t base, int64_t count) noe
 /* Index of the lowest set bit; x must be non-zero. */
 static inline int rf_ctz64(uint64_t x) { return __builtin_ctzll(x); }
 
+/* A block's reference counts: rc counts every reference (sequence tables
+ * and external ones), ext the external ones. Side by side, so decref and
+ * allocate touch one cache line per block. */
+struct BlockRefs {
+    int32_t rc;
+    int32_t ext;
+};
+
 /* Free blocks the decode run may take for steps into a full last block:
  * the free bits of one leaf word of the manager's bitmap (block ids from
  * base), lowest first, as sequential appends would take them. The run
@@ -191,7 +199,7 @@ static inline int rf_ctz64(uint64_t x) { return __builtin_ctzll(x); }
 struct rf_supply {
     uint64_t *word;
     int64_t base;
-    int32_t *refcnt;
+    BlockRefs *refs;
     int64_t taken;
 };
 
@@ -206,7 +214,7 @@ static __attribute__((noinline)) int64_t rf_fresh_block(SeqRec *s, int64_t c, in
         return 0;
     int32_t b = (int32_t)(supply->base + rf_ctz64(w));
     *supply->word = w & (w - 1);
-    supply->refcnt[b] = 1;
+    supply->refs[b].rc = 1;
     supply->taken++;
     s->blocks.push(b);
     return bs;

@@ -52,10 +52,10 @@ def add_external_refs(BlockManager manager, int32_t block, int32_t count):
     """Give a block in use `count` more external references in one step, so
     tests can reach refcounts at the edge of int32 (the caller keeps the sum
     within range and takes them back with drop_external_refs)."""
-    manager._refcnt[block] += count
-    manager._extref[block] += count
+    manager._refs[block].rc += count
+    manager._refs[block].ext += count
 
 
 def drop_external_refs(BlockManager manager, int32_t block, int32_t count):
-    manager._refcnt[block] -= count
-    manager._extref[block] -= count
+    manager._refs[block].rc -= count
+    manager._refs[block].ext -= count
