@@ -8,7 +8,7 @@ its Python twin in bench_allocator.py, checks every status, and returns
 nanoseconds per operation.
 """
 
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, INT64_MAX
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import numpy as np
@@ -76,23 +76,30 @@ def decode_sim(BlockManager m, int64_t[::1] ids, int64_t[::1] left, int64_t[::1]
                long steps, int64_t next_id):
     """ns per token of decode steps: one c_append_batch adding a token to every
     sequence in ids; a sequence whose `left` count runs out is removed and a new
-    one (next length from `lengths`) takes its place. ids and left are updated."""
+    one (next length from `lengths`) takes its place. ids and left are updated.
+    Like its Python twin's heap, the loop keeps each sequence's last step and
+    looks for ended ones only at steps where one ends, so the harness's own
+    bookkeeping stays out of the figure."""
     cdef Py_ssize_t n = ids.shape[0], k, used = 0
     cdef int32_t[::1] ones = np.ones(n, dtype=np.int32)
     cdef int64_t[::1] slots = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] last_step = np.asarray(left).copy()
+    cdef int64_t next_end = min(left) if n else 0, step = 0
     cdef ErrInfo err
-    cdef long step
     cdef int st = RF_OK
     cdef double t
     with nogil:
         t = _now_ns()
-        for step in range(steps):
+        while step < steps:
             st = m.c_append_batch(&ids[0], &ones[0], n, False, NULL, &slots[0], &err)
             if st != RF_OK:
                 break
+            step += 1
+            if step != next_end:
+                continue
+            next_end = INT64_MAX
             for k in range(n):
-                left[k] -= 1
-                if left[k] == 0:
+                if last_step[k] == step:
                     st = m.c_remove_sequence(ids[k], &err)
                     if st == RF_OK:
                         st = m.c_add_sequence(next_id, False, NULL, 0, 0, NULL, &err)
@@ -100,11 +107,14 @@ def decode_sim(BlockManager m, int64_t[::1] ids, int64_t[::1] left, int64_t[::1]
                         break
                     ids[k] = next_id
                     next_id += 1
-                    left[k] = lengths[used % lengths.shape[0]]
+                    last_step[k] = step + lengths[used % lengths.shape[0]]
                     used += 1
+                next_end = min(next_end, last_step[k])
             if st != RF_OK:
                 break
         t = _now_ns() - t
+    for k in range(n):
+        left[k] = last_step[k] - step
     if st != RF_OK:
         raise_status(st, &err)
     return t / (steps * n)
