@@ -305,6 +305,7 @@ cdef class BlockManager:
     cdef void _reset_prefix_locked(self) noexcept nogil
     cdef int _check_prefix_locked(self, char* msg, size_t cap) noexcept nogil
     cdef Py_ssize_t _decode_runs(self, const int64_t* seq_ids, const int32_t* counts, const int32_t* slots, Py_ssize_t i, Py_ssize_t n, uint32_t mark, double now, int64_t* slots_out, int64_t* off, int64_t* early) noexcept nogil
+    cdef bint _hint_holds(self, int32_t slot, int64_t seq_id) noexcept nogil
     cdef bint _early_take_allowed(self) noexcept nogil
     cdef void _took_from_word(self, int64_t word, int64_t k) noexcept nogil
     cdef int _append_room(self, int64_t needed, int64_t early, int64_t regs, uint64_t epoch, ErrInfo* err) noexcept nogil

@@ -458,7 +458,8 @@ cdef class BlockManager:
             if words == 1:
                 break
             words = _ceil_div(words, 64)
-        if (rf_resize(self._refs, n, _NO_REFS) or rf_resize(self._scratch, n, blank) or rf_resize(self._bits, total, <uint64_t>0)):
+        if (rf_resize(self._refs, n, _NO_REFS) or rf_resize(self._scratch, n, blank)
+                or rf_resize(self._bits, total, <uint64_t>0)):
             return RF_NO_MEMORY
         if self.enable_prefix_caching and self._resize_prefix(n):
             return RF_NO_MEMORY
@@ -1598,16 +1599,14 @@ cdef class BlockManager:
         i = -1
         while True:
             i += 1
-            if (not with_tokens and i < n and self._seqs.size() != 0
-                    and self._seqs[slots[i]].seq_id == seq_ids[i]):   # the hint holds
+            if not with_tokens and i < n and self._hint_holds(slots[i], seq_ids[i]):
                 i = self._decode_runs(seq_ids, counts, slots, i, n, <uint32_t>epoch, now,
                                       slots_out, &off, &early)
                 stamped = i
             if i >= n:
                 break
-            slot = slots[i]   # record 0 may not exist yet
-            if (<size_t>slot >= self._seqs.size() or seq_ids[i] < 0
-                    or self._seqs[slot].seq_id != seq_ids[i]):
+            slot = slots[i]
+            if not self._hint_holds(slot, seq_ids[i]):
                 slot = self._find(seq_ids[i])
                 if slot == NO_SLOT:
                     err.id = seq_ids[i]
@@ -1771,6 +1770,12 @@ cdef class BlockManager:
             early[0] += supply.taken
             if i >= n or supply.word[0] != 0:
                 return i
+
+    cdef inline bint _hint_holds(self, int32_t slot, int64_t seq_id) noexcept nogil:
+        """Whether a batch position's hint names the live record of seq_id
+        (record 0, a new position's hint, may not exist yet)."""
+        return (seq_id >= 0 and <size_t>slot < self._seqs.size()
+                and self._seqs[slot].seq_id == seq_id)
 
     cdef bint _early_take_allowed(self) noexcept nogil:
         """Whether append_batch's pass 1 may take fresh blocks for decode steps
