@@ -297,6 +297,7 @@ cdef class BlockManager:
     cdef void _ghost_check(self, int32_t b) noexcept nogil
     cdef void _event(self, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok) noexcept nogil
     cdef void _unregister_tree(self, int32_t b) noexcept nogil
+    cdef int32_t _cached_parent(self, SeqRec* s, int64_t j) noexcept nogil
     cdef void _register_block(self, SeqRec* s, int64_t j) noexcept nogil
     cdef void _register_full(self, SeqRec* s, int64_t from_block) noexcept nogil
     cdef int _reserve_registrations(self, int64_t n) noexcept nogil

@@ -857,20 +857,47 @@ cdef class BlockManager:
                 self._bits_set(x)
                 self._num_free += 1
 
+    cdef int32_t _cached_parent(self, SeqRec* s, int64_t j) noexcept nogil:
+        """The cached block whose content chain is s's first j >= 1 blocks, or -1.
+
+        That is s's own block j - 1 when it is cached. Otherwise it may be a
+        twin cached earlier by another sequence (s completed a block equal to a
+        cached one, which is not cached twice): the block indexed under s's key
+        of block j - 1, accepted only if its chain holds s's tokens block by
+        block up to a block s itself holds (or to a root with s's salt), so a
+        hash collision can never give a wrong parent."""
+        cdef int32_t x = s.blocks[j - 1], found
+        cdef int64_t i = j - 1, bs = self.block_size
+        if self._pb[x].serial != 0:
+            return x
+        found = rf_idmap_find(self._pindex, s.keys[j - 1])
+        x = found
+        while x >= 0:
+            if x == s.blocks[i]:
+                return found
+            if not rf_tokens_equal(&self._btok[<size_t>x * bs], &s.tokens[i * bs], bs):
+                return -1
+            if i == 0:
+                return found if self._pb[x].parent < 0 and self._pb[x].salt == s.salt else -1
+            x = self._pb[x].parent
+            i -= 1
+        return -1
+
     cdef void _register_block(self, SeqRec* s, int64_t j) noexcept nogil:
-        """Index full block j of s under s.keys[j] when its parent is indexed and the
-        key is new (room reserved by the caller)."""
+        """Index full block j of s under s.keys[j] when the key is new and the
+        blocks before it are cached, as s's own or as twins by content (room
+        reserved by the caller)."""
         cdef int32_t b = s.blocks[j], parent = -1
         cdef int64_t bs = self.block_size
         cdef PBlock* p = &self._pb[b]
         if p.serial != 0:
             return
-        if j > 0:
-            parent = s.blocks[j - 1]
-            if self._pb[parent].serial == 0:
-                return
         if rf_idmap_find(self._pindex, s.keys[j]) >= 0:
             return
+        if j > 0:
+            parent = self._cached_parent(s, j)
+            if parent < 0:
+                return
         rf_idmap_put(self._pindex, s.keys[j], b)
         self._serial += 1
         p.serial = self._serial

@@ -1,5 +1,24 @@
 import os
 import sys
 
-# The reference model lives beside the tests.
+from hypothesis import HealthCheck, settings
+
+# The reference model and helpers live beside the tests.
 sys.path.insert(0, os.path.dirname(__file__))
+
+from opcount import OPS  # noqa: E402
+
+# Hypothesis budgets. "ci" is the default; "deep" is for tools/stateful_deep.sh
+# (ROCMFORGE_DEEP_EXAMPLES sets its example count; CI runs a seeded slice).
+# --hypothesis-profile picks one, --hypothesis-seed fixes the seed.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("ci", max_examples=200, stateful_step_count=40, **_COMMON)
+settings.register_profile("deep", max_examples=int(os.environ.get("ROCMFORGE_DEEP_EXAMPLES", 2500)),
+                          stateful_step_count=100, **_COMMON)
+settings.load_profile("ci")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if OPS:
+        counts = ", ".join(f"{name} {n:,}" for name, n in sorted(OPS.items()))
+        terminalreporter.write_line(f"stateful operations run against the reference model: {counts}")
