@@ -109,4 +109,12 @@ build_kernels("nvcc", "kv_kernels.fatbin", "ROCMFORGE_CUDA_ARCHS", "80;90", cuda
 build_kernels("hipcc", "kv_kernels.hsaco", "ROCMFORGE_HIP_ARCHS", "gfx90a;gfx940", hip_flags,
               env={"HIP_PLATFORM": "amd"})
 
-setup(ext_modules=cythonize([core, bench_capi, runtime, kernels, dlpack, kvcache], compiler_directives={"language_level": 3}))
+extensions = [core, bench_capi, runtime, kernels, dlpack, kvcache]
+directives = {"language_level": 3}
+if os.environ.get("ROCMFORGE_LINETRACE"):
+    # tools/coverage.sh: line tracing for Cython's coverage plugin (slow; never in a release build).
+    directives["linetrace"] = True
+    for ext in extensions:
+        ext.define_macros.append(("CYTHON_TRACE_NOGIL", "1"))
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -423,7 +423,6 @@ cdef class BlockManager:
             self._ev_head[lst] = -1
             self._ev_tail[lst] = -1
             self._ev_len[lst] = 0
-            self._ghost_pos[lst] = 0
         self._epoch = 0
         self._share_gen = 1
         self._num_free = 0

@@ -190,7 +190,8 @@ cdef class KvCache:
 
     cdef _allocate(self, int64_t num_blocks, list old):
         """Storage for num_blocks blocks per cache, keeping the leading blocks of old
-        (zeros elsewhere); installs it under the lock. Raises before changing anything."""
+        (zeros elsewhere), installed once it is complete: raises before changing
+        anything. The caller holds the lock (or is __init__)."""
         cdef int64_t nbytes = num_blocks * self._block_bytes, keep
         cdef DeviceBuffer buf, prev
         cdef int st = 0, i
@@ -211,22 +212,22 @@ cdef class KvCache:
                 memset(<void*><size_t>(buf._ptr + keep), 0, nbytes - keep)
             elif st == 0:
                 st = rt_memset(self._dev, buf._ptr + keep, 0, nbytes - keep, NULL)
-        with self._lock:
-            for i in range(len(fresh) if old else 0):
-                buf, prev = fresh[i], old[i]
-                if buf.on_host:
-                    memcpy(<void*><size_t>buf._ptr, <const void*><size_t>prev._ptr, keep)
-                elif st == 0:
-                    st = rt_dtod(self._dev, buf._ptr, prev._ptr, keep, NULL)
-            if st == 0 and self._dev >= 0:
-                st = rt_device_sync(self._dev)
-            if st == 0:
-                self._buffers, self._addrs, self._dev_addrs, self._num_blocks = fresh, addrs, table, num_blocks
+        for i in range(len(fresh) if old else 0):
+            buf, prev = fresh[i], old[i]
+            if buf.on_host:
+                memcpy(<void*><size_t>buf._ptr, <const void*><size_t>prev._ptr, keep)
+            elif st == 0:
+                st = rt_dtod(self._dev, buf._ptr, prev._ptr, keep, NULL)
+        if st == 0 and self._dev >= 0:
+            st = rt_device_sync(self._dev)
+        if st == 0:
+            self._buffers, self._addrs, self._dev_addrs, self._num_blocks = fresh, addrs, table, num_blocks
         check(st, "allocating the cache storage")
 
     # ---- state ------------------------------------------------------------------------------------
 
     def _live(self):
+        """Raise if closed. Calls that touch the storage check again under the lock."""
         if not self._open:
             raise ArgumentValueError("the KvCache is closed")
 
@@ -258,7 +259,7 @@ cdef class KvCache:
             self._open = False
             self._buffers, self._dev_addrs, self._scratch, self._bad = [], None, None, None
             self._addrs.clear()
-        self._swapped = {}
+            self._swapped = {}
 
     def __enter__(self):
         return self
@@ -283,11 +284,22 @@ cdef class KvCache:
         """Layer's key cache as a DeviceArray [num_blocks, block_size, heads, head_dim]
         (zero-copy through DLPack). compact() and grow() replace the storage:
         take the arrays again after them."""
-        return DeviceArray(self._buffers[2 * self._layer(layer)], self._cache_shape(), self.dtype)
+        return self._export(2 * self._layer(layer))
 
     def value_cache(self, layer):
         """Layer's value cache as a DeviceArray (see key_cache)."""
-        return DeviceArray(self._buffers[2 * self._layer(layer) + 1], self._cache_shape(), self.dtype)
+        return self._export(2 * self._layer(layer) + 1)
+
+    cdef DeviceArray _export(self, int i):
+        with self._lock:
+            self._check_open()
+            return DeviceArray(self._buffers[i], self._cache_shape(), self.dtype)
+
+    cdef int _check_open(self) except -1:
+        """_live for a caller that holds the lock: close() may have run since."""
+        if not self._open:
+            raise ArgumentValueError("the KvCache is closed")
+        return 0
 
     def _cache_shape(self):
         return (self._num_blocks, self._block_size, self._heads, self._head_dim)
@@ -309,11 +321,9 @@ cdef class KvCache:
         return self._scratch._ptr + at
 
     cdef _reserve_scratch(self, int64_t nbytes):
-        """Grow the scratch buffer to hold nbytes (plus alignment)."""
+        """Grow the scratch buffer to hold nbytes (plus alignment). Call with the lock held."""
         if nbytes + 64 > <int64_t>self._scratch.nbytes:
-            grown = DeviceBuffer(max(nbytes + 64, 2 * self._scratch.nbytes), self._dev)
-            with self._lock:
-                self._scratch = grown
+            self._scratch = DeviceBuffer(max(nbytes + 64, 2 * self._scratch.nbytes), self._dev)
 
     # ---- the data path ----------------------------------------------------------------------------
 
@@ -349,8 +359,6 @@ cdef class KvCache:
             self._check_device(&s, "slot_mapping")
         elif not isinstance(slot_mapping, np.ndarray):     # e.g. a torch CPU tensor: view its memory
             slot_mapping = cnp.PyArray_SimpleNewFromData(1, &T, cnp.NPY_INT64, <void*><size_t>s.ptr)
-        if self._dev >= 0 and host_slots:
-            self._reserve_scratch(8 * T)
         if T == 0:
             return
         if host_slots:
@@ -358,18 +366,19 @@ cdef class KvCache:
             if bad >= 0:
                 raise ArgumentValueError(f"slot_mapping[{bad}] = {slot_mapping[bad]} outside "
                                          f"[-1, {self._num_blocks * self._block_size})")
-        self._apply_pending(strm)
-        with self._lock:    # checked again: compact() may have shrunk the pool meanwhile
-            if not self._open:
-                st = -2
-            elif host_slots:
+        with self._lock:
+            self._check_open()
+            if self._dev >= 0 and host_slots:
+                self._reserve_scratch(8 * T)
+            self._apply_pending(strm)
+            if host_slots:      # checked again: compact() may have shrunk the pool meanwhile
                 bad = _first_bad(<const int64_t*><size_t>s.ptr, T, self._num_blocks * self._block_size)
-            if st == 0 and bad < 0 and self._dev < 0:
+            if bad < 0 and self._dev < 0:
                 st = rf_host_write_kv(<void*><size_t>self._addrs[2 * l], <void*><size_t>self._addrs[2 * l + 1],
                                       <void*><size_t>k.ptr, <void*><size_t>v.ptr, <const int64_t*><size_t>s.ptr,
                                       T, self._row, self._num_blocks * self._block_size, k.dtype, self._dt,
                                       self._k_scale[l], self._v_scale[l], &bad)
-            elif st == 0 and bad < 0:
+            elif bad < 0:
                 slots_dev = self._stage(<cnp.ndarray>slot_mapping, &used, strm) if host_slots else s.ptr
                 st = _RT_RUNTIME if slots_dev == 0 else self._kernels.write_kv(
                     self._addrs[2 * l], self._addrs[2 * l + 1], k.ptr, v.ptr, slots_dev, T, self._row,
@@ -378,8 +387,6 @@ cdef class KvCache:
                     self._bad._ptr + 8 * l, strm)
                 if st == 0 and host_slots:
                     st = rt_stream_sync(self._dev, strm)
-        if st == -2:
-            self._live()
         if bad >= 0:
             raise ArgumentValueError(f"slot_mapping[{bad}] = {slot_mapping[bad]} outside "
                                      f"[-1, {self._num_blocks * self._block_size})")
@@ -414,23 +421,32 @@ cdef class KvCache:
         arr = np.asarray(pairs)
         if arr.dtype != np.int32 or arr.ndim != 2 or arr.shape[1] != 2:
             raise ArgumentValueError("pairs must be int32 of shape (k, 2)")
-        if arr.size and (arr.min() < 0 or arr.max() >= self._num_blocks):
-            raise BlockNotFound(f"pairs name a block outside [0, {self._num_blocks})")
-        if len(arr):
-            self._copy_pairs(arr, _stream_handle(stream))
+        cdef void* strm = _stream_handle(stream)
+        with self._lock:
+            self._check_open()
+            if arr.size and (arr.min() < 0 or arr.max() >= self._num_blocks):
+                raise BlockNotFound(f"pairs name a block outside [0, {self._num_blocks})")
+            if len(arr):
+                self._copy_pairs(arr, strm)
 
     def apply_pending_copies(self, stream=None):
         """Run the manager's queued copy-on-write copies now (write_kv does it first anyway)."""
+        cdef void* strm = _stream_handle(stream)
         self._live()
-        self._apply_pending(_stream_handle(stream))
+        with self._lock:
+            self._check_open()
+            self._apply_pending(strm)
 
     cdef _apply_pending(self, void* stream):
+        """Take the manager's pending copies and apply them. Call with the lock
+        held, so no other call writes a copy's target before the copy lands."""
         pairs = self.manager.take_pending_copies()
         if len(pairs):
             self._copy_pairs(pairs, stream)
 
     cdef _copy_pairs(self, cnp.ndarray pairs, void* stream):
-        """Apply (src, dst) block copies, in order, to every layer's K and V."""
+        """Apply (src, dst) block copies, in order, to every layer's K and V. Call
+        with the lock held."""
         cdef int64_t bad = -1, used = 0
         cdef uint64_t staged
         cdef int st = 0
@@ -439,20 +455,19 @@ cdef class KvCache:
         waves = _waves(pairs) if self._dev >= 0 else [pairs]
         if self._dev >= 0:
             self._reserve_scratch(pairs.nbytes + 16 * len(waves))
-        with self._lock:
-            for wave in waves:
-                if self._dev < 0:
-                    st = rf_host_copy_blocks(<void* const*>self._addrs.data(), self._addrs.size(),
-                                             <const int32_t*>cnp.PyArray_DATA(wave), wave.shape[0],
-                                             self._block_bytes, self._num_blocks, &bad)
-                else:
-                    staged = self._stage(wave, &used, stream)
-                    st = _RT_RUNTIME if staged == 0 else self._kernels.copy_blocks(
-                        self._dev_addrs._ptr, self._addrs.size(), staged, wave.shape[0], self._block_bytes, stream)
-                if st != 0:
-                    break
-            if st == 0 and self._dev >= 0:
-                st = rt_stream_sync(self._dev, stream)
+        for wave in waves:
+            if self._dev < 0:
+                st = rf_host_copy_blocks(<void* const*>self._addrs.data(), self._addrs.size(),
+                                         <const int32_t*>cnp.PyArray_DATA(wave), wave.shape[0],
+                                         self._block_bytes, self._num_blocks, &bad)
+            else:
+                staged = self._stage(wave, &used, stream)
+                st = _RT_RUNTIME if staged == 0 else self._kernels.copy_blocks(
+                    self._dev_addrs._ptr, self._addrs.size(), staged, wave.shape[0], self._block_bytes, stream)
+            if st != 0:
+                break
+        if st == 0 and self._dev >= 0:
+            st = rt_stream_sync(self._dev, stream)
         if self._dev < 0 and st != 0:
             raise BlockNotFound(f"copy pair {pairs[bad].tolist()} names a block outside [0, {self._num_blocks})")
         check(st, "copy_blocks")
@@ -462,36 +477,43 @@ cdef class KvCache:
         device-side slot_mapping met a slot outside the cache (that token was skipped)."""
         cdef cnp.ndarray words = np.empty(self._num_layers, dtype=np.uint64)
         cdef int st = 0
+        cdef DeviceBuffer flags
         self._live()
         if self._dev < 0:
             return
+        with self._lock:
+            self._check_open()
+            flags = self._bad           # kept alive here if close() runs meanwhile
         with nogil:
             st = rt_device_sync(self._dev)
             if st == 0:
-                st = rt_dtoh(self._dev, cnp.PyArray_DATA(words), self._bad._ptr, 8 * self._num_layers, NULL)
+                st = rt_dtoh(self._dev, cnp.PyArray_DATA(words), flags._ptr, 8 * self._num_layers, NULL)
             if st == 0:
                 st = rt_device_sync(self._dev)
         check(st, "synchronize")
         if (words != np.uint64(2**64 - 1)).any():
             layer = int(np.argmax(words != np.uint64(2**64 - 1)))
-            self._bad.memset(0xFF)
+            flags.memset(0xFF)
             raise DeviceError(f"write_kv on layer {layer}: slot_mapping[{int(words[layer])}] was outside "
                               f"[-1, {self._num_blocks * self._block_size}); that token was not written", 0)
 
     def gather(self, seq_id, layer):
         """A sequence's keys and values of one layer, contiguous: two DeviceArrays
-        [num_tokens, heads, head_dim] in the storage dtype (copies)."""
+        [num_tokens, heads, head_dim] in the storage dtype (copies). The table is
+        read under the lock, so a compaction is entirely before or after."""
         cdef int l = self._layer(layer)
-        cdef cnp.ndarray table = np.ascontiguousarray(self.manager.block_table(seq_id), dtype=np.int32)
-        cdef int64_t n = self.manager.num_tokens(seq_id), bad = -1, used = 0, i, row_bytes
+        cdef cnp.ndarray table
+        cdef int64_t n, bad = -1, used = 0, i, row_bytes = self._row * self._itemsize
         cdef uint64_t staged
         cdef int st = 0
         cdef DeviceBuffer out
-        row_bytes = self._row * self._itemsize
-        outs = [DeviceBuffer(n * row_bytes, self._dev) for _ in range(2)]
-        if self._dev >= 0:
-            self._reserve_scratch(table.nbytes)
         with self._lock:
+            self._check_open()
+            _, table, last = self.manager.csr_block_tables([seq_id])      # one consistent snapshot
+            n = 0 if len(table) == 0 else (len(table) - 1) * self._block_size + int(last[0])
+            outs = [DeviceBuffer(n * row_bytes, self._dev) for _ in range(2)]
+            if self._dev >= 0:
+                self._reserve_scratch(table.nbytes)
             for i in range(2):
                 out = outs[i]
                 if self._dev < 0:
@@ -513,7 +535,8 @@ cdef class KvCache:
     # ---- swapping ---------------------------------------------------------------------------------
 
     cdef _move_blocks(self, bint out, cnp.ndarray ids, cnp.ndarray host):
-        """Copy blocks ids of every cache to host ([2L, len(ids), block_bytes] bytes) or back."""
+        """Copy blocks ids of every cache to host ([2L, len(ids), block_bytes] bytes) or
+        back. Call with the lock held."""
         cdef int64_t bad = -1, used = 0, n = ids.shape[0]
         cdef uint64_t staged
         cdef int st = 0
@@ -523,27 +546,26 @@ cdef class KvCache:
         if self._dev >= 0:
             staging = DeviceBuffer(host.nbytes, self._dev)
             self._reserve_scratch(ids.nbytes)
-        with self._lock:
-            if self._dev < 0 and out:
-                st = rf_host_gather_blocks(<const void* const*>self._addrs.data(), self._addrs.size(),
-                                           <const int32_t*>cnp.PyArray_DATA(ids), n, self._block_bytes,
-                                           self._num_blocks, cnp.PyArray_DATA(host), &bad)
-            elif self._dev < 0:
-                st = rf_host_scatter_blocks(<void* const*>self._addrs.data(), self._addrs.size(),
-                                            <const int32_t*>cnp.PyArray_DATA(ids), n, self._block_bytes,
-                                            self._num_blocks, cnp.PyArray_DATA(host), &bad)
-            else:
-                staged = self._stage(ids, &used, NULL)
-                st = _RT_RUNTIME if staged == 0 else 0
-                if st == 0 and not out:
-                    st = rt_htod(self._dev, staging._ptr, cnp.PyArray_DATA(host), host.nbytes, NULL)
-                if st == 0:
-                    st = self._kernels.move_blocks(out, staging._ptr, self._dev_addrs._ptr, self._addrs.size(),
-                                                   staged, n, self._block_bytes, NULL)
-                if st == 0 and out:
-                    st = rt_dtoh(self._dev, cnp.PyArray_DATA(host), staging._ptr, host.nbytes, NULL)
-                if st == 0:
-                    st = rt_stream_sync(self._dev, NULL)
+        if self._dev < 0 and out:
+            st = rf_host_gather_blocks(<const void* const*>self._addrs.data(), self._addrs.size(),
+                                       <const int32_t*>cnp.PyArray_DATA(ids), n, self._block_bytes,
+                                       self._num_blocks, cnp.PyArray_DATA(host), &bad)
+        elif self._dev < 0:
+            st = rf_host_scatter_blocks(<void* const*>self._addrs.data(), self._addrs.size(),
+                                        <const int32_t*>cnp.PyArray_DATA(ids), n, self._block_bytes,
+                                        self._num_blocks, cnp.PyArray_DATA(host), &bad)
+        else:
+            staged = self._stage(ids, &used, NULL)
+            st = _RT_RUNTIME if staged == 0 else 0
+            if st == 0 and not out:
+                st = rt_htod(self._dev, staging._ptr, cnp.PyArray_DATA(host), host.nbytes, NULL)
+            if st == 0:
+                st = self._kernels.move_blocks(out, staging._ptr, self._dev_addrs._ptr, self._addrs.size(),
+                                               staged, n, self._block_bytes, NULL)
+            if st == 0 and out:
+                st = rt_dtoh(self._dev, cnp.PyArray_DATA(host), staging._ptr, host.nbytes, NULL)
+            if st == 0:
+                st = rt_stream_sync(self._dev, NULL)
         check(st, "swapping blocks")
 
     def swap_out(self, seq_ids):
@@ -551,63 +573,71 @@ cdef class KvCache:
         by swapping). All named sequences must exist; nothing changes otherwise."""
         self._live()
         ids = _distinct_ids(seq_ids)
-        for sid in ids:
-            if sid not in self.manager:
-                raise SequenceNotFound(f"sequence {sid} not found")
-        self._apply_pending(NULL)
-        for sid in ids:
-            info = self.manager.sequence_info(sid)
-            table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
-            host = np.empty((2 * self._num_layers, len(table), self._block_bytes), dtype=np.uint8)
-            self._move_blocks(True, table, host)
-            self._swapped[sid] = (host, info["num_tokens"], self.manager.sequence_tokens(sid), info["salt_key"])
-            self.manager.remove_sequence(sid)
+        with self._lock:
+            self._check_open()
+            for sid in ids:
+                if sid not in self.manager:
+                    raise SequenceNotFound(f"sequence {sid} not found")
+            self._apply_pending(NULL)
+            for sid in ids:
+                info = self.manager.sequence_info(sid)
+                table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
+                host = np.empty((2 * self._num_layers, len(table), self._block_bytes), dtype=np.uint8)
+                self._move_blocks(True, table, host)
+                self._swapped[sid] = (host, info["num_tokens"], self.manager.sequence_tokens(sid),
+                                      info["salt_key"])
+                self.manager.remove_sequence(sid)
 
     def swap_in(self, seq_ids):
         """Bring swapped-out sequences back: fresh blocks (a cached prefix is reused),
         their K/V copied back. All or nothing: OutOfBlocks leaves them swapped out."""
         self._live()
         ids = _distinct_ids(seq_ids)
-        for sid in ids:
-            if sid not in self._swapped:
-                raise SequenceNotFound(f"sequence {sid} is not swapped out")
-            if sid in self.manager:
-                raise SequenceExists(f"sequence {sid} exists")
-        done = []
-        try:
+        with self._lock:
+            self._check_open()
             for sid in ids:
-                host, num_tokens, tokens, salt_key = self._swapped[sid]
-                if tokens is None:
-                    self.manager.add_sequence(sid, num_tokens=num_tokens)
-                else:
-                    self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
-                done.append(sid)
-                hits = self.manager.num_cached_tokens(sid) // self._block_size
-                table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
-                self._move_blocks(False, table, np.ascontiguousarray(host[:, hits:]))
-        except BaseException:
-            for sid in done:                # their data is in place: removing keeps the cache valid
-                self.manager.remove_sequence(sid)
-            raise
-        for sid in ids:
-            del self._swapped[sid]
+                if sid not in self._swapped:
+                    raise SequenceNotFound(f"sequence {sid} is not swapped out")
+                if sid in self.manager:
+                    raise SequenceExists(f"sequence {sid} exists")
+            done = []
+            try:
+                for sid in ids:
+                    host, num_tokens, tokens, salt_key = self._swapped[sid]
+                    if tokens is None:
+                        self.manager.add_sequence(sid, num_tokens=num_tokens)
+                    else:
+                        self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
+                    done.append(sid)
+                    hits = self.manager.num_cached_tokens(sid) // self._block_size
+                    table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
+                    self._move_blocks(False, table, np.ascontiguousarray(host[:, hits:]))
+            except BaseException:
+                for sid in done:                # their data is in place: removing keeps the cache valid
+                    self.manager.remove_sequence(sid)
+                raise
+            for sid in ids:
+                del self._swapped[sid]
 
     def drop_swapped(self, seq_ids):
         """Forget swapped-out sequences (their host copies are freed)."""
         ids = _distinct_ids(seq_ids)
-        for sid in ids:
-            if sid not in self._swapped:
-                raise SequenceNotFound(f"sequence {sid} is not swapped out")
-        for sid in ids:
-            del self._swapped[sid]
+        with self._lock:
+            for sid in ids:
+                if sid not in self._swapped:
+                    raise SequenceNotFound(f"sequence {sid} is not swapped out")
+            for sid in ids:
+                del self._swapped[sid]
 
     def swapped_sequences(self):
         """Ids of the sequences swapped out to host memory."""
-        return sorted(self._swapped)
+        with self._lock:
+            return sorted(self._swapped)
 
     def swapped_bytes(self):
         """Host memory held by swapped-out sequences."""
-        return sum(entry[0].nbytes for entry in self._swapped.values())
+        with self._lock:
+            return sum(entry[0].nbytes for entry in self._swapped.values())
 
     # ---- pool size ----------------------------------------------------------------------------------
 
@@ -615,16 +645,25 @@ cdef class KvCache:
         """Compact the manager (occupied blocks move to the lowest ids), move their
         K/V accordingly, and with ``shrink`` cut the pool and the storage down to
         the occupied blocks, giving the memory back. Returns the (old, new) moves.
-        Other threads must not use the manager meanwhile."""
+
+        Serialized with the data path: a write_kv, gather or swap in another
+        thread runs entirely before or after it. Block ids and slots taken
+        before it are stale after it (remap them with the moves)."""
         self._live()
-        self._apply_pending(NULL)
-        moves = self.manager.compact()
-        if len(moves):
-            self._copy_pairs(moves, NULL)
-        occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
-        if shrink and occupied < self._num_blocks:
-            self.manager.shrink(occupied)
-            self._allocate(occupied, self._buffers)
+        with self._lock:
+            self._check_open()
+            self._apply_pending(NULL)
+            moves = self.manager.compact()
+            if len(moves):
+                self._copy_pairs(moves, NULL)
+            occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
+            if shrink and occupied < self._num_blocks:
+                self.manager.shrink(occupied)
+                try:
+                    self._allocate(occupied, self._buffers)
+                except BaseException:
+                    self.manager.grow(self._num_blocks)
+                    raise
         return moves
 
     def grow(self, num_blocks):
@@ -633,9 +672,11 @@ cdef class KvCache:
         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
             raise ArgumentTypeError("num_blocks must be an int")
         n = num_blocks.__index__()
-        if n < self._num_blocks:
-            raise InvalidConfiguration(f"grow to {n} < num_blocks={self._num_blocks}: use compact()")
-        self._allocate(n, self._buffers)
-        self.manager.grow(n)
+        with self._lock:
+            self._check_open()
+            if n < self._num_blocks:
+                raise InvalidConfiguration(f"grow to {n} < num_blocks={self._num_blocks}: use compact()")
+            self._allocate(n, self._buffers)
+            self.manager.grow(n)
 
 

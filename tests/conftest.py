@@ -8,6 +8,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from opcount import OPS  # noqa: E402
 
+_GPU_OUTCOMES = {"passed": 0, "failed": 0, "skipped": 0}
+
 # Hypothesis budgets. "ci" is the default; "deep" is for tools/stateful_deep.sh
 # (ROCMFORGE_DEEP_EXAMPLES sets its example count; CI runs a seeded slice).
 # --hypothesis-profile picks one, --hypothesis-seed fixes the seed.
@@ -18,7 +20,17 @@ settings.register_profile("deep", max_examples=int(os.environ.get("ROCMFORGE_DEE
 settings.load_profile("ci")
 
 
+def pytest_runtest_logreport(report):
+    """Count the outcomes of tests marked gpu (a skip is reported at setup)."""
+    if "gpu" in report.keywords and (report.when == "call" or (report.when == "setup" and not report.passed)):
+        _GPU_OUTCOMES[report.outcome] += 1
+
+
 def pytest_terminal_summary(terminalreporter):
+    if any(_GPU_OUTCOMES.values()):
+        o = _GPU_OUTCOMES
+        terminalreporter.write_line(f"GPU tests: {o['passed'] + o['failed']} ran ({o['passed']} passed, "
+                                    f"{o['failed']} failed), {o['skipped']} skipped")
     if OPS:
         counts = ", ".join(f"{name} {n:,}" for name, n in sorted(OPS.items()))
         terminalreporter.write_line(f"stateful operations run against the reference model: {counts}")

@@ -114,3 +114,35 @@ def test_prefix_bench_on_the_conversation_trace():
         assert row["lru"]["hit_rate"] == pytest.approx(plain_lru(requests, int(cap)))
         assert row["belady"]["hit_rate"] >= max(row["lru"]["hit_rate"], row["arc"]["hit_rate"])
         assert row["lru"]["hit_rate"] > 0
+
+
+@pytest.mark.parametrize("kind", ["agent", "docqa"])
+def test_synthetic_traces_have_their_sharing_structure(kind):
+    requests = bench_prefix.synthetic_trace(kind, num_requests=400, seed=3)
+    assert len(requests) == 400 and requests == bench_prefix.synthetic_trace(kind, 400, seed=3)
+    assert requests != bench_prefix.synthetic_trace(kind, 400, seed=4)
+    for ids, n in requests:
+        assert (len(ids) - 1) * bench_prefix.BLOCK < n <= len(ids) * bench_prefix.BLOCK
+    firsts = [ids[0] for ids, _ in requests]
+    assert len(set(firsts)) < len(firsts) // 2            # prompts share their leading blocks
+    lengths = [len(ids) for ids, _ in requests]
+    if kind == "docqa":
+        assert min(lengths) >= 9 and max(lengths) <= 66   # a 8-64 block document + a 1-2 block question
+    with pytest.raises(ValueError, match="unknown synthetic trace"):
+        bench_prefix.synthetic_trace("chat")
+
+
+def test_prefix_bench_main_prints_a_table_then_json(capsys, tmp_path):
+    bench_prefix.main(["--synthetic", "docqa", "--limit", "300", "--capacity-tokens", "100000", "400000"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert lines[0].startswith("synthetic-docqa: 300 requests") and summary["requests"] == 300
+    assert set(summary["results"]) == {"100000", "400000"}
+    assert set(summary["results"]["100000"]) == {"lru", "arc", "belady"}
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"input_length": 600, "hash_ids": [1, 2]}\n{"input_length": 700, "hash_ids": [1, 3]}\n')
+    bench_prefix.main(["--trace", str(trace), "--capacity-tokens", "5000", "--policy", "arc"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["results"]["5000"]["arc"]["hit_tokens"] == 512
+    with pytest.raises(SystemExit):
+        bench_prefix.main(["--synthetic", "agent", "--capacity-tokens", "100"])

@@ -567,3 +567,38 @@ def test_invalid_configuration():
         BlockManager(1.5, 16)
     with pytest.raises(rf.ArgumentTypeError):
         BlockManager(10, "16")
+
+
+def test_configuration_properties_are_read_only():
+    m = rf.BlockManager(8, 4, evict_sequences=True, enable_prefix_caching=True, enable_events=True,
+                        eviction_policy="arc")
+    assert (m.evict_sequences, m.enable_prefix_caching, m.enable_events, m.eviction_policy) == (
+        True, True, True, "arc")
+    plain = rf.BlockManager(8, 4)
+    assert (plain.evict_sequences, plain.enable_prefix_caching, plain.enable_events) == (False, False, False)
+    for name in ("evict_sequences", "enable_prefix_caching", "enable_events", "num_blocks", "block_size"):
+        with pytest.raises(AttributeError):
+            setattr(m, name, getattr(m, name))
+
+
+def test_sequence_info_says_whether_token_ids_are_kept():
+    m = rf.BlockManager(8, 4)
+    m.add_sequence(1, [5, 6, 7])
+    m.add_sequence(2, num_tokens=3)
+    assert m.sequence_info(1)["has_tokens"] is True and m.sequence_info(2)["has_tokens"] is False
+    assert m.sequence_tokens(2) is None and m.sequence_tokens(1).tolist() == [5, 6, 7]
+
+
+def test_last_compaction_ms_times_the_last_compaction():
+    m = rf.BlockManager(400_000, 1)
+    assert m.stats()["last_compaction_ms"] == 0.0 and m.stats()["compaction_count"] == 0
+    held = m.allocate(300_000)
+    m.decref(np.ascontiguousarray(held[::2]))       # 150,000 holes below 150,000 used blocks
+    start = time.perf_counter()
+    moves = m.compact()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    stats = m.stats()
+    assert len(moves) > 0 and stats["compaction_count"] == 1
+    assert 0.0 < stats["last_compaction_ms"] <= wall_ms
+    m.compact()                                     # nothing to move: the time of this one
+    assert m.stats()["compaction_count"] == 2 and m.stats()["last_compaction_ms"] != stats["last_compaction_ms"]

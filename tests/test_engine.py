@@ -272,3 +272,92 @@ def test_cancel_drops_a_swapped_out_request():
         eng.cancel(i)
     eng.step()
     assert cache.swapped_sequences() == [] and cache.manager.num_used_blocks == 0 and not eng.has_work()
+
+
+def test_admission_waits_while_the_blocks_held_elsewhere_leave_no_room():
+    """With nothing running, admission tries add_sequence, which raises OutOfBlocks
+    while blocks are held outside the engine: the request keeps waiting, and is
+    admitted once they are released."""
+    m = rf.BlockManager(8, 4)
+    held = m.allocate(6)
+    eng = Engine(m, Model())
+    eng.submit(Request("big", np.arange(12, dtype=np.int32), max_new_tokens=2))   # 3 blocks
+    assert eng.step() == [] and [r.request_id for r in eng.waiting] == ["big"] and not eng.running
+    assert m.num_used_blocks == 6 and len(m) == 0
+    m.decref(held)
+    run(eng)
+    assert eng.finished["big"].output_tokens == expected_output(np.arange(12), 2)
+    assert m.num_used_blocks == 0
+
+
+def test_a_lone_running_request_that_outgrows_the_pool_raises():
+    """Preemption needs another running request to give way: a lone request that
+    cannot grow makes step() raise OutOfBlocks, leaving the manager consistent."""
+    m = rf.BlockManager(6, 4)
+    eng = Engine(m, Model())
+    eng.submit(Request("long", np.arange(11, dtype=np.int32), max_new_tokens=10))
+    eng.step()                                     # admitted: 3 blocks
+    m.allocate(m.num_free_blocks)                  # the rest held outside the engine
+    with pytest.raises(rf.OutOfBlocks):
+        run(eng)
+    m.check_invariants()
+    assert [r.request_id for r in eng.running] == ["long"] and m.num_used_blocks == 6
+
+
+def test_priority_then_arrival_order_eos_and_request_times():
+    """One request at a time: lower priority values run first, FCFS within one;
+    an EOS token ends a request early; arrival and finish times are stamped."""
+    m = rf.BlockManager(64, 4)
+    eng = Engine(m, Model(), SchedulerConfig(max_num_seqs=1))
+    prompt = np.arange(1, 6, dtype=np.int32)
+    eos = expected_output(prompt, 3)[1]
+    reqs = [Request("late", prompt, 3, priority=1), Request("first", prompt, 3, priority=0),
+            Request("second", prompt, 3, priority=0), Request("eos", prompt, 3, priority=-1, eos_token_id=eos)]
+    for r in reqs:
+        eng.submit(r)
+    order = []
+    while eng.has_work():
+        order += [r.request_id for r in eng.step()]
+    assert order == ["eos", "first", "second", "late"]
+    assert eng.finished["eos"].output_tokens == expected_output(prompt, 3)[:2]
+    assert all(r.arrival_time > 0 and r.finish_time >= r.arrival_time and r.num_preemptions == 0 for r in reqs)
+    assert reqs[1].arrival_time <= reqs[2].arrival_time
+    assert eng.finished["late"].finish_time == reqs[0].finish_time
+
+
+def test_context_slice_equals_slicing_the_context():
+    r = Request("r", np.arange(5, dtype=np.int32), 10)
+    r.output_tokens += [50, 51, 52]
+    for start, stop in ((0, 8), (3, 6), (5, 7), (6, 8), (7, 8)):
+        assert r.context_slice(start, stop).tolist() == r.context()[start:stop].tolist()
+
+
+def test_prefix_hit_rate_counts_cached_prompt_tokens():
+    m = rf.BlockManager(64, 4, enable_prefix_caching=True)
+    eng = Engine(m, Model())
+    assert eng.prefix_hit_rate == 0.0
+    eng.submit(Request("a", np.arange(16, dtype=np.int32), 1))
+    run(eng)
+    eng.submit(Request("b", np.arange(16, dtype=np.int32), 1))
+    run(eng)
+    assert eng.prefix_hit_rate == pytest.approx(16 / 32)      # b found all 4 blocks of a
+    assert eng.metrics()["prefix_hit_rate"] == eng.prefix_hit_rate
+
+
+def test_the_scheduler_alone_places_admits_and_retires():
+    from rocmforge.engine import Scheduler
+    m = rf.BlockManager(16, 4)
+    counters = dict(preemptions=0, evictions=0, prompt_tokens=0, prefix_hit_tokens=0, prefix_query_tokens=0)
+    sched = Scheduler(m, None, SchedulerConfig(max_tokens_per_step=10), counters)
+    a, b = Request("a", np.arange(6, dtype=np.int32), 2), Request("b", np.arange(9, dtype=np.int32), 2)
+    a.seq_id, b.seq_id = 0, 1
+    sched.add([a, b])
+    work = sched.schedule(10)                                  # a's 6 tokens, then 4 of b's prompt
+    assert [(r.request_id, len(s)) for r, s in work] == [("a", 6), ("b", 4)]
+    assert m.num_tokens(0) == 6 and m.num_tokens(1) == 4 and counters["prompt_tokens"] == 15
+    for r, s in work:
+        r.num_computed += len(s)
+    a.state = RequestState.FINISHED
+    m.remove_sequence(0)
+    sched.retire()
+    assert sched.running == [b]

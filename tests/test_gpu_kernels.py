@@ -9,6 +9,7 @@ import pytest
 import rocmforge as rf
 from rocmforge import _kernels as K
 from rocmforge import _runtime
+from rocmforge._dlpack import DeviceArray
 from rocmforge.config import CacheConfig
 
 INFO = _runtime.backend_info()
@@ -40,30 +41,74 @@ def test_a_bad_code_object_reports_the_loader():
     assert info.value.runtime_code
 
 
+def need_torch():
+    """torch, for a test of torch interop. These tests run only on a GPU machine,
+    where a missing torch is a failure: the suite must not pass by skipping."""
+    try:
+        import torch
+    except ImportError:
+        pytest.fail("torch is not installed: the GPU tests of torch interop need it")
+    return torch
+
+
+def device_array(host, dtype):
+    """A DeviceArray on GPU 0 holding host's bytes (rocmforge's own buffers, no torch)."""
+    buf = rf.DeviceBuffer(host.nbytes, 0)
+    buf.copy_from_host(np.ascontiguousarray(host))
+    return DeviceArray(buf, host.shape, dtype)
+
+
+def bf16_bits(x):
+    """bfloat16 bit patterns of float32 values, rounded to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def reference_write(cache_dtype, bits_k, bits_v, slots):
+    storage = K.DTYPES[cache_dtype][1]
+    ref_k = np.zeros((64, 16, 8, 128), dtype=storage)
+    ref_v = np.zeros_like(ref_k)
+    K.write_kv(ref_k, ref_v, bits_k, bits_v, slots, dtype="bfloat16", cache_dtype=cache_dtype,
+               k_scale=0.25, v_scale=0.5)
+    return ref_k, ref_v
+
+
+def bf16_inputs(T=300):
+    rng = np.random.default_rng(0)
+    bits_k = bf16_bits((rng.standard_normal((T, 8, 128)) * 30).astype(np.float32))
+    bits_v = bits_k ^ np.uint16(0x8000)                                    # -k
+    slots = rng.permutation(64 * 16)[:T].astype(np.int64)
+    slots[::7] = -1
+    return bits_k, bits_v, slots
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16", "fp8_e4m3", "int8"])
-def test_torch_bfloat16_inputs_on_a_stream_match_the_host(cache_dtype):
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(0)
-    T = 300
-    k32 = (rng.standard_normal((T, 8, 128)) * 30).astype(np.float32)
-    kb = torch.from_numpy(k32).to("cuda", torch.bfloat16)
-    vb = -kb
-    slots = rng.permutation(64 * 16)[:T].astype(np.int64)
-    slots[::7] = -1
+def test_bfloat16_device_inputs_match_the_host(cache_dtype):
+    bits_k, bits_v, slots = bf16_inputs()
     with cache(cache_dtype, k_scale=0.25, v_scale=0.5) as c:
+        c.write_kv(1, device_array(bits_k, "bfloat16"), device_array(bits_v, "bfloat16"),
+                   device_array(slots, "int64"))
+        c.synchronize()
+        ref_k, ref_v = reference_write(cache_dtype, bits_k, bits_v, slots)
+        assert np.array_equal(c.key_cache(1).to_numpy().view(np.uint8), ref_k.view(np.uint8))
+        assert np.array_equal(c.value_cache(1).to_numpy().view(np.uint8), ref_v.view(np.uint8))
+
+
+@gpu
+@pytest.mark.gpu
+def test_torch_bfloat16_inputs_on_a_stream_match_the_host():
+    torch = need_torch()
+    bits_k, bits_v, slots = bf16_inputs()
+    kb = torch.from_numpy(bits_k.view(np.int16)).cuda().view(torch.bfloat16)
+    vb = torch.from_numpy(bits_v.view(np.int16)).cuda().view(torch.bfloat16)
+    with cache("fp8_e4m3", k_scale=0.25, v_scale=0.5) as c:
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
             c.write_kv(1, kb, vb, torch.from_numpy(slots).cuda(), stream=stream)
         c.synchronize()
-        bits_k = kb.view(torch.int16).cpu().numpy().view(np.uint16)
-        bits_v = vb.view(torch.int16).cpu().numpy().view(np.uint16)
-        storage = K.DTYPES[cache_dtype][1]
-        ref_k = np.zeros((64, 16, 8, 128), dtype=storage)
-        ref_v = np.zeros_like(ref_k)
-        K.write_kv(ref_k, ref_v, bits_k, bits_v, slots, dtype="bfloat16", cache_dtype=cache_dtype,
-                   k_scale=0.25, v_scale=0.5)
+        ref_k, ref_v = reference_write("fp8_e4m3", bits_k, bits_v, slots)
         assert np.array_equal(c.key_cache(1).to_numpy().view(np.uint8), ref_k.view(np.uint8))
         assert np.array_equal(c.value_cache(1).to_numpy().view(np.uint8), ref_v.view(np.uint8))
 
@@ -71,7 +116,7 @@ def test_torch_bfloat16_inputs_on_a_stream_match_the_host(cache_dtype):
 @gpu
 @pytest.mark.gpu
 def test_torch_sees_the_cache_itself():
-    torch = pytest.importorskip("torch")
+    torch = need_torch()
     with cache() as c:
         kc = torch.from_dlpack(c.key_cache(0))
         assert kc.shape == (64, 16, 8, 128) and kc.dtype == torch.float16 and kc.is_cuda
@@ -98,10 +143,9 @@ def test_torch_sees_the_cache_itself():
 @gpu
 @pytest.mark.gpu
 def test_device_side_bad_slots_are_skipped_and_reported():
-    torch = pytest.importorskip("torch")
     with cache() as c:
-        rows = torch.ones((3, 8, 128), dtype=torch.float16, device="cuda")
-        c.write_kv(0, rows, rows, torch.tensor([5, 64 * 16, 7], device="cuda"))
+        rows = device_array(np.ones((3, 8, 128), dtype=np.float16), "float16")
+        c.write_kv(0, rows, rows, device_array(np.array([5, 64 * 16, 7], dtype=np.int64), "int64"))
         with pytest.raises(rf.DeviceError, match=r"layer 0: slot_mapping\[1\]"):
             c.synchronize()
         c.synchronize()                                            # reported once

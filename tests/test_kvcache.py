@@ -2,6 +2,7 @@
 is one), against the host kernels on numpy arrays as the reference: writes of
 every dtype pair, copy-on-write, gather, swapping, compaction, DLPack, close."""
 
+import sys
 import threading
 
 import numpy as np
@@ -334,30 +335,154 @@ def test_bad_configuration_and_devices():
     assert make("auto").device == (GPU or "cpu")
 
 
-def test_threads_write_and_gather_while_another_compacts_nothing_else():
-    """Writers on different layers and readers at once: every write lands once."""
-    with make("cpu", layers=4, num_blocks=64) as cache:
-        for sid in range(4):
-            cache.manager.add_sequence(sid, num_tokens=64)
-        errors = []
+def test_compact_grow_and_close_are_serialized_with_writes_and_gathers(device):
+    """Writers and readers on every layer while another thread compacts (moving
+    the sequences' blocks), shrinks and grows the pool, then closes the cache.
+    Every gather sees exactly its sequence's K/V, every compaction carries the
+    data along, and once the cache is closed every call raises the closed error.
 
-        def worker(layer):
+    Slots are stale after a compaction that moves their blocks (the README says
+    so), so the compactor waits until every writer has finished a write since
+    its last compaction: a stale write then lands only where no sequence's
+    block is, or past the pool (ArgumentValueError, retried)."""
+    L, bs, heads, dim, nseq = 3, 4, 2, 8, 4
+    cache = make(device, layers=L, heads=heads, head_dim=dim, block_size=bs, num_blocks=128)
+    m = cache.manager
+    held = m.allocate(60).tolist()                # external blocks below the sequences: each one
+    for sid in range(nseq):                       # dropped is a hole a sequence block moves into
+        m.add_sequence(sid, num_tokens=9 + 2 * sid)
+
+    def rows(sid, layer):
+        n = 9 + 2 * sid
+        base = np.arange(n, dtype=np.float32)[:, None, None] + 100 * sid + 1000 * layer
+        return np.broadcast_to(base, (n, heads, dim)).astype(np.float16)
+
+    def write(sid, layer):
+        table = m.block_table(sid).astype(np.int64)
+        slots = (table[:, None] * bs + np.arange(bs)).reshape(-1)[:9 + 2 * sid]
+        k = rows(sid, layer)
+        cache.write_kv(layer, on(cache, k), on(cache, -k), on(cache, slots))
+
+    for sid in range(nseq):
+        for layer in range(L):
+            write(sid, layer)
+    closed = threading.Event()
+    ticks = [0] * L
+    errors, counts = [], {"gathers": 0, "writes": 0, "moves": 0, "closed_errors": 0}
+
+    def guarded(fn):
+        def run(*args):
             try:
-                rng = np.random.default_rng(layer)
-                for _ in range(50):
-                    sid = int(rng.integers(4))
-                    table = cache.manager.block_table(sid)
-                    slots = table.astype(np.int64)[:, None] * 4 + np.arange(4)
-                    k = np.full((64, 2, 8), layer + 1, dtype=np.float16)
-                    cache.write_kv(layer, k, k, slots.reshape(-1))
-                    got = cache.gather(sid, layer)[0].to_numpy()
-                    assert (got == layer + 1).all()
+                fn(*args)
+            except rf.ArgumentValueError as exc:
+                if "closed" not in str(exc) or not closed.is_set():
+                    errors.append(repr(exc))
+                counts["closed_errors"] += 1
             except Exception as exc:      # reported below
-                errors.append(exc)
+                errors.append(repr(exc))
+        return run
 
-        threads = [threading.Thread(target=worker, args=(layer,)) for layer in range(4)]
+    @guarded
+    def writer(layer):
+        rng = np.random.default_rng(layer)
+        while True:
+            try:
+                write(int(rng.integers(nseq)), layer)
+                counts["writes"] += 1
+            except rf.ArgumentValueError as exc:
+                if "outside" not in str(exc):
+                    raise
+            ticks[layer] += 1
+
+    @guarded
+    def reader(seed):
+        rng = np.random.default_rng(100 + seed)
+        while True:
+            sid, layer = int(rng.integers(nseq)), int(rng.integers(L))
+            k, v = cache.gather(sid, layer)
+            got = k.to_numpy()
+            assert np.array_equal(got, rows(sid, layer)), (sid, layer, np.nonzero((got != rows(sid, layer)).any(axis=(1, 2)))[0].tolist(), got[:, 0, 0].tolist())
+            assert np.array_equal(v.to_numpy(), -rows(sid, layer)), (sid, layer)
+            counts["gathers"] += 1
+
+    def sequence_blocks():
+        return {b for sid in range(nseq) for b in m.block_table(sid).tolist()}
+
+    @guarded
+    def compactor():
+        try:
+            compact_cycles()
+        finally:
+            closed.set()
+            cache.close()
+
+    def compact_cycles():
+        for cycle in range(20):
+            m.decref(held[:3])                  # holes below the sequences
+            del held[:3]
+            seen = list(ticks)
+            while any(t == s for t, s in zip(ticks, seen)) and not errors:
+                threading.Event().wait(0.0005)
+            before = sequence_blocks()
+            moves = dict(cache.compact(shrink=cycle % 2 == 0).tolist())
+            counts["moves"] += len(before - sequence_blocks())
+            held[:] = sorted(moves.get(b, b) for b in held)
+            if cycle % 2:
+                cache.grow(cache.num_blocks + 6)
+
+    threads = ([threading.Thread(target=writer, args=(layer,), daemon=True) for layer in range(L)]
+               + [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(2)]
+               + [threading.Thread(target=compactor, daemon=True)])
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)                 # switch threads often: races show up
+    try:
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
-        assert not errors
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:3]
+    assert counts["moves"] >= 10 and counts["gathers"] > 0 and counts["writes"] > 0
+    assert counts["closed_errors"] == L + 2                # each writer and reader met the close
+    with pytest.raises(rf.ArgumentValueError, match="closed"):
+        cache.gather(0, 0)
+
+
+def test_apply_pending_copies_runs_the_managers_copies_now(device):
+    with make(device) as cache:
+        m = cache.manager
+        m.add_sequence(1, num_tokens=6)                         # its second block is partly filled
+        slots = m.block_table(1).astype(np.int64)[:, None] * 4 + np.arange(4)
+        k = np.arange(6 * 2 * 8, dtype=np.float32).reshape(6, 2, 8).astype(np.float16)
+        cache.write_kv(0, on(cache, k), on(cache, k), on(cache, slots.reshape(-1)[:6]))
+        m.fork(1, 2)
+        m.append(2, 1)                                          # copy-on-write: queued (src, dst)
+        src, dst = m.block_table(1)[1], m.block_table(2)[1]
+        cache.apply_pending_copies()
+        assert len(m.take_pending_copies()) == 0
+        kc = cache.key_cache(0).to_numpy()
+        assert np.array_equal(kc[dst], kc[src]) and kc[dst].any()
+        cache.apply_pending_copies()                            # nothing pending: nothing changes
+        assert np.array_equal(cache.key_cache(0).to_numpy(), kc)
+
+
+def test_copy_blocks_refuses_bad_pairs_and_copies_nothing(device):
+    with make(device) as cache:
+        k = np.ones((4, 2, 8), dtype=np.float16)
+        cache.write_kv(0, on(cache, k), on(cache, k), on(cache, np.arange(4, dtype=np.int64)))
+        before = [cache.key_cache(layer).to_numpy() for layer in range(2)]
+        for bad, exc in ((np.array([[0, 1], [0, 16]], dtype=np.int32), rf.BlockNotFound),
+                         (np.array([[-1, 3]], dtype=np.int32), rf.BlockNotFound),
+                         (np.array([[0, 1]], dtype=np.int64), rf.ArgumentValueError),
+                         (np.array([0, 1], dtype=np.int32), rf.ArgumentValueError),
+                         (np.zeros((1, 3), dtype=np.int32), rf.ArgumentValueError)):
+            with pytest.raises(exc):
+                cache.copy_blocks(bad)
+        assert all(np.array_equal(cache.key_cache(layer).to_numpy(), b) for layer, b in enumerate(before))
+        cache.copy_blocks(np.zeros((0, 2), dtype=np.int32))     # no pairs: fine
+        cache.copy_blocks(np.array([[0, 5]], dtype=np.int32))
+        assert np.array_equal(cache.key_cache(0).to_numpy()[5], before[0][0])
+    with pytest.raises(rf.ArgumentValueError, match="closed"):
+        cache.copy_blocks(np.array([[0, 1]], dtype=np.int32))

@@ -186,3 +186,49 @@ def test_kernel_code_objects_are_built_when_the_compiler_is_present(compiler, im
         data = f.read()
     for marker in markers:
         assert marker in data, (image, marker)
+
+
+def test_load_backend_picks_once_and_agrees_with_backend_info():
+    name, reason = _runtime.load_backend()
+    assert (name, reason) == _runtime.load_backend()            # chosen once per process
+    assert name == INFO["backend"] and reason == INFO["reason"]
+    out = run_python("import rocmforge._runtime as r; print(r.load_backend())", "host")
+    assert out.returncode == 0 and "('host', 'host backend requested')" in out.stdout
+
+
+def test_host_device_array_views_its_buffer_at_an_offset():
+    from rocmforge._dlpack import DeviceArray
+    buf = rf.DeviceBuffer(64, device=-1)
+    buf.copy_from_host(np.arange(16, dtype=np.float32))
+    a = DeviceArray(buf, (2, 3), "float32", offset=8)               # elements 2..7
+    assert (a.ptr, a.nbytes, a.device, a.offset, a.buffer) == (buf.ptr + 8, 24, "cpu", 8, buf)
+    assert a.to_numpy().tolist() == [[2, 3, 4], [5, 6, 7]]
+    assert np.from_dlpack(a).tolist() == [[2, 3, 4], [5, 6, 7]]
+    assert a.__dlpack_device__() == (1, 0)
+    with pytest.raises(rf.ArgumentValueError, match="exceeds"):
+        DeviceArray(buf, (4, 4), "float32", offset=8)
+    with pytest.raises(rf.ArgumentValueError, match="exceeds"):
+        DeviceArray(buf, (1,), "float32", offset=-4)
+    with pytest.raises(rf.ArgumentValueError, match="unknown dtype"):
+        DeviceArray(buf, (1,), "float64")
+    with pytest.raises(rf.ArgumentValueError, match="bad shape"):
+        DeviceArray(buf, (-1,), "float32")
+
+
+def test_dlpack_export_takes_stream_and_version_arguments():
+    from rocmforge._dlpack import DeviceArray
+    buf = rf.DeviceBuffer(16, device=-1)
+    buf.copy_from_host(np.arange(4, dtype=np.int32))
+    a = DeviceArray(buf, (4,), "int32")
+    for kwargs in ({}, {"stream": None}, {"stream": 1}, {"max_version": (1, 0)}, {"max_version": (0, 8)},
+                   {"dl_device": (1, 0)}, {"copy": False}):
+        capsule = a.__dlpack__(**kwargs)
+        versioned = kwargs.get("max_version", (0,))[0] >= 1
+        assert type(capsule).__name__ == "PyCapsule"
+        assert ("dltensor_versioned" if versioned else "dltensor") in repr(capsule)
+    with pytest.raises(BufferError, match="without a copy"):
+        a.__dlpack__(copy=True)
+    with pytest.raises(BufferError, match="cannot export"):
+        a.__dlpack__(dl_device=(2, 0))
+    del buf
+    assert np.from_dlpack(a).tolist() == [0, 1, 2, 3]               # the array keeps its buffer alive

@@ -1,0 +1,40 @@
+"""Every public method and property of rocmforge's public classes is used by at
+least one test: a name no test file mentions as an attribute is untested."""
+
+import inspect
+import pathlib
+import re
+
+import pytest
+
+import rocmforge as rf
+from rocmforge import config, engine
+
+CLASSES = [rf.BlockManager, rf.KvCache, rf.DeviceBuffer, rf.DeviceArray, engine.Engine, engine.Scheduler,
+           engine.Request, config.CacheConfig, config.MemoryProfile]
+HERE = pathlib.Path(__file__).resolve()
+
+
+def public_names(cls):
+    return sorted(name for name, _ in inspect.getmembers(cls)
+                  if not name.startswith("_") and name not in ("mro",))
+
+
+def sources_text():
+    return "\n".join(p.read_text() for p in HERE.parent.rglob("*.py") if p != HERE)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_every_public_attribute_is_used_by_a_test(cls):
+    text = sources_text()
+    unused = [name for name in public_names(cls) if not re.search(rf"\.{name}\b|\b{name}=", text)]
+    assert not unused, f"{cls.__name__}: no test uses {unused}"
+
+
+@pytest.mark.parametrize("module", [rf, config, engine], ids=lambda m: m.__name__)
+def test_every_public_function_is_called_by_a_test(module):
+    text = sources_text()
+    names = [name for name, obj in vars(module).items() if not name.startswith("_")
+             and inspect.isfunction(obj) and obj.__module__ == module.__name__]
+    uncalled = [name for name in names if not re.search(rf"\b{name}\(", text)]
+    assert not uncalled, f"{module.__name__}: no test calls {uncalled}"
