@@ -45,17 +45,17 @@ def churn(BlockManager manager, int rounds):
 
 def set_epoch(BlockManager manager, uint64_t epoch):
     """Jump the manager's operation counter (tests of its 32-bit wrap-around)."""
-    manager._epoch = epoch
+    manager._c.shards[0].epoch = epoch
 
 
 def add_external_refs(BlockManager manager, int32_t block, int32_t count):
     """Give a block in use `count` more external references in one step, so
     tests can reach refcounts at the edge of int32 (the caller keeps the sum
     within range and takes them back with drop_external_refs)."""
-    manager._refs[block].rc += count
-    manager._refs[block].ext += count
+    manager._c.refs[block].rc += count
+    manager._c.refs[block].ext += count
 
 
 def drop_external_refs(BlockManager manager, int32_t block, int32_t count):
-    manager._refs[block].rc -= count
-    manager._refs[block].ext -= count
+    manager._c.refs[block].rc -= count
+    manager._c.refs[block].ext -= count
