@@ -315,6 +315,7 @@ cdef inline void move_free(Core* c, Shard* src, Shard* dst, int64_t k) noexcept 
         c.home[b] = <uint8_t>dst.index
     src.free.num_free.add(-k)
     dst.free.num_free.add(k)
+    c.shard_transfers.add(k)
 
 
 cdef inline void steal_free(Core* c, Shard* sh, int64_t needed) noexcept nogil:

@@ -315,23 +315,30 @@ cdef class BlockManager:
         if seq_id < 0:
             err.id = seq_id
             return RF_INVALID_ARGUMENT
-        st = dir_claim(c, seq_id, sh.index, err)
-        if st != RF_OK:
-            return st
+        # The id is claimed in the directory under the shard's lock, and given
+        # back before it is released when the call fails, so a caller holding
+        # every lock sees exactly the live sequences there.
         sh.lock.lock()
         if keys != NULL:
             c.pfx.lock.lock()
-        st = add_sequence(c, sh, True, seq_id, with_tokens, tokens, num_tokens, salt, keys, slots_out, now, err)
+        st = dir_claim(c, seq_id, sh.index, err)
+        if st == RF_OK:
+            st = add_sequence(c, sh, True, seq_id, with_tokens, tokens, num_tokens, salt, keys, slots_out,
+                              now, err)
+            if st != RF_OK:
+                dir_erase(c, seq_id)
         if keys != NULL:
             c.pfx.lock.unlock()
         sh.lock.unlock()
         if st == RF_GLOBAL:
             self._lock_all()
-            st = add_sequence(c, sh, False, seq_id, with_tokens, tokens, num_tokens, salt, keys,
-                              slots_out, now, err)
+            st = dir_claim(c, seq_id, sh.index, err)
+            if st == RF_OK:
+                st = add_sequence(c, sh, False, seq_id, with_tokens, tokens, num_tokens, salt, keys,
+                                  slots_out, now, err)
+                if st != RF_OK:
+                    dir_erase(c, seq_id)
             self._unlock_all()
-        if st != RF_OK:
-            dir_erase(c, seq_id)
         return st
 
     cdef int64_t c_lookup_prefix(self, const int32_t* tokens, int64_t num_tokens,
@@ -427,18 +434,21 @@ cdef class BlockManager:
         if dir_find(c, src) < 0:
             err.id = src
             return RF_SEQ_NOT_FOUND
-        st = dir_claim(c, dst, sh.index, err)
-        if st != RF_OK:
-            return st
         sh.lock.lock()
-        st = fork_sequence(c, sh, True, src, dst, now, err)
+        st = dir_claim(c, dst, sh.index, err)
+        if st == RF_OK:
+            st = fork_sequence(c, sh, True, src, dst, now, err)
+            if st != RF_OK:
+                dir_erase(c, dst)
         sh.lock.unlock()
         if st == RF_GLOBAL:
             self._lock_all()
-            st = fork_sequence(c, sh, False, src, dst, now, err)
+            st = dir_claim(c, dst, sh.index, err)
+            if st == RF_OK:
+                st = fork_sequence(c, sh, False, src, dst, now, err)
+                if st != RF_OK:
+                    dir_erase(c, dst)
             self._unlock_all()
-        if st != RF_OK:
-            dir_erase(c, dst)
         return st
 
     cdef int c_remove_sequence(self, int64_t seq_id, ErrInfo* err) noexcept nogil:
@@ -452,15 +462,17 @@ cdef class BlockManager:
             sh.lock.unlock()
             return st
         st = remove_sequence(c, sh, True, seq_id, &prefix_locked, err)
+        if st == RF_OK:
+            dir_erase(c, seq_id)
         if prefix_locked:
             c.pfx.lock.unlock()
         sh.lock.unlock()
         if st == RF_GLOBAL:
             self._lock_all()
             st = remove_sequence(c, sh, False, seq_id, &prefix_locked, err)
+            if st == RF_OK:
+                dir_erase(c, seq_id)
             self._unlock_all()
-        if st == RF_OK:
-            dir_erase(c, seq_id)
         return st
 
     # --- helpers of the Python API ------------------------------------------------

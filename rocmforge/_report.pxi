@@ -198,6 +198,7 @@ cdef dict _stats(BlockManager m):
         "peak_allocations": peak,
         "current_allocations": alloc - dealloc,
         "evictions": c.evictions.get(),
+        "shard_transfers": c.shard_transfers.get(),
         "cow_copies": cow,
         "compaction_count": c.compaction_count.get(),
         "last_compaction_ms": c.last_compaction_ms.get(),

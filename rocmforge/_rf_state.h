@@ -190,6 +190,7 @@ struct Core {
     std::atomic<uint64_t> copy_seq{0};
     DirStripe *dir = nullptr;
     rf_count evictions;
+    rf_count shard_transfers;           /* free blocks moved from one shard to another */
     rf_count compaction_count;
     rf_real last_compaction_ms;
     uint64_t id = 0;
@@ -238,8 +239,13 @@ static inline rf_home_entry *rf_home_cache(uint64_t core_id) noexcept {
     return &cache[core_id % RF_HOME_CACHE];
 }
 
+/* A number for the calling thread, never given to another (a pthread id is
+ * reused once its thread has been joined). */
 static inline int64_t rf_thread_key() noexcept {
-    return (int64_t)((uint64_t)pthread_self() & 0x7FFFFFFFFFFFFFFFull);
+    static std::atomic<int64_t> threads{0};
+    static thread_local int64_t key = 0;
+    if (key == 0) key = threads.fetch_add(1) + 1;
+    return key;
 }
 
 static inline int32_t rf_thread_home_slow(Core *c, rf_home_entry *e) noexcept {

@@ -189,6 +189,7 @@ cdef extern from "_rf_state.h" nogil:
         vector[int64_t] evicted
         DirStripe* dir                  # several shards: sequence id -> shard
         rf_count evictions
+        rf_count shard_transfers
         rf_count compaction_count
         rf_real last_compaction_ms
         uint64_t id

@@ -214,32 +214,72 @@ def decode_sim_capi(tokens, seed=0):
     return ns
 
 
-def decode_threads(nthreads, tokens_per_thread):
-    """Aggregate tokens/s of decode_sim run by n threads on one manager, private sequences."""
-    m = BlockManager(nthreads * (DECODE_SEQS * MAX_LEN // DECODE_BLOCK + 64), DECODE_BLOCK)
+def _decode_thread_manager(nthreads, prefix=False):
+    """One thread's pool per thread, one shard per thread (the default single
+    shard for one thread)."""
+    return BlockManager(nthreads * (DECODE_SEQS * MAX_LEN // DECODE_BLOCK + 64), DECODE_BLOCK,
+                        shards=nthreads, enable_prefix_caching=prefix)
+
+
+def decode_threads(nthreads, tokens_per_thread, path="python", prefix=False, monitor=False):
+    """Aggregate tokens/s of decode_sim run by n threads on one manager, each on
+    its own shard with its own sequences; through the Python API or the C API
+    (each thread's whole loop without the GIL). With monitor, one more thread
+    calls lookup_prefix and stats() in a loop meanwhile (prefix caching on)."""
+    m = _decode_thread_manager(nthreads, prefix=prefix or monitor)
     barrier = threading.Barrier(nthreads + 1)
-    errors = []
+    done = threading.Event()
+    errors, polls, spans = [], [0], []
+    steps = max(tokens_per_thread // DECODE_SEQS, 1)
 
     def work(t):
-        barrier.wait()
+        # Each thread times itself from the barrier: the main thread may wake
+        # later than the workers start.
         try:
-            decode_sim(tokens_per_thread, manager=m, id_base=t * 10**9, seed=t)
+            m.bind_thread(t)
+            rng = np.random.default_rng(t)
+            if path == "python":
+                barrier.wait()
+                start = time.perf_counter()
+                decode_sim(tokens_per_thread, manager=m, id_base=t * 10**9, seed=t)
+            else:
+                ids, left, lengths = _decode_start(m, t * 10**9, rng)
+                left = np.array(left, dtype=np.int64)
+                lengths = np.array(lengths[::-1], dtype=np.int64)
+                barrier.wait()
+                start = time.perf_counter()
+                _bench_capi.decode_sim(m, ids, left, lengths, steps, t * 10**9 + DECODE_SEQS)
+            spans.append((start, time.perf_counter()))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
+            barrier.abort()
+
+    def watch():
+        prompt = np.arange(PREFIX_BLOCKS * DECODE_BLOCK, dtype=np.int32)
+        while not done.is_set():
+            m.lookup_prefix(prompt)
+            m.stats()
+            polls[0] += 1
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
+    watcher = threading.Thread(target=watch) if monitor else None
+    if watcher:
+        watcher.start()
     for t in threads:
         t.start()
     barrier.wait()
-    start = time.perf_counter()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
+    done.set()
+    if watcher:
+        watcher.join()
     if errors:
         raise errors[0]
+    if monitor and polls[0] == 0:
+        raise RuntimeError("the monitoring thread never ran")
     m.check_invariants()
-    tokens = nthreads * max(tokens_per_thread // DECODE_SEQS, 1) * DECODE_SEQS
-    return tokens / elapsed
+    elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+    return nthreads * steps * DECODE_SEQS / elapsed
 
 
 def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=None):
@@ -270,13 +310,23 @@ def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=None):
             rows.append((name, path, f"{med:.1f} {unit}", verdict,
                          f"{min(samples):.1f}-{max(samples):.1f}"))
     threads = {}
-    base = None
-    for n in thread_counts:
-        med, samples = _median(lambda: decode_threads(n, decode_tokens), reps, f"threads={n}")
-        base = base or med
-        threads[str(n)] = {"tokens_per_s": round(med), "scaling": round(med / base, 2)}
-        rows.append((f"threads x{n}", "python", f"{med / 1e6:.1f} M tok/s", f"x{med / base:.2f} vs 1",
-                     f"{min(samples) / 1e6:.1f}-{max(samples) / 1e6:.1f}"))
+    for path in ("python", "capi"):
+        base = None
+        for n in thread_counts:
+            med, samples = _median(lambda: decode_threads(n, decode_tokens, path), reps, f"{path} threads={n}")
+            base = base or med
+            threads[f"{path}_{n}"] = {"tokens_per_s": round(med), "scaling": round(med / base, 2)}
+            rows.append((f"threads x{n}", "python" if path == "python" else "C API", f"{med / 1e6:.1f} M tok/s",
+                         f"x{med / base:.2f} vs 1", f"{min(samples) / 1e6:.1f}-{max(samples) / 1e6:.1f}"))
+    if max(thread_counts) > 1:
+        n = max(thread_counts) - 1
+        quiet, _ = _median(lambda: decode_threads(n, decode_tokens, "capi", prefix=True), reps, f"{n} decoders")
+        busy, samples = _median(lambda: decode_threads(n, decode_tokens, "capi", monitor=True), reps,
+                                f"{n} decoders + monitor")
+        threads["mixed"] = {"decoders": n, "tokens_per_s_alone": round(quiet), "tokens_per_s_monitored": round(busy),
+                            "ratio": round(busy / quiet, 3)}
+        rows.append((f"{n} decoders + monitor", "C API", f"{busy / 1e6:.1f} M tok/s",
+                     f"x{busy / quiet:.3f} vs alone", f"{min(samples) / 1e6:.1f}-{max(samples) / 1e6:.1f}"))
     results["threads"] = threads
     headers = ("benchmark", "path", f"median of {reps}", "target / scaling", "range")
     widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]

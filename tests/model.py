@@ -13,6 +13,10 @@ Under eviction_policy="arc" the contract does not say which evictable block
 goes (that is ARC's own business); the model asks ``choose_victim`` (a
 callable given the evictable blocks) and checks only what the contract does
 promise about the choice.
+
+With several shards (the README's threading model) it also follows which
+shard each sequence lives in, which shard's free set each free block is in
+(``home``), and the calling thread's shard (``bind``).
 """
 
 import copy
@@ -88,7 +92,8 @@ def block_key(parent_key, salt, tokens, mask=(1 << 63) - 1):
 
 
 class Seq:
-    def __init__(self, tokens, salt=0):
+    def __init__(self, tokens, salt=0, shard=0):
+        self.shard = shard
         self.blocks = []
         self.num_tokens = 0
         self.tokens = tokens     # token ids, or None for a count-only sequence
@@ -109,8 +114,13 @@ class Entry:
 
 class ModelManager:
     def __init__(self, num_blocks, block_size, evict_sequences=False, prefix=False,
-                 policy="lru", key_bits=63, choose_victim=None):
+                 policy="lru", key_bits=63, choose_victim=None, shards=1):
         self.num_blocks = num_blocks
+        self.nshards = shards
+        self.cur = 0                 # the calling thread's shard
+        self.home = [0] * num_blocks
+        self.peaks = [0] * shards
+        self._spread(0, num_blocks)
         self.block_size = block_size
         self.evict = evict_sequences
         self.prefix = prefix
@@ -127,9 +137,40 @@ class ModelManager:
         self.releases = 0
         self.events = []
         self.stats = dict(total_allocations=0, total_deallocations=0, peak_allocations=0,
-                          evictions=0, cow_copies=0, compaction_count=0,
+                          evictions=0, shard_transfers=0, cow_copies=0, compaction_count=0,
                           prefix_lookups=0, prefix_query_tokens=0, prefix_hit_tokens=0,
                           cached_blocks_stored=0, cached_blocks_evicted=0)
+
+    # --- shards --------------------------------------------------------------
+    def bind(self, shard):
+        self.cur = shard
+
+    def _spread(self, lo, hi):
+        """Blocks [lo, hi) go to the shards in equal contiguous ranges."""
+        for s in range(self.nshards):
+            for b in range(lo + (hi - lo) * s // self.nshards, lo + (hi - lo) * (s + 1) // self.nshards):
+                self.home[b] = s
+
+    def free_in(self, shard):
+        return [b for b in range(self.num_blocks)
+                if self.rc[b] == 0 and b not in self.cache and self.home[b] == shard]
+
+    def _fill(self, need):
+        """Free blocks move into the calling thread's shard until it has `need`:
+        the shard with the most free blocks (lowest index on ties) gives half of
+        them rounded up, or the shortfall if more, lowest ids first."""
+        while len(self.free_in(self.cur)) < need:
+            counts = [(len(self.free_in(s)), -s) for s in range(self.nshards) if s != self.cur]
+            if not counts or max(counts)[0] == 0:
+                return
+            most, donor = max(counts)
+            give = min(max((most + 1) // 2, need - len(self.free_in(self.cur))), most)
+            for b in self.free_in(-donor)[:give]:
+                self.home[b] = self.cur
+            self.stats["shard_transfers"] += give
+
+    def sequence_ids(self):
+        return [sid for shard in range(self.nshards) for sid, s in self.seqs.items() if s.shard == shard]
 
     # --- queries -------------------------------------------------------------
     def evictable(self):
@@ -156,18 +197,23 @@ class ModelManager:
             self.__dict__.update(snapshot)
             self.choose_victim = chooser
             raise
-        self.stats["peak_allocations"] = max(self.stats["peak_allocations"], self.used())
+        for shard in range(self.nshards):
+            held = sum(1 for b in range(self.num_blocks) if self.rc[b] and self.home[b] == shard)
+            self.peaks[shard] = max(self.peaks[shard], held)
+        self.stats["peak_allocations"] = sum(self.peaks)
         return result
 
     # --- blocks --------------------------------------------------------------
     def _take(self):
-        """One block with refcount 1: the lowest free id, else the policy's victim."""
-        free = [b for b in range(self.num_blocks) if self.rc[b] == 0 and b not in self.cache]
+        """One block with refcount 1 for the calling thread's shard: its lowest
+        free id, else the policy's victim."""
+        free = self.free_in(self.cur)
         if free:
             b = free[0]
         else:
             b = self._victim()
             self._uncache_tree(b)
+            self.home[b] = self.cur
         self.rc[b] = 1
         self.stats["total_allocations"] += 1
         return b
@@ -182,7 +228,8 @@ class ModelManager:
         return b
 
     def _uncache_tree(self, b):
-        """Uncache b and every cached block whose content extends b's."""
+        """Uncache b and every cached block whose content extends b's; those
+        evictable become free in the calling thread's shard."""
         salt, toks = self.cache[b].content
         for d in [d for d, e in self.cache.items()
                   if e.content[0] == salt and e.content[1][:len(toks)] == toks]:
@@ -190,10 +237,13 @@ class ModelManager:
             del self.index[e.key]
             self.events.append(("removed", e.key))
             self.stats["cached_blocks_evicted"] += 1
+            if self.rc[d] == 0:
+                self.home[d] = self.cur
 
     def _ref(self, b):
         if self.rc[b] == 0:
             self.stats["total_allocations"] += 1
+            self.home[b] = self.cur
             if b in self.cache:
                 self.cache[b].released = None
         self.rc[b] += 1
@@ -255,7 +305,9 @@ class ModelManager:
         """Evict least recently accessed sequences not named by the call until
         shortfall() <= 0 (all or nothing: the caller's snapshot undoes a failure)."""
         while shortfall() > 0:
-            victims = [sid for sid in self.seqs if sid not in named]
+            order = [self.cur] + [s for s in range(self.nshards) if s != self.cur]
+            victims = [sid for shard in order for sid, s in self.seqs.items()
+                       if s.shard == shard and sid not in named]
             if not self.evict or not victims:
                 raise OutOfBlocks("model: out of blocks")
             self.evicted.append(victims[0])
@@ -304,6 +356,7 @@ class ModelManager:
         def run():
             if n > self.num_free:
                 self._make_room(lambda: n - self.num_free, set())
+            self._fill(n)
             ids = [self._take() for _ in range(n)]
             for b in ids:
                 self.ext[b] = 1
@@ -349,7 +402,8 @@ class ModelManager:
             fresh = ceil_div(n, bs) - len(hits)
             self._make_room(lambda: fresh - sum(1 for b in range(self.num_blocks)
                                                 if self.rc[b] == 0 and b not in hits), set())
-            s = Seq(list(tokens[:len(hits) * bs]) if tokens is not None else None, sv)
+            self._fill(fresh)
+            s = Seq(list(tokens[:len(hits) * bs]) if tokens is not None else None, sv, self.cur)
             self.seqs[seq_id] = s
             for b in hits:
                 self._ref(b)
@@ -387,6 +441,9 @@ class ModelManager:
     def reset_prefix_cache(self):
         if not self.prefix:
             raise KvCacheError("prefix caching is off")
+        for b in self.cache:
+            if self.rc[b] == 0:
+                self.home[b] = self.cur
         self.cache.clear()
         self.index.clear()
         self.events.append(("cleared",))
@@ -419,6 +476,7 @@ class ModelManager:
             if self._fresh_need(entries) > self.num_blocks:
                 raise OutOfBlocks("batch")
             self._make_room(lambda: self._fresh_need(entries) - self.num_free, named)
+            self._fill(self._fresh_need(entries))
             slots, pos = [], 0
             for sid, c in entries:
                 part = tokens[pos:pos + c] if tokens is not None else None
@@ -438,7 +496,7 @@ class ModelManager:
             if any(self.rc[b] == INT32_MAX for b in s.blocks):
                 raise RefcountError(src)
             self._touch(src)
-            d = Seq(list(s.tokens) if s.tokens is not None else None, s.salt)
+            d = Seq(list(s.tokens) if s.tokens is not None else None, s.salt, self.cur)
             d.blocks = list(s.blocks)
             d.num_tokens = s.num_tokens
             for b in s.blocks:
@@ -479,13 +537,15 @@ class ModelManager:
                     break
                 old, new = occupied[-1], free[0]
                 moves.append((old, new))
-                self.rc[new], self.ext[new] = self.rc[old], self.ext[old]
+                self.rc[new], self.ext[new], self.home[new] = self.rc[old], self.ext[old], self.home[old]
                 self.rc[old] = self.ext[old] = 0
                 if old in self.cache:
                     self.cache[new] = self.cache.pop(old)
                     self.index[self.cache[new].key] = new
                 for s in self.seqs.values():
                     s.blocks = [new if b == old else b for b in s.blocks]
+            if moves:
+                self._spread(sum(map(self._occupied, range(self.num_blocks))), self.num_blocks)
             self.stats["compaction_count"] += 1
             return moves
         return self._atomic(run)
@@ -501,7 +561,7 @@ class ModelManager:
             for b in range(n, self.num_blocks):
                 if b in self.cache:
                     self._uncache_tree(b)
-            del self.rc[n:], self.ext[n:]
+            del self.rc[n:], self.ext[n:], self.home[n:]
             self.num_blocks = n
         return self._atomic(run)
 
@@ -511,5 +571,7 @@ class ModelManager:
                 raise InvalidConfiguration(n)
             self.rc += [0] * (n - self.num_blocks)
             self.ext += [0] * (n - self.num_blocks)
-            self.num_blocks = n
+            self.home += [0] * (n - self.num_blocks)
+            old, self.num_blocks = self.num_blocks, n
+            self._spread(old, n)
         return self._atomic(run)

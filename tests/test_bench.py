@@ -19,7 +19,8 @@ def test_quick_benchmark_prints_a_table_then_json():
     assert json.loads(lines[-1]) == summary
     for name in ("alloc_free_single", "alloc_free_batch", "decode_sim", "prefix_touch"):
         assert summary["results"][name]["median"] > 0
-    assert set(summary["results"]["threads"]) == {"1", "2"}
+    assert set(summary["results"]["threads"]) == {"python_1", "python_2", "capi_1", "capi_2", "mixed"}
+    assert summary["results"]["threads"]["mixed"]["decoders"] == 1
 
 
 def test_c_api_loops_report_failures():

@@ -61,17 +61,19 @@ class CoreVsModel(RuleBasedStateMachine):
         self.prompts = []       # (prompt, salt) of every prompt added so far
 
     @initialize(num_blocks=st.integers(1, 40), block_size=st.integers(1, 5), evict=st.booleans(),
-                policy=st.sampled_from(["lru", "arc"]), key_bits=st.sampled_from([63, 63, 2]))
-    def setup(self, num_blocks, block_size, evict, policy, key_bits):
+                policy=st.sampled_from(["lru", "arc"]), key_bits=st.sampled_from([63, 63, 2]),
+                shards=st.sampled_from([1, 1, 2, 3]))
+    def setup(self, num_blocks, block_size, evict, policy, key_bits, shards):
         if self.prefix:
             self.core = rocmforge.BlockManager(
                 num_blocks, block_size, evict_sequences=evict, enable_prefix_caching=True,
-                eviction_policy=policy, enable_events=True, _key_bits=key_bits)
+                eviction_policy=policy, enable_events=True, _key_bits=key_bits, shards=shards)
             self.model = ModelManager(num_blocks, block_size, evict, prefix=True, policy=policy,
-                                      key_bits=key_bits, choose_victim=self.core_victim)
+                                      key_bits=key_bits, choose_victim=self.core_victim, shards=shards)
         else:
-            self.core = rocmforge.BlockManager(num_blocks, block_size, evict_sequences=evict)
-            self.model = ModelManager(num_blocks, block_size, evict)
+            self.core = rocmforge.BlockManager(num_blocks, block_size, evict_sequences=evict, shards=shards)
+            self.model = ModelManager(num_blocks, block_size, evict, shards=shards)
+        assert self.core.num_shards == shards and self.core.thread_shard == 0
 
     def core_victim(self, candidates):
         """ARC: the block the core evicted next. Its removal events list each
@@ -119,6 +121,17 @@ class CoreVsModel(RuleBasedStateMachine):
         if self.model.seqs and data.draw(st.integers(0, 3)):
             return data.draw(st.sampled_from(sorted(self.model.seqs)))
         return data.draw(SEQ_IDS)
+
+    # --- shards ---------------------------------------------------------------
+    @precondition(lambda self: self.core is not None and self.model.nshards > 1)
+    @rule(data=st.data())
+    def bind_thread(self, data):
+        """Calls from here on come from a thread of another shard."""
+        shard = data.draw(st.integers(0, self.model.nshards - 1))
+        OPS[type(self).__name__] += 1
+        self.core.bind_thread(shard)
+        self.model.bind(shard)
+        assert self.core.thread_shard == shard
 
     # --- blocks ---------------------------------------------------------------
     @rule(n=st.integers(0, 6))
@@ -306,7 +319,7 @@ class CoreVsModel(RuleBasedStateMachine):
         assert core.num_blocks == model.num_blocks
         assert core.num_free_blocks == model.num_free
         assert [core.refcount(b) for b in range(model.num_blocks)] == model.rc
-        assert core.sequence_ids().tolist() == list(model.seqs)
+        assert core.sequence_ids().tolist() == model.sequence_ids()
         for sid, s in model.seqs.items():
             assert core.block_table(sid).tolist() == s.blocks
             assert core.num_tokens(sid) == s.num_tokens
@@ -314,6 +327,7 @@ class CoreVsModel(RuleBasedStateMachine):
             assert (None if toks is None else toks.tolist()) == s.tokens
             info = core.sequence_info(sid)
             assert info["access_count"] == s.access_count and info["salt_key"] == s.salt
+            assert info["shard"] == s.shard
             assert core.num_cached_tokens(sid) == s.cached_tokens
         if self.prefix:
             assert core.num_cached_blocks == len(model.cache)

@@ -74,9 +74,9 @@ def step(m, rng, seqs, blocks, next_id):
     return next_id
 
 
-@pytest.mark.parametrize("block_size", [1, 16])
-def test_sixteen_threads_private_and_forked_sequences(block_size):
-    m = rf.BlockManager(200_000 // block_size + 4096, block_size)
+@pytest.mark.parametrize("block_size, shards", [(1, 1), (16, 1), (16, 16)])
+def test_sixteen_threads_private_and_forked_sequences(block_size, shards):
+    m = rf.BlockManager(200_000 // block_size + 4096, block_size, shards=shards)
     for root in range(ROOTS):
         m.add_sequence(root, num_tokens=block_size * 3 + 1)  # partly filled last block: forks copy on write
     root_blocks = sum(len(m.block_table(r)) for r in range(ROOTS))
@@ -87,11 +87,13 @@ def test_sixteen_threads_private_and_forked_sequences(block_size):
     checks = []
 
     def checker():
-        # An O(pool) scan under the lock: pause between scans so workers are not starved.
+        # An O(pool) scan under the locks: pause between scans so workers are not starved.
         barrier.wait()
-        while not stop.wait(0.001):
+        while True:
             m.check_invariants()
             checks.append(1)
+            if stop.wait(0.001):
+                break
 
     threads = [threading.Thread(target=worker, args=(m, t, errors, ledger, barrier, refused))
                for t in range(THREADS)]
@@ -196,3 +198,98 @@ def test_gil_holding_calls_wait_for_a_nogil_holder_without_deadlock():
     assert not errors, errors
     assert m.num_free_blocks == 8192 + 64
     m.check_invariants()
+
+
+def test_sixteen_threads_share_prefixes_forks_and_free_blocks_across_shards():
+    """16 threads, each bound to a shard of its own on a pool too small for any
+    one shard's share: their prompts hit blocks other shards cached, they fork
+    sequences other shards hold, and short shards take free blocks from
+    others. A seventeenth thread reads (lookup_prefix, stats, tables of other
+    threads' sequences) and checks invariants meanwhile. Nothing is lost."""
+    shards, bs = 16, 4
+    m = rf.BlockManager(16 * 150, bs, shards=shards, enable_prefix_caching=True, eviction_policy="arc")
+    stems = [list(range(100 * k, 100 * k + 12)) for k in range(4)]
+    for root, stem in enumerate(stems):
+        m.add_sequence(root, stem + [7])            # shard 0 (the main thread) caches the stems
+    errors, refused, done = [], [0] * shards, threading.Event()
+    ledgers = {}
+
+    def worker(tid):
+        rng = random.Random(tid)
+        m.bind_thread(tid)
+        mine, held = {}, []
+        try:
+            for i in range(400):
+                sid = (tid + 1) * 10**6 + i
+                op = rng.random()
+                try:
+                    if op < 0.3:
+                        prompt = rng.choice(stems) + [tid, i % 5, rng.randrange(3)]
+                        m.add_sequence(sid, prompt)
+                        mine[sid] = len(prompt)
+                    elif op < 0.4:
+                        m.fork(rng.randrange(len(stems)), sid)     # a root in shard 0
+                        mine[sid] = m.num_tokens(sid)
+                    elif op < 0.65 and mine:
+                        ids = rng.sample(sorted(mine), k=min(len(mine), 4))
+                        m.append_batch(ids, 1, tokens=[tid] * len(ids))
+                        for s in ids:
+                            mine[s] += 1
+                    elif op < 0.9 and mine:
+                        victim = rng.choice(sorted(mine))
+                        m.remove_sequence(victim)
+                        del mine[victim]
+                    elif op < 0.95:
+                        held.extend(m.allocate(rng.randrange(1, 4)).tolist())
+                    elif held:
+                        m.decref(held)
+                        held.clear()
+                except rf.OutOfBlocks:
+                    refused[tid] += 1
+                for s in list(mine)[:1]:
+                    assert m.num_tokens(s) == mine[s]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append((tid, repr(exc)))
+        ledgers[tid] = (mine, held)
+
+    def reader():
+        rng = random.Random(99)
+        while not done.wait(0.0005):
+            try:
+                m.lookup_prefix(rng.choice(stems))
+                m.stats()
+                live = m.sequence_ids().tolist()
+                if live:
+                    m.block_tables(rng.sample(live, k=min(4, len(live))))
+                m.check_invariants()
+            except rf.SequenceNotFound:
+                pass                                    # removed between the listing and the read
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(("reader", repr(exc)))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(shards)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    assert not errors, errors[:3]
+    print(f"OutOfBlocks refusals per thread: {refused}")
+    assert sum(refused) < shards * 400 // 4, refused
+    m.check_invariants()
+    stats = m.stats()
+    assert stats["prefix_hit_tokens"] > 0 and stats["cow_copies"] > 0 and stats["shard_transfers"] > 0
+    for tid, (mine, held) in ledgers.items():
+        for sid, n in mine.items():
+            assert m.num_tokens(sid) == n
+            m.remove_sequence(sid)
+        m.decref(held)
+    for root in range(len(stems)):
+        m.remove_sequence(root)
+    m.check_invariants()
+    assert len(m) == 0 and m.num_used_blocks == 0 and m.num_free_blocks == m.num_blocks
+    stats = m.stats()
+    assert stats["total_allocations"] == stats["total_deallocations"]
