@@ -293,3 +293,95 @@ def test_sixteen_threads_share_prefixes_forks_and_free_blocks_across_shards():
     assert len(m) == 0 and m.num_used_blocks == 0 and m.num_free_blocks == m.num_blocks
     stats = m.stats()
     assert stats["total_allocations"] == stats["total_deallocations"]
+
+
+def test_threads_meet_inside_the_core_without_the_gil():
+    """Calls large enough to run without the GIL (batches of 256 sequences,
+    2,048 block ids, 16,384-token prompts, forks, tables, checks), so threads
+    really meet inside the core: tools/tsan.sh runs this under
+    ThreadSanitizer. Decoders on their own shards, allocate/free loops,
+    prefix hits on blocks another shard cached, the C API's decode loop, forks
+    across shards, and a thread reading tables and checking invariants, all at
+    once. Nothing is lost."""
+    from rocmforge import _bench_capi
+    from rocmforge.bench_allocator import _decode_start
+    shards, bs = 8, 16
+    m = rf.BlockManager(4 * 33_000 + 4 * 4096, bs, shards=shards, enable_prefix_caching=True)
+    prompt = np.random.default_rng(0).integers(0, 1 << 17, 16384, dtype=np.int32)
+    m.add_sequence(10**12, prompt)                  # shard 0 caches it and keeps it in use
+    errors, done = [], threading.Event()
+    barrier = threading.Barrier(shards + 1)
+
+    def guarded(fn):
+        def run(*args):
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+                barrier.abort()
+        return run
+
+    running = {}
+
+    @guarded
+    def decoder(t):
+        m.bind_thread(t)
+        ids, left, lengths = _decode_start(m, t * 10**9, np.random.default_rng(t))
+        running[t] = ids
+        barrier.wait()
+        out = np.empty(len(ids), dtype=np.int64)
+        for _ in range(300):
+            m.append_batch(ids, 1, out=out)         # 256 sequences: no GIL inside
+        left = np.array(left, dtype=np.int64) - 300
+        _bench_capi.decode_sim(m, ids, left, np.array(lengths[-512:], dtype=np.int64), 40,
+                               t * 10**9 + len(ids))
+        del running[t]
+        for sid in ids.tolist():
+            m.remove_sequence(sid)
+
+    @guarded
+    def churner(t):
+        m.bind_thread(t)
+        barrier.wait()
+        for _ in range(30):
+            m.decref(m.allocate(2048))              # 2,048 ids: no GIL inside
+            m.decref(m.acquire_prefix(prompt))      # 16,384 tokens: hits shard 0's blocks
+
+    @guarded
+    def reader():
+        rng = np.random.default_rng(7)
+        k = 0
+        while not done.is_set():
+            k += 1
+            for ids in list(running.values()):
+                try:
+                    m.block_tables(ids[:64])        # another shard's sequences, while it decodes
+                    m.fork(int(ids[0]), 10**13 + k)
+                except (rf.SequenceNotFound, rf.SequenceExists, rf.OutOfBlocks):
+                    pass
+            m.lookup_prefix(prompt)
+            if k % 16 == 0:
+                m.check_invariants()
+
+    workers = ([threading.Thread(target=decoder, args=(t,)) for t in range(shards // 2)]
+               + [threading.Thread(target=churner, args=(t,)) for t in range(shards // 2, shards)])
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in workers:
+        t.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass                                        # a worker failed: reported below
+    for t in workers:
+        t.join()
+    done.set()
+    watcher.join()
+    assert not errors, errors[:3]
+    m.check_invariants()
+    for sid in m.sequence_ids().tolist():
+        m.remove_sequence(sid)
+    m.check_invariants()
+    assert m.num_used_blocks == 0 and len(m) == 0
+    stats = m.stats()
+    assert stats["total_allocations"] == stats["total_deallocations"] and stats["prefix_hit_tokens"] > 0
