@@ -3,7 +3,11 @@
 # run the whole test suite there (GPU tests included; a summary line says how
 # many ran), then the K/V kernel benchmark. Logs go to $OUT when it is set.
 #
-#   tools/device_check.sh [tests] [bench]      # both when no step is named
+#   tools/device_check.sh [tests] [bench] [ab] [core]   # tests and bench when none is named
+#
+# ab: the allocator's single-thread cases, this tree against the tree in
+# $OLD_TREE, in alternating processes (both built in place); core: rocmforge
+# bench (single thread, then threads on one manager, each on its own shard).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}
@@ -19,6 +23,12 @@ for step in $steps; do
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
         bench)
             (cd "$out" && python3 -m rocmforge.bench_kernels 2>&1) | tee "$out/bench_kernels.log" | tail -12 ;;
+        ab)
+            (cd "$OLD_TREE" && python3 setup.py build_ext --inplace -j 16 > "$out/old_build.log" 2>&1) || { tail -20 "$out/old_build.log"; exit 1; }
+            python3 setup.py build_ext --inplace -j 16 > "$out/new_build.log" 2>&1 || { tail -20 "$out/new_build.log"; exit 1; }
+            python3 benchmarks/ab_allocator.py "$OLD_TREE" "$PWD" --reps "${AB_REPS:-7}" 2>&1 | tee "$out/ab.log" | head -8 ;;
+        core)
+            (cd "$out" && python3 -c "from rocmforge.bench_allocator import main; main(['--reps', '${CORE_REPS:-3}'])" 2>&1) | tee "$out/core.log" | grep -v "^  " | tail -30 ;;
         *) echo "device_check: unknown step $step"; exit 2 ;;
     esac
 done
