@@ -233,12 +233,15 @@ def decode_threads(nthreads, tokens_per_thread, path="python", prefix=False, mon
     steps = max(tokens_per_thread // DECODE_SEQS, 1)
 
     def work(t):
-        # Each thread times itself from the barrier: the main thread may wake
-        # later than the workers start.
+        # Each thread first decodes a quarter of its steps (so the memory its
+        # sequences grow into is mapped and warm, not page-faulted during the
+        # measurement), then times itself from the barrier: the main thread
+        # may wake later than the workers start.
         try:
             m.bind_thread(t)
             rng = np.random.default_rng(t)
             if path == "python":
+                decode_sim(tokens_per_thread // 4, manager=m, id_base=t * 10**9 + 5 * 10**8, seed=t)
                 barrier.wait()
                 start = time.perf_counter()
                 decode_sim(tokens_per_thread, manager=m, id_base=t * 10**9, seed=t)
@@ -246,9 +249,10 @@ def decode_threads(nthreads, tokens_per_thread, path="python", prefix=False, mon
                 ids, left, lengths = _decode_start(m, t * 10**9, rng)
                 left = np.array(left, dtype=np.int64)
                 lengths = np.array(lengths[::-1], dtype=np.int64)
+                _bench_capi.decode_sim(m, ids, left, lengths, steps // 4, t * 10**9 + DECODE_SEQS)
                 barrier.wait()
                 start = time.perf_counter()
-                _bench_capi.decode_sim(m, ids, left, lengths, steps, t * 10**9 + DECODE_SEQS)
+                _bench_capi.decode_sim(m, ids, left, lengths[len(lengths) // 2:], steps, int(ids.max()) + 1)
             spans.append((start, time.perf_counter()))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -288,6 +292,7 @@ def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=None):
     single_ops = 200_000 // scale
     batch_rounds = 20_000 // scale
     decode_tokens = 200_000 // scale
+    thread_tokens = 2_000_000 // scale      # per thread: tens of ms, beyond thread start-up skew
     prefix_rounds = 20_000 // scale
     results = {}
     rows = []
@@ -313,15 +318,15 @@ def run(reps=5, quick=False, thread_counts=(1, 2, 4, 8, 16), out=None):
     for path in ("python", "capi"):
         base = None
         for n in thread_counts:
-            med, samples = _median(lambda: decode_threads(n, decode_tokens, path), reps, f"{path} threads={n}")
+            med, samples = _median(lambda: decode_threads(n, thread_tokens, path), reps, f"{path} threads={n}")
             base = base or med
             threads[f"{path}_{n}"] = {"tokens_per_s": round(med), "scaling": round(med / base, 2)}
             rows.append((f"threads x{n}", "python" if path == "python" else "C API", f"{med / 1e6:.1f} M tok/s",
                          f"x{med / base:.2f} vs 1", f"{min(samples) / 1e6:.1f}-{max(samples) / 1e6:.1f}"))
     if max(thread_counts) > 1:
         n = max(thread_counts) - 1
-        quiet, _ = _median(lambda: decode_threads(n, decode_tokens, "capi", prefix=True), reps, f"{n} decoders")
-        busy, samples = _median(lambda: decode_threads(n, decode_tokens, "capi", monitor=True), reps,
+        quiet, _ = _median(lambda: decode_threads(n, thread_tokens, "capi", prefix=True), reps, f"{n} decoders")
+        busy, samples = _median(lambda: decode_threads(n, thread_tokens, "capi", monitor=True), reps,
                                 f"{n} decoders + monitor")
         threads["mixed"] = {"decoders": n, "tokens_per_s_alone": round(quiet), "tokens_per_s_monitored": round(busy),
                             "ratio": round(busy / quiet, 3)}
