@@ -27,7 +27,7 @@ cdef int raise_status(int status, const ErrInfo* err) except -1
 # final: internal cdef methods are called directly (and inlined), not through a vtable.
 @cython.final
 cdef class BlockManager:
-    cdef Core _c
+    cdef Core* _c
     cdef readonly int32_t block_size
     cdef readonly bint evict_sequences
     cdef readonly bint enable_prefix_caching

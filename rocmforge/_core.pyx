@@ -169,6 +169,7 @@ cdef class BlockManager:
         if enable_events and not enable_prefix_caching:
             raise InvalidConfiguration("enable_events needs enable_prefix_caching=True")
         cdef int32_t nshards = _shard_count(shards, nb)
+        self._c = new Core()
         self.block_size = bs
         self.evict_sequences = bool(evict_sequences)
         self.enable_prefix_caching = bool(enable_prefix_caching)
@@ -182,12 +183,15 @@ cdef class BlockManager:
         self._c.key_mask = (1 << _key_bits) - 1
         cdef int st
         cdef int32_t n = nb
-        if rf_core_init(&self._c, nshards):
+        if rf_core_init(self._c, nshards):
             raise MemoryError(f"cannot allocate {nshards} shards")
         with nogil:
-            st = resize_pool(&self._c, n)
+            st = resize_pool(self._c, n)
         if st != RF_OK:
             raise MemoryError(f"cannot allocate bookkeeping for {nb} blocks")
+
+    def __dealloc__(self):
+        del self._c
 
     # --- locking ---------------------------------------------------------------
 
@@ -195,7 +199,7 @@ cdef class BlockManager:
         """The calling thread's shard."""
         if self._c.nshards == 1:
             return self._c.shards
-        return &self._c.shards[rf_thread_home(&self._c)]
+        return &self._c.shards[rf_thread_home(self._c)]
 
     cdef void _lock_all(self) noexcept nogil:
         """Every shard's lock in shard order, then (several shards) the prefix index's."""
@@ -219,7 +223,7 @@ cdef class BlockManager:
         if self._c.nshards == 1:
             self._c.shards.lock.lock()
             return self._c.shards
-        t = dir_find(&self._c, seq_id)
+        t = dir_find(self._c, seq_id)
         if t < 0:
             return NULL
         self._c.shards[t].lock.lock()
@@ -241,7 +245,7 @@ cdef class BlockManager:
     # --- C API (declared in _core.pxd) -------------------------------------
 
     cdef int c_allocate(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil:
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef Shard* sh = self._home()
         cdef int st
         sh.lock.lock()
@@ -258,7 +262,7 @@ cdef class BlockManager:
         return st
 
     cdef int c_incref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef Shard* sh = self._home()
         cdef int st = RF_GLOBAL
         sh.lock.lock()
@@ -272,7 +276,7 @@ cdef class BlockManager:
         return st
 
     cdef int c_decref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef Shard* sh = self._home()
         cdef int st = RF_GLOBAL
         sh.lock.lock()
@@ -294,7 +298,7 @@ cdef class BlockManager:
     cdef int c_add_sequence(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
                             int64_t num_tokens, int64_t salt, int64_t* slots_out,
                             ErrInfo* err) noexcept nogil:
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef Shard* sh = self._home()
         cdef int st
         cdef vector[int64_t] heap_keys
@@ -345,7 +349,7 @@ cdef class BlockManager:
                                  int64_t salt) noexcept nogil:
         """Cached leading tokens for these token ids (no change of state); -1 when
         prefix caching is off or memory is exhausted."""
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef vector[int64_t] heap_keys
         cdef int64_t stack_keys[KEYS_ON_STACK]
         cdef vector[int32_t] hits
@@ -366,7 +370,7 @@ cdef class BlockManager:
                               int32_t* ids_out, int64_t* num_out, ErrInfo* err) noexcept nogil:
         """Take an external reference on every block of the cached prefix of tokens
         (room for num_tokens // block_size ids); num_out = how many."""
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef Shard* sh = self._home()
         cdef vector[int64_t] heap_keys
         cdef int64_t stack_keys[KEYS_ON_STACK]
@@ -401,7 +405,7 @@ cdef class BlockManager:
     cdef int c_append_batch(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                             bint with_tokens, const int32_t* tokens, int64_t* slots_out,
                             ErrInfo* err) noexcept nogil:
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef Shard* sh = self._home()
         cdef double now = _wall_now()
         cdef int st
@@ -419,7 +423,7 @@ cdef class BlockManager:
         return st
 
     cdef int c_fork(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil:
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef Shard* sh = self._home()
         cdef double now = _wall_now()
         cdef int st
@@ -452,7 +456,7 @@ cdef class BlockManager:
         return st
 
     cdef int c_remove_sequence(self, int64_t seq_id, ErrInfo* err) noexcept nogil:
-        cdef Core* c = &self._c
+        cdef Core* c = self._c
         cdef Shard* sh = self._home()
         cdef bint prefix_locked = False
         cdef int st
@@ -643,6 +647,7 @@ cdef class BlockManager:
         if st != RF_OK:
             raise_status(st, &err)
 
+    @cython.always_allow_keywords(False)
     def decref_one(self, block_id):
         """Drop one external reference from a single block (fast path of decref)."""
         cdef int32_t b = _block_id(block_id)
@@ -651,6 +656,7 @@ cdef class BlockManager:
         if st != RF_OK:
             raise_status(st, &err)
 
+    @cython.always_allow_keywords(False)
     def refcount(self, block_id):
         """Current refcount of one block (table references plus external ones)."""
         cdef int32_t b = _block_id(block_id)
@@ -746,6 +752,7 @@ cdef class BlockManager:
         if st != RF_OK:
             raise_status(st, &err)
 
+    @cython.always_allow_keywords(False)
     def remove_sequence(self, seq_id):
         """Remove a sequence, dropping its reference on every block it holds."""
         cdef int64_t sid = _seq_id(seq_id)
@@ -789,7 +796,7 @@ cdef class BlockManager:
             err.id = s
             err.a = self._c.nshards
             raise_status(RF_NO_SHARD, &err)
-        if self._c.nshards > 1 and rf_bind_thread(&self._c, s):
+        if self._c.nshards > 1 and rf_bind_thread(self._c, s):
             raise MemoryError("rocmforge: host memory exhausted")
 
     @property
@@ -852,9 +859,9 @@ cdef class BlockManager:
         cdef Shard* sh = self._home()
         with nogil:
             self._lock_all()
-            st = reserve_registrations(&self._c, 0)
+            st = reserve_registrations(self._c, 0)
             if st == RF_OK:
-                reset_prefix(&self._c, sh)
+                reset_prefix(self._c, sh)
             self._unlock_all()
         if st != RF_OK:
             raise_status(st, &err)
@@ -912,6 +919,7 @@ cdef class BlockManager:
         """
         return _tables(self, seq_ids, None, 2)
 
+    @cython.always_allow_keywords(False)
     def num_tokens(self, seq_id):
         """Number of tokens in a sequence."""
         return self._token_count(seq_id, False)
@@ -968,12 +976,12 @@ cdef class BlockManager:
     def num_free_blocks(self):
         """Blocks with refcount 0, all of which an allocation can take (free ones
         and, with prefix caching, evictable cached ones). Read without a lock."""
-        return avail_total(&self._c)
+        return avail_total(self._c)
 
     @property
     def num_used_blocks(self):
         """Blocks with refcount > 0."""
-        return self.num_blocks - avail_total(&self._c)
+        return self.num_blocks - avail_total(self._c)
 
     def stats(self):
         """Counters as a dict (see the README for their meaning). Read without
@@ -985,10 +993,10 @@ cdef class BlockManager:
         Occupied blocks are those in use or cached."""
         cdef int64_t top = -1, b, used
         self._lock_all()
-        used = self._c.num_blocks - avail_total(&self._c) + self._c.pfx.num_evictable.get()
+        used = self._c.num_blocks - avail_total(self._c) + self._c.pfx.num_evictable.get()
         b = self._c.num_blocks - 1
         while b >= 0 and used > 0:
-            if occupied(&self._c, <int32_t>b):
+            if occupied(self._c, <int32_t>b):
                 top = b
                 break
             b -= 1
@@ -1029,7 +1037,7 @@ cdef class BlockManager:
         with nogil:
             self._lock_all()
             t0 = _mono_ms()
-            st = compact_pool(&self._c, &moves, &err)
+            st = compact_pool(self._c, &moves, &err)
             if st == RF_OK:
                 self._c.last_compaction_ms.set(_mono_ms() - t0)
             self._unlock_all()
@@ -1049,7 +1057,7 @@ cdef class BlockManager:
             raise InvalidConfiguration(f"shrink to {n} > num_blocks={self.num_blocks}: use grow()")
         with nogil:
             self._lock_all()
-            st = shrink_pool(&self._c, sh, n, &err) if n < self._c.num_blocks else RF_OK
+            st = shrink_pool(self._c, sh, n, &err) if n < self._c.num_blocks else RF_OK
             self._unlock_all()
         if st != RF_OK:
             raise_status(st, &err)
@@ -1063,7 +1071,7 @@ cdef class BlockManager:
             raise InvalidConfiguration(f"grow to {n} < num_blocks={self.num_blocks}: use shrink()")
         with nogil:
             self._lock_all()
-            st = resize_pool(&self._c, n) if n > self._c.num_blocks else RF_OK
+            st = resize_pool(self._c, n) if n > self._c.num_blocks else RF_OK
             self._unlock_all()
         if st != RF_OK:
             raise MemoryError(f"cannot allocate bookkeeping for {n} blocks")
@@ -1086,7 +1094,7 @@ cdef class BlockManager:
         cdef int bad
         with nogil:
             self._lock_all()
-            bad = check_all(&self._c, msg, sizeof(msg))
+            bad = check_all(self._c, msg, sizeof(msg))
             self._unlock_all()
         if bad:
             raise InvariantError(msg.decode("utf-8", "replace"))

@@ -179,7 +179,7 @@ cdef object _sequence_ids(BlockManager m):
 
 cdef dict _stats(BlockManager m):
     """Counters summed over the shards, each read without a lock."""
-    cdef Core* c = &m._c
+    cdef Core* c = m._c
     cdef int64_t alloc = 0, dealloc = 0, peak = 0, cow = 0, nseq = 0
     cdef int32_t s
     cdef Shard* x
@@ -245,8 +245,8 @@ cdef double _memory_efficiency(BlockManager m) except -1:
 
 
 cdef size_t _metadata_bytes(BlockManager m):
-    cdef Core* c = &m._c
-    cdef size_t total = sizeof(BlockManager), slot
+    cdef Core* c = m._c
+    cdef size_t total = sizeof(BlockManager) + sizeof(Core), slot
     cdef int32_t s
     cdef int lst
     cdef Shard* x

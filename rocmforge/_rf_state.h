@@ -170,7 +170,12 @@ struct alignas(64) DirStripe {
 
 enum { RF_DIR_STRIPES = 64, RF_MAX_SHARDS = 64 };
 
+/* A manager's whole state. Allocated on its own (not inside the Python
+ * object), so that the groups written by different threads start on cache
+ * lines of their own: a thread taking the prefix index's lock or bumping a
+ * counter must not evict the read-mostly fields every decode step reads. */
 struct Core {
+    /* read-mostly: set at creation, changed only while every lock is held */
     int32_t num_blocks = 0;
     int32_t block_size = 0;
     int32_t nshards = 1;
@@ -182,19 +187,20 @@ struct Core {
     std::vector<BlockRefs> refs;
     std::vector<uint8_t> home;
     std::vector<BlockScratch> scratch;
-    std::atomic<uint64_t> share_gen{1};
     Shard *shards = nullptr;
-    PrefixState pfx;
-    rf_mutex q_lock;
-    std::vector<int64_t> evicted;
-    std::atomic<uint64_t> copy_seq{0};
     DirStripe *dir = nullptr;
-    rf_count evictions;
+    uint64_t id = 0;
+    /* bumped by forks and increfs, read by every decode step */
+    alignas(64) std::atomic<uint64_t> share_gen{1};
+    std::atomic<uint64_t> copy_seq{0};
+    alignas(64) PrefixState pfx;
+    alignas(64) rf_mutex q_lock;
+    std::vector<int64_t> evicted;
+    alignas(64) rf_count evictions;
     rf_count shard_transfers;           /* free blocks moved from one shard to another */
     rf_count compaction_count;
     rf_real last_compaction_ms;
-    uint64_t id = 0;
-    rf_mutex home_lock;                 /* several shards: the two below */
+    alignas(64) rf_mutex home_lock;     /* several shards: the two below */
     rf_idmap homes;                     /* thread -> shard */
     int32_t next_home = 0;
 

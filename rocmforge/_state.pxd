@@ -171,6 +171,7 @@ cdef extern from "_rf_state.h" nogil:
         rf_mutex lock
         rf_idmap map
     cppclass Core:
+        Core() except +
         int32_t num_blocks
         int32_t block_size
         int32_t nshards
