@@ -114,7 +114,6 @@ struct alignas(64) Shard {
     std::vector<SeqRec> seqs;
     std::vector<int32_t> free_slots;
     rf_idmap ids;
-    rf_count num_seqs;
     std::vector<int32_t> batch_slots;
     int32_t lru_head = -1;
     int32_t lru_tail = -1;
@@ -125,10 +124,13 @@ struct alignas(64) Shard {
     std::vector<int64_t> tmp_moved;
     std::vector<int64_t> tmp_victims;
     std::vector<int64_t> pending;       /* copy-on-write copies: (number, src, dst) triples */
-    rf_count total_allocations;
+    /* What stats() and len() read without the lock, on a line of its own: a
+     * monitoring thread reading it takes nothing else from the shard's owner. */
+    alignas(64) rf_count total_allocations;
     rf_count total_deallocations;
     rf_count peak_allocations;
     rf_count cow_copies;
+    rf_count num_seqs;
 };
 
 /* The prefix index shared by every shard (see _prefix.pxd). */
