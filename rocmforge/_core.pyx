@@ -60,11 +60,15 @@ include "_convert.pxi"
 include "_report.pxi"
 
 cdef enum:
-    # Calls release the GIL only when their work outweighs dropping and retaking
-    # it (about 0.2-0.4 us): 64 sequences of a batch, 1,024 block ids (a few ns
-    # each), 16,384 prompt tokens (hashing and lookup).
-    NOGIL_MIN = 64
-    NOGIL_MIN_IDS = 1024
+    # Calls release the GIL only when their work outweighs retaking it. That
+    # costs 0.2-0.4 us when no other thread wants the GIL, but a thread wake-up
+    # (several us) when others do: on the device host, 16 Python threads
+    # decoding 256 sequences per call (3 us of work) ran at half one thread's
+    # rate when each call released the GIL. So about 10 us of work: 1,024
+    # sequences of a batch, 4,096 block ids, 16,384 prompt tokens (hashing and
+    # lookup).
+    NOGIL_MIN = 1024
+    NOGIL_MIN_IDS = 4096
     NOGIL_MIN_TOKENS = 16384
 
 cdef dict _POLICIES = {"lru": POLICY_LRU, "arc": POLICY_ARC}

@@ -177,7 +177,7 @@ def test_gil_holding_calls_wait_for_a_nogil_holder_without_deadlock():
         try:
             buf = np.empty(4096, dtype=np.int32)
             while not stop.is_set():
-                m.decref(m.allocate(4096, out=buf))   # >= 1,024 ids: runs without the GIL
+                m.decref(m.allocate(4096, out=buf))   # >= 4,096 ids: runs without the GIL
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -296,8 +296,8 @@ def test_sixteen_threads_share_prefixes_forks_and_free_blocks_across_shards():
 
 
 def test_threads_meet_inside_the_core_without_the_gil():
-    """Calls large enough to run without the GIL (batches of 256 sequences,
-    2,048 block ids, 16,384-token prompts, forks, tables, checks), so threads
+    """Calls large enough to run without the GIL (batches of 1,024 sequences,
+    4,096 block ids, 16,384-token prompts, forks, tables, checks), so threads
     really meet inside the core: tools/tsan.sh runs this under
     ThreadSanitizer. Decoders on their own shards, allocate/free loops,
     prefix hits on blocks another shard cached, the C API's decode loop, forks
@@ -306,7 +306,7 @@ def test_threads_meet_inside_the_core_without_the_gil():
     from rocmforge import _bench_capi
     from rocmforge.bench_allocator import _decode_start
     shards, bs = 8, 16
-    m = rf.BlockManager(4 * 33_000 + 4 * 4096, bs, shards=shards, enable_prefix_caching=True)
+    m = rf.BlockManager(4 * 33_000 + 4 * 1024 * 16 + 4 * 8192, bs, shards=shards, enable_prefix_caching=True)
     prompt = np.random.default_rng(0).integers(0, 1 << 17, 16384, dtype=np.int32)
     m.add_sequence(10**12, prompt)                  # shard 0 caches it and keeps it in use
     errors, done = [], threading.Event()
@@ -327,16 +327,20 @@ def test_threads_meet_inside_the_core_without_the_gil():
     def decoder(t):
         m.bind_thread(t)
         ids, left, lengths = _decode_start(m, t * 10**9, np.random.default_rng(t))
+        many = np.arange(t * 10**9 + 10**8, t * 10**9 + 10**8 + 1024, dtype=np.int64)
+        for sid in many.tolist():
+            m.add_sequence(sid, num_tokens=sid % 7)
         running[t] = ids
         barrier.wait()
-        out = np.empty(len(ids), dtype=np.int64)
-        for _ in range(300):
-            m.append_batch(ids, 1, out=out)         # 256 sequences: no GIL inside
-        left = np.array(left, dtype=np.int64) - 300
+        out = np.empty(len(many), dtype=np.int64)
+        for _ in range(200):
+            m.append_batch(many, 1, out=out)        # 1,024 sequences: no GIL inside
+            m.append_batch(ids, 1)
+        left = np.array(left, dtype=np.int64) - 200
         _bench_capi.decode_sim(m, ids, left, np.array(lengths[-512:], dtype=np.int64), 40,
                                t * 10**9 + len(ids))
         del running[t]
-        for sid in ids.tolist():
+        for sid in ids.tolist() + many.tolist():
             m.remove_sequence(sid)
 
     @guarded
@@ -344,7 +348,7 @@ def test_threads_meet_inside_the_core_without_the_gil():
         m.bind_thread(t)
         barrier.wait()
         for _ in range(30):
-            m.decref(m.allocate(2048))              # 2,048 ids: no GIL inside
+            m.decref(m.allocate(4096))              # 4,096 ids: no GIL inside
             m.decref(m.acquire_prefix(prompt))      # 16,384 tokens: hits shard 0's blocks
 
     @guarded
