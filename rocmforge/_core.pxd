@@ -51,16 +51,6 @@ cdef class BlockManager:
     cdef int c_fork(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil
     cdef int c_remove_sequence(self, int64_t seq_id, ErrInfo* err) noexcept nogil
 
-    # --- locking ---------------------------------------------------------------
-    cdef Shard* _home(self) noexcept nogil
-    cdef void _lock_all(self) noexcept nogil
-    cdef void _unlock_all(self) noexcept nogil
-    cdef Shard* _lock_seq(self, int64_t seq_id) noexcept nogil
-    cdef void _lock_prefix(self) noexcept nogil
-    cdef void _unlock_prefix(self) noexcept nogil
-
     # --- helpers of the Python API ------------------------------------------------
-    cdef int _gather_tables(self, const int64_t* ids, Py_ssize_t n, vector[int32_t]* flat,
-                            vector[int64_t]* lens, ErrInfo* err) noexcept nogil
     cdef int64_t _token_count(self, object seq_id, bint cached) except -1
     cdef object _append_batch(self, object seq_ids, object counts, object tokens, object out)

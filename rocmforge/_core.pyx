@@ -21,7 +21,7 @@ from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t, INT32_MAX, INT64_MAX
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
-from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 cimport numpy as cnp
 cimport cython
 
@@ -31,14 +31,12 @@ import os
 import numpy as np
 
 from rocmforge._state cimport *
-from rocmforge._blocks cimport (avail_total, incref_ids, decref_ids, all_home, note_peak, home_of)
-from rocmforge._prefix cimport (hash_prompt, match_prefix, take_cached, reserve_registrations, reset_prefix,
-                                foreign_hit)
-from rocmforge._seqs cimport seq_find, dir_find, dir_claim, dir_erase
-from rocmforge._append cimport append_batch, append_batch_any
-from rocmforge._seqops cimport allocate_blocks, add_sequence, fork_sequence, remove_sequence
-from rocmforge._pool cimport resize_pool, compact_pool, shrink_pool, occupied, pending_count
+from rocmforge._blocks cimport avail_total
+from rocmforge._prefix cimport reserve_registrations, reset_prefix
+from rocmforge._seqs cimport seq_find
+from rocmforge._pool cimport resize_pool, compact_pool, shrink_pool, occupied
 from rocmforge._checks cimport check_all
+from rocmforge._calls cimport *
 
 from rocmforge.errors import (
     ArgumentTypeError,
@@ -73,20 +71,6 @@ cdef enum:
 
 cdef dict _POLICIES = {"lru": POLICY_LRU, "arc": POLICY_ARC}
 cdef tuple _POLICY_NAMES = ("lru", "arc")
-
-
-cdef inline void count_lookup(Core* c, Shard* sh, int64_t num_tokens, int64_t hits) noexcept nogil:
-    """acquire_prefix's counters (prefix index lock held) and sh's peak."""
-    c.pfx.lookups.add(1)
-    c.pfx.query_tokens.add(num_tokens)
-    c.pfx.hit_tokens.add(hits * c.block_size)
-    note_peak(sh)
-
-
-cdef inline double _wall_now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_REALTIME, &ts)
-    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
 cdef inline double _mono_ms() noexcept nogil:
@@ -197,338 +181,47 @@ cdef class BlockManager:
     def __dealloc__(self):
         del self._c
 
-    # --- locking ---------------------------------------------------------------
-
-    cdef inline Shard* _home(self) noexcept nogil:
-        """The calling thread's shard."""
-        if self._c.nshards == 1:
-            return self._c.shards
-        return &self._c.shards[rf_thread_home(self._c)]
-
-    cdef void _lock_all(self) noexcept nogil:
-        """Every shard's lock in shard order, then (several shards) the prefix index's."""
-        cdef int32_t s
-        for s in range(self._c.nshards):
-            self._c.shards[s].lock.lock()
-        if self._c.nshards > 1:
-            self._c.pfx.lock.lock()
-
-    cdef void _unlock_all(self) noexcept nogil:
-        cdef int32_t s
-        if self._c.nshards > 1:
-            self._c.pfx.lock.unlock()
-        for s in range(self._c.nshards - 1, -1, -1):
-            self._c.shards[s].lock.unlock()
-
-    cdef Shard* _lock_seq(self, int64_t seq_id) noexcept nogil:
-        """Lock and return the shard that holds seq_id (NULL, nothing locked,
-        when no shard does); with one shard, that shard."""
-        cdef int32_t t
-        if self._c.nshards == 1:
-            self._c.shards.lock.lock()
-            return self._c.shards
-        t = dir_find(self._c, seq_id)
-        if t < 0:
-            return NULL
-        self._c.shards[t].lock.lock()
-        return &self._c.shards[t]
-
-    cdef void _lock_prefix(self) noexcept nogil:
-        """The prefix index's lock for a call that touches nothing else."""
-        if self._c.nshards == 1:
-            self._c.shards.lock.lock()
-        else:
-            self._c.pfx.lock.lock()
-
-    cdef void _unlock_prefix(self) noexcept nogil:
-        if self._c.nshards == 1:
-            self._c.shards.lock.unlock()
-        else:
-            self._c.pfx.lock.unlock()
-
-    # --- C API (declared in _core.pxd) -------------------------------------
+    # --- C API (declared in _core.pxd; the bodies are in _calls.pxd) ----------
 
     cdef int c_allocate(self, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil:
-        cdef Core* c = self._c
-        cdef Shard* sh = self._home()
-        cdef int st
-        sh.lock.lock()
-        if c.nshards == 1:
-            st = allocate_blocks(c, sh, False, n, out, err)
-            sh.lock.unlock()
-            return st
-        st = allocate_blocks(c, sh, True, n, out, err)
-        sh.lock.unlock()
-        if st == RF_GLOBAL:
-            self._lock_all()
-            st = allocate_blocks(c, sh, False, n, out, err)
-            self._unlock_all()
-        return st
+        return call_allocate(self._c, n, out, err)
 
     cdef int c_incref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
-        cdef Core* c = self._c
-        cdef Shard* sh = self._home()
-        cdef int st = RF_GLOBAL
-        sh.lock.lock()
-        if c.nshards == 1 or all_home(c, sh, ids, n):
-            st = incref_ids(c, ids, n, err)
-        sh.lock.unlock()
-        if st == RF_GLOBAL:
-            self._lock_all()
-            st = incref_ids(c, ids, n, err)
-            self._unlock_all()
-        return st
+        return call_incref(self._c, ids, n, err)
 
     cdef int c_decref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
-        cdef Core* c = self._c
-        cdef Shard* sh = self._home()
-        cdef int st = RF_GLOBAL
-        sh.lock.lock()
-        if c.nshards == 1:
-            st = decref_ids(c, ids, n, err)
-        elif all_home(c, sh, ids, n):
-            if c.prefix:
-                c.pfx.lock.lock()   # a released cached block joins the policy lists
-            st = decref_ids(c, ids, n, err)
-            if c.prefix:
-                c.pfx.lock.unlock()
-        sh.lock.unlock()
-        if st == RF_GLOBAL:
-            self._lock_all()
-            st = decref_ids(c, ids, n, err)
-            self._unlock_all()
-        return st
+        return call_decref(self._c, ids, n, err)
 
     cdef int c_add_sequence(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
                             int64_t num_tokens, int64_t salt, int64_t* slots_out,
                             ErrInfo* err) noexcept nogil:
-        cdef Core* c = self._c
-        cdef Shard* sh = self._home()
-        cdef int st
-        cdef vector[int64_t] heap_keys
-        cdef int64_t stack_keys[KEYS_ON_STACK]
-        cdef int64_t* keys = NULL
-        cdef double now = _wall_now()
-        if with_tokens and c.prefix and num_tokens >= 0:
-            # Keys are a pure function of the tokens: hash before taking a lock.
-            keys = hash_prompt(c, tokens, num_tokens, salt, stack_keys, KEYS_ON_STACK, &heap_keys)
-            if keys == NULL:
-                return RF_NO_MEMORY
-        if c.nshards == 1:
-            sh.lock.lock()
-            st = add_sequence(c, sh, False, seq_id, with_tokens, tokens, num_tokens, salt, keys,
-                              slots_out, now, err)
-            sh.lock.unlock()
-            return st
-        if seq_id < 0:
-            err.id = seq_id
-            return RF_INVALID_ARGUMENT
-        # The id is claimed in the directory under the shard's lock, and given
-        # back before it is released when the call fails, so a caller holding
-        # every lock sees exactly the live sequences there.
-        sh.lock.lock()
-        if keys != NULL:
-            c.pfx.lock.lock()
-        st = dir_claim(c, seq_id, sh.index, err)
-        if st == RF_OK:
-            st = add_sequence(c, sh, True, seq_id, with_tokens, tokens, num_tokens, salt, keys, slots_out,
-                              now, err)
-            if st != RF_OK:
-                dir_erase(c, seq_id)
-        if keys != NULL:
-            c.pfx.lock.unlock()
-        sh.lock.unlock()
-        if st == RF_GLOBAL:
-            self._lock_all()
-            st = dir_claim(c, seq_id, sh.index, err)
-            if st == RF_OK:
-                st = add_sequence(c, sh, False, seq_id, with_tokens, tokens, num_tokens, salt, keys,
-                                  slots_out, now, err)
-                if st != RF_OK:
-                    dir_erase(c, seq_id)
-            self._unlock_all()
-        return st
+        return call_add_sequence(self._c, seq_id, with_tokens, tokens, num_tokens, salt, slots_out, err)
 
     cdef int64_t c_lookup_prefix(self, const int32_t* tokens, int64_t num_tokens,
                                  int64_t salt) noexcept nogil:
-        """Cached leading tokens for these token ids (no change of state); -1 when
-        prefix caching is off or memory is exhausted."""
-        cdef Core* c = self._c
-        cdef vector[int64_t] heap_keys
-        cdef int64_t stack_keys[KEYS_ON_STACK]
-        cdef vector[int32_t] hits
-        cdef int64_t* keys
-        cdef int64_t h, nfull = num_tokens // c.block_size
-        cdef int32_t neg = -1
-        if not c.prefix or rf_resize(hits, nfull, neg):
-            return -1
-        keys = hash_prompt(c, tokens, num_tokens, salt, stack_keys, KEYS_ON_STACK, &heap_keys)
-        if keys == NULL:
-            return -1
-        self._lock_prefix()
-        h = match_prefix(c, tokens, keys, nfull, salt, hits.data())
-        self._unlock_prefix()
-        return h * c.block_size
+        return call_lookup_prefix(self._c, tokens, num_tokens, salt)
 
     cdef int c_acquire_prefix(self, const int32_t* tokens, int64_t num_tokens, int64_t salt,
                               int32_t* ids_out, int64_t* num_out, ErrInfo* err) noexcept nogil:
-        """Take an external reference on every block of the cached prefix of tokens
-        (room for num_tokens // block_size ids); num_out = how many."""
-        cdef Core* c = self._c
-        cdef Shard* sh = self._home()
-        cdef vector[int64_t] heap_keys
-        cdef int64_t stack_keys[KEYS_ON_STACK]
-        cdef int64_t* keys
-        cdef int64_t h = 0, nfull = num_tokens // c.block_size
-        cdef bint done = False
-        num_out[0] = 0
-        if not c.prefix:
-            return RF_PREFIX_DISABLED
-        keys = hash_prompt(c, tokens, num_tokens, salt, stack_keys, KEYS_ON_STACK, &heap_keys)
-        if keys == NULL:
-            return RF_NO_MEMORY
-        sh.lock.lock()
-        if c.nshards > 1:
-            c.pfx.lock.lock()
-        h = match_prefix(c, tokens, keys, nfull, salt, ids_out)
-        if c.nshards == 1 or not foreign_hit(c, sh, ids_out, h):
-            h = take_cached(c, sh, ids_out, h, True)
-            count_lookup(c, sh, num_tokens, h)
-            done = True
-        if c.nshards > 1:
-            c.pfx.lock.unlock()
-        sh.lock.unlock()
-        if not done:
-            self._lock_all()
-            h = take_cached(c, sh, ids_out, match_prefix(c, tokens, keys, nfull, salt, ids_out), True)
-            count_lookup(c, sh, num_tokens, h)
-            self._unlock_all()
-        num_out[0] = h
-        return RF_OK
+        return call_acquire_prefix(self._c, tokens, num_tokens, salt, ids_out, num_out, err)
 
     cdef int c_append_batch(self, const int64_t* seq_ids, const int32_t* counts, Py_ssize_t n,
                             bint with_tokens, const int32_t* tokens, int64_t* slots_out,
                             ErrInfo* err) noexcept nogil:
-        cdef Core* c = self._c
-        cdef Shard* sh = self._home()
-        cdef double now = _wall_now()
-        cdef int st
-        sh.lock.lock()
-        if c.nshards == 1:
-            st = append_batch(c, sh, False, seq_ids, counts, n, with_tokens, tokens, slots_out, now, err)
-            sh.lock.unlock()
-            return st
-        st = append_batch(c, sh, True, seq_ids, counts, n, with_tokens, tokens, slots_out, now, err)
-        sh.lock.unlock()
-        if st == RF_GLOBAL:
-            self._lock_all()
-            st = append_batch_any(c, sh, seq_ids, counts, n, with_tokens, tokens, slots_out, now, err)
-            self._unlock_all()
-        return st
+        return call_append_batch(self._c, seq_ids, counts, n, with_tokens, tokens, slots_out, err)
 
     cdef int c_fork(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil:
-        cdef Core* c = self._c
-        cdef Shard* sh = self._home()
-        cdef double now = _wall_now()
-        cdef int st
-        if c.nshards == 1:
-            sh.lock.lock()
-            st = fork_sequence(c, sh, False, src, dst, now, err)
-            sh.lock.unlock()
-            return st
-        if dst < 0:
-            err.id = dst
-            return RF_INVALID_ARGUMENT
-        if dir_find(c, src) < 0:
-            err.id = src
-            return RF_SEQ_NOT_FOUND
-        sh.lock.lock()
-        st = dir_claim(c, dst, sh.index, err)
-        if st == RF_OK:
-            st = fork_sequence(c, sh, True, src, dst, now, err)
-            if st != RF_OK:
-                dir_erase(c, dst)
-        sh.lock.unlock()
-        if st == RF_GLOBAL:
-            self._lock_all()
-            st = dir_claim(c, dst, sh.index, err)
-            if st == RF_OK:
-                st = fork_sequence(c, sh, False, src, dst, now, err)
-                if st != RF_OK:
-                    dir_erase(c, dst)
-            self._unlock_all()
-        return st
+        return call_fork(self._c, src, dst, err)
 
     cdef int c_remove_sequence(self, int64_t seq_id, ErrInfo* err) noexcept nogil:
-        cdef Core* c = self._c
-        cdef Shard* sh = self._home()
-        cdef bint prefix_locked = False
-        cdef int st
-        sh.lock.lock()
-        if c.nshards == 1:
-            st = remove_sequence(c, sh, False, seq_id, &prefix_locked, err)
-            sh.lock.unlock()
-            return st
-        st = remove_sequence(c, sh, True, seq_id, &prefix_locked, err)
-        if st == RF_OK:
-            dir_erase(c, seq_id)
-        if prefix_locked:
-            c.pfx.lock.unlock()
-        sh.lock.unlock()
-        if st == RF_GLOBAL:
-            self._lock_all()
-            st = remove_sequence(c, sh, False, seq_id, &prefix_locked, err)
-            if st == RF_OK:
-                dir_erase(c, seq_id)
-            self._unlock_all()
-        return st
-
-    # --- helpers of the Python API ------------------------------------------------
-
-    cdef int _gather_tables(self, const int64_t* ids, Py_ssize_t n, vector[int32_t]* flat,
-                            vector[int64_t]* lens, ErrInfo* err) noexcept nogil:
-        """Copy the tables and token counts of n sequences into flat and lens
-        (vector[int32_t], vector[int64_t]: length, tokens per sequence). With
-        one shard, one snapshot; with several, each sequence's under its
-        shard's lock."""
-        cdef Py_ssize_t i
-        cdef int32_t slot
-        cdef Shard* x
-        cdef SeqRec* s
-        cdef int st = RF_OK
-        if rf_reserve(lens[0], 2 * n):
-            return RF_NO_MEMORY
-        if self._c.nshards == 1:
-            self._c.shards.lock.lock()
-        for i in range(n):
-            x = self._c.shards if self._c.nshards == 1 else self._lock_seq(ids[i])
-            slot = NO_SLOT if x == NULL else seq_find(x, ids[i])
-            if slot == NO_SLOT:
-                err.id = ids[i]
-                st = RF_SEQ_NOT_FOUND
-            else:
-                s = &x.seqs[slot]
-                if rf_reserve(flat[0], flat.size() + s.blocks.size()):
-                    st = RF_NO_MEMORY
-                else:
-                    if s.blocks.size():
-                        rf_append_n(flat[0], s.blocks.data(), s.blocks.size())
-                    rf_push(lens[0], <int64_t>s.blocks.size())
-                    rf_push(lens[0], s.num_tokens)
-            if self._c.nshards > 1 and x != NULL:
-                x.lock.unlock()
-            if st != RF_OK:
-                break
-        if self._c.nshards == 1:
-            self._c.shards.lock.unlock()
-        return st
+        return call_remove_sequence(self._c, seq_id, err)
 
     cdef int64_t _token_count(self, object seq_id, bint cached) except -1:
         """A sequence's token count, or its count of tokens found cached."""
         cdef int64_t sid = _seq_id(seq_id)
         cdef int32_t slot = NO_SLOT
         cdef int64_t nt = 0
-        cdef Shard* x = self._lock_seq(sid)
+        cdef Shard* x = lock_seq(self._c, sid)
         if x != NULL:
             slot = seq_find(x, sid)
             if slot != NO_SLOT:
@@ -665,11 +358,11 @@ cdef class BlockManager:
         """Current refcount of one block (table references plus external ones)."""
         cdef int32_t b = _block_id(block_id)
         cdef int32_t rc = -1, n
-        self._lock_all()
+        lock_all(self._c)
         n = self._c.num_blocks
         if b < n:
             rc = self._c.refs[b].rc
-        self._unlock_all()
+        unlock_all(self._c)
         if rc < 0:
             raise BlockNotFound(f"block {b} out of range [0, {n})")
         return rc
@@ -806,7 +499,7 @@ cdef class BlockManager:
     @property
     def thread_shard(self):
         """The calling thread's shard (see bind_thread)."""
-        return self._home().index
+        return home_shard(self._c).index
 
     # --- prefix cache --------------------------------------------------------
 
@@ -860,13 +553,13 @@ cdef class BlockManager:
         cdef int st = RF_OK
         if not self.enable_prefix_caching:
             raise_status(RF_PREFIX_DISABLED, &err)
-        cdef Shard* sh = self._home()
+        cdef Shard* sh = home_shard(self._c)
         with nogil:
-            self._lock_all()
+            lock_all(self._c)
             st = reserve_registrations(self._c, 0)
             if st == RF_OK:
                 reset_prefix(self._c, sh)
-            self._unlock_all()
+            unlock_all(self._c)
         if st != RF_OK:
             raise_status(st, &err)
 
@@ -874,9 +567,9 @@ cdef class BlockManager:
     def num_cached_blocks(self):
         """Blocks in the prefix index (in use or evictable)."""
         cdef size_t n
-        self._lock_prefix()
+        lock_prefix(self._c)
         n = self._c.pfx.index.count
-        self._unlock_prefix()
+        unlock_prefix(self._c)
         return n
 
     @property
@@ -893,9 +586,9 @@ cdef class BlockManager:
         """Return and clear the KV events recorded since the last call, in order:
         BlockStored, BlockRemoved and AllCleared (see rocmforge.events)."""
         cdef vector[KvEvent] evs
-        self._lock_prefix()
+        lock_prefix(self._c)
         evs.swap(self._c.pfx.events)
-        self._unlock_prefix()
+        unlock_prefix(self._c)
         return _event_objects(evs)
 
     # --- tables and queries ------------------------------------------------------
@@ -952,7 +645,7 @@ cdef class BlockManager:
             return False
         cdef int64_t sid = value
         cdef bint found = False
-        cdef Shard* x = self._lock_seq(sid)
+        cdef Shard* x = lock_seq(self._c, sid)
         if x != NULL:
             found = seq_find(x, sid) != NO_SLOT
             x.lock.unlock()
@@ -996,7 +689,7 @@ cdef class BlockManager:
         """Share of the span [0, highest occupied id] that is free: 0.0 when packed.
         Occupied blocks are those in use or cached."""
         cdef int64_t top = -1, b, used
-        self._lock_all()
+        lock_all(self._c)
         used = self._c.num_blocks - avail_total(self._c) + self._c.pfx.num_evictable.get()
         b = self._c.num_blocks - 1
         while b >= 0 and used > 0:
@@ -1004,7 +697,7 @@ cdef class BlockManager:
                 top = b
                 break
             b -= 1
-        self._unlock_all()
+        unlock_all(self._c)
         if top < 0:
             return 0.0
         return <double>(top + 1 - used) / <double>(top + 1)
@@ -1039,12 +732,12 @@ cdef class BlockManager:
         cdef int st
         cdef double t0
         with nogil:
-            self._lock_all()
+            lock_all(self._c)
             t0 = _mono_ms()
             st = compact_pool(self._c, &moves, &err)
             if st == RF_OK:
                 self._c.last_compaction_ms.set(_mono_ms() - t0)
-            self._unlock_all()
+            unlock_all(self._c)
         if st != RF_OK:
             raise_status(st, &err)
         return _i32_from_vector(moves, 0, moves.size()).reshape(-1, 2)
@@ -1054,15 +747,15 @@ cdef class BlockManager:
         cdef int32_t n = <int32_t>_count(num_blocks, "num_blocks", INT32_MAX)
         cdef ErrInfo err
         cdef int st
-        cdef Shard* sh = self._home()
+        cdef Shard* sh = home_shard(self._c)
         if n < 1:
             raise InvalidConfiguration("num_blocks must be >= 1")
         if n > self.num_blocks:
             raise InvalidConfiguration(f"shrink to {n} > num_blocks={self.num_blocks}: use grow()")
         with nogil:
-            self._lock_all()
+            lock_all(self._c)
             st = shrink_pool(self._c, sh, n, &err) if n < self._c.num_blocks else RF_OK
-            self._unlock_all()
+            unlock_all(self._c)
         if st != RF_OK:
             raise_status(st, &err)
 
@@ -1074,9 +767,9 @@ cdef class BlockManager:
         if n < self.num_blocks:
             raise InvalidConfiguration(f"grow to {n} < num_blocks={self.num_blocks}: use shrink()")
         with nogil:
-            self._lock_all()
+            lock_all(self._c)
             st = resize_pool(self._c, n) if n > self._c.num_blocks else RF_OK
-            self._unlock_all()
+            unlock_all(self._c)
         if st != RF_OK:
             raise MemoryError(f"cannot allocate bookkeeping for {n} blocks")
 
@@ -1097,9 +790,9 @@ cdef class BlockManager:
         cdef char msg[512]
         cdef int bad
         with nogil:
-            self._lock_all()
+            lock_all(self._c)
             bad = check_all(self._c, msg, sizeof(msg))
-            self._unlock_all()
+            unlock_all(self._c)
         if bad:
             raise InvariantError(msg.decode("utf-8", "replace"))
 

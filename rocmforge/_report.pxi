@@ -57,7 +57,7 @@ cdef object _tables(BlockManager m, object seq_ids, object out, int layout):
     cdef int st
     cdef int64_t nt, bs = m.block_size
     with nogil:
-        st = m._gather_tables(<const int64_t*>cnp.PyArray_DATA(ids), n, &flat, &lens, &err)
+        st = gather_tables(m._c, <const int64_t*>cnp.PyArray_DATA(ids), n, &flat, &lens, &err)
     if st != RF_OK:
         raise_status(st, &err)
     if layout == 0:
@@ -104,7 +104,7 @@ cdef object _sequence_tokens(BlockManager m, int64_t sid):
     cdef vector[int32_t] toks
     cdef int st = RF_OK
     cdef SeqRec* s
-    cdef Shard* x = m._lock_seq(sid)
+    cdef Shard* x = lock_seq(m._c, sid)
     if x != NULL:
         slot = seq_find(x, sid)
         if slot != NO_SLOT:
@@ -131,7 +131,7 @@ cdef dict _sequence_info(BlockManager m, int64_t sid):
     cdef double created = 0, last = 0
     cdef int64_t accesses = 0, nt = 0, nblocks = 0, cached = 0, salt = 0
     cdef bint has = False
-    cdef Shard* x = m._lock_seq(sid)
+    cdef Shard* x = lock_seq(m._c, sid)
     if x != NULL:
         slot = seq_find(x, sid)
         if slot != NO_SLOT:
@@ -161,7 +161,7 @@ cdef object _sequence_ids(BlockManager m):
     cdef int32_t slot, s
     cdef int st = RF_OK
     cdef Shard* x
-    m._lock_all()
+    lock_all(m._c)
     for s in range(m._c.nshards):
         x = &m._c.shards[s]
         if rf_reserve(ids, ids.size() + x.ids.count):
@@ -171,7 +171,7 @@ cdef object _sequence_ids(BlockManager m):
         while slot != NO_SLOT:
             rf_push(ids, x.seqs[slot].seq_id)
             slot = x.seqs[slot].lru_next
-    m._unlock_all()
+    unlock_all(m._c)
     if st != RF_OK:
         raise MemoryError("rocmforge: host memory exhausted")
     return _i64_from_vector(ids)
@@ -220,7 +220,7 @@ cdef double _memory_efficiency(BlockManager m) except -1:
     cdef SeqRec* r
     cdef Shard* x
     cdef int st = RF_OK
-    m._lock_all()
+    lock_all(m._c)
     if rf_resize(seen, m._c.num_blocks, zero):
         st = RF_NO_MEMORY
     else:
@@ -238,7 +238,7 @@ cdef double _memory_efficiency(BlockManager m) except -1:
                     fill = r.num_tokens - <int64_t>j * bs
                     filled += bs if fill > bs else fill
                     held += bs
-    m._unlock_all()
+    unlock_all(m._c)
     if st != RF_OK:
         raise MemoryError("rocmforge: host memory exhausted")
     return 1.0 if held == 0 else <double>filled / <double>held
@@ -250,7 +250,7 @@ cdef size_t _metadata_bytes(BlockManager m):
     cdef int32_t s
     cdef int lst
     cdef Shard* x
-    m._lock_all()
+    lock_all(m._c)
     total += c.refs.capacity() * sizeof(BlockRefs) + c.scratch.capacity() * sizeof(BlockScratch)
     total += c.home.capacity() + c.evicted.capacity() * sizeof(int64_t)
     total += c.nshards * sizeof(Shard)
@@ -276,5 +276,5 @@ cdef size_t _metadata_bytes(BlockManager m):
         total += rf_idmap_bytes(c.pfx.ghost[lst]) + c.pfx.ghost_ring[lst].capacity() * sizeof(int64_t)
     total += (c.pfx.tmp_hits.capacity() + c.pfx.tmp_stack.capacity()) * sizeof(int32_t)
     total += c.pfx.events.capacity() * sizeof(KvEvent)
-    m._unlock_all()
+    unlock_all(m._c)
     return total
