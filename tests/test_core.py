@@ -602,3 +602,16 @@ def test_last_compaction_ms_times_the_last_compaction():
     assert 0.0 < stats["last_compaction_ms"] <= wall_ms
     m.compact()                                     # nothing to move: the time of this one
     assert m.stats()["compaction_count"] == 2 and m.stats()["last_compaction_ms"] != stats["last_compaction_ms"]
+
+
+def test_append_batch_takes_one_count_for_every_sequence():
+    m = rf.BlockManager(16, 4)
+    for sid in (1, 2, 3):
+        m.add_sequence(sid, num_tokens=1)
+    assert m.append_batch([1, 2, 3], 1).tolist() == [1, 5, 9]          # each sequence's second slot
+    assert m.append_batch(np.array([1, 2, 3]), np.int64(2)).tolist() == [2, 3, 6, 7, 10, 11]
+    assert [m.num_tokens(s) for s in (1, 2, 3)] == [4, 4, 4]
+    for bad in (True, 1.0, -1, 2**40):
+        with pytest.raises((rf.ArgumentTypeError, rf.ArgumentValueError)):
+            m.append_batch([1, 2, 3], bad)
+    assert [m.num_tokens(s) for s in (1, 2, 3)] == [4, 4, 4]
