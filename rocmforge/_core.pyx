@@ -754,7 +754,7 @@ cdef class BlockManager:
             raise InvalidConfiguration(f"shrink to {n} > num_blocks={self.num_blocks}: use grow()")
         with nogil:
             lock_all(self._c)
-            st = shrink_pool(self._c, sh, n, &err) if n < self._c.num_blocks else RF_OK
+            st = shrink_pool(self._c, sh, n, &err)
             unlock_all(self._c)
         if st != RF_OK:
             raise_status(st, &err)

@@ -615,3 +615,16 @@ def test_append_batch_takes_one_count_for_every_sequence():
         with pytest.raises((rf.ArgumentTypeError, rf.ArgumentValueError)):
             m.append_batch([1, 2, 3], bad)
     assert [m.num_tokens(s) for s in (1, 2, 3)] == [4, 4, 4]
+
+
+def test_shrink_to_the_same_size_still_refuses_while_copies_are_pending():
+    for shards in (1, 2):
+        m = rf.BlockManager(8, 2, shards=shards)
+        m.add_sequence(0, num_tokens=1)
+        m.fork(0, 1)
+        m.append(1, 1)                                   # a copy-on-write copy is pending
+        with pytest.raises(rf.KvCacheError, match="pending"):
+            m.shrink(8)
+        m.take_pending_copies()
+        m.shrink(8)
+        m.check_invariants()
