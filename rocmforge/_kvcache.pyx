@@ -17,7 +17,7 @@ from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
 from rocmforge._runtime cimport (DeviceBuffer, DeviceKernels, check, rt_backend, rt_memset, rt_htod, rt_dtoh,
                                  rt_dtod, rt_stream_sync, rt_device_sync)
 from rocmforge._runtime import backend_info, load_backend
-from rocmforge.config import CacheConfig
+from rocmforge.config import CacheConfig, format_bytes, host_memory_available
 from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
                               InvalidConfiguration, OutOfBlocks, SequenceExists, SequenceNotFound)
 
@@ -188,6 +188,21 @@ cdef class KvCache:
             raise DeviceError(f"device {device!r}: only {count} device(s)", _RT_BAD_DEVICE)
         return dev
 
+    cdef _check_room(self, int64_t num_blocks):
+        """MemoryError, before anything is allocated, when the storage for num_blocks
+        blocks exceeds the free memory where it would live: a host allocation past it
+        would not fail but be zero-filled until the machine runs out."""
+        total = 2 * self._num_layers * num_blocks * self._block_bytes
+        if self._dev < 0:
+            free, where = host_memory_available(), "host memory"
+        else:
+            free, where = backend_info()["devices"][self._dev]["free_memory"], f"memory on GPU {self._dev}"
+        if free is not None and total > free:
+            raise MemoryError(
+                f"the KV cache needs {format_bytes(total)} of {where} ({self._num_layers} layers x K and V x "
+                f"{num_blocks} blocks of {format_bytes(self._block_bytes)}), and {format_bytes(free)} is free: "
+                f"lower num_blocks or memory_budget")
+
     cdef _allocate(self, int64_t num_blocks, list old):
         """Storage for num_blocks blocks per cache, keeping the leading blocks of old
         (zeros elsewhere), installed once it is complete: raises before changing
@@ -196,6 +211,7 @@ cdef class KvCache:
         cdef DeviceBuffer buf, prev
         cdef int st = 0, i
         cdef vector[uint64_t] addrs
+        self._check_room(num_blocks)
         fresh = []
         for i in range(2 * self._num_layers):
             buf = DeviceBuffer(nbytes, self._dev)
@@ -641,10 +657,11 @@ cdef class KvCache:
 
     # ---- pool size ----------------------------------------------------------------------------------
 
-    def compact(self, shrink=True):
-        """Compact the manager (occupied blocks move to the lowest ids), move their
-        K/V accordingly, and with ``shrink`` cut the pool and the storage down to
-        the occupied blocks, giving the memory back. Returns the (old, new) moves.
+    def compact(self, shrink=False):
+        """Compact the manager (occupied blocks move to the lowest ids) and move
+        their K/V accordingly; the cache keeps its size. With ``shrink=True`` it
+        also cuts the pool and the storage down to the occupied blocks, giving
+        the memory back (grow() adds blocks again). Returns the (old, new) moves.
 
         Serialized with the data path: a write_kv, gather or swap in another
         thread runs entirely before or after it. Block ids and slots taken

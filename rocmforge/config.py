@@ -51,6 +51,33 @@ def parse_bytes(value, name="memory_budget") -> int:
     return size
 
 
+def host_memory_available() -> int | None:
+    """Bytes of host memory this process can still take: the kernel's MemAvailable,
+    lowered to the room left under a cgroup (container) limit; None where unknown."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    avail = None
+    text = read("/proc/meminfo")
+    if text:
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M)
+        avail = int(match.group(1)) * 1024 if match else None
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = read(limit_path), read(usage_path)
+        if limit and usage and limit.strip().isdigit() and usage.strip().isdigit():
+            room = max(0, int(limit) - int(usage))
+            if int(limit) < 2**60:
+                avail = room if avail is None else min(avail, room)
+            break
+    return avail
+
+
 def format_bytes(n: int) -> str:
     """A byte count in binary units, e.g. '1.50 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

@@ -2,17 +2,21 @@
 preemption, and bounded records of finished requests.
 
 One thread calls ``Engine.step()``; any thread may ``submit`` and ``cancel``.
-A request's KV blocks are released in the step that finishes or cancels it,
-always, and finished requests leave a record in a table bounded by count and
-age, so an engine that runs forever keeps constant metadata.
+A request's KV blocks are released in the step that finishes, cancels or fails
+it, always, and finished requests leave a record in a table bounded by count
+and age, so an engine that runs forever keeps constant metadata. A model that
+raises or breaks its return contract fails the requests of that step (each
+record keeps the error) and the engine goes on serving the others.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -20,7 +24,17 @@ import numpy as np
 
 from rocmforge._core import BlockManager
 from rocmforge._kvcache import KvCache
-from rocmforge.errors import ArgumentTypeError, ArgumentValueError, OutOfBlocks
+from rocmforge.errors import ArgumentTypeError, ArgumentValueError, OutOfBlocks, SequenceExists
+
+log = logging.getLogger("rocmforge.engine")
+
+_INT32 = np.iinfo(np.int32)
+
+MODEL_CONTRACT = (
+    "model(batch) must return the next token id of every request in batch.sampling, in order: "
+    "a 1-D integer array or list of len(batch.sampling) ids in int32 range, or an object or dict "
+    "with 'tokens' (those ids) and, when the engine writes K/V into its KvCache, 'keys' and "
+    "'values': one [len(batch.slots), heads, head_dim] array per layer")
 
 
 class RequestState(enum.Enum):
@@ -29,6 +43,37 @@ class RequestState(enum.Enum):
     PREEMPTED = "preempted"
     FINISHED = "finished"
     CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+def token_ids(obj, name="prompt_tokens") -> np.ndarray:
+    """obj as a contiguous 1-D int32 array, checked as BlockManager checks tokens:
+    integers only (no floats, bools or strings), every value in int32 range."""
+    if obj is None or isinstance(obj, (str, bytes, dict, set)):
+        raise ArgumentTypeError(f"{name} must be a 1-D array of integer token ids, got {type(obj).__name__}")
+    try:
+        arr = np.asarray(obj)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ArgumentTypeError(f"{name} must be a 1-D array of integer token ids: {exc}") from None
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+        raise ArgumentTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ArgumentValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < _INT32.min or hi > _INT32.max:
+            bad = lo if lo < _INT32.min else hi
+            raise ArgumentValueError(f"{name} holds {bad}, outside [{_INT32.min}, {_INT32.max}]")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _int(value, name, lo=None, optional=False):
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if lo is not None and value < lo:
+        raise ArgumentValueError(f"{name} must be >= {lo}, got {value}")
 
 
 @dataclass(eq=False)
@@ -51,13 +96,19 @@ class Request:
     seq_id: int = -1
 
     def __post_init__(self):
-        tokens = np.ascontiguousarray(self.prompt_tokens, dtype=np.int32)
-        if tokens.ndim != 1 or tokens.size == 0:
+        tokens = token_ids(self.prompt_tokens)
+        if tokens.size == 0:
             raise ArgumentValueError("prompt_tokens must be a non-empty 1-D array of token ids")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise ArgumentTypeError("max_new_tokens must be an int")
-        if self.max_new_tokens < 1:
-            raise ArgumentValueError("max_new_tokens must be >= 1")
+        _int(self.max_new_tokens, "max_new_tokens", lo=1)
+        _int(self.priority, "priority")
+        _int(self.eos_token_id, "eos_token_id", optional=True)
+        try:
+            hash(self.request_id)
+        except TypeError:
+            raise ArgumentTypeError(f"request_id must be hashable, got {type(self.request_id).__name__}") from None
+        if self.salt is not None and (isinstance(self.salt, (bool, np.bool_))
+                                      or not isinstance(self.salt, (int, np.integer, str, bytes))):
+            raise ArgumentTypeError(f"salt must be None, an int, str or bytes, got {type(self.salt).__name__}")
         self.prompt_tokens = tokens
 
     def context(self) -> np.ndarray:
@@ -80,6 +131,9 @@ class Request:
 
 @dataclass(frozen=True)
 class FinishedRecord:
+    """What is kept of a request that left the engine: its state (FINISHED,
+    CANCELLED or FAILED) and, for FAILED, the error as "Type: message"."""
+
     request_id: Any
     state: RequestState
     prompt_len: int
@@ -88,6 +142,7 @@ class FinishedRecord:
     num_preemptions: int
     arrival_time: float
     finish_time: float
+    error: Optional[str] = None
 
 
 @dataclass
@@ -136,6 +191,8 @@ class Scheduler:
         self.waiting: list = []                 # admission order: (priority, arrival)
         self.running: list = []
         self.swapped: list = []
+        self.failed: list = []                  # (request, exception) for the engine to finish
+        self._next_seq = 0
 
     def add(self, arrivals) -> None:
         if arrivals:
@@ -192,21 +249,40 @@ class Scheduler:
             tokens = np.concatenate([r.context_slice(r.num_computed, r.num_computed + n) for r, n in zip(reqs, want)])
             try:
                 slots = self.manager.append_batch(ids, np.array(want, dtype=np.int32), tokens)
-            except OutOfBlocks:
-                if len(self.running) == 1:
-                    raise
+            except OutOfBlocks as exc:
+                if len(self.running) == 1:      # nobody to give way: blocks are held outside the engine
+                    self.failed.append((self.running.pop(), exc))
+                    return []
                 self._preempt_one()
                 continue
             return list(zip(reqs, np.split(slots, np.cumsum(want)[:-1])))
         return []
+
+    def _add_sequence(self, req, tokens):
+        """add_sequence under a sequence id no one else holds in the manager: the
+        engine shares it with its user, who may add sequences of their own."""
+        while True:
+            if req.seq_id < 0 or req.seq_id in self.manager:
+                while self._next_seq in self.manager:
+                    self._next_seq += 1
+                req.seq_id = self._next_seq
+                self._next_seq += 1
+            try:
+                return self.manager.add_sequence(req.seq_id, tokens, salt=req.salt)
+            except SequenceExists:              # taken by another thread since the check
+                continue
 
     def _preempt_one(self) -> None:
         running = {r.seq_id: r for r in self.running}
         victim = next(running[s] for s in self.manager.sequence_ids().tolist() if s in running)
         swap = self.config.preemption == "swap"
         if swap:
-            self.cache.swap_out([victim.seq_id])
-        else:
+            try:
+                self.cache.swap_out([victim.seq_id])
+            except (MemoryError, OSError) as exc:     # no host memory: recompute it instead
+                log.warning("swap_out of request %r failed (%s); recomputing it", victim.request_id, exc)
+                swap = False
+        if not swap:
             self.manager.remove_sequence(victim.seq_id)
         self._preempted(victim, swapped=swap)
         self.running = [r for r in self.running if r is not victim]
@@ -230,6 +306,10 @@ class Scheduler:
                 self.cache.swap_in([req.seq_id])
             except OutOfBlocks:
                 return []
+            except Exception as exc:            # the host copy cannot come back: fail the request
+                self.swapped.pop(0)
+                self.failed.append((req, exc))
+                continue
             self.swapped.pop(0)
             req.state = RequestState.RUNNING
             self.running.append(req)
@@ -246,7 +326,7 @@ class Scheduler:
             if -(-len(context) // bs) - hits > self.manager.num_free_blocks - len(self.running) and self.running:
                 break
             try:
-                slots = self.manager.add_sequence(req.seq_id, context[:n], salt=req.salt)
+                slots = self._add_sequence(req, context[:n])
             except OutOfBlocks:
                 break
             self.waiting.pop(0)
@@ -272,28 +352,37 @@ class Engine:
     them) or a bare BlockManager (bookkeeping only).
 
     ``model(batch)`` returns the new token ids of ``batch.sampling``, or an
-    object with ``tokens`` and per-layer ``keys`` / ``values`` ([T, heads,
-    head_dim] for the batch's slots) to be written."""
+    object or dict with ``tokens`` and per-layer ``keys`` / ``values`` ([T,
+    heads, head_dim] for the batch's T slots) for the engine to write (see
+    MODEL_CONTRACT). With ``model_writes_kv=True`` the model writes K/V into
+    the KvCache itself and returns the tokens alone. A model that raises or
+    breaks the contract fails the step's requests; the engine keeps serving."""
 
-    def __init__(self, cache, model: Callable[[Batch], Any], config: Optional[SchedulerConfig] = None):
+    def __init__(self, cache, model: Callable[[Batch], Any], config: Optional[SchedulerConfig] = None, *,
+                 model_writes_kv: bool = False):
         if isinstance(cache, KvCache):
             self.cache, self.manager = cache, cache.manager
         elif isinstance(cache, BlockManager):
             self.cache, self.manager = None, cache
         else:
             raise ArgumentTypeError(f"cache must be a KvCache or BlockManager, got {type(cache).__name__}")
+        if not callable(model):
+            raise ArgumentTypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
+        self.model_writes_kv = bool(model_writes_kv)
         self.config = config or SchedulerConfig()
+        if not isinstance(self.config, SchedulerConfig):
+            raise ArgumentTypeError(f"config must be a SchedulerConfig, got {type(self.config).__name__}")
         if self.config.preemption == "swap" and self.cache is None:
             raise ArgumentValueError("swap preemption needs a KvCache (host memory to swap to)")
-        self._lock = threading.Lock()           # guards the inbox, cancels and ids
+        self._lock = threading.Lock()           # guards the inbox, cancels and the live table
         self._inbox: list = []
         self._cancels: set = set()
         self._live: dict = {}                   # request_id -> Request, not yet finished
-        self._next_seq = 0
         self.finished: OrderedDict = OrderedDict()
-        self.counters = dict(steps=0, submitted=0, finished=0, cancelled=0, preemptions=0, evictions=0,
-                             prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0, prefix_query_tokens=0)
+        self.counters = dict(steps=0, submitted=0, finished=0, cancelled=0, failed=0, preemptions=0,
+                             evictions=0, prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0,
+                             prefix_query_tokens=0, prefix_resets=0)
         self.scheduler = Scheduler(self.manager, self.cache, self.config, self.counters)
         self.step_times = deque(maxlen=4096)
 
@@ -322,8 +411,6 @@ class Engine:
             if request.request_id in self._live:
                 raise ArgumentValueError(f"request {request.request_id!r} is already in the engine")
             request.arrival_time = time.monotonic()
-            request.seq_id = self._next_seq
-            self._next_seq += 1
             self._live[request.request_id] = request
             self._inbox.append(request)
 
@@ -343,33 +430,101 @@ class Engine:
 
     def step(self) -> list:
         """Schedule, run the model once, append and write, finish and release.
-        Returns the requests finished or cancelled in this step."""
+        Returns the requests finished, cancelled or failed in this step."""
         t0 = time.perf_counter()
         done = self._take_inbox_and_cancels()
-        work = self.scheduler.schedule(self.config.max_tokens_per_step)
+        try:
+            work = self.scheduler.schedule(self.config.max_tokens_per_step)
+            done += self._take_failed()
+            if work:
+                done += self._run_step(work)
+        finally:
+            self.scheduler.retire()
+            self._purge_finished()
+            self.counters["steps"] += 1
+            self.step_times.append(time.perf_counter() - t0)
+        return done
+
+    def _run_step(self, work) -> list:
         for req, new in work:
             req.num_computed += len(new)
         sampling = [r for r, _ in work if r.num_computed == r.context_len]
-        if work:
-            slots = np.concatenate([w[1] for w in work])
-            out = self.model(Batch([w[0] for w in work], [len(w[1]) for w in work], slots, sampling))
-            tokens = np.asarray(getattr(out, "tokens", out), dtype=np.int64).reshape(-1)
-            if len(tokens) != len(sampling):
-                raise ArgumentValueError(f"the model returned {len(tokens)} tokens for {len(sampling)} requests")
-            if self.cache is not None and getattr(out, "keys", None) is not None:
-                for layer, (k, v) in enumerate(zip(out.keys, out.values)):
-                    self.cache.write_kv(layer, k, v, slots)
-            for req, token in zip(sampling, tokens.tolist()):
-                req.output_tokens.append(int(token))
-                self.counters["generated_tokens"] += 1
-                if len(req.output_tokens) >= req.max_new_tokens or token == req.eos_token_id:
-                    self._finish(req, RequestState.FINISHED)
-                    done.append(req)
-        self.scheduler.retire()
-        self._purge_finished()
-        self.counters["steps"] += 1
-        self.step_times.append(time.perf_counter() - t0)
+        batch = Batch([w[0] for w in work], [len(w[1]) for w in work], np.concatenate([w[1] for w in work]),
+                      sampling)
+        try:
+            tokens = self._run_model(batch)
+        except BaseException as exc:            # the step's requests fail; even Ctrl-C leaves the engine whole
+            failed = self._fail_step(batch.requests, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return failed
+        done = []
+        for req, token in zip(sampling, tokens):
+            req.output_tokens.append(token)
+            self.counters["generated_tokens"] += 1
+            if len(req.output_tokens) >= req.max_new_tokens or token == req.eos_token_id:
+                self._finish(req, RequestState.FINISHED)
+                done.append(req)
         return done
+
+    def _run_model(self, batch) -> list:
+        """The model's output checked against MODEL_CONTRACT, K/V written; the sampled tokens."""
+        out = self.model(batch)
+        if isinstance(out, Mapping):
+            tokens, keys, values = out.get("tokens"), out.get("keys"), out.get("values")
+        elif hasattr(out, "tokens"):
+            tokens, keys, values = out.tokens, getattr(out, "keys", None), getattr(out, "values", None)
+        else:
+            tokens, keys, values = out, None, None
+        if tokens is None:
+            raise ArgumentValueError(f"the model returned no tokens. {MODEL_CONTRACT}")
+        try:
+            ids = token_ids(tokens, "the model's tokens")
+        except (ArgumentTypeError, ArgumentValueError) as exc:
+            raise type(exc)(f"{exc}. {MODEL_CONTRACT}") from None
+        if len(ids) != len(batch.sampling):
+            raise ArgumentValueError(f"the model returned {len(ids)} tokens for {len(batch.sampling)} "
+                                     f"requests in batch.sampling. {MODEL_CONTRACT}")
+        writes = self.cache is not None and not self.model_writes_kv
+        if (keys is None) != (values is None):
+            raise ArgumentValueError(f"the model returned keys without values or values without keys. "
+                                     f"{MODEL_CONTRACT}")
+        if keys is not None and not writes:
+            raise ArgumentValueError("the model returned K/V, but " + (
+                "the engine runs on a bare BlockManager: there is no KvCache to write them to"
+                if self.cache is None else "model_writes_kv=True says the model writes them itself") +
+                f". {MODEL_CONTRACT}")
+        if writes:
+            if keys is None:
+                raise ArgumentValueError(f"the model returned no K/V for the engine to write (pass "
+                                         f"model_writes_kv=True if it writes them itself). {MODEL_CONTRACT}")
+            keys, values = list(keys), list(values)
+            layers = self.cache.num_layers
+            if len(keys) != layers or len(values) != layers:
+                raise ArgumentValueError(f"the model returned K/V for {len(keys)}/{len(values)} layers; the "
+                                         f"cache has {layers}. {MODEL_CONTRACT}")
+            for layer in range(layers):
+                self.cache.write_kv(layer, keys[layer], values[layer], batch.slots)
+        return ids.tolist()
+
+    def _fail_step(self, reqs, exc) -> list:
+        """The step's requests fail with exc: their blocks are released now, and the
+        prefix cache is emptied, since blocks completed in this step may be cached
+        without the K/V the model never wrote."""
+        log.warning("model failed on a step of %d requests; they fail", len(reqs), exc_info=exc)
+        for req in reqs:
+            self._finish(req, RequestState.FAILED, exc)
+        if self.manager.enable_prefix_caching:
+            self.manager.reset_prefix_cache()
+            self.counters["prefix_resets"] += 1
+        return reqs
+
+    def _take_failed(self) -> list:
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        for req, exc in failed:
+            log.warning("request %r fails: %s", req.request_id, exc)
+            self._finish(req, RequestState.FAILED, exc)
+        return [req for req, _ in failed]
 
     def _take_inbox_and_cancels(self) -> list:
         with self._lock:
@@ -382,20 +537,21 @@ class Engine:
             self._finish(req, RequestState.CANCELLED)
         return done
 
-    def _finish(self, req, state) -> None:
+    def _finish(self, req, state, error=None) -> None:
         """Release the request's blocks now and keep a bounded record of it."""
-        if req.state is RequestState.RUNNING and req.seq_id in self.manager:
+        if req.seq_id >= 0 and req.state is RequestState.RUNNING and req.seq_id in self.manager:
             self.manager.remove_sequence(req.seq_id)
         elif self.cache is not None and req.seq_id in self.cache.swapped_sequences():
             self.cache.drop_swapped([req.seq_id])
         req.state = state
         req.finish_time = time.monotonic()
-        self.counters["finished" if state is RequestState.FINISHED else "cancelled"] += 1
+        self.counters[state.value] += 1
         with self._lock:
             self._live.pop(req.request_id, None)
+        reason = None if error is None else f"{type(error).__name__}: {error}"
         self.finished[req.request_id] = FinishedRecord(
             req.request_id, state, len(req.prompt_tokens), tuple(req.output_tokens), req.num_cached_tokens,
-            req.num_preemptions, req.arrival_time, req.finish_time)
+            req.num_preemptions, req.arrival_time, req.finish_time, reason)
         self.finished.move_to_end(req.request_id)
 
     def _purge_finished(self) -> None:
@@ -416,8 +572,8 @@ class Engine:
         return self.counters["prefix_hit_tokens"] / query if query else 0.0
 
     def metrics(self) -> dict:
-        """Counters and gauges: running, waiting, swapped, preemptions, evictions,
-        prefix hit rate, block usage, step time percentiles (seconds)."""
+        """Counters and gauges: running, waiting, swapped, finished, cancelled,
+        failed, preemptions, evictions, prefix hit rate, block usage, step time percentiles (seconds)."""
         m = self.manager
         times = np.array(self.step_times) if self.step_times else np.zeros(1)
         used = m.num_used_blocks

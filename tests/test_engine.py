@@ -290,18 +290,21 @@ def test_admission_waits_while_the_blocks_held_elsewhere_leave_no_room():
     assert m.num_used_blocks == 0
 
 
-def test_a_lone_running_request_that_outgrows_the_pool_raises():
+def test_a_lone_running_request_that_outgrows_the_pool_fails():
     """Preemption needs another running request to give way: a lone request that
-    cannot grow makes step() raise OutOfBlocks, leaving the manager consistent."""
+    cannot grow fails with OutOfBlocks, its blocks released, the manager consistent."""
     m = rf.BlockManager(6, 4)
     eng = Engine(m, Model())
     eng.submit(Request("long", np.arange(11, dtype=np.int32), max_new_tokens=10))
     eng.step()                                     # admitted: 3 blocks
-    m.allocate(m.num_free_blocks)                  # the rest held outside the engine
-    with pytest.raises(rf.OutOfBlocks):
-        run(eng)
+    held = m.allocate(m.num_free_blocks)           # the rest held outside the engine
+    done = []
+    while not done:
+        done = eng.step()
+    assert [r.request_id for r in done] == ["long"] and done[0].state is RequestState.FAILED
+    assert eng.finished["long"].error.startswith("OutOfBlocks: ")
+    assert not eng.has_work() and m.num_used_blocks == len(held) and eng.metrics()["failed"] == 1
     m.check_invariants()
-    assert [r.request_id for r in eng.running] == ["long"] and m.num_used_blocks == 6
 
 
 def test_priority_then_arrival_order_eos_and_request_times():

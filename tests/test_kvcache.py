@@ -4,6 +4,7 @@ every dtype pair, copy-on-write, gather, swapping, compaction, DLPack, close."""
 
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -236,8 +237,13 @@ def test_compact_moves_data_and_gives_memory_back(device):
         want = {sid: gathered(cache, sid) for sid in range(1, 8, 2)}
         before = cache.nbytes
         old_view = np.from_dlpack(cache.key_cache(0)) if device == "cpu" else None
-        moves = cache.compact()
-        assert len(moves) > 0 and cache.num_blocks == m.num_blocks == m.num_used_blocks == 12
+        moves = cache.compact()                    # keeps its size unless told to shrink
+        assert len(moves) > 0 and cache.num_blocks == m.num_blocks == 32 and cache.nbytes == before
+        assert m.block_table(1).max() < 12 and len(cache.compact()) == 0
+        for sid, w in want.items():
+            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+        cache.compact(shrink=True)
+        assert cache.num_blocks == m.num_blocks == m.num_used_blocks == 12
         assert cache.nbytes == before * 12 // 32
         for sid, w in want.items():
             assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
@@ -282,6 +288,28 @@ def test_close_is_once_and_use_after_close_raises(device):
                  lambda: cache.gather(1, 0), cache.compact, lambda: cache.swap_out([]), cache.synchronize):
         with pytest.raises(rf.ArgumentValueError, match="closed"):
             call()
+    m = cache.manager                              # bookkeeping goes on, with no storage behind it
+    m.add_sequence(1, np.arange(5, dtype=np.int32))
+    m.append(1, np.arange(3, dtype=np.int32))
+    assert m.num_tokens(1) == 8
+    m.remove_sequence(1)
+    m.check_invariants()
+
+
+def test_an_engine_on_a_closed_cache_fails_its_steps_and_stays_live():
+    from rocmforge.engine import Engine, Request, RequestState
+
+    def model(batch):
+        kv = np.zeros((len(batch.slots), 2, 8), np.float16)
+        return {"tokens": [1] * len(batch.sampling), "keys": [kv] * 2, "values": [kv] * 2}
+
+    cache = make("cpu")
+    eng = Engine(cache, model)
+    cache.close()
+    eng.submit(Request("a", np.arange(5, dtype=np.int32), 2))
+    done = eng.step()
+    assert done[0].state is RequestState.FAILED and "closed" in eng.finished["a"].error
+    assert not eng.has_work() and cache.manager.num_used_blocks == 0
 
 
 def test_bad_input_changes_nothing(device):
@@ -486,3 +514,21 @@ def test_copy_blocks_refuses_bad_pairs_and_copies_nothing(device):
         assert np.array_equal(cache.key_cache(0).to_numpy()[5], before[0][0])
     with pytest.raises(rf.ArgumentValueError, match="closed"):
         cache.copy_blocks(np.array([[0, 1]], dtype=np.int32))
+
+
+def test_a_cache_larger_than_free_memory_fails_fast_with_memory_error():
+    from rocmforge.config import host_memory_available
+    free = host_memory_available()
+    if free is None:
+        pytest.skip("free host memory is unknown on this platform")
+    t0 = time.perf_counter()
+    with pytest.raises(MemoryError, match="lower num_blocks or memory_budget"):
+        rf.KvCache(CacheConfig(32, 8, 128, memory_budget=2 * free + (1 << 30)), device="cpu")
+    assert time.perf_counter() - t0 < 5                # refused before touching the memory
+    with make("cpu", num_blocks=8) as cache:           # a grow past it changes nothing
+        cache.manager.add_sequence(1, num_tokens=5)
+        blocks = 2 * free // cache.config.bytes_per_block + 8     # bytes_per_block: all layers, K and V
+        with pytest.raises(MemoryError):
+            cache.grow(min(blocks, 2**31 - 1))
+        assert cache.num_blocks == 8 and cache.manager.num_blocks == 8
+        cache.manager.check_invariants()
