@@ -7,6 +7,7 @@ import subprocess
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 core = Extension(
     "rocmforge._core",
@@ -111,10 +112,29 @@ build_kernels("hipcc", "kv_kernels.hsaco", "ROCMFORGE_HIP_ARCHS", "gfx90a;gfx940
 
 extensions = [core, bench_capi, runtime, kernels, dlpack, kvcache]
 directives = {"language_level": 3}
+sanitize = os.environ.get("ROCMFORGE_SANITIZE")       # tools/sanitize.sh, tools/tsan.sh: e.g. "address,undefined"
 if os.environ.get("ROCMFORGE_LINETRACE"):
     # tools/coverage.sh: line tracing for Cython's coverage plugin (slow; never in a release build).
     directives["linetrace"] = True
     for ext in extensions:
         ext.define_macros.append(("CYTHON_TRACE_NOGIL", "1"))
+for ext in extensions:
+    if sanitize:
+        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g", "-O1"]
+        ext.extra_compile_args += flags
+        ext.extra_link_args += flags
+    elif not os.environ.get("ROCMFORGE_LINETRACE"):
+        ext.extra_link_args.append("-s")        # release build: no symbol table or debug info
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives))
+
+class BuildExt(build_ext):
+    """Compiles the extensions in parallel, one job per CPU unless -j says otherwise."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, nthreads=os.cpu_count() or 1),
+      cmdclass={"build_ext": BuildExt})

@@ -150,6 +150,7 @@ cdef class KvCache:
             self._bad = DeviceBuffer(8 * self._num_layers, self._dev)
             self._bad.memset(0xFF)
             self._scratch = DeviceBuffer(1 << 16, self._dev)
+        self._check_room(config.num_blocks)        # before the manager's metadata, too
         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
         self._swapped = {}
         self._buffers = []
@@ -339,7 +340,7 @@ cdef class KvCache:
     cdef _reserve_scratch(self, int64_t nbytes):
         """Grow the scratch buffer to hold nbytes (plus alignment). Call with the lock held."""
         if nbytes + 64 > <int64_t>self._scratch.nbytes:
-            self._scratch = DeviceBuffer(max(nbytes + 64, 2 * self._scratch.nbytes), self._dev)
+            self._scratch = DeviceBuffer(max(nbytes + 64, 2 * <int64_t>self._scratch.nbytes), self._dev)
 
     # ---- the data path ----------------------------------------------------------------------------
 

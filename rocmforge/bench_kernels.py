@@ -100,7 +100,7 @@ def run(reps=7):
     src = torch.empty(big, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ceiling = row(f"d2d copy ({big >> 20} MiB)", lambda: dst.copy_(src), 20, 2 * big)
-    del src, dst
+    src = dst = None                        # the 1 GiB goes back before the next cases
 
     # write_kv: one layer, float16, random distinct slots
     num_blocks = 8192
@@ -158,9 +158,18 @@ def print_table(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m rocmforge.bench_kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="repetitions per figure (median)")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error("--reps must be >= 1")
+    try:
+        import torch
+    except ImportError:
+        parser.exit(2, f"{parser.prog}: error: needs torch with a GPU (pip install torch), to time the "
+                       f"kernels with CUDA events and compare them with torch's own writes\n")
+    if not torch.cuda.is_available():
+        parser.exit(2, f"{parser.prog}: error: needs a GPU; torch sees none\n")
     result = run(args.reps)
     print_table(result)
     print(json.dumps(result))

@@ -23,23 +23,17 @@ from collections import defaultdict
 import numpy as np
 
 from rocmforge import BlockManager
+from rocmforge._progress import Progress
+from rocmforge.traces import HASH_BLOCK as BLOCK, TraceError, expand_tokens, read_mooncake
 
-BLOCK = 512                     # tokens per Mooncake hash id
 DEFAULT_CAPACITIES = (1_000_000, 3_000_000, 10_000_000)
 
 
 def load_mooncake(path, limit=None):
-    """[(hash_ids, input_length)] from a Mooncake JSONL trace."""
-    requests = []
-    with open(path) as f:
-        for line in f:
-            if limit is not None and len(requests) >= limit:
-                break
-            if line.strip():
-                r = json.loads(line)
-                requests.append((list(r["hash_ids"]), int(r["input_length"])))
+    """[(hash_ids, input_length)] from a Mooncake JSONL trace (TraceError if malformed)."""
+    requests = [(list(r.hash_ids), r.input_length) for r in read_mooncake(path, limit, prompts_only=True)]
     if not requests:
-        raise ValueError(f"{path}: no requests")
+        raise TraceError(path, 0, "no requests")
     return requests
 
 
@@ -86,19 +80,6 @@ def synthetic_trace(kind, num_requests=12000, seed=0):
     else:
         raise ValueError(f"unknown synthetic trace {kind!r} (agent, docqa)")
     return requests
-
-
-_OFFSETS = np.arange(BLOCK, dtype=np.uint64)
-
-
-def expand_tokens(hash_ids, input_length):
-    """input_length token ids: block j holds 512 ids derived from hash_ids[j] alone."""
-    ids = np.asarray(hash_ids, dtype=np.uint64)[:, None] * np.uint64(BLOCK) + _OFFSETS
-    x = ids * np.uint64(0x9E3779B97F4A7C15)
-    x ^= x >> np.uint64(31)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(29)
-    return (x.reshape(-1)[:input_length] >> np.uint64(33)).astype(np.int32)
 
 
 def replay(requests, capacity_tokens, policy):
@@ -165,30 +146,19 @@ def belady(requests, capacity_tokens):
     return {"hit_rate": hit / total if total else 0.0, "hit_tokens": hit, "tokens": total}
 
 
-def _progress(total, desc):
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-    except ImportError:
-        return None
-
-
 def run(requests, capacities=DEFAULT_CAPACITIES, policies=("lru", "arc"), out=None, name="trace"):
     out = out or sys.stdout
-    bar = _progress(len(capacities) * (len(policies) + 1), "replays")
+    bar = Progress(len(capacities) * (len(policies) + 1), "replays", leave=False)
     results = {}
     for cap in capacities:
         row = {}
         for policy in policies:
             row[policy] = replay(requests, cap, policy)
-            if bar:
-                bar.update(1)
-        row["belady"] = belady(requests, cap)
-        if bar:
             bar.update(1)
+        row["belady"] = belady(requests, cap)
+        bar.update(1)
         results[str(cap)] = row
-    if bar:
-        bar.close()
+    bar.close()
     names = list(policies) + ["belady"]
     headers = ["capacity (tokens)"] + [f"{p} hit" for p in names]
     base = policies[0]

@@ -157,8 +157,11 @@ class SchedulerConfig:
     preemption: str = "recompute"
     max_finished: int = 10_000
     finished_ttl: float = 600.0
+    growth_reserve: float = 0.0
 
     def __post_init__(self):
+        if not (isinstance(self.growth_reserve, (int, float)) and 0 <= self.growth_reserve <= 1):
+            raise ArgumentValueError(f"growth_reserve must be in [0, 1], got {self.growth_reserve!r}")
         for name in ("max_num_seqs", "max_tokens_per_step", "max_finished"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -258,6 +261,21 @@ class Scheduler:
             return list(zip(reqs, np.split(slots, np.cumsum(want)[:-1])))
         return []
 
+    def _fits(self, req, context) -> bool:
+        """Admission's test: the whole context and the growth_reserve share of its
+        output fit in the free blocks, beside what every running request has yet
+        to take: the rest of its prompt, one growing block, and the same share of
+        its output to come. Prefix hits count as taken: evictable cached blocks
+        are among the free ones and leave them when reused. A request admitted
+        into a cache too small for it would only be preempted again."""
+        bs, share = self.manager.block_size, self.config.growth_reserve
+        need = -(-(len(context) + int(share * (req.max_new_tokens - len(req.output_tokens)))) // bs)
+        reserved = len(self.running)
+        for r in self.running:                  # what they have yet to take: prompt chunks, then output
+            end = r.context_len + int(share * (r.max_new_tokens - len(r.output_tokens)))
+            reserved += -(-end // bs) - (-(-r.num_computed // bs))
+        return need <= self.manager.num_free_blocks - reserved
+
     def _add_sequence(self, req, tokens):
         """add_sequence under a sequence id no one else holds in the manager: the
         engine shares it with its user, who may add sequences of their own."""
@@ -318,12 +336,7 @@ class Scheduler:
             req = self.waiting[0]
             context = req.context()
             n = min(len(context), budget)
-            # admit only when the whole context fits beside one growing block per
-            # running request: a request admitted a chunk at a time into a cache
-            # too small for it would only be preempted again
-            bs = self.manager.block_size
-            hits = self.manager.lookup_prefix(context, req.salt) // bs if self.manager.enable_prefix_caching else 0
-            if -(-len(context) // bs) - hits > self.manager.num_free_blocks - len(self.running) and self.running:
+            if self.running and not self._fits(req, context):
                 break
             try:
                 slots = self._add_sequence(req, context[:n])
@@ -381,7 +394,7 @@ class Engine:
         self._live: dict = {}                   # request_id -> Request, not yet finished
         self.finished: OrderedDict = OrderedDict()
         self.counters = dict(steps=0, submitted=0, finished=0, cancelled=0, failed=0, preemptions=0,
-                             evictions=0, prompt_tokens=0, generated_tokens=0, prefix_hit_tokens=0,
+                             evictions=0, prompt_tokens=0, generated_tokens=0, computed_tokens=0, prefix_hit_tokens=0,
                              prefix_query_tokens=0, prefix_resets=0)
         self.scheduler = Scheduler(self.manager, self.cache, self.config, self.counters)
         self.step_times = deque(maxlen=4096)
@@ -451,6 +464,7 @@ class Engine:
         sampling = [r for r, _ in work if r.num_computed == r.context_len]
         batch = Batch([w[0] for w in work], [len(w[1]) for w in work], np.concatenate([w[1] for w in work]),
                       sampling)
+        self.counters["computed_tokens"] += len(batch.slots)
         try:
             tokens = self._run_model(batch)
         except BaseException as exc:            # the step's requests fail; even Ctrl-C leaves the engine whole

@@ -53,7 +53,7 @@ import os  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 
 
-from rocmforge import bench_prefix  # noqa: E402
+from rocmforge import bench_prefix, traces  # noqa: E402
 
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "conversation_trace.jsonl")
 
@@ -100,11 +100,11 @@ def test_prefix_bench_on_a_tiny_trace(tmp_path):
 
 
 def test_expanded_tokens_are_deterministic_and_distinct():
-    a = bench_prefix.expand_tokens([7, 8], 1000)
+    a = traces.expand_tokens([7, 8], 1000)
     assert a.dtype == np.int32 and len(a) == 1000
-    assert (a == bench_prefix.expand_tokens([7, 8], 1000)).all()
-    assert (a[:512] == bench_prefix.expand_tokens([7, 9], 600)[:512]).all()
-    assert not (a[512:600] == bench_prefix.expand_tokens([7, 9], 600)[512:]).all()
+    assert (a == traces.expand_tokens([7, 8], 1000)).all()
+    assert (a[:512] == traces.expand_tokens([7, 9], 600)[:512]).all()
+    assert not (a[512:600] == traces.expand_tokens([7, 9], 600)[512:]).all()
 
 
 @pytest.mark.skipif(not os.path.exists(TRACE), reason="../shared/data not present")

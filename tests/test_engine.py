@@ -364,3 +364,42 @@ def test_the_scheduler_alone_places_admits_and_retires():
     m.remove_sequence(0)
     sched.retire()
     assert sched.running == [b]
+
+
+def test_admission_reserves_the_prompt_chunks_running_requests_have_yet_to_take():
+    """A starts with a cached prefix, so its first chunk costs little of the step's
+    token budget and B could be admitted in the same step: B's prompt fits in the
+    blocks free then, but not beside the rest of A's prompt. B waits until there
+    is room, and nobody is preempted."""
+    m = rf.BlockManager(24, 4, enable_prefix_caching=True)
+    eng = Engine(m, Model(), SchedulerConfig(max_tokens_per_step=20))
+    prefix = np.arange(16, dtype=np.int32)
+    eng.submit(Request("warm", prefix, max_new_tokens=1))
+    run(eng)                                            # 4 blocks cached, evictable
+    a = np.concatenate([prefix, np.arange(100, 164, dtype=np.int32)])     # 80 tokens: 20 blocks
+    b = np.arange(200, 216, dtype=np.int32)
+    eng.submit(Request("a", a, max_new_tokens=4))
+    eng.submit(Request("b", b, max_new_tokens=4))
+    eng.step()
+    assert [r.request_id for r in eng.running] == ["a"] and eng.running[0].num_cached_tokens == 16
+    run(eng)
+    assert eng.metrics()["preemptions"] == 0
+    assert eng.finished["a"].output_tokens == expected_output(a, 4)
+    assert eng.finished["b"].output_tokens == expected_output(b, 4)
+
+
+@pytest.mark.parametrize("share, overlap", [(0.0, True), (1.0, False)])
+def test_growth_reserve_holds_back_room_for_running_outputs(share, overlap):
+    """Room for one running request's whole output (growth_reserve=1) keeps a second
+    request waiting that the default admits at once."""
+    m = rf.BlockManager(12, 4)
+    eng = Engine(m, Model(), SchedulerConfig(growth_reserve=share))
+    eng.submit(Request("a", np.arange(8, dtype=np.int32), max_new_tokens=24))      # 2 blocks, up to 8
+    eng.step()
+    eng.submit(Request("b", np.arange(50, 58, dtype=np.int32), max_new_tokens=2))
+    eng.step()
+    assert (len(eng.running) == 2) is overlap
+    run(eng)
+    assert eng.finished["b"].output_tokens == expected_output(np.arange(50, 58), 2)
+    with pytest.raises(rf.ArgumentValueError, match="growth_reserve"):
+        SchedulerConfig(growth_reserve=1.5)

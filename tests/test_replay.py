@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from rocmforge import cli
-from rocmforge.replay import SAMPLE, TraceRequest, load_trace, replay
+from rocmforge.replay import SAMPLE, replay
+from rocmforge.traces import TraceRequest, load_trace
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

@@ -4,7 +4,6 @@ shards of their own, and bad arguments."""
 
 import threading
 
-import numpy as np
 import pytest
 
 import rocmforge as rf

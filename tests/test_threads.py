@@ -353,7 +353,6 @@ def test_threads_meet_inside_the_core_without_the_gil():
 
     @guarded
     def reader():
-        rng = np.random.default_rng(7)
         k = 0
         while not done.is_set():
             k += 1
