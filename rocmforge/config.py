@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+from fractions import Fraction
 from dataclasses import dataclass, field
 
 from rocmforge.errors import ArgumentTypeError, InvalidConfiguration
@@ -43,7 +44,7 @@ def parse_bytes(value, name="memory_budget") -> int:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not match or match.group(2).lower() not in _UNITS:
             raise InvalidConfiguration(f"{name}: cannot parse {value!r} (e.g. '2GiB', '512MB')")
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        size = int(Fraction(match.group(1)) * _UNITS[match.group(2).lower()])   # exact: no float overflow
     else:
         raise ArgumentTypeError(f"{name} must be an int or a string like '2GiB', got {type(value).__name__}")
     if not 1 <= size <= INT64_MAX:

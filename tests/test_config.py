@@ -85,6 +85,11 @@ def test_parse_and_format_bytes():
     assert parse_bytes("1.5 GiB") == 3 * 2**29
     assert parse_bytes(4096) == 4096
     assert format_bytes(512) == "512 B" and format_bytes(3 * 2**29) == "1.50 GiB"
+    # exact arithmetic: no float rounding, and no OverflowError past float's range
+    assert parse_bytes("1.001kB") == 1001 and int(float("1.001") * 1000) == 1000
+    for huge in ("9" * 400, "1" + "0" * 309 + "kb"):
+        with pytest.raises(rf.InvalidConfiguration, match=r"must be in \[1, 2\*\*63\)"):
+            parse_bytes(huge)
 
 
 def test_memory_profile_from_a_live_manager():
