@@ -3,7 +3,7 @@
 from rocmforge._core import BlockManager
 from rocmforge._dlpack import DeviceArray
 from rocmforge._kvcache import KvCache
-from rocmforge._runtime import DeviceBuffer, backend_info
+from rocmforge._runtime import DeviceBuffer, backend_info, live_buffers
 from rocmforge.errors import (
     ArgumentTypeError,
     ArgumentValueError,
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 
 def get_include():
-    """Directory holding _core.pxd and _core_support.h, for Cython extensions that cimport rocmforge."""
+    """Directory holding rocmforge's .pxd files and C headers, for Cython extensions that cimport rocmforge."""
     import os
     return os.path.dirname(__file__)
 
@@ -46,6 +46,7 @@ __all__ = [
     "DeviceArray",
     "KvCache",
     "backend_info",
+    "live_buffers",
     "BlockStored",
     "BlockRemoved",
     "AllCleared",

@@ -111,6 +111,29 @@ def backend_info():
     return {"backend": name, "reason": reason, "devices": devices}
 
 
+# Census of the DeviceBuffers that own memory, per place: slot 0 is host memory,
+# slot d + 1 GPU d (the last slot also takes any GPU past it). Updated with the GIL.
+cdef enum:
+    CENSUS_SLOTS = 65
+cdef int64_t _census_count[CENSUS_SLOTS]
+cdef int64_t _census_bytes[CENSUS_SLOTS]
+
+
+cdef inline int _census_slot(int device) noexcept:
+    return min(device + 1, CENSUS_SLOTS - 1)
+
+
+def live_buffers():
+    """DeviceBuffers that still own memory (KvCache storage, gather results, staging),
+    per device: {device: (count, bytes)}, device -1 being host memory. A leak check:
+    after gc.collect(), what your code no longer references should be gone."""
+    out = {}
+    for slot in range(CENSUS_SLOTS):
+        if _census_count[slot]:
+            out[slot - 1] = (_census_count[slot], _census_bytes[slot])
+    return out
+
+
 cdef class DeviceBuffer:
     """``nbytes`` of memory on GPU ``device``, or of host memory for device -1.
 
@@ -137,8 +160,10 @@ cdef class DeviceBuffer:
         else:
             dev = max(-2, min(device.__index__(), 1 << 20))
         if not -1 <= dev < count:
-            raise DeviceError(f"device {device} out of range: -1 (host) or a GPU in [0, {count})",
-                              RF_RT_BAD_DEVICE)
+            where = (f"a GPU in [0, {count})" if count else
+                     f"no GPU is available ({load_backend()[1]}), so only host memory")
+            raise DeviceError(f"device {device} out of range: -1 is host memory (device=None picks GPU 0 "
+                              f"when there is one, else the host), or {where}", RF_RT_BAD_DEVICE)
         self.nbytes = n
         self.device = dev
         self.on_host = dev < 0
@@ -150,6 +175,8 @@ cdef class DeviceBuffer:
             check(rf_rt_malloc(dev, n, &ptr), f"allocating {n} bytes on device {dev}")
         self._ptr = ptr
         self._open = True
+        _census_count[_census_slot(dev)] += 1
+        _census_bytes[_census_slot(dev)] += n
 
     cdef uint64_t _live(self) except? 0:
         if not self._open:
@@ -171,6 +198,8 @@ cdef class DeviceBuffer:
             return RF_RT_OK
         self._open = False
         self._ptr = 0
+        _census_count[_census_slot(self.device)] -= 1
+        _census_bytes[_census_slot(self.device)] -= self.nbytes
         if self.on_host:
             free(<void*><uintptr_t>ptr)
             return RF_RT_OK

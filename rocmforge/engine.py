@@ -15,6 +15,7 @@ import enum
 import logging
 import threading
 import time
+import traceback
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -298,7 +299,7 @@ class Scheduler:
             try:
                 self.cache.swap_out([victim.seq_id])
             except (MemoryError, OSError) as exc:     # no host memory: recompute it instead
-                log.warning("swap_out of request %r failed (%s); recomputing it", victim.request_id, exc)
+                log.warning("swap_out of request %r failed (%s); recomputing it", victim.request_id, str(exc))
                 swap = False
         if not swap:
             self.manager.remove_sequence(victim.seq_id)
@@ -525,7 +526,10 @@ class Engine:
         """The step's requests fail with exc: their blocks are released now, and the
         prefix cache is emptied, since blocks completed in this step may be cached
         without the K/V the model never wrote."""
-        log.warning("model failed on a step of %d requests; they fail", len(reqs), exc_info=exc)
+        # the traceback as text: a record that held the exception would keep the
+        # batch's frames (and their K/V arrays) alive in any handler that buffers it
+        log.warning("model failed on a step of %d requests; they fail\n%s", len(reqs),
+                    "".join(traceback.format_exception(exc)).rstrip())
         for req in reqs:
             self._finish(req, RequestState.FAILED, exc)
         if self.manager.enable_prefix_caching:
@@ -536,7 +540,7 @@ class Engine:
     def _take_failed(self) -> list:
         failed, self.scheduler.failed = self.scheduler.failed, []
         for req, exc in failed:
-            log.warning("request %r fails: %s", req.request_id, exc)
+            log.warning("request %r fails: %s", req.request_id, str(exc))
             self._finish(req, RequestState.FAILED, exc)
         return [req for req, _ in failed]
 

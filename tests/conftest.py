@@ -1,12 +1,16 @@
 import os
 import sys
 
+import gc
+
+import pytest
 from hypothesis import HealthCheck, settings
 
 # The reference model and helpers live beside the tests.
 sys.path.insert(0, os.path.dirname(__file__))
 
 from opcount import OPS  # noqa: E402
+from rocmforge import live_buffers  # noqa: E402
 
 _GPU_OUTCOMES = {"passed": 0, "failed": 0, "skipped": 0}
 
@@ -18,6 +22,21 @@ settings.register_profile("ci", max_examples=200, stateful_step_count=40, **_COM
 settings.register_profile("deep", max_examples=int(os.environ.get("ROCMFORGE_DEEP_EXAMPLES", 2500)),
                           stateful_step_count=100, **_COMMON)
 settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def no_buffer_outlives_its_test(request):
+    """Every DeviceBuffer a test made (KvCache storage, gather results, staging) is
+    freed once the test's objects are collected: a leak fails the test, and GPU
+    sanitizer runs (tools/device_check.sh sanitize) end with nothing allocated."""
+    before = live_buffers()
+    yield
+    if live_buffers() != before:
+        gc.collect()
+        after = live_buffers()
+        if after != before:
+            pytest.fail(f"DeviceBuffers outlived the test: {before} before, {after} after "
+                        "({device: (count, bytes)}, device -1 is host memory)", pytrace=False)
 
 
 def pytest_runtest_logreport(report):

@@ -25,8 +25,8 @@ class FailOn(Model):
         if self.calls + 1 in self.fail_calls:
             self.calls += 1
             self.failed_ids.append([r.request_id for r in batch.requests])
-            if self.bad is None:
-                raise self.exc
+            if self.bad is None:            # a fresh exception: one raised before keeps its traceback
+                raise type(self.exc)(*self.exc.args)
             return self.bad(batch)
         return (self.inner or super().__call__)(batch)
 

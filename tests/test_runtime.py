@@ -131,9 +131,11 @@ def test_bad_copies():
 
 def test_bad_device_index():
     for device in (len(INFO["devices"]), -2, 1 << 40):
-        with pytest.raises(rf.DeviceError) as info:
+        with pytest.raises(rf.DeviceError, match="-1 is host memory") as info:
             _runtime.DeviceBuffer(8, device=device)
         assert info.value.code == 5
+        if not INFO["devices"]:
+            assert "no GPU is available" in str(info.value)
     with pytest.raises(rf.ArgumentTypeError):
         _runtime.DeviceBuffer(8, device="0")
 
@@ -232,3 +234,14 @@ def test_dlpack_export_takes_stream_and_version_arguments():
         a.__dlpack__(dl_device=(2, 0))
     del buf
     assert np.from_dlpack(a).tolist() == [0, 1, 2, 3]               # the array keeps its buffer alive
+
+
+def test_live_buffers_counts_what_owns_memory():
+    before = rf.live_buffers().get(-1, (0, 0))
+    a, b = rf.DeviceBuffer(100, device=-1), rf.DeviceBuffer(28, device=-1)
+    assert rf.live_buffers()[-1] == (before[0] + 2, before[1] + 128)
+    a.close()
+    a.close()                                           # closing twice counts once
+    assert rf.live_buffers()[-1] == (before[0] + 1, before[1] + 28)
+    del b                                               # collection frees it too
+    assert rf.live_buffers().get(-1, (0, 0)) == before
