@@ -3,7 +3,11 @@
 # run the whole test suite there (GPU tests included; a summary line says how
 # many ran), then the K/V kernel benchmark. Logs go to $OUT when it is set.
 #
-#   tools/device_check.sh [tests] [bench] [ab] [core]   # tests and bench when none is named
+#   tools/device_check.sh [tests] [bench] [ab] [core] [sanitize]   # tests and bench when none is named
+#
+# sanitize: the GPU tests under compute-sanitizer's memcheck (with a full leak
+# check), racecheck, initcheck and synccheck; each must report zero errors.
+# torch's caching allocator is off there, so that its pool is no leak report.
 #
 # ab: the allocator's single-thread cases, this tree against the tree in
 # $OLD_TREE, in alternating processes (both built in place); core: rocmforge
@@ -29,6 +33,18 @@ for step in $steps; do
             python3 benchmarks/ab_allocator.py "$OLD_TREE" "$PWD" --reps "${AB_REPS:-7}" 2>&1 | tee "$out/ab.log" | head -8 ;;
         core)
             (cd "$out" && python3 -c "from rocmforge.bench_allocator import main; main(['--reps', '${CORE_REPS:-3}'])" 2>&1) | tee "$out/core.log" | grep -v "^  " | tail -30 ;;
+        sanitize)
+            for tool in memcheck racecheck initcheck synccheck; do
+                extra=""
+                [ "$tool" = memcheck ] && extra="--leak-check full"
+                (cd tests && PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" $extra \
+                    --error-exitcode 86 --log-file "$out/cs-$tool.log" \
+                    python3 -m pytest -q -p no:cacheprovider -m gpu . > "$out/cs-$tool.pytest.log" 2>&1)
+                rc=$?
+                echo "compute-sanitizer $tool: exit $rc; $(tail -1 "$out/cs-$tool.pytest.log");" \
+                     "$(grep -h "ERROR SUMMARY\|LEAK SUMMARY" "$out/cs-$tool.log" | tr -s ' =' ' ' | tr '\n' ' ')"
+                [ "$rc" -eq 0 ] || status=1
+            done ;;
         *) echo "device_check: unknown step $step"; exit 2 ;;
     esac
 done
