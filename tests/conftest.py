@@ -36,7 +36,22 @@ def no_buffer_outlives_its_test(request):
         after = live_buffers()
         if after != before:
             pytest.fail(f"DeviceBuffers outlived the test: {before} before, {after} after "
-                        "({device: (count, bytes)}, device -1 is host memory)", pytrace=False)
+                        f"({{device: (count, bytes)}}, device -1 is host memory); {_holders()}", pytrace=False)
+
+
+def _holders():
+    """Who holds the rocmforge objects still alive: what a leak report needs."""
+    import threading
+    out = []
+    for obj in gc.get_objects():
+        if type(obj).__name__ in ("KvCache", "DeviceArray") and type(obj).__module__.startswith("rocmforge"):
+            refs = []
+            for r in gc.get_referrers(obj)[:4]:
+                code = getattr(r, "f_code", None)
+                refs.append(f"frame {code.co_name}:{r.f_lineno}" if code else type(r).__name__)
+            out.append(f"{type(obj).__name__} held by {refs}")
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    return f"alive: {out[:6]}; other threads: {threads}"
 
 
 def pytest_runtest_logreport(report):
