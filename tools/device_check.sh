@@ -9,7 +9,9 @@
 # check), racecheck, initcheck and synccheck; each must report zero errors.
 # torch's caching allocator is off there, so that its pool is no leak report;
 # API errors are not reported (tests provoke them on purpose and check them);
-# tests that measure free device memory skip (the tools take memory of their own).
+# tests that measure free device memory skip (the tools take memory of their own);
+# backtraces are device-side only: a host backtrace takes references to the
+# Python frames of every allocation site, which keeps their objects alive.
 #
 # ab: the allocator's single-thread cases, this tree against the tree in
 # $OLD_TREE, in alternating processes (both built in place); core: rocmforge
@@ -40,7 +42,7 @@ for step in $steps; do
                 extra=""
                 [ "$tool" = memcheck ] && extra="--leak-check full"
                 (cd tests && PYTORCH_NO_CUDA_MEMORY_CACHING=1 ROCMFORGE_SANITIZER=$tool \
-                    compute-sanitizer --tool "$tool" $extra --report-api-errors no \
+                    compute-sanitizer --tool "$tool" $extra --report-api-errors no --show-backtrace device \
                     --error-exitcode 86 --log-file "$out/cs-$tool.log" \
                     python3 -m pytest -q -p no:cacheprovider -m gpu . > "$out/cs-$tool.pytest.log" 2>&1)
                 rc=$?
