@@ -167,7 +167,7 @@ def plot(timeline, path, title="rocmforge replay"):
                    colors=["tab:blue", "tab:green"], alpha=0.8)
     preempt_at = cols.t[np.flatnonzero(np.diff(cols.preemptions, prepend=0) > 0)]
     if len(preempt_at):
-        pool.vlines(preempt_at, 0, 100, colors="tab:red", linewidth=0.4, alpha=0.5,
+        pool.vlines(preempt_at, 0, 100, colors="tab:red", linewidth=0.6, alpha=0.8,
                     label=f"preemption ({int(cols.preemptions[-1])})")
     pool.set_ylabel("% of the pool's blocks")
     pool.set_ylim(0, 100)
@@ -178,7 +178,7 @@ def plot(timeline, path, title="rocmforge replay"):
     queues.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     hits.plot(cols.t, 100 * cols.hit_rate, color="tab:purple")
     hits.set_ylabel("prefix hit rate\n(cumulative, %)")
-    hits.set_ylim(0, 100)
+    hits.set_ylim(0, min(100.0, max(5.0, 125 * float(cols.hit_rate.max(initial=0)))))
     hits.set_xlabel("seconds since the start")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
