@@ -162,7 +162,8 @@ def test_plot_without_matplotlib_is_refused_before_the_run(capsys, monkeypatch):
 
 def test_the_command_line_prints_no_traceback(tmp_path):
     path = bad_trace(tmp_path, "t.jsonl", GOOD + "\n" + '{"timestamp": 0, "input_length": 3, "hash_ids": [1]}\n')
-    proc = subprocess.run([sys.executable, "-m", "rocmforge.cli", "replay", path], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "rocmforge.cli", "replay", path], capture_output=True, text=True,
+                          cwd=tmp_path)          # not the source tree, which would shadow the installed package
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"rocmforge replay: error: {path}:2: missing field 'output_length'\n"
 
