@@ -24,8 +24,12 @@ echo "sanitize: building in $work"
 ROCMFORGE_SANITIZE=address,undefined python setup.py build_ext --inplace > build.log 2>&1 \
     || { tail -20 build.log; exit 1; }
 lib=$(gcc -print-file-name=libasan.so)
+# libstdc++ is preloaded too, so that ASan's __cxa_throw interceptor finds the
+# real one at start-up; C++ extensions loaded later (matplotlib's ft2font) throw
+# through it, and ASan aborts with "CHECK failed: real___cxa_throw" otherwise.
+cxx=$(g++ -print-file-name=libstdc++.so.6)
 py=$(python -c "import sys; print(sys.executable)")   # the interpreter itself, not a wrapper script
-export LD_PRELOAD="$lib" PYTHONMALLOC=malloc
+export LD_PRELOAD="$lib $cxx" PYTHONMALLOC=malloc
 export ASAN_OPTIONS="detect_leaks=0 halt_on_error=0 log_path=$work/asan"
 export UBSAN_OPTIONS="print_stacktrace=1 halt_on_error=0 log_path=$work/asan"
 set +e
@@ -33,7 +37,7 @@ set +e
 status=$?
 set -e
 unset LD_PRELOAD
-reports=$(cat "$work"/asan.* 2>/dev/null | grep -cE "ERROR: AddressSanitizer|runtime error:" || true)
+reports=$(cat "$work"/asan.* 2>/dev/null | grep -cE "ERROR: AddressSanitizer|AddressSanitizer: CHECK failed|runtime error:" || true)
 if [ "$reports" != "0" ]; then
     cat "$work"/asan.* | head -120
 fi
