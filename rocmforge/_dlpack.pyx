@@ -260,5 +260,32 @@ cdef class DeviceArray:
             check(st, "copying a DeviceArray to the host")
         return out
 
+    def __array__(self, dtype=None, copy=None):
+        """numpy's view of a host array: ``np.asarray(a)`` shares the memory
+        (bfloat16 as uint16 bits, fp8_e4m3 as uint8 bits, as to_numpy()). A GPU
+        array is not host memory: copy it with to_numpy()."""
+        cdef DeviceBuffer buf = self.buffer
+        cdef cnp.ndarray out
+        cdef cnp.npy_intp dims[8]
+        cdef int i
+        if not buf.on_host:
+            raise ArgumentTypeError(f"this DeviceArray lives on {self.device}: numpy cannot view it; "
+                                    "copy it to the host with to_numpy()")
+        if copy:
+            out = self.to_numpy()
+        else:
+            for i in range(len(self.shape)):
+                dims[i] = self.shape[i]
+            storage = DTYPES[self.dtype][2]
+            out = cnp.PyArray_SimpleNewFromData(len(self.shape), dims, storage.num,
+                                                <void*><size_t>(buf._live() + self.offset))
+            Py_INCREF(buf)                          # the view keeps the memory alive
+            cnp.PyArray_SetBaseObject(out, buf)
+        if dtype is not None and np.dtype(dtype) != out.dtype:
+            if copy is False:
+                raise ValueError(f"a {self.dtype} DeviceArray cannot be viewed as {np.dtype(dtype)} without a copy")
+            return out.astype(dtype)
+        return out
+
     def __repr__(self):
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device={self.device})"

@@ -278,6 +278,37 @@ def test_dlpack_exports_are_zero_copy_on_the_host():
         assert (view[1] == 5).all()
 
 
+@pytest.mark.parametrize("dtype, storage", [("float32", np.float32), ("float16", np.float16),
+                                            ("bfloat16", np.uint16), ("fp8_e4m3", np.uint8), ("int8", np.int8)])
+def test_numpy_asarray_views_a_host_array(dtype, storage):
+    with make("cpu", dtype=dtype) as cache:
+        cache.manager.add_sequence(1, num_tokens=3)
+        rows = (np.arange(48, dtype=np.float32).reshape(3, 2, 8) % 7).astype(np.float16)
+        cache.write_kv(0, rows, rows, np.array([0, 1, 2], dtype=np.int64))
+        k, _ = cache.gather(1, 0)
+        view = np.asarray(k)
+        assert view.dtype == storage and view.shape == (3, 2, 8)
+        assert np.array_equal(view, k.to_numpy())
+        assert view.base is k.buffer                             # shared, not copied
+        copied = np.array(k, copy=True)
+        assert copied.flags.owndata and np.array_equal(copied, view)
+        wide = np.asarray(k, dtype=np.float64)
+        assert wide.dtype == np.float64 and np.array_equal(wide, view.astype(np.float64))
+        with pytest.raises(ValueError):
+            np.asarray(k, dtype=np.float64, copy=False)
+        pool = np.asarray(cache.key_cache(0))
+        cache.close()
+        assert pool.shape == (16, 4, 2, 8) and np.array_equal(pool[0, :3], view)   # memory kept alive
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="no GPU")
+def test_numpy_asarray_of_a_gpu_array_says_to_copy():
+    with make(GPU) as cache:
+        with pytest.raises(rf.ArgumentTypeError, match="to_numpy"):
+            np.asarray(cache.key_cache(0))
+
+
 def test_close_is_once_and_use_after_close_raises(device):
     cache = make(device)
     cache.close()
