@@ -63,39 +63,58 @@ dlpack = Extension(
 kvcache = Extension(
     "rocmforge._kvcache",
     sources=["rocmforge/_kvcache.pyx", "hip/rf_host_kernels.c"],
-    include_dirs=["hip", numpy.get_include()],
+    include_dirs=["hip", "rocmforge", numpy.get_include()],
     language="c++",
     extra_compile_args=["-O2"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
+# Paged attention over a KvCache (reads its storage through _kvcache.pxd).
+attention = Extension(
+    "rocmforge._attention",
+    sources=["rocmforge/_attention.pyx", "hip/rf_host_attention.c"],
+    include_dirs=["hip", "rocmforge", numpy.get_include()],
+    language="c++",
+    libraries=["m"],
+    extra_compile_args=["-O3"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
 
-KERNEL_SOURCES = [os.path.join("hip", "kernels", "kv_kernels.cu"), os.path.join("hip", "rf_convert.h")]
+
+# Each code object: its source, and the headers it includes.
+KERNELS = {
+    "kv_kernels": [os.path.join("hip", "kernels", "kv_kernels.cu"), os.path.join("hip", "rf_convert.h")],
+    "attention": [os.path.join("hip", "kernels", "attention.cu"), os.path.join("hip", "rf_convert.h"),
+                  os.path.join("hip", "rf_attention.h")],
+}
 
 
-def build_kernels(compiler, image, archs_var, default_archs, arch_flags, env=None):
-    """Compile kv_kernels.cu with `compiler` (when on PATH) into rocmforge/kernels/<image>
-    for the archs in $archs_var; skipped when the image is newer than its sources (setup.py
-    runs more than once per install). Without the compiler, or if it fails, that GPU kind
+def build_kernels(compiler, suffix, archs_var, default_archs, arch_flags, env=None):
+    """Start compiling every KERNELS source with `compiler` (when on PATH) into
+    rocmforge/kernels/<name>.<suffix> for the archs in $archs_var; an image newer
+    than its sources is kept (setup.py runs more than once per install). Returns
+    the running compilations. Without the compiler, or if it fails, that GPU kind
     gets no kernels and everything else still builds."""
     path = shutil.which(compiler)
-    out = os.path.join("rocmforge", "kernels", image)
     if not path:
-        print(f"rocmforge: {compiler} not found, {image} not built")
-        return
-    if os.path.exists(out) and all(os.path.getmtime(out) > os.path.getmtime(s) for s in KERNEL_SOURCES):
-        return
+        print(f"rocmforge: {compiler} not found, no .{suffix} kernels built")
+        return []
+    jobs = []
     archs = [a.strip() for a in os.environ.get(archs_var, default_archs).split(";") if a.strip()]
-    cmd = [path, "-std=c++17", "-O3", "-o", out, KERNEL_SOURCES[0]] + arch_flags(archs)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    print("rocmforge:", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd))
-    if subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode != 0:
-        print(f"rocmforge: {compiler} failed, {image} not built")
+    for name, sources in KERNELS.items():
+        out = os.path.join("rocmforge", "kernels", f"{name}.{suffix}")
+        if os.path.exists(out) and all(os.path.getmtime(out) > os.path.getmtime(s) for s in sources):
+            continue
+        cmd = [path, "-std=c++17", "-O3", "-o", out, sources[0]] + arch_flags(archs)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        print("rocmforge:", " ".join(f"{k}={v}" for k, v in (env or {}).items()), " ".join(cmd))
+        jobs.append((out, subprocess.Popen(cmd, env={**os.environ, **(env or {})})))
+    return jobs
 
 
 def cuda_flags(archs):
-    """A fatbin: machine code per arch, plus PTX of the newest for later GPUs."""
-    flags = ["-fatbin"]
+    """A fatbin: machine code per arch (compiled in parallel), plus PTX of the newest for later GPUs."""
+    flags = ["-fatbin", "--threads", "0"]
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     return flags + ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
@@ -106,11 +125,15 @@ def hip_flags(archs):
     return ["--genco"] + [f"--offload-arch={a}" for a in archs]
 
 
-build_kernels("nvcc", "kv_kernels.fatbin", "ROCMFORGE_CUDA_ARCHS", "80;90", cuda_flags)
-build_kernels("hipcc", "kv_kernels.hsaco", "ROCMFORGE_HIP_ARCHS", "gfx90a;gfx940", hip_flags,
-              env={"HIP_PLATFORM": "amd"})
+for image, job in (build_kernels("nvcc", "fatbin", "ROCMFORGE_CUDA_ARCHS", "80;90", cuda_flags)
+                   + build_kernels("hipcc", "hsaco", "ROCMFORGE_HIP_ARCHS", "gfx90a;gfx940", hip_flags,
+                                   env={"HIP_PLATFORM": "amd"})):
+    if job.wait() != 0:
+        print(f"rocmforge: {image} failed to build; that GPU kind gets no kernels")
+        if os.path.exists(image):
+            os.remove(image)
 
-extensions = [core, bench_capi, runtime, kernels, dlpack, kvcache]
+extensions = [core, bench_capi, runtime, kernels, dlpack, kvcache, attention]
 directives = {"language_level": 3}
 sanitize = os.environ.get("ROCMFORGE_SANITIZE")       # tools/sanitize.sh, tools/tsan.sh: e.g. "address,undefined"
 if os.environ.get("ROCMFORGE_LINETRACE"):

@@ -277,8 +277,10 @@ int rf_rt_module_unload(int dev, void *module) { RF_CALL(rf_fn.module_unload(mod
 int rf_rt_function(int dev, void *module, const char *name, void **fn) {
     RF_CALL(rf_fn.module_function(fn, module, name), "finding a kernel");
 }
-int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], void **params, void *stream) {
-    RF_CALL(rf_fn.launch(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream, params, NULL),
+int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], unsigned shared_bytes,
+                 void **params, void *stream) {
+    RF_CALL(rf_fn.launch(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_bytes, stream, params,
+                         NULL),
             "launching a kernel");
 }
 

@@ -59,11 +59,12 @@ int rf_rt_stream_synchronize(int dev, void *stream);
 
 /* Kernel modules: load a code object (CUDA fatbin or HIP code object) on
  * dev (a failure's message carries the loader's error log), find a kernel
- * by name, launch it on a stream. */
+ * by name, launch it on a stream with shared_bytes of dynamic shared memory. */
 int rf_rt_module_load(int dev, const void *image, void **module);
 int rf_rt_module_unload(int dev, void *module);
 int rf_rt_function(int dev, void *module, const char *name, void **fn);
-int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], void **params, void *stream);
+int rf_rt_launch(int dev, void *fn, const unsigned grid[3], const unsigned block[3], unsigned shared_bytes,
+                 void **params, void *stream);
 
 /* The last runtime error of this thread: its code, and its message in msg. */
 int rf_rt_last_error(char *msg, size_t cap);

@@ -50,6 +50,7 @@ cdef class BlockManager:
                             ErrInfo* err) noexcept nogil
     cdef int c_fork(self, int64_t src, int64_t dst, ErrInfo* err) noexcept nogil
     cdef int c_remove_sequence(self, int64_t seq_id, ErrInfo* err) noexcept nogil
+    cdef bint c_has_pending_copies(self) noexcept nogil
 
     # --- helpers of the Python API ------------------------------------------------
     cdef int64_t _token_count(self, object seq_id, bint cached) except -1

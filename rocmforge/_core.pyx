@@ -192,6 +192,18 @@ cdef class BlockManager:
     cdef int c_decref(self, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
         return call_decref(self._c, ids, n, err)
 
+    cdef bint c_has_pending_copies(self) noexcept nogil:
+        """Whether take_pending_copies() would return any copy (each shard's lock, in turn)."""
+        cdef int32_t s
+        cdef bint any_pending = False
+        for s in range(self._c.nshards):
+            self._c.shards[s].lock.lock()
+            any_pending = self._c.shards[s].pending.size() != 0
+            self._c.shards[s].lock.unlock()
+            if any_pending:
+                return True
+        return False
+
     cdef int c_add_sequence(self, int64_t seq_id, bint with_tokens, const int32_t* tokens,
                             int64_t num_tokens, int64_t salt, int64_t* slots_out,
                             ErrInfo* err) noexcept nogil:

@@ -10,12 +10,12 @@ from libcpp.vector cimport vector
 cimport numpy as cnp
 import numpy as np
 
-from rocmforge._core import BlockManager
+from rocmforge._core cimport BlockManager
 from rocmforge._dlpack cimport (ArrayInfo, DeviceArray, import_array, DL_CPU, DL_CUDA, DL_ROCM, DT_F32, DT_F16,
-                                DT_BF16, DT_I64)
+                                DT_BF16, DT_I32, DT_I64)
 from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
 from rocmforge._runtime cimport (DeviceBuffer, DeviceKernels, check, rt_backend, rt_memset, rt_htod, rt_dtoh,
-                                 rt_dtod, rt_stream_sync, rt_device_sync)
+                                 rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
 from rocmforge._runtime import backend_info, load_backend
 from rocmforge.config import CacheConfig, format_bytes, host_memory_available
 from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
@@ -26,6 +26,7 @@ cnp.import_array()
 from rocmforge._host_kernels cimport *
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "int8")
+_ROW_DTYPES = {"float32": DT_F32, "float16": DT_F16, "bfloat16": DT_BF16}     # what write_kv takes
 _RT_RUNTIME = 4         # rf_runtime.h's RF_RT_RUNTIME: the runtime's last error says what failed
 _RT_BAD_DEVICE = 5
 _kernels_by_device = {}         # one loaded kernel module per device, for the process
@@ -44,19 +45,6 @@ cdef int64_t _first_bad(const int64_t* slots, int64_t n, int64_t num_slots) noex
         if slots[i] < -1 or slots[i] >= num_slots:
             return i
     return -1
-
-
-cdef void* _stream_handle(object stream) except? NULL:
-    """None (the default stream), an int handle, or a torch / cupy stream object."""
-    if stream is None:
-        return NULL
-    for attr in ("cuda_stream", "ptr"):
-        if hasattr(stream, attr):
-            stream = getattr(stream, attr)
-            break
-    if isinstance(stream, bool) or not hasattr(stream, "__index__"):
-        raise ArgumentTypeError(f"stream must be None, an int handle or a stream object, got {type(stream).__name__}")
-    return <void*><size_t>stream.__index__()
 
 
 cdef inline float _inverse(float scale) noexcept nogil:
@@ -91,7 +79,6 @@ def _waves(pairs):
     return waves
 
 
-@cython.final
 cdef class KvCache:
     """A paged KV cache: ``manager`` (a BlockManager) hands out blocks; this
     object owns the K and V storage of every layer, shaped [num_blocks,
@@ -102,25 +89,6 @@ cdef class KvCache:
     close() or collection; arrays exported with key_cache()/value_cache()
     keep their memory alive until they are gone. Thread-safe: storage changes
     (compact, grow, close) are serialized with the data path."""
-
-    cdef readonly object config
-    cdef readonly object manager
-    cdef readonly str device
-    cdef readonly str dtype
-    cdef int _dev                       # GPU index, -1 for host memory
-    cdef int _dt
-    cdef int _num_layers
-    cdef int64_t _heads, _head_dim, _row, _itemsize, _block_size, _block_bytes, _num_blocks
-    cdef list _buffers                  # K0, V0, K1, V1, ...: one DeviceBuffer per layer and kind
-    cdef vector[uint64_t] _addrs        # their addresses
-    cdef vector[float] _k_scale, _v_scale   # per layer
-    cdef DeviceBuffer _dev_addrs        # GPU: _addrs on the device (copy_blocks, swap)
-    cdef DeviceBuffer _scratch          # GPU: host-side indices uploaded for a call
-    cdef DeviceBuffer _bad              # GPU: per layer, the first token a device-checked write skipped
-    cdef DeviceKernels _kernels
-    cdef dict _swapped                  # seq_id -> (host bytes, num_tokens, tokens, salt_key)
-    cdef cython.pymutex _lock
-    cdef bint _open
 
     def __init__(self, config, device="auto", *, k_scale=1.0, v_scale=1.0, **manager_options):
         """``manager_options`` go to BlockManager (evict_sequences,
@@ -147,12 +115,13 @@ cdef class KvCache:
         self.device = "cpu" if self._dev < 0 else f"{'hip' if rt_backend() == 1 else 'cuda'}:{self._dev}"
         if self._dev >= 0:
             self._kernels = _kernels_for(self._dev)
-            self._bad = DeviceBuffer(8 * self._num_layers, self._dev)
+            self._bad = DeviceBuffer(8 * (self._num_layers + 2), self._dev)
             self._bad.memset(0xFF)
             self._scratch = DeviceBuffer(1 << 16, self._dev)
         self._check_room(config.num_blocks)        # before the manager's metadata, too
         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
         self._swapped = {}
+        self._workspaces = {}
         self._buffers = []
         self._allocate(config.num_blocks, None)
         self._open = True
@@ -277,6 +246,7 @@ cdef class KvCache:
             self._buffers, self._dev_addrs, self._scratch, self._bad = [], None, None, None
             self._addrs.clear()
             self._swapped = {}
+            self._workspaces = {}
 
     def __enter__(self):
         return self
@@ -357,7 +327,7 @@ cdef class KvCache:
         raises DeviceError naming it."""
         cdef int l = self._layer(layer)
         cdef ArrayInfo k, v, s
-        cdef void* strm = _stream_handle(stream)
+        cdef void* strm = stream_handle(stream)
         cdef int64_t T, bad = -1, used = 0
         cdef uint64_t slots_dev = 0
         cdef int st = 0
@@ -410,6 +380,45 @@ cdef class KvCache:
         check(st, "write_kv")
         del keep
 
+    def write_kv_raw(self, int layer, uint64_t key, uint64_t value, uint64_t slot_mapping, int64_t num_tokens,
+                     str dtype, uint64_t stream=0):
+        """write_kv for engines that hold raw addresses: key and value point at
+        [num_tokens, num_kv_heads, head_dim] C-contiguous rows of `dtype`
+        ("float32", "float16" or "bfloat16"), slot_mapping at num_tokens int64
+        slots, all on the cache's device (host memory on the host backend);
+        stream is the runtime's stream handle (0: the default stream). Nothing
+        is parsed or converted: the addresses must be valid for those sizes.
+        Slots are checked by the kernel: on a GPU a bad one is skipped and the
+        next synchronize() raises DeviceError; on the host nothing is written
+        and ArgumentValueError is raised."""
+        cdef int dt = _ROW_DTYPES.get(dtype, -1)
+        cdef int64_t bad = -1
+        cdef int st = 0
+        if not 0 <= layer < self._num_layers:
+            raise ArgumentValueError(f"layer {layer} outside [0, {self._num_layers})")
+        if dt < 0:
+            raise ArgumentTypeError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        if num_tokens < 0 or (num_tokens and (key == 0 or value == 0 or slot_mapping == 0)):
+            raise ArgumentValueError("num_tokens must be >= 0, with non-null addresses")
+        if num_tokens == 0:
+            return
+        with self._lock:
+            self._check_open()
+            self._apply_pending(<void*><size_t>stream)
+            if self._dev < 0:
+                st = rf_host_write_kv(<void*><size_t>self._addrs[2 * layer], <void*><size_t>self._addrs[2 * layer + 1],
+                                      <void*><size_t>key, <void*><size_t>value, <const int64_t*><size_t>slot_mapping,
+                                      num_tokens, self._row, self._num_blocks * self._block_size, dt, self._dt,
+                                      self._k_scale[layer], self._v_scale[layer], &bad)
+            else:
+                st = self._kernels.write_kv(
+                    self._addrs[2 * layer], self._addrs[2 * layer + 1], key, value, slot_mapping, num_tokens,
+                    self._row, self._num_blocks * self._block_size, dt, self._dt, _inverse(self._k_scale[layer]),
+                    _inverse(self._v_scale[layer]), self._bad._ptr + 8 * layer, <void*><size_t>stream)
+        if self._dev < 0 and st == RF_K_BAD_SLOT:
+            raise ArgumentValueError(f"slot_mapping[{bad}] outside [-1, {self._num_blocks * self._block_size})")
+        check(st, "write_kv_raw")
+
     cdef int _check_rows(self, ArrayInfo* a, str what) except -1:
         if a.dtype not in (DT_F32, DT_F16, DT_BF16):
             raise ArgumentTypeError(f"{what} must be float32, float16 or bfloat16")
@@ -433,12 +442,34 @@ cdef class KvCache:
     def copy_blocks(self, pairs, stream=None):
         """Copy block src over block dst, for each (src, dst) row of pairs (int32
         [k, 2]), in order, in every layer's K and V. Nothing is copied if any id
-        is outside the pool (BlockNotFound)."""
+        is outside the pool (BlockNotFound).
+
+        Pairs already on the GPU are applied in one launch, with no host work
+        (graph-capturable): they must not chain (no block both read and
+        written, none written twice). The kernel skips a pair naming a block
+        outside the pool and the next synchronize() raises DeviceError."""
+        cdef ArrayInfo p
+        cdef int st = 0
+        cdef void* strm = stream_handle(stream)
         self._live()
+        if self._dev >= 0 and hasattr(pairs, "__dlpack_device__") and not isinstance(pairs, np.ndarray) \
+                and pairs.__dlpack_device__()[0] != DL_CPU:
+            keep = import_array(pairs, &p, None if strm == NULL else <size_t>strm)
+            if p.dtype != DT_I32 or p.ndim != 2 or p.shape[1] != 2 or not p.contiguous:
+                raise ArgumentValueError("pairs must be a C-contiguous int32 array of shape (k, 2)")
+            self._check_device(&p, "pairs")
+            with self._lock:
+                self._check_open()
+                self._apply_pending(strm)
+                st = self._kernels.copy_blocks(self._dev_addrs._ptr, self._addrs.size(), p.ptr, p.shape[0],
+                                               self._block_bytes, self._num_blocks,
+                                               self._bad._ptr + 8 * (self._num_layers + 1), strm)
+            check(st, "copy_blocks")
+            del keep
+            return
         arr = np.asarray(pairs)
         if arr.dtype != np.int32 or arr.ndim != 2 or arr.shape[1] != 2:
             raise ArgumentValueError("pairs must be int32 of shape (k, 2)")
-        cdef void* strm = _stream_handle(stream)
         with self._lock:
             self._check_open()
             if arr.size and (arr.min() < 0 or arr.max() >= self._num_blocks):
@@ -448,7 +479,7 @@ cdef class KvCache:
 
     def apply_pending_copies(self, stream=None):
         """Run the manager's queued copy-on-write copies now (write_kv does it first anyway)."""
-        cdef void* strm = _stream_handle(stream)
+        cdef void* strm = stream_handle(stream)
         self._live()
         with self._lock:
             self._check_open()
@@ -457,6 +488,8 @@ cdef class KvCache:
     cdef _apply_pending(self, void* stream):
         """Take the manager's pending copies and apply them. Call with the lock
         held, so no other call writes a copy's target before the copy lands."""
+        if not (<BlockManager>self.manager).c_has_pending_copies():
+            return                      # the common case, without building an empty array
         pairs = self.manager.take_pending_copies()
         if len(pairs):
             self._copy_pairs(pairs, stream)
@@ -480,7 +513,8 @@ cdef class KvCache:
             else:
                 staged = self._stage(wave, &used, stream)
                 st = _RT_RUNTIME if staged == 0 else self._kernels.copy_blocks(
-                    self._dev_addrs._ptr, self._addrs.size(), staged, wave.shape[0], self._block_bytes, stream)
+                    self._dev_addrs._ptr, self._addrs.size(), staged, wave.shape[0], self._block_bytes,
+                    self._num_blocks, self._bad._ptr + 8 * (self._num_layers + 1), stream)
             if st != 0:
                 break
         if st == 0 and self._dev >= 0:
@@ -491,8 +525,12 @@ cdef class KvCache:
 
     def synchronize(self):
         """Wait for the device's queued work; raise DeviceError if a write_kv with a
-        device-side slot_mapping met a slot outside the cache (that token was skipped)."""
-        cdef cnp.ndarray words = np.empty(self._num_layers, dtype=np.uint64)
+        device-side slot_mapping met a slot outside the cache (that token was
+        skipped), copy_blocks with device-side pairs met a block outside the pool
+        (that pair was skipped), or paged attention with device-side indices met a bad sequence
+        (a table entry outside the pool, a length beyond its table or split
+        count, or queries beyond its length; its output is undefined)."""
+        cdef cnp.ndarray words = np.empty(self._num_layers + 2, dtype=np.uint64)
         cdef int st = 0
         cdef DeviceBuffer flags
         self._live()
@@ -504,13 +542,19 @@ cdef class KvCache:
         with nogil:
             st = rt_device_sync(self._dev)
             if st == 0:
-                st = rt_dtoh(self._dev, cnp.PyArray_DATA(words), flags._ptr, 8 * self._num_layers, NULL)
+                st = rt_dtoh(self._dev, cnp.PyArray_DATA(words), flags._ptr, 8 * (self._num_layers + 2), NULL)
             if st == 0:
                 st = rt_device_sync(self._dev)
         check(st, "synchronize")
         if (words != np.uint64(2**64 - 1)).any():
             layer = int(np.argmax(words != np.uint64(2**64 - 1)))
             flags.memset(0xFF)
+            if layer == self._num_layers + 1:
+                raise DeviceError(f"copy_blocks: pairs[{int(words[layer])}] named a block outside "
+                                  f"[0, {self._num_blocks}); that pair was not copied", 0)
+            if layer == self._num_layers:
+                raise DeviceError(f"paged attention: sequence {int(words[layer])} had a bad length, query range "
+                                  f"or table entry (outside [0, {self._num_blocks})); its output is undefined", 0)
             raise DeviceError(f"write_kv on layer {layer}: slot_mapping[{int(words[layer])}] was outside "
                               f"[-1, {self._num_blocks * self._block_size}); that token was not written", 0)
 

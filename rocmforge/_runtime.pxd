@@ -2,6 +2,8 @@
 # (_kvcache cimports it): device memory and raw kernel launches.
 from libc.stdint cimport int64_t, uint64_t
 
+from rocmforge._attn cimport rf_attn_args, RF_ATTN_THREADS, RF_ATTN_PART
+
 
 cdef int check(int status, str what) except -1
 
@@ -33,11 +35,30 @@ cdef class DeviceKernels:
                       uint64_t slots, int64_t T, int64_t row, int64_t num_slots, int in_dt,
                       int cache_dt, float inv_k, float inv_v, uint64_t bad, void* stream) noexcept nogil
     cdef int copy_blocks(self, uint64_t cache_ptrs, int64_t num_caches, uint64_t pairs, int64_t num_pairs,
-                         int64_t block_bytes, void* stream) noexcept nogil
+                         int64_t block_bytes, int64_t num_blocks, uint64_t bad, void* stream) noexcept nogil
     cdef int gather(self, uint64_t out, uint64_t cache, uint64_t table, int64_t num_tokens,
                     int64_t block_size, int64_t row_bytes, void* stream) noexcept nogil
     cdef int move_blocks(self, bint to_staging, uint64_t staging, uint64_t cache_ptrs, int64_t num_caches,
                          uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream) noexcept nogil
+
+
+
+cdef class AttentionKernels:
+    cdef void* _module
+    cdef void* _split
+    cdef void* _reduce
+    cdef readonly int device
+    # Queue paged attention on `stream`: the split kernel, then (num_splits > 1)
+    # the reduction. a's pointers are device addresses; part_acc and part_ml hold
+    # num_queries * num_q_heads * num_splits * (head_dim, 2) floats; bad is the
+    # device word that receives the smallest failing sequence. Returns a status.
+    cdef int paged_attention(self, rf_attn_args* a, int64_t num_splits, uint64_t part_acc, uint64_t part_ml,
+                             uint64_t bad, void* stream) noexcept nogil
+
+
+# A stream argument (None: the default stream; an int handle; a torch or cupy
+# stream object) as the runtime's handle.
+cdef void* stream_handle(object stream) except? NULL
 
 
 # Thin stream-ordered wrappers of hip/rf_runtime.c for other extensions (the C

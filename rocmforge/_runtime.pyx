@@ -52,7 +52,8 @@ cdef extern from "rf_runtime.h" nogil:
     int rf_rt_module_load(int dev, const void* image, void** module)
     int rf_rt_module_unload(int dev, void* module)
     int rf_rt_function(int dev, void* module, const char* name, void** fn)
-    int rf_rt_launch(int dev, void* fn, const unsigned* grid, const unsigned* block, void** params,
+    int rf_rt_launch(int dev, void* fn, const unsigned* grid, const unsigned* block, unsigned shared_bytes,
+                     void** params,
                      void* stream)
 
 _BACKENDS = {"auto": -1, "hip": RF_BACKEND_HIP, "cuda": RF_BACKEND_CUDA, "host": RF_BACKEND_HOST}
@@ -295,8 +296,9 @@ cdef cnp.ndarray _contiguous(object data):
 
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
-_IMAGES = {RF_BACKEND_CUDA: "kv_kernels.fatbin", RF_BACKEND_HIP: "kv_kernels.hsaco"}
+_IMAGES = {RF_BACKEND_CUDA: "fatbin", RF_BACKEND_HIP: "hsaco"}      # file suffix per backend
 _KERNELS = (b"rf_write_kv", b"rf_copy_blocks", b"rf_gather_rows", b"rf_gather_blocks", b"rf_scatter_blocks")
+_ATTENTION_KERNELS = (b"rf_paged_attention", b"rf_paged_attention_reduce")
 cdef unsigned THREADS = 256
 
 
@@ -310,6 +312,34 @@ cdef inline int64_t _dt_bytes(int dt) noexcept nogil:
     return 4 if dt == 0 else (2 if dt <= 2 else 1)
 
 
+cdef int _load_module(int device, str name, bytes image, void** module, tuple kernels, void*** fns) except -1:
+    """Load the packaged code object `name` (hip/kernels/<name>.cu) for the loaded
+    backend on `device`, or `image` (the bytes of another build), and find its kernels."""
+    cdef int count = 0
+    cdef const char* data
+    load_backend()
+    backend = rf_rt_backend()
+    if backend == RF_BACKEND_HOST:
+        raise DeviceError("GPU kernels need a GPU backend (the host backend uses the host kernels)",
+                          RF_RT_NOT_LOADED)
+    rf_rt_device_count(&count)
+    if not 0 <= device < count:
+        raise DeviceError(f"device {device} out of range [0, {count})", RF_RT_BAD_DEVICE)
+    path = os.path.join(KERNEL_DIR, f"{name}.{_IMAGES[backend]}") if image is None else "the given code object"
+    if image is None:
+        try:
+            with open(path, "rb") as f:
+                image = f.read()
+        except OSError as exc:
+            raise DeviceError(f"kernel code object missing ({exc}); rebuild rocmforge with the GPU "
+                              f"compiler on PATH", RF_RT_NO_RUNTIME) from None
+    data = image
+    check(rf_rt_module_load(device, data, module), f"loading {path}")
+    for i, kernel in enumerate(kernels):
+        check(rf_rt_function(device, module[0], kernel, fns[i]), kernel.decode())
+    return 0
+
+
 cdef class DeviceKernels:
     """rocmforge's precompiled K/V kernels (hip/kernels/kv_kernels.cu), loaded
     on one device. Launches are asynchronous, on the caller's stream; their
@@ -318,33 +348,12 @@ cdef class DeviceKernels:
     def __cinit__(self, int device=0, bytes image=None):
         """Load the packaged code object for the backend, or ``image`` (the bytes
         of another build of kv_kernels.cu)."""
-        cdef int count = 0
-        cdef const char* data
         cdef void** slots[5]
         self._module = NULL
         self.device = device
-        load_backend()
-        backend = rf_rt_backend()
-        if backend == RF_BACKEND_HOST:
-            raise DeviceError("GPU kernels need a GPU backend (the host backend uses the host kernels)",
-                              RF_RT_NOT_LOADED)
-        rf_rt_device_count(&count)
-        if not 0 <= device < count:
-            raise DeviceError(f"device {device} out of range [0, {count})", RF_RT_BAD_DEVICE)
-        path = os.path.join(KERNEL_DIR, _IMAGES[backend]) if image is None else "the given code object"
-        if image is None:
-            try:
-                with open(path, "rb") as f:
-                    image = f.read()
-            except OSError as exc:
-                raise DeviceError(f"kernel code object missing ({exc}); rebuild rocmforge with the GPU "
-                                  f"compiler on PATH", RF_RT_NO_RUNTIME) from None
-        data = image
-        check(rf_rt_module_load(device, data, &self._module), f"loading {path}")
         slots[0], slots[1], slots[2] = &self._write, &self._copy, &self._gather
         slots[3], slots[4] = &self._to_staging, &self._from_staging
-        for i, name in enumerate(_KERNELS):
-            check(rf_rt_function(device, self._module, name, slots[i]), name.decode())
+        _load_module(device, "kv_kernels", image, &self._module, _KERNELS, slots)
 
     def __dealloc__(self):
         if self._module != NULL:
@@ -356,7 +365,7 @@ cdef class DeviceKernels:
         cdef unsigned block[3]
         grid[0], grid[1], grid[2] = gx, gy, 1
         block[0], block[1], block[2] = threads, threads_y, 1
-        return rf_rt_launch(self.device, fn, grid, block, params, stream)
+        return rf_rt_launch(self.device, fn, grid, block, 0, params, stream)
 
     cdef int write_kv(self, uint64_t key_cache, uint64_t value_cache, uint64_t key, uint64_t value,
                       uint64_t slots, int64_t T, int64_t row, int64_t num_slots, int in_dt,
@@ -373,11 +382,11 @@ cdef class DeviceKernels:
         return self._launch(self._write, <unsigned>((T + ty - 1) // ty), 1, tx, params, stream, ty)
 
     cdef int copy_blocks(self, uint64_t cache_ptrs, int64_t num_caches, uint64_t pairs, int64_t num_pairs,
-                         int64_t block_bytes, void* stream) noexcept nogil:
-        cdef void* params[3]
+                         int64_t block_bytes, int64_t num_blocks, uint64_t bad, void* stream) noexcept nogil:
+        cdef void* params[5]
         if num_pairs == 0 or num_caches == 0:
             return RF_RT_OK
-        params[0], params[1], params[2] = &cache_ptrs, &pairs, &block_bytes
+        params[0], params[1], params[2], params[3], params[4] = &cache_ptrs, &pairs, &block_bytes, &num_blocks, &bad
         return self._launch(self._copy, <unsigned>num_pairs, <unsigned>num_caches, _threads(block_bytes // 64),
                             params, stream)
 
@@ -400,6 +409,62 @@ cdef class DeviceKernels:
         params[0], params[1], params[2], params[3], params[4] = &staging, &cache_ptrs, &ids, &num_ids, &block_bytes
         return self._launch(self._to_staging if to_staging else self._from_staging, <unsigned>num_ids,
                             <unsigned>num_caches, _threads(block_bytes // 64), params, stream)
+
+
+cdef class AttentionKernels:
+    """The paged attention kernels (hip/kernels/attention.cu), loaded on one
+    device; rocmforge.attention is the Python API."""
+
+    def __cinit__(self, int device=0, bytes image=None):
+        cdef void** slots[2]
+        self._module = NULL
+        self.device = device
+        slots[0], slots[1] = &self._split, &self._reduce
+        _load_module(device, "attention", image, &self._module, _ATTENTION_KERNELS, slots)
+
+    def __dealloc__(self):
+        if self._module != NULL:
+            rf_rt_module_unload(self.device, self._module)
+
+    cdef int paged_attention(self, rf_attn_args* a, int64_t num_splits, uint64_t part_acc, uint64_t part_ml,
+                             uint64_t bad, void* stream) noexcept nogil:
+        cdef void* params[7]
+        cdef unsigned grid[3]
+        cdef unsigned block[3]
+        cdef int64_t group = a.num_q_heads // a.num_kv_heads
+        cdef int hb = 1 if group == 1 else (2 if group == 2 else (4 if group <= 4 else 8))
+        cdef int lanes = 1
+        cdef int st
+        if a.num_queries == 0:
+            return RF_RT_OK
+        while lanes * 8 < a.head_dim:
+            lanes *= 2
+        grid[0], grid[1], grid[2] = <unsigned>a.num_queries, <unsigned>(a.num_kv_heads * ((group + hb - 1) // hb)), \
+            <unsigned>num_splits
+        block[0], block[1], block[2] = RF_ATTN_THREADS, 1, 1
+        params[0], params[1], params[2], params[3] = a, &hb, &lanes, &num_splits
+        params[4], params[5], params[6] = &part_acc, &part_ml, &bad
+        st = rf_rt_launch(self.device, self._split, grid, block,
+                          <unsigned>(4 * (RF_ATTN_PART * hb + hb * a.head_dim + (RF_ATTN_THREADS // 32) * hb)),
+                          params, stream)
+        if st != RF_RT_OK or num_splits == 1:
+            return st
+        grid[1], grid[2] = <unsigned>a.num_q_heads, 1
+        params[1], params[2], params[3] = &num_splits, &part_acc, &part_ml
+        return rf_rt_launch(self.device, self._reduce, grid, block, 0, params, stream)
+
+
+cdef void* stream_handle(object stream) except? NULL:
+    """None (the default stream), an int handle, or a torch / cupy stream object."""
+    if stream is None:
+        return NULL
+    for attr in ("cuda_stream", "ptr"):
+        if hasattr(stream, attr):
+            stream = getattr(stream, attr)
+            break
+    if isinstance(stream, bool) or not hasattr(stream, "__index__"):
+        raise ArgumentTypeError(f"stream must be None, an int handle or a stream object, got {type(stream).__name__}")
+    return <void*><size_t>stream.__index__()
 
 
 cdef int rt_backend() noexcept nogil:

@@ -278,6 +278,35 @@ def test_dlpack_exports_are_zero_copy_on_the_host():
         assert (view[1] == 5).all()
 
 
+def test_write_kv_raw_writes_what_write_kv_writes(device):
+    rng = np.random.default_rng(21)
+    with make(device, dtype="bfloat16") as a, make(device, dtype="bfloat16") as b:
+        for c in (a, b):
+            c.manager.add_sequence(1, num_tokens=7)
+        k = rng.standard_normal((7, 2, 8)).astype(np.float16)
+        v = rng.standard_normal((7, 2, 8)).astype(np.float16)
+        slots = np.array([3, 9, -1, 0, 12, 40, 63], dtype=np.int64)
+        a.write_kv(1, on(a, k), on(a, v), on(a, slots))
+        kd, vd, sd = on(b, k), on(b, v), on(b, slots)
+        addr = (lambda x: x.ctypes.data) if b.device == "cpu" else (lambda x: x.ptr)
+        b.write_kv_raw(1, addr(kd), addr(vd), addr(sd), 7, "float16")
+        b.write_kv_raw(1, addr(kd), addr(vd), addr(sd), 0, "float16")          # nothing to do
+        assert np.array_equal(a.key_cache(1).to_numpy(), b.key_cache(1).to_numpy())
+        assert np.array_equal(a.value_cache(1).to_numpy(), b.value_cache(1).to_numpy())
+        for args, exc in [((2, 1, 1, 1, 1, "float16"), rf.ArgumentValueError),
+                          ((0, 1, 1, 1, 1, "int8"), rf.ArgumentTypeError),
+                          ((0, 0, 1, 1, 1, "float16"), rf.ArgumentValueError),
+                          ((0, 1, 1, 1, -1, "float16"), rf.ArgumentValueError)]:
+            with pytest.raises(exc):
+                b.write_kv_raw(*args)
+        if b.device == "cpu":
+            bad = np.array([0, 64 * 4], dtype=np.int64)
+            before = b.key_cache(0).to_numpy()
+            with pytest.raises(rf.ArgumentValueError, match=r"slot_mapping\[1\]"):
+                b.write_kv_raw(0, kd.ctypes.data, vd.ctypes.data, bad.ctypes.data, 2, "float16")
+            assert np.array_equal(before, b.key_cache(0).to_numpy())
+
+
 @pytest.mark.parametrize("dtype, storage", [("float32", np.float32), ("float16", np.float16),
                                             ("bfloat16", np.uint16), ("fp8_e4m3", np.uint8), ("int8", np.int8)])
 def test_numpy_asarray_views_a_host_array(dtype, storage):

@@ -208,11 +208,17 @@ extern "C" __global__ void rf_write_kv(char *key_cache, char *value_cache, const
 }
 
 // copy_blocks: grid (num_pairs, num_caches); caches is a device array of
-// cache base addresses, pairs holds (src, dst) block ids.
-extern "C" __global__ void rf_copy_blocks(char *const *caches, const int32_t *pairs,
-                                          int64_t block_bytes) {
+// cache base addresses, pairs holds (src, dst) block ids. A pair naming a
+// block outside [0, num_blocks) copies nothing and records the smallest such
+// pair index in *bad (which starts as all ones).
+extern "C" __global__ void rf_copy_blocks(char *const *caches, const int32_t *pairs, int64_t block_bytes,
+                                          int64_t num_blocks, unsigned long long *bad) {
     char *base = caches[blockIdx.y];
     int64_t src = pairs[2 * blockIdx.x], dst = pairs[2 * blockIdx.x + 1];
+    if (src < 0 || src >= num_blocks || dst < 0 || dst >= num_blocks) {
+        if (threadIdx.x == 0) atomicMin(bad, (unsigned long long)blockIdx.x);
+        return;
+    }
     rf_copy(base + dst * block_bytes, base + src * block_bytes, block_bytes);
 }
 

@@ -1,0 +1,47 @@
+# KvCache's C-level layout, for the extensions that read its storage in place
+# (_attention): the attributes below, used with the lock held.
+cimport cython
+from libc.stdint cimport int64_t, uint64_t
+from libcpp.vector cimport vector
+cimport numpy as cnp
+
+from rocmforge._dlpack cimport ArrayInfo, DeviceArray
+from rocmforge._runtime cimport DeviceBuffer, DeviceKernels
+
+
+@cython.final
+cdef class KvCache:
+    cdef readonly object config
+    cdef readonly object manager
+    cdef readonly str device
+    cdef readonly str dtype
+    cdef int _dev                       # GPU index, -1 for host memory
+    cdef int _dt
+    cdef int _num_layers
+    cdef int64_t _heads, _head_dim, _row, _itemsize, _block_size, _block_bytes, _num_blocks
+    cdef list _buffers                  # K0, V0, K1, V1, ...: one DeviceBuffer per layer and kind
+    cdef vector[uint64_t] _addrs        # their addresses
+    cdef vector[float] _k_scale, _v_scale   # per layer
+    cdef DeviceBuffer _dev_addrs        # GPU: _addrs on the device (copy_blocks, swap)
+    cdef DeviceBuffer _scratch          # GPU: host-side indices uploaded for a call
+    cdef DeviceBuffer _bad              # GPU: per layer, the first token a device-checked write skipped
+    cdef DeviceKernels _kernels
+    cdef dict _swapped                  # seq_id -> (host bytes, num_tokens, tokens, salt_key)
+    cdef dict _workspaces               # GPU: stream handle -> paged attention workspaces, the newest last
+    cdef cython.pymutex _lock
+    cdef bint _open
+
+    cdef vector[float] _scales(self, object scale, str name) except *
+    cdef int _parse_device(self, object device) except -2
+    cdef _check_room(self, int64_t num_blocks)
+    cdef _allocate(self, int64_t num_blocks, list old)
+    cdef int _layer(self, object layer) except -1
+    cdef DeviceArray _export(self, int i)
+    cdef int _check_open(self) except -1
+    cdef uint64_t _stage(self, cnp.ndarray arr, int64_t* used, void* stream) noexcept
+    cdef _reserve_scratch(self, int64_t nbytes)
+    cdef int _check_rows(self, ArrayInfo* a, str what) except -1
+    cdef int _check_device(self, ArrayInfo* a, str what) except -1
+    cdef _apply_pending(self, void* stream)
+    cdef _copy_pairs(self, cnp.ndarray pairs, void* stream)
+    cdef _move_blocks(self, bint out, cnp.ndarray ids, cnp.ndarray host)
