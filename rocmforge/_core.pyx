@@ -813,3 +813,24 @@ cdef class BlockManager:
         shards = f", shards={self.num_shards}" if self.num_shards > 1 else ""
         return (f"BlockManager(num_blocks={self.num_blocks}, block_size={self.block_size}, "
                 f"free={self.num_free_blocks}{cached}, sequences={len(self)}{shards})")
+
+
+def block_keys(tokens, int block_size, salt=None):
+    """The prefix-cache keys of the full blocks of ``tokens`` (int64, first to
+    last): what a manager of this block size registers for them, and what its
+    KV events carry (README, "Block keys"). A pure function, the same in every
+    process: a router computes a request's keys with it."""
+    cdef cnp.ndarray toks = _index_array(tokens, cnp.NPY_INT32, "tokens")
+    cdef int64_t salt_value = _salt_value(salt)
+    cdef const int32_t* t = <const int32_t*>cnp.PyArray_DATA(toks)
+    cdef int64_t n, j, parent = -1
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise InvalidConfiguration(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
+    n = cnp.PyArray_DIM(toks, 0) // block_size
+    cdef cnp.ndarray keys = cnp.PyArray_EMPTY(1, [n], cnp.NPY_INT64, 0)
+    cdef int64_t* out = <int64_t*>cnp.PyArray_DATA(keys)
+    with nogil:
+        for j in range(n):
+            parent = rf_block_key(parent, salt_value, t + j * block_size, block_size, (1 << 63) - 1)
+            out[j] = parent
+    return keys

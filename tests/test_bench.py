@@ -147,3 +147,22 @@ def test_prefix_bench_main_prints_a_table_then_json(capsys, tmp_path):
     assert summary["results"]["5000"]["arc"]["hit_tokens"] == 512
     with pytest.raises(SystemExit):
         bench_prefix.main(["--synthetic", "agent", "--capacity-tokens", "100"])
+
+
+def test_router_bench_keeps_each_prefix_group_on_one_instance(tmp_path, capsys):
+    from rocmforge import bench_router
+    trace = tmp_path / "groups.jsonl"
+    # three groups of prompts in turn, each a 2-block stem (1,024 tokens) and a block of
+    # its own; an instance holds two stems, so round-robin (every group on both) thrashes
+    lines = [f'{{"timestamp": {i}, "input_length": 1536, "output_length": 1, '
+             f'"hash_ids": [{10 * (i % 3)}, {10 * (i % 3) + 1}, {1000 + i}]}}' for i in range(48)]
+    trace.write_text("\n".join(lines))
+    assert bench_router.main(["--trace", str(trace), "--blocks", "200", "--steps-per-arrival", "3"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    rr, prefix = summary["results"]
+    assert rr["mode"] == "round-robin" and prefix["mode"] == "prefix"
+    for res in (rr, prefix):
+        assert sum(r["requests"] for r in res["instances"]) == 48 - res["rejected"] == 48
+    assert prefix["hit_rate"] > rr["hit_rate"] + 0.4
+    assert prefix["balance"] <= 1.4
