@@ -125,9 +125,11 @@ def hip_flags(archs):
     return ["--genco"] + [f"--offload-arch={a}" for a in archs]
 
 
-for image, job in (build_kernels("nvcc", "fatbin", "ROCMFORGE_CUDA_ARCHS", "80;90", cuda_flags)
-                   + build_kernels("hipcc", "hsaco", "ROCMFORGE_HIP_ARCHS", "gfx90a;gfx940", hip_flags,
-                                   env={"HIP_PLATFORM": "amd"})):
+# ROCMFORGE_KERNELS=0 skips the GPU kernels (the host-only sanitizer, fuzzing and coverage builds).
+kernel_jobs = [] if os.environ.get("ROCMFORGE_KERNELS") == "0" else (
+    build_kernels("nvcc", "fatbin", "ROCMFORGE_CUDA_ARCHS", "80;90", cuda_flags)
+    + build_kernels("hipcc", "hsaco", "ROCMFORGE_HIP_ARCHS", "gfx90a;gfx940", hip_flags, env={"HIP_PLATFORM": "amd"}))
+for image, job in kernel_jobs:
     if job.wait() != 0:
         print(f"rocmforge: {image} failed to build; that GPU kind gets no kernels")
         if os.path.exists(image):

@@ -21,7 +21,7 @@ mkdir "$work"
 (cd "$root" && git ls-files -z | xargs -0 cp --parents -t "$work")
 cd "$work"
 echo "sanitize: building in $work"
-ROCMFORGE_SANITIZE=address,undefined python setup.py build_ext --inplace > build.log 2>&1 \
+ROCMFORGE_KERNELS=0 ROCMFORGE_SANITIZE=address,undefined python setup.py build_ext --inplace > build.log 2>&1 \
     || { tail -20 build.log; exit 1; }
 lib=$(gcc -print-file-name=libasan.so)
 # libstdc++ is preloaded too, so that ASan's __cxa_throw interceptor finds the
