@@ -141,8 +141,6 @@ cdef int64_t _splits(_Indices idx, KvCache cache, object max_seq_len) except -1:
     """Splits per query for the GPU kernels: enough for the longest sequence,
     bounded by max_seq_len, the host seq_lens, or the tables' size."""
     if max_seq_len is not None:
-        if isinstance(max_seq_len, bool) or not hasattr(max_seq_len, "__index__") or max_seq_len.__index__() < 0:
-            raise ArgumentValueError(f"max_seq_len must be an int >= 0, got {max_seq_len!r}")
         bound = max_seq_len.__index__()
     elif idx.h_lens is not None:
         bound = int(idx.h_lens.max()) if idx.h_lens.size else 0
@@ -198,6 +196,9 @@ def paged_attention(query, KvCache cache, layer, block_tables, seq_lens, query_s
         scale = 1.0 / sqrt(<double>cache._head_dim)
     elif not (float(scale) == float(scale) and abs(float(scale)) != float("inf")):
         raise ArgumentValueError(f"scale must be finite, got {scale}")
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not hasattr(max_seq_len, "__index__")
+                                    or max_seq_len.__index__() < 0):
+        raise ArgumentValueError(f"max_seq_len must be an int >= 0, got {max_seq_len!r}")
     if gpu:
         splits = _splits(idx, cache, max_seq_len)
         kernels = _kernels_for(cache._dev)

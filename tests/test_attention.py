@@ -255,6 +255,9 @@ def test_bad_arguments_are_refused_before_anything_runs(device):
                 paged_decode(args["query"], cache, args["layer"], args["block_tables"], args["seq_lens"],
                              scale=args.get("scale"), out=args["out"])
             assert (host(out, "float32") == 3.0).all(), change
+        for bad_len in (-1, 1.5, True, "8"):
+            with pytest.raises(rf.ArgumentValueError, match="max_seq_len"):
+                paged_decode(q, cache, 0, tables, [10], out=out, max_seq_len=bad_len)
         for starts in ([0, 2], [1, 1], [0]):
             with pytest.raises(rf.ArgumentValueError):
                 paged_prefill(q, cache, 0, tables, [10], starts, out=out)
