@@ -50,7 +50,7 @@ cdef inline int32_t take_block(Core* c, Shard* sh) noexcept nogil:
         sh.free.num_free.add(-1)
     else:
         b = ev_victim(c)
-        unregister_tree(c, sh, b)
+        unregister_tree(c, sh, b, True)
         set_home(c, b, sh)
     c.refs[b].rc = 1
     sh.total_allocations.add(1)

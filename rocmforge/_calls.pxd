@@ -16,6 +16,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 from rocmforge._state cimport *
 from rocmforge._blocks cimport incref_ids, decref_ids, all_home, note_peak
 from rocmforge._prefix cimport hash_prompt, match_prefix, take_cached, foreign_hit
+from rocmforge._host_tier cimport ht_match
 from rocmforge._seqs cimport seq_find, dir_find, dir_claim, dir_erase
 from rocmforge._append cimport append_batch, append_batch_any
 from rocmforge._seqops cimport allocate_blocks, add_sequence, fork_sequence, remove_sequence
@@ -196,6 +197,7 @@ cdef inline int64_t call_lookup_prefix(Core* c, const int32_t* tokens, int64_t n
         return -1
     lock_prefix(c)
     h = match_prefix(c, tokens, keys, nfull, salt, hits.data())
+    h += ht_match(c, tokens, keys, h, nfull, salt, hits.data())
     unlock_prefix(c)
     return h * c.block_size
 

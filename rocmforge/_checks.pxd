@@ -8,7 +8,7 @@ from libc.stdio cimport snprintf
 from libcpp.vector cimport vector
 
 from rocmforge._state cimport (
-    Core, Shard, SeqRec, PBlock, FreeSet, rf_resize, rf_room, rf_sole_gen, rf_share_gen, rf_ctz64,
+    Core, Shard, SeqRec, PBlock, FreeSet, HostTier, rf_resize, rf_room, rf_sole_gen, rf_share_gen, rf_ctz64,
     rf_idmap_find, rf_block_key, POLICY_ARC, NO_SLOT, RF_DIR_STRIPES, _ceil_div)
 from rocmforge._seqs cimport seq_find, dir_find
 from rocmforge._pool cimport occupied
@@ -182,9 +182,8 @@ cdef inline int check_pool(Core* c, char* msg, size_t cap) noexcept nogil:
         if x.peak_allocations.get() < held:
             snprintf(msg, cap, "shard %d: peak allocations below current use", s)
             return 1
-        for j in range(x.pending.size()):
-            if j % 3 and (x.pending[j] < 0 or x.pending[j] >= n):
-                snprintf(msg, cap, "pending copy names block %lld outside the pool", <long long>x.pending[j])
+        for j in range(0, x.pending.size(), 3):
+            if check_transfer(c, x.pending[j + 1], x.pending[j + 2], msg, cap):
                 return 1
     if not c.prefix and c.pfx.num_evictable.get() != 0:
         snprintf(msg, cap, "%lld evictable blocks without prefix caching", <long long>c.pfx.num_evictable.get())
@@ -293,9 +292,54 @@ cdef inline int check_prefix(Core* c, char* msg, size_t cap) noexcept nogil:
     return 0
 
 
+cdef inline int check_transfer(Core* c, int64_t src, int64_t dst, char* msg, size_t cap) noexcept nogil:
+    """A queued copy: blocks of the pool, or one block and one host slot (-1 - slot)."""
+    cdef int64_t n = c.num_blocks, slots = c.pfx.host.capacity
+    cdef bint src_ok = (0 <= src < n) or (-slots <= src < 0 and 0 <= dst < n)
+    cdef bint dst_ok = (0 <= dst < n) or (-slots <= dst < 0 and 0 <= src < n)
+    if not (src_ok and dst_ok):
+        snprintf(msg, cap, "pending copy (%lld, %lld) names a block outside the pool or a host slot outside "
+                 "the tier", <long long>src, <long long>dst)
+        return 1
+    return 0
+
+
+cdef inline int check_host(Core* c, char* msg, size_t cap) noexcept nogil:
+    """The host tier: its LRU list holds each used slot once, its index maps each
+    slot's key to it, and every key is the key of its slot's content."""
+    cdef HostTier* h = &c.pfx.host
+    cdef int32_t s = h.head, prev = -1, seen = 0
+    cdef int64_t bs = c.block_size
+    if h.used != <int32_t>h.index.count or h.used + <int32_t>h.free_slots.size() != h.capacity:
+        snprintf(msg, cap, "host tier: %d used, %lld indexed, %lld free of %d slots", h.used,
+                 <long long>h.index.count, <long long>h.free_slots.size(), h.capacity)
+        return 1
+    while s >= 0:
+        if seen >= h.used or h.prev[s] != prev or h.key[s] < 0:
+            snprintf(msg, cap, "host tier: LRU list broken at slot %d", s)
+            return 1
+        if rf_idmap_find(h.index, h.key[s]) != s:
+            snprintf(msg, cap, "host tier: slot %d's key is not indexed to it", s)
+            return 1
+        if h.key[s] != rf_block_key(h.parent_key[s], h.salt[s], &h.tok[<size_t>s * bs], bs, c.key_mask):
+            snprintf(msg, cap, "host tier: slot %d's key is not the key of its tokens", s)
+            return 1
+        prev = s
+        s = h.next[s]
+        seen += 1
+    if seen != h.used or h.tail != prev:
+        snprintf(msg, cap, "host tier: the LRU list holds %d of %d used slots", seen, h.used)
+        return 1
+    for s in h.free_slots:
+        if h.key[s] != -1:
+            snprintf(msg, cap, "host tier: free slot %d holds a key", s)
+            return 1
+    return 0
+
+
 cdef inline int check_all(Core* c, char* msg, size_t cap) noexcept nogil:
     if check_pool(c, msg, cap):
         return 1
-    if c.prefix:
-        return check_prefix(c, msg, cap)
-    return 0
+    if c.prefix and check_prefix(c, msg, cap):
+        return 1
+    return check_host(c, msg, cap)

@@ -37,6 +37,7 @@ from rocmforge._seqs cimport seq_find
 from rocmforge._pool cimport resize_pool, compact_pool, shrink_pool, occupied
 from rocmforge._checks cimport check_all
 from rocmforge._calls cimport *
+from rocmforge._host_tier cimport ht_init
 
 from rocmforge.errors import (
     ArgumentTypeError,
@@ -138,7 +139,7 @@ cdef class BlockManager:
 
     def __cinit__(self, num_blocks, block_size, *, evict_sequences=False,
                   enable_prefix_caching=False, eviction_policy="lru", enable_events=False,
-                  shards=1, _key_bits=63):
+                  shards=1, host_cache_blocks=0, _key_bits=63):
         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
             raise ArgumentTypeError(f"num_blocks must be an integer, got {type(num_blocks).__name__}")
         if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
@@ -156,6 +157,13 @@ cdef class BlockManager:
             raise InvalidConfiguration("_key_bits must be in [1, 63]")
         if enable_events and not enable_prefix_caching:
             raise InvalidConfiguration("enable_events needs enable_prefix_caching=True")
+        if isinstance(host_cache_blocks, bool) or not hasattr(host_cache_blocks, "__index__"):
+            raise ArgumentTypeError(f"host_cache_blocks must be an integer, got {type(host_cache_blocks).__name__}")
+        host_blocks = host_cache_blocks.__index__()
+        if not 0 <= host_blocks <= INT32_MAX:
+            raise InvalidConfiguration(f"host_cache_blocks must be in [0, {INT32_MAX}], got {host_blocks}")
+        if host_blocks and not enable_prefix_caching:
+            raise InvalidConfiguration("host_cache_blocks needs enable_prefix_caching=True")
         cdef int32_t nshards = _shard_count(shards, nb)
         self._c = new Core()
         self.block_size = bs
@@ -173,10 +181,13 @@ cdef class BlockManager:
         cdef int32_t n = nb
         if rf_core_init(self._c, nshards):
             raise MemoryError(f"cannot allocate {nshards} shards")
+        cdef int32_t nhost = host_blocks
         with nogil:
             st = resize_pool(self._c, n)
+            if st == RF_OK and nhost:
+                st = ht_init(self._c, nhost)
         if st != RF_OK:
-            raise MemoryError(f"cannot allocate bookkeeping for {nb} blocks")
+            raise MemoryError(f"cannot allocate bookkeeping for {nb} blocks and {host_blocks} host blocks")
 
     def __dealloc__(self):
         del self._c

@@ -28,6 +28,8 @@ cdef class KvCache:
     cdef DeviceKernels _kernels
     cdef dict _swapped                  # seq_id -> (host bytes, num_tokens, tokens, salt_key)
     cdef dict _workspaces               # GPU: stream handle -> paged attention workspaces, the newest last
+    cdef DeviceBuffer _host             # the host tier: [2 * layers][slots][block bytes] of host memory
+    cdef int64_t _host_slots
     cdef cython.pymutex _lock
     cdef bint _open
 
@@ -44,4 +46,5 @@ cdef class KvCache:
     cdef int _check_device(self, ArrayInfo* a, str what) except -1
     cdef _apply_pending(self, void* stream)
     cdef _copy_pairs(self, cnp.ndarray pairs, void* stream)
+    cdef _host_copies(self, cnp.ndarray pairs, void* stream)
     cdef _move_blocks(self, bint out, cnp.ndarray ids, cnp.ndarray host)

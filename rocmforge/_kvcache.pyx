@@ -17,9 +17,9 @@ from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
 from rocmforge._runtime cimport (DeviceBuffer, DeviceKernels, check, rt_backend, rt_memset, rt_htod, rt_dtoh,
                                  rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
 from rocmforge._runtime import backend_info, load_backend
-from rocmforge.config import CacheConfig, format_bytes, host_memory_available
+from rocmforge.config import CacheConfig, format_bytes, host_memory_available, parse_bytes
 from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
-                              InvalidConfiguration, OutOfBlocks, SequenceExists, SequenceNotFound)
+                              InvalidConfiguration, KvCacheError, OutOfBlocks, SequenceExists, SequenceNotFound)
 
 cnp.import_array()
 
@@ -90,11 +90,16 @@ cdef class KvCache:
     keep their memory alive until they are gone. Thread-safe: storage changes
     (compact, grow, close) are serialized with the data path."""
 
-    def __init__(self, config, device="auto", *, k_scale=1.0, v_scale=1.0, **manager_options):
+    def __init__(self, config, device="auto", *, k_scale=1.0, v_scale=1.0, host_cache=None, **manager_options):
         """``manager_options`` go to BlockManager (evict_sequences,
-        enable_prefix_caching, eviction_policy, enable_events). ``k_scale`` and
+        enable_prefix_caching, eviction_policy, enable_events, shards). ``k_scale`` and
         ``v_scale`` (a float or one per layer) are the quantization scales of
-        fp8_e4m3 and int8 storage: the cache holds x / scale."""
+        fp8_e4m3 and int8 storage: the cache holds x / scale.
+
+        ``host_cache`` adds a host tier for the prefix cache: bytes (an int or a
+        string like "16GiB") of host memory that keep the K/V of prefix blocks
+        the pool evicts, brought back on a hit (needs enable_prefix_caching;
+        the manager's host_cache_blocks is set from it)."""
         if not isinstance(config, CacheConfig):
             raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")
         if config.dtype not in STORAGE_DTYPES:
@@ -119,7 +124,24 @@ cdef class KvCache:
             self._bad.memset(0xFF)
             self._scratch = DeviceBuffer(1 << 16, self._dev)
         self._check_room(config.num_blocks)        # before the manager's metadata, too
+        self._host_slots = 0
+        if host_cache is not None:
+            if "host_cache_blocks" in manager_options:
+                raise ArgumentValueError("give host_cache (the KvCache sizes the manager's host tier), "
+                                         "not host_cache_blocks")
+            self._host_slots = parse_bytes(host_cache, "host_cache") // config.bytes_per_block
+            if self._host_slots < 1:
+                raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of "
+                                           f"{format_bytes(config.bytes_per_block)}")
+            need = self._host_slots * config.bytes_per_block
+            free = host_memory_available()
+            if free is not None and need > free:
+                raise MemoryError(f"the host tier needs {format_bytes(need)} of host memory, and "
+                                  f"{format_bytes(free)} is free: lower host_cache")
+            manager_options["host_cache_blocks"] = self._host_slots
         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
+        if self._host_slots:
+            self._host = DeviceBuffer(self._host_slots * config.bytes_per_block, -1)
         self._swapped = {}
         self._workspaces = {}
         self._buffers = []
@@ -247,6 +269,7 @@ cdef class KvCache:
             self._addrs.clear()
             self._swapped = {}
             self._workspaces = {}
+            self._host = None
 
     def __enter__(self):
         return self
@@ -495,13 +518,23 @@ cdef class KvCache:
             self._copy_pairs(pairs, stream)
 
     cdef _copy_pairs(self, cnp.ndarray pairs, void* stream):
-        """Apply (src, dst) block copies, in order, to every layer's K and V. Call
-        with the lock held."""
+        """Apply (src, dst) block copies, in order, to every layer's K and V; an
+        id -1 - s names slot s of the host tier. Call with the lock held."""
         cdef int64_t bad = -1, used = 0
         cdef uint64_t staged
         cdef int st = 0
         cdef cnp.ndarray wave
         pairs = np.ascontiguousarray(pairs, dtype=np.int32)
+        host = (pairs < 0).any(axis=1)
+        if host.any():
+            # runs of pool copies and runs of host-tier copies, in order
+            cuts = np.flatnonzero(np.diff(host.astype(np.int8))) + 1
+            for run in np.split(pairs, cuts):
+                if run[0, 0] < 0 or run[0, 1] < 0:
+                    self._host_copies(run, stream)
+                else:
+                    self._copy_pairs(run, stream)
+            return
         waves = _waves(pairs) if self._dev >= 0 else [pairs]
         if self._dev >= 0:
             self._reserve_scratch(pairs.nbytes + 16 * len(waves))
@@ -522,6 +555,59 @@ cdef class KvCache:
         if self._dev < 0 and st != 0:
             raise BlockNotFound(f"copy pair {pairs[bad].tolist()} names a block outside [0, {self._num_blocks})")
         check(st, "copy_blocks")
+
+    cdef _host_copies(self, cnp.ndarray pairs, void* stream):
+        """Copies between blocks and host-tier slots, in order: (b, -1 - s) stores
+        block b's K and V of every layer in slot s, (-1 - s, b) brings them back.
+        Call with the lock held."""
+        cdef int64_t i, c, n = pairs.shape[0], caches = self._addrs.size(), bb = self._block_bytes
+        cdef int64_t slots = self._host_slots, src, dst, blk, slot
+        cdef const int32_t* p = <const int32_t*>cnp.PyArray_DATA(pairs)
+        cdef char* host
+        cdef char* dev
+        cdef int st = 0
+        if self._host is None:
+            raise KvCacheError("the manager queued host-tier copies, but this KvCache has no host_cache")
+        host = <char*><size_t>self._host._ptr
+        for i in range(n):
+            src, dst = p[2 * i], p[2 * i + 1]
+            blk, slot = (src, -1 - dst) if dst < 0 else (dst, -1 - src)
+            if not (0 <= blk < self._num_blocks and 0 <= slot < slots):
+                raise BlockNotFound(f"host-tier copy ({src}, {dst}) names a block or slot outside the cache")
+        with nogil:
+            for i in range(n):
+                src, dst = p[2 * i], p[2 * i + 1]
+                blk, slot = (src, -1 - dst) if dst < 0 else (dst, -1 - src)
+                for c in range(caches):
+                    dev = <char*><size_t>(self._addrs[c] + blk * bb)
+                    if self._dev < 0 and dst < 0:
+                        memcpy(host + (c * slots + slot) * bb, dev, bb)
+                    elif self._dev < 0:
+                        memcpy(dev, host + (c * slots + slot) * bb, bb)
+                    elif dst < 0:
+                        st = rt_dtoh(self._dev, host + (c * slots + slot) * bb, <uint64_t><size_t>dev, bb, stream)
+                    else:
+                        st = rt_htod(self._dev, <uint64_t><size_t>dev, host + (c * slots + slot) * bb, bb, stream)
+                    if st != 0:
+                        break
+                if st != 0:
+                    break
+            if st == 0 and self._dev >= 0:
+                st = rt_stream_sync(self._dev, stream)
+        check(st, "host-tier copies")
+
+    def stats(self):
+        """The manager's stats() plus the bytes its host-tier copies move
+        (blocks x config.bytes_per_block, every layer's K and V)."""
+        out = self.manager.stats()
+        out["host_bytes_offloaded"] = out["host_offloaded_blocks"] * self.config.bytes_per_block
+        out["host_bytes_reloaded"] = out["host_reloaded_blocks"] * self.config.bytes_per_block
+        return out
+
+    @property
+    def host_cache_blocks(self):
+        """Blocks the host tier holds at most (0: none)."""
+        return self._host_slots
 
     def synchronize(self):
         """Wait for the device's queued work; raise DeviceError if a write_kv with a
@@ -561,7 +647,8 @@ cdef class KvCache:
     def gather(self, seq_id, layer):
         """A sequence's keys and values of one layer, contiguous: two DeviceArrays
         [num_tokens, heads, head_dim] in the storage dtype (copies). The table is
-        read under the lock, so a compaction is entirely before or after."""
+        read under the lock, so a compaction is entirely before or after; pending
+        copies (copy-on-write, host tier) run first."""
         cdef int l = self._layer(layer)
         cdef cnp.ndarray table
         cdef int64_t n, bad = -1, used = 0, i, row_bytes = self._row * self._itemsize
@@ -570,6 +657,7 @@ cdef class KvCache:
         cdef DeviceBuffer out
         with self._lock:
             self._check_open()
+            self._apply_pending(NULL)
             _, table, last = self.manager.csr_block_tables([seq_id])      # one consistent snapshot
             n = 0 if len(table) == 0 else (len(table) - 1) * self._block_size + int(last[0])
             outs = [DeviceBuffer(n * row_bytes, self._dev) for _ in range(2)]
@@ -604,6 +692,8 @@ cdef class KvCache:
         cdef DeviceBuffer staging = None
         if n == 0:
             return
+        if out:
+            self._apply_pending(NULL)       # the blocks hold what their copies bring
         if self._dev >= 0:
             staging = DeviceBuffer(host.nbytes, self._dev)
             self._reserve_scratch(ids.nbytes)

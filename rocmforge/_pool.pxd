@@ -211,5 +211,5 @@ cdef inline int shrink_pool(Core* c, Shard* dest, int32_t n, ErrInfo* err) noexc
     if c.prefix:
         for b in range(n, c.num_blocks):
             if c.pfx.pb[b].serial != 0:
-                unregister_tree(c, dest, b)
+                unregister_tree(c, dest, b, False)    # their storage goes: nothing to keep
     return resize_pool(c, n)

@@ -13,11 +13,12 @@ from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
 from rocmforge._state cimport (
-    Core, Shard, SeqRec, PBlock, KvEvent, PrefixState, BlockRefs,
+    Core, Shard, SeqRec, PBlock, KvEvent, PrefixState, BlockRefs, push_event,
     rf_reserve, rf_resize, rf_push, rf_prefetch, rf_idmap_find, rf_idmap_reserve, rf_idmap_put,
     rf_idmap_erase, rf_idmap_clear, rf_idmap_prefetch, rf_block_key, rf_tokens_equal,
     RF_OK, RF_NO_MEMORY, POLICY_ARC, EV_STORED, EV_REMOVED, EV_CLEARED, GHOSTS_PER_BLOCK)
 from rocmforge._freeset cimport fs_set
+from rocmforge._host_tier cimport ht_offload, ht_clear
 
 
 cdef inline void uncache(PBlock* p) noexcept nogil:
@@ -306,34 +307,29 @@ cdef inline int64_t* hash_prompt(Core* c, const int32_t* tokens, int64_t num_tok
 # --- registration --------------------------------------------------------------------
 
 cdef inline void event(Core* c, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok) noexcept nogil:
-    cdef KvEvent ev
-    if not c.events:
-        return
-    ev.kind = kind
-    ev.key = key
-    ev.parent_key = parent_key
-    ev.num_tokens = ntok
-    rf_push(c.pfx.events, ev)   # capacity reserved by reserve_registrations
+    push_event(c, kind, key, parent_key, ntok, 0)
 
 
 cdef inline int reserve_registrations(Core* c, int64_t n) noexcept nogil:
     """Room for n new index entries and for every event an operation may emit
-    (n stores, one removal per indexed block, a clear), so applying cannot fail."""
+    (n stores and, with a host tier, n reloads leaving it; one removal per
+    indexed block and, with a host tier, a store there and a removal from
+    there for each; a clear), so applying cannot fail."""
     cdef PrefixState* p = &c.pfx
     if not c.prefix:
         return RF_OK
     if rf_idmap_reserve(p.index, p.index.count + n):
         return RF_NO_MEMORY
-    if c.events and rf_reserve(p.events, p.events.size() + n + p.index.count + 1):
+    if c.events and rf_reserve(p.events, p.events.size() + 2 * n + 3 * p.index.count + 1):
         return RF_NO_MEMORY
     return RF_OK
 
 
-cdef inline void unregister_tree(Core* c, Shard* dest, int32_t b) noexcept nogil:
+cdef inline void unregister_tree(Core* c, Shard* dest, int32_t b, bint offload) noexcept nogil:
     """Drop b and all its cached descendants from the index (none of them could be
-    reached once b is gone). Evictable ones become free in shard dest; blocks
-    in use stay allocated, uncached. b itself becomes free only if it was
-    still evictable."""
+    reached once b is gone). Evictable ones become free in shard dest (and,
+    with offload and a host tier, are kept there); blocks in use stay
+    allocated, uncached. b itself becomes free only if it was still evictable."""
     cdef PrefixState* p = &c.pfx
     cdef PBlock* q = &p.pb[b]
     cdef int32_t x, ch
@@ -356,6 +352,11 @@ cdef inline void unregister_tree(Core* c, Shard* dest, int32_t b) noexcept nogil
         rf_idmap_erase(p.index, q.key)
         event(c, EV_REMOVED, q.key, -1, 0)
         p.blocks_evicted.add(1)
+        # A victim (b, taken off its list already) and evictable descendants were
+        # released, so their K/V is complete: the host tier keeps them.
+        if offload and (q.ev_list or x == b) and p.host.capacity:
+            ht_offload(c, dest, q.key, p.pb[q.parent].key if q.parent >= 0 else -1, q.salt, x,
+                       &p.btok[<size_t>x * c.block_size])
         uncache(q)
         if q.ev_list:
             ev_unlink(p, x)
@@ -460,4 +461,5 @@ cdef inline void reset_prefix(Core* c, Shard* dest) noexcept nogil:
     rf_idmap_clear(p.index)
     for lst in range(1, 3):
         rf_idmap_clear(p.ghost[lst])
+    ht_clear(c)
     event(c, EV_CLEARED, -1, -1, 0)

@@ -36,11 +36,12 @@ cdef list _event_objects(const vector[KvEvent]& evs):
     cdef size_t i
     out = []
     for i in range(evs.size()):
+        medium = "cpu" if evs[i].medium else "gpu"
         if evs[i].kind == EV_STORED:
             out.append(BlockStored(evs[i].key, None if evs[i].parent_key < 0 else evs[i].parent_key,
-                                   evs[i].num_tokens))
+                                   evs[i].num_tokens, medium))
         elif evs[i].kind == EV_REMOVED:
-            out.append(BlockRemoved(evs[i].key))
+            out.append(BlockRemoved(evs[i].key, medium))
         else:
             out.append(AllCleared())
     return out
@@ -209,6 +210,11 @@ cdef dict _stats(BlockManager m):
         "prefix_hit_rate": hits / query if query else 0.0,
         "cached_blocks_stored": c.pfx.blocks_stored.get(),
         "cached_blocks_evicted": c.pfx.blocks_evicted.get(),
+        "host_cached_blocks": c.pfx.host.resident.get(),
+        "host_hit_tokens": c.pfx.host.hit_tokens.get(),
+        "host_offloaded_blocks": c.pfx.host.offloaded.get(),
+        "host_reloaded_blocks": c.pfx.host.reloaded.get(),
+        "host_dropped_blocks": c.pfx.host.dropped.get(),
     }
 
 

@@ -102,6 +102,32 @@ struct KvEvent {
     int32_t num_tokens;
     int64_t key;
     int64_t parent_key;
+    int32_t medium;             /* 0: the GPU pool (the cache's own storage), 1: the host tier */
+};
+
+/* The host tier: prefix blocks evicted from the pool, kept in host memory
+ * slots, keyed like the index and verified the same way (tokens, and the
+ * parent's key or the salt); LRU order from head (next to go) to tail. Sized
+ * once, so that storing a block never allocates. Guarded with the prefix index. */
+struct HostTier {
+    int32_t capacity = 0;
+    int32_t used = 0;
+    int32_t head = -1;
+    int32_t tail = -1;
+    rf_idmap index;                     /* key -> slot */
+    std::vector<int64_t> key;           /* per slot; -1 when free */
+    std::vector<int64_t> parent_key;    /* -1 for a chain's first block */
+    std::vector<int64_t> salt;
+    std::vector<int32_t> prev, next;    /* LRU links */
+    std::vector<uint64_t> pin;          /* == op: matched by the running add_sequence, not to be reused */
+    uint64_t op = 1;
+    std::vector<int32_t> free_slots;
+    std::vector<int32_t> tok;           /* block_size token ids per slot */
+    rf_count resident;                  /* used, for readers without the lock */
+    rf_count hit_tokens;
+    rf_count offloaded;
+    rf_count reloaded;
+    rf_count dropped;
 };
 
 /* One shard: a lock, the sequences homed here, the free blocks it hands
@@ -160,6 +186,7 @@ struct PrefixState {
     rf_count hit_tokens;
     rf_count blocks_evicted;
     rf_count blocks_stored;
+    HostTier host;
 };
 
 /* One stripe of the sequence directory (id -> shard) of a manager with

@@ -18,6 +18,7 @@ from rocmforge._seqs cimport (seq_find, scratch_at, block_tag, claim_slot, uncla
                               drop_sequence, touch)
 from rocmforge._room cimport op_epoch, ensure_free, fill_shard
 from rocmforge._append cimport append_apply, foreign, find_record
+from rocmforge._host_tier cimport ht_match, ht_reload, ht_pin, ht_unpin
 
 
 cdef inline int allocate_blocks(Core* c, Shard* sh, bint fast, int32_t n, int32_t* out,
@@ -53,7 +54,7 @@ cdef inline int add_sequence(Core* c, Shard* sh, bint fast, int64_t seq_id, bint
     cdef PrefixState* p = &c.pfx
     cdef int st
     cdef int32_t slot, b
-    cdef int64_t nblocks, bs = c.block_size, nfull = 0, h = 0, h_ev = 0, j
+    cdef int64_t nblocks, bs = c.block_size, nfull = 0, h = 0, h_ev = 0, hh = 0, j
     cdef uint64_t epoch
     cdef SeqRec* s
     cdef int32_t neg = -1
@@ -85,6 +86,13 @@ cdef inline int add_sequence(Core* c, Shard* sh, bint fast, int64_t seq_id, bint
             break
     if fast and nblocks - h > sh.free.num_free.get():
         return RF_GLOBAL
+    if keys != NULL and p.host.capacity:
+        # The host tier continues the pool's hits; they take fresh blocks, filled
+        # by copies queued once the blocks are known.
+        hh = ht_match(c, tokens, keys, h, nfull, salt, p.tmp_hits.data())
+        if hh and rf_reserve(sh.pending, sh.pending.size() + 3 * hh):
+            return RF_NO_MEMORY
+        ht_pin(&p.host, p.tmp_hits.data() + h, hh)
     st = claim_slot(sh, &slot, err)
     if st != RF_OK:
         return st
@@ -121,6 +129,15 @@ cdef inline int add_sequence(Core* c, Shard* sh, bint fast, int64_t seq_id, bint
         s.cached_tokens = h * bs
     append_apply(c, sh, s, num_tokens - h * bs, tokens + h * bs if with_tokens else NULL,
                  slots_out + h * bs)
+    if hh:
+        # Matched again: pinned slots stay, but a key may have moved (collisions).
+        hh = ht_match(c, tokens, keys, h, h + hh, salt, p.tmp_hits.data())
+        s = &sh.seqs[slot]
+        for j in range(h, h + hh):
+            ht_reload(c, sh, p.tmp_hits[j], s.blocks[j])
+        ht_unpin(&p.host)
+        s.cached_tokens = (h + hh) * bs
+        p.host.hit_tokens.add(hh * bs)
     if keys != NULL:
         rf_append_n64(s.keys, keys, nfull)
         if c.policy == POLICY_ARC and h < nfull:
@@ -137,7 +154,7 @@ cdef inline int add_sequence(Core* c, Shard* sh, bint fast, int64_t seq_id, bint
             register_block(c, s, j)
         p.lookups.add(1)
         p.query_tokens.add(num_tokens)
-        p.hit_tokens.add(h * bs)
+        p.hit_tokens.add((h + hh) * bs)
     note_peak(sh)
     return RF_OK
 

@@ -102,6 +102,27 @@ cdef extern from "_rf_state.h" nogil:
         int32_t num_tokens
         int64_t key
         int64_t parent_key          # -1 for a chain's first block
+        int32_t medium              # 0: the pool, 1: the host tier
+    cppclass HostTier:
+        int32_t capacity
+        int32_t used
+        int32_t head                # LRU: next to go
+        int32_t tail
+        rf_idmap index              # key -> slot
+        vector[int64_t] key         # per slot, -1 when free
+        vector[int64_t] parent_key
+        vector[int64_t] salt
+        vector[int32_t] prev
+        vector[int32_t] next
+        vector[uint64_t] pin        # == op: matched by the running add_sequence, not to be reused
+        uint64_t op
+        vector[int32_t] free_slots
+        vector[int32_t] tok         # block_size token ids per slot
+        rf_count resident           # used, for readers without the lock
+        rf_count hit_tokens
+        rf_count offloaded
+        rf_count reloaded
+        rf_count dropped
     # A shard's free blocks: bit b of level 0 is set when block b is free here;
     # each summary level has a bit per non-empty word of the level below.
     cppclass FreeSet:
@@ -167,6 +188,7 @@ cdef extern from "_rf_state.h" nogil:
         rf_count hit_tokens
         rf_count blocks_evicted
         rf_count blocks_stored
+        HostTier host                   # evicted prefix blocks in host memory (_host_tier.pxd)
     cppclass DirStripe:
         rf_mutex lock
         rf_idmap map
@@ -279,3 +301,18 @@ cdef enum:
 
 cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
     return (a + b - 1) // b
+
+
+cdef inline void push_event(Core* c, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok,
+                            int32_t medium) noexcept nogil:
+    """Record a KV event when events are on (capacity reserved by the prefix
+    index's reserve_registrations); medium 0 is the pool, 1 the host tier."""
+    cdef KvEvent ev
+    if not c.events:
+        return
+    ev.kind = kind
+    ev.key = key
+    ev.parent_key = parent_key
+    ev.num_tokens = ntok
+    ev.medium = medium
+    rf_push(c.pfx.events, ev)

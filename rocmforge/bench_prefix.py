@@ -82,10 +82,13 @@ def synthetic_trace(kind, num_requests=12000, seed=0):
     return requests
 
 
-def replay(requests, capacity_tokens, policy):
-    """Token hit rate of one policy at one capacity (a real BlockManager)."""
+def replay(requests, capacity_tokens, policy, host_capacity_tokens=0):
+    """Token hit rate of one policy at one capacity (a real BlockManager), with
+    a host tier of host_capacity_tokens behind it (its copies are bookkeeping
+    here: the queue is emptied after every request)."""
     num_blocks = max(capacity_tokens // BLOCK, 1)
-    m = BlockManager(num_blocks, BLOCK, enable_prefix_caching=True, eviction_policy=policy)
+    m = BlockManager(num_blocks, BLOCK, enable_prefix_caching=True, eviction_policy=policy,
+                     host_cache_blocks=host_capacity_tokens // BLOCK)
     hit = total = skipped = 0
     for hash_ids, input_length in requests:
         if -(-input_length // BLOCK) > num_blocks:
@@ -95,10 +98,49 @@ def replay(requests, capacity_tokens, policy):
         m.add_sequence(0, expand_tokens(hash_ids, input_length))
         hit += m.num_cached_tokens(0)
         m.remove_sequence(0)
+        if host_capacity_tokens:
+            m.take_pending_copies()
     m.check_invariants()
     stats = m.stats()
     return {"hit_rate": hit / total if total else 0.0, "hit_tokens": hit, "tokens": total,
-            "skipped": skipped, "cached_blocks_evicted": stats["cached_blocks_evicted"]}
+            "skipped": skipped, "cached_blocks_evicted": stats["cached_blocks_evicted"],
+            "host_hit_tokens": stats["host_hit_tokens"], "host_offloaded_blocks": stats["host_offloaded_blocks"],
+            "host_reloaded_blocks": stats["host_reloaded_blocks"]}
+
+
+def run_tiered(requests, pairs, policies=("lru", "arc"), out=None, name="trace"):
+    """Per (GPU capacity, host capacity) and policy: the two-tier hit rate, and
+    that of one cache of the combined size beside it."""
+    out = out or sys.stdout
+    bar = Progress(len(pairs) * len(policies) * 2, "replays", leave=False)
+    results = {}
+    for gpu, host in pairs:
+        row = {}
+        for policy in policies:
+            tiered = replay(requests, gpu, policy, host)
+            bar.update(1)
+            single = replay(requests, gpu + host, policy)
+            bar.update(1)
+            row[policy] = {"tiered": tiered, "single": single,
+                           "ratio": tiered["hit_rate"] / single["hit_rate"] if single["hit_rate"] else None}
+        results[f"{gpu}+{host}"] = row
+    bar.close()
+    print(f"{name}: {len(requests)} requests, block size {BLOCK}; pool + host tier against one cache of the sum",
+          file=out)
+    print(f"{'pool + host (tokens)':<26} {'policy':<7} {'two tiers':>10} {'from host':>10} {'one cache':>10} "
+          f"{'ratio':>7}", file=out)
+    for key, row in results.items():
+        gpu, host = key.split("+")
+        for policy, r in row.items():
+            t, single = r["tiered"], r["single"]
+            from_host = t["host_hit_tokens"] / t["tokens"] if t["tokens"] else 0.0
+            ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+            print(f"{int(gpu):>11,} + {int(host):>11,}  {policy:<7} {100 * t['hit_rate']:>9.2f}% "
+                  f"{100 * from_host:>9.2f}% {100 * single['hit_rate']:>9.2f}% {ratio:>7}", file=out)
+    summary = {"benchmark": "prefix-tiered", "trace": name, "requests": len(requests), "block_size": BLOCK,
+               "results": results}
+    print(json.dumps(summary), file=out)
+    return summary
 
 
 def belady(requests, capacity_tokens):
@@ -193,14 +235,26 @@ def main(argv=None):
     parser.add_argument("--capacity-tokens", type=int, nargs="+", default=list(DEFAULT_CAPACITIES))
     parser.add_argument("--policy", nargs="+", default=["lru", "arc"], help="first one is the baseline")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    parser.add_argument("--host-capacity-tokens", type=int, nargs="+", default=None,
+                        help="a host tier behind each --capacity-tokens (one value for all, or one each): "
+                             "compared with one cache of the combined size")
     args = parser.parse_args(argv)
     if any(c < BLOCK for c in args.capacity_tokens):
         parser.error(f"--capacity-tokens must be >= {BLOCK}")
+    hosts = args.host_capacity_tokens
+    if hosts is not None:
+        if len(hosts) == 1:
+            hosts = hosts * len(args.capacity_tokens)
+        if len(hosts) != len(args.capacity_tokens) or any(h < BLOCK for h in hosts):
+            parser.error(f"--host-capacity-tokens: one value, or one per --capacity-tokens, each >= {BLOCK}")
     if args.trace:
         requests, name = load_mooncake(args.trace, args.limit), os.path.basename(args.trace)
     else:
         requests, name = synthetic_trace(args.synthetic, args.limit or 12000), f"synthetic-{args.synthetic}"
-    run(requests, tuple(args.capacity_tokens), tuple(args.policy), name=name)
+    if hosts is not None:
+        run_tiered(requests, list(zip(args.capacity_tokens, hosts)), tuple(args.policy), name=name)
+    else:
+        run(requests, tuple(args.capacity_tokens), tuple(args.policy), name=name)
 
 
 if __name__ == "__main__":

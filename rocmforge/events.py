@@ -4,6 +4,9 @@
 one event per change of its prefix index; ``take_events()`` returns them in
 order. Keys are the 63-bit content keys of full blocks (a pure function of the
 parent's key, the salt and the block's token ids, identical in every process).
+``medium`` says which tier changed: "gpu" for the cache's own pool (on the
+host backend too), "cpu" for the host tier (``host_cache_blocks``). A block may
+be in both; AllCleared empties both.
 """
 
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ class BlockStored:
     key: int
     parent_key: Optional[int]   # None for the first block of a chain
     num_tokens: int
+    medium: str = "gpu"         # "gpu": the cache's own pool; "cpu": the host tier
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class BlockRemoved:
     """A block left the prefix index (evicted, or its parent was)."""
 
     key: int
+    medium: str = "gpu"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ batches per publisher, and ``payload`` a JSON array ``[ts, events, instance]``
 (vLLM encodes the same shape with msgpack). Events are tagged arrays:
 ``["BlockStored", [key], parent_key_or_null, [], num_tokens, null, medium]``,
 ``["BlockRemoved", [key], medium]`` and ``["AllBlocksCleared"]``; ``medium``
-is "gpu" (the tier, once a host tier exists). A subscriber counts batches it
+is the tier: "gpu" (the cache's own pool) or "cpu" (its host tier). A subscriber counts batches it
 never saw (ZMQ drops messages for a subscriber that is slow or joins late) in
 ``missed``: a mirror that missed a batch may be out of date.
 """
@@ -45,14 +45,23 @@ def encode_batch(events: Iterable, instance: Hashable, ts: Optional[float] = Non
     out = []
     for ev in events:
         if isinstance(ev, BlockStored):
-            out.append(["BlockStored", [ev.key], ev.parent_key, [], ev.num_tokens, None, "gpu"])
+            out.append(["BlockStored", [ev.key], ev.parent_key, [], ev.num_tokens, None, ev.medium])
         elif isinstance(ev, BlockRemoved):
-            out.append(["BlockRemoved", [ev.key], "gpu"])
+            out.append(["BlockRemoved", [ev.key], ev.medium])
         elif isinstance(ev, AllCleared):
             out.append(["AllBlocksCleared"])
         else:
             raise ArgumentValueError(f"not a KV event: {ev!r}")
     return json.dumps([time.time() if ts is None else ts, out, instance]).encode()
+
+
+def _medium(value) -> str:
+    """A tier name of the wire format ("gpu" or "cpu"; null, as vLLM may send, is "gpu")."""
+    if value is None:
+        return "gpu"
+    if value not in ("gpu", "cpu"):
+        raise ValueError(f"unknown medium {value!r}")
+    return value
 
 
 def decode_batch(payload: bytes) -> Tuple[float, List, Hashable]:
@@ -63,9 +72,10 @@ def decode_batch(payload: bytes) -> Tuple[float, List, Hashable]:
         for ev in raw:
             kind = ev[0]
             if kind == "BlockStored":
-                events.extend(BlockStored(int(k), None if ev[2] is None else int(ev[2]), int(ev[4])) for k in ev[1])
+                events.extend(BlockStored(int(k), None if ev[2] is None else int(ev[2]), int(ev[4]), _medium(ev[6]))
+                              for k in ev[1])
             elif kind == "BlockRemoved":
-                events.extend(BlockRemoved(int(k)) for k in ev[1])
+                events.extend(BlockRemoved(int(k), _medium(ev[2])) for k in ev[1])
             elif kind == "AllBlocksCleared":
                 events.append(AllCleared())
             else:

@@ -45,7 +45,7 @@ class PrefixRouter:
             raise ArgumentValueError(f"max_imbalance must be >= 0 or None, got {max_imbalance!r}")
         self.block_size = block_size
         self.max_imbalance = max_imbalance
-        self._keys: Dict[Hashable, set] = {}
+        self._keys: Dict[Hashable, Dict[int, set]] = {}       # instance -> key -> tiers holding it
         self._load: Dict[Hashable, float] = {}
         for name in instances:
             self.add_instance(name)
@@ -58,7 +58,7 @@ class PrefixRouter:
         """Start mirroring an instance (with an empty index and load 0)."""
         if name in self._keys:
             raise ArgumentValueError(f"instance {name!r} is already routed to")
-        self._keys[name] = set()
+        self._keys[name] = {}
         self._load[name] = 0.0
 
     def remove_instance(self, name: Hashable) -> None:
@@ -71,16 +71,21 @@ class PrefixRouter:
             raise ArgumentValueError(f"unknown instance {name!r}")
 
     def apply(self, name: Hashable, events: Iterable) -> None:
-        """Apply an instance's events, in the order it recorded them."""
+        """Apply an instance's events, in the order it recorded them. A block
+        counts as cached while either tier (medium "gpu" or "cpu") holds it."""
         self._check(name)
-        keys = self._keys[name]
+        tiers = self._keys[name]
         for ev in events:
             if isinstance(ev, BlockStored):
-                keys.add(ev.key)
+                tiers.setdefault(ev.key, set()).add(ev.medium)
             elif isinstance(ev, BlockRemoved):
-                keys.discard(ev.key)
+                held = tiers.get(ev.key)
+                if held is not None:
+                    held.discard(ev.medium)
+                    if not held:
+                        del tiers[ev.key]
             elif isinstance(ev, AllCleared):
-                keys.clear()
+                tiers.clear()
             else:
                 raise ArgumentValueError(f"not a KV event: {ev!r}")
 
@@ -90,10 +95,11 @@ class PrefixRouter:
         self._check(name)
         self._load[name] = float(load)
 
-    def cached_keys(self, name: Hashable) -> frozenset:
-        """The keys the router believes the instance holds."""
+    def cached_keys(self, name: Hashable, medium: Optional[str] = None) -> frozenset:
+        """The keys the router believes the instance holds (in one tier, "gpu"
+        or "cpu", or in either)."""
         self._check(name)
-        return frozenset(self._keys[name])
+        return frozenset(k for k, tiers in self._keys[name].items() if medium is None or medium in tiers)
 
     def match(self, tokens, salt=None) -> Dict[Hashable, int]:
         """Per instance, the leading tokens of the prompt it holds (whole blocks)."""

@@ -32,9 +32,9 @@ def test_block_keys_match_the_documented_vectors():
         block_keys([1.5], 4)
 
 
-def managers(n, num_blocks=24, block_size=4, policy="lru"):
+def managers(n, num_blocks=24, block_size=4, policy="lru", host=0):
     return [rf.BlockManager(num_blocks, block_size, enable_prefix_caching=True, enable_events=True,
-                            eviction_policy=policy) for _ in range(n)]
+                            eviction_policy=policy, host_cache_blocks=host) for _ in range(n)]
 
 
 def prompts(rng, count, stems, block_size=4):
@@ -47,10 +47,11 @@ def prompts(rng, count, stems, block_size=4):
     return out
 
 
+@pytest.mark.parametrize("host", [0, 12], ids=["pool", "pool+host"])
 @pytest.mark.parametrize("policy", ["lru", "arc"])
-def test_mirrors_equal_each_managers_lookup_after_a_replay_with_evictions(policy):
+def test_mirrors_equal_each_managers_lookup_after_a_replay_with_evictions(policy, host):
     rng = np.random.default_rng(7)
-    ms = managers(3, policy=policy)
+    ms = managers(3, policy=policy, host=host)
     router = PrefixRouter(4, ["a", "b", "c"])
     names = router.instances
     stems = [rng.integers(0, 50, size=4 * rng.integers(1, 5)).tolist() for _ in range(6)]
@@ -68,6 +69,7 @@ def test_mirrors_equal_each_managers_lookup_after_a_replay_with_evictions(policy
             pass
         if len(live[name]) > 2:                               # release old sequences: their blocks stay cached
             m.remove_sequence(live[name].pop(0))
+        m.take_pending_copies()                               # no data here: the copies are bookkeeping
         if step == 250:
             m.reset_prefix_cache()
         router.apply(name, m.take_events())
@@ -77,6 +79,9 @@ def test_mirrors_equal_each_managers_lookup_after_a_replay_with_evictions(policy
                 for p in probes:
                     assert router.match(p)[other] == mm.lookup_prefix(p)
     assert all(m.stats()["cached_blocks_evicted"] > 20 for m in ms)     # the mirrors followed evictions
+    if host:
+        assert all(m.stats()["host_hit_tokens"] > 0 for m in ms)      # and hits from the host tier
+        assert all(router.cached_keys(n, "cpu") for n in names)
     assert all(len(router.cached_keys(n)) for n in names)
     hits = [sum(router.match(p)[n] > 0 for p in probes) for n in names]
     assert all(h > 0 for h in hits)                                  # the probes did hit
@@ -137,13 +142,16 @@ def test_router_refuses_bad_input():
 
 
 def test_the_wire_format_round_trips_and_rejects_garbage():
-    events = [rf.BlockStored(5, None, 4), rf.BlockStored(6, 5, 4), rf.BlockRemoved(5), rf.AllCleared()]
+    events = [rf.BlockStored(5, None, 4), rf.BlockStored(6, 5, 4, "cpu"), rf.BlockRemoved(5),
+              rf.BlockRemoved(6, "cpu"), rf.AllCleared()]
     payload = kv_events.encode_batch(events, "gpu-0", ts=12.5)
     raw = json.loads(payload)
     assert raw[0] == 12.5 and raw[2] == "gpu-0"
-    assert raw[1][0] == ["BlockStored", [5], None, [], 4, None, "gpu"] and raw[1][3] == ["AllBlocksCleared"]
+    assert raw[1][0] == ["BlockStored", [5], None, [], 4, None, "gpu"] and raw[1][4] == ["AllBlocksCleared"]
+    assert raw[1][1][-1] == "cpu" and raw[1][3] == ["BlockRemoved", [6], "cpu"]
     assert kv_events.decode_batch(payload) == (12.5, events, "gpu-0")
-    for bad in (b"", b"[1, 2]", b'[0, [["Nope"]], "a"]', b'[0, [["BlockStored"]], "a"]', b"\xff"):
+    for bad in (b"", b"[1, 2]", b'[0, [["Nope"]], "a"]', b'[0, [["BlockStored"]], "a"]', b"\xff",
+                b'[0, [["BlockRemoved", [1], "disk"]], "a"]'):
         with pytest.raises(ValueError):
             kv_events.decode_batch(bad)
     with pytest.raises(rf.ArgumentValueError):
@@ -230,3 +238,13 @@ def test_a_subscriber_counts_missed_and_malformed_batches():
                 if got:
                     break
             assert got == [("p", [rf.BlockStored(int(block_keys([4, 4, 4, 4], 4)[0]), None, 4)])]
+
+
+def test_a_block_stays_routed_while_either_tier_holds_it():
+    router = PrefixRouter(4, ["x"])
+    k = int(block_keys([1, 2, 3, 4], 4)[0])
+    router.apply("x", [rf.BlockStored(k, None, 4), rf.BlockStored(k, None, 4, "cpu"), rf.BlockRemoved(k)])
+    assert router.match([1, 2, 3, 4]) == {"x": 4}
+    assert router.cached_keys("x", "cpu") == {k} and router.cached_keys("x", "gpu") == frozenset()
+    router.apply("x", [rf.BlockRemoved(k, "cpu"), rf.BlockRemoved(k, "cpu")])   # a repeat is harmless
+    assert router.match([1, 2, 3, 4]) == {"x": 0} and router.cached_keys("x") == frozenset()

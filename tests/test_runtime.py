@@ -179,13 +179,17 @@ def test_gpu_out_of_memory_is_a_device_error():
 @pytest.mark.parametrize("compiler, image, markers", [
     ("hipcc", "kv_kernels.hsaco", [b"__CLANG_OFFLOAD_BUNDLE__", b"gfx90a", b"gfx940"]),
     ("nvcc", "kv_kernels.fatbin", [b"rf_write_kv", b"rf_copy_blocks", b"rf_scatter_blocks"]),
+    ("hipcc", "attention.hsaco", [b"__CLANG_OFFLOAD_BUNDLE__", b"gfx90a", b"gfx940"]),
+    ("nvcc", "attention.fatbin", [b"rf_paged_attention", b"rf_paged_attention_reduce"]),
 ])
 def test_kernel_code_objects_are_built_when_the_compiler_is_present(compiler, image, markers):
-    """setup.py compiles hip/kernels/kv_kernels.cu with every GPU compiler on PATH
-    (CI installs Debian's hipcc; nvcc where CUDA is installed) and ships the result."""
+    """setup.py compiles hip/kernels/*.cu with every GPU compiler on PATH (CI
+    installs Debian's hipcc; nvcc where CUDA is installed) and ships the result."""
     import shutil
     if not shutil.which(compiler):
         pytest.skip(f"{compiler} not on PATH")
+    if os.environ.get("ROCMFORGE_KERNELS") == "0":
+        pytest.skip("this build skipped the GPU kernels (ROCMFORGE_KERNELS=0)")
     with open(os.path.join(_runtime.KERNEL_DIR, image), "rb") as f:
         data = f.read()
     for marker in markers:

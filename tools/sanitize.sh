@@ -20,8 +20,9 @@ mkdir "$work"
 [ -d "$root/../shared" ] && ln -s "$root/../shared" "$scratch/shared"
 (cd "$root" && git ls-files -z | xargs -0 cp --parents -t "$work")
 cd "$work"
+export ROCMFORGE_KERNELS=0          # a host-only build: no GPU kernel images (and tests know it)
 echo "sanitize: building in $work"
-ROCMFORGE_KERNELS=0 ROCMFORGE_SANITIZE=address,undefined python setup.py build_ext --inplace > build.log 2>&1 \
+ROCMFORGE_SANITIZE=address,undefined python setup.py build_ext --inplace > build.log 2>&1 \
     || { tail -20 build.log; exit 1; }
 lib=$(gcc -print-file-name=libasan.so)
 # libstdc++ is preloaded too, so that ASan's __cxa_throw interceptor finds the

@@ -1,0 +1,219 @@
+"""The host tier of the prefix cache: blocks the pool evicts are kept in host
+memory and brought back on a hit (joint lookup: the pool's prefix, then the
+tier), with their copies in the pending queue. Bookkeeping against stated
+rules (what is offloaded, LRU order, exclusivity, salt, verification, reset,
+shrink, events, invariants), and data on the host backend against an oracle:
+every row of every sequence must hold the value its token prefix defines,
+whichever tier served it."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rocmforge as rf
+from rocmforge.config import CacheConfig
+from rocmforge.engine import Engine, Request, SchedulerConfig
+from rocmforge.replay import SyntheticModel
+
+BS = 4
+
+
+def manager(num_blocks=8, host=6, **kw):
+    return rf.BlockManager(num_blocks, BS, enable_prefix_caching=True, host_cache_blocks=host, **kw)
+
+
+def blocks(*starts):
+    """Token ids: one full block per start value."""
+    return [t for s in starts for t in range(s, s + BS)]
+
+
+def test_an_evicted_prefix_comes_back_from_the_host_tier():
+    m = manager(enable_events=True)
+    m.add_sequence(0, blocks(10, 20, 30) + [1])
+    m.remove_sequence(0)                                  # three cached, evictable blocks
+    m.take_events()
+    m.add_sequence(1, blocks(100, 110, 120, 130, 140, 150, 160, 170))   # every block: evicts them
+    copies = m.take_pending_copies()
+    assert (copies[:, 1] < 0).all() and len(copies) == 3           # each evicted block to a slot
+    assert sorted(copies[:, 0].tolist()) == [0, 1, 2] and sorted((-1 - copies[:, 1]).tolist()) == [0, 1, 2]
+    stored = [e for e in m.take_events() if isinstance(e, rf.BlockStored) and e.medium == "cpu"]
+    assert len(stored) == 3
+    assert m.stats()["host_cached_blocks"] == 3 and m.stats()["host_offloaded_blocks"] == 3
+    m.remove_sequence(1)
+    prompt = blocks(10, 20, 30) + [9]
+    assert m.lookup_prefix(prompt) == 3 * BS                       # found across the tiers
+    m.take_pending_copies()
+    m.add_sequence(2, prompt)
+    assert m.num_cached_tokens(2) == 3 * BS
+    table = m.block_table(2)
+    back = m.take_pending_copies()
+    reloads = back[back[:, 0] < 0]
+    assert sorted(reloads[:, 1].tolist()) == sorted(table[:3].tolist())  # each slot into its new block
+    assert m.stats()["host_reloaded_blocks"] == 3 and m.stats()["host_hit_tokens"] == 3 * BS
+    st = m.stats()                                                 # exclusive: the three left the tier
+    assert st["host_cached_blocks"] == st["host_offloaded_blocks"] - st["host_dropped_blocks"] - 3
+    assert m.lookup_prefix(prompt) == 3 * BS                       # now from the pool itself
+    m.check_invariants()
+
+
+def test_the_pool_prefix_then_the_tier_continue_one_chain():
+    m = manager(num_blocks=6, host=6)
+    m.add_sequence(0, blocks(1, 2, 3) + [0])
+    m.remove_sequence(0)
+    m.add_sequence(1, blocks(1) + blocks(50, 60, 70, 80, 90))      # reuses block 1, evicts 2 and 3
+    m.take_pending_copies()
+    assert m.stats()["host_cached_blocks"] == 2
+    assert m.lookup_prefix(blocks(1, 2, 3) + [0]) == 3 * BS        # pool: block 1, tier: 2 and 3
+    assert m.lookup_prefix(blocks(2, 3)) == 0                      # not a chain from the root
+    assert m.lookup_prefix(blocks(1, 3)) == BS                     # wrong parent: the tier stops
+    m.check_invariants()
+
+
+def test_the_tier_drops_its_least_recently_used_block_when_full():
+    m = manager(num_blocks=4, host=2, enable_events=True)
+    for sid, start in enumerate((10, 20, 30)):
+        m.add_sequence(sid, blocks(start) + [0])
+        m.remove_sequence(sid)
+        m.add_sequence(100 + sid, blocks(200 + 10 * sid, 300, 400) + [0])   # evicts the cached block
+        m.remove_sequence(100 + sid)
+    m.take_pending_copies()
+    assert m.stats()["host_dropped_blocks"] >= 1
+    removed = [e for e in m.take_events() if isinstance(e, rf.BlockRemoved) and e.medium == "cpu"]
+    assert removed                                                 # the tier said what it dropped
+    assert m.lookup_prefix(blocks(10) + [0]) == 0                  # the oldest went first
+    m.check_invariants()
+
+
+def test_salt_and_token_verification_hold_in_the_tier():
+    # 2-bit keys: most blocks collide, so only the verification keeps hits right
+    m = manager(num_blocks=4, host=16, _key_bits=2)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 5, size=2 * BS + 1).tolist() for _ in range(40)]
+    for i, p in enumerate(prompts):
+        salt = "a" if i % 2 else None
+        want = m.lookup_prefix(p, salt=salt)
+        m.add_sequence(i, p, salt=salt)
+        assert m.num_cached_tokens(i) == want
+        m.remove_sequence(i)
+        m.take_pending_copies()
+        m.check_invariants()
+    m = manager(num_blocks=4, host=16)                             # full keys: the salt alone differs
+    m.add_sequence(999, blocks(7, 8) + [0], salt="x")
+    m.remove_sequence(999)
+    m.add_sequence(998, blocks(70, 80, 90) + [0])                  # evicts the salted chain
+    m.remove_sequence(998)
+    assert m.lookup_prefix(blocks(7, 8) + [0]) == 0                # another salt: no hit
+    assert m.lookup_prefix(blocks(7, 8) + [0], salt="x") == 2 * BS
+
+
+def test_reset_empties_both_tiers_and_shrink_keeps_nothing_it_cuts():
+    m = manager(num_blocks=6, host=6, enable_events=True)
+    m.add_sequence(0, blocks(1, 2) + [0])
+    m.remove_sequence(0)
+    m.add_sequence(1, blocks(5, 6, 7, 8, 9) + [0])
+    m.remove_sequence(1)
+    assert m.stats()["host_cached_blocks"] >= 1
+    m.reset_prefix_cache()
+    assert isinstance(m.take_events()[-1], rf.AllCleared)
+    assert m.stats()["host_cached_blocks"] == 0 and m.lookup_prefix(blocks(1, 2) + [0]) == 0
+    m.take_pending_copies()
+    m.add_sequence(2, blocks(3, 4) + [0])
+    m.remove_sequence(2)
+    m.shrink(1)                                                    # the cached blocks go with the pool
+    assert len(m.take_pending_copies()) == 0                       # and are not kept: no copy to run
+    m.check_invariants()
+
+
+def test_bad_host_tier_arguments():
+    with pytest.raises(rf.InvalidConfiguration):
+        rf.BlockManager(4, 4, host_cache_blocks=2)                 # no prefix cache to back
+    for bad in (-1, 2**31):
+        with pytest.raises(rf.InvalidConfiguration):
+            manager(host=bad)
+    for bad in (1.5, "2", True):
+        with pytest.raises(rf.ArgumentTypeError):
+            manager(host=bad)
+    cfg = CacheConfig(1, 1, 8, block_size=BS, num_blocks=4, dtype="float32")
+    with pytest.raises(rf.InvalidConfiguration):
+        rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=10)         # not one block
+    with pytest.raises(rf.ArgumentValueError):
+        rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache="1MiB", host_cache_blocks=3)
+    with pytest.raises(MemoryError):
+        rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache="1000TiB")
+
+
+def row_value(tokens, i):
+    """The value every K element of token i holds: a function of tokens[: i + 1]."""
+    h = 7
+    for t in tokens[: i + 1]:
+        h = (h * 1_000_003 + t + 1) % 16_777_213
+    return float(h)
+
+
+def write_rows(cache, sid, tokens, slots, start):
+    for layer in range(cache.num_layers):
+        vals = np.array([row_value(tokens, i) + layer for i in range(start, len(tokens))], dtype=np.float32)
+        rows = np.broadcast_to(vals[:, None, None], (len(vals),) + cache.key_cache(0).shape[2:]).copy()
+        cache.write_kv(layer, rows, -rows, np.ascontiguousarray(slots[start:]))
+
+
+def check_rows(cache, sid, tokens):
+    for layer in range(cache.num_layers):
+        k, v = (a.to_numpy() for a in cache.gather(sid, layer))
+        want = np.array([row_value(tokens, i) + layer for i in range(len(tokens))], dtype=np.float32)
+        assert np.array_equal(k[:, 0, 0], want), (sid, layer)
+        assert np.array_equal(v[:, 0, 0], -want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_every_row_holds_its_prefixs_value_whichever_tier_served_it(data):
+    num_blocks = data.draw(st.integers(4, 12), label="num_blocks")
+    host = data.draw(st.integers(1, 10), label="host blocks")
+    cfg = CacheConfig(2, 1, 4, block_size=BS, num_blocks=num_blocks, dtype="float32")
+    stems = [blocks(*(10 * s + j for j in range(1, 4))) for s in range(4)]
+    with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=host * cfg.bytes_per_block,
+                    eviction_policy=data.draw(st.sampled_from(["lru", "arc"]))) as cache:
+        m = cache.manager
+        live = []
+        for step in range(data.draw(st.integers(5, 40), label="steps")):
+            if live and data.draw(st.booleans()):
+                sid, tokens = live.pop(data.draw(st.integers(0, len(live) - 1)))
+                check_rows(cache, sid, tokens)
+                m.remove_sequence(sid)
+                continue
+            stem = stems[data.draw(st.integers(0, 3))]
+            cut = data.draw(st.integers(1, len(stem)))
+            tokens = stem[:cut] + data.draw(st.lists(st.integers(0, 9), max_size=2 * BS))
+            try:
+                slots = m.add_sequence(step, tokens)
+            except rf.OutOfBlocks:
+                continue
+            write_rows(cache, step, tokens, slots, m.num_cached_tokens(step))
+            check_rows(cache, step, tokens)
+            live.append((step, tokens))
+            m.check_invariants()
+        for sid, tokens in live:
+            check_rows(cache, sid, tokens)
+
+
+def test_an_engine_with_a_host_tier_hits_more_and_computes_the_same_tokens():
+    trace = [(list(range(100 * (i % 5), 100 * (i % 5) + 96)) + [1000 + i], 4) for i in range(40)]
+    outs = {}
+    for host in (None, "8MiB"):
+        cfg = CacheConfig(2, 2, 64, block_size=16, num_blocks=20, dtype="float16")
+        with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=host) as cache:
+            eng = Engine(cache, SyntheticModel(cache), SchedulerConfig(max_num_seqs=2, max_tokens_per_step=256))
+            for i, (prompt, out_len) in enumerate(trace):
+                eng.submit(Request(i, prompt, out_len))
+            done = []
+            while eng.has_work():
+                done += eng.step()
+                cache.manager.check_invariants()
+            outs[host] = ({r.request_id: list(r.output_tokens) for r in done}, eng.metrics(), cache.stats())
+    plain, tiered = outs[None], outs["8MiB"]
+    assert plain[0] == tiered[0] and len(plain[0]) == 40               # the same tokens generated
+    assert tiered[2]["host_hit_tokens"] > 0 and tiered[2]["host_bytes_reloaded"] > 0
+    assert tiered[1]["prefix_hit_rate"] > plain[1]["prefix_hit_rate"]
+    assert tiered[1]["computed_tokens"] < plain[1]["computed_tokens"]
