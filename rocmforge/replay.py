@@ -72,12 +72,14 @@ class Sample(NamedTuple):
     running: int
     waiting: int
     preemptions: int                # so far
+    host_hit_rate: float            # prefix hits served by the host tier so far, over the prompt tokens looked up
 
 
 def replay(trace, num_blocks, device="cpu", policy="lru", speed="max", check_every=0, progress=True,
-           scheduler=None):
+           scheduler=None, host_memory=None):
     """Run the trace; returns the report dict and the timeline (one Sample per step).
     scheduler: a SchedulerConfig (default: 64 requests, 8192 tokens per step).
+    host_memory: bytes (or "8GiB") of host tier behind the prefix cache.
     Raises ArgumentValueError when the cache is too small for every request."""
     from rocmforge import KvCache
     config = CacheConfig(LAYERS, HEADS, HEAD_DIM, block_size=BLOCK_SIZE, num_blocks=num_blocks, dtype="float16")
@@ -86,7 +88,7 @@ def replay(trace, num_blocks, device="cpu", policy="lru", speed="max", check_eve
         need = min(-(-(len(r.prompt) + r.output_len) // BLOCK_SIZE) for r in trace)
         raise ArgumentValueError(f"a cache of {num_blocks} blocks of {BLOCK_SIZE} tokens holds no request of the "
                                  f"trace (the smallest needs {need} blocks): give more --memory or --blocks")
-    cache = KvCache(config, device, enable_prefix_caching=True, eviction_policy=policy)
+    cache = KvCache(config, device, enable_prefix_caching=True, eviction_policy=policy, host_cache=host_memory)
     try:
         return _run(trace, cache, speed, check_every, progress,
                     scheduler or SchedulerConfig(max_num_seqs=64, max_tokens_per_step=8192))
@@ -121,7 +123,7 @@ def _run(trace, cache, speed, check_every, progress, scheduler):
         met = engine.counters
         timeline.append(Sample(time.perf_counter() - t0, used / m.num_blocks, engine.prefix_hit_rate,
                                m.num_evictable_blocks / m.num_blocks, len(engine.running), len(engine.waiting),
-                               met["preemptions"]))
+                               met["preemptions"], _host_share(m, met)))
         if check_every and met["steps"] % check_every == 0:
             m.check_invariants()
     wall = time.perf_counter() - t0
@@ -138,7 +140,19 @@ def _run(trace, cache, speed, check_every, progress, scheduler):
         "finished_records": met["finished_records"], "step_ms_p50": met["step_time_p50"] * 1e3,
         "step_ms_p99": met["step_time_p99"] * 1e3, "device": cache.device, "policy": m.eviction_policy,
     }
+    st = cache.stats()
+    report.update({
+        "host_cache_blocks": cache.host_cache_blocks,
+        "host_hit_rate": _host_share(m, engine.counters),
+        "host_bytes_offloaded": st["host_bytes_offloaded"], "host_bytes_reloaded": st["host_bytes_reloaded"],
+    })
     return report, timeline
+
+
+def _host_share(manager, counters):
+    """Prompt tokens the host tier served, over those the engine looked up at admission
+    (the denominator of the engine's prefix hit rate)."""
+    return manager.stats()["host_hit_tokens"] / max(counters["prefix_query_tokens"], 1)
 
 
 def _pyplot():
@@ -176,7 +190,10 @@ def plot(timeline, path, title="rocmforge replay"):
     queues.plot(cols.t, cols.waiting, label="waiting")
     queues.set_ylabel("requests")
     queues.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    hits.plot(cols.t, 100 * cols.hit_rate, color="tab:purple")
+    hits.plot(cols.t, 100 * cols.hit_rate, color="tab:purple", label="both tiers")
+    if cols.host_hit_rate.any():
+        hits.plot(cols.t, 100 * cols.host_hit_rate, color="tab:orange", label="from the host tier")
+        hits.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     hits.set_ylabel("prefix hit rate\n(cumulative, %)")
     hits.set_ylim(0, min(100.0, max(5.0, 125 * float(cols.hit_rate.max(initial=0)))))
     hits.set_xlabel("seconds since the start")
@@ -194,6 +211,15 @@ def print_report(report, trace_name):
         ("wall time", f"{report['wall_s']:.2f} s over {report['steps']} steps"),
         ("bookkeeping throughput", f"{report['tokens_per_s']:,.0f} tokens/s"),
         ("prefix hit rate", f"{report['prefix_hit_rate']:.1%}"),
+    ]
+    if report.get("host_cache_blocks"):
+        rows += [
+            ("  from the host tier", f"{report['host_hit_rate']:.1%} "
+                                     f"({report['host_cache_blocks']} blocks of host memory)"),
+            ("  host tier traffic", f"{format_bytes(report['host_bytes_offloaded'])} out, "
+                                    f"{format_bytes(report['host_bytes_reloaded'])} back"),
+        ]
+    rows += [
         ("preemptions", str(report["preemptions"])),
         ("blocks used: peak / final", f"{report['peak_blocks_used']} / {report['final_blocks_used']} "
                                       f"of {report['num_blocks']}"),
@@ -231,6 +257,7 @@ def main(argv=None):
     parser.add_argument("--speed", default="max", choices=["max", "realtime"])
     parser.add_argument("--limit", type=_positive, help="replay only the first N requests")
     parser.add_argument("--plot", help="write a PNG of the pool, the queues and the hit rate over time")
+    parser.add_argument("--host-memory", help="a host tier for the prefix cache, e.g. 8GiB")
     args = parser.parse_args(argv)
     per_block = 2 * LAYERS * BLOCK_SIZE * HEADS * HEAD_DIM * 2
     try:
@@ -240,8 +267,11 @@ def main(argv=None):
             if not os.path.isdir(folder):
                 raise TraceError(args.plot, 0, "cannot write the plot: no such folder")
         num_blocks = args.blocks or max(1, parse_bytes(args.memory, "--memory") // per_block)
+        if args.host_memory is not None:
+            parse_bytes(args.host_memory, "--host-memory")      # before a long run, not after it
         trace = load_trace(args.trace, args.limit)
-        report, timeline = replay(trace, num_blocks, args.device, args.policy, args.speed)
+        report, timeline = replay(trace, num_blocks, args.device, args.policy, args.speed,
+                                  host_memory=args.host_memory)
     except (TraceError, KvCacheError, MemoryError, ModuleNotFoundError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     name = os.path.basename(args.trace)

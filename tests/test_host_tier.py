@@ -217,3 +217,50 @@ def test_an_engine_with_a_host_tier_hits_more_and_computes_the_same_tokens():
     assert tiered[2]["host_hit_tokens"] > 0 and tiered[2]["host_bytes_reloaded"] > 0
     assert tiered[1]["prefix_hit_rate"] > plain[1]["prefix_hit_rate"]
     assert tiered[1]["computed_tokens"] < plain[1]["computed_tokens"]
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_threads_share_a_tiered_cache_and_every_row_stays_right(shards):
+    import threading
+    cfg = CacheConfig(1, 1, 4, block_size=BS, num_blocks=12, dtype="float32")
+    stems = [blocks(*(10 * s + j for j in range(1, 4))) for s in range(12)]    # more than the pool caches
+    errors = []
+    with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=64 * cfg.bytes_per_block,
+                    shards=shards) as cache:
+        m = cache.manager
+
+        def work(t):
+            # Each thread its own stems: a block another thread registered may not hold
+            # its K/V yet (it is written after add_sequence returns), while a block this
+            # thread's earlier sequences left is complete, in the pool or in the tier.
+            rng = np.random.default_rng(t)
+            mine = stems[3 * t: 3 * t + 3]
+            try:
+                for i in range(150):
+                    sid = t * 1000 + i
+                    tokens = mine[rng.integers(0, len(mine))] + rng.integers(0, 9, size=3).tolist()
+                    try:
+                        slots = m.add_sequence(sid, tokens)
+                    except rf.OutOfBlocks:
+                        continue
+                    write_rows(cache, sid, tokens, slots, m.num_cached_tokens(sid))
+                    check_rows(cache, sid, tokens)
+                    m.remove_sequence(sid)
+            except Exception as exc:             # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors[0]
+        m.check_invariants()
+        for i, stem in enumerate(stems):               # the pool holds a third of the stems at most
+            tokens = stem + [0]
+            slots = m.add_sequence(10_000 + i, tokens)
+            write_rows(cache, 10_000 + i, tokens, slots, m.num_cached_tokens(10_000 + i))
+            check_rows(cache, 10_000 + i, tokens)
+            m.remove_sequence(10_000 + i)
+        st = m.stats()
+        assert st["host_hit_tokens"] > 0, st

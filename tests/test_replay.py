@@ -74,3 +74,29 @@ def test_realtime_speed_waits_for_arrivals():
     report, timeline = replay(trace, num_blocks=64, speed="realtime", progress=False)
     assert report["requests"] == 3 and report["final_blocks_used"] == 0
     assert report["wall_s"] >= 0.6 and timeline[-1][0] >= 0.6
+
+
+def test_replay_with_a_host_tier_reports_its_hits_and_traffic(capsys, tmp_path):
+    # four prompt groups in turn (3 shared blocks of 512 tokens, one of their own): a pool
+    # of 400 blocks holds about two requests, so repeats must come back from the tier
+    trace = tmp_path / "groups.jsonl"
+    trace.write_text("\n".join(f'{{"timestamp": {i}, "input_length": 2048, "output_length": 4, '
+                               f'"hash_ids": [{10 * (i % 4)}, {10 * (i % 4) + 1}, {10 * (i % 4) + 2}, '
+                               f'{1000 + i}]}}' for i in range(60)))
+    args = ["replay", str(trace), "--device", "cpu", "--blocks", "400", "--host-memory", "64MiB"]
+    if _has_matplotlib():
+        args += ["--plot", str(tmp_path / "tiers.png")]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["requests"] + report["rejected"] == 60 and report["final_blocks_used"] == 0
+    assert report["host_cache_blocks"] > 0 and 0 < report["host_hit_rate"] <= report["prefix_hit_rate"]
+    assert report["host_bytes_offloaded"] > 0 and report["host_bytes_reloaded"] > 0
+    assert "from the host tier" in out and "host tier traffic" in out
+    plain = replay(load_trace(str(trace)), 400, "cpu", progress=False)[0]
+    assert report["prefix_hit_rate"] > plain["prefix_hit_rate"] and plain["host_hit_rate"] == 0
+    assert report["generated_tokens"] == plain["generated_tokens"]
+    for bad, says in (("lots", "--host-memory"), ("1000TiB", "host tier"), ("10", "holds no block")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["replay", "--device", "cpu", "--limit", "2", "--host-memory", bad])
+        assert info.value.code == 2 and says in capsys.readouterr().err
