@@ -264,3 +264,48 @@ def test_threads_share_a_tiered_cache_and_every_row_stays_right(shards):
             m.remove_sequence(10_000 + i)
         st = m.stats()
         assert st["host_hit_tokens"] > 0, st
+
+
+def test_compaction_with_blocks_in_the_tier_keeps_every_row_right():
+    cfg = CacheConfig(2, 1, 4, block_size=BS, num_blocks=10, dtype="float32")
+    with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=12 * cfg.bytes_per_block) as cache:
+        m = cache.manager
+        done = []
+        for i, stem in enumerate([blocks(1, 2, 3), blocks(4, 5, 6), blocks(7, 8, 9), blocks(11, 12, 13)]):
+            tokens = stem + [i]
+            slots = m.add_sequence(i, tokens)
+            write_rows(cache, i, tokens, slots, m.num_cached_tokens(i))
+            done.append(tokens)
+            if i != 2:
+                m.remove_sequence(i)                   # released: cached, then evicted to the tier
+        assert m.stats()["host_cached_blocks"] > 0
+        moves = cache.compact(shrink=True)             # sequence 2 moves to the lowest blocks
+        assert len(moves) and cache.num_blocks < 10
+        check_rows(cache, 2, done[2])
+        for i in (0, 1, 3):                            # back from the tier or the pool, after the move
+            tokens = done[i]
+            slots = m.add_sequence(100 + i, tokens)
+            assert m.num_cached_tokens(100 + i) == 3 * BS
+            write_rows(cache, 100 + i, tokens, slots, m.num_cached_tokens(100 + i))
+            check_rows(cache, 100 + i, tokens)
+            m.remove_sequence(100 + i)
+        m.check_invariants()
+
+
+def test_engine_preemption_with_a_host_tier_loses_nothing():
+    prompts = [list(range(50 * (i % 3), 50 * (i % 3) + 64)) + [900 + i] for i in range(24)]
+    outs = {}
+    for host in (None, "4MiB"):
+        cfg = CacheConfig(2, 2, 64, block_size=16, num_blocks=14, dtype="float16")
+        with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=host) as cache:
+            eng = Engine(cache, SyntheticModel(cache), SchedulerConfig(max_num_seqs=4, max_tokens_per_step=128))
+            for i, p in enumerate(prompts):
+                eng.submit(Request(i, p, 60))              # outputs outgrow the pool: preemptions
+            done = []
+            while eng.has_work():
+                done += eng.step()
+            cache.manager.check_invariants()
+            assert cache.manager.num_used_blocks == 0 and len(cache.manager) == 0
+            outs[host] = ({r.request_id: list(r.output_tokens) for r in done}, eng.metrics())
+    assert outs[None][0] == outs["4MiB"][0] and len(outs[None][0]) == 24
+    assert outs["4MiB"][1]["preemptions"] > 0
