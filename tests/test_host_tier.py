@@ -166,36 +166,66 @@ def check_rows(cache, sid, tokens):
         assert np.array_equal(v[:, 0, 0], -want)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_every_row_holds_its_prefixs_value_whichever_tier_served_it(data):
+    """Random adds, appends, forks, removals, resets and compactions with 1 or 2
+    shards; after each, every live sequence's rows are checked against the oracle."""
     num_blocks = data.draw(st.integers(4, 12), label="num_blocks")
     host = data.draw(st.integers(1, 10), label="host blocks")
     cfg = CacheConfig(2, 1, 4, block_size=BS, num_blocks=num_blocks, dtype="float32")
     stems = [blocks(*(10 * s + j for j in range(1, 4))) for s in range(4)]
     with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=host * cfg.bytes_per_block,
-                    eviction_policy=data.draw(st.sampled_from(["lru", "arc"]))) as cache:
+                    eviction_policy=data.draw(st.sampled_from(["lru", "arc"])),
+                    shards=data.draw(st.sampled_from([1, 2]))) as cache:
         m = cache.manager
-        live = []
+        live = {}
         for step in range(data.draw(st.integers(5, 40), label="steps")):
-            if live and data.draw(st.booleans()):
-                sid, tokens = live.pop(data.draw(st.integers(0, len(live) - 1)))
-                check_rows(cache, sid, tokens)
-                m.remove_sequence(sid)
-                continue
-            stem = stems[data.draw(st.integers(0, 3))]
-            cut = data.draw(st.integers(1, len(stem)))
-            tokens = stem[:cut] + data.draw(st.lists(st.integers(0, 9), max_size=2 * BS))
+            op = data.draw(st.sampled_from(["add"] * 4 + ["remove"] * 4 + ["append", "fork", "compact", "reset"]))
+            sid = data.draw(st.sampled_from(sorted(live))) if live else None
             try:
-                slots = m.add_sequence(step, tokens)
+                if op == "remove" and sid is not None:
+                    m.remove_sequence(sid)
+                    del live[sid]
+                elif op == "append" and sid is not None:
+                    more = data.draw(st.lists(st.integers(0, 9), min_size=1, max_size=BS + 1))
+                    slots = m.append(sid, more)
+                    live[sid] = live[sid] + more
+                    write_rows(cache, sid, live[sid], np.concatenate([np.zeros(len(live[sid]) - len(more),
+                               np.int64), slots]), len(live[sid]) - len(more))
+                elif op == "fork" and sid is not None:
+                    m.fork(sid, step)
+                    live[step] = list(live[sid])
+                elif op == "reset":
+                    m.reset_prefix_cache()
+                elif op == "compact":
+                    cache.compact(shrink=data.draw(st.booleans()))
+                elif op == "add":
+                    stem = stems[data.draw(st.integers(0, 3))]
+                    tokens = stem[:data.draw(st.integers(1, len(stem)))] + data.draw(
+                        st.lists(st.integers(0, 9), max_size=2 * BS))
+                    slots = m.add_sequence(step, tokens)
+                    write_rows(cache, step, tokens, slots, m.num_cached_tokens(step))
+                    live[step] = tokens
             except rf.OutOfBlocks:
-                continue
-            write_rows(cache, step, tokens, slots, m.num_cached_tokens(step))
-            check_rows(cache, step, tokens)
-            live.append((step, tokens))
+                pass
+            for other, tokens in live.items():
+                check_rows(cache, other, tokens)
             m.check_invariants()
-        for sid, tokens in live:
-            check_rows(cache, sid, tokens)
+        for sid in list(live):
+            m.remove_sequence(sid)
+        for rnd in range(2):                # every stem twice: more than the pool caches, so the tier serves
+            for i, stem in enumerate(stems):
+                sid = 1000 + 10 * rnd + i
+                try:
+                    slots = m.add_sequence(sid, stem + [rnd])
+                except rf.OutOfBlocks:
+                    continue
+                write_rows(cache, sid, stem + [rnd], slots, m.num_cached_tokens(sid))
+                check_rows(cache, sid, stem + [rnd])
+                m.remove_sequence(sid)
+        m.check_invariants()
+        assert m.stats()["host_offloaded_blocks"] >= m.stats()["host_reloaded_blocks"]
 
 
 def test_an_engine_with_a_host_tier_hits_more_and_computes_the_same_tokens():
