@@ -169,19 +169,22 @@ def check_rows(cache, sid, tokens):
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_every_row_holds_its_prefixs_value_whichever_tier_served_it(data):
-    """Random adds, appends, forks, removals, resets and compactions with 1 or 2
-    shards; after each, every live sequence's rows are checked against the oracle."""
+    """Random adds, appends (one by one and batched), forks, removals, resets,
+    compactions, external blocks and acquired prefixes, with 1 or 2 shards and
+    with sequence eviction on or off; after each, every live sequence's rows are
+    checked against the oracle."""
     num_blocks = data.draw(st.integers(4, 12), label="num_blocks")
     host = data.draw(st.integers(1, 10), label="host blocks")
     cfg = CacheConfig(2, 1, 4, block_size=BS, num_blocks=num_blocks, dtype="float32")
     stems = [blocks(*(10 * s + j for j in range(1, 4))) for s in range(4)]
     with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=host * cfg.bytes_per_block,
                     eviction_policy=data.draw(st.sampled_from(["lru", "arc"])),
-                    shards=data.draw(st.sampled_from([1, 2]))) as cache:
+                    shards=data.draw(st.sampled_from([1, 2])), evict_sequences=data.draw(st.booleans())) as cache:
         m = cache.manager
         live = {}
         for step in range(data.draw(st.integers(5, 40), label="steps")):
-            op = data.draw(st.sampled_from(["add"] * 4 + ["remove"] * 4 + ["append", "fork", "compact", "reset"]))
+            op = data.draw(st.sampled_from(["add"] * 4 + ["remove"] * 4 + [
+                "append", "fork", "compact", "reset", "external", "acquire", "batch"]))
             sid = data.draw(st.sampled_from(sorted(live))) if live else None
             try:
                 if op == "remove" and sid is not None:
@@ -198,6 +201,21 @@ def test_every_row_holds_its_prefixs_value_whichever_tier_served_it(data):
                     live[step] = list(live[sid])
                 elif op == "reset":
                     m.reset_prefix_cache()
+                elif op == "external":               # blocks held outside any sequence, then let go
+                    m.decref(m.allocate(data.draw(st.integers(1, num_blocks))))
+                elif op == "acquire":                # the pool's part of a prefix, held and let go
+                    stem = stems[data.draw(st.integers(0, 3))]
+                    ids = m.acquire_prefix(stem + [0])
+                    assert len(ids) * BS <= m.lookup_prefix(stem + [0])
+                    m.decref(ids)
+                elif op == "batch" and live:         # one token for every live sequence
+                    ids = sorted(live)
+                    more = data.draw(st.lists(st.integers(0, 9), min_size=len(ids), max_size=len(ids)))
+                    slots = m.append_batch(ids, np.ones(len(ids), np.int32), np.array(more, np.int32))
+                    for k, (other, t) in enumerate(zip(ids, more)):
+                        live[other] = live[other] + [t]
+                        write_rows(cache, other, live[other], np.concatenate(
+                            [np.zeros(len(live[other]) - 1, np.int64), slots[k:k + 1]]), len(live[other]) - 1)
                 elif op == "compact":
                     cache.compact(shrink=data.draw(st.booleans()))
                 elif op == "add":
@@ -209,6 +227,8 @@ def test_every_row_holds_its_prefixs_value_whichever_tier_served_it(data):
                     live[step] = tokens
             except rf.OutOfBlocks:
                 pass
+            for gone in m.take_evicted().tolist():    # sequences the manager evicted for room
+                live.pop(gone, None)
             for other, tokens in live.items():
                 check_rows(cache, other, tokens)
             m.check_invariants()
