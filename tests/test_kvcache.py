@@ -135,6 +135,19 @@ def test_copy_on_write_runs_before_the_write(device):
         assert np.array_equal(gathered(cache, 3)[1][0][:6], before[1][0])
 
 
+def test_gather_sees_copies_not_yet_run_by_a_write(device):
+    with make(device) as cache:
+        m = cache.manager
+        m.add_sequence(1, num_tokens=6)
+        fill(cache, [1], np.random.default_rng(1))
+        before = gathered(cache, 1)
+        m.fork(1, 2)
+        m.append(2, 1)                        # 2's last block: a fresh block, its copy pending
+        k, v = cache.gather(2, 1)             # no write since: gather runs the copy first
+        assert np.array_equal(k.to_numpy()[:6], before[1][0]) and np.array_equal(v.to_numpy()[:6], before[1][1])
+        assert len(m.take_pending_copies()) == 0
+
+
 def test_chained_copies_apply_in_order(device):
     """Pairs (a, b), (b, c): c must receive a's data, not b's old data."""
     with make(device) as cache:
