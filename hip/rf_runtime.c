@@ -21,6 +21,8 @@
     X(mem_info, "hipMemGetInfo", "cuMemGetInfo_v2", (size_t *, size_t *))              \
     X(mem_alloc, "hipMalloc", "cuMemAlloc_v2", (uint64_t *, size_t))                   \
     X(mem_free, "hipFree", "cuMemFree_v2", (uint64_t))                                 \
+    X(host_alloc, "hipHostMalloc", "cuMemHostAlloc", (void **, size_t, unsigned))       \
+    X(host_free, "hipHostFree", "cuMemFreeHost", (void *))                             \
     X(memset_d8, "hipMemsetD8", "cuMemsetD8_v2", (uint64_t, unsigned char, size_t))    \
     X(copy_htod, "hipMemcpyHtoD", "cuMemcpyHtoD_v2", (uint64_t, const void *, size_t)) \
     X(copy_dtoh, "hipMemcpyDtoH", "cuMemcpyDtoH_v2", (void *, uint64_t, size_t))       \
@@ -228,6 +230,10 @@ int rf_rt_device_info(int dev, char *name, size_t name_cap, char *arch, size_t a
 
 int rf_rt_malloc(int dev, size_t bytes, uint64_t *ptr) { RF_CALL(rf_fn.mem_alloc(ptr, bytes), "device allocation"); }
 int rf_rt_free(int dev, uint64_t ptr) { RF_CALL(rf_fn.mem_free(ptr), "device free"); }
+/* Page-locked host memory, usable by every device (flag 1: hipHostMallocPortable,
+ * CU_MEMHOSTALLOC_PORTABLE), so copies to and from it can run asynchronously. */
+int rf_rt_host_alloc(int dev, size_t bytes, void **ptr) { RF_CALL(rf_fn.host_alloc(ptr, bytes, 1), "pinned host allocation"); }
+int rf_rt_host_free(int dev, void *ptr) { RF_CALL(rf_fn.host_free(ptr), "pinned host free"); }
 int rf_rt_memset(int dev, uint64_t ptr, unsigned char value, size_t bytes) {
     RF_CALL(rf_fn.memset_d8(ptr, value, bytes), "device memset");
 }

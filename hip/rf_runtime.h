@@ -42,6 +42,9 @@ int rf_rt_device_info(int dev, char *name, size_t name_cap, char *arch, size_t a
 
 int rf_rt_malloc(int dev, size_t bytes, uint64_t *ptr);
 int rf_rt_free(int dev, uint64_t ptr);
+/* Page-locked (pinned) host memory, registered with dev's context and usable by all. */
+int rf_rt_host_alloc(int dev, size_t bytes, void **ptr);
+int rf_rt_host_free(int dev, void *ptr);
 int rf_rt_memset(int dev, uint64_t ptr, unsigned char value, size_t bytes);
 int rf_rt_copy_htod(int dev, uint64_t dst, const void *src, size_t bytes);
 int rf_rt_copy_dtoh(int dev, void *dst, uint64_t src, size_t bytes);

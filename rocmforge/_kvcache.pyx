@@ -140,8 +140,8 @@ cdef class KvCache:
                                   f"{format_bytes(free)} is free: lower host_cache")
             manager_options["host_cache_blocks"] = self._host_slots
         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
-        if self._host_slots:
-            self._host = DeviceBuffer(self._host_slots * config.bytes_per_block, -1)
+        if self._host_slots:      # page-locked when a GPU copies to and from it
+            self._host = DeviceBuffer(self._host_slots * config.bytes_per_block, -1, pinned=self._dev >= 0)
         self._swapped = {}
         self._workspaces = {}
         self._buffers = []

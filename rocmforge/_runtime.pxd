@@ -12,6 +12,7 @@ cdef class DeviceBuffer:
     cdef readonly size_t nbytes
     cdef readonly int device            # -1: host memory
     cdef readonly bint on_host
+    cdef readonly bint pinned           # page-locked host memory from the GPU runtime
     cdef uint64_t _ptr
     cdef bint _open
     cdef uint64_t _live(self) except? 0

@@ -24,7 +24,8 @@ class DeviceBuffer:
     nbytes: int
     device: int
     on_host: bool
-    def __init__(self, nbytes: int, device: Optional[int] = None) -> None: ...
+    pinned: bool
+    def __init__(self, nbytes: int, device: Optional[int] = None, *, pinned: bool = False) -> None: ...
     @property
     def ptr(self) -> int: ...
     @property

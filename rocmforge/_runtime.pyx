@@ -38,6 +38,8 @@ cdef extern from "rf_runtime.h" nogil:
                           size_t* total_bytes, size_t* free_bytes)
     int rf_rt_malloc(int dev, size_t nbytes, uint64_t* ptr)
     int rf_rt_free(int dev, uint64_t ptr)
+    int rf_rt_host_alloc(int dev, size_t nbytes, void** ptr)
+    int rf_rt_host_free(int dev, void* ptr)
     int rf_rt_memset(int dev, uint64_t ptr, unsigned char value, size_t nbytes)
     int rf_rt_copy_htod(int dev, uint64_t dst, const void* src, size_t nbytes)
     int rf_rt_copy_dtoh(int dev, void* dst, uint64_t src, size_t nbytes)
@@ -139,14 +141,18 @@ cdef class DeviceBuffer:
     """``nbytes`` of memory on GPU ``device``, or of host memory for device -1.
 
     device=None picks GPU 0 when a GPU backend is loaded, else host memory.
+    ``pinned=True`` (host memory, a GPU backend needed) allocates page-locked
+    memory through the runtime, which GPU copies read and write asynchronously.
     Owns its memory and frees it exactly once: on close(), on leaving a with
     block, or when collected. ``ptr`` is the address (an int)."""
 
-    def __cinit__(self, nbytes, device=None):
+    def __cinit__(self, nbytes, device=None, *, pinned=False):
         cdef int count = 0
         cdef uint64_t ptr = 0
+        cdef void* host = NULL
         cdef int dev
         self._open = False
+        self.pinned = False
         if isinstance(nbytes, bool) or not hasattr(nbytes, "__index__"):
             raise ArgumentTypeError(f"nbytes must be an integer, got {type(nbytes).__name__}")
         n = nbytes.__index__()
@@ -165,10 +171,17 @@ cdef class DeviceBuffer:
                      f"no GPU is available ({load_backend()[1]}), so only host memory")
             raise DeviceError(f"device {device} out of range: -1 is host memory (device=None picks GPU 0 "
                               f"when there is one, else the host), or {where}", RF_RT_BAD_DEVICE)
+        if pinned and (dev >= 0 or not count):
+            raise ArgumentValueError("pinned memory is host memory (device -1) and needs a GPU backend, "
+                                     f"got device {dev} with {count} GPU(s)")
         self.nbytes = n
         self.device = dev
         self.on_host = dev < 0
-        if self.on_host:
+        if pinned:
+            check(rf_rt_host_alloc(0, n if n else 1, &host), f"allocating {n} bytes of pinned host memory")
+            ptr = <uint64_t><uintptr_t>host
+            self.pinned = True
+        elif self.on_host:
             ptr = <uint64_t><uintptr_t>malloc(n if n else 1)
             if ptr == 0:
                 raise MemoryError(f"cannot allocate {n} bytes of host memory")
@@ -201,6 +214,8 @@ cdef class DeviceBuffer:
         self._ptr = 0
         _census_count[_census_slot(self.device)] -= 1
         _census_bytes[_census_slot(self.device)] -= self.nbytes
+        if self.pinned:
+            return rf_rt_host_free(0, <void*><uintptr_t>ptr)
         if self.on_host:
             free(<void*><uintptr_t>ptr)
             return RF_RT_OK

@@ -17,6 +17,9 @@ from rocmforge.engine import Engine, Request, SchedulerConfig
 from rocmforge.replay import SyntheticModel
 
 BS = 4
+INFO = rf.backend_info()
+GPU = f"{INFO['backend']}:0" if INFO["devices"] else None
+DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="no GPU")])]
 
 
 def manager(num_blocks=8, host=6, **kw):
@@ -359,3 +362,56 @@ def test_engine_preemption_with_a_host_tier_loses_nothing():
             outs[host] = ({r.request_id: list(r.output_tokens) for r in done}, eng.metrics())
     assert outs[None][0] == outs["4MiB"][0] and len(outs[None][0]) == 24
     assert outs["4MiB"][1]["preemptions"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "fp8_e4m3", "int8"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_k_and_v_round_trip_through_the_tier_bit_for_bit(device, dtype):
+    device = "cpu" if device == "cpu" else GPU
+    cfg = CacheConfig(2, 2, 8, block_size=BS, num_blocks=4, dtype=dtype)
+    with rf.KvCache(cfg, device, enable_prefix_caching=True, host_cache=8 * cfg.bytes_per_block,
+                    k_scale=0.05, v_scale=0.07) as cache:
+        m = cache.manager
+        prompt = blocks(1, 2, 3) + [0]
+        slots = m.add_sequence(0, prompt)
+        rng = np.random.default_rng(len(dtype))
+        for layer in range(2):
+            k = rng.standard_normal((len(prompt), 2, 8)).astype(np.float32)
+            cache.write_kv(layer, k, -k, slots) if device == "cpu" else cache.write_kv(
+                layer, _dev(k), _dev(-k), _dev(np.asarray(slots)))
+        before = [[a.to_numpy() for a in cache.gather(0, layer)] for layer in range(2)]
+        m.remove_sequence(0)
+        m.add_sequence(1, blocks(50, 60, 70, 80))                  # the whole pool: all three to the tier
+        cache.apply_pending_copies()
+        m.remove_sequence(1)
+        assert cache.stats()["host_cached_blocks"] == 3
+        m.add_sequence(2, prompt)
+        assert m.num_cached_tokens(2) == 3 * BS
+        for layer in range(2):
+            k, v = (a.to_numpy() for a in cache.gather(2, layer))
+            assert np.array_equal(k[:3 * BS].view(np.uint8), before[layer][0][:3 * BS].view(np.uint8))
+            assert np.array_equal(v[:3 * BS].view(np.uint8), before[layer][1][:3 * BS].view(np.uint8))
+        if device != "cpu":
+            assert cache.stats()["host_bytes_reloaded"] == 3 * cfg.bytes_per_block
+
+
+def _dev(arr):
+    """A copy of arr on GPU 0 (rocmforge's own buffers)."""
+    from rocmforge._dlpack import DeviceArray
+    buf = rf.DeviceBuffer(arr.nbytes, 0)
+    buf.copy_from_host(np.ascontiguousarray(arr))
+    return DeviceArray(buf, arr.shape, {np.dtype(np.float32): "float32", np.dtype(np.int64): "int64"}[arr.dtype])
+
+
+def test_pinned_memory_needs_a_gpu_backend():
+    if GPU is not None:
+        with rf.DeviceBuffer(4096, -1, pinned=True) as buf:
+            assert buf.pinned and buf.on_host
+            buf.copy_from_host(np.arange(1024, dtype=np.int32))
+            assert (buf.to_host().view(np.int32) == np.arange(1024)).all()
+        with pytest.raises(rf.ArgumentValueError, match="pinned"):
+            rf.DeviceBuffer(16, 0, pinned=True)                   # pinned memory is host memory
+    else:
+        with pytest.raises(rf.ArgumentValueError, match="pinned"):
+            rf.DeviceBuffer(4096, -1, pinned=True)
+    assert not rf.DeviceBuffer(16, -1).pinned
