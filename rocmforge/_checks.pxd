@@ -305,33 +305,44 @@ cdef inline int check_transfer(Core* c, int64_t src, int64_t dst, char* msg, siz
 
 
 cdef inline int check_host(Core* c, char* msg, size_t cap) noexcept nogil:
-    """The host tier: its LRU list holds each used slot once, its index maps each
-    slot's key to it, and every key is the key of its slot's content."""
+    """The host tier: its lists hold each used slot once (list 2 only under ARC),
+    its index maps each slot's key to it, and every key is the key of its
+    slot's content."""
     cdef HostTier* h = &c.pfx.host
-    cdef int32_t s = h.head, prev = -1, seen = 0
+    cdef int32_t s, prev, seen = 0, n
     cdef int64_t bs = c.block_size
+    cdef int lst
     if h.used != <int32_t>h.index.count or h.used + <int32_t>h.free_slots.size() != h.capacity:
         snprintf(msg, cap, "host tier: %d used, %lld indexed, %lld free of %d slots", h.used,
                  <long long>h.index.count, <long long>h.free_slots.size(), h.capacity)
         return 1
-    while s >= 0:
-        if seen >= h.used or h.prev[s] != prev or h.key[s] < 0:
-            snprintf(msg, cap, "host tier: LRU list broken at slot %d", s)
+    if h.policy != POLICY_ARC and h.len[2] != 0:
+        snprintf(msg, cap, "host tier: LRU with %d slots in list 2", h.len[2])
+        return 1
+    for lst in range(1, 3):
+        s, prev, n = h.head[lst], -1, 0
+        while s >= 0:
+            if n >= h.used or h.prev[s] != prev or h.key[s] < 0 or h.lst[s] != lst:
+                snprintf(msg, cap, "host tier: list %d broken at slot %d", lst, s)
+                return 1
+            if rf_idmap_find(h.index, h.key[s]) != s:
+                snprintf(msg, cap, "host tier: slot %d's key is not indexed to it", s)
+                return 1
+            if h.key[s] != rf_block_key(h.parent_key[s], h.salt[s], &h.tok[<size_t>s * bs], bs, c.key_mask):
+                snprintf(msg, cap, "host tier: slot %d's key is not the key of its tokens", s)
+                return 1
+            prev = s
+            s = h.next[s]
+            n += 1
+        if n != h.len[lst] or h.tail[lst] != prev:
+            snprintf(msg, cap, "host tier: list %d holds %d slots, counted %d", lst, n, h.len[lst])
             return 1
-        if rf_idmap_find(h.index, h.key[s]) != s:
-            snprintf(msg, cap, "host tier: slot %d's key is not indexed to it", s)
-            return 1
-        if h.key[s] != rf_block_key(h.parent_key[s], h.salt[s], &h.tok[<size_t>s * bs], bs, c.key_mask):
-            snprintf(msg, cap, "host tier: slot %d's key is not the key of its tokens", s)
-            return 1
-        prev = s
-        s = h.next[s]
-        seen += 1
-    if seen != h.used or h.tail != prev:
-        snprintf(msg, cap, "host tier: the LRU list holds %d of %d used slots", seen, h.used)
+        seen += n
+    if seen != h.used:
+        snprintf(msg, cap, "host tier: its lists hold %d of %d used slots", seen, h.used)
         return 1
     for s in h.free_slots:
-        if h.key[s] != -1:
+        if h.key[s] != -1 or h.lst[s] != 0:
             snprintf(msg, cap, "host tier: free slot %d holds a key", s)
             return 1
     return 0

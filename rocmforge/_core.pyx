@@ -139,7 +139,7 @@ cdef class BlockManager:
 
     def __cinit__(self, num_blocks, block_size, *, evict_sequences=False,
                   enable_prefix_caching=False, eviction_policy="lru", enable_events=False,
-                  shards=1, host_cache_blocks=0, _key_bits=63):
+                  shards=1, host_cache_blocks=0, host_eviction_policy="lru", _key_bits=63):
         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
             raise ArgumentTypeError(f"num_blocks must be an integer, got {type(num_blocks).__name__}")
         if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
@@ -164,6 +164,10 @@ cdef class BlockManager:
             raise InvalidConfiguration(f"host_cache_blocks must be in [0, {INT32_MAX}], got {host_blocks}")
         if host_blocks and not enable_prefix_caching:
             raise InvalidConfiguration("host_cache_blocks needs enable_prefix_caching=True")
+        if host_eviction_policy not in _POLICIES:
+            raise InvalidConfiguration(
+                f"host_eviction_policy must be one of {', '.join(_POLICY_NAMES)}, got {host_eviction_policy!r}")
+        cdef int host_policy = _POLICIES[host_eviction_policy]
         cdef int32_t nshards = _shard_count(shards, nb)
         self._c = new Core()
         self.block_size = bs
@@ -185,7 +189,7 @@ cdef class BlockManager:
         with nogil:
             st = resize_pool(self._c, n)
             if st == RF_OK and nhost:
-                st = ht_init(self._c, nhost)
+                st = ht_init(self._c, nhost, host_policy)
         if st != RF_OK:
             raise MemoryError(f"cannot allocate bookkeeping for {nb} blocks and {host_blocks} host blocks")
 

@@ -13,22 +13,28 @@ from libc.string cimport memcpy
 from rocmforge._state cimport (
     Core, Shard, HostTier, push_event, rf_push, rf_resize, rf_reserve, rf_idmap_find, rf_idmap_reserve,
     rf_idmap_put, rf_idmap_erase, rf_idmap_clear, rf_tokens_equal, rf_copy_number, RF_OK, RF_NO_MEMORY,
-    EV_STORED, EV_REMOVED)
+    EV_STORED, EV_REMOVED, POLICY_ARC)
 
 
-cdef inline int ht_init(Core* c, int32_t capacity) noexcept nogil:
+cdef inline int ht_init(Core* c, int32_t capacity, int policy) noexcept nogil:
     """Size the tier for capacity blocks (all free); RF_NO_MEMORY leaves it empty."""
     cdef HostTier* h = &c.pfx.host
     cdef int64_t neg = -1
     cdef int32_t s, nothing = -1, zero = 0
     cdef uint64_t unpinned = 0
+    cdef int lst
     if (rf_resize(h.key, capacity, neg) or rf_resize(h.parent_key, capacity, neg) or rf_resize(h.salt, capacity, neg)
             or rf_resize(h.prev, capacity, nothing) or rf_resize(h.next, capacity, nothing)
-            or rf_resize(h.pin, capacity, unpinned)
+            or rf_resize(h.lst, capacity, zero) or rf_resize(h.pin, capacity, unpinned)
             or rf_resize(h.tok, <size_t>capacity * c.block_size, zero) or rf_reserve(h.free_slots, capacity)
             or rf_idmap_reserve(h.index, capacity)):
         return RF_NO_MEMORY
+    if policy == POLICY_ARC:
+        for lst in range(1, 3):
+            if rf_resize(h.ghost_ring[lst], capacity, neg) or rf_idmap_reserve(h.ghost[lst], capacity):
+                return RF_NO_MEMORY
     h.capacity = capacity
+    h.policy = policy
     h.free_slots.clear()
     for s in range(capacity - 1, -1, -1):
         h.free_slots.push_back(s)
@@ -36,26 +42,58 @@ cdef inline int ht_init(Core* c, int32_t capacity) noexcept nogil:
 
 
 cdef inline void ht_unlink(HostTier* h, int32_t s) noexcept nogil:
+    cdef int lst = h.lst[s]
     if h.prev[s] >= 0:
         h.next[h.prev[s]] = h.next[s]
     else:
-        h.head = h.next[s]
+        h.head[lst] = h.next[s]
     if h.next[s] >= 0:
         h.prev[h.next[s]] = h.prev[s]
     else:
-        h.tail = h.prev[s]
+        h.tail[lst] = h.prev[s]
     h.prev[s] = -1
     h.next[s] = -1
+    h.lst[s] = 0
+    h.len[lst] -= 1
 
 
-cdef inline void ht_link_tail(HostTier* h, int32_t s) noexcept nogil:
-    h.prev[s] = h.tail
+cdef inline void ht_link_tail(HostTier* h, int32_t s, int lst) noexcept nogil:
+    h.prev[s] = h.tail[lst]
     h.next[s] = -1
-    if h.tail >= 0:
-        h.next[h.tail] = s
+    if h.tail[lst] >= 0:
+        h.next[h.tail[lst]] = s
     else:
-        h.head = s
-    h.tail = s
+        h.head[lst] = s
+    h.tail[lst] = s
+    h.lst[s] = lst
+    h.len[lst] += 1
+
+
+cdef inline void ht_ghost_add(HostTier* h, int lst, int64_t key) noexcept nogil:
+    """ARC: remember a key dropped from list lst, forgetting its oldest ghost."""
+    cdef int64_t cap = h.ghost_ring[lst].size()
+    cdef int64_t pos = h.ghost_pos[lst] % cap
+    cdef int64_t old = h.ghost_ring[lst][pos]
+    if old >= 0 and rf_idmap_find(h.ghost[lst], old) == pos:
+        rf_idmap_erase(h.ghost[lst], old)
+    h.ghost_ring[lst][pos] = key
+    rf_idmap_put(h.ghost[lst], key, <int32_t>pos)   # reserved for cap entries
+    h.ghost_pos[lst] += 1
+
+
+cdef inline bint ht_ghost_hit(HostTier* h, int64_t key) noexcept nogil:
+    """ARC: a key stored again after it was dropped: the list it left was too short.
+    Moves the target toward it; whether the block counts as reused."""
+    cdef double n1 = h.ghost[1].count, n2 = h.ghost[2].count
+    if rf_idmap_find(h.ghost[1], key) >= 0:
+        h.target = min(<double>h.capacity, h.target + (n2 / n1 if n2 > n1 else 1.0))
+        rf_idmap_erase(h.ghost[1], key)
+        return True
+    if rf_idmap_find(h.ghost[2], key) >= 0:
+        h.target = max(0.0, h.target - (n1 / n2 if n1 > n2 else 1.0))
+        rf_idmap_erase(h.ghost[2], key)
+        return True
+    return False
 
 
 cdef inline int64_t ht_match(Core* c, const int32_t* tokens, const int64_t* keys, int64_t start, int64_t nfull,
@@ -92,10 +130,10 @@ cdef inline void ht_unpin(HostTier* h) noexcept nogil:
 
 
 cdef inline void ht_touch(HostTier* h, int32_t s) noexcept nogil:
-    """s was used: it goes last."""
-    if h.tail != s:
-        ht_unlink(h, s)
-        ht_link_tail(h, s)
+    """s was used again: it goes last (under ARC, to the reused list)."""
+    cdef int lst = 2 if h.policy == POLICY_ARC else 1
+    ht_unlink(h, s)
+    ht_link_tail(h, s, lst)
 
 
 cdef inline void ht_forget(Core* c, int32_t s) noexcept nogil:
@@ -109,32 +147,47 @@ cdef inline void ht_forget(Core* c, int32_t s) noexcept nogil:
     h.resident.add(-1)
 
 
+cdef inline int32_t ht_victim(HostTier* h, int lst) noexcept nogil:
+    """The first slot of list lst not pinned by the running add_sequence, or -1."""
+    cdef int32_t s = h.head[lst]
+    while s >= 0 and h.pin[s] == h.op:
+        s = h.next[s]
+    return s
+
+
 cdef inline int32_t ht_take_slot(Core* c) noexcept nogil:
-    """A slot for a new block: a free one, else the least recently used one not
-    pinned by the running add_sequence (its block leaves the tier); -1 when
-    there is none."""
+    """A slot for a new block: a free one, else the policy's victim (its block
+    leaves the tier): LRU's oldest; ARC's oldest of list 1 while that list is
+    longer than its target (or list 2 is empty), else of list 2. -1 when there
+    is none."""
     cdef HostTier* h = &c.pfx.host
     cdef int32_t s
+    cdef int lst = 1
     if h.free_slots.size():
         s = h.free_slots.back()
         h.free_slots.pop_back()
         return s
-    s = h.head
-    while s >= 0 and h.pin[s] == h.op:
-        s = h.next[s]
+    if h.policy == POLICY_ARC and not (h.len[1] > 0 and (h.len[1] > h.target or h.len[2] == 0)):
+        lst = 2
+    s = ht_victim(h, lst)
+    if s < 0:
+        lst = 3 - lst
+        s = ht_victim(h, lst)
     if s < 0:
         return -1
+    if h.policy == POLICY_ARC:
+        ht_ghost_add(h, lst, h.key[s])
     ht_forget(c, s)
     h.dropped.add(1)
     return s
 
 
 cdef inline void ht_offload(Core* c, Shard* dest, int64_t key, int64_t parent_key, int64_t salt, int32_t b,
-                            const int32_t* tokens) noexcept nogil:
-    """Block b (key, parent's key, salt, tokens) leaves the pool: keep it in the
-    tier, its copy queued in dest. A key the tier already holds is only
-    touched; when no slot or no queue room can be had, the block is dropped as
-    without a tier."""
+                            const int32_t* tokens, bint reused) noexcept nogil:
+    """Block b (key, parent's key, salt, tokens; reused: hit since it was cached)
+    leaves the pool: keep it in the tier, its copy queued in dest. A key the
+    tier already holds is only touched; when no slot or no queue room can be
+    had, the block is dropped as without a tier."""
     cdef HostTier* h = &c.pfx.host
     cdef int32_t s = rf_idmap_find(h.index, key)
     cdef int64_t bs = c.block_size
@@ -154,7 +207,9 @@ cdef inline void ht_offload(Core* c, Shard* dest, int64_t key, int64_t parent_ke
     h.salt[s] = salt
     memcpy(&h.tok[<size_t>s * bs], tokens, bs * sizeof(int32_t))
     rf_idmap_put(h.index, key, s)      # room reserved for capacity keys
-    ht_link_tail(h, s)
+    if h.policy == POLICY_ARC and ht_ghost_hit(h, key):
+        reused = True
+    ht_link_tail(h, s, 2 if h.policy == POLICY_ARC and reused else 1)
     h.used += 1
     h.resident.add(1)
     h.offloaded.add(1)
@@ -176,9 +231,10 @@ cdef inline void ht_reload(Core* c, Shard* sh, int32_t s, int32_t b) noexcept no
 
 
 cdef inline void ht_clear(Core* c) noexcept nogil:
-    """Forget every block of the tier (its slots become free)."""
+    """Forget every block of the tier (its slots become free) and, under ARC, its ghosts."""
     cdef HostTier* h = &c.pfx.host
     cdef int32_t s
+    cdef int lst
     if h.capacity == 0:
         return
     rf_idmap_clear(h.index)
@@ -187,8 +243,15 @@ cdef inline void ht_clear(Core* c) noexcept nogil:
         h.key[s] = -1
         h.prev[s] = -1
         h.next[s] = -1
+        h.lst[s] = 0
         h.free_slots.push_back(s)
-    h.head = -1
-    h.tail = -1
+    for lst in range(3):
+        h.head[lst] = -1
+        h.tail[lst] = -1
+        h.len[lst] = 0
+        if lst and h.policy == POLICY_ARC:
+            rf_idmap_clear(h.ghost[lst])
+            h.ghost_pos[lst] = 0
+    h.target = 0
     h.used = 0
     h.resident.set(0)

@@ -356,7 +356,7 @@ cdef inline void unregister_tree(Core* c, Shard* dest, int32_t b, bint offload) 
         # released, so their K/V is complete: the host tier keeps them.
         if offload and (q.ev_list or x == b) and p.host.capacity:
             ht_offload(c, dest, q.key, p.pb[q.parent].key if q.parent >= 0 else -1, q.salt, x,
-                       &p.btok[<size_t>x * c.block_size])
+                       &p.btok[<size_t>x * c.block_size], q.hot)
         uncache(q)
         if q.ev_list:
             ev_unlink(p, x)

@@ -112,8 +112,15 @@ struct KvEvent {
 struct HostTier {
     int32_t capacity = 0;
     int32_t used = 0;
-    int32_t head = -1;
-    int32_t tail = -1;
+    int policy = 0;                     /* POLICY_LRU: list 1 only; POLICY_ARC: lists 1 and 2 */
+    int32_t head[3] = {-1, -1, -1};     /* per list (1: stored once, 2: reused), next to go first */
+    int32_t tail[3] = {-1, -1, -1};
+    int32_t len[3] = {0, 0, 0};
+    double target = 0;                  /* ARC: the length list 1 aims at */
+    rf_idmap ghost[3];                  /* ARC: keys dropped from list 1 / 2 -> ring position */
+    std::vector<int64_t> ghost_ring[3];
+    int64_t ghost_pos[3] = {0, 0, 0};
+    std::vector<int32_t> lst;           /* per slot: the list holding it */
     rf_idmap index;                     /* key -> slot */
     std::vector<int64_t> key;           /* per slot; -1 when free */
     std::vector<int64_t> parent_key;    /* -1 for a chain's first block */

@@ -152,6 +152,8 @@ cdef inline int add_sequence(Core* c, Shard* sh, bint fast, int64_t seq_id, bint
                 s.cold = ((<uint64_t>keys[h]) * <uint64_t>0x9E3779B97F4A7C15) >> 63
         for j in range(h, nfull):
             register_block(c, s, j)
+        for j in range(h, h + hh):
+            p.pb[s.blocks[j]].hot = 1       # brought back from the host tier: a reused block
         p.lookups.add(1)
         p.query_tokens.add(num_tokens)
         p.hit_tokens.add((h + hh) * bs)

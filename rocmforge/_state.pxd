@@ -106,8 +106,15 @@ cdef extern from "_rf_state.h" nogil:
     cppclass HostTier:
         int32_t capacity
         int32_t used
-        int32_t head                # LRU: next to go
-        int32_t tail
+        int policy                  # POLICY_LRU: list 1 only; POLICY_ARC: lists 1 and 2
+        int32_t head[3]             # per list (1: stored once, 2: reused), next to go first
+        int32_t tail[3]
+        int32_t len[3]
+        double target               # ARC: the length list 1 aims at
+        rf_idmap ghost[3]           # ARC: keys dropped from list 1 / 2 -> ring position
+        vector[int64_t] ghost_ring[3]
+        int64_t ghost_pos[3]
+        vector[int32_t] lst         # per slot: the list holding it
         rf_idmap index              # key -> slot
         vector[int64_t] key         # per slot, -1 when free
         vector[int64_t] parent_key

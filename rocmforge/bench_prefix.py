@@ -82,13 +82,14 @@ def synthetic_trace(kind, num_requests=12000, seed=0):
     return requests
 
 
-def replay(requests, capacity_tokens, policy, host_capacity_tokens=0):
+def replay(requests, capacity_tokens, policy, host_capacity_tokens=0, host_policy=None):
     """Token hit rate of one policy at one capacity (a real BlockManager), with
-    a host tier of host_capacity_tokens behind it (its copies are bookkeeping
-    here: the queue is emptied after every request)."""
+    a host tier of host_capacity_tokens behind it, under host_policy (default:
+    the same policy; its copies are bookkeeping here: the queue is emptied
+    after every request)."""
     num_blocks = max(capacity_tokens // BLOCK, 1)
     m = BlockManager(num_blocks, BLOCK, enable_prefix_caching=True, eviction_policy=policy,
-                     host_cache_blocks=host_capacity_tokens // BLOCK)
+                     host_cache_blocks=host_capacity_tokens // BLOCK, host_eviction_policy=host_policy or policy)
     hit = total = skipped = 0
     for hash_ids, input_length in requests:
         if -(-input_length // BLOCK) > num_blocks:
@@ -108,16 +109,17 @@ def replay(requests, capacity_tokens, policy, host_capacity_tokens=0):
             "host_reloaded_blocks": stats["host_reloaded_blocks"]}
 
 
-def run_tiered(requests, pairs, policies=("lru", "arc"), out=None, name="trace"):
-    """Per (GPU capacity, host capacity) and policy: the two-tier hit rate, and
-    that of one cache of the combined size beside it."""
+def run_tiered(requests, pairs, policies=("lru", "arc"), out=None, name="trace", host_policy=None):
+    """Per (GPU capacity, host capacity) and policy: the two-tier hit rate (the
+    tier under host_policy, default the same policy), and that of one cache of
+    the combined size beside it."""
     out = out or sys.stdout
     bar = Progress(len(pairs) * len(policies) * 2, "replays", leave=False)
     results = {}
     for gpu, host in pairs:
         row = {}
         for policy in policies:
-            tiered = replay(requests, gpu, policy, host)
+            tiered = replay(requests, gpu, policy, host, host_policy)
             bar.update(1)
             single = replay(requests, gpu + host, policy)
             bar.update(1)
@@ -235,6 +237,8 @@ def main(argv=None):
     parser.add_argument("--capacity-tokens", type=int, nargs="+", default=list(DEFAULT_CAPACITIES))
     parser.add_argument("--policy", nargs="+", default=["lru", "arc"], help="first one is the baseline")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    parser.add_argument("--host-policy", choices=["lru", "arc"], default=None,
+                        help="the host tier's policy (default: the same as the pool's)")
     parser.add_argument("--host-capacity-tokens", type=int, nargs="+", default=None,
                         help="a host tier behind each --capacity-tokens (one value for all, or one each): "
                              "compared with one cache of the combined size")
@@ -252,7 +256,8 @@ def main(argv=None):
     else:
         requests, name = synthetic_trace(args.synthetic, args.limit or 12000), f"synthetic-{args.synthetic}"
     if hosts is not None:
-        run_tiered(requests, list(zip(args.capacity_tokens, hosts)), tuple(args.policy), name=name)
+        run_tiered(requests, list(zip(args.capacity_tokens, hosts)), tuple(args.policy), name=name,
+                   host_policy=args.host_policy)
     else:
         run(requests, tuple(args.capacity_tokens), tuple(args.policy), name=name)
 

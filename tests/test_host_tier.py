@@ -88,6 +88,33 @@ def test_the_tier_drops_its_least_recently_used_block_when_full():
     m.check_invariants()
 
 
+@pytest.mark.parametrize("policy", ["lru", "arc"])
+def test_the_tiers_own_policy_decides_what_it_drops(policy):
+    m = manager(num_blocks=2, host=2, host_eviction_policy=policy)
+    m.add_sequence(0, blocks(1) + [0])
+    m.remove_sequence(0)
+    m.add_sequence(1, blocks(1) + [0])                 # a hit: block A is reused
+    m.remove_sequence(1)
+    for sid, start in ((2, 2), (3, 3), (4, 4)):          # each evicts the one cached before it
+        m.add_sequence(sid, blocks(start) + [0])
+        m.remove_sequence(sid)
+        m.check_invariants()
+    kept = [m.lookup_prefix(blocks(start) + [0]) // BS for start in (1, 2, 3)]
+    # the tier held A (reused), B and C (stored once) for two slots: LRU drops the
+    # oldest (A); ARC drops a block stored once (B) and keeps the reused one
+    assert kept == ([0, 1, 1] if policy == "lru" else [1, 0, 1])
+    assert m.stats()["host_dropped_blocks"] == 1
+    m.add_sequence(5, blocks(2) + [0])                 # B is back only as a recomputed block
+    m.remove_sequence(5)
+    m.add_sequence(6, blocks(5) + [0])
+    m.remove_sequence(6)                               # B leaves again: under ARC a ghost hit on its way in
+    m.check_invariants()
+    m.reset_prefix_cache()
+    m.check_invariants()
+    with pytest.raises(rf.InvalidConfiguration):
+        manager(host_eviction_policy="fifo")
+
+
 def test_salt_and_token_verification_hold_in_the_tier():
     # 2-bit keys: most blocks collide, so only the verification keeps hits right
     m = manager(num_blocks=4, host=16, _key_bits=2)
@@ -182,6 +209,7 @@ def test_every_row_holds_its_prefixs_value_whichever_tier_served_it(data):
     stems = [blocks(*(10 * s + j for j in range(1, 4))) for s in range(4)]
     with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache=host * cfg.bytes_per_block,
                     eviction_policy=data.draw(st.sampled_from(["lru", "arc"])),
+                    host_eviction_policy=data.draw(st.sampled_from(["lru", "arc"])),
                     shards=data.draw(st.sampled_from([1, 2])), evict_sequences=data.draw(st.booleans())) as cache:
         m = cache.manager
         live = {}
