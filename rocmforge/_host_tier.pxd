@@ -11,7 +11,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy
 
 from rocmforge._state cimport (
-    Core, Shard, HostTier, push_event, rf_push, rf_resize, rf_reserve, rf_idmap_find, rf_idmap_reserve,
+    Core, Shard, HostTier, push_event, ghost_remember, rf_push, rf_resize, rf_reserve, rf_idmap_find, rf_idmap_reserve,
     rf_idmap_put, rf_idmap_erase, rf_idmap_clear, rf_tokens_equal, rf_copy_number, RF_OK, RF_NO_MEMORY,
     EV_STORED, EV_REMOVED, POLICY_ARC)
 
@@ -67,18 +67,6 @@ cdef inline void ht_link_tail(HostTier* h, int32_t s, int lst) noexcept nogil:
     h.tail[lst] = s
     h.lst[s] = lst
     h.len[lst] += 1
-
-
-cdef inline void ht_ghost_add(HostTier* h, int lst, int64_t key) noexcept nogil:
-    """ARC: remember a key dropped from list lst, forgetting its oldest ghost."""
-    cdef int64_t cap = h.ghost_ring[lst].size()
-    cdef int64_t pos = h.ghost_pos[lst] % cap
-    cdef int64_t old = h.ghost_ring[lst][pos]
-    if old >= 0 and rf_idmap_find(h.ghost[lst], old) == pos:
-        rf_idmap_erase(h.ghost[lst], old)
-    h.ghost_ring[lst][pos] = key
-    rf_idmap_put(h.ghost[lst], key, <int32_t>pos)   # reserved for cap entries
-    h.ghost_pos[lst] += 1
 
 
 cdef inline bint ht_ghost_hit(HostTier* h, int64_t key) noexcept nogil:
@@ -176,7 +164,7 @@ cdef inline int32_t ht_take_slot(Core* c) noexcept nogil:
     if s < 0:
         return -1
     if h.policy == POLICY_ARC:
-        ht_ghost_add(h, lst, h.key[s])
+        ghost_remember(h.ghost[lst], h.ghost_ring[lst], &h.ghost_pos[lst], h.key[s])
     ht_forget(c, s)
     h.dropped.add(1)
     return s

@@ -13,7 +13,7 @@ from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
 from rocmforge._state cimport (
-    Core, Shard, SeqRec, PBlock, KvEvent, PrefixState, BlockRefs, push_event,
+    Core, Shard, SeqRec, PBlock, KvEvent, PrefixState, BlockRefs, push_event, ghost_remember,
     rf_reserve, rf_resize, rf_push, rf_prefetch, rf_idmap_find, rf_idmap_reserve, rf_idmap_put,
     rf_idmap_erase, rf_idmap_clear, rf_idmap_prefetch, rf_block_key, rf_tokens_equal,
     RF_OK, RF_NO_MEMORY, POLICY_ARC, EV_STORED, EV_REMOVED, EV_CLEARED, GHOSTS_PER_BLOCK)
@@ -146,14 +146,7 @@ cdef inline void release_cached(Core* c, int32_t b) noexcept nogil:
 
 cdef inline void ghost_add(PrefixState* p, int lst, int64_t key) noexcept nogil:
     """Remember an evicted key in ghost list lst, forgetting its oldest entry."""
-    cdef int64_t cap = p.ghost_ring[lst].size()
-    cdef int64_t pos = p.ghost_pos[lst] % cap
-    cdef int64_t old = p.ghost_ring[lst][pos]
-    if old >= 0 and rf_idmap_find(p.ghost[lst], old) == pos:
-        rf_idmap_erase(p.ghost[lst], old)
-    p.ghost_ring[lst][pos] = key
-    rf_idmap_put(p.ghost[lst], key, <int32_t>pos)   # reserved for cap entries
-    p.ghost_pos[lst] += 1
+    ghost_remember(p.ghost[lst], p.ghost_ring[lst], &p.ghost_pos[lst], key)
 
 
 cdef inline int32_t ev_victim(Core* c) noexcept nogil:

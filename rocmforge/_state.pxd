@@ -323,3 +323,16 @@ cdef inline void push_event(Core* c, int32_t kind, int64_t key, int64_t parent_k
     ev.num_tokens = ntok
     ev.medium = medium
     rf_push(c.pfx.events, ev)
+
+
+cdef inline void ghost_remember(rf_idmap& ghost, vector[int64_t]& ring, int64_t* pos, int64_t key) noexcept nogil:
+    """ARC's ghost list: remember an evicted key at the ring's next position,
+    forgetting the key it overwrites (the map is reserved for the ring's size)."""
+    cdef int64_t cap = ring.size()
+    cdef int64_t at = pos[0] % cap
+    cdef int64_t old = ring[at]
+    if old >= 0 and rf_idmap_find(ghost, old) == at:
+        rf_idmap_erase(ghost, old)
+    ring[at] = key
+    rf_idmap_put(ghost, key, <int32_t>at)
+    pos[0] += 1
