@@ -80,6 +80,16 @@ attention = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
+# Packed blocks out of and into a KvCache (rocmforge.transfer).
+transfer = Extension(
+    "rocmforge._transfer",
+    sources=["rocmforge/_transfer.pyx"],
+    include_dirs=["hip", "rocmforge", numpy.get_include()],
+    language="c++",
+    extra_compile_args=["-O2"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
 
 # Each code object: its source, and the headers it includes.
 KERNELS = {
@@ -135,7 +145,7 @@ for image, job in kernel_jobs:
         if os.path.exists(image):
             os.remove(image)
 
-extensions = [core, bench_capi, runtime, kernels, dlpack, kvcache, attention]
+extensions = [core, bench_capi, runtime, kernels, dlpack, kvcache, attention, transfer]
 directives = {"language_level": 3}
 sanitize = os.environ.get("ROCMFORGE_SANITIZE")       # tools/sanitize.sh, tools/tsan.sh: e.g. "address,undefined"
 if os.environ.get("ROCMFORGE_LINETRACE"):

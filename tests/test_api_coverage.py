@@ -8,11 +8,11 @@ import re
 import pytest
 
 import rocmforge as rf
-from rocmforge import attention, config, engine, kv_events, router, traces
+from rocmforge import attention, config, engine, kv_events, router, traces, transfer
 
 CLASSES = [rf.BlockManager, rf.KvCache, rf.DeviceBuffer, rf.DeviceArray, engine.Engine, engine.Scheduler,
            engine.Request, config.CacheConfig, config.MemoryProfile, router.PrefixRouter,
-           kv_events.EventPublisher, kv_events.EventSubscriber]
+           kv_events.EventPublisher, kv_events.EventSubscriber, transfer.PackedSequence]
 HERE = pathlib.Path(__file__).resolve()
 
 
@@ -32,7 +32,7 @@ def test_every_public_attribute_is_used_by_a_test(cls):
     assert not unused, f"{cls.__name__}: no test uses {unused}"
 
 
-@pytest.mark.parametrize("module", [rf, attention, config, engine, kv_events, router, traces], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [rf, attention, config, engine, kv_events, router, traces, transfer], ids=lambda m: m.__name__)
 def test_every_public_function_is_called_by_a_test(module):
     text = sources_text()
     names = [name for name, obj in vars(module).items() if not name.startswith("_")

@@ -1,0 +1,116 @@
+"""Moving K/V blocks between caches and processes, and handing a prefilled
+sequence from one cache to another (prefill/decode disaggregation).
+
+- ``transfer_blocks(src, src_block_ids, dst, dst_block_ids)`` copies every
+  layer's K and V of those blocks from one KvCache to another of the same
+  geometry (layers, kv heads, head_dim, block_size, dtype).
+- ``pack_sequence(cache, seq_id)`` gives a ``PackedSequence``: its token ids,
+  its salt's key and its blocks' K/V in one host array. ``to_bytes()`` and
+  ``PackedSequence.from_bytes()`` carry it through any transport (a
+  ``torch.distributed`` send of a uint8 tensor, a socket, a file).
+- ``adopt_sequence(cache, seq_id, packed)`` re-creates it in another cache: a
+  new sequence with those tokens and that salt, so its blocks get the same
+  prefix-cache keys; blocks the cache already holds for that prefix are
+  reused, the others are filled from the packed K/V. All or nothing.
+
+The copies go through host memory; peer copies between GPUs and NCCL come
+with the multi-GPU runs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from rocmforge._transfer import pack_blocks, unpack_blocks
+from rocmforge.errors import ArgumentValueError
+
+__all__ = ["PackedSequence", "adopt_sequence", "pack_blocks", "pack_sequence", "transfer_blocks",
+           "unpack_blocks"]
+
+
+def _geometry(cache) -> tuple:
+    """What two caches must share for their blocks to move between them."""
+    cfg = cache.config
+    return (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.block_size, cfg.dtype)
+
+
+def _same_geometry(a, b) -> None:
+    if a != b:
+        raise ArgumentValueError(f"the caches differ (layers, kv heads, head_dim, block_size, dtype): {a} vs {b}")
+
+
+def transfer_blocks(src, src_block_ids, dst, dst_block_ids) -> None:
+    """Copy blocks src_block_ids of src over dst_block_ids of dst, pairwise, every layer."""
+    _same_geometry(_geometry(src), _geometry(dst))
+    if len(src_block_ids) != len(dst_block_ids):
+        raise ArgumentValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destinations")
+    unpack_blocks(dst, dst_block_ids, pack_blocks(src, src_block_ids))
+
+
+@dataclass(frozen=True)
+class PackedSequence:
+    """A sequence's tokens, salt key and K/V, ready to move (see the module)."""
+
+    tokens: np.ndarray          # int32 token ids
+    salt_key: int               # the 64-bit digest of its salt (0 for none)
+    geometry: tuple             # (layers, kv heads, head_dim, block_size, dtype) of its cache
+    blocks: np.ndarray          # uint8 [2 * layers, num_blocks, block_bytes]
+
+    def to_bytes(self) -> bytes:
+        """One byte string: a length-prefixed JSON header, the tokens, the blocks."""
+        header = json.dumps({"salt_key": self.salt_key, "geometry": list(self.geometry),
+                             "num_tokens": len(self.tokens), "blocks": list(self.blocks.shape)}).encode()
+        return struct.pack("<I", len(header)) + header + self.tokens.tobytes() + self.blocks.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PackedSequence":
+        """The PackedSequence to_bytes() wrote; ArgumentValueError if data is not one."""
+        try:
+            (n,) = struct.unpack_from("<I", data)
+            header = json.loads(data[4:4 + n])
+            at = 4 + n
+            tokens = np.frombuffer(data, np.int32, header["num_tokens"], at).copy()
+            at += tokens.nbytes
+            shape = tuple(header["blocks"])
+            blocks = np.frombuffer(data, np.uint8, int(np.prod(shape)), at).reshape(shape).copy()
+            if at + blocks.nbytes != len(data):
+                raise ValueError("trailing bytes")
+            return cls(tokens, int(header["salt_key"]), tuple(header["geometry"]), blocks)
+        except (struct.error, ValueError, KeyError, TypeError) as exc:
+            raise ArgumentValueError(f"not a packed sequence: {exc}") from None
+
+
+def pack_sequence(cache, seq_id) -> PackedSequence:
+    """Sequence seq_id of cache (created with its token ids) as a PackedSequence."""
+    tokens = cache.manager.sequence_tokens(seq_id)
+    if tokens is None:
+        raise ArgumentValueError(f"sequence {seq_id} was created without token ids: nothing to key it by")
+    info = cache.manager.sequence_info(seq_id)
+    return PackedSequence(np.ascontiguousarray(tokens, dtype=np.int32), info["salt_key"], _geometry(cache),
+                          pack_blocks(cache, cache.manager.block_table(seq_id)))
+
+
+def adopt_sequence(cache, seq_id, packed: PackedSequence) -> np.ndarray:
+    """Re-create a packed sequence in cache as seq_id: its tokens and salt (so the
+    same prefix-cache keys), cached blocks reused, the rest filled from the
+    packed K/V. Returns the slots of its tokens, as add_sequence does. Raises
+    (OutOfBlocks, SequenceExists, ...) with nothing changed."""
+    _same_geometry(_geometry(cache), tuple(packed.geometry))
+    bs = cache.config.block_size
+    need = -(-len(packed.tokens) // bs)
+    if packed.blocks.shape[1] != need:
+        raise ArgumentValueError(f"{len(packed.tokens)} tokens need {need} blocks, the packed K/V has "
+                                 f"{packed.blocks.shape[1]}")
+    m = cache.manager
+    slots = m.add_sequence(seq_id, packed.tokens, _salt_key=packed.salt_key)
+    try:
+        have = m.num_cached_tokens(seq_id) // bs
+        unpack_blocks(cache, m.block_table(seq_id)[have:], np.ascontiguousarray(packed.blocks[:, have:]))
+    except BaseException:
+        m.remove_sequence(seq_id)
+        raise
+    return slots
