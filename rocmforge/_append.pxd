@@ -23,6 +23,22 @@ from rocmforge._seqs cimport (seq_find, block_tag, scratch_at, sole_last, lru_un
 from rocmforge._room cimport op_epoch, ensure_free, fill_shard
 
 
+cdef inline int count_shared_last(Core* c, Shard* sh, SeqRec* s, uint64_t tag) noexcept nogil:
+    """s appends into its partly filled last block: when other tables share that
+    block, count the copy it needs (first time: list the block in sh.tmp_blocks).
+    RF_NO_MEMORY, counting nothing, when the list cannot grow."""
+    cdef int32_t last = s.blocks.back()
+    cdef BlockScratch* sc
+    if c.refs[last].rc > 1:
+        sc = scratch_at(c, last, tag)
+        if sc.count == 0:
+            if rf_reserve(sh.tmp_blocks, sh.tmp_blocks.size() + 1):
+                return RF_NO_MEMORY
+            rf_push(sh.tmp_blocks, last)
+        sc.count += 1
+    return RF_OK
+
+
 cdef inline bint foreign(Core* c, Shard* sh, int32_t b) noexcept nogil:
     """Whether block b is guarded by another shard's lock than sh's."""
     return c.nshards > 1 and c.home[b] != sh.index
@@ -217,10 +233,9 @@ cdef inline int append_batch(Core* c, Shard* sh, bint fast, const int64_t* seq_i
     cdef bint prefix = c.prefix, prefix_locked = False
     cdef Py_ssize_t i, done = n, stamped = 0, settled = 0
     cdef size_t k
-    cdef int32_t slot, last, zero = 0
+    cdef int32_t slot, zero = 0
     cdef int32_t* slots
     cdef SeqRec* s
-    cdef BlockScratch* sc
     cdef int st = RF_OK
     # A new position's hint is record 0: any record will do, since hints
     # are checked, and records are never taken away once made (the run
@@ -319,17 +334,10 @@ cdef inline int append_batch(Core* c, Shard* sh, bint fast, const int64_t* seq_i
             st = RF_NO_MEMORY
             done = i
             break
-        if room != 0:
-            last = s.blocks.back()
-            if c.refs[last].rc > 1:
-                sc = scratch_at(c, last, tag)
-                if sc.count == 0:
-                    if rf_reserve(sh.tmp_blocks, sh.tmp_blocks.size() + 1):
-                        st = RF_NO_MEMORY
-                        done = i
-                        break
-                    rf_push(sh.tmp_blocks, last)
-                sc.count += 1
+        if room != 0 and count_shared_last(c, sh, s, tag):
+            st = RF_NO_MEMORY
+            done = i
+            break
         if cnt > room:
             fresh = fresh_blocks(room, cnt, bs)
             needed += fresh
@@ -405,10 +413,9 @@ cdef inline int append_batch_any(Core* c, Shard* sh, const int64_t* seq_ids, con
     cdef bint prefix = c.prefix, unused = False
     cdef Py_ssize_t i
     cdef size_t k
-    cdef int32_t slot, last
+    cdef int32_t slot
     cdef Shard* where
     cdef SeqRec* s
-    cdef BlockScratch* sc
     cdef int st = RF_OK
     sh.tmp_blocks.clear()
     sh.tmp_moved.clear()
@@ -438,15 +445,8 @@ cdef inline int append_batch_any(Core* c, Shard* sh, const int64_t* seq_ids, con
         if room != 0 and cnt <= room and sole_last(c, s):
             fresh = 0
         else:
-            if room != 0:
-                last = s.blocks.back()
-                if c.refs[last].rc > 1:
-                    sc = scratch_at(c, last, tag)
-                    if sc.count == 0:
-                        if rf_reserve(sh.tmp_blocks, sh.tmp_blocks.size() + 1):
-                            return RF_NO_MEMORY
-                        rf_push(sh.tmp_blocks, last)
-                    sc.count += 1
+            if room != 0 and count_shared_last(c, sh, s, tag):
+                return RF_NO_MEMORY
             fresh = fresh_blocks(room, cnt, bs)
         needed += fresh
         if s.blocks.reserve(s.blocks.size() + fresh) or (with_tokens and rf_reserve(s.tokens, nt + cnt)):
