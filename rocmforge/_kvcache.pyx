@@ -384,17 +384,11 @@ cdef class KvCache:
             if host_slots:      # checked again: compact() may have shrunk the pool meanwhile
                 bad = _first_bad(<const int64_t*><size_t>s.ptr, T, self._num_blocks * self._block_size)
             if bad < 0 and self._dev < 0:
-                st = rf_host_write_kv(<void*><size_t>self._addrs[2 * l], <void*><size_t>self._addrs[2 * l + 1],
-                                      <void*><size_t>k.ptr, <void*><size_t>v.ptr, <const int64_t*><size_t>s.ptr,
-                                      T, self._row, self._num_blocks * self._block_size, k.dtype, self._dt,
-                                      self._k_scale[l], self._v_scale[l], &bad)
+                st = self._write_rows(l, k.ptr, v.ptr, s.ptr, T, k.dtype, strm, &bad)
             elif bad < 0:
                 slots_dev = self._stage(<cnp.ndarray>slot_mapping, &used, strm) if host_slots else s.ptr
-                st = _RT_RUNTIME if slots_dev == 0 else self._kernels.write_kv(
-                    self._addrs[2 * l], self._addrs[2 * l + 1], k.ptr, v.ptr, slots_dev, T, self._row,
-                    self._num_blocks * self._block_size, k.dtype, self._dt, _inverse(self._k_scale[l]),
-                    _inverse(self._v_scale[l]),
-                    self._bad._ptr + 8 * l, strm)
+                st = _RT_RUNTIME if slots_dev == 0 else self._write_rows(l, k.ptr, v.ptr, slots_dev, T, k.dtype,
+                                                                         strm, &bad)
                 if st == 0 and host_slots:
                     st = rt_stream_sync(self._dev, strm)
         if bad >= 0:
@@ -428,19 +422,25 @@ cdef class KvCache:
         with self._lock:
             self._check_open()
             self._apply_pending(<void*><size_t>stream)
-            if self._dev < 0:
-                st = rf_host_write_kv(<void*><size_t>self._addrs[2 * layer], <void*><size_t>self._addrs[2 * layer + 1],
-                                      <void*><size_t>key, <void*><size_t>value, <const int64_t*><size_t>slot_mapping,
-                                      num_tokens, self._row, self._num_blocks * self._block_size, dt, self._dt,
-                                      self._k_scale[layer], self._v_scale[layer], &bad)
-            else:
-                st = self._kernels.write_kv(
-                    self._addrs[2 * layer], self._addrs[2 * layer + 1], key, value, slot_mapping, num_tokens,
-                    self._row, self._num_blocks * self._block_size, dt, self._dt, _inverse(self._k_scale[layer]),
-                    _inverse(self._v_scale[layer]), self._bad._ptr + 8 * layer, <void*><size_t>stream)
+            st = self._write_rows(layer, key, value, slot_mapping, num_tokens, dt, <void*><size_t>stream, &bad)
         if self._dev < 0 and st == RF_K_BAD_SLOT:
             raise ArgumentValueError(f"slot_mapping[{bad}] outside [-1, {self._num_blocks * self._block_size})")
         check(st, "write_kv_raw")
+
+    cdef int _write_rows(self, int l, uint64_t key, uint64_t value, uint64_t slots, int64_t T, int in_dt,
+                         void* stream, int64_t* bad) noexcept:
+        """The write itself, on the cache's device (slots there too): the host
+        kernel (a status, *bad the first bad slot) or the GPU kernel queued on
+        stream (bad slots reported by synchronize()). Call with the lock held."""
+        if self._dev < 0:
+            return rf_host_write_kv(<void*><size_t>self._addrs[2 * l], <void*><size_t>self._addrs[2 * l + 1],
+                                    <void*><size_t>key, <void*><size_t>value, <const int64_t*><size_t>slots, T,
+                                    self._row, self._num_blocks * self._block_size, in_dt, self._dt,
+                                    self._k_scale[l], self._v_scale[l], bad)
+        return self._kernels.write_kv(self._addrs[2 * l], self._addrs[2 * l + 1], key, value, slots, T, self._row,
+                                      self._num_blocks * self._block_size, in_dt, self._dt,
+                                      _inverse(self._k_scale[l]), _inverse(self._v_scale[l]),
+                                      self._bad._ptr + 8 * l, stream)
 
     cdef int _check_rows(self, ArrayInfo* a, str what) except -1:
         if a.dtype not in (DT_F32, DT_F16, DT_BF16):
@@ -569,11 +569,13 @@ cdef class KvCache:
         if self._host is None:
             raise KvCacheError("the manager queued host-tier copies, but this KvCache has no host_cache")
         host = <char*><size_t>self._host._ptr
-        for i in range(n):
-            src, dst = p[2 * i], p[2 * i + 1]
-            blk, slot = (src, -1 - dst) if dst < 0 else (dst, -1 - src)
-            if not (0 <= blk < self._num_blocks and 0 <= slot < slots):
-                raise BlockNotFound(f"host-tier copy ({src}, {dst}) names a block or slot outside the cache")
+        out = pairs[:, 1] < 0
+        blocks = np.where(out, pairs[:, 0], pairs[:, 1])
+        tier = -1 - np.where(out, pairs[:, 1], pairs[:, 0])
+        bad_pairs = (blocks < 0) | (blocks >= self._num_blocks) | (tier < 0) | (tier >= slots)
+        if bad_pairs.any():
+            raise BlockNotFound(f"host-tier copy {pairs[int(np.argmax(bad_pairs))].tolist()} names a block or "
+                                f"slot outside the cache")
         with nogil:
             for i in range(n):
                 src, dst = p[2 * i], p[2 * i + 1]

@@ -31,8 +31,7 @@ def pack_blocks(KvCache cache, block_ids):
         cache._check_open()
         ids = _ids(cache, block_ids)
         host = np.empty((2 * cache._num_layers, ids.shape[0], cache._block_bytes), dtype=np.uint8)
-        cache._apply_pending(NULL)
-        cache._move_blocks(True, ids, host)
+        cache._move_blocks(True, ids, host)       # pending copies run first
     return host
 
 

@@ -123,7 +123,7 @@ def _run(trace, cache, speed, check_every, progress, scheduler):
         met = engine.counters
         timeline.append(Sample(time.perf_counter() - t0, used / m.num_blocks, engine.prefix_hit_rate,
                                m.num_evictable_blocks / m.num_blocks, len(engine.running), len(engine.waiting),
-                               met["preemptions"], _host_share(m, met)))
+                               met["preemptions"], _host_share(cache, met)))
         if check_every and met["steps"] % check_every == 0:
             m.check_invariants()
     wall = time.perf_counter() - t0
@@ -143,16 +143,18 @@ def _run(trace, cache, speed, check_every, progress, scheduler):
     st = cache.stats()
     report.update({
         "host_cache_blocks": cache.host_cache_blocks,
-        "host_hit_rate": _host_share(m, engine.counters),
+        "host_hit_rate": _host_share(cache, engine.counters),
         "host_bytes_offloaded": st["host_bytes_offloaded"], "host_bytes_reloaded": st["host_bytes_reloaded"],
     })
     return report, timeline
 
 
-def _host_share(manager, counters):
+def _host_share(cache, counters):
     """Prompt tokens the host tier served, over those the engine looked up at admission
-    (the denominator of the engine's prefix hit rate)."""
-    return manager.stats()["host_hit_tokens"] / max(counters["prefix_query_tokens"], 1)
+    (the denominator of the engine's prefix hit rate); 0 without a tier, reading no stats."""
+    if not cache.host_cache_blocks:
+        return 0.0
+    return cache.manager.stats()["host_hit_tokens"] / max(counters["prefix_query_tokens"], 1)
 
 
 def _pyplot():
