@@ -200,6 +200,9 @@ def paged_attention(query, KvCache cache, layer, block_tables, seq_lens, query_s
                                     or max_seq_len.__index__() < 0):
         raise ArgumentValueError(f"max_seq_len must be an int >= 0, got {max_seq_len!r}")
     if gpu:
+        if q.shape[0] * q.shape[1] >= 2 ** 31:
+            raise ArgumentValueError(f"the GPU kernels take fewer than 2**31 query rows (tokens x heads), "
+                                     f"not {q.shape[0] * q.shape[1]}")
         splits = _splits(idx, cache, max_seq_len)
         kernels = _kernels_for(cache._dev)
     shape = (q.shape[0], q.shape[1], q.shape[2])

@@ -46,7 +46,7 @@ cdef class DeviceKernels:
 
 cdef class AttentionKernels:
     cdef void* _module
-    cdef void* _split
+    cdef void* _split[20]      # [4 * cache dtype + log2(query heads per block)]
     cdef void* _reduce
     cdef readonly int device
     # Queue paged attention on `stream`: the split kernel, then (num_splits > 1)

@@ -313,7 +313,9 @@ cdef cnp.ndarray _contiguous(object data):
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _IMAGES = {RF_BACKEND_CUDA: "fatbin", RF_BACKEND_HIP: "hsaco"}      # file suffix per backend
 _KERNELS = (b"rf_write_kv", b"rf_copy_blocks", b"rf_gather_rows", b"rf_gather_blocks", b"rf_scatter_blocks")
-_ATTENTION_KERNELS = (b"rf_paged_attention", b"rf_paged_attention_reduce")
+# One split kernel per cache dtype and query heads per block (1, 2, 4, 8), then the reduction.
+_ATTENTION_KERNELS = tuple(f"rf_paged_attention_{dt}_{hb}".encode() for dt in range(5) for hb in (1, 2, 4, 8)) \
+    + (b"rf_paged_attention_reduce",)
 cdef unsigned THREADS = 256
 
 
@@ -431,10 +433,12 @@ cdef class AttentionKernels:
     device; rocmforge.attention is the Python API."""
 
     def __cinit__(self, int device=0, bytes image=None):
-        cdef void** slots[2]
+        cdef void** slots[21]
         self._module = NULL
         self.device = device
-        slots[0], slots[1] = &self._split, &self._reduce
+        for i in range(20):
+            slots[i] = &self._split[i]
+        slots[20] = &self._reduce
         _load_module(device, "attention", image, &self._module, _ATTENTION_KERNELS, slots)
 
     def __dealloc__(self):
@@ -447,24 +451,25 @@ cdef class AttentionKernels:
         cdef unsigned grid[3]
         cdef unsigned block[3]
         cdef int64_t group = a.num_q_heads // a.num_kv_heads
-        cdef int hb = 1 if group == 1 else (2 if group == 2 else (4 if group <= 4 else 8))
+        cdef int hbi = 0 if group == 1 else (1 if group == 2 else (2 if group <= 4 else 3))
+        cdef int hb = 1 << hbi
         cdef int lanes = 1
         cdef int st
         if a.num_queries == 0:
             return RF_RT_OK
         while lanes * 8 < a.head_dim:
             lanes *= 2
-        grid[0], grid[1], grid[2] = <unsigned>a.num_queries, <unsigned>(a.num_kv_heads * ((group + hb - 1) // hb)), \
-            <unsigned>num_splits
+        grid[0], grid[1], grid[2] = <unsigned>(a.num_queries * a.num_kv_heads * ((group + hb - 1) // hb)), \
+            <unsigned>num_splits, 1
         block[0], block[1], block[2] = RF_ATTN_THREADS, 1, 1
-        params[0], params[1], params[2], params[3] = a, &hb, &lanes, &num_splits
-        params[4], params[5], params[6] = &part_acc, &part_ml, &bad
-        st = rf_rt_launch(self.device, self._split, grid, block,
-                          <unsigned>(4 * (RF_ATTN_PART * hb + hb * a.head_dim + (RF_ATTN_THREADS // 32) * hb)),
+        params[0], params[1], params[2] = a, &lanes, &num_splits
+        params[3], params[4], params[5] = &part_acc, &part_ml, &bad
+        st = rf_rt_launch(self.device, self._split[4 * a.cache_dt + hbi], grid, block,
+                          <unsigned>(4 * (hb * a.head_dim + (RF_ATTN_THREADS // 32) * hb)),
                           params, stream)
         if st != RF_RT_OK or num_splits == 1:
             return st
-        grid[1], grid[2] = <unsigned>a.num_q_heads, 1
+        grid[0], grid[1], grid[2] = <unsigned>a.num_queries, <unsigned>a.num_q_heads, 1
         params[1], params[2], params[3] = &num_splits, &part_acc, &part_ml
         return rf_rt_launch(self.device, self._reduce, grid, block, 0, params, stream)
 

@@ -10,12 +10,16 @@
 //
 // Threads: RF_ATTN_THREADS per block, in subgroups of L lanes (L a power of
 // two, L * 8 >= head_dim); a subgroup reads one key or value row, 8 elements
-// per lane, so a block has RF_ATTN_THREADS / L rows in flight per step.
+// per lane; each thread issues the loads of several rows before it uses them,
+// and the positions' row offsets are computed once per split (shared memory),
+// so the loop's only dependent loads are the K/V rows themselves.
 // Shuffles stay inside 32-lane groups, so a 64-wide AMD wavefront works alike.
 #ifdef __HIPCC__
+#include <hip/hip_fp16.h>
 #include <hip/hip_runtime.h>
 #define RF_SHFL_XOR(v, m) __shfl_xor((v), (m), 32)
 #else
+#include <cuda_fp16.h>
 #define RF_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m), 32)
 #endif
 #include <stdint.h>
@@ -25,26 +29,42 @@
 
 #define RF_ATTN_GROUPS (RF_ATTN_THREADS / 32)
 
-// 8 consecutive elements of a row of type DT at p (aligned to 8 elements), as floats.
-template <int DT> __device__ __forceinline__ void rf_load8(const char *p, float *x, float scale) {
+// 8 consecutive elements of a row of type DT, as loaded (one or two 16-byte
+// loads, or one 8-byte load), then as floats; fp8 through a table of its 256
+// values (in shared memory), float16 by the hardware's exact conversion.
+struct rf_raw8 {
+    uint4 w[2];
+};
+
+template <int DT> __device__ __forceinline__ void rf_fetch8(const char *p, rf_raw8 &r) {
     if constexpr (DT == RF_DT_F32) {
-        float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
-        x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+        r.w[0] = ((const uint4 *)p)[0], r.w[1] = ((const uint4 *)p)[1];
     } else if constexpr (DT == RF_DT_F16 || DT == RF_DT_BF16) {
-        uint4 v = *(const uint4 *)p;
-        uint32_t w[4] = {v.x, v.y, v.z, v.w};
+        r.w[0] = *(const uint4 *)p;
+    } else {
+        uint2 v = *(const uint2 *)p;
+        r.w[0].x = v.x, r.w[0].y = v.y;
+    }
+}
+
+template <int DT> __device__ __forceinline__ void rf_unpack8(const rf_raw8 &r, float *x, const float *fp8) {
+    if constexpr (DT == RF_DT_F32) {
+        const uint32_t w[8] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w, r.w[1].x, r.w[1].y, r.w[1].z, r.w[1].w};
+#pragma unroll
+        for (int j = 0; j < 8; j++) x[j] = __uint_as_float(w[j]);
+    } else if constexpr (DT == RF_DT_F16 || DT == RF_DT_BF16) {
+        const uint32_t w[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             uint16_t h = (uint16_t)(w[j >> 1] >> ((j & 1) * 16));
-            x[j] = DT == RF_DT_F16 ? rf_f16_bits_to_f32(h) : rf_bf16_bits_to_f32(h);
+            x[j] = DT == RF_DT_F16 ? __half2float(__ushort_as_half(h)) : rf_bf16_bits_to_f32(h);
         }
     } else {
-        uint2 v = *(const uint2 *)p;
-        uint32_t w[2] = {v.x, v.y};
+        const uint32_t w[2] = {r.w[0].x, r.w[0].y};
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             uint8_t b = (uint8_t)(w[j >> 2] >> ((j & 3) * 8));
-            x[j] = (DT == RF_DT_FP8_E4M3 ? rf_e4m3_bits_to_f32(b) : (float)(int8_t)b) * scale;
+            x[j] = DT == RF_DT_FP8_E4M3 ? fp8[b] : (float)(int8_t)b;
         }
     }
 }
@@ -100,17 +120,49 @@ template <int HB, bool MAX> __device__ __forceinline__ void rf_attn_block_reduce
     __syncthreads();
 }
 
-// Dynamic shared memory: scores [RF_ATTN_PART][HB], sums [HB][head_dim], red [GROUPS][HB].
+// Key and value rows each thread loads before it uses them: about
+// RF_ATTN_INFLIGHT bytes in flight per thread, half that with 8 heads a block
+// (their sums take the registers).
+#ifndef RF_ATTN_INFLIGHT
+#define RF_ATTN_INFLIGHT 64
+#endif
+#ifndef RF_ATTN_MIN_BLOCKS
+#define RF_ATTN_MIN_BLOCKS 4
+#endif
+template <int DT, int HB> __host__ __device__ constexpr int rf_attn_unroll() {
+    return RF_ATTN_INFLIGHT / 2 / (DT == RF_DT_F32 ? 32 : DT <= RF_DT_BF16 ? 16 : 8) / (HB == 8 ? 2 : 1) > 0
+               ? RF_ATTN_INFLIGHT / 2 / (DT == RF_DT_F32 ? 32 : DT <= RF_DT_BF16 ? 16 : 8) / (HB == 8 ? 2 : 1)
+               : 1;
+}
+
+// Dynamic shared memory: sums [HB][head_dim], red [GROUPS][HB].
+//
+// One pass (online softmax): each subgroup keeps, for its rows, the running
+// maximum m, denominator l and weighted sum of value rows per head, rescaled
+// whenever the maximum rises; K and V rows are loaded together, so the loads
+// never stop for a softmax between two passes. At the end the subgroups are
+// brought to the block's maximum and summed in a fixed order.
 template <int DT, int HB>
 __device__ void rf_attn_split(const rf_attn_args &a, int L, int64_t num_splits, float *part_acc, float *part_ml,
                               unsigned long long *bad) {
+    constexpr int U = rf_attn_unroll<DT, HB>();
     extern __shared__ float rf_attn_smem[];
-    float *scores = rf_attn_smem, *sums = scores + RF_ATTN_PART * HB, *red = sums + HB * a.head_dim;
-    __shared__ int rf_attn_bad;
-    const int64_t t = blockIdx.x, D = a.head_dim, Hq = a.num_q_heads, G = Hq / a.num_kv_heads;
-    const int64_t chunks = (G + HB - 1) / HB, g = blockIdx.y / chunks, h0 = g * G + (blockIdx.y % chunks) * HB;
-    const int64_t split = blockIdx.z, bs = a.block_size;
-    const int nh = (int)(G - (blockIdx.y % chunks) * HB < HB ? G - (blockIdx.y % chunks) * HB : HB);
+    float *sums = rf_attn_smem, *red = sums + HB * a.head_dim;
+    // (Each kernel instantiates this function once, so these are its own.)
+    __shared__ int64_t rows[RF_ATTN_PART];      // byte offset of each position's row in the cache
+    __shared__ int32_t blocks[RF_ATTN_PART + 1]; // the split's table entries
+    __shared__ float fp8[DT == RF_DT_FP8_E4M3 ? 256 : 1];   // e4m3 values, for fp8 caches
+    __shared__ int rf_attn_bad, rf_attn_bad_entry;  // bad arguments; a table entry outside the pool
+    // Block x: the head group fastest, so that the blocks running at once read
+    // every head's share of the same cache rows (one DRAM page, not eight).
+    const int64_t D = a.head_dim, Hq = a.num_q_heads, G = Hq / a.num_kv_heads, chunks = (G + HB - 1) / HB;
+#ifdef RF_ATTN_QUERY_MAJOR
+    const int64_t t = blockIdx.x % a.num_queries, y = blockIdx.x / a.num_queries;
+#else
+    const int64_t y = blockIdx.x % (a.num_kv_heads * chunks), t = blockIdx.x / (a.num_kv_heads * chunks);
+#endif
+    const int64_t g = y / chunks, h0 = g * G + (y % chunks) * HB, split = blockIdx.y, bs = a.block_size;
+    const int nh = (int)(G - (y % chunks) * HB < HB ? G - (y % chunks) * HB : HB);
     const int lane = threadIdx.x % L, sg = threadIdx.x / L, nsg = RF_ATTN_THREADS / L;
     const bool lane_on = lane * 8 < D;
     int64_t first, nq, s = rf_attn_seq(a, t, &first, &nq);
@@ -128,17 +180,24 @@ __device__ void rf_attn_split(const rf_attn_args &a, int L, int64_t num_splits, 
         bool ok = n >= 0 && (n + bs - 1) / bs <= len && (n == 0 || n >= nq) && t >= first && t < first + nq &&
                   ctx <= num_splits * RF_ATTN_PART;
         if (a.indptr) ok = ok && a.indptr[s] >= 0 && len >= 0 && a.indptr[s + 1] <= a.num_indices;
-        rf_attn_bad = !ok;
+        rf_attn_bad = !ok, rf_attn_bad_entry = 0;
     }
     __syncthreads();
+    const int64_t b0 = begin / bs;
     if (!rf_attn_bad && begin < end) {
-        for (int64_t b = begin / bs + threadIdx.x; b <= (end - 1) / bs; b += RF_ATTN_THREADS)
-            if (table[b] < 0 || table[b] >= a.num_blocks) rf_attn_bad = 1;
+        for (int64_t b = b0 + threadIdx.x; b <= (end - 1) / bs; b += RF_ATTN_THREADS) {
+            const int32_t id = table[b];
+            if (id < 0 || id >= a.num_blocks) rf_attn_bad_entry = 1;
+            blocks[b - b0] = id;
+        }
     }
+    if constexpr (DT == RF_DT_FP8_E4M3)
+        for (int i = threadIdx.x; i < 256; i += RF_ATTN_THREADS) fp8[i] = rf_e4m3_bits_to_f32((uint8_t)i);
     __syncthreads();
-    if (rf_attn_bad && threadIdx.x == 0) atomicMin(bad, (unsigned long long)s);
+    const bool failed = rf_attn_bad || rf_attn_bad_entry;
+    if (failed && threadIdx.x == 0) atomicMin(bad, (unsigned long long)s);
     const int64_t out_row = (t * Hq + h0) * D;
-    if (rf_attn_bad || begin >= end) {          // nothing to attend: zeros, or an empty split
+    if (failed || begin >= end) {               // nothing to attend: zeros, or an empty split
         if (num_splits == 1) {
             for (int64_t i = threadIdx.x; i < nh * D; i += RF_ATTN_THREADS) rf_attn_put(a.out, out_row + i, a.q_dt, 0.0f);
         } else if (threadIdx.x < nh) {
@@ -147,116 +206,137 @@ __device__ void rf_attn_split(const rf_attn_args &a, int L, int64_t num_splits, 
         }
         return;
     }
-
-    // Pass 1: scores of the split's positions, a subgroup per key row.
-    float q[HB][8];
-#pragma unroll
-    for (int h = 0; h < HB; h++)
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-            q[h][j] = lane_on && h < nh ? rf_attn_get(a.query, out_row + h * D + lane * 8 + j, a.q_dt) : 0.0f;
+    const int cnt = (int)(end - begin), off0 = (int)(begin - b0 * bs), ibs = (int)bs;
     const int64_t rowb = D * rf_attn_bytes(a.cache_dt), Hkv = a.num_kv_heads;
-    const char *kc = (const char *)a.key_cache + (g * D + lane * 8) * rf_attn_bytes(a.cache_dt);
-    const char *vc = (const char *)a.value_cache + (g * D + lane * 8) * rf_attn_bytes(a.cache_dt);
-    for (int64_t base = begin; base < end; base += nsg) {       // uniform across each 32-lane group
-        const int64_t p = base + sg;
-        float k[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (p < end && lane_on)
-            rf_load8<DT>(kc + ((int64_t)table[p / bs] * bs + p % bs) * Hkv * rowb, k, a.k_scale);
+    for (int i = threadIdx.x; i < cnt; i += RF_ATTN_THREADS)
+        rows[i] = ((int64_t)blocks[(off0 + i) / ibs] * bs + (off0 + i) % ibs) * Hkv * rowb;
+
+    float q[HB][8], acc[HB][8], m[HB], l[HB];
 #pragma unroll
-        for (int h = 0; h < HB; h++) {
-            float d = 0.0f;
+    for (int h = 0; h < HB; h++) {
+        m[h] = -INFINITY, l[h] = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 8; j++) d += q[h][j] * k[j];
-            for (int o = L / 2; o > 0; o >>= 1) d += RF_SHFL_XOR(d, o);
-            if (p < end && lane == 0) scores[(p - begin) * HB + h] = d * a.scale;
+        for (int j = 0; j < 8; j++) {
+            q[h][j] = lane_on && h < nh ? rf_attn_get(a.query, out_row + h * D + lane * 8 + j, a.q_dt) : 0.0f;
+            acc[h][j] = 0.0f;
         }
     }
-    __syncthreads();
-
-    // Softmax over the split: maximum and denominator per head.
-    const int64_t cnt = end - begin;
-    float m[HB], l[HB];
+    const float qk_scale = a.scale * a.k_scale;
+    const char *kc = (const char *)a.key_cache + (g * D + lane * 8) * rf_attn_bytes(a.cache_dt);
+    const char *vc = (const char *)a.value_cache + (g * D + lane * 8) * rf_attn_bytes(a.cache_dt);
+    __syncthreads();                            // rows[] is complete
+    for (int base = 0; base < cnt; base += nsg * U) {   // uniform: every lane runs the shuffles
+        rf_raw8 kraw[U], vraw[U];
 #pragma unroll
-    for (int h = 0; h < HB; h++) m[h] = -INFINITY;
-    for (int64_t i = threadIdx.x; i < cnt; i += RF_ATTN_THREADS)
-#pragma unroll
-        for (int h = 0; h < HB; h++) m[h] = fmaxf(m[h], scores[i * HB + h]);
-    rf_attn_block_reduce<HB, true>(m, red);
-#pragma unroll
-    for (int h = 0; h < HB; h++) l[h] = 0.0f;
-    for (int64_t i = threadIdx.x; i < cnt; i += RF_ATTN_THREADS)
-#pragma unroll
-        for (int h = 0; h < HB; h++) {
-            float e = expf(scores[i * HB + h] - m[h]);
-            scores[i * HB + h] = e;
-            l[h] += e;
+        for (int u = 0; u < U; u++) {
+            const int i = base + u * nsg + sg;
+            if (i < cnt && lane_on) {
+                rf_fetch8<DT>(kc + rows[i], kraw[u]);
+                rf_fetch8<DT>(vc + rows[i], vraw[u]);
+            }
         }
-    for (int64_t i = threadIdx.x; i < HB * D; i += RF_ATTN_THREADS) sums[i] = 0.0f;
-    rf_attn_block_reduce<HB, false>(l, red);    // its barriers also publish scores and sums
-
-    // Pass 2: the weighted sum of value rows, a subgroup per row, then across subgroups.
-    float acc[HB][8];
+        float sc[U][HB], top[HB];
 #pragma unroll
-    for (int h = 0; h < HB; h++)
+        for (int h = 0; h < HB; h++) top[h] = m[h];
 #pragma unroll
-        for (int j = 0; j < 8; j++) acc[h][j] = 0.0f;
-    if (lane_on) {
-        for (int64_t p = begin + sg; p < end; p += nsg) {
-            float v[8];
-            rf_load8<DT>(vc + ((int64_t)table[p / bs] * bs + p % bs) * Hkv * rowb, v, a.v_scale);
+        for (int u = 0; u < U; u++) {
+            float k[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            const int i = base + u * nsg + sg;
+            if (i < cnt && lane_on) rf_unpack8<DT>(kraw[u], k, fp8);
 #pragma unroll
             for (int h = 0; h < HB; h++) {
-                float w = scores[(p - begin) * HB + h];
+                float d = 0.0f;
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[h][j] += w * v[j];
+                for (int j = 0; j < 8; j++) d += q[h][j] * k[j];
+                for (int o = L / 2; o > 0; o >>= 1) d += RF_SHFL_XOR(d, o);
+                sc[u][h] = i < cnt ? d * qk_scale : -INFINITY;
+                top[h] = fmaxf(top[h], sc[u][h]);
             }
         }
 #pragma unroll
-        for (int h = 0; h < HB; h++)
-            if (h < nh)
+        for (int h = 0; h < HB; h++) {          // rescale to the new maximum (the first row sets it)
+            const float c = top[h] == m[h] ? 1.0f : __expf(m[h] - top[h]);
+            m[h] = top[h], l[h] *= c;
 #pragma unroll
-                for (int j = 0; j < 8; j++) atomicAdd(&sums[h * D + lane * 8 + j], acc[h][j]);
-    }
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < nh * D; i += RF_ATTN_THREADS) {
-        const int h = (int)(i / D);
-        if (num_splits == 1) {
-            rf_attn_put(a.out, out_row + i, a.q_dt, sums[i] / l[h]);
-        } else {
-            int64_t k = (t * Hq + h0 + h) * num_splits + split;
-            part_acc[k * D + i % D] = sums[i];
-            if (i % D == 0) part_ml[2 * k] = m[h], part_ml[2 * k + 1] = l[h];
+            for (int j = 0; j < 8; j++) acc[h][j] *= c;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (base + u * nsg + sg >= cnt) break;
+            float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (lane_on) rf_unpack8<DT>(vraw[u], v, fp8);
+#pragma unroll
+            for (int h = 0; h < HB; h++) {
+                const float p = __expf(sc[u][h] - m[h]);
+                l[h] += p;
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[h][j] += p * v[j];
+            }
         }
     }
-}
 
-template <int DT>
-__device__ void rf_attn_split_heads(const rf_attn_args &a, int hb, int L, int64_t num_splits, float *part_acc,
-                                    float *part_ml, unsigned long long *bad) {
-    switch (hb) {
-    case 1: rf_attn_split<DT, 1>(a, L, num_splits, part_acc, part_ml, bad); break;
-    case 2: rf_attn_split<DT, 2>(a, L, num_splits, part_acc, part_ml, bad); break;
-    case 4: rf_attn_split<DT, 4>(a, L, num_splits, part_acc, part_ml, bad); break;
-    default: rf_attn_split<DT, 8>(a, L, num_splits, part_acc, part_ml, bad);
+    // The block's maximum per head; each subgroup's share rescaled to it.
+    float top[HB], lsum[HB];
+#pragma unroll
+    for (int h = 0; h < HB; h++) top[h] = m[h];
+    rf_attn_block_reduce<HB, true>(top, red);
+#pragma unroll
+    for (int h = 0; h < HB; h++) {
+        const float c = m[h] == -INFINITY ? 0.0f : __expf(m[h] - top[h]);
+        lsum[h] = lane == 0 ? l[h] * c : 0.0f;  // l is the same on a subgroup's lanes: count it once
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[h][j] *= c;
     }
+    rf_attn_block_reduce<HB, false>(lsum, red);
+    // Sums: the subgroups of each warp by shuffles, then the warps in order.
+    for (int o = L; o < 32; o <<= 1)
+#pragma unroll
+        for (int h = 0; h < HB; h++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[h][j] += RF_SHFL_XOR(acc[h][j], o);
+    for (int w = 0; w < RF_ATTN_GROUPS; w++) {
+        if (threadIdx.x / 32 == w && threadIdx.x % 32 < L && lane_on)
+#pragma unroll
+            for (int h = 0; h < HB; h++)
+                if (h < nh)
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        float *x = &sums[h * D + lane * 8 + j];
+                        *x = (w ? *x : 0.0f) + acc[h][j] * a.v_scale;
+                    }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int h = 0; h < HB; h++)
+        if (h < nh)
+            for (int64_t d = threadIdx.x; d < D; d += RF_ATTN_THREADS) {
+                if (num_splits == 1) {
+                    rf_attn_put(a.out, out_row + h * D + d, a.q_dt, sums[h * D + d] / lsum[h]);
+                } else {
+                    int64_t k = (t * Hq + h0 + h) * num_splits + split;
+                    part_acc[k * D + d] = sums[h * D + d];
+                    if (d == 0) part_ml[2 * k] = top[h], part_ml[2 * k + 1] = lsum[h];
+                }
+            }
 }
 
-// Grid (num_queries, num_kv_heads * ceil(G / hb), num_splits), RF_ATTN_THREADS
-// threads, (RF_ATTN_PART * hb + hb * head_dim + RF_ATTN_GROUPS * hb) * 4 bytes
-// of dynamic shared memory. hb (1, 2, 4 or 8) query heads per block; L lanes per row.
+// One kernel per cache dtype (0-4, rf_convert.h) and query heads per block
+// (1, 2, 4 or 8), each with its own registers and shared memory:
+// rf_paged_attention_<dt>_<hb>. Grid (num_queries * num_kv_heads * ceil(G / hb),
+// num_splits), RF_ATTN_THREADS threads, (hb * head_dim + RF_ATTN_GROUPS * hb) * 4
+// bytes of dynamic shared memory; L lanes per row.
 // *bad (all ones before) receives the smallest failing sequence.
-extern "C" __global__ void __launch_bounds__(RF_ATTN_THREADS)
-rf_paged_attention(rf_attn_args a, int hb, int L, int64_t num_splits, float *part_acc, float *part_ml,
-                   unsigned long long *bad) {
-    switch (a.cache_dt) {
-    case RF_DT_F32: rf_attn_split_heads<RF_DT_F32>(a, hb, L, num_splits, part_acc, part_ml, bad); break;
-    case RF_DT_F16: rf_attn_split_heads<RF_DT_F16>(a, hb, L, num_splits, part_acc, part_ml, bad); break;
-    case RF_DT_BF16: rf_attn_split_heads<RF_DT_BF16>(a, hb, L, num_splits, part_acc, part_ml, bad); break;
-    case RF_DT_FP8_E4M3: rf_attn_split_heads<RF_DT_FP8_E4M3>(a, hb, L, num_splits, part_acc, part_ml, bad); break;
-    default: rf_attn_split_heads<RF_DT_I8>(a, hb, L, num_splits, part_acc, part_ml, bad);
+#define RF_ATTN_KERNEL(DT, HB)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(RF_ATTN_THREADS, RF_ATTN_MIN_BLOCKS) rf_paged_attention_##DT##_##HB(           \
+        rf_attn_args a, int L, int64_t num_splits, float *part_acc, float *part_ml, unsigned long long *bad) { \
+        rf_attn_split<DT, HB>(a, L, num_splits, part_acc, part_ml, bad);                                       \
     }
-}
+#define RF_ATTN_KERNELS(DT) RF_ATTN_KERNEL(DT, 1) RF_ATTN_KERNEL(DT, 2) RF_ATTN_KERNEL(DT, 4) RF_ATTN_KERNEL(DT, 8)
+RF_ATTN_KERNELS(0)
+RF_ATTN_KERNELS(1)
+RF_ATTN_KERNELS(2)
+RF_ATTN_KERNELS(3)
+RF_ATTN_KERNELS(4)
 
 // Combine the splits: grid (num_queries, num_q_heads), RF_ATTN_THREADS threads.
 extern "C" __global__ void __launch_bounds__(RF_ATTN_THREADS)
