@@ -90,6 +90,16 @@ transfer = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )
 
+# One manager, its storage split by kv heads across KvCaches (TensorParallelKvCache).
+tensor_parallel = Extension(
+    "rocmforge._tensor_parallel",
+    sources=["rocmforge/_tensor_parallel.pyx"],
+    include_dirs=["hip", "rocmforge", numpy.get_include()],
+    language="c++",
+    extra_compile_args=["-O2"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
 
 # Each code object: its source, and the headers it includes.
 KERNELS = {
@@ -145,7 +155,7 @@ for image, job in kernel_jobs:
         if os.path.exists(image):
             os.remove(image)
 
-extensions = [core, bench_capi, runtime, kernels, dlpack, kvcache, attention, transfer]
+extensions = [core, bench_capi, runtime, kernels, dlpack, kvcache, attention, transfer, tensor_parallel]
 directives = {"language_level": 3}
 sanitize = os.environ.get("ROCMFORGE_SANITIZE")       # tools/sanitize.sh, tools/tsan.sh: e.g. "address,undefined"
 if os.environ.get("ROCMFORGE_LINETRACE"):

@@ -4,6 +4,7 @@ from rocmforge._core import BlockManager
 from rocmforge._dlpack import DeviceArray
 from rocmforge._kvcache import KvCache
 from rocmforge._runtime import DeviceBuffer, backend_info, live_buffers
+from rocmforge._tensor_parallel import TensorParallelKvCache
 from rocmforge.errors import (
     ArgumentTypeError,
     ArgumentValueError,
@@ -45,6 +46,7 @@ __all__ = [
     "DeviceBuffer",
     "DeviceArray",
     "KvCache",
+    "TensorParallelKvCache",
     "backend_info",
     "live_buffers",
     "BlockStored",

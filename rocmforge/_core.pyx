@@ -697,6 +697,11 @@ cdef class BlockManager:
         return n
 
     @property
+    def host_cache_blocks(self):
+        """Blocks the host tier holds at most (0: none); fixed at construction."""
+        return self._c.pfx.host.capacity
+
+    @property
     def num_free_blocks(self):
         """Blocks with refcount 0, all of which an allocation can take (free ones
         and, with prefix caching, evictable cached ones). Read without a lock."""

@@ -30,6 +30,7 @@ cdef class KvCache:
     cdef dict _workspaces               # GPU: stream handle -> paged attention workspaces, the newest last
     cdef DeviceBuffer _host             # the host tier: [2 * layers][slots][block bytes] of host memory
     cdef int64_t _host_slots
+    cdef object _fanout                 # tensor parallelism: this rank's share of the pending copies
     cdef cython.pymutex _lock
     cdef bint _open
 
@@ -47,6 +48,7 @@ cdef class KvCache:
     cdef int _check_rows(self, ArrayInfo* a, str what) except -1
     cdef int _check_device(self, ArrayInfo* a, str what) except -1
     cdef _apply_pending(self, void* stream)
+    cdef _whole(self, str what)
     cdef _copy_pairs(self, cnp.ndarray pairs, void* stream)
     cdef _host_copies(self, cnp.ndarray pairs, void* stream)
     cdef _move_blocks(self, bint out, cnp.ndarray ids, cnp.ndarray host)

@@ -90,7 +90,8 @@ cdef class KvCache:
     keep their memory alive until they are gone. Thread-safe: storage changes
     (compact, grow, close) are serialized with the data path."""
 
-    def __init__(self, config, device="auto", *, k_scale=1.0, v_scale=1.0, host_cache=None, **manager_options):
+    def __init__(self, config, device="auto", *, k_scale=1.0, v_scale=1.0, host_cache=None, _rank_of=None,
+                 **manager_options):
         """``manager_options`` go to BlockManager (evict_sequences,
         enable_prefix_caching, eviction_policy, enable_events, shards). ``k_scale`` and
         ``v_scale`` (a float or one per layer) are the quantization scales of
@@ -99,7 +100,11 @@ cdef class KvCache:
         ``host_cache`` adds a host tier for the prefix cache: bytes (an int or a
         string like "16GiB") of host memory that keep the K/V of prefix blocks
         the pool evicts, brought back on a hit (needs enable_prefix_caching;
-        the manager's host_cache_blocks is set from it)."""
+        the manager's host_cache_blocks is set from it).
+
+        ``_rank_of`` is for rocmforge.TensorParallelKvCache alone: (manager,
+        fanout), a shared BlockManager (with its host tier) and the function
+        that hands this rank its share of the manager's pending copies."""
         if not isinstance(config, CacheConfig):
             raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")
         if config.dtype not in STORAGE_DTYPES:
@@ -125,7 +130,11 @@ cdef class KvCache:
             self._scratch = DeviceBuffer(1 << 16, self._dev)
         self._check_room(config.num_blocks)        # before the manager's metadata, too
         self._host_slots = 0
-        if host_cache is not None:
+        self._fanout = None
+        if _rank_of is not None:
+            self.manager, self._fanout = _rank_of
+            self._host_slots = self.manager.host_cache_blocks
+        elif host_cache is not None:
             if "host_cache_blocks" in manager_options:
                 raise ArgumentValueError("give host_cache (the KvCache sizes the manager's host tier), "
                                          "not host_cache_blocks")
@@ -139,7 +148,8 @@ cdef class KvCache:
                 raise MemoryError(f"the host tier needs {format_bytes(need)} of host memory, and "
                                   f"{format_bytes(free)} is free: lower host_cache")
             manager_options["host_cache_blocks"] = self._host_slots
-        self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
+        if _rank_of is None:
+            self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
         if self._host_slots:      # page-locked when a GPU copies to and from it
             self._host = DeviceBuffer(self._host_slots * config.bytes_per_block, -1, pinned=self._dev >= 0)
         self._swapped = {}
@@ -510,12 +520,21 @@ cdef class KvCache:
 
     cdef _apply_pending(self, void* stream):
         """Take the manager's pending copies and apply them. Call with the lock
-        held, so no other call writes a copy's target before the copy lands."""
-        if not (<BlockManager>self.manager).c_has_pending_copies():
+        held, so no other call writes a copy's target before the copy lands. A
+        tensor-parallel rank applies its own share: every rank sees every copy, in order."""
+        if self._fanout is not None:
+            pairs = self._fanout(self)
+        elif not (<BlockManager>self.manager).c_has_pending_copies():
             return                      # the common case, without building an empty array
-        pairs = self.manager.take_pending_copies()
-        if len(pairs):
+        else:
+            pairs = self.manager.take_pending_copies()
+        if pairs is not None and len(pairs):
             self._copy_pairs(pairs, stream)
+
+    cdef _whole(self, str what):
+        """Refuse a call that changes the shared manager on one rank of a tensor-parallel cache."""
+        if self._fanout is not None:
+            raise KvCacheError(f"this KvCache is one rank of a TensorParallelKvCache: call the group's {what}()")
 
     cdef _copy_pairs(self, cnp.ndarray pairs, void* stream):
         """Apply (src, dst) block copies, in order, to every layer's K and V; an
@@ -725,6 +744,7 @@ cdef class KvCache:
         """Move sequences' K/V to host memory and release their blocks (preemption
         by swapping). All named sequences must exist; nothing changes otherwise."""
         self._live()
+        self._whole("swap_out")
         ids = _distinct_ids(seq_ids)
         with self._lock:
             self._check_open()
@@ -745,6 +765,7 @@ cdef class KvCache:
         """Bring swapped-out sequences back: fresh blocks (a cached prefix is reused),
         their K/V copied back. All or nothing: OutOfBlocks leaves them swapped out."""
         self._live()
+        self._whole("swap_in")
         ids = _distinct_ids(seq_ids)
         with self._lock:
             self._check_open()
@@ -804,6 +825,7 @@ cdef class KvCache:
         thread runs entirely before or after it. Block ids and slots taken
         before it are stale after it (remap them with the moves)."""
         self._live()
+        self._whole("compact")
         with self._lock:
             self._check_open()
             self._apply_pending(NULL)
@@ -823,6 +845,7 @@ cdef class KvCache:
     def grow(self, num_blocks):
         """Enlarge the pool and the storage to num_blocks (new blocks are zeroed)."""
         self._live()
+        self._whole("grow")
         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
             raise ArgumentTypeError("num_blocks must be an int")
         n = num_blocks.__index__()

@@ -12,7 +12,7 @@ from rocmforge import attention, config, engine, kv_events, router, traces, tran
 
 CLASSES = [rf.BlockManager, rf.KvCache, rf.DeviceBuffer, rf.DeviceArray, engine.Engine, engine.Scheduler,
            engine.Request, config.CacheConfig, config.MemoryProfile, router.PrefixRouter,
-           kv_events.EventPublisher, kv_events.EventSubscriber, transfer.PackedSequence]
+           kv_events.EventPublisher, kv_events.EventSubscriber, transfer.PackedSequence, rf.TensorParallelKvCache]
 HERE = pathlib.Path(__file__).resolve()
 
 
