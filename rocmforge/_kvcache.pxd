@@ -52,3 +52,9 @@ cdef class KvCache:
     cdef _copy_pairs(self, cnp.ndarray pairs, void* stream)
     cdef _host_copies(self, cnp.ndarray pairs, void* stream)
     cdef _move_blocks(self, bint out, cnp.ndarray ids, cnp.ndarray host)
+
+
+# Swapping for one cache ([cache]) or every rank of a TensorParallelKvCache; call
+# with every rank's lock held. swapped: seq_id -> ([per rank K/V], num_tokens, tokens, salt_key).
+cdef swap_out_ranks(list ranks, object manager, dict swapped, list ids)
+cdef swap_in_ranks(list ranks, object manager, dict swapped, list ids)

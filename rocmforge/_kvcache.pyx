@@ -747,19 +747,7 @@ cdef class KvCache:
         self._whole("swap_out")
         ids = _distinct_ids(seq_ids)
         with self._lock:
-            self._check_open()
-            for sid in ids:
-                if sid not in self.manager:
-                    raise SequenceNotFound(f"sequence {sid} not found")
-            self._apply_pending(NULL)
-            for sid in ids:
-                info = self.manager.sequence_info(sid)
-                table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
-                host = np.empty((2 * self._num_layers, len(table), self._block_bytes), dtype=np.uint8)
-                self._move_blocks(True, table, host)
-                self._swapped[sid] = (host, info["num_tokens"], self.manager.sequence_tokens(sid),
-                                      info["salt_key"])
-                self.manager.remove_sequence(sid)
+            swap_out_ranks([self], self.manager, self._swapped, ids)
 
     def swap_in(self, seq_ids):
         """Bring swapped-out sequences back: fresh blocks (a cached prefix is reused),
@@ -768,30 +756,7 @@ cdef class KvCache:
         self._whole("swap_in")
         ids = _distinct_ids(seq_ids)
         with self._lock:
-            self._check_open()
-            for sid in ids:
-                if sid not in self._swapped:
-                    raise SequenceNotFound(f"sequence {sid} is not swapped out")
-                if sid in self.manager:
-                    raise SequenceExists(f"sequence {sid} exists")
-            done = []
-            try:
-                for sid in ids:
-                    host, num_tokens, tokens, salt_key = self._swapped[sid]
-                    if tokens is None:
-                        self.manager.add_sequence(sid, num_tokens=num_tokens)
-                    else:
-                        self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
-                    done.append(sid)
-                    hits = self.manager.num_cached_tokens(sid) // self._block_size
-                    table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
-                    self._move_blocks(False, table, np.ascontiguousarray(host[:, hits:]))
-            except BaseException:
-                for sid in done:                # their data is in place: removing keeps the cache valid
-                    self.manager.remove_sequence(sid)
-                raise
-            for sid in ids:
-                del self._swapped[sid]
+            swap_in_ranks([self], self.manager, self._swapped, ids)
 
     def drop_swapped(self, seq_ids):
         """Forget swapped-out sequences (their host copies are freed)."""
@@ -811,7 +776,7 @@ cdef class KvCache:
     def swapped_bytes(self):
         """Host memory held by swapped-out sequences."""
         with self._lock:
-            return sum(entry[0].nbytes for entry in self._swapped.values())
+            return sum(h.nbytes for entry in self._swapped.values() for h in entry[0])
 
     # ---- pool size ----------------------------------------------------------------------------------
 
@@ -857,3 +822,4 @@ cdef class KvCache:
             self.manager.grow(n)
 
 
+include "_swap.pxi"

@@ -1303,6 +1303,13 @@ static int __Pyx_init_tpflags_variables(void) {
 #define __PYX_HAVE__rocmforge___tensor_parallel
 #define __PYX_HAVE_API__rocmforge___tensor_parallel
 /* Early includes */
+#include <stdint.h>
+#include "ios"
+#include "new"
+#include "stdexcept"
+#include "typeinfo"
+#include <vector>
+#include "_rf_state.h"
 #include <string.h>
 #include <stdio.h>
 
@@ -1313,13 +1320,6 @@ static int __Pyx_init_tpflags_variables(void) {
 #include "numpy/ndarraytypes.h"
 #include "numpy/arrayscalars.h"
 #include "numpy/ufuncobject.h"
-#include <stdint.h>
-#include "ios"
-#include "new"
-#include "stdexcept"
-#include "typeinfo"
-#include <vector>
-#include "_rf_state.h"
 #include "rf_attention.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -1567,11 +1567,11 @@ static const char * const __pyx_cfilenm = __FILE__;
 
 static const char* const __pyx_f[] = {
   "rocmforge/_tensor_parallel.pyx",
-  "numpy/__init__.cython-30.pxd",
   "rocmforge/_state.pxd",
+  "numpy/__init__.cython-30.pxd",
   "(tree fragment)",
-  "cpython/type.pxd",
   "rocmforge/_core.pxd",
+  "cpython/type.pxd",
   "rocmforge/_dlpack.pxd",
   "rocmforge/_runtime.pxd",
   "rocmforge/_kvcache.pxd",
@@ -2358,7 +2358,7 @@ struct __pyx_obj_9rocmforge_8_kvcache_KvCache {
 };
 
 
-/* "rocmforge/_tensor_parallel.pyx":51
+/* "rocmforge/_tensor_parallel.pyx":47
  * 
  * 
  * cdef class _AllLocks:             # <<<<<<<<<<<<<<
@@ -2372,7 +2372,7 @@ struct __pyx_obj_9rocmforge_16_tensor_parallel__AllLocks {
 };
 
 
-/* "rocmforge/_tensor_parallel.pyx":141
+/* "rocmforge/_tensor_parallel.pyx":137
  *     @property
  *     def closed(self):
  *         return all(r.closed for r in self.ranks)             # <<<<<<<<<<<<<<
@@ -2386,7 +2386,7 @@ struct __pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr {
 };
 
 
-/* "rocmforge/_tensor_parallel.pyx":144
+/* "rocmforge/_tensor_parallel.pyx":140
  * 
  *     def _live(self):
  *         if any(r.closed for r in self.ranks):             # <<<<<<<<<<<<<<
@@ -2400,7 +2400,7 @@ struct __pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr {
 };
 
 
-/* "rocmforge/_tensor_parallel.pyx":159
+/* "rocmforge/_tensor_parallel.pyx":155
  * 
  *     def __repr__(self):
  *         return f"TensorParallelKvCache({len(self.ranks)} ranks: {', '.join(r.device for r in self.ranks)})"             # <<<<<<<<<<<<<<
@@ -2680,6 +2680,21 @@ static CYTHON_INLINE PyObject* __Pyx_PyObject_GetAttrStrNoError(PyObject* obj, P
 /* GetBuiltinName.proto */
 static PyObject *__Pyx_GetBuiltinName(PyObject *name);
 
+/* DivInt[int64_t].proto */
+static CYTHON_INLINE int64_t __Pyx_div_int64_t(int64_t, int64_t, int b_is_constant);
+
+/* UnaryNegOverflows.proto */
+#define __Pyx_UNARY_NEG_WOULD_OVERFLOW(x)\
+        (((x) < 0) & ((unsigned long)(x) == 0-(unsigned long)(x)))
+
+/* WriteUnraisableException.proto */
+static void __Pyx_WriteUnraisable(const char *name, int clineno,
+                                  int lineno, const char *filename,
+                                  int full_traceback, int nogil);
+
+/* ModInt[int64_t].proto */
+static CYTHON_INLINE int64_t __Pyx_mod_int64_t(int64_t, int64_t, int b_is_constant);
+
 /* GetTopmostException.proto (used by SaveResetException) */
 #if CYTHON_USE_EXC_INFO_STACK && CYTHON_FAST_THREAD_STATE
 static _PyErr_StackItem * __Pyx_PyErr_GetTopmostException(PyThreadState *tstate);
@@ -2728,21 +2743,6 @@ static CYTHON_INLINE PyObject* __Pyx_PyObject_FastCallDict(PyObject *func, PyObj
 
 /* RaiseException.export */
 static void __Pyx_Raise(PyObject *type, PyObject *value, PyObject *tb, PyObject *cause);
-
-/* DivInt[int64_t].proto */
-static CYTHON_INLINE int64_t __Pyx_div_int64_t(int64_t, int64_t, int b_is_constant);
-
-/* UnaryNegOverflows.proto */
-#define __Pyx_UNARY_NEG_WOULD_OVERFLOW(x)\
-        (((x) < 0) & ((unsigned long)(x) == 0-(unsigned long)(x)))
-
-/* WriteUnraisableException.proto */
-static void __Pyx_WriteUnraisable(const char *name, int clineno,
-                                  int lineno, const char *filename,
-                                  int full_traceback, int nogil);
-
-/* ModInt[int64_t].proto */
-static CYTHON_INLINE int64_t __Pyx_mod_int64_t(int64_t, int64_t, int b_is_constant);
 
 /* CopyObjectArray.proto (used by TupleOrListFromArrayImpl) */
 #if CYTHON_COMPILING_IN_CPYTHON
@@ -3396,24 +3396,21 @@ static CYTHON_INLINE void __Pyx__ExceptionSwap(PyThreadState *tstate, PyObject *
 static CYTHON_INLINE void __Pyx_ExceptionSwap(PyObject **type, PyObject **value, PyObject **tb);
 #endif
 
+/* RaiseErrorWithObjectType1.proto (used by RaiseUnexpectedTypeError) */
+#define __Pyx_RaiseTypeErrorWithObjectType1(message, arg, obj) __Pyx_RaiseErrorWithObjectType1(PyExc_TypeError, message, arg, obj)
+#define __Pyx_RaiseErrorWithObjectType1(exc_type, message, arg, obj) __Pyx_RaiseErrorWithType1(exc_type, message, arg, Py_TYPE(obj))
+CYTHON_UNUSED
+static void __Pyx_RaiseErrorWithType1(PyObject* exc_type, const char* message, const char *arg, PyTypeObject *type_obj);
+
+/* RaiseUnexpectedTypeError.proto */
+CYTHON_UNUSED
+static int __Pyx_RaiseUnexpectedTypeError(const char *expected, PyObject *obj);
+
 /* PySequenceContains.proto */
 static CYTHON_INLINE int __Pyx_PySequence_ContainsTF(PyObject* item, PyObject* seq, int eq) {
     int result = PySequence_Contains(seq, item);
     return unlikely(result < 0) ? result : (result == (eq == Py_EQ));
 }
-
-/* PyObjectVectorcallMethodKwds.proto */
-#if CYTHON_VECTORCALL
-#define __Pyx_Object_VectorcallMethodKwds PyObject_VectorcallMethod
-#else
-static PyObject *__Pyx_Object_VectorcallMethodKwds(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwnames);
-#endif
-
-/* SliceObject.proto */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_GetSlice(
-        PyObject* obj, Py_ssize_t cstart, Py_ssize_t cstop,
-        PyObject** py_start, PyObject** py_stop, PyObject** py_slice,
-        int has_cstart, int has_cstop, int wraparound);
 
 /* PyNumberBinop.proto */
 #if CYTHON_COMPILING_IN_PYPY || CYTHON_COMPILING_IN_GRAAL || CYTHON_COMPILING_IN_LIMITED_API
@@ -3471,12 +3468,6 @@ static int __Pyx_call_type_traverse(PyObject *o, int always_call, visitproc visi
 CYTHON_UNUSED static Py_ssize_t __Pyx_GetTypeDictOffset(PyObject *tp, int require_cython_valid_result);
 #endif
 
-/* RaiseErrorWithObjectType1.proto (used by ValidateBasesTuple) */
-#define __Pyx_RaiseTypeErrorWithObjectType1(message, arg, obj) __Pyx_RaiseErrorWithObjectType1(PyExc_TypeError, message, arg, obj)
-#define __Pyx_RaiseErrorWithObjectType1(exc_type, message, arg, obj) __Pyx_RaiseErrorWithType1(exc_type, message, arg, Py_TYPE(obj))
-CYTHON_UNUSED
-static void __Pyx_RaiseErrorWithType1(PyObject* exc_type, const char* message, const char *arg, PyTypeObject *type_obj);
-
 /* ValidateBasesTuple.proto (used by PyType_Ready) */
 #if CYTHON_COMPILING_IN_CPYTHON || CYTHON_COMPILING_IN_LIMITED_API || CYTHON_USE_TYPE_SPECS
 static int __Pyx_validate_bases_tuple(const char *type_name, int has_dictoffset, PyObject *bases);
@@ -3526,6 +3517,9 @@ static PyTypeObject *__Pyx_ImportType_3_3_1(PyObject* module, const char *module
 
 /* GetVTable.proto */
 static int __Pyx_GetVtable(PyTypeObject *type, void** table);
+
+/* FunctionImport.proto */
+static int __Pyx_ImportFunction_3_3_1(PyObject *module, const char *funcname, void (**f)(void), const char *sig);
 
 /* TupleOrListFromArrayImpl.proto (used by ListFromArray) */
 CYTHON_UNUSED static PyObject *
@@ -3885,6 +3879,13 @@ static void __Pyx_AddTraceback(const char *funcname, int c_line,
     #endif
 #endif
 
+/* PyObjectVectorcallMethodKwds.proto (used by CIntToPy) */
+#if CYTHON_VECTORCALL
+#define __Pyx_Object_VectorcallMethodKwds PyObject_VectorcallMethod
+#else
+static PyObject *__Pyx_Object_VectorcallMethodKwds(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+#endif
+
 /* CIntToPy.proto */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value);
 
@@ -4118,6 +4119,16 @@ static CYTHON_INLINE npy_intp *__pyx_f_5numpy_7ndarray_7strides___get__(PyArrayO
 static CYTHON_INLINE npy_intp __pyx_f_5numpy_7ndarray_4size___get__(PyArrayObject *__pyx_v_self); /* proto*/
 static CYTHON_INLINE char *__pyx_f_5numpy_7ndarray_4data___get__(PyArrayObject *__pyx_v_self); /* proto*/
 
+/* Module declarations from "libc.stdint" */
+
+/* Module declarations from "libcpp.vector" */
+
+/* Module declarations from "cython" */
+
+/* Module declarations from "rocmforge._state" */
+
+/* Module declarations from "rocmforge._core" */
+
 /* Module declarations from "libc.string" */
 
 /* Module declarations from "libc.stdio" */
@@ -4135,17 +4146,6 @@ static CYTHON_INLINE char *__pyx_f_5numpy_7ndarray_4data___get__(PyArrayObject *
 /* Module declarations from "numpy" */
 
 /* Module declarations from "numpy" */
-static CYTHON_INLINE int __pyx_f_5numpy_import_array(void); /*proto*/
-
-/* Module declarations from "libc.stdint" */
-
-/* Module declarations from "libcpp.vector" */
-
-/* Module declarations from "cython" */
-
-/* Module declarations from "rocmforge._state" */
-
-/* Module declarations from "rocmforge._core" */
 
 /* Module declarations from "rocmforge._dlpack" */
 
@@ -4154,6 +4154,8 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_array(void); /*proto*/
 /* Module declarations from "rocmforge._runtime" */
 
 /* Module declarations from "rocmforge._kvcache" */
+static PyObject *(*__pyx_f_9rocmforge_8_kvcache_swap_out_ranks)(PyObject *, PyObject *, PyObject *, PyObject *); /*proto*/
+static PyObject *(*__pyx_f_9rocmforge_8_kvcache_swap_in_ranks)(PyObject *, PyObject *, PyObject *, PyObject *); /*proto*/
 
 /* Module declarations from "rocmforge._tensor_parallel" */
 /* #### Code section: typeinfo ### */
@@ -4166,7 +4168,6 @@ int __pyx_module_is_main_rocmforge___tensor_parallel = 0;
 /* #### Code section: global_var ### */
 static PyObject *__pyx_builtin_property;
 static PyObject *__pyx_builtin_id;
-static PyObject *__pyx_builtin_enumerate;
 /* #### Code section: string_decls ### */
 static const char __pyx_k_TensorParallelKvCache_one_BlockM[] = "TensorParallelKvCache: one BlockManager, its K/V storage split by kv heads\nacross several KvCaches (ranks), each on its own device. Block ids, tables\nand slots are the same on every rank; every copy the manager queues\n(copy-on-write, host tier) reaches every rank, in order; swap, compaction and\ngrow change the manager once and every rank\047s storage with it.";
 /* #### Code section: decls ### */
@@ -4318,6 +4319,7 @@ namespace {
     PyObject *__pyx_empty_tuple;
     PyObject *__pyx_empty_bytes;
     PyObject *__pyx_empty_unicode;
+    PyTypeObject *__pyx_ptype_9rocmforge_5_core_BlockManager;
     PyTypeObject *__pyx_ptype_7cpython_4type_type;
     PyTypeObject *__pyx_ptype_5numpy_dtype;
     PyTypeObject *__pyx_ptype_5numpy_flatiter;
@@ -4334,7 +4336,6 @@ namespace {
     PyTypeObject *__pyx_ptype_5numpy_flexible;
     PyTypeObject *__pyx_ptype_5numpy_character;
     PyTypeObject *__pyx_ptype_5numpy_ufunc;
-    PyTypeObject *__pyx_ptype_9rocmforge_5_core_BlockManager;
     PyTypeObject *__pyx_ptype_9rocmforge_7_dlpack_DeviceArray;
     PyTypeObject *__pyx_ptype_9rocmforge_8_runtime_DeviceBuffer;
     PyTypeObject *__pyx_ptype_9rocmforge_8_runtime_DeviceKernels;
@@ -4351,11 +4352,10 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_items;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
-    PyObject *__pyx_slice[1];
-    PyObject *__pyx_tuple[9];
+    PyObject *__pyx_tuple[6];
     PyObject *__pyx_codeobj_tab[32];
-    PyObject *__pyx_string_tab[261];
-    PyObject *__pyx_number_tab[3];
+    PyObject *__pyx_string_tab[239];
+    PyObject *__pyx_number_tab[2];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
 #if CYTHON_COMPILING_IN_LIMITED_API
@@ -4429,268 +4429,245 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 /* #### Code section: constant_name_defines ### */
 #define __pyx_kp_u_num_blocks_2 __pyx_string_tab[0]
 #define __pyx_kp_u_bytes __pyx_string_tab[1]
-#define __pyx_kp_u_exists __pyx_string_tab[2]
-#define __pyx_kp_u_holds_no_block_of __pyx_string_tab[3]
-#define __pyx_kp_u_is_not_swapped_out __pyx_string_tab[4]
-#define __pyx_kp_u_kv_heads_do_not_divide_among __pyx_string_tab[5]
-#define __pyx_kp_u_not_found __pyx_string_tab[6]
-#define __pyx_kp_u_ranks_2 __pyx_string_tab[7]
-#define __pyx_kp_u_ranks_3 __pyx_string_tab[8]
-#define __pyx_kp_u_tree_fragment __pyx_string_tab[9]
-#define __pyx_kp_u__3 __pyx_string_tab[10]
-#define __pyx_kp_u__2 __pyx_string_tab[11]
-#define __pyx_kp_u__4 __pyx_string_tab[12]
-#define __pyx_kp_u_use_compact __pyx_string_tab[13]
-#define __pyx_kp_u_ __pyx_string_tab[14]
-#define __pyx_kp_u_A_paged_KV_cache_split_by_kv_hea __pyx_string_tab[15]
-#define __pyx_kp_u_Hands_each_rank_its_share_of_the __pyx_string_tab[16]
-#define __pyx_kp_u_Note_that_Cython_is_deliberately __pyx_string_tab[17]
-#define __pyx_kp_u_TensorParallelKvCache __pyx_string_tab[18]
-#define __pyx_kp_u_add_note __pyx_string_tab[19]
-#define __pyx_kp_u_config_must_be_a_rocmforge_confi __pyx_string_tab[20]
-#define __pyx_kp_u_devices_must_be_a_non_empty_list __pyx_string_tab[21]
-#define __pyx_kp_u_disable __pyx_string_tab[22]
-#define __pyx_kp_u_enable __pyx_string_tab[23]
-#define __pyx_kp_u_gc __pyx_string_tab[24]
-#define __pyx_kp_u_give_host_cache_bytes_not_host_c __pyx_string_tab[25]
-#define __pyx_kp_u_grow_to __pyx_string_tab[26]
-#define __pyx_kp_u_host_cache_2 __pyx_string_tab[27]
-#define __pyx_kp_u_isenabled __pyx_string_tab[28]
-#define __pyx_kp_u_no_default___reduce___due_to_non __pyx_string_tab[29]
-#define __pyx_kp_u_num_blocks_must_be_an_int __pyx_string_tab[30]
-#define __pyx_kp_u_numpy__core_multiarray_failed_to __pyx_string_tab[31]
-#define __pyx_kp_u_numpy__core_umath_failed_to_impo __pyx_string_tab[32]
-#define __pyx_kp_u_rocmforge__tensor_parallel_pyx __pyx_string_tab[33]
-#define __pyx_kp_u_seq_ids_repeats_a_sequence __pyx_string_tab[34]
-#define __pyx_kp_u_sequence __pyx_string_tab[35]
-#define __pyx_kp_u_the_TensorParallelKvCache_is_clo __pyx_string_tab[36]
-#define __pyx_n_u_ArgumentTypeError __pyx_string_tab[37]
-#define __pyx_n_u_ArgumentValueError __pyx_string_tab[38]
-#define __pyx_n_u_CacheConfig __pyx_string_tab[39]
-#define __pyx_n_u_InvalidConfiguration __pyx_string_tab[40]
-#define __pyx_n_u_Lock __pyx_string_tab[41]
-#define __pyx_n_u_SequenceExists __pyx_string_tab[42]
-#define __pyx_n_u_SequenceNotFound __pyx_string_tab[43]
-#define __pyx_n_u_TensorParallelKvCache_2 __pyx_string_tab[44]
-#define __pyx_n_u_TensorParallelKvCache___enter __pyx_string_tab[45]
-#define __pyx_n_u_TensorParallelKvCache___exit __pyx_string_tab[46]
-#define __pyx_n_u_TensorParallelKvCache___init __pyx_string_tab[47]
-#define __pyx_n_u_TensorParallelKvCache___repr __pyx_string_tab[48]
-#define __pyx_n_u_TensorParallelKvCache___repr___l __pyx_string_tab[49]
-#define __pyx_n_u_TensorParallelKvCache__live __pyx_string_tab[50]
-#define __pyx_n_u_TensorParallelKvCache__live_loca __pyx_string_tab[51]
-#define __pyx_n_u_TensorParallelKvCache_apply_pend __pyx_string_tab[52]
-#define __pyx_n_u_TensorParallelKvCache_close __pyx_string_tab[53]
-#define __pyx_n_u_TensorParallelKvCache_closed __pyx_string_tab[54]
-#define __pyx_n_u_TensorParallelKvCache_closed_loc __pyx_string_tab[55]
-#define __pyx_n_u_TensorParallelKvCache_compact __pyx_string_tab[56]
-#define __pyx_n_u_TensorParallelKvCache_copy_block __pyx_string_tab[57]
-#define __pyx_n_u_TensorParallelKvCache_drop_swapp __pyx_string_tab[58]
-#define __pyx_n_u_TensorParallelKvCache_gather __pyx_string_tab[59]
-#define __pyx_n_u_TensorParallelKvCache_grow __pyx_string_tab[60]
-#define __pyx_n_u_TensorParallelKvCache_heads __pyx_string_tab[61]
-#define __pyx_n_u_TensorParallelKvCache_num_blocks __pyx_string_tab[62]
-#define __pyx_n_u_TensorParallelKvCache_num_ranks __pyx_string_tab[63]
-#define __pyx_n_u_TensorParallelKvCache_stats __pyx_string_tab[64]
-#define __pyx_n_u_TensorParallelKvCache_swap_in __pyx_string_tab[65]
-#define __pyx_n_u_TensorParallelKvCache_swap_out __pyx_string_tab[66]
-#define __pyx_n_u_TensorParallelKvCache_swapped_se __pyx_string_tab[67]
-#define __pyx_n_u_TensorParallelKvCache_synchroniz __pyx_string_tab[68]
-#define __pyx_n_u_AllLocks __pyx_string_tab[69]
-#define __pyx_n_u_AllLocks___enter __pyx_string_tab[70]
-#define __pyx_n_u_AllLocks___exit __pyx_string_tab[71]
-#define __pyx_n_u_AllLocks___reduce_cython __pyx_string_tab[72]
-#define __pyx_n_u_AllLocks___setstate_cython __pyx_string_tab[73]
-#define __pyx_n_u_Fanout __pyx_string_tab[74]
-#define __pyx_n_u_Fanout___call __pyx_string_tab[75]
-#define __pyx_n_u_Fanout___init __pyx_string_tab[76]
-#define __pyx_n_u_Fanout_add __pyx_string_tab[77]
-#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[78]
-#define __pyx_n_u_annotate __pyx_string_tab[79]
-#define __pyx_n_u_call __pyx_string_tab[80]
-#define __pyx_n_u_class_getitem __pyx_string_tab[81]
-#define __pyx_n_u_doc __pyx_string_tab[82]
-#define __pyx_n_u_enter __pyx_string_tab[83]
-#define __pyx_n_u_exit __pyx_string_tab[84]
-#define __pyx_n_u_func __pyx_string_tab[85]
-#define __pyx_n_u_getstate __pyx_string_tab[86]
-#define __pyx_n_u_index __pyx_string_tab[87]
-#define __pyx_n_u_init __pyx_string_tab[88]
-#define __pyx_n_u_len __pyx_string_tab[89]
-#define __pyx_n_u_main __pyx_string_tab[90]
-#define __pyx_n_u_metaclass __pyx_string_tab[91]
-#define __pyx_n_u_module __pyx_string_tab[92]
-#define __pyx_n_u_name __pyx_string_tab[93]
-#define __pyx_n_u_prepare __pyx_string_tab[94]
-#define __pyx_n_u_pyx_state __pyx_string_tab[95]
-#define __pyx_n_u_pyx_vtable __pyx_string_tab[96]
-#define __pyx_n_u_qualname __pyx_string_tab[97]
-#define __pyx_n_u_reduce __pyx_string_tab[98]
-#define __pyx_n_u_reduce_cython __pyx_string_tab[99]
-#define __pyx_n_u_reduce_ex __pyx_string_tab[100]
-#define __pyx_n_u_repr __pyx_string_tab[101]
-#define __pyx_n_u_set_name __pyx_string_tab[102]
-#define __pyx_n_u_setstate __pyx_string_tab[103]
-#define __pyx_n_u_setstate_cython __pyx_string_tab[104]
-#define __pyx_n_u_test __pyx_string_tab[105]
-#define __pyx_n_u_distinct __pyx_string_tab[106]
-#define __pyx_n_u_fanout __pyx_string_tab[107]
-#define __pyx_n_u_files __pyx_string_tab[108]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[109]
-#define __pyx_n_u_live __pyx_string_tab[110]
-#define __pyx_n_u_lock __pyx_string_tab[111]
-#define __pyx_n_u_manager_2 __pyx_string_tab[112]
-#define __pyx_n_u_rank_of __pyx_string_tab[113]
-#define __pyx_n_u_salt_key_2 __pyx_string_tab[114]
-#define __pyx_n_u_swapped __pyx_string_tab[115]
-#define __pyx_n_u_add __pyx_string_tab[116]
-#define __pyx_n_u_add_sequence __pyx_string_tab[117]
-#define __pyx_n_u_append __pyx_string_tab[118]
-#define __pyx_n_u_apply_pending_copies __pyx_string_tab[119]
-#define __pyx_n_u_ascontiguousarray __pyx_string_tab[120]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[121]
-#define __pyx_n_u_axis __pyx_string_tab[122]
-#define __pyx_n_u_block_size __pyx_string_tab[123]
-#define __pyx_n_u_block_table __pyx_string_tab[124]
-#define __pyx_n_u_blocks __pyx_string_tab[125]
-#define __pyx_n_u_bytes_per_block __pyx_string_tab[126]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[127]
-#define __pyx_n_u_close __pyx_string_tab[128]
-#define __pyx_n_u_closed __pyx_string_tab[129]
-#define __pyx_n_u_compact __pyx_string_tab[130]
-#define __pyx_n_u_concatenate __pyx_string_tab[131]
-#define __pyx_n_u_config __pyx_string_tab[132]
-#define __pyx_n_u_copy_blocks __pyx_string_tab[133]
-#define __pyx_n_u_dev __pyx_string_tab[134]
-#define __pyx_n_u_device __pyx_string_tab[135]
-#define __pyx_n_u_devices __pyx_string_tab[136]
-#define __pyx_n_u_done __pyx_string_tab[137]
-#define __pyx_n_u_drop_swapped __pyx_string_tab[138]
-#define __pyx_n_u_dtype __pyx_string_tab[139]
-#define __pyx_n_u_empty __pyx_string_tab[140]
-#define __pyx_n_u_enumerate __pyx_string_tab[141]
-#define __pyx_n_u_errors __pyx_string_tab[142]
-#define __pyx_n_u_exc __pyx_string_tab[143]
-#define __pyx_n_u_f __pyx_string_tab[144]
-#define __pyx_n_u_gather __pyx_string_tab[145]
-#define __pyx_n_u_genexpr __pyx_string_tab[146]
-#define __pyx_n_u_grow __pyx_string_tab[147]
-#define __pyx_n_u_head_dim __pyx_string_tab[148]
-#define __pyx_n_u_heads __pyx_string_tab[149]
-#define __pyx_n_u_hits __pyx_string_tab[150]
-#define __pyx_n_u_host __pyx_string_tab[151]
-#define __pyx_n_u_host_bytes_offloaded __pyx_string_tab[152]
-#define __pyx_n_u_host_bytes_reloaded __pyx_string_tab[153]
-#define __pyx_n_u_host_cache __pyx_string_tab[154]
-#define __pyx_n_u_host_cache_blocks __pyx_string_tab[155]
-#define __pyx_n_u_host_offloaded_blocks __pyx_string_tab[156]
-#define __pyx_n_u_host_reloaded_blocks __pyx_string_tab[157]
-#define __pyx_n_u_hosts __pyx_string_tab[158]
-#define __pyx_n_u_i __pyx_string_tab[159]
-#define __pyx_n_u_id __pyx_string_tab[160]
-#define __pyx_n_u_ids __pyx_string_tab[161]
-#define __pyx_n_u_info __pyx_string_tab[162]
-#define __pyx_n_u_int32 __pyx_string_tab[163]
-#define __pyx_n_u_items __pyx_string_tab[164]
-#define __pyx_n_u_k __pyx_string_tab[165]
-#define __pyx_n_u_k_scale __pyx_string_tab[166]
-#define __pyx_n_u_keys __pyx_string_tab[167]
-#define __pyx_n_u_layer __pyx_string_tab[168]
-#define __pyx_n_u_m __pyx_string_tab[169]
-#define __pyx_n_u_manager __pyx_string_tab[170]
-#define __pyx_n_u_manager_options __pyx_string_tab[171]
-#define __pyx_n_u_mine __pyx_string_tab[172]
-#define __pyx_n_u_moves __pyx_string_tab[173]
-#define __pyx_n_u_n __pyx_string_tab[174]
-#define __pyx_n_u_next __pyx_string_tab[175]
-#define __pyx_n_u_np __pyx_string_tab[176]
-#define __pyx_n_u_num_blocks __pyx_string_tab[177]
-#define __pyx_n_u_num_cached_tokens __pyx_string_tab[178]
-#define __pyx_n_u_num_evictable_blocks __pyx_string_tab[179]
-#define __pyx_n_u_num_kv_heads __pyx_string_tab[180]
-#define __pyx_n_u_num_layers __pyx_string_tab[181]
-#define __pyx_n_u_num_ranks __pyx_string_tab[182]
-#define __pyx_n_u_num_tokens __pyx_string_tab[183]
-#define __pyx_n_u_num_used_blocks __pyx_string_tab[184]
-#define __pyx_n_u_numpy __pyx_string_tab[185]
-#define __pyx_n_u_occupied __pyx_string_tab[186]
-#define __pyx_n_u_out __pyx_string_tab[187]
-#define __pyx_n_u_pairs __pyx_string_tab[188]
-#define __pyx_n_u_parse_bytes __pyx_string_tab[189]
-#define __pyx_n_u_per __pyx_string_tab[190]
-#define __pyx_n_u_pop __pyx_string_tab[191]
-#define __pyx_n_u_property __pyx_string_tab[192]
-#define __pyx_n_u_r __pyx_string_tab[193]
-#define __pyx_n_u_rank __pyx_string_tab[194]
-#define __pyx_n_u_rank_config __pyx_string_tab[195]
-#define __pyx_n_u_ranks __pyx_string_tab[196]
-#define __pyx_n_u_remove_sequence __pyx_string_tab[197]
-#define __pyx_n_u_rocmforge__tensor_parallel __pyx_string_tab[198]
-#define __pyx_n_u_rocmforge_config __pyx_string_tab[199]
-#define __pyx_n_u_rocmforge_errors __pyx_string_tab[200]
-#define __pyx_n_u_s __pyx_string_tab[201]
-#define __pyx_n_u_salt_key __pyx_string_tab[202]
-#define __pyx_n_u_self __pyx_string_tab[203]
-#define __pyx_n_u_send __pyx_string_tab[204]
-#define __pyx_n_u_seq_id __pyx_string_tab[205]
-#define __pyx_n_u_seq_ids __pyx_string_tab[206]
-#define __pyx_n_u_sequence_info __pyx_string_tab[207]
-#define __pyx_n_u_sequence_tokens __pyx_string_tab[208]
-#define __pyx_n_u_setdefault __pyx_string_tab[209]
-#define __pyx_n_u_shrink __pyx_string_tab[210]
-#define __pyx_n_u_sid __pyx_string_tab[211]
-#define __pyx_n_u_size __pyx_string_tab[212]
-#define __pyx_n_u_stats __pyx_string_tab[213]
-#define __pyx_n_u_stream __pyx_string_tab[214]
-#define __pyx_n_u_swap_in __pyx_string_tab[215]
-#define __pyx_n_u_swap_out __pyx_string_tab[216]
-#define __pyx_n_u_swapped_sequences __pyx_string_tab[217]
-#define __pyx_n_u_synchronize __pyx_string_tab[218]
-#define __pyx_n_u_table __pyx_string_tab[219]
-#define __pyx_n_u_take_pending_copies __pyx_string_tab[220]
-#define __pyx_n_u_threading __pyx_string_tab[221]
-#define __pyx_n_u_throw __pyx_string_tab[222]
-#define __pyx_n_u_to_numpy __pyx_string_tab[223]
-#define __pyx_n_u_tokens __pyx_string_tab[224]
-#define __pyx_n_u_uint8 __pyx_string_tab[225]
-#define __pyx_n_u_v __pyx_string_tab[226]
-#define __pyx_n_u_v_scale __pyx_string_tab[227]
-#define __pyx_n_u_value __pyx_string_tab[228]
-#define __pyx_n_u_values __pyx_string_tab[229]
-#define __pyx_kp_b_iso88591_3as_e1_s_3avS_1A_1 __pyx_string_tab[230]
-#define __pyx_kp_b_iso88591_Q __pyx_string_tab[231]
-#define __pyx_kp_b_iso88591_A_E_Q_V1_L __pyx_string_tab[232]
-#define __pyx_kp_b_iso88591_A_F __pyx_string_tab[233]
-#define __pyx_kp_b_iso88591_A_G1Bay __pyx_string_tab[234]
-#define __pyx_kp_b_iso88591_A_L_IYe1_Ja __pyx_string_tab[235]
-#define __pyx_kp_b_iso88591_A_q __pyx_string_tab[236]
-#define __pyx_kp_b_iso88591_A_q_1D0_U_A __pyx_string_tab[237]
-#define __pyx_kp_b_iso88591_A_AQ __pyx_string_tab[238]
-#define __pyx_kp_b_iso88591_A_d_q_Q_Q_3aq_T_q_4war_t1_q_q_9A __pyx_string_tab[239]
-#define __pyx_kp_b_iso88591_A_E_Q_V81_q __pyx_string_tab[240]
-#define __pyx_kp_b_iso88591_A_d_s_Qd_uAU_F_r_Ba __pyx_string_tab[241]
-#define __pyx_kp_b_iso88591_A_d_1_c_C2T_PQ_1_S_A_4wa_q __pyx_string_tab[242]
-#define __pyx_kp_b_iso88591_A_iq_at1D_q_4wd_aq_q_D __pyx_string_tab[243]
-#define __pyx_kp_b_iso88591_A_s_4q __pyx_string_tab[244]
-#define __pyx_kp_b_iso88591_A_t6_A __pyx_string_tab[245]
-#define __pyx_kp_b_iso88591_A_E_Q_Q_gQa_1 __pyx_string_tab[246]
-#define __pyx_kp_b_iso88591_A_A __pyx_string_tab[247]
-#define __pyx_kp_b_iso88591_A_at1D_a __pyx_string_tab[248]
-#define __pyx_kp_b_iso88591_A_E_at6_4t1_F_1_V81_HA __pyx_string_tab[249]
-#define __pyx_kp_b_iso88591_A_F_it1_E_Q_t1G1HA_q_9A_r_QfE_R __pyx_string_tab[250]
-#define __pyx_kp_b_iso88591_A_F_iq_AT_aq_Q_Q_q_4wd_aq_Q_q_t8 __pyx_string_tab[251]
-#define __pyx_kp_b_iso88591_A_F_iq_AT_aq_Q_Q_q_4wd_aq_4s_a_A __pyx_string_tab[252]
-#define __pyx_kp_b_iso88591_A_F_Ql_4wa_1_1A_Jj_AT_aq_Q_Q_r_4 __pyx_string_tab[253]
-#define __pyx_kp_b_iso88591__5 __pyx_string_tab[254]
-#define __pyx_kp_b_iso88591_A __pyx_string_tab[255]
-#define __pyx_kp_b_iso88591_A_2 __pyx_string_tab[256]
-#define __pyx_kp_b_iso88591_a_F_AT_aq_Q_Q_Q_D_s_1_E_IU_3a_3 __pyx_string_tab[257]
-#define __pyx_kp_b_iso88591_F_E_Q __pyx_string_tab[258]
-#define __pyx_kp_b_iso88591_1_E_Q_1 __pyx_string_tab[259]
-#define __pyx_kp_b_iso88591_Q_4z_1_YYZZ___ffg_QiuCt7_9Ks_Qi __pyx_string_tab[260]
+#define __pyx_kp_u_holds_no_block_of __pyx_string_tab[2]
+#define __pyx_kp_u_is_not_swapped_out __pyx_string_tab[3]
+#define __pyx_kp_u_kv_heads_do_not_divide_among __pyx_string_tab[4]
+#define __pyx_kp_u_ranks_2 __pyx_string_tab[5]
+#define __pyx_kp_u_ranks_3 __pyx_string_tab[6]
+#define __pyx_kp_u_tree_fragment __pyx_string_tab[7]
+#define __pyx_kp_u__3 __pyx_string_tab[8]
+#define __pyx_kp_u__2 __pyx_string_tab[9]
+#define __pyx_kp_u__4 __pyx_string_tab[10]
+#define __pyx_kp_u_use_compact __pyx_string_tab[11]
+#define __pyx_kp_u_ __pyx_string_tab[12]
+#define __pyx_kp_u_A_paged_KV_cache_split_by_kv_hea __pyx_string_tab[13]
+#define __pyx_kp_u_Hands_each_rank_its_share_of_the __pyx_string_tab[14]
+#define __pyx_kp_u_Note_that_Cython_is_deliberately __pyx_string_tab[15]
+#define __pyx_kp_u_TensorParallelKvCache __pyx_string_tab[16]
+#define __pyx_kp_u_add_note __pyx_string_tab[17]
+#define __pyx_kp_u_config_must_be_a_rocmforge_confi __pyx_string_tab[18]
+#define __pyx_kp_u_devices_must_be_a_non_empty_list __pyx_string_tab[19]
+#define __pyx_kp_u_disable __pyx_string_tab[20]
+#define __pyx_kp_u_enable __pyx_string_tab[21]
+#define __pyx_kp_u_gc __pyx_string_tab[22]
+#define __pyx_kp_u_give_host_cache_bytes_not_host_c __pyx_string_tab[23]
+#define __pyx_kp_u_grow_to __pyx_string_tab[24]
+#define __pyx_kp_u_host_cache_2 __pyx_string_tab[25]
+#define __pyx_kp_u_isenabled __pyx_string_tab[26]
+#define __pyx_kp_u_no_default___reduce___due_to_non __pyx_string_tab[27]
+#define __pyx_kp_u_num_blocks_must_be_an_int __pyx_string_tab[28]
+#define __pyx_kp_u_numpy__core_multiarray_failed_to __pyx_string_tab[29]
+#define __pyx_kp_u_numpy__core_umath_failed_to_impo __pyx_string_tab[30]
+#define __pyx_kp_u_rocmforge__tensor_parallel_pyx __pyx_string_tab[31]
+#define __pyx_kp_u_seq_ids_repeats_a_sequence __pyx_string_tab[32]
+#define __pyx_kp_u_sequence __pyx_string_tab[33]
+#define __pyx_kp_u_the_TensorParallelKvCache_is_clo __pyx_string_tab[34]
+#define __pyx_n_u_ArgumentTypeError __pyx_string_tab[35]
+#define __pyx_n_u_ArgumentValueError __pyx_string_tab[36]
+#define __pyx_n_u_CacheConfig __pyx_string_tab[37]
+#define __pyx_n_u_InvalidConfiguration __pyx_string_tab[38]
+#define __pyx_n_u_Lock __pyx_string_tab[39]
+#define __pyx_n_u_SequenceNotFound __pyx_string_tab[40]
+#define __pyx_n_u_TensorParallelKvCache_2 __pyx_string_tab[41]
+#define __pyx_n_u_TensorParallelKvCache___enter __pyx_string_tab[42]
+#define __pyx_n_u_TensorParallelKvCache___exit __pyx_string_tab[43]
+#define __pyx_n_u_TensorParallelKvCache___init __pyx_string_tab[44]
+#define __pyx_n_u_TensorParallelKvCache___repr __pyx_string_tab[45]
+#define __pyx_n_u_TensorParallelKvCache___repr___l __pyx_string_tab[46]
+#define __pyx_n_u_TensorParallelKvCache__live __pyx_string_tab[47]
+#define __pyx_n_u_TensorParallelKvCache__live_loca __pyx_string_tab[48]
+#define __pyx_n_u_TensorParallelKvCache_apply_pend __pyx_string_tab[49]
+#define __pyx_n_u_TensorParallelKvCache_close __pyx_string_tab[50]
+#define __pyx_n_u_TensorParallelKvCache_closed __pyx_string_tab[51]
+#define __pyx_n_u_TensorParallelKvCache_closed_loc __pyx_string_tab[52]
+#define __pyx_n_u_TensorParallelKvCache_compact __pyx_string_tab[53]
+#define __pyx_n_u_TensorParallelKvCache_copy_block __pyx_string_tab[54]
+#define __pyx_n_u_TensorParallelKvCache_drop_swapp __pyx_string_tab[55]
+#define __pyx_n_u_TensorParallelKvCache_gather __pyx_string_tab[56]
+#define __pyx_n_u_TensorParallelKvCache_grow __pyx_string_tab[57]
+#define __pyx_n_u_TensorParallelKvCache_heads __pyx_string_tab[58]
+#define __pyx_n_u_TensorParallelKvCache_num_blocks __pyx_string_tab[59]
+#define __pyx_n_u_TensorParallelKvCache_num_ranks __pyx_string_tab[60]
+#define __pyx_n_u_TensorParallelKvCache_stats __pyx_string_tab[61]
+#define __pyx_n_u_TensorParallelKvCache_swap_in __pyx_string_tab[62]
+#define __pyx_n_u_TensorParallelKvCache_swap_out __pyx_string_tab[63]
+#define __pyx_n_u_TensorParallelKvCache_swapped_se __pyx_string_tab[64]
+#define __pyx_n_u_TensorParallelKvCache_synchroniz __pyx_string_tab[65]
+#define __pyx_n_u_AllLocks __pyx_string_tab[66]
+#define __pyx_n_u_AllLocks___enter __pyx_string_tab[67]
+#define __pyx_n_u_AllLocks___exit __pyx_string_tab[68]
+#define __pyx_n_u_AllLocks___reduce_cython __pyx_string_tab[69]
+#define __pyx_n_u_AllLocks___setstate_cython __pyx_string_tab[70]
+#define __pyx_n_u_Fanout __pyx_string_tab[71]
+#define __pyx_n_u_Fanout___call __pyx_string_tab[72]
+#define __pyx_n_u_Fanout___init __pyx_string_tab[73]
+#define __pyx_n_u_Fanout_add __pyx_string_tab[74]
+#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[75]
+#define __pyx_n_u_annotate __pyx_string_tab[76]
+#define __pyx_n_u_call __pyx_string_tab[77]
+#define __pyx_n_u_class_getitem __pyx_string_tab[78]
+#define __pyx_n_u_doc __pyx_string_tab[79]
+#define __pyx_n_u_enter __pyx_string_tab[80]
+#define __pyx_n_u_exit __pyx_string_tab[81]
+#define __pyx_n_u_func __pyx_string_tab[82]
+#define __pyx_n_u_getstate __pyx_string_tab[83]
+#define __pyx_n_u_index __pyx_string_tab[84]
+#define __pyx_n_u_init __pyx_string_tab[85]
+#define __pyx_n_u_len __pyx_string_tab[86]
+#define __pyx_n_u_main __pyx_string_tab[87]
+#define __pyx_n_u_metaclass __pyx_string_tab[88]
+#define __pyx_n_u_module __pyx_string_tab[89]
+#define __pyx_n_u_name __pyx_string_tab[90]
+#define __pyx_n_u_prepare __pyx_string_tab[91]
+#define __pyx_n_u_pyx_state __pyx_string_tab[92]
+#define __pyx_n_u_pyx_vtable __pyx_string_tab[93]
+#define __pyx_n_u_qualname __pyx_string_tab[94]
+#define __pyx_n_u_reduce __pyx_string_tab[95]
+#define __pyx_n_u_reduce_cython __pyx_string_tab[96]
+#define __pyx_n_u_reduce_ex __pyx_string_tab[97]
+#define __pyx_n_u_repr __pyx_string_tab[98]
+#define __pyx_n_u_set_name __pyx_string_tab[99]
+#define __pyx_n_u_setstate __pyx_string_tab[100]
+#define __pyx_n_u_setstate_cython __pyx_string_tab[101]
+#define __pyx_n_u_test __pyx_string_tab[102]
+#define __pyx_n_u_distinct __pyx_string_tab[103]
+#define __pyx_n_u_fanout __pyx_string_tab[104]
+#define __pyx_n_u_files __pyx_string_tab[105]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[106]
+#define __pyx_n_u_live __pyx_string_tab[107]
+#define __pyx_n_u_lock __pyx_string_tab[108]
+#define __pyx_n_u_manager_2 __pyx_string_tab[109]
+#define __pyx_n_u_rank_of __pyx_string_tab[110]
+#define __pyx_n_u_swapped __pyx_string_tab[111]
+#define __pyx_n_u_add __pyx_string_tab[112]
+#define __pyx_n_u_append __pyx_string_tab[113]
+#define __pyx_n_u_apply_pending_copies __pyx_string_tab[114]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[115]
+#define __pyx_n_u_axis __pyx_string_tab[116]
+#define __pyx_n_u_block_size __pyx_string_tab[117]
+#define __pyx_n_u_blocks __pyx_string_tab[118]
+#define __pyx_n_u_bytes_per_block __pyx_string_tab[119]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[120]
+#define __pyx_n_u_close __pyx_string_tab[121]
+#define __pyx_n_u_closed __pyx_string_tab[122]
+#define __pyx_n_u_compact __pyx_string_tab[123]
+#define __pyx_n_u_concatenate __pyx_string_tab[124]
+#define __pyx_n_u_config __pyx_string_tab[125]
+#define __pyx_n_u_copy_blocks __pyx_string_tab[126]
+#define __pyx_n_u_dev __pyx_string_tab[127]
+#define __pyx_n_u_device __pyx_string_tab[128]
+#define __pyx_n_u_devices __pyx_string_tab[129]
+#define __pyx_n_u_done __pyx_string_tab[130]
+#define __pyx_n_u_drop_swapped __pyx_string_tab[131]
+#define __pyx_n_u_dtype __pyx_string_tab[132]
+#define __pyx_n_u_errors __pyx_string_tab[133]
+#define __pyx_n_u_exc __pyx_string_tab[134]
+#define __pyx_n_u_f __pyx_string_tab[135]
+#define __pyx_n_u_gather __pyx_string_tab[136]
+#define __pyx_n_u_genexpr __pyx_string_tab[137]
+#define __pyx_n_u_grow __pyx_string_tab[138]
+#define __pyx_n_u_head_dim __pyx_string_tab[139]
+#define __pyx_n_u_heads __pyx_string_tab[140]
+#define __pyx_n_u_host_bytes_offloaded __pyx_string_tab[141]
+#define __pyx_n_u_host_bytes_reloaded __pyx_string_tab[142]
+#define __pyx_n_u_host_cache __pyx_string_tab[143]
+#define __pyx_n_u_host_cache_blocks __pyx_string_tab[144]
+#define __pyx_n_u_host_offloaded_blocks __pyx_string_tab[145]
+#define __pyx_n_u_host_reloaded_blocks __pyx_string_tab[146]
+#define __pyx_n_u_i __pyx_string_tab[147]
+#define __pyx_n_u_id __pyx_string_tab[148]
+#define __pyx_n_u_ids __pyx_string_tab[149]
+#define __pyx_n_u_items __pyx_string_tab[150]
+#define __pyx_n_u_k __pyx_string_tab[151]
+#define __pyx_n_u_k_scale __pyx_string_tab[152]
+#define __pyx_n_u_keys __pyx_string_tab[153]
+#define __pyx_n_u_layer __pyx_string_tab[154]
+#define __pyx_n_u_m __pyx_string_tab[155]
+#define __pyx_n_u_manager __pyx_string_tab[156]
+#define __pyx_n_u_manager_options __pyx_string_tab[157]
+#define __pyx_n_u_mine __pyx_string_tab[158]
+#define __pyx_n_u_moves __pyx_string_tab[159]
+#define __pyx_n_u_n __pyx_string_tab[160]
+#define __pyx_n_u_next __pyx_string_tab[161]
+#define __pyx_n_u_np __pyx_string_tab[162]
+#define __pyx_n_u_num_blocks __pyx_string_tab[163]
+#define __pyx_n_u_num_evictable_blocks __pyx_string_tab[164]
+#define __pyx_n_u_num_kv_heads __pyx_string_tab[165]
+#define __pyx_n_u_num_layers __pyx_string_tab[166]
+#define __pyx_n_u_num_ranks __pyx_string_tab[167]
+#define __pyx_n_u_num_used_blocks __pyx_string_tab[168]
+#define __pyx_n_u_numpy __pyx_string_tab[169]
+#define __pyx_n_u_occupied __pyx_string_tab[170]
+#define __pyx_n_u_out __pyx_string_tab[171]
+#define __pyx_n_u_pairs __pyx_string_tab[172]
+#define __pyx_n_u_parse_bytes __pyx_string_tab[173]
+#define __pyx_n_u_per __pyx_string_tab[174]
+#define __pyx_n_u_pop __pyx_string_tab[175]
+#define __pyx_n_u_property __pyx_string_tab[176]
+#define __pyx_n_u_r __pyx_string_tab[177]
+#define __pyx_n_u_rank __pyx_string_tab[178]
+#define __pyx_n_u_rank_config __pyx_string_tab[179]
+#define __pyx_n_u_ranks __pyx_string_tab[180]
+#define __pyx_n_u_rocmforge__tensor_parallel __pyx_string_tab[181]
+#define __pyx_n_u_rocmforge_config __pyx_string_tab[182]
+#define __pyx_n_u_rocmforge_errors __pyx_string_tab[183]
+#define __pyx_n_u_s __pyx_string_tab[184]
+#define __pyx_n_u_self __pyx_string_tab[185]
+#define __pyx_n_u_send __pyx_string_tab[186]
+#define __pyx_n_u_seq_id __pyx_string_tab[187]
+#define __pyx_n_u_seq_ids __pyx_string_tab[188]
+#define __pyx_n_u_setdefault __pyx_string_tab[189]
+#define __pyx_n_u_shrink __pyx_string_tab[190]
+#define __pyx_n_u_sid __pyx_string_tab[191]
+#define __pyx_n_u_size __pyx_string_tab[192]
+#define __pyx_n_u_stats __pyx_string_tab[193]
+#define __pyx_n_u_stream __pyx_string_tab[194]
+#define __pyx_n_u_swap_in __pyx_string_tab[195]
+#define __pyx_n_u_swap_out __pyx_string_tab[196]
+#define __pyx_n_u_swapped_sequences __pyx_string_tab[197]
+#define __pyx_n_u_synchronize __pyx_string_tab[198]
+#define __pyx_n_u_take_pending_copies __pyx_string_tab[199]
+#define __pyx_n_u_threading __pyx_string_tab[200]
+#define __pyx_n_u_throw __pyx_string_tab[201]
+#define __pyx_n_u_to_numpy __pyx_string_tab[202]
+#define __pyx_n_u_v __pyx_string_tab[203]
+#define __pyx_n_u_v_scale __pyx_string_tab[204]
+#define __pyx_n_u_value __pyx_string_tab[205]
+#define __pyx_n_u_values __pyx_string_tab[206]
+#define __pyx_kp_b_PyObject_PyObject_PyObject_PyObj __pyx_string_tab[207]
+#define __pyx_kp_b_iso88591_3as_e1_s_3avS_1A_1 __pyx_string_tab[208]
+#define __pyx_kp_b_iso88591_Q __pyx_string_tab[209]
+#define __pyx_kp_b_iso88591_A_E_Q_V1_L __pyx_string_tab[210]
+#define __pyx_kp_b_iso88591_A_F __pyx_string_tab[211]
+#define __pyx_kp_b_iso88591_A_G1Bay __pyx_string_tab[212]
+#define __pyx_kp_b_iso88591_A_L_IYe1_Ja __pyx_string_tab[213]
+#define __pyx_kp_b_iso88591_A_q __pyx_string_tab[214]
+#define __pyx_kp_b_iso88591_A_q_1D0_U_A __pyx_string_tab[215]
+#define __pyx_kp_b_iso88591_A_AQ __pyx_string_tab[216]
+#define __pyx_kp_b_iso88591_A_d_q_Q_Q_3aq_T_q_4war_t1_q_q_9A __pyx_string_tab[217]
+#define __pyx_kp_b_iso88591_A_E_Q_V81_q __pyx_string_tab[218]
+#define __pyx_kp_b_iso88591_A_d_s_Qd_uAU_F_r_Ba __pyx_string_tab[219]
+#define __pyx_kp_b_iso88591_A_d_1_c_C2T_PQ_1_S_A_4wa_q __pyx_string_tab[220]
+#define __pyx_kp_b_iso88591_A_iq_at1D_q_4wd_aq_q_D __pyx_string_tab[221]
+#define __pyx_kp_b_iso88591_A_s_4q __pyx_string_tab[222]
+#define __pyx_kp_b_iso88591_A_t6_A __pyx_string_tab[223]
+#define __pyx_kp_b_iso88591_A_E_Q_Q_gQa_1 __pyx_string_tab[224]
+#define __pyx_kp_b_iso88591_A_A __pyx_string_tab[225]
+#define __pyx_kp_b_iso88591_A_at1D_a __pyx_string_tab[226]
+#define __pyx_kp_b_iso88591_A_E_at6_4t1_F_1_V81_HA __pyx_string_tab[227]
+#define __pyx_kp_b_iso88591_A_F_iq_at1D_at9D_k __pyx_string_tab[228]
+#define __pyx_kp_b_iso88591_A_F_iq_at1D_4q_IT_4 __pyx_string_tab[229]
+#define __pyx_kp_b_iso88591_A_F_it1_E_Q_t1G1HA_q_9A_r_QfE_R __pyx_string_tab[230]
+#define __pyx_kp_b_iso88591_A_F_Ql_4wa_1_1A_Jj_AT_aq_Q_Q_r_4 __pyx_string_tab[231]
+#define __pyx_kp_b_iso88591__5 __pyx_string_tab[232]
+#define __pyx_kp_b_iso88591_A __pyx_string_tab[233]
+#define __pyx_kp_b_iso88591_A_2 __pyx_string_tab[234]
+#define __pyx_kp_b_iso88591_a_F_AT_aq_Q_Q_Q_D_s_1_E_IU_3a_3 __pyx_string_tab[235]
+#define __pyx_kp_b_iso88591_F_E_Q __pyx_string_tab[236]
+#define __pyx_kp_b_iso88591_1_E_Q_1 __pyx_string_tab[237]
+#define __pyx_kp_b_iso88591_Q_4z_1_YYZZ___ffg_QiuCt7_9Ks_Qi __pyx_string_tab[238]
 #define __pyx_float_1_0 __pyx_number_tab[0]
-#define __pyx_int_0 __pyx_number_tab[1]
-#define __pyx_int_1 __pyx_number_tab[2]
+#define __pyx_int_1 __pyx_number_tab[1]
 /* #### Code section: module_state_clear ### */
 #if CYTHON_USE_MODULE_STATE
 static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
@@ -4705,6 +4682,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   #if CYTHON_PEP489_MULTI_PHASE_INIT
   __Pyx_State_RemoveModule(NULL);
   #endif
+  Py_CLEAR(clear_module_state->__pyx_ptype_9rocmforge_5_core_BlockManager);
   Py_CLEAR(clear_module_state->__pyx_ptype_7cpython_4type_type);
   Py_CLEAR(clear_module_state->__pyx_ptype_5numpy_dtype);
   Py_CLEAR(clear_module_state->__pyx_ptype_5numpy_flatiter);
@@ -4721,7 +4699,6 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_ptype_5numpy_flexible);
   Py_CLEAR(clear_module_state->__pyx_ptype_5numpy_character);
   Py_CLEAR(clear_module_state->__pyx_ptype_5numpy_ufunc);
-  Py_CLEAR(clear_module_state->__pyx_ptype_9rocmforge_5_core_BlockManager);
   Py_CLEAR(clear_module_state->__pyx_ptype_9rocmforge_7_dlpack_DeviceArray);
   Py_CLEAR(clear_module_state->__pyx_ptype_9rocmforge_8_runtime_DeviceBuffer);
   Py_CLEAR(clear_module_state->__pyx_ptype_9rocmforge_8_runtime_DeviceKernels);
@@ -4738,11 +4715,10 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
-  for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
-  for (int i=0; i<9; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<6; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<32; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<261; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
-  for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
+  for (int i=0; i<239; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
 Py_CLEAR(clear_module_state->__pyx_CommonTypesMetaclassType);
@@ -4768,6 +4744,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_tuple);
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_bytes);
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_unicode);
+  Py_VISIT(traverse_module_state->__pyx_ptype_9rocmforge_5_core_BlockManager);
   Py_VISIT(traverse_module_state->__pyx_ptype_7cpython_4type_type);
   Py_VISIT(traverse_module_state->__pyx_ptype_5numpy_dtype);
   Py_VISIT(traverse_module_state->__pyx_ptype_5numpy_flatiter);
@@ -4784,7 +4761,6 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_ptype_5numpy_flexible);
   Py_VISIT(traverse_module_state->__pyx_ptype_5numpy_character);
   Py_VISIT(traverse_module_state->__pyx_ptype_5numpy_ufunc);
-  Py_VISIT(traverse_module_state->__pyx_ptype_9rocmforge_5_core_BlockManager);
   Py_VISIT(traverse_module_state->__pyx_ptype_9rocmforge_7_dlpack_DeviceArray);
   Py_VISIT(traverse_module_state->__pyx_ptype_9rocmforge_8_runtime_DeviceBuffer);
   Py_VISIT(traverse_module_state->__pyx_ptype_9rocmforge_8_runtime_DeviceKernels);
@@ -4801,11 +4777,10 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
-  for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
-  for (int i=0; i<9; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<6; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<32; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<261; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
-  for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
+  for (int i=0; i<239; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
 Py_VISIT(traverse_module_state->__pyx_CommonTypesMetaclassType);
@@ -4821,6 +4796,322 @@ return 0;
 }
 #endif
 /* #### Code section: module_code ### */
+
+/* "rocmforge/_state.pxd":309
+ * 
+ * 
+ * cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:             # <<<<<<<<<<<<<<
+ *     return (a + b - 1) // b
+ * 
+*/
+
+static CYTHON_INLINE int64_t __pyx_f_9rocmforge_6_state__ceil_div(int64_t __pyx_v_a, int64_t __pyx_v_b) {
+  int64_t __pyx_r;
+  int64_t __pyx_t_1;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyGILState_STATE __pyx_gilstate_save;
+
+  /* "rocmforge/_state.pxd":310
+ * 
+ * cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
+ *     return (a + b - 1) // b             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __pyx_t_1 = ((__pyx_v_a + __pyx_v_b) - 1);
+
+  if (unlikely(__pyx_v_b == 0)) {
+    PyGILState_STATE __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
+    PyErr_SetString(PyExc_ZeroDivisionError, "integer division or modulo by zero");
+    __Pyx_PyGILState_Release(__pyx_gilstate_save);
+    __PYX_ERR(1, 310, __pyx_L1_error)
+  }
+  else if (sizeof(int64_t) == sizeof(long) && (!(((int64_t)-1) > 0)) && unlikely(__pyx_v_b == (int64_t)-1)  && unlikely(__Pyx_UNARY_NEG_WOULD_OVERFLOW(__pyx_t_1))) {
+    PyGILState_STATE __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
+    PyErr_SetString(PyExc_OverflowError, "value too large to perform division");
+    __Pyx_PyGILState_Release(__pyx_gilstate_save);
+    __PYX_ERR(1, 310, __pyx_L1_error)
+  }
+  {
+
+    __pyx_r = __Pyx_div_int64_t(__pyx_t_1, __pyx_v_b, 0);
+  }
+
+  goto __pyx_L0;
+
+  /* "rocmforge/_state.pxd":309
+ * 
+ * 
+ * cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:             # <<<<<<<<<<<<<<
+ *     return (a + b - 1) // b
+ * 
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
+  __Pyx_WriteUnraisable("rocmforge._state._ceil_div", __pyx_clineno, __pyx_lineno, __pyx_filename, 1, 0);
+  __pyx_r = 0;
+  __Pyx_PyGILState_Release(__pyx_gilstate_save);
+  __pyx_L0:;
+  return __pyx_r;
+}
+
+/* "rocmforge/_state.pxd":313
+ * 
+ * 
+ * cdef inline void push_event(Core* c, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok,             # <<<<<<<<<<<<<<
+ *                             int32_t medium) noexcept nogil:
+ *     """Record a KV event when events are on (capacity reserved by the prefix
+*/
+
+static CYTHON_INLINE void __pyx_f_9rocmforge_6_state_push_event(Core *__pyx_v_c, int32_t __pyx_v_kind, int64_t __pyx_v_key, int64_t __pyx_v_parent_key, int32_t __pyx_v_ntok, int32_t __pyx_v_medium) {
+  struct KvEvent __pyx_v_ev;
+  int __pyx_t_1;
+
+  /* "rocmforge/_state.pxd":318
+ *     index's reserve_registrations); medium 0 is the pool, 1 the host tier."""
+ *     cdef KvEvent ev
+ *     if not c.events:             # <<<<<<<<<<<<<<
+ *         return
+ *     ev.kind = kind
+*/
+  __pyx_t_1 = (!__pyx_v_c->events);
+
+  if (__pyx_t_1) {
+
+
+    /* "rocmforge/_state.pxd":319
+ *     cdef KvEvent ev
+ *     if not c.events:
+ *         return             # <<<<<<<<<<<<<<
+ *     ev.kind = kind
+ *     ev.key = key
+*/
+    {
+    }
+    goto __pyx_L0;
+
+    /* "rocmforge/_state.pxd":318
+ *     index's reserve_registrations); medium 0 is the pool, 1 the host tier."""
+ *     cdef KvEvent ev
+ *     if not c.events:             # <<<<<<<<<<<<<<
+ *         return
+ *     ev.kind = kind
+*/
+  }
+
+  /* "rocmforge/_state.pxd":320
+ *     if not c.events:
+ *         return
+ *     ev.kind = kind             # <<<<<<<<<<<<<<
+ *     ev.key = key
+ *     ev.parent_key = parent_key
+*/
+  __pyx_v_ev.kind = __pyx_v_kind;
+
+  /* "rocmforge/_state.pxd":321
+ *         return
+ *     ev.kind = kind
+ *     ev.key = key             # <<<<<<<<<<<<<<
+ *     ev.parent_key = parent_key
+ *     ev.num_tokens = ntok
+*/
+  __pyx_v_ev.key = __pyx_v_key;
+
+  /* "rocmforge/_state.pxd":322
+ *     ev.kind = kind
+ *     ev.key = key
+ *     ev.parent_key = parent_key             # <<<<<<<<<<<<<<
+ *     ev.num_tokens = ntok
+ *     ev.medium = medium
+*/
+  __pyx_v_ev.parent_key = __pyx_v_parent_key;
+
+  /* "rocmforge/_state.pxd":323
+ *     ev.key = key
+ *     ev.parent_key = parent_key
+ *     ev.num_tokens = ntok             # <<<<<<<<<<<<<<
+ *     ev.medium = medium
+ *     rf_push(c.pfx.events, ev)
+*/
+  __pyx_v_ev.num_tokens = __pyx_v_ntok;
+
+  /* "rocmforge/_state.pxd":324
+ *     ev.parent_key = parent_key
+ *     ev.num_tokens = ntok
+ *     ev.medium = medium             # <<<<<<<<<<<<<<
+ *     rf_push(c.pfx.events, ev)
+ * 
+*/
+  __pyx_v_ev.medium = __pyx_v_medium;
+
+  /* "rocmforge/_state.pxd":325
+ *     ev.num_tokens = ntok
+ *     ev.medium = medium
+ *     rf_push(c.pfx.events, ev)             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  rf_push<struct KvEvent>(__pyx_v_c->pfx.events, __pyx_v_ev);
+
+  /* "rocmforge/_state.pxd":313
+ * 
+ * 
+ * cdef inline void push_event(Core* c, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok,             # <<<<<<<<<<<<<<
+ *                             int32_t medium) noexcept nogil:
+ *     """Record a KV event when events are on (capacity reserved by the prefix
+*/
+
+  /* function exit code */
+  __pyx_L0:;
+
+}
+
+/* "rocmforge/_state.pxd":328
+ * 
+ * 
+ * cdef inline void ghost_remember(rf_idmap& ghost, vector[int64_t]& ring, int64_t* pos, int64_t key) noexcept nogil:             # <<<<<<<<<<<<<<
+ *     """ARC's ghost list: remember an evicted key at the ring's next position,
+ *     forgetting the key it overwrites (the map is reserved for the ring's size)."""
+*/
+
+static CYTHON_INLINE void __pyx_f_9rocmforge_6_state_ghost_remember(rf_idmap &__pyx_v_ghost, std::vector<int64_t>  &__pyx_v_ring, int64_t *__pyx_v_pos, int64_t __pyx_v_key) {
+  int64_t __pyx_v_cap;
+  int64_t __pyx_v_at;
+  int64_t __pyx_v_old;
+  int __pyx_t_1;
+  int __pyx_t_2;
+  long __pyx_t_3;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyGILState_STATE __pyx_gilstate_save;
+
+  /* "rocmforge/_state.pxd":331
+ *     """ARC's ghost list: remember an evicted key at the ring's next position,
+ *     forgetting the key it overwrites (the map is reserved for the ring's size)."""
+ *     cdef int64_t cap = ring.size()             # <<<<<<<<<<<<<<
+ *     cdef int64_t at = pos[0] % cap
+ *     cdef int64_t old = ring[at]
+*/
+  __pyx_v_cap = __pyx_v_ring.size();
+
+  /* "rocmforge/_state.pxd":332
+ *     forgetting the key it overwrites (the map is reserved for the ring's size)."""
+ *     cdef int64_t cap = ring.size()
+ *     cdef int64_t at = pos[0] % cap             # <<<<<<<<<<<<<<
+ *     cdef int64_t old = ring[at]
+ *     if old >= 0 and rf_idmap_find(ghost, old) == at:
+*/
+  if (unlikely(__pyx_v_cap == 0)) {
+    PyGILState_STATE __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
+    PyErr_SetString(PyExc_ZeroDivisionError, "integer division or modulo by zero");
+    __Pyx_PyGILState_Release(__pyx_gilstate_save);
+    __PYX_ERR(1, 332, __pyx_L1_error)
+  }
+  __pyx_v_at = __Pyx_mod_int64_t((__pyx_v_pos[0]), __pyx_v_cap, 0);
+
+  /* "rocmforge/_state.pxd":333
+ *     cdef int64_t cap = ring.size()
+ *     cdef int64_t at = pos[0] % cap
+ *     cdef int64_t old = ring[at]             # <<<<<<<<<<<<<<
+ *     if old >= 0 and rf_idmap_find(ghost, old) == at:
+ *         rf_idmap_erase(ghost, old)
+*/
+  __pyx_v_old = (__pyx_v_ring[__pyx_v_at]);
+
+  /* "rocmforge/_state.pxd":334
+ *     cdef int64_t at = pos[0] % cap
+ *     cdef int64_t old = ring[at]
+ *     if old >= 0 and rf_idmap_find(ghost, old) == at:             # <<<<<<<<<<<<<<
+ *         rf_idmap_erase(ghost, old)
+ *     ring[at] = key
+*/
+  __pyx_t_2 = (__pyx_v_old >= 0);
+
+  if (__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L4_bool_binop_done;
+  }
+  __pyx_t_2 = (rf_idmap_find(__pyx_v_ghost, __pyx_v_old) == __pyx_v_at);
+
+
+  __pyx_t_1 = __pyx_t_2;
+
+  __pyx_L4_bool_binop_done:;
+  if (__pyx_t_1) {
+
+
+    /* "rocmforge/_state.pxd":335
+ *     cdef int64_t old = ring[at]
+ *     if old >= 0 and rf_idmap_find(ghost, old) == at:
+ *         rf_idmap_erase(ghost, old)             # <<<<<<<<<<<<<<
+ *     ring[at] = key
+ *     rf_idmap_put(ghost, key, <int32_t>at)
+*/
+    rf_idmap_erase(__pyx_v_ghost, __pyx_v_old);
+
+    /* "rocmforge/_state.pxd":334
+ *     cdef int64_t at = pos[0] % cap
+ *     cdef int64_t old = ring[at]
+ *     if old >= 0 and rf_idmap_find(ghost, old) == at:             # <<<<<<<<<<<<<<
+ *         rf_idmap_erase(ghost, old)
+ *     ring[at] = key
+*/
+  }
+
+  /* "rocmforge/_state.pxd":336
+ *     if old >= 0 and rf_idmap_find(ghost, old) == at:
+ *         rf_idmap_erase(ghost, old)
+ *     ring[at] = key             # <<<<<<<<<<<<<<
+ *     rf_idmap_put(ghost, key, <int32_t>at)
+ *     pos[0] += 1
+*/
+  (__pyx_v_ring[__pyx_v_at]) = __pyx_v_key;
+
+  /* "rocmforge/_state.pxd":337
+ *         rf_idmap_erase(ghost, old)
+ *     ring[at] = key
+ *     rf_idmap_put(ghost, key, <int32_t>at)             # <<<<<<<<<<<<<<
+ *     pos[0] += 1
+*/
+  (void)(rf_idmap_put(__pyx_v_ghost, __pyx_v_key, ((int32_t)__pyx_v_at)));
+
+  /* "rocmforge/_state.pxd":338
+ *     ring[at] = key
+ *     rf_idmap_put(ghost, key, <int32_t>at)
+ *     pos[0] += 1             # <<<<<<<<<<<<<<
+*/
+
+  __pyx_t_3 = 0;
+  (__pyx_v_pos[__pyx_t_3]) = ((__pyx_v_pos[__pyx_t_3]) + 1);
+
+  /* "rocmforge/_state.pxd":328
+ * 
+ * 
+ * cdef inline void ghost_remember(rf_idmap& ghost, vector[int64_t]& ring, int64_t* pos, int64_t key) noexcept nogil:             # <<<<<<<<<<<<<<
+ *     """ARC's ghost list: remember an evicted key at the ring's next position,
+ *     forgetting the key it overwrites (the map is reserved for the ring's size)."""
+*/
+
+  /* function exit code */
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
+  __Pyx_WriteUnraisable("rocmforge._state.ghost_remember", __pyx_clineno, __pyx_lineno, __pyx_filename, 1, 0);
+  __Pyx_PyGILState_Release(__pyx_gilstate_save);
+  __pyx_L0:;
+
+
+
+}
 
 /* "numpy/__init__.cython-30.pxd":243
  *         cdef int type_num
@@ -5588,7 +5879,7 @@ static CYTHON_INLINE PyObject *__pyx_f_5numpy_PyArray_MultiIterNew1(PyObject *__
  * 
  * cdef inline object PyArray_MultiIterNew2(a, b):
 */
-  __pyx_t_1 = PyArray_MultiIterNew(1, ((void *)__pyx_v_a)); if (unlikely(!__pyx_t_1)) __PYX_ERR(1, 778, __pyx_L1_error)
+  __pyx_t_1 = PyArray_MultiIterNew(1, ((void *)__pyx_v_a)); if (unlikely(!__pyx_t_1)) __PYX_ERR(2, 778, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -5644,7 +5935,7 @@ static CYTHON_INLINE PyObject *__pyx_f_5numpy_PyArray_MultiIterNew2(PyObject *__
  * 
  * cdef inline object PyArray_MultiIterNew3(a, b, c):
 */
-  __pyx_t_1 = PyArray_MultiIterNew(2, ((void *)__pyx_v_a), ((void *)__pyx_v_b)); if (unlikely(!__pyx_t_1)) __PYX_ERR(1, 781, __pyx_L1_error)
+  __pyx_t_1 = PyArray_MultiIterNew(2, ((void *)__pyx_v_a), ((void *)__pyx_v_b)); if (unlikely(!__pyx_t_1)) __PYX_ERR(2, 781, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -5700,7 +5991,7 @@ static CYTHON_INLINE PyObject *__pyx_f_5numpy_PyArray_MultiIterNew3(PyObject *__
  * 
  * cdef inline object PyArray_MultiIterNew4(a, b, c, d):
 */
-  __pyx_t_1 = PyArray_MultiIterNew(3, ((void *)__pyx_v_a), ((void *)__pyx_v_b), ((void *)__pyx_v_c)); if (unlikely(!__pyx_t_1)) __PYX_ERR(1, 784, __pyx_L1_error)
+  __pyx_t_1 = PyArray_MultiIterNew(3, ((void *)__pyx_v_a), ((void *)__pyx_v_b), ((void *)__pyx_v_c)); if (unlikely(!__pyx_t_1)) __PYX_ERR(2, 784, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -5756,7 +6047,7 @@ static CYTHON_INLINE PyObject *__pyx_f_5numpy_PyArray_MultiIterNew4(PyObject *__
  * 
  * cdef inline object PyArray_MultiIterNew5(a, b, c, d, e):
 */
-  __pyx_t_1 = PyArray_MultiIterNew(4, ((void *)__pyx_v_a), ((void *)__pyx_v_b), ((void *)__pyx_v_c), ((void *)__pyx_v_d)); if (unlikely(!__pyx_t_1)) __PYX_ERR(1, 787, __pyx_L1_error)
+  __pyx_t_1 = PyArray_MultiIterNew(4, ((void *)__pyx_v_a), ((void *)__pyx_v_b), ((void *)__pyx_v_c), ((void *)__pyx_v_d)); if (unlikely(!__pyx_t_1)) __PYX_ERR(2, 787, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -5812,7 +6103,7 @@ static CYTHON_INLINE PyObject *__pyx_f_5numpy_PyArray_MultiIterNew5(PyObject *__
  * 
  * cdef inline tuple PyDataType_SHAPE(dtype d):
 */
-  __pyx_t_1 = PyArray_MultiIterNew(5, ((void *)__pyx_v_a), ((void *)__pyx_v_b), ((void *)__pyx_v_c), ((void *)__pyx_v_d), ((void *)__pyx_v_e)); if (unlikely(!__pyx_t_1)) __PYX_ERR(1, 790, __pyx_L1_error)
+  __pyx_t_1 = PyArray_MultiIterNew(5, ((void *)__pyx_v_a), ((void *)__pyx_v_b), ((void *)__pyx_v_c), ((void *)__pyx_v_d), ((void *)__pyx_v_e)); if (unlikely(!__pyx_t_1)) __PYX_ERR(2, 790, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -5966,7 +6257,7 @@ static CYTHON_INLINE void __pyx_f_5numpy_set_array_base(PyArrayObject *__pyx_v_a
  * 
  * cdef inline object get_array_base(ndarray arr):
 */
-  __pyx_t_1 = PyArray_SetBaseObject(__pyx_v_arr, __pyx_v_base); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(1, 997, __pyx_L1_error)
+  __pyx_t_1 = PyArray_SetBaseObject(__pyx_v_arr, __pyx_v_base); if (unlikely(__pyx_t_1 == ((int)-1))) __PYX_ERR(2, 997, __pyx_L1_error)
 
 
   /* "numpy/__init__.cython-30.pxd":995
@@ -6130,7 +6421,7 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_array(void) {
  *     except Exception:
  *         raise ImportError("numpy._core.multiarray failed to import")
 */
-      __pyx_t_4 = _import_array(); if (unlikely(__pyx_t_4 == ((int)-1))) __PYX_ERR(1, 1009, __pyx_L3_error)
+      __pyx_t_4 = _import_array(); if (unlikely(__pyx_t_4 == ((int)-1))) __PYX_ERR(2, 1009, __pyx_L3_error)
 
 
       /* "numpy/__init__.cython-30.pxd":1008
@@ -6157,7 +6448,7 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_array(void) {
     __pyx_t_4 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_Exception))));
     if (__pyx_t_4) {
       __Pyx_AddTraceback("numpy.import_array", __pyx_clineno, __pyx_lineno, __pyx_filename);
-      if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_7) < 0) __PYX_ERR(1, 1010, __pyx_L5_except_error)
+      if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_7) < 0) __PYX_ERR(2, 1010, __pyx_L5_except_error)
       __Pyx_XGOTREF(__pyx_t_5);
       __Pyx_XGOTREF(__pyx_t_6);
       __Pyx_XGOTREF(__pyx_t_7);
@@ -6175,12 +6466,12 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_array(void) {
         PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_kp_u_numpy__core_multiarray_failed_to};
         __pyx_t_8 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ImportError)), __pyx_callargs+__pyx_t_10, (2-__pyx_t_10) | (__pyx_t_10*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-        if (unlikely(!__pyx_t_8)) __PYX_ERR(1, 1011, __pyx_L5_except_error)
+        if (unlikely(!__pyx_t_8)) __PYX_ERR(2, 1011, __pyx_L5_except_error)
         __Pyx_GOTREF(__pyx_t_8);
       }
       __Pyx_Raise(__pyx_t_8, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-      __PYX_ERR(1, 1011, __pyx_L5_except_error)
+      __PYX_ERR(2, 1011, __pyx_L5_except_error)
     }
     goto __pyx_L5_except_error;
 
@@ -6274,7 +6565,7 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_umath(void) {
  *     except Exception:
  *         raise ImportError("numpy._core.umath failed to import")
 */
-      __pyx_t_4 = _import_umath(); if (unlikely(__pyx_t_4 == ((int)-1))) __PYX_ERR(1, 1015, __pyx_L3_error)
+      __pyx_t_4 = _import_umath(); if (unlikely(__pyx_t_4 == ((int)-1))) __PYX_ERR(2, 1015, __pyx_L3_error)
 
 
       /* "numpy/__init__.cython-30.pxd":1014
@@ -6301,7 +6592,7 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_umath(void) {
     __pyx_t_4 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_Exception))));
     if (__pyx_t_4) {
       __Pyx_AddTraceback("numpy.import_umath", __pyx_clineno, __pyx_lineno, __pyx_filename);
-      if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_7) < 0) __PYX_ERR(1, 1016, __pyx_L5_except_error)
+      if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_7) < 0) __PYX_ERR(2, 1016, __pyx_L5_except_error)
       __Pyx_XGOTREF(__pyx_t_5);
       __Pyx_XGOTREF(__pyx_t_6);
       __Pyx_XGOTREF(__pyx_t_7);
@@ -6319,12 +6610,12 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_umath(void) {
         PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_kp_u_numpy__core_umath_failed_to_impo};
         __pyx_t_8 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ImportError)), __pyx_callargs+__pyx_t_10, (2-__pyx_t_10) | (__pyx_t_10*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-        if (unlikely(!__pyx_t_8)) __PYX_ERR(1, 1017, __pyx_L5_except_error)
+        if (unlikely(!__pyx_t_8)) __PYX_ERR(2, 1017, __pyx_L5_except_error)
         __Pyx_GOTREF(__pyx_t_8);
       }
       __Pyx_Raise(__pyx_t_8, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-      __PYX_ERR(1, 1017, __pyx_L5_except_error)
+      __PYX_ERR(2, 1017, __pyx_L5_except_error)
     }
     goto __pyx_L5_except_error;
 
@@ -6418,7 +6709,7 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_ufunc(void) {
  *     except Exception:
  *         raise ImportError("numpy._core.umath failed to import")
 */
-      __pyx_t_4 = _import_umath(); if (unlikely(__pyx_t_4 == ((int)-1))) __PYX_ERR(1, 1021, __pyx_L3_error)
+      __pyx_t_4 = _import_umath(); if (unlikely(__pyx_t_4 == ((int)-1))) __PYX_ERR(2, 1021, __pyx_L3_error)
 
 
       /* "numpy/__init__.cython-30.pxd":1020
@@ -6445,7 +6736,7 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_ufunc(void) {
     __pyx_t_4 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_Exception))));
     if (__pyx_t_4) {
       __Pyx_AddTraceback("numpy.import_ufunc", __pyx_clineno, __pyx_lineno, __pyx_filename);
-      if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_7) < 0) __PYX_ERR(1, 1022, __pyx_L5_except_error)
+      if (__Pyx_GetException(&__pyx_t_5, &__pyx_t_6, &__pyx_t_7) < 0) __PYX_ERR(2, 1022, __pyx_L5_except_error)
       __Pyx_XGOTREF(__pyx_t_5);
       __Pyx_XGOTREF(__pyx_t_6);
       __Pyx_XGOTREF(__pyx_t_7);
@@ -6463,12 +6754,12 @@ static CYTHON_INLINE int __pyx_f_5numpy_import_ufunc(void) {
         PyObject *__pyx_callargs[2] = {__pyx_t_9, __pyx_mstate_global->__pyx_kp_u_numpy__core_umath_failed_to_impo};
         __pyx_t_8 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ImportError)), __pyx_callargs+__pyx_t_10, (2-__pyx_t_10) | (__pyx_t_10*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
         __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
-        if (unlikely(!__pyx_t_8)) __PYX_ERR(1, 1023, __pyx_L5_except_error)
+        if (unlikely(!__pyx_t_8)) __PYX_ERR(2, 1023, __pyx_L5_except_error)
         __Pyx_GOTREF(__pyx_t_8);
       }
       __Pyx_Raise(__pyx_t_8, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-      __PYX_ERR(1, 1023, __pyx_L5_except_error)
+      __PYX_ERR(2, 1023, __pyx_L5_except_error)
     }
     goto __pyx_L5_except_error;
 
@@ -6700,323 +6991,7 @@ static CYTHON_INLINE NPY_DATETIMEUNIT __pyx_f_5numpy_get_datetime64_unit(PyObjec
   return __pyx_r;
 }
 
-/* "rocmforge/_state.pxd":309
- * 
- * 
- * cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:             # <<<<<<<<<<<<<<
- *     return (a + b - 1) // b
- * 
-*/
-
-static CYTHON_INLINE int64_t __pyx_f_9rocmforge_6_state__ceil_div(int64_t __pyx_v_a, int64_t __pyx_v_b) {
-  int64_t __pyx_r;
-  int64_t __pyx_t_1;
-  int __pyx_lineno = 0;
-  const char *__pyx_filename = NULL;
-  int __pyx_clineno = 0;
-  PyGILState_STATE __pyx_gilstate_save;
-
-  /* "rocmforge/_state.pxd":310
- * 
- * cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:
- *     return (a + b - 1) // b             # <<<<<<<<<<<<<<
- * 
- * 
-*/
-  __pyx_t_1 = ((__pyx_v_a + __pyx_v_b) - 1);
-
-  if (unlikely(__pyx_v_b == 0)) {
-    PyGILState_STATE __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
-    PyErr_SetString(PyExc_ZeroDivisionError, "integer division or modulo by zero");
-    __Pyx_PyGILState_Release(__pyx_gilstate_save);
-    __PYX_ERR(2, 310, __pyx_L1_error)
-  }
-  else if (sizeof(int64_t) == sizeof(long) && (!(((int64_t)-1) > 0)) && unlikely(__pyx_v_b == (int64_t)-1)  && unlikely(__Pyx_UNARY_NEG_WOULD_OVERFLOW(__pyx_t_1))) {
-    PyGILState_STATE __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
-    PyErr_SetString(PyExc_OverflowError, "value too large to perform division");
-    __Pyx_PyGILState_Release(__pyx_gilstate_save);
-    __PYX_ERR(2, 310, __pyx_L1_error)
-  }
-  {
-
-    __pyx_r = __Pyx_div_int64_t(__pyx_t_1, __pyx_v_b, 0);
-  }
-
-  goto __pyx_L0;
-
-  /* "rocmforge/_state.pxd":309
- * 
- * 
- * cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept nogil:             # <<<<<<<<<<<<<<
- *     return (a + b - 1) // b
- * 
-*/
-
-  /* function exit code */
-  __pyx_L1_error:;
-  __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
-  __Pyx_WriteUnraisable("rocmforge._state._ceil_div", __pyx_clineno, __pyx_lineno, __pyx_filename, 1, 0);
-  __pyx_r = 0;
-  __Pyx_PyGILState_Release(__pyx_gilstate_save);
-  __pyx_L0:;
-  return __pyx_r;
-}
-
-/* "rocmforge/_state.pxd":313
- * 
- * 
- * cdef inline void push_event(Core* c, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok,             # <<<<<<<<<<<<<<
- *                             int32_t medium) noexcept nogil:
- *     """Record a KV event when events are on (capacity reserved by the prefix
-*/
-
-static CYTHON_INLINE void __pyx_f_9rocmforge_6_state_push_event(Core *__pyx_v_c, int32_t __pyx_v_kind, int64_t __pyx_v_key, int64_t __pyx_v_parent_key, int32_t __pyx_v_ntok, int32_t __pyx_v_medium) {
-  struct KvEvent __pyx_v_ev;
-  int __pyx_t_1;
-
-  /* "rocmforge/_state.pxd":318
- *     index's reserve_registrations); medium 0 is the pool, 1 the host tier."""
- *     cdef KvEvent ev
- *     if not c.events:             # <<<<<<<<<<<<<<
- *         return
- *     ev.kind = kind
-*/
-  __pyx_t_1 = (!__pyx_v_c->events);
-
-  if (__pyx_t_1) {
-
-
-    /* "rocmforge/_state.pxd":319
- *     cdef KvEvent ev
- *     if not c.events:
- *         return             # <<<<<<<<<<<<<<
- *     ev.kind = kind
- *     ev.key = key
-*/
-    {
-    }
-    goto __pyx_L0;
-
-    /* "rocmforge/_state.pxd":318
- *     index's reserve_registrations); medium 0 is the pool, 1 the host tier."""
- *     cdef KvEvent ev
- *     if not c.events:             # <<<<<<<<<<<<<<
- *         return
- *     ev.kind = kind
-*/
-  }
-
-  /* "rocmforge/_state.pxd":320
- *     if not c.events:
- *         return
- *     ev.kind = kind             # <<<<<<<<<<<<<<
- *     ev.key = key
- *     ev.parent_key = parent_key
-*/
-  __pyx_v_ev.kind = __pyx_v_kind;
-
-  /* "rocmforge/_state.pxd":321
- *         return
- *     ev.kind = kind
- *     ev.key = key             # <<<<<<<<<<<<<<
- *     ev.parent_key = parent_key
- *     ev.num_tokens = ntok
-*/
-  __pyx_v_ev.key = __pyx_v_key;
-
-  /* "rocmforge/_state.pxd":322
- *     ev.kind = kind
- *     ev.key = key
- *     ev.parent_key = parent_key             # <<<<<<<<<<<<<<
- *     ev.num_tokens = ntok
- *     ev.medium = medium
-*/
-  __pyx_v_ev.parent_key = __pyx_v_parent_key;
-
-  /* "rocmforge/_state.pxd":323
- *     ev.key = key
- *     ev.parent_key = parent_key
- *     ev.num_tokens = ntok             # <<<<<<<<<<<<<<
- *     ev.medium = medium
- *     rf_push(c.pfx.events, ev)
-*/
-  __pyx_v_ev.num_tokens = __pyx_v_ntok;
-
-  /* "rocmforge/_state.pxd":324
- *     ev.parent_key = parent_key
- *     ev.num_tokens = ntok
- *     ev.medium = medium             # <<<<<<<<<<<<<<
- *     rf_push(c.pfx.events, ev)
- * 
-*/
-  __pyx_v_ev.medium = __pyx_v_medium;
-
-  /* "rocmforge/_state.pxd":325
- *     ev.num_tokens = ntok
- *     ev.medium = medium
- *     rf_push(c.pfx.events, ev)             # <<<<<<<<<<<<<<
- * 
- * 
-*/
-  rf_push<struct KvEvent>(__pyx_v_c->pfx.events, __pyx_v_ev);
-
-  /* "rocmforge/_state.pxd":313
- * 
- * 
- * cdef inline void push_event(Core* c, int32_t kind, int64_t key, int64_t parent_key, int32_t ntok,             # <<<<<<<<<<<<<<
- *                             int32_t medium) noexcept nogil:
- *     """Record a KV event when events are on (capacity reserved by the prefix
-*/
-
-  /* function exit code */
-  __pyx_L0:;
-
-}
-
-/* "rocmforge/_state.pxd":328
- * 
- * 
- * cdef inline void ghost_remember(rf_idmap& ghost, vector[int64_t]& ring, int64_t* pos, int64_t key) noexcept nogil:             # <<<<<<<<<<<<<<
- *     """ARC's ghost list: remember an evicted key at the ring's next position,
- *     forgetting the key it overwrites (the map is reserved for the ring's size)."""
-*/
-
-static CYTHON_INLINE void __pyx_f_9rocmforge_6_state_ghost_remember(rf_idmap &__pyx_v_ghost, std::vector<int64_t>  &__pyx_v_ring, int64_t *__pyx_v_pos, int64_t __pyx_v_key) {
-  int64_t __pyx_v_cap;
-  int64_t __pyx_v_at;
-  int64_t __pyx_v_old;
-  int __pyx_t_1;
-  int __pyx_t_2;
-  long __pyx_t_3;
-  int __pyx_lineno = 0;
-  const char *__pyx_filename = NULL;
-  int __pyx_clineno = 0;
-  PyGILState_STATE __pyx_gilstate_save;
-
-  /* "rocmforge/_state.pxd":331
- *     """ARC's ghost list: remember an evicted key at the ring's next position,
- *     forgetting the key it overwrites (the map is reserved for the ring's size)."""
- *     cdef int64_t cap = ring.size()             # <<<<<<<<<<<<<<
- *     cdef int64_t at = pos[0] % cap
- *     cdef int64_t old = ring[at]
-*/
-  __pyx_v_cap = __pyx_v_ring.size();
-
-  /* "rocmforge/_state.pxd":332
- *     forgetting the key it overwrites (the map is reserved for the ring's size)."""
- *     cdef int64_t cap = ring.size()
- *     cdef int64_t at = pos[0] % cap             # <<<<<<<<<<<<<<
- *     cdef int64_t old = ring[at]
- *     if old >= 0 and rf_idmap_find(ghost, old) == at:
-*/
-  if (unlikely(__pyx_v_cap == 0)) {
-    PyGILState_STATE __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
-    PyErr_SetString(PyExc_ZeroDivisionError, "integer division or modulo by zero");
-    __Pyx_PyGILState_Release(__pyx_gilstate_save);
-    __PYX_ERR(2, 332, __pyx_L1_error)
-  }
-  __pyx_v_at = __Pyx_mod_int64_t((__pyx_v_pos[0]), __pyx_v_cap, 0);
-
-  /* "rocmforge/_state.pxd":333
- *     cdef int64_t cap = ring.size()
- *     cdef int64_t at = pos[0] % cap
- *     cdef int64_t old = ring[at]             # <<<<<<<<<<<<<<
- *     if old >= 0 and rf_idmap_find(ghost, old) == at:
- *         rf_idmap_erase(ghost, old)
-*/
-  __pyx_v_old = (__pyx_v_ring[__pyx_v_at]);
-
-  /* "rocmforge/_state.pxd":334
- *     cdef int64_t at = pos[0] % cap
- *     cdef int64_t old = ring[at]
- *     if old >= 0 and rf_idmap_find(ghost, old) == at:             # <<<<<<<<<<<<<<
- *         rf_idmap_erase(ghost, old)
- *     ring[at] = key
-*/
-  __pyx_t_2 = (__pyx_v_old >= 0);
-
-  if (__pyx_t_2) {
-
-  } else {
-
-    __pyx_t_1 = __pyx_t_2;
-
-    goto __pyx_L4_bool_binop_done;
-  }
-  __pyx_t_2 = (rf_idmap_find(__pyx_v_ghost, __pyx_v_old) == __pyx_v_at);
-
-
-  __pyx_t_1 = __pyx_t_2;
-
-  __pyx_L4_bool_binop_done:;
-  if (__pyx_t_1) {
-
-
-    /* "rocmforge/_state.pxd":335
- *     cdef int64_t old = ring[at]
- *     if old >= 0 and rf_idmap_find(ghost, old) == at:
- *         rf_idmap_erase(ghost, old)             # <<<<<<<<<<<<<<
- *     ring[at] = key
- *     rf_idmap_put(ghost, key, <int32_t>at)
-*/
-    rf_idmap_erase(__pyx_v_ghost, __pyx_v_old);
-
-    /* "rocmforge/_state.pxd":334
- *     cdef int64_t at = pos[0] % cap
- *     cdef int64_t old = ring[at]
- *     if old >= 0 and rf_idmap_find(ghost, old) == at:             # <<<<<<<<<<<<<<
- *         rf_idmap_erase(ghost, old)
- *     ring[at] = key
-*/
-  }
-
-  /* "rocmforge/_state.pxd":336
- *     if old >= 0 and rf_idmap_find(ghost, old) == at:
- *         rf_idmap_erase(ghost, old)
- *     ring[at] = key             # <<<<<<<<<<<<<<
- *     rf_idmap_put(ghost, key, <int32_t>at)
- *     pos[0] += 1
-*/
-  (__pyx_v_ring[__pyx_v_at]) = __pyx_v_key;
-
-  /* "rocmforge/_state.pxd":337
- *         rf_idmap_erase(ghost, old)
- *     ring[at] = key
- *     rf_idmap_put(ghost, key, <int32_t>at)             # <<<<<<<<<<<<<<
- *     pos[0] += 1
-*/
-  (void)(rf_idmap_put(__pyx_v_ghost, __pyx_v_key, ((int32_t)__pyx_v_at)));
-
-  /* "rocmforge/_state.pxd":338
- *     ring[at] = key
- *     rf_idmap_put(ghost, key, <int32_t>at)
- *     pos[0] += 1             # <<<<<<<<<<<<<<
-*/
-
-  __pyx_t_3 = 0;
-  (__pyx_v_pos[__pyx_t_3]) = ((__pyx_v_pos[__pyx_t_3]) + 1);
-
-  /* "rocmforge/_state.pxd":328
- * 
- * 
- * cdef inline void ghost_remember(rf_idmap& ghost, vector[int64_t]& ring, int64_t* pos, int64_t key) noexcept nogil:             # <<<<<<<<<<<<<<
- *     """ARC's ghost list: remember an evicted key at the ring's next position,
- *     forgetting the key it overwrites (the map is reserved for the ring's size)."""
-*/
-
-  /* function exit code */
-  goto __pyx_L0;
-  __pyx_L1_error:;
-  __pyx_gilstate_save = __Pyx_PyGILState_Ensure();
-  __Pyx_WriteUnraisable("rocmforge._state.ghost_remember", __pyx_clineno, __pyx_lineno, __pyx_filename, 1, 0);
-  __Pyx_PyGILState_Release(__pyx_gilstate_save);
-  __pyx_L0:;
-
-
-
-}
-
-/* "rocmforge/_tensor_parallel.pyx":28
+/* "rocmforge/_tensor_parallel.pyx":24
  *     own lock, so ranks never wait on each other here."""
  * 
  *     def __init__(self, manager):             # <<<<<<<<<<<<<<
@@ -7064,39 +7039,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_manager,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 28, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 24, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 28, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 24, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 28, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 24, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 28, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 24, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 2, 2, i); __PYX_ERR(0, 28, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 2, 2, i); __PYX_ERR(0, 24, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 28, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 24, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 28, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 24, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_manager = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 28, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 24, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -7130,16 +7105,16 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout___init__(CYTHON
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":29
+  /* "rocmforge/_tensor_parallel.pyx":25
  * 
  *     def __init__(self, manager):
  *         self._manager = manager             # <<<<<<<<<<<<<<
  *         self._lock = threading.Lock()
  *         self._files = {}                # id(rank) -> list of pair arrays not yet applied there
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager_2, __pyx_v_manager) < (0)) __PYX_ERR(0, 29, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager_2, __pyx_v_manager) < (0)) __PYX_ERR(0, 25, __pyx_L1_error)
 
-  /* "rocmforge/_tensor_parallel.pyx":30
+  /* "rocmforge/_tensor_parallel.pyx":26
  *     def __init__(self, manager):
  *         self._manager = manager
  *         self._lock = threading.Lock()             # <<<<<<<<<<<<<<
@@ -7147,9 +7122,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout___init__(CYTHON
  * 
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_threading); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 30, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_threading); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 26, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Lock); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 30, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Lock); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 26, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __pyx_t_5 = 1;
@@ -7169,25 +7144,25 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout___init__(CYTHON
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_5, (1-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 30, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 26, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_lock, __pyx_t_1) < (0)) __PYX_ERR(0, 30, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_lock, __pyx_t_1) < (0)) __PYX_ERR(0, 26, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":31
+  /* "rocmforge/_tensor_parallel.pyx":27
  *         self._manager = manager
  *         self._lock = threading.Lock()
  *         self._files = {}                # id(rank) -> list of pair arrays not yet applied there             # <<<<<<<<<<<<<<
  * 
  *     def add(self, rank):
 */
-  __pyx_t_1 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 31, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 27, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files, __pyx_t_1) < (0)) __PYX_ERR(0, 31, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files, __pyx_t_1) < (0)) __PYX_ERR(0, 27, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":28
+  /* "rocmforge/_tensor_parallel.pyx":24
  *     own lock, so ranks never wait on each other here."""
  * 
  *     def __init__(self, manager):             # <<<<<<<<<<<<<<
@@ -7211,7 +7186,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout___init__(CYTHON
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":33
+/* "rocmforge/_tensor_parallel.pyx":29
  *         self._files = {}                # id(rank) -> list of pair arrays not yet applied there
  * 
  *     def add(self, rank):             # <<<<<<<<<<<<<<
@@ -7259,39 +7234,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_rank,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 33, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 29, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 33, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 29, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 33, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 29, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "add", 0) < (0)) __PYX_ERR(0, 33, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "add", 0) < (0)) __PYX_ERR(0, 29, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("add", 1, 2, 2, i); __PYX_ERR(0, 33, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("add", 1, 2, 2, i); __PYX_ERR(0, 29, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 33, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 29, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 33, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 29, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_rank = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("add", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 33, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("add", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 29, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -7325,16 +7300,16 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_2add(CYTHON_UNU
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("add", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":34
+  /* "rocmforge/_tensor_parallel.pyx":30
  * 
  *     def add(self, rank):
  *         self._files[id(rank)] = []             # <<<<<<<<<<<<<<
  * 
  *     def __call__(self, KvCache rank):
 */
-  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 34, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 30, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 34, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 30, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __pyx_t_4 = NULL;
   __pyx_t_5 = 1;
@@ -7342,15 +7317,15 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_2add(CYTHON_UNU
     PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_v_rank};
     __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_id, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 34, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 30, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
   }
-  if (unlikely((PyObject_SetItem(__pyx_t_2, __pyx_t_3, __pyx_t_1) < 0))) __PYX_ERR(0, 34, __pyx_L1_error)
+  if (unlikely((PyObject_SetItem(__pyx_t_2, __pyx_t_3, __pyx_t_1) < 0))) __PYX_ERR(0, 30, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":33
+  /* "rocmforge/_tensor_parallel.pyx":29
  *         self._files = {}                # id(rank) -> list of pair arrays not yet applied there
  * 
  *     def add(self, rank):             # <<<<<<<<<<<<<<
@@ -7374,7 +7349,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_2add(CYTHON_UNU
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":36
+/* "rocmforge/_tensor_parallel.pyx":32
  *         self._files[id(rank)] = []
  * 
  *     def __call__(self, KvCache rank):             # <<<<<<<<<<<<<<
@@ -7422,39 +7397,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_rank,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 36, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 32, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 36, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 32, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 36, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 32, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__call__", 0) < (0)) __PYX_ERR(0, 36, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__call__", 0) < (0)) __PYX_ERR(0, 32, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__call__", 1, 2, 2, i); __PYX_ERR(0, 36, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__call__", 1, 2, 2, i); __PYX_ERR(0, 32, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 36, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 32, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 36, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 32, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_rank = ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)values[1]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__call__", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 36, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__call__", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 32, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -7465,7 +7440,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_rank), __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache, 1, "rank", 0))) __PYX_ERR(0, 36, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_rank), __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache, 1, "rank", 0))) __PYX_ERR(0, 32, __pyx_L1_error)
   __pyx_r = __pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(__pyx_self, __pyx_v_self, __pyx_v_rank);
 
   /* function exit code */
@@ -7515,20 +7490,20 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__call__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":37
+  /* "rocmforge/_tensor_parallel.pyx":33
  * 
  *     def __call__(self, KvCache rank):
  *         cdef BlockManager m = self._manager             # <<<<<<<<<<<<<<
  *         with self._lock:
  *             if m.c_has_pending_copies():
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 37, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 33, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_5_core_BlockManager))))) __PYX_ERR(0, 37, __pyx_L1_error)
+  if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_5_core_BlockManager))))) __PYX_ERR(0, 33, __pyx_L1_error)
   __pyx_v_m = ((struct __pyx_obj_9rocmforge_5_core_BlockManager *)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":38
+  /* "rocmforge/_tensor_parallel.pyx":34
  *     def __call__(self, KvCache rank):
  *         cdef BlockManager m = self._manager
  *         with self._lock:             # <<<<<<<<<<<<<<
@@ -7536,12 +7511,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
  *                 pairs = m.take_pending_copies()
 */
   /*with:*/ {
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_lock); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 38, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_lock); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 34, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_2 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 38, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 34, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __pyx_t_4 = NULL;
-    __pyx_t_5 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 38, __pyx_L3_error)
+    __pyx_t_5 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 34, __pyx_L3_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_6 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -7560,7 +7535,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 38, __pyx_L3_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 34, __pyx_L3_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
@@ -7575,7 +7550,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
         __Pyx_XGOTREF(__pyx_t_9);
         /*try:*/ {
 
-          /* "rocmforge/_tensor_parallel.pyx":39
+          /* "rocmforge/_tensor_parallel.pyx":35
  *         cdef BlockManager m = self._manager
  *         with self._lock:
  *             if m.c_has_pending_copies():             # <<<<<<<<<<<<<<
@@ -7587,7 +7562,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
           if (__pyx_t_10) {
 
 
-            /* "rocmforge/_tensor_parallel.pyx":40
+            /* "rocmforge/_tensor_parallel.pyx":36
  *         with self._lock:
  *             if m.c_has_pending_copies():
  *                 pairs = m.take_pending_copies()             # <<<<<<<<<<<<<<
@@ -7601,27 +7576,27 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
               PyObject *__pyx_callargs[2] = {__pyx_t_3, NULL};
               __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_take_pending_copies, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
               __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 40, __pyx_L7_error)
+              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 36, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_1);
             }
             __pyx_v_pairs = __pyx_t_1;
             __pyx_t_1 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":41
+            /* "rocmforge/_tensor_parallel.pyx":37
  *             if m.c_has_pending_copies():
  *                 pairs = m.take_pending_copies()
  *                 if len(pairs):             # <<<<<<<<<<<<<<
  *                     for f in self._files.values():
  *                         f.append(pairs)
 */
-            __pyx_t_11 = PyObject_Length(__pyx_v_pairs); if (unlikely(__pyx_t_11 == ((Py_ssize_t)-1))) __PYX_ERR(0, 41, __pyx_L7_error)
+            __pyx_t_11 = PyObject_Length(__pyx_v_pairs); if (unlikely(__pyx_t_11 == ((Py_ssize_t)-1))) __PYX_ERR(0, 37, __pyx_L7_error)
             __pyx_t_10 = (__pyx_t_11 != 0);
 
 
             if (__pyx_t_10) {
 
 
-              /* "rocmforge/_tensor_parallel.pyx":42
+              /* "rocmforge/_tensor_parallel.pyx":38
  *                 pairs = m.take_pending_copies()
  *                 if len(pairs):
  *                     for f in self._files.values():             # <<<<<<<<<<<<<<
@@ -7629,13 +7604,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
  *             mine = self._files[id(rank)]
 */
               __pyx_t_11 = 0;
-              __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 42, __pyx_L7_error)
+              __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 38, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_3);
               if (unlikely(__pyx_t_3 == Py_None)) {
                 PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "values");
-                __PYX_ERR(0, 42, __pyx_L7_error)
+                __PYX_ERR(0, 38, __pyx_L7_error)
               }
-              __pyx_t_5 = __Pyx_dict_iterator(__pyx_t_3, 0, __pyx_mstate_global->__pyx_n_u_values, (&__pyx_t_12), (&__pyx_t_13)); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 42, __pyx_L7_error)
+              __pyx_t_5 = __Pyx_dict_iterator(__pyx_t_3, 0, __pyx_mstate_global->__pyx_n_u_values, (&__pyx_t_12), (&__pyx_t_13)); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 38, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_5);
               __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
               __Pyx_XDECREF(__pyx_t_1);
@@ -7644,24 +7619,24 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
               while (1) {
                 __pyx_t_14 = __Pyx_dict_iter_next(__pyx_t_1, __pyx_t_12, &__pyx_t_11, NULL, &__pyx_t_5, NULL, __pyx_t_13);
                 if (unlikely(__pyx_t_14 == 0)) break;
-                if (unlikely(__pyx_t_14 == -1)) __PYX_ERR(0, 42, __pyx_L7_error)
+                if (unlikely(__pyx_t_14 == -1)) __PYX_ERR(0, 38, __pyx_L7_error)
                 __Pyx_GOTREF(__pyx_t_5);
                 __Pyx_XDECREF_SET(__pyx_v_f, __pyx_t_5);
                 __pyx_t_5 = 0;
 
-                /* "rocmforge/_tensor_parallel.pyx":43
+                /* "rocmforge/_tensor_parallel.pyx":39
  *                 if len(pairs):
  *                     for f in self._files.values():
  *                         f.append(pairs)             # <<<<<<<<<<<<<<
  *             mine = self._files[id(rank)]
  *             if not mine:
 */
-                __pyx_t_15 = __Pyx_PyObject_Append(__pyx_v_f, __pyx_v_pairs); if (unlikely(__pyx_t_15 == ((int)-1))) __PYX_ERR(0, 43, __pyx_L7_error)
+                __pyx_t_15 = __Pyx_PyObject_Append(__pyx_v_f, __pyx_v_pairs); if (unlikely(__pyx_t_15 == ((int)-1))) __PYX_ERR(0, 39, __pyx_L7_error)
 
               }
               __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-              /* "rocmforge/_tensor_parallel.pyx":41
+              /* "rocmforge/_tensor_parallel.pyx":37
  *             if m.c_has_pending_copies():
  *                 pairs = m.take_pending_copies()
  *                 if len(pairs):             # <<<<<<<<<<<<<<
@@ -7670,7 +7645,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
 */
             }
 
-            /* "rocmforge/_tensor_parallel.pyx":39
+            /* "rocmforge/_tensor_parallel.pyx":35
  *         cdef BlockManager m = self._manager
  *         with self._lock:
  *             if m.c_has_pending_copies():             # <<<<<<<<<<<<<<
@@ -7679,14 +7654,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
 */
           }
 
-          /* "rocmforge/_tensor_parallel.pyx":44
+          /* "rocmforge/_tensor_parallel.pyx":40
  *                     for f in self._files.values():
  *                         f.append(pairs)
  *             mine = self._files[id(rank)]             # <<<<<<<<<<<<<<
  *             if not mine:
  *                 return None
 */
-          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 44, __pyx_L7_error)
+          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 40, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_1);
           __pyx_t_3 = NULL;
           __pyx_t_6 = 1;
@@ -7694,31 +7669,31 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
             PyObject *__pyx_callargs[2] = {__pyx_t_3, ((PyObject *)__pyx_v_rank)};
             __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_id, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
             __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-            if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 44, __pyx_L7_error)
+            if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 40, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_5);
           }
-          __pyx_t_3 = __Pyx_PyObject_GetItem(__pyx_t_1, __pyx_t_5); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 44, __pyx_L7_error)
+          __pyx_t_3 = __Pyx_PyObject_GetItem(__pyx_t_1, __pyx_t_5); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 40, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_3);
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
           __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
           __pyx_v_mine = __pyx_t_3;
           __pyx_t_3 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":45
+          /* "rocmforge/_tensor_parallel.pyx":41
  *                         f.append(pairs)
  *             mine = self._files[id(rank)]
  *             if not mine:             # <<<<<<<<<<<<<<
  *                 return None
  *             self._files[id(rank)] = []
 */
-          __pyx_t_10 = __Pyx_PyObject_IsTrue(__pyx_v_mine); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 45, __pyx_L7_error)
+          __pyx_t_10 = __Pyx_PyObject_IsTrue(__pyx_v_mine); if (unlikely((__pyx_t_10 < 0))) __PYX_ERR(0, 41, __pyx_L7_error)
           __pyx_t_16 = (!__pyx_t_10);
 
 
           if (__pyx_t_16) {
 
 
-            /* "rocmforge/_tensor_parallel.pyx":46
+            /* "rocmforge/_tensor_parallel.pyx":42
  *             mine = self._files[id(rank)]
  *             if not mine:
  *                 return None             # <<<<<<<<<<<<<<
@@ -7735,7 +7710,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
             }
             goto __pyx_L11_try_return;
 
-            /* "rocmforge/_tensor_parallel.pyx":45
+            /* "rocmforge/_tensor_parallel.pyx":41
  *                         f.append(pairs)
  *             mine = self._files[id(rank)]
  *             if not mine:             # <<<<<<<<<<<<<<
@@ -7744,16 +7719,16 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
 */
           }
 
-          /* "rocmforge/_tensor_parallel.pyx":47
+          /* "rocmforge/_tensor_parallel.pyx":43
  *             if not mine:
  *                 return None
  *             self._files[id(rank)] = []             # <<<<<<<<<<<<<<
  *         return mine[0] if len(mine) == 1 else np.concatenate(mine)
  * 
 */
-          __pyx_t_3 = PyList_New(0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 47, __pyx_L7_error)
+          __pyx_t_3 = PyList_New(0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 43, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_3);
-          __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 47, __pyx_L7_error)
+          __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_files); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 43, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_5);
           __pyx_t_4 = NULL;
           __pyx_t_6 = 1;
@@ -7761,15 +7736,15 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
             PyObject *__pyx_callargs[2] = {__pyx_t_4, ((PyObject *)__pyx_v_rank)};
             __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_id, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
             __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 47, __pyx_L7_error)
+            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 43, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_1);
           }
-          if (unlikely((PyObject_SetItem(__pyx_t_5, __pyx_t_1, __pyx_t_3) < 0))) __PYX_ERR(0, 47, __pyx_L7_error)
+          if (unlikely((PyObject_SetItem(__pyx_t_5, __pyx_t_1, __pyx_t_3) < 0))) __PYX_ERR(0, 43, __pyx_L7_error)
           __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
           __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":38
+          /* "rocmforge/_tensor_parallel.pyx":34
  *     def __call__(self, KvCache rank):
  *         cdef BlockManager m = self._manager
  *         with self._lock:             # <<<<<<<<<<<<<<
@@ -7788,23 +7763,23 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
         __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         /*except:*/ {
           __Pyx_AddTraceback("rocmforge._tensor_parallel._Fanout.__call__", __pyx_clineno, __pyx_lineno, __pyx_filename);
-          if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_1, &__pyx_t_5) < 0) __PYX_ERR(0, 38, __pyx_L9_except_error)
+          if (__Pyx_GetException(&__pyx_t_3, &__pyx_t_1, &__pyx_t_5) < 0) __PYX_ERR(0, 34, __pyx_L9_except_error)
           __Pyx_XGOTREF(__pyx_t_3);
           __Pyx_XGOTREF(__pyx_t_1);
           __Pyx_XGOTREF(__pyx_t_5);
           {
             PyObject* __pyx_temp[3] = {__pyx_t_3, __pyx_t_1, __pyx_t_5};
-            __pyx_t_4 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 38, __pyx_L9_except_error)
+            __pyx_t_4 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 34, __pyx_L9_except_error)
             __Pyx_GOTREF(__pyx_t_4);
           }
           __pyx_t_17 = __Pyx_PyObject_Call(__pyx_t_2, __pyx_t_4, NULL);
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-          if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 38, __pyx_L9_except_error)
+          if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 34, __pyx_L9_except_error)
           __Pyx_GOTREF(__pyx_t_17);
           __pyx_t_16 = __Pyx_PyObject_IsTrue(__pyx_t_17);
           __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-          if (__pyx_t_16 < (0)) __PYX_ERR(0, 38, __pyx_L9_except_error)
+          if (__pyx_t_16 < (0)) __PYX_ERR(0, 34, __pyx_L9_except_error)
           __pyx_t_10 = (!__pyx_t_16);
 
 
@@ -7815,7 +7790,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
             __Pyx_XGIVEREF(__pyx_t_5);
             __Pyx_ErrRestoreWithState(__pyx_t_3, __pyx_t_1, __pyx_t_5);
             __pyx_t_3 = 0;  __pyx_t_1 = 0;  __pyx_t_5 = 0; 
-            __PYX_ERR(0, 38, __pyx_L9_except_error)
+            __PYX_ERR(0, 34, __pyx_L9_except_error)
           }
           __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
           __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -7847,7 +7822,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
         if (__pyx_t_2) {
           __pyx_t_9 = __Pyx_PyObject_Call(__pyx_t_2, __pyx_mstate_global->__pyx_tuple[0], NULL);
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 38, __pyx_L1_error)
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 34, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         }
@@ -7859,7 +7834,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
         if (__pyx_t_2) {
           __pyx_t_8 = __Pyx_PyObject_Call(__pyx_t_2, __pyx_mstate_global->__pyx_tuple[0], NULL);
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-          if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 38, __pyx_L1_error)
+          if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 34, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_8);
           __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
         }
@@ -7876,32 +7851,32 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
     __pyx_L21:;
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":48
+  /* "rocmforge/_tensor_parallel.pyx":44
  *                 return None
  *             self._files[id(rank)] = []
  *         return mine[0] if len(mine) == 1 else np.concatenate(mine)             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  if (unlikely(!__pyx_v_mine)) { __Pyx_RaiseUnboundLocalError("mine"); __PYX_ERR(0, 48, __pyx_L1_error) }
-  __pyx_t_12 = PyObject_Length(__pyx_v_mine); if (unlikely(__pyx_t_12 == ((Py_ssize_t)-1))) __PYX_ERR(0, 48, __pyx_L1_error)
+  if (unlikely(!__pyx_v_mine)) { __Pyx_RaiseUnboundLocalError("mine"); __PYX_ERR(0, 44, __pyx_L1_error) }
+  __pyx_t_12 = PyObject_Length(__pyx_v_mine); if (unlikely(__pyx_t_12 == ((Py_ssize_t)-1))) __PYX_ERR(0, 44, __pyx_L1_error)
   __pyx_t_10 = (__pyx_t_12 == 1);
 
 
   if (__pyx_t_10) {
-    if (unlikely(!__pyx_v_mine)) { __Pyx_RaiseUnboundLocalError("mine"); __PYX_ERR(0, 48, __pyx_L1_error) }
-    __pyx_t_1 = __Pyx_GetItemInt(__pyx_v_mine, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 48, __pyx_L1_error)
+    if (unlikely(!__pyx_v_mine)) { __Pyx_RaiseUnboundLocalError("mine"); __PYX_ERR(0, 44, __pyx_L1_error) }
+    __pyx_t_1 = __Pyx_GetItemInt(__pyx_v_mine, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 44, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_t_5 = __pyx_t_1;
     __pyx_t_1 = 0;
   } else {
     __pyx_t_3 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 48, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 44, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 48, __pyx_L1_error)
+    __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 44, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_18);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_v_mine)) { __Pyx_RaiseUnboundLocalError("mine"); __PYX_ERR(0, 48, __pyx_L1_error) }
+    if (unlikely(!__pyx_v_mine)) { __Pyx_RaiseUnboundLocalError("mine"); __PYX_ERR(0, 44, __pyx_L1_error) }
     __pyx_t_6 = 1;
     #if CYTHON_UNPACK_METHODS
     if (unlikely(PyMethod_Check(__pyx_t_18))) {
@@ -7919,7 +7894,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_18, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 48, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 44, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __pyx_t_5 = __pyx_t_1;
@@ -7937,7 +7912,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
   __pyx_t_5 = 0;
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":36
+  /* "rocmforge/_tensor_parallel.pyx":32
  *         self._files[id(rank)] = []
  * 
  *     def __call__(self, KvCache rank):             # <<<<<<<<<<<<<<
@@ -7964,7 +7939,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_7_Fanout_4__call__(CYTHO
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":57
+/* "rocmforge/_tensor_parallel.pyx":53
  *     cdef int held
  * 
  *     def __cinit__(self, list ranks):             # <<<<<<<<<<<<<<
@@ -8010,32 +7985,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_ranks,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL_TPNEW(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 57, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 53, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 57, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 53, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__cinit__", 0) < (0)) __PYX_ERR(0, 57, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__cinit__", 0) < (0)) __PYX_ERR(0, 53, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__cinit__", 1, 1, 1, i); __PYX_ERR(0, 57, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__cinit__", 1, 1, 1, i); __PYX_ERR(0, 53, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 57, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 53, __pyx_L3_error)
     }
     __pyx_v_ranks = ((PyObject*)values[0]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__cinit__", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 57, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__cinit__", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 53, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -8046,7 +8021,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return -1;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_ranks), (&PyList_Type), 1, "ranks", 1))) __PYX_ERR(0, 57, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_ranks), (&PyList_Type), 1, "ranks", 1))) __PYX_ERR(0, 53, __pyx_L1_error)
   __pyx_r = __pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks___cinit__(((struct __pyx_obj_9rocmforge_16_tensor_parallel__AllLocks *)__pyx_v_self), __pyx_v_ranks);
 
   /* function exit code */
@@ -8071,7 +8046,7 @@ static int __pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks___cinit__(struct __
   __Pyx_RefNannyDeclarations
   __Pyx_RefNannySetupContext("__cinit__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":58
+  /* "rocmforge/_tensor_parallel.pyx":54
  * 
  *     def __cinit__(self, list ranks):
  *         self.ranks = ranks             # <<<<<<<<<<<<<<
@@ -8083,7 +8058,7 @@ static int __pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks___cinit__(struct __
   __Pyx_GOTREF(__pyx_v_self->ranks);
   __Pyx_DECREF_SET(__pyx_v_self->ranks, __pyx_v_ranks);
 
-  /* "rocmforge/_tensor_parallel.pyx":59
+  /* "rocmforge/_tensor_parallel.pyx":55
  *     def __cinit__(self, list ranks):
  *         self.ranks = ranks
  *         self.held = 0             # <<<<<<<<<<<<<<
@@ -8092,7 +8067,7 @@ static int __pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks___cinit__(struct __
 */
   __pyx_v_self->held = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":57
+  /* "rocmforge/_tensor_parallel.pyx":53
  *     cdef int held
  * 
  *     def __cinit__(self, list ranks):             # <<<<<<<<<<<<<<
@@ -8107,7 +8082,7 @@ static int __pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks___cinit__(struct __
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":61
+/* "rocmforge/_tensor_parallel.pyx":57
  *         self.held = 0
  * 
  *     def __enter__(self):             # <<<<<<<<<<<<<<
@@ -8169,7 +8144,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_2__enter__(st
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__enter__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":63
+  /* "rocmforge/_tensor_parallel.pyx":59
  *     def __enter__(self):
  *         cdef KvCache r
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
@@ -8178,7 +8153,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_2__enter__(st
 */
   if (unlikely(__pyx_v_self->ranks == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(0, 63, __pyx_L1_error)
+    __PYX_ERR(0, 59, __pyx_L1_error)
   }
   __pyx_t_1 = __pyx_v_self->ranks; __Pyx_INCREF(__pyx_t_1);
   __pyx_t_2 = 0;
@@ -8186,19 +8161,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_2__enter__(st
     {
       Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
       #if !CYTHON_ASSUME_SAFE_SIZE
-      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 63, __pyx_L1_error)
+      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 59, __pyx_L1_error)
       #endif
       if (__pyx_t_2 >= __pyx_temp) break;
     }
     __pyx_t_3 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_2, __Pyx_ReferenceSharing_OwnStrongReference);
     ++__pyx_t_2;
-    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 63, __pyx_L1_error)
+    if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 59, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    if (!(likely(((__pyx_t_3) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_3, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 63, __pyx_L1_error)
+    if (!(likely(((__pyx_t_3) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_3, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 59, __pyx_L1_error)
     __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_3));
     __pyx_t_3 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":64
+    /* "rocmforge/_tensor_parallel.pyx":60
  *         cdef KvCache r
  *         for r in self.ranks:
  *             r._lock.acquire()             # <<<<<<<<<<<<<<
@@ -8207,7 +8182,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_2__enter__(st
 */
     __Pyx_Locks_PyMutex_LockGil(__pyx_v_r->_lock);
 
-    /* "rocmforge/_tensor_parallel.pyx":65
+    /* "rocmforge/_tensor_parallel.pyx":61
  *         for r in self.ranks:
  *             r._lock.acquire()
  *             self.held += 1             # <<<<<<<<<<<<<<
@@ -8216,7 +8191,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_2__enter__(st
 */
     __pyx_v_self->held = (__pyx_v_self->held + 1);
 
-    /* "rocmforge/_tensor_parallel.pyx":63
+    /* "rocmforge/_tensor_parallel.pyx":59
  *     def __enter__(self):
  *         cdef KvCache r
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
@@ -8226,7 +8201,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_2__enter__(st
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":66
+  /* "rocmforge/_tensor_parallel.pyx":62
  *             r._lock.acquire()
  *             self.held += 1
  *         return self             # <<<<<<<<<<<<<<
@@ -8244,7 +8219,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_2__enter__(st
   }
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":61
+  /* "rocmforge/_tensor_parallel.pyx":57
  *         self.held = 0
  * 
  *     def __enter__(self):             # <<<<<<<<<<<<<<
@@ -8265,7 +8240,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_2__enter__(st
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":68
+/* "rocmforge/_tensor_parallel.pyx":64
  *         return self
  * 
  *     def __exit__(self, *exc):             # <<<<<<<<<<<<<<
@@ -8314,7 +8289,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_4__exit__(str
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__exit__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":71
+  /* "rocmforge/_tensor_parallel.pyx":67
  *         cdef KvCache r
  *         cdef int i
  *         for i in range(self.held - 1, -1, -1):             # <<<<<<<<<<<<<<
@@ -8324,7 +8299,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_4__exit__(str
   for (__pyx_t_1 = (__pyx_v_self->held - 1); __pyx_t_1 > -1; __pyx_t_1-=1) {
     __pyx_v_i = __pyx_t_1;
 
-    /* "rocmforge/_tensor_parallel.pyx":72
+    /* "rocmforge/_tensor_parallel.pyx":68
  *         cdef int i
  *         for i in range(self.held - 1, -1, -1):
  *             r = self.ranks[i]             # <<<<<<<<<<<<<<
@@ -8333,15 +8308,15 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_4__exit__(str
 */
     if (unlikely(__pyx_v_self->ranks == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 72, __pyx_L1_error)
+      __PYX_ERR(0, 68, __pyx_L1_error)
     }
     __pyx_t_2 = __Pyx_PyList_GET_ITEM(__pyx_v_self->ranks, __pyx_v_i);
     __Pyx_INCREF(__pyx_t_2);
-    if (!(likely(((__pyx_t_2) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_2, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 72, __pyx_L1_error)
+    if (!(likely(((__pyx_t_2) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_2, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 68, __pyx_L1_error)
     __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_2));
     __pyx_t_2 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":73
+    /* "rocmforge/_tensor_parallel.pyx":69
  *         for i in range(self.held - 1, -1, -1):
  *             r = self.ranks[i]
  *             r._lock.release()             # <<<<<<<<<<<<<<
@@ -8351,7 +8326,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_4__exit__(str
     __Pyx_Locks_PyMutex_Unlock(__pyx_v_r->_lock); 
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":74
+  /* "rocmforge/_tensor_parallel.pyx":70
  *             r = self.ranks[i]
  *             r._lock.release()
  *         self.held = 0             # <<<<<<<<<<<<<<
@@ -8360,7 +8335,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_4__exit__(str
 */
   __pyx_v_self->held = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":68
+  /* "rocmforge/_tensor_parallel.pyx":64
  *         return self
  * 
  *     def __exit__(self, *exc):             # <<<<<<<<<<<<<<
@@ -8587,7 +8562,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_9_AllLocks_8__setstate_c
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":94
+/* "rocmforge/_tensor_parallel.pyx":90
  *     BlockManager. A context manager; close() closes every rank."""
  * 
  *     def __init__(self, config, devices, *, k_scale=1.0, v_scale=1.0, host_cache=None, **manager_options):             # <<<<<<<<<<<<<<
@@ -8642,41 +8617,41 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_config,&__pyx_mstate_global->__pyx_n_u_devices,&__pyx_mstate_global->__pyx_n_u_k_scale,&__pyx_mstate_global->__pyx_n_u_v_scale,&__pyx_mstate_global->__pyx_n_u_host_cache,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 94, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 90, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 94, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 90, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 94, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 90, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 94, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 90, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, __pyx_v_manager_options, values, kwd_pos_args, __pyx_kwds_len, "__init__", 1) < (0)) __PYX_ERR(0, 94, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, __pyx_v_manager_options, values, kwd_pos_args, __pyx_kwds_len, "__init__", 1) < (0)) __PYX_ERR(0, 90, __pyx_L3_error)
       if (!values[3]) values[3] = __Pyx_NewRef(((PyObject *)((PyObject*)__pyx_mstate_global->__pyx_float_1_0)));
       if (!values[4]) values[4] = __Pyx_NewRef(((PyObject *)((PyObject*)__pyx_mstate_global->__pyx_float_1_0)));
       if (!values[5]) values[5] = __Pyx_NewRef(((PyObject *)Py_None));
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 3, 3, i); __PYX_ERR(0, 94, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 3, 3, i); __PYX_ERR(0, 90, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 3)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 94, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 90, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 94, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 90, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 94, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 90, __pyx_L3_error)
       if (!values[3]) values[3] = __Pyx_NewRef(((PyObject *)((PyObject*)__pyx_mstate_global->__pyx_float_1_0)));
       if (!values[4]) values[4] = __Pyx_NewRef(((PyObject *)((PyObject*)__pyx_mstate_global->__pyx_float_1_0)));
       if (!values[5]) values[5] = __Pyx_NewRef(((PyObject *)Py_None));
@@ -8690,7 +8665,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 94, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 90, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -8750,16 +8725,16 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":95
+  /* "rocmforge/_tensor_parallel.pyx":91
  * 
  *     def __init__(self, config, devices, *, k_scale=1.0, v_scale=1.0, host_cache=None, **manager_options):
  *         if not isinstance(config, CacheConfig):             # <<<<<<<<<<<<<<
  *             raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")
  *         if isinstance(devices, str) or not hasattr(devices, "__len__") or len(devices) == 0:
 */
-  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_CacheConfig); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_CacheConfig); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 91, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyObject_IsInstance(__pyx_v_config, __pyx_t_1); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 95, __pyx_L1_error)
+  __pyx_t_2 = PyObject_IsInstance(__pyx_v_config, __pyx_t_1); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 91, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_3 = (!__pyx_t_2);
 
@@ -8767,7 +8742,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   if (unlikely(__pyx_t_3)) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":96
+    /* "rocmforge/_tensor_parallel.pyx":92
  *     def __init__(self, config, devices, *, k_scale=1.0, v_scale=1.0, host_cache=None, **manager_options):
  *         if not isinstance(config, CacheConfig):
  *             raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")             # <<<<<<<<<<<<<<
@@ -8775,14 +8750,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *             raise ArgumentTypeError("devices must be a non-empty list, one device per rank")
 */
     __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_ArgumentTypeError); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_ArgumentTypeError); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 92, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(((PyObject *)Py_TYPE(__pyx_v_config)), __pyx_mstate_global->__pyx_n_u_name); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_GetAttrStr(((PyObject *)Py_TYPE(__pyx_v_config)), __pyx_mstate_global->__pyx_n_u_name); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 92, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_7 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 92, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_config_must_be_a_rocmforge_confi, __pyx_t_7); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_config_must_be_a_rocmforge_confi, __pyx_t_7); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 92, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __pyx_t_8 = 1;
@@ -8803,14 +8778,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 96, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 92, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 96, __pyx_L1_error)
+    __PYX_ERR(0, 92, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":95
+    /* "rocmforge/_tensor_parallel.pyx":91
  * 
  *     def __init__(self, config, devices, *, k_scale=1.0, v_scale=1.0, host_cache=None, **manager_options):
  *         if not isinstance(config, CacheConfig):             # <<<<<<<<<<<<<<
@@ -8819,7 +8794,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":97
+  /* "rocmforge/_tensor_parallel.pyx":93
  *         if not isinstance(config, CacheConfig):
  *             raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")
  *         if isinstance(devices, str) or not hasattr(devices, "__len__") or len(devices) == 0:             # <<<<<<<<<<<<<<
@@ -8835,7 +8810,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 
     goto __pyx_L5_bool_binop_done;
   }
-  __pyx_t_2 = __Pyx_HasAttr(__pyx_v_devices, __pyx_mstate_global->__pyx_n_u_len); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 97, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_HasAttr(__pyx_v_devices, __pyx_mstate_global->__pyx_n_u_len); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 93, __pyx_L1_error)
   __pyx_t_9 = (!__pyx_t_2);
 
 
@@ -8847,7 +8822,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 
     goto __pyx_L5_bool_binop_done;
   }
-  __pyx_t_10 = PyObject_Length(__pyx_v_devices); if (unlikely(__pyx_t_10 == ((Py_ssize_t)-1))) __PYX_ERR(0, 97, __pyx_L1_error)
+  __pyx_t_10 = PyObject_Length(__pyx_v_devices); if (unlikely(__pyx_t_10 == ((Py_ssize_t)-1))) __PYX_ERR(0, 93, __pyx_L1_error)
   __pyx_t_9 = (__pyx_t_10 == 0);
 
 
@@ -8858,7 +8833,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   if (unlikely(__pyx_t_3)) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":98
+    /* "rocmforge/_tensor_parallel.pyx":94
  *             raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")
  *         if isinstance(devices, str) or not hasattr(devices, "__len__") or len(devices) == 0:
  *             raise ArgumentTypeError("devices must be a non-empty list, one device per rank")             # <<<<<<<<<<<<<<
@@ -8866,7 +8841,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *         if config.num_kv_heads % n:
 */
     __pyx_t_5 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_ArgumentTypeError); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 98, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_ArgumentTypeError); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __pyx_t_8 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -8885,14 +8860,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 98, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 98, __pyx_L1_error)
+    __PYX_ERR(0, 94, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":97
+    /* "rocmforge/_tensor_parallel.pyx":93
  *         if not isinstance(config, CacheConfig):
  *             raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")
  *         if isinstance(devices, str) or not hasattr(devices, "__len__") or len(devices) == 0:             # <<<<<<<<<<<<<<
@@ -8901,39 +8876,39 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":99
+  /* "rocmforge/_tensor_parallel.pyx":95
  *         if isinstance(devices, str) or not hasattr(devices, "__len__") or len(devices) == 0:
  *             raise ArgumentTypeError("devices must be a non-empty list, one device per rank")
  *         n = len(devices)             # <<<<<<<<<<<<<<
  *         if config.num_kv_heads % n:
  *             raise InvalidConfiguration(f"{config.num_kv_heads} kv heads do not divide among {n} ranks")
 */
-  __pyx_t_10 = PyObject_Length(__pyx_v_devices); if (unlikely(__pyx_t_10 == ((Py_ssize_t)-1))) __PYX_ERR(0, 99, __pyx_L1_error)
-  __pyx_t_1 = PyLong_FromSsize_t(__pyx_t_10); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 99, __pyx_L1_error)
+  __pyx_t_10 = PyObject_Length(__pyx_v_devices); if (unlikely(__pyx_t_10 == ((Py_ssize_t)-1))) __PYX_ERR(0, 95, __pyx_L1_error)
+  __pyx_t_1 = PyLong_FromSsize_t(__pyx_t_10); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 95, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
 
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 99, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 95, __pyx_L1_error)
   __pyx_v_n = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":100
+  /* "rocmforge/_tensor_parallel.pyx":96
  *             raise ArgumentTypeError("devices must be a non-empty list, one device per rank")
  *         n = len(devices)
  *         if config.num_kv_heads % n:             # <<<<<<<<<<<<<<
  *             raise InvalidConfiguration(f"{config.num_kv_heads} kv heads do not divide among {n} ranks")
  *         if "host_cache_blocks" in manager_options:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_kv_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 100, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_kv_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_6 = PyNumber_Remainder(__pyx_t_1, __pyx_v_n); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 100, __pyx_L1_error)
+  __pyx_t_6 = PyNumber_Remainder(__pyx_t_1, __pyx_v_n); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 100, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_6); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   if (unlikely(__pyx_t_3)) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":101
+    /* "rocmforge/_tensor_parallel.pyx":97
  *         n = len(devices)
  *         if config.num_kv_heads % n:
  *             raise InvalidConfiguration(f"{config.num_kv_heads} kv heads do not divide among {n} ranks")             # <<<<<<<<<<<<<<
@@ -8941,14 +8916,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *             raise ArgumentValueError("give host_cache (bytes), not host_cache_blocks")
 */
     __pyx_t_1 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_InvalidConfiguration); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 101, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_InvalidConfiguration); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_kv_heads); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 101, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_kv_heads); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_7 = __Pyx_PyObject_FormatSimple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 101, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyObject_FormatSimple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_v_n, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 101, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_FormatSimple(__pyx_v_n, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_t_11[0] = __pyx_t_7;
     __pyx_t_11[1] = __pyx_mstate_global->__pyx_kp_u_kv_heads_do_not_divide_among;
@@ -8963,7 +8938,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_t_12 |= __Pyx_PyUnicode_KIND_04(__pyx_t_11[0]) | __Pyx_PyUnicode_KIND_04(__pyx_t_11[2]);
     #endif
     __pyx_t_13 = __Pyx_PyUnicode_Join(__pyx_t_11, 4, __pyx_t_10, __pyx_t_12);
-    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 101, __pyx_L1_error)
+    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 97, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
@@ -8985,14 +8960,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 101, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 97, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
     }
     __Pyx_Raise(__pyx_t_6, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __PYX_ERR(0, 101, __pyx_L1_error)
+    __PYX_ERR(0, 97, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":100
+    /* "rocmforge/_tensor_parallel.pyx":96
  *             raise ArgumentTypeError("devices must be a non-empty list, one device per rank")
  *         n = len(devices)
  *         if config.num_kv_heads % n:             # <<<<<<<<<<<<<<
@@ -9001,18 +8976,18 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":102
+  /* "rocmforge/_tensor_parallel.pyx":98
  *         if config.num_kv_heads % n:
  *             raise InvalidConfiguration(f"{config.num_kv_heads} kv heads do not divide among {n} ranks")
  *         if "host_cache_blocks" in manager_options:             # <<<<<<<<<<<<<<
  *             raise ArgumentValueError("give host_cache (bytes), not host_cache_blocks")
  *         if host_cache is not None:
 */
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_host_cache_blocks, __pyx_v_manager_options, Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 102, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_host_cache_blocks, __pyx_v_manager_options, Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 98, __pyx_L1_error)
   if (unlikely(__pyx_t_3)) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":103
+    /* "rocmforge/_tensor_parallel.pyx":99
  *             raise InvalidConfiguration(f"{config.num_kv_heads} kv heads do not divide among {n} ranks")
  *         if "host_cache_blocks" in manager_options:
  *             raise ArgumentValueError("give host_cache (bytes), not host_cache_blocks")             # <<<<<<<<<<<<<<
@@ -9020,7 +8995,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *             blocks = parse_bytes(host_cache, "host_cache") // config.bytes_per_block
 */
     __pyx_t_5 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ArgumentValueError); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 103, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_13, __pyx_mstate_global->__pyx_n_u_ArgumentValueError); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 99, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __pyx_t_8 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -9039,14 +9014,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_13, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 103, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 99, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
     }
     __Pyx_Raise(__pyx_t_6, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __PYX_ERR(0, 103, __pyx_L1_error)
+    __PYX_ERR(0, 99, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":102
+    /* "rocmforge/_tensor_parallel.pyx":98
  *         if config.num_kv_heads % n:
  *             raise InvalidConfiguration(f"{config.num_kv_heads} kv heads do not divide among {n} ranks")
  *         if "host_cache_blocks" in manager_options:             # <<<<<<<<<<<<<<
@@ -9055,7 +9030,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":104
+  /* "rocmforge/_tensor_parallel.pyx":100
  *         if "host_cache_blocks" in manager_options:
  *             raise ArgumentValueError("give host_cache (bytes), not host_cache_blocks")
  *         if host_cache is not None:             # <<<<<<<<<<<<<<
@@ -9066,7 +9041,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   if (__pyx_t_3) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":105
+    /* "rocmforge/_tensor_parallel.pyx":101
  *             raise ArgumentValueError("give host_cache (bytes), not host_cache_blocks")
  *         if host_cache is not None:
  *             blocks = parse_bytes(host_cache, "host_cache") // config.bytes_per_block             # <<<<<<<<<<<<<<
@@ -9074,7 +9049,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *                 raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of {config.bytes_per_block} bytes")
 */
     __pyx_t_13 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_parse_bytes); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 105, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_parse_bytes); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 101, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_8 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -9093,30 +9068,30 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_8, (3-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_13); __pyx_t_13 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 105, __pyx_L1_error)
+      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 101, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
     }
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_bytes_per_block); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 105, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_bytes_per_block); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 101, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_13 = PyNumber_FloorDivide(__pyx_t_6, __pyx_t_5); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 105, __pyx_L1_error)
+    __pyx_t_13 = PyNumber_FloorDivide(__pyx_t_6, __pyx_t_5); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 101, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __pyx_v_blocks = __pyx_t_13;
     __pyx_t_13 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":106
+    /* "rocmforge/_tensor_parallel.pyx":102
  *         if host_cache is not None:
  *             blocks = parse_bytes(host_cache, "host_cache") // config.bytes_per_block
  *             if blocks < 1:             # <<<<<<<<<<<<<<
  *                 raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of {config.bytes_per_block} bytes")
  *             manager_options["host_cache_blocks"] = blocks
 */
-    __pyx_t_3 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_v_blocks, __pyx_mstate_global->__pyx_int_1, Py_LT); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 106, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_v_blocks, __pyx_mstate_global->__pyx_int_1, Py_LT); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 102, __pyx_L1_error)
     if (unlikely(__pyx_t_3)) {
 
 
-      /* "rocmforge/_tensor_parallel.pyx":107
+      /* "rocmforge/_tensor_parallel.pyx":103
  *             blocks = parse_bytes(host_cache, "host_cache") // config.bytes_per_block
  *             if blocks < 1:
  *                 raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of {config.bytes_per_block} bytes")             # <<<<<<<<<<<<<<
@@ -9124,13 +9099,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *         self.config = config
 */
       __pyx_t_5 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_InvalidConfiguration); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 107, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_InvalidConfiguration); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 103, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_1 = __Pyx_PyObject_FormatSimpleAndDecref(PyObject_Repr(__pyx_v_host_cache), __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
+      __pyx_t_1 = __Pyx_PyObject_FormatSimpleAndDecref(PyObject_Repr(__pyx_v_host_cache), __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 103, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
-      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_bytes_per_block); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 107, __pyx_L1_error)
+      __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_bytes_per_block); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 103, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_7 = __Pyx_PyObject_FormatSimple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 107, __pyx_L1_error)
+      __pyx_t_7 = __Pyx_PyObject_FormatSimple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 103, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __pyx_t_14[0] = __pyx_mstate_global->__pyx_kp_u_host_cache_2;
@@ -9147,7 +9122,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_12 |= __Pyx_PyUnicode_KIND_04(__pyx_t_14[1]) | __Pyx_PyUnicode_KIND_04(__pyx_t_14[3]);
       #endif
       __pyx_t_4 = __Pyx_PyUnicode_Join(__pyx_t_14, 5, __pyx_t_10, __pyx_t_12);
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 107, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 103, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
@@ -9169,14 +9144,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 107, __pyx_L1_error)
+        if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 103, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_13);
       }
       __Pyx_Raise(__pyx_t_13, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
-      __PYX_ERR(0, 107, __pyx_L1_error)
+      __PYX_ERR(0, 103, __pyx_L1_error)
 
-      /* "rocmforge/_tensor_parallel.pyx":106
+      /* "rocmforge/_tensor_parallel.pyx":102
  *         if host_cache is not None:
  *             blocks = parse_bytes(host_cache, "host_cache") // config.bytes_per_block
  *             if blocks < 1:             # <<<<<<<<<<<<<<
@@ -9185,16 +9160,16 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
     }
 
-    /* "rocmforge/_tensor_parallel.pyx":108
+    /* "rocmforge/_tensor_parallel.pyx":104
  *             if blocks < 1:
  *                 raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of {config.bytes_per_block} bytes")
  *             manager_options["host_cache_blocks"] = blocks             # <<<<<<<<<<<<<<
  *         self.config = config
  *         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
 */
-    if (unlikely((PyDict_SetItem(__pyx_v_manager_options, __pyx_mstate_global->__pyx_n_u_host_cache_blocks, __pyx_v_blocks) < 0))) __PYX_ERR(0, 108, __pyx_L1_error)
+    if (unlikely((PyDict_SetItem(__pyx_v_manager_options, __pyx_mstate_global->__pyx_n_u_host_cache_blocks, __pyx_v_blocks) < 0))) __PYX_ERR(0, 104, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":104
+    /* "rocmforge/_tensor_parallel.pyx":100
  *         if "host_cache_blocks" in manager_options:
  *             raise ArgumentValueError("give host_cache (bytes), not host_cache_blocks")
  *         if host_cache is not None:             # <<<<<<<<<<<<<<
@@ -9203,16 +9178,16 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":109
+  /* "rocmforge/_tensor_parallel.pyx":105
  *                 raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of {config.bytes_per_block} bytes")
  *             manager_options["host_cache_blocks"] = blocks
  *         self.config = config             # <<<<<<<<<<<<<<
  *         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
  *         rank_config = CacheConfig(config.num_layers, config.num_kv_heads // n, config.head_dim,
 */
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config, __pyx_v_config) < (0)) __PYX_ERR(0, 109, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config, __pyx_v_config) < (0)) __PYX_ERR(0, 105, __pyx_L1_error)
 
-  /* "rocmforge/_tensor_parallel.pyx":110
+  /* "rocmforge/_tensor_parallel.pyx":106
  *             manager_options["host_cache_blocks"] = blocks
  *         self.config = config
  *         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)             # <<<<<<<<<<<<<<
@@ -9220,11 +9195,11 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *                                   block_size=config.block_size, num_blocks=config.num_blocks, dtype=config.dtype)
 */
   __pyx_t_6 = NULL;
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 110, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_block_size); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 110, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_block_size); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_7 = PyDict_Copy(__pyx_v_manager_options); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 110, __pyx_L1_error)
+  __pyx_t_7 = PyDict_Copy(__pyx_v_manager_options); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   __pyx_t_8 = 1;
   {
@@ -9234,13 +9209,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 110, __pyx_L1_error)
+    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 106, __pyx_L1_error)
     __Pyx_GOTREF((PyObject *)__pyx_t_13);
   }
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager, ((PyObject *)__pyx_t_13)) < (0)) __PYX_ERR(0, 110, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager, ((PyObject *)__pyx_t_13)) < (0)) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_DECREF((PyObject *)__pyx_t_13); __pyx_t_13 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":111
+  /* "rocmforge/_tensor_parallel.pyx":107
  *         self.config = config
  *         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
  *         rank_config = CacheConfig(config.num_layers, config.num_kv_heads // n, config.head_dim,             # <<<<<<<<<<<<<<
@@ -9248,34 +9223,34 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *         ranks = []
 */
   __pyx_t_7 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_CacheConfig); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_CacheConfig); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_layers); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_layers); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_kv_heads); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_kv_heads); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_1 = PyNumber_FloorDivide(__pyx_t_6, __pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_1 = PyNumber_FloorDivide(__pyx_t_6, __pyx_v_n); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_head_dim); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_head_dim); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 107, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
 
-  /* "rocmforge/_tensor_parallel.pyx":112
+  /* "rocmforge/_tensor_parallel.pyx":108
  *         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
  *         rank_config = CacheConfig(config.num_layers, config.num_kv_heads // n, config.head_dim,
  *                                   block_size=config.block_size, num_blocks=config.num_blocks, dtype=config.dtype)             # <<<<<<<<<<<<<<
  *         ranks = []
  *         self._fanout = _Fanout(self.manager)
 */
-  __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_block_size); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 112, __pyx_L1_error)
+  __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_block_size); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 108, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_15);
-  __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 112, __pyx_L1_error)
+  __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 108, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_16);
-  __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 112, __pyx_L1_error)
+  __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_dtype); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 108, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_17);
   #if CYTHON_VECTORCALL
 
-  /* "rocmforge/_tensor_parallel.pyx":111
+  /* "rocmforge/_tensor_parallel.pyx":107
  *         self.config = config
  *         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
  *         rank_config = CacheConfig(config.num_layers, config.num_kv_heads // n, config.head_dim,             # <<<<<<<<<<<<<<
@@ -9299,13 +9274,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[7] = {__pyx_t_7, __pyx_t_4, __pyx_t_1, __pyx_t_6, __pyx_t_15, __pyx_t_16, __pyx_t_17};
     #if CYTHON_VECTORCALL
     __pyx_t_18 = __pyx_mstate_global->__pyx_tuple[1];
-    if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 111, __pyx_L1_error)
+    if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_18);
     #else
     {
       PyObject *__pyx_temp[3] = {__pyx_mstate_global->__pyx_n_u_block_size, __pyx_mstate_global->__pyx_n_u_num_blocks, __pyx_mstate_global->__pyx_n_u_dtype};
       __pyx_t_18 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+4, 3);
-      if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 111, __pyx_L1_error)
+      if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 107, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_18);
     }
     #endif
@@ -9321,25 +9296,25 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
     __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 111, __pyx_L1_error)
+    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
   }
   __pyx_v_rank_config = __pyx_t_13;
   __pyx_t_13 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":113
+  /* "rocmforge/_tensor_parallel.pyx":109
  *         rank_config = CacheConfig(config.num_layers, config.num_kv_heads // n, config.head_dim,
  *                                   block_size=config.block_size, num_blocks=config.num_blocks, dtype=config.dtype)
  *         ranks = []             # <<<<<<<<<<<<<<
  *         self._fanout = _Fanout(self.manager)
  *         self._swapped = {}              # seq_id -> ([per rank packed host K/V], num_tokens, tokens, salt_key)
 */
-  __pyx_t_13 = PyList_New(0); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 113, __pyx_L1_error)
+  __pyx_t_13 = PyList_New(0); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 109, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
   __pyx_v_ranks = ((PyObject*)__pyx_t_13);
   __pyx_t_13 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":114
+  /* "rocmforge/_tensor_parallel.pyx":110
  *                                   block_size=config.block_size, num_blocks=config.num_blocks, dtype=config.dtype)
  *         ranks = []
  *         self._fanout = _Fanout(self.manager)             # <<<<<<<<<<<<<<
@@ -9347,9 +9322,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *         try:
 */
   __pyx_t_5 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_18, __pyx_mstate_global->__pyx_n_u_Fanout); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 114, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_18, __pyx_mstate_global->__pyx_n_u_Fanout); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 110, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_18);
-  __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 114, __pyx_L1_error)
+  __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 110, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_17);
   __pyx_t_8 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -9369,25 +9344,25 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
     __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 114, __pyx_L1_error)
+    if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 110, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_13);
   }
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_fanout, __pyx_t_13) < (0)) __PYX_ERR(0, 114, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_fanout, __pyx_t_13) < (0)) __PYX_ERR(0, 110, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":115
+  /* "rocmforge/_tensor_parallel.pyx":111
  *         ranks = []
  *         self._fanout = _Fanout(self.manager)
  *         self._swapped = {}              # seq_id -> ([per rank packed host K/V], num_tokens, tokens, salt_key)             # <<<<<<<<<<<<<<
  *         try:
  *             for dev in devices:
 */
-  __pyx_t_13 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_13 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 111, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped, __pyx_t_13) < (0)) __PYX_ERR(0, 115, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped, __pyx_t_13) < (0)) __PYX_ERR(0, 111, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":116
+  /* "rocmforge/_tensor_parallel.pyx":112
  *         self._fanout = _Fanout(self.manager)
  *         self._swapped = {}              # seq_id -> ([per rank packed host K/V], num_tokens, tokens, salt_key)
  *         try:             # <<<<<<<<<<<<<<
@@ -9403,7 +9378,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XGOTREF(__pyx_t_21);
     /*try:*/ {
 
-      /* "rocmforge/_tensor_parallel.pyx":117
+      /* "rocmforge/_tensor_parallel.pyx":113
  *         self._swapped = {}              # seq_id -> ([per rank packed host K/V], num_tokens, tokens, salt_key)
  *         try:
  *             for dev in devices:             # <<<<<<<<<<<<<<
@@ -9415,9 +9390,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __pyx_t_10 = 0;
         __pyx_t_22 = NULL;
       } else {
-        __pyx_t_10 = -1; __pyx_t_13 = PyObject_GetIter(__pyx_v_devices); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 117, __pyx_L12_error)
+        __pyx_t_10 = -1; __pyx_t_13 = PyObject_GetIter(__pyx_v_devices); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 113, __pyx_L12_error)
         __Pyx_GOTREF(__pyx_t_13);
-        __pyx_t_22 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_13); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 117, __pyx_L12_error)
+        __pyx_t_22 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_13); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 113, __pyx_L12_error)
       }
       for (;;) {
         if (likely(!__pyx_t_22)) {
@@ -9425,7 +9400,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             {
               Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_13);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 117, __pyx_L12_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 113, __pyx_L12_error)
               #endif
               if (__pyx_t_10 >= __pyx_temp) break;
             }
@@ -9435,7 +9410,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             {
               Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_13);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 117, __pyx_L12_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 113, __pyx_L12_error)
               #endif
               if (__pyx_t_10 >= __pyx_temp) break;
             }
@@ -9446,13 +9421,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             #endif
             ++__pyx_t_10;
           }
-          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 117, __pyx_L12_error)
+          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 113, __pyx_L12_error)
         } else {
           __pyx_t_18 = __pyx_t_22(__pyx_t_13);
           if (unlikely(!__pyx_t_18)) {
             PyObject* exc_type = PyErr_Occurred();
             if (exc_type) {
-              if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 117, __pyx_L12_error)
+              if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 113, __pyx_L12_error)
               PyErr_Clear();
             }
             break;
@@ -9462,7 +9437,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XDECREF_SET(__pyx_v_dev, __pyx_t_18);
         __pyx_t_18 = 0;
 
-        /* "rocmforge/_tensor_parallel.pyx":118
+        /* "rocmforge/_tensor_parallel.pyx":114
  *         try:
  *             for dev in devices:
  *                 rank = KvCache(rank_config, dev, k_scale=k_scale, v_scale=v_scale,             # <<<<<<<<<<<<<<
@@ -9471,28 +9446,28 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
         __pyx_t_17 = NULL;
 
-        /* "rocmforge/_tensor_parallel.pyx":119
+        /* "rocmforge/_tensor_parallel.pyx":115
  *             for dev in devices:
  *                 rank = KvCache(rank_config, dev, k_scale=k_scale, v_scale=v_scale,
  *                                _rank_of=(self.manager, self._fanout))             # <<<<<<<<<<<<<<
  *                 self._fanout.add(rank)
  *                 ranks.append(rank)
 */
-        __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 119, __pyx_L12_error)
+        __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 115, __pyx_L12_error)
         __Pyx_GOTREF(__pyx_t_5);
-        __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_fanout); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 119, __pyx_L12_error)
+        __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_fanout); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 115, __pyx_L12_error)
         __Pyx_GOTREF(__pyx_t_16);
-        __pyx_t_15 = PyTuple_New(2); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 119, __pyx_L12_error)
+        __pyx_t_15 = PyTuple_New(2); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 115, __pyx_L12_error)
         __Pyx_GOTREF(__pyx_t_15);
         __Pyx_GIVEREF(__pyx_t_5);
-        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 119, __pyx_L12_error);
+        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 0, __pyx_t_5) != (0)) __PYX_ERR(0, 115, __pyx_L12_error);
         __Pyx_GIVEREF(__pyx_t_16);
-        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 1, __pyx_t_16) != (0)) __PYX_ERR(0, 119, __pyx_L12_error);
+        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_15, 1, __pyx_t_16) != (0)) __PYX_ERR(0, 115, __pyx_L12_error);
         __pyx_t_5 = 0;
         __pyx_t_16 = 0;
         #if CYTHON_VECTORCALL
 
-        /* "rocmforge/_tensor_parallel.pyx":118
+        /* "rocmforge/_tensor_parallel.pyx":114
  *         try:
  *             for dev in devices:
  *                 rank = KvCache(rank_config, dev, k_scale=k_scale, v_scale=v_scale,             # <<<<<<<<<<<<<<
@@ -9505,13 +9480,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           PyObject *__pyx_callargs[6] = {__pyx_t_17, __pyx_v_rank_config, __pyx_v_dev, __pyx_v_k_scale, __pyx_v_v_scale, __pyx_t_15};
           #if CYTHON_VECTORCALL
           __pyx_t_16 = __pyx_mstate_global->__pyx_tuple[2];
-          if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 118, __pyx_L12_error)
+          if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 114, __pyx_L12_error)
           __Pyx_INCREF(__pyx_t_16);
           #else
           {
             PyObject *__pyx_temp[3] = {__pyx_mstate_global->__pyx_n_u_k_scale, __pyx_mstate_global->__pyx_n_u_v_scale, __pyx_mstate_global->__pyx_n_u_rank_of};
             __pyx_t_16 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+3, 3);
-            if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 118, __pyx_L12_error)
+            if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 114, __pyx_L12_error)
             __Pyx_GOTREF(__pyx_t_16);
           }
           #endif
@@ -9521,20 +9496,20 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           #endif
           __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
           __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
-          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 118, __pyx_L12_error)
+          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 114, __pyx_L12_error)
           __Pyx_GOTREF((PyObject *)__pyx_t_18);
         }
         __Pyx_XDECREF_SET(__pyx_v_rank, ((PyObject *)__pyx_t_18));
         __pyx_t_18 = 0;
 
-        /* "rocmforge/_tensor_parallel.pyx":120
+        /* "rocmforge/_tensor_parallel.pyx":116
  *                 rank = KvCache(rank_config, dev, k_scale=k_scale, v_scale=v_scale,
  *                                _rank_of=(self.manager, self._fanout))
  *                 self._fanout.add(rank)             # <<<<<<<<<<<<<<
  *                 ranks.append(rank)
  *         except BaseException:
 */
-        __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_fanout); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 120, __pyx_L12_error)
+        __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_fanout); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 116, __pyx_L12_error)
         __Pyx_GOTREF(__pyx_t_15);
         __pyx_t_16 = __pyx_t_15;
         __Pyx_INCREF(__pyx_t_16);
@@ -9544,22 +9519,22 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           __pyx_t_18 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_add, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
           __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 120, __pyx_L12_error)
+          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 116, __pyx_L12_error)
           __Pyx_GOTREF(__pyx_t_18);
         }
         __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
 
-        /* "rocmforge/_tensor_parallel.pyx":121
+        /* "rocmforge/_tensor_parallel.pyx":117
  *                                _rank_of=(self.manager, self._fanout))
  *                 self._fanout.add(rank)
  *                 ranks.append(rank)             # <<<<<<<<<<<<<<
  *         except BaseException:
  *             for rank in ranks:
 */
-        __pyx_t_23 = __Pyx_PyList_Append(__pyx_v_ranks, __pyx_v_rank); if (unlikely(__pyx_t_23 == ((int)-1))) __PYX_ERR(0, 121, __pyx_L12_error)
+        __pyx_t_23 = __Pyx_PyList_Append(__pyx_v_ranks, __pyx_v_rank); if (unlikely(__pyx_t_23 == ((int)-1))) __PYX_ERR(0, 117, __pyx_L12_error)
 
 
-        /* "rocmforge/_tensor_parallel.pyx":117
+        /* "rocmforge/_tensor_parallel.pyx":113
  *         self._swapped = {}              # seq_id -> ([per rank packed host K/V], num_tokens, tokens, salt_key)
  *         try:
  *             for dev in devices:             # <<<<<<<<<<<<<<
@@ -9569,7 +9544,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       }
       __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
 
-      /* "rocmforge/_tensor_parallel.pyx":116
+      /* "rocmforge/_tensor_parallel.pyx":112
  *         self._fanout = _Fanout(self.manager)
  *         self._swapped = {}              # seq_id -> ([per rank packed host K/V], num_tokens, tokens, salt_key)
  *         try:             # <<<<<<<<<<<<<<
@@ -9593,7 +9568,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":122
+    /* "rocmforge/_tensor_parallel.pyx":118
  *                 self._fanout.add(rank)
  *                 ranks.append(rank)
  *         except BaseException:             # <<<<<<<<<<<<<<
@@ -9603,12 +9578,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_t_12 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_BaseException))));
     if (__pyx_t_12) {
       __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.__init__", __pyx_clineno, __pyx_lineno, __pyx_filename);
-      if (__Pyx_GetException(&__pyx_t_13, &__pyx_t_18, &__pyx_t_15) < 0) __PYX_ERR(0, 122, __pyx_L14_except_error)
+      if (__Pyx_GetException(&__pyx_t_13, &__pyx_t_18, &__pyx_t_15) < 0) __PYX_ERR(0, 118, __pyx_L14_except_error)
       __Pyx_XGOTREF(__pyx_t_13);
       __Pyx_XGOTREF(__pyx_t_18);
       __Pyx_XGOTREF(__pyx_t_15);
 
-      /* "rocmforge/_tensor_parallel.pyx":123
+      /* "rocmforge/_tensor_parallel.pyx":119
  *                 ranks.append(rank)
  *         except BaseException:
  *             for rank in ranks:             # <<<<<<<<<<<<<<
@@ -9621,18 +9596,18 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_16);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 123, __pyx_L14_except_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 119, __pyx_L14_except_error)
           #endif
           if (__pyx_t_10 >= __pyx_temp) break;
         }
         __pyx_t_17 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_16, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
         ++__pyx_t_10;
-        if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 123, __pyx_L14_except_error)
+        if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 119, __pyx_L14_except_error)
         __Pyx_GOTREF(__pyx_t_17);
         __Pyx_XDECREF_SET(__pyx_v_rank, __pyx_t_17);
         __pyx_t_17 = 0;
 
-        /* "rocmforge/_tensor_parallel.pyx":124
+        /* "rocmforge/_tensor_parallel.pyx":120
  *         except BaseException:
  *             for rank in ranks:
  *                 rank.close()             # <<<<<<<<<<<<<<
@@ -9646,12 +9621,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           PyObject *__pyx_callargs[2] = {__pyx_t_5, NULL};
           __pyx_t_17 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_close, __pyx_callargs+__pyx_t_8, (1-__pyx_t_8) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
-          if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 124, __pyx_L14_except_error)
+          if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 120, __pyx_L14_except_error)
           __Pyx_GOTREF(__pyx_t_17);
         }
         __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
 
-        /* "rocmforge/_tensor_parallel.pyx":123
+        /* "rocmforge/_tensor_parallel.pyx":119
  *                 ranks.append(rank)
  *         except BaseException:
  *             for rank in ranks:             # <<<<<<<<<<<<<<
@@ -9661,7 +9636,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       }
       __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
 
-      /* "rocmforge/_tensor_parallel.pyx":125
+      /* "rocmforge/_tensor_parallel.pyx":121
  *             for rank in ranks:
  *                 rank.close()
  *             raise             # <<<<<<<<<<<<<<
@@ -9673,11 +9648,11 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __Pyx_XGIVEREF(__pyx_t_15);
       __Pyx_ErrRestoreWithState(__pyx_t_13, __pyx_t_18, __pyx_t_15);
       __pyx_t_13 = 0;  __pyx_t_18 = 0;  __pyx_t_15 = 0; 
-      __PYX_ERR(0, 125, __pyx_L14_except_error)
+      __PYX_ERR(0, 121, __pyx_L14_except_error)
     }
     goto __pyx_L14_except_error;
 
-    /* "rocmforge/_tensor_parallel.pyx":116
+    /* "rocmforge/_tensor_parallel.pyx":112
  *         self._fanout = _Fanout(self.manager)
  *         self._swapped = {}              # seq_id -> ([per rank packed host K/V], num_tokens, tokens, salt_key)
  *         try:             # <<<<<<<<<<<<<<
@@ -9693,19 +9668,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_L17_try_end:;
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":126
+  /* "rocmforge/_tensor_parallel.pyx":122
  *                 rank.close()
  *             raise
  *         self.ranks = tuple(ranks)             # <<<<<<<<<<<<<<
  * 
  *     # ---- the whole cache -------------------------------------------------------------------------
 */
-  __pyx_t_15 = PyList_AsTuple(__pyx_v_ranks); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_t_15 = PyList_AsTuple(__pyx_v_ranks); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_15);
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks, __pyx_t_15) < (0)) __PYX_ERR(0, 126, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks, __pyx_t_15) < (0)) __PYX_ERR(0, 122, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":94
+  /* "rocmforge/_tensor_parallel.pyx":90
  *     BlockManager. A context manager; close() closes every rank."""
  * 
  *     def __init__(self, config, devices, *, k_scale=1.0, v_scale=1.0, host_cache=None, **manager_options):             # <<<<<<<<<<<<<<
@@ -9741,7 +9716,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":130
+/* "rocmforge/_tensor_parallel.pyx":126
  *     # ---- the whole cache -------------------------------------------------------------------------
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -9788,32 +9763,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 130, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 126, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 130, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 126, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "num_ranks", 0) < (0)) __PYX_ERR(0, 130, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "num_ranks", 0) < (0)) __PYX_ERR(0, 126, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("num_ranks", 1, 1, 1, i); __PYX_ERR(0, 130, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("num_ranks", 1, 1, 1, i); __PYX_ERR(0, 126, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 130, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 126, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("num_ranks", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 130, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("num_ranks", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 126, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -9844,18 +9819,18 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("num_ranks", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":132
+  /* "rocmforge/_tensor_parallel.pyx":128
  *     @property
  *     def num_ranks(self):
  *         return len(self.ranks)             # <<<<<<<<<<<<<<
  * 
  *     def heads(self, rank):
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 128, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyObject_Length(__pyx_t_1); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 132, __pyx_L1_error)
+  __pyx_t_2 = PyObject_Length(__pyx_t_1); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 128, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = PyLong_FromSsize_t(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
+  __pyx_t_1 = PyLong_FromSsize_t(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 128, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
 
   {
@@ -9869,7 +9844,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":130
+  /* "rocmforge/_tensor_parallel.pyx":126
  *     # ---- the whole cache -------------------------------------------------------------------------
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -9888,7 +9863,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":134
+/* "rocmforge/_tensor_parallel.pyx":130
  *         return len(self.ranks)
  * 
  *     def heads(self, rank):             # <<<<<<<<<<<<<<
@@ -9937,39 +9912,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_rank,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 134, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 130, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 134, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 130, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 134, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 130, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "heads", 0) < (0)) __PYX_ERR(0, 134, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "heads", 0) < (0)) __PYX_ERR(0, 130, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("heads", 1, 2, 2, i); __PYX_ERR(0, 134, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("heads", 1, 2, 2, i); __PYX_ERR(0, 130, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 134, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 130, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 134, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 130, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_rank = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("heads", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 134, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("heads", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 130, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -10006,33 +9981,33 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("heads", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":136
+  /* "rocmforge/_tensor_parallel.pyx":132
  *     def heads(self, rank):
  *         """The kv heads rank ``rank`` holds, as a range."""
  *         per = self.config.num_kv_heads // len(self.ranks)             # <<<<<<<<<<<<<<
  *         return range(rank * per, (rank + 1) * per)
  * 
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 136, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_num_kv_heads); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 136, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_num_kv_heads); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 136, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = PyObject_Length(__pyx_t_1); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 136, __pyx_L1_error)
+  __pyx_t_3 = PyObject_Length(__pyx_t_1); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = PyLong_FromSsize_t(__pyx_t_3); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 136, __pyx_L1_error)
+  __pyx_t_1 = PyLong_FromSsize_t(__pyx_t_3); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
 
-  __pyx_t_4 = PyNumber_FloorDivide(__pyx_t_2, __pyx_t_1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 136, __pyx_L1_error)
+  __pyx_t_4 = PyNumber_FloorDivide(__pyx_t_2, __pyx_t_1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 132, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_per = __pyx_t_4;
   __pyx_t_4 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":137
+  /* "rocmforge/_tensor_parallel.pyx":133
  *         """The kv heads rank ``rank`` holds, as a range."""
  *         per = self.config.num_kv_heads // len(self.ranks)
  *         return range(rank * per, (rank + 1) * per)             # <<<<<<<<<<<<<<
@@ -10040,11 +10015,11 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *     @property
 */
   __pyx_t_1 = NULL;
-  __pyx_t_2 = __Pyx_PyNumber_Multiply_object_object(__pyx_v_rank, __pyx_v_per); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 137, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyNumber_Multiply_object_object(__pyx_v_rank, __pyx_v_per); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_5 = __Pyx_PyLong_AddObjC(__pyx_v_rank, __pyx_mstate_global->__pyx_int_1, 1, 0, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 137, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_AddObjC(__pyx_v_rank, __pyx_mstate_global->__pyx_int_1, 1, 0, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_6 = __Pyx_PyNumber_Multiply_object_object(__pyx_t_5, __pyx_v_per); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 137, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyNumber_Multiply_object_object(__pyx_t_5, __pyx_v_per); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 133, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_t_7 = 1;
@@ -10054,7 +10029,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 137, __pyx_L1_error)
+    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 133, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
   }
   {
@@ -10068,7 +10043,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __pyx_t_4 = 0;
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":134
+  /* "rocmforge/_tensor_parallel.pyx":130
  *         return len(self.ranks)
  * 
  *     def heads(self, rank):             # <<<<<<<<<<<<<<
@@ -10092,7 +10067,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":139
+/* "rocmforge/_tensor_parallel.pyx":135
  *         return range(rank * per, (rank + 1) * per)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -10139,32 +10114,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 139, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 135, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 139, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 135, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "closed", 0) < (0)) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "closed", 0) < (0)) __PYX_ERR(0, 135, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("closed", 1, 1, 1, i); __PYX_ERR(0, 139, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("closed", 1, 1, 1, i); __PYX_ERR(0, 135, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 139, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 135, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("closed", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 139, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("closed", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 135, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -10186,7 +10161,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 }
 static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_6closed_2generator(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "rocmforge/_tensor_parallel.pyx":141
+/* "rocmforge/_tensor_parallel.pyx":137
  *     @property
  *     def closed(self):
  *         return all(r.closed for r in self.ranks)             # <<<<<<<<<<<<<<
@@ -10206,7 +10181,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 141, __pyx_L1_error)
+    __PYX_ERR(0, 137, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -10214,7 +10189,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_6closed_2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_closed_loc, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel); if (unlikely(!gen)) __PYX_ERR(0, 141, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_6closed_2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_closed_loc, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel); if (unlikely(!gen)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -10252,16 +10227,16 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     return NULL;
   }
   __pyx_L3_first_run:;
-  if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 141, __pyx_L1_error)
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 141, __pyx_L1_error) }
+  if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 137, __pyx_L1_error)
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 137, __pyx_L1_error) }
   if (likely(PyList_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) || PyTuple_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) {
     __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 141, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 141, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 137, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -10269,7 +10244,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 141, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 137, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -10279,7 +10254,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 141, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 137, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -10290,13 +10265,13 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 141, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 137, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 141, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 137, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -10307,9 +10282,9 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_cur_scope->__pyx_v_r, __pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_4);
     __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_r, __pyx_mstate_global->__pyx_n_u_closed); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 141, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_r, __pyx_mstate_global->__pyx_n_u_closed); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_4); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 141, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_4); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __pyx_t_6 = (!__pyx_t_5);
 
@@ -10364,7 +10339,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":139
+/* "rocmforge/_tensor_parallel.pyx":135
  *         return range(rank * per, (rank + 1) * per)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -10383,19 +10358,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("closed", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":141
+  /* "rocmforge/_tensor_parallel.pyx":137
  *     @property
  *     def closed(self):
  *         return all(r.closed for r in self.ranks)             # <<<<<<<<<<<<<<
  * 
  *     def _live(self):
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_6closed_genexpr(NULL, __pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_t_2 = __pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_6closed_genexpr(NULL, __pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 137, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_Generator_GetInlinedResult(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_Generator_GetInlinedResult(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 137, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   {
@@ -10409,7 +10384,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":139
+  /* "rocmforge/_tensor_parallel.pyx":135
  *         return range(rank * per, (rank + 1) * per)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -10430,7 +10405,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":143
+/* "rocmforge/_tensor_parallel.pyx":139
  *         return all(r.closed for r in self.ranks)
  * 
  *     def _live(self):             # <<<<<<<<<<<<<<
@@ -10477,32 +10452,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 143, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 139, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 143, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 139, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_live", 0) < (0)) __PYX_ERR(0, 143, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_live", 0) < (0)) __PYX_ERR(0, 139, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_live", 1, 1, 1, i); __PYX_ERR(0, 143, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_live", 1, 1, 1, i); __PYX_ERR(0, 139, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 143, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 139, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("_live", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 143, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("_live", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 139, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -10524,7 +10499,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 }
 static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_5_live_2generator1(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "rocmforge/_tensor_parallel.pyx":144
+/* "rocmforge/_tensor_parallel.pyx":140
  * 
  *     def _live(self):
  *         if any(r.closed for r in self.ranks):             # <<<<<<<<<<<<<<
@@ -10544,7 +10519,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 144, __pyx_L1_error)
+    __PYX_ERR(0, 140, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -10552,7 +10527,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_5_live_2generator1, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache__live_loca, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel); if (unlikely(!gen)) __PYX_ERR(0, 144, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_5_live_2generator1, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache__live_loca, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel); if (unlikely(!gen)) __PYX_ERR(0, 140, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -10589,16 +10564,16 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     return NULL;
   }
   __pyx_L3_first_run:;
-  if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 144, __pyx_L1_error)
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 144, __pyx_L1_error) }
+  if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 140, __pyx_L1_error)
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 140, __pyx_L1_error) }
   if (likely(PyList_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) || PyTuple_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) {
     __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 144, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 140, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 144, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 140, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -10606,7 +10581,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 144, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 140, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -10616,7 +10591,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 144, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 140, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -10627,13 +10602,13 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 144, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 140, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 144, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 140, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -10644,9 +10619,9 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_cur_scope->__pyx_v_r, __pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_4);
     __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_r, __pyx_mstate_global->__pyx_n_u_closed); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 144, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_r, __pyx_mstate_global->__pyx_n_u_closed); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 140, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_4); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 144, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_IsTrue(__pyx_t_4); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 140, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     if (__pyx_t_5) {
 
@@ -10698,7 +10673,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":143
+/* "rocmforge/_tensor_parallel.pyx":139
  *         return all(r.closed for r in self.ranks)
  * 
  *     def _live(self):             # <<<<<<<<<<<<<<
@@ -10720,27 +10695,27 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_live", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":144
+  /* "rocmforge/_tensor_parallel.pyx":140
  * 
  *     def _live(self):
  *         if any(r.closed for r in self.ranks):             # <<<<<<<<<<<<<<
  *             raise ArgumentValueError("the TensorParallelKvCache is closed")
  * 
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 144, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 140, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_5_live_genexpr(NULL, __pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 144, __pyx_L1_error)
+  __pyx_t_2 = __pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_5_live_genexpr(NULL, __pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 140, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_Generator_GetInlinedResult(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 144, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_Generator_GetInlinedResult(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 140, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 144, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_1); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 140, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   if (unlikely(__pyx_t_3)) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":145
+    /* "rocmforge/_tensor_parallel.pyx":141
  *     def _live(self):
  *         if any(r.closed for r in self.ranks):
  *             raise ArgumentValueError("the TensorParallelKvCache is closed")             # <<<<<<<<<<<<<<
@@ -10748,7 +10723,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *     def close(self):
 */
     __pyx_t_2 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ArgumentValueError); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_ArgumentValueError); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 141, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_t_5 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -10767,14 +10742,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 145, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 141, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 145, __pyx_L1_error)
+    __PYX_ERR(0, 141, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":144
+    /* "rocmforge/_tensor_parallel.pyx":140
  * 
  *     def _live(self):
  *         if any(r.closed for r in self.ranks):             # <<<<<<<<<<<<<<
@@ -10783,7 +10758,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":143
+  /* "rocmforge/_tensor_parallel.pyx":139
  *         return all(r.closed for r in self.ranks)
  * 
  *     def _live(self):             # <<<<<<<<<<<<<<
@@ -10807,7 +10782,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":147
+/* "rocmforge/_tensor_parallel.pyx":143
  *             raise ArgumentValueError("the TensorParallelKvCache is closed")
  * 
  *     def close(self):             # <<<<<<<<<<<<<<
@@ -10854,32 +10829,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 147, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 143, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 147, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 143, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "close", 0) < (0)) __PYX_ERR(0, 147, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "close", 0) < (0)) __PYX_ERR(0, 143, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("close", 1, 1, 1, i); __PYX_ERR(0, 147, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("close", 1, 1, 1, i); __PYX_ERR(0, 143, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 147, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 143, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("close", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 147, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("close", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 143, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -10915,23 +10890,23 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("close", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":148
+  /* "rocmforge/_tensor_parallel.pyx":144
  * 
  *     def close(self):
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
  *             r.close()
  *         self._swapped = {}
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   if (likely(PyList_CheckExact(__pyx_t_1)) || PyTuple_CheckExact(__pyx_t_1)) {
     __pyx_t_2 = __pyx_t_1; __Pyx_INCREF(__pyx_t_2);
     __pyx_t_3 = 0;
     __pyx_t_4 = NULL;
   } else {
-    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 148, __pyx_L1_error)
+    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 144, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 148, __pyx_L1_error)
+    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 144, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   for (;;) {
@@ -10940,7 +10915,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 148, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 144, __pyx_L1_error)
           #endif
           if (__pyx_t_3 >= __pyx_temp) break;
         }
@@ -10950,7 +10925,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 148, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 144, __pyx_L1_error)
           #endif
           if (__pyx_t_3 >= __pyx_temp) break;
         }
@@ -10961,13 +10936,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         #endif
         ++__pyx_t_3;
       }
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 148, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 144, __pyx_L1_error)
     } else {
       __pyx_t_1 = __pyx_t_4(__pyx_t_2);
       if (unlikely(!__pyx_t_1)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 148, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 144, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -10977,7 +10952,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_v_r, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":149
+    /* "rocmforge/_tensor_parallel.pyx":145
  *     def close(self):
  *         for r in self.ranks:
  *             r.close()             # <<<<<<<<<<<<<<
@@ -10991,12 +10966,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       PyObject *__pyx_callargs[2] = {__pyx_t_5, NULL};
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_close, __pyx_callargs+__pyx_t_6, (1-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 149, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 145, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":148
+    /* "rocmforge/_tensor_parallel.pyx":144
  * 
  *     def close(self):
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
@@ -11006,19 +10981,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":150
+  /* "rocmforge/_tensor_parallel.pyx":146
  *         for r in self.ranks:
  *             r.close()
  *         self._swapped = {}             # <<<<<<<<<<<<<<
  * 
  *     def __enter__(self):
 */
-  __pyx_t_2 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 150, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 146, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped, __pyx_t_2) < (0)) __PYX_ERR(0, 150, __pyx_L1_error)
+  if (__Pyx_PyObject_SetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped, __pyx_t_2) < (0)) __PYX_ERR(0, 146, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":147
+  /* "rocmforge/_tensor_parallel.pyx":143
  *             raise ArgumentValueError("the TensorParallelKvCache is closed")
  * 
  *     def close(self):             # <<<<<<<<<<<<<<
@@ -11042,7 +11017,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":152
+/* "rocmforge/_tensor_parallel.pyx":148
  *         self._swapped = {}
  * 
  *     def __enter__(self):             # <<<<<<<<<<<<<<
@@ -11089,32 +11064,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 152, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 148, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 152, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 148, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__enter__", 0) < (0)) __PYX_ERR(0, 152, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__enter__", 0) < (0)) __PYX_ERR(0, 148, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__enter__", 1, 1, 1, i); __PYX_ERR(0, 152, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__enter__", 1, 1, 1, i); __PYX_ERR(0, 148, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 152, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 148, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__enter__", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 152, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__enter__", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 148, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -11140,7 +11115,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __Pyx_RefNannyDeclarations
   __Pyx_RefNannySetupContext("__enter__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":153
+  /* "rocmforge/_tensor_parallel.pyx":149
  * 
  *     def __enter__(self):
  *         return self             # <<<<<<<<<<<<<<
@@ -11158,7 +11133,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   }
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":152
+  /* "rocmforge/_tensor_parallel.pyx":148
  *         self._swapped = {}
  * 
  *     def __enter__(self):             # <<<<<<<<<<<<<<
@@ -11173,7 +11148,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":155
+/* "rocmforge/_tensor_parallel.pyx":151
  *         return self
  * 
  *     def __exit__(self, *exc):             # <<<<<<<<<<<<<<
@@ -11227,33 +11202,33 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 155, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 151, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         default:
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 155, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 151, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
       const Py_ssize_t used_pos_args = (kwd_pos_args < 1) ? kwd_pos_args : 1;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, used_pos_args, __pyx_kwds_len, "__exit__", 0) < (0)) __PYX_ERR(0, 155, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, used_pos_args, __pyx_kwds_len, "__exit__", 0) < (0)) __PYX_ERR(0, 151, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__exit__", 0, 1, 1, i); __PYX_ERR(0, 155, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__exit__", 0, 1, 1, i); __PYX_ERR(0, 151, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs < 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 155, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 151, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__exit__", 0, 1, 1, __pyx_nargs); __PYX_ERR(0, 155, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__exit__", 0, 1, 1, __pyx_nargs); __PYX_ERR(0, 151, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -11287,7 +11262,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__exit__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":156
+  /* "rocmforge/_tensor_parallel.pyx":152
  * 
  *     def __exit__(self, *exc):
  *         self.close()             # <<<<<<<<<<<<<<
@@ -11301,12 +11276,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_close, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 156, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 152, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":155
+  /* "rocmforge/_tensor_parallel.pyx":151
  *         return self
  * 
  *     def __exit__(self, *exc):             # <<<<<<<<<<<<<<
@@ -11328,7 +11303,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":158
+/* "rocmforge/_tensor_parallel.pyx":154
  *         self.close()
  * 
  *     def __repr__(self):             # <<<<<<<<<<<<<<
@@ -11375,32 +11350,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 158, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 154, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 158, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 154, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__repr__", 0) < (0)) __PYX_ERR(0, 158, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__repr__", 0) < (0)) __PYX_ERR(0, 154, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__repr__", 1, 1, 1, i); __PYX_ERR(0, 158, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__repr__", 1, 1, 1, i); __PYX_ERR(0, 154, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 158, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 154, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__repr__", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 158, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__repr__", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 154, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -11422,7 +11397,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 }
 static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_8__repr___2generator2(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "rocmforge/_tensor_parallel.pyx":159
+/* "rocmforge/_tensor_parallel.pyx":155
  * 
  *     def __repr__(self):
  *         return f"TensorParallelKvCache({len(self.ranks)} ranks: {', '.join(r.device for r in self.ranks)})"             # <<<<<<<<<<<<<<
@@ -11442,7 +11417,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 159, __pyx_L1_error)
+    __PYX_ERR(0, 155, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -11450,7 +11425,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_8__repr___2generator2, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___repr___l, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel); if (unlikely(!gen)) __PYX_ERR(0, 159, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_8__repr___2generator2, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___repr___l, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel); if (unlikely(!gen)) __PYX_ERR(0, 155, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -11486,18 +11461,18 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     return NULL;
   }
   __pyx_L3_first_run:;
-  if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 159, __pyx_L1_error)
-  __pyx_r = PyList_New(0); if (unlikely(!__pyx_r)) __PYX_ERR(0, 159, __pyx_L1_error)
+  if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 155, __pyx_L1_error)
+  __pyx_r = PyList_New(0); if (unlikely(!__pyx_r)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_r);
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 159, __pyx_L1_error) }
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 155, __pyx_L1_error) }
   if (likely(PyList_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) || PyTuple_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) {
     __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 159, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 155, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 159, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 155, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -11505,7 +11480,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 159, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 155, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -11515,7 +11490,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 159, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 155, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -11526,13 +11501,13 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 159, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 155, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 159, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 155, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -11543,10 +11518,10 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_cur_scope->__pyx_v_r, __pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_4);
     __pyx_t_4 = 0;
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_r, __pyx_mstate_global->__pyx_n_u_device); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 159, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_cur_scope->__pyx_v_r, __pyx_mstate_global->__pyx_n_u_device); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 155, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_4);
-    if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_r, __pyx_t_4))) __PYX_ERR(0, 159, __pyx_L1_error)
+    if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_r, __pyx_t_4))) __PYX_ERR(0, 155, __pyx_L1_error)
     __pyx_t_4 = 0;
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -11573,7 +11548,7 @@ static PyObject *__pyx_gb_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":158
+/* "rocmforge/_tensor_parallel.pyx":154
  *         self.close()
  * 
  *     def __repr__(self):             # <<<<<<<<<<<<<<
@@ -11596,29 +11571,29 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__repr__", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":159
+  /* "rocmforge/_tensor_parallel.pyx":155
  * 
  *     def __repr__(self):
  *         return f"TensorParallelKvCache({len(self.ranks)} ranks: {', '.join(r.device for r in self.ranks)})"             # <<<<<<<<<<<<<<
  * 
  *     @property
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyObject_Length(__pyx_t_1); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_2 = PyObject_Length(__pyx_t_1); if (unlikely(__pyx_t_2 == ((Py_ssize_t)-1))) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_t_2, 0, ' ', 'd'); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_t_2, 0, ' ', 'd'); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
 
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_8__repr___genexpr(NULL, __pyx_t_3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_4 = __pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_8__repr___genexpr(NULL, __pyx_t_3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __pyx_t_3 = __Pyx_Generator_GetInlinedResult(__pyx_t_4); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_Generator_GetInlinedResult(__pyx_t_4); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = PyUnicode_Join(__pyx_mstate_global->__pyx_kp_u__2, __pyx_t_3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_t_4 = PyUnicode_Join(__pyx_mstate_global->__pyx_kp_u__2, __pyx_t_3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __pyx_t_5[0] = __pyx_mstate_global->__pyx_kp_u_TensorParallelKvCache;
@@ -11635,7 +11610,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __pyx_t_6 |= __Pyx_PyUnicode_KIND_04(__pyx_t_5[3]);
   #endif
   __pyx_t_3 = __Pyx_PyUnicode_Join(__pyx_t_5, 5, __pyx_t_2, __pyx_t_6);
-  if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 159, __pyx_L1_error)
+  if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 155, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
@@ -11650,7 +11625,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __pyx_t_3 = 0;
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":158
+  /* "rocmforge/_tensor_parallel.pyx":154
  *         self.close()
  * 
  *     def __repr__(self):             # <<<<<<<<<<<<<<
@@ -11672,7 +11647,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":161
+/* "rocmforge/_tensor_parallel.pyx":157
  *         return f"TensorParallelKvCache({len(self.ranks)} ranks: {', '.join(r.device for r in self.ranks)})"
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -11719,32 +11694,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 161, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 157, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 161, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 157, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "num_blocks", 0) < (0)) __PYX_ERR(0, 161, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "num_blocks", 0) < (0)) __PYX_ERR(0, 157, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("num_blocks", 1, 1, 1, i); __PYX_ERR(0, 161, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("num_blocks", 1, 1, 1, i); __PYX_ERR(0, 157, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 161, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 157, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("num_blocks", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 161, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("num_blocks", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 157, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -11775,19 +11750,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("num_blocks", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":163
+  /* "rocmforge/_tensor_parallel.pyx":159
  *     @property
  *     def num_blocks(self):
  *         return self.ranks[0].num_blocks             # <<<<<<<<<<<<<<
  * 
  *     def stats(self):
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 163, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 159, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 163, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 159, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 163, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 159, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   {
@@ -11801,7 +11776,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":161
+  /* "rocmforge/_tensor_parallel.pyx":157
  *         return f"TensorParallelKvCache({len(self.ranks)} ranks: {', '.join(r.device for r in self.ranks)})"
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -11821,7 +11796,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":165
+/* "rocmforge/_tensor_parallel.pyx":161
  *         return self.ranks[0].num_blocks
  * 
  *     def stats(self):             # <<<<<<<<<<<<<<
@@ -11869,32 +11844,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 165, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 161, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 165, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 161, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "stats", 0) < (0)) __PYX_ERR(0, 165, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "stats", 0) < (0)) __PYX_ERR(0, 161, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("stats", 1, 1, 1, i); __PYX_ERR(0, 165, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("stats", 1, 1, 1, i); __PYX_ERR(0, 161, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 165, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 161, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("stats", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 165, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("stats", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 161, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -11928,14 +11903,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("stats", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":167
+  /* "rocmforge/_tensor_parallel.pyx":163
  *     def stats(self):
  *         """The manager's stats() plus the bytes its host-tier copies move (all ranks)."""
  *         out = self.manager.stats()             # <<<<<<<<<<<<<<
  *         out["host_bytes_offloaded"] = out["host_offloaded_blocks"] * self.config.bytes_per_block
  *         out["host_bytes_reloaded"] = out["host_reloaded_blocks"] * self.config.bytes_per_block
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 167, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 163, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_2 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_2);
@@ -11945,55 +11920,55 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_stats, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 167, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 163, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_out = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":168
+  /* "rocmforge/_tensor_parallel.pyx":164
  *         """The manager's stats() plus the bytes its host-tier copies move (all ranks)."""
  *         out = self.manager.stats()
  *         out["host_bytes_offloaded"] = out["host_offloaded_blocks"] * self.config.bytes_per_block             # <<<<<<<<<<<<<<
  *         out["host_bytes_reloaded"] = out["host_reloaded_blocks"] * self.config.bytes_per_block
  *         return out
 */
-  __pyx_t_1 = __Pyx_PyObject_Dict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_host_offloaded_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_Dict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_host_offloaded_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 164, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 164, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_bytes_per_block); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_bytes_per_block); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 164, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-  __pyx_t_3 = __Pyx_PyNumber_Multiply_object_object(__pyx_t_1, __pyx_t_2); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyNumber_Multiply_object_object(__pyx_t_1, __pyx_t_2); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 164, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  if (unlikely((PyObject_SetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_host_bytes_offloaded, __pyx_t_3) < 0))) __PYX_ERR(0, 168, __pyx_L1_error)
+  if (unlikely((PyObject_SetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_host_bytes_offloaded, __pyx_t_3) < 0))) __PYX_ERR(0, 164, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":169
+  /* "rocmforge/_tensor_parallel.pyx":165
  *         out = self.manager.stats()
  *         out["host_bytes_offloaded"] = out["host_offloaded_blocks"] * self.config.bytes_per_block
  *         out["host_bytes_reloaded"] = out["host_reloaded_blocks"] * self.config.bytes_per_block             # <<<<<<<<<<<<<<
  *         return out
  * 
 */
-  __pyx_t_3 = __Pyx_PyObject_Dict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_host_reloaded_blocks); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_Dict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_host_reloaded_blocks); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_bytes_per_block); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_bytes_per_block); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_2 = __Pyx_PyNumber_Multiply_object_object(__pyx_t_3, __pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 169, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyNumber_Multiply_object_object(__pyx_t_3, __pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  if (unlikely((PyObject_SetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_host_bytes_reloaded, __pyx_t_2) < 0))) __PYX_ERR(0, 169, __pyx_L1_error)
+  if (unlikely((PyObject_SetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_host_bytes_reloaded, __pyx_t_2) < 0))) __PYX_ERR(0, 165, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":170
+  /* "rocmforge/_tensor_parallel.pyx":166
  *         out["host_bytes_offloaded"] = out["host_offloaded_blocks"] * self.config.bytes_per_block
  *         out["host_bytes_reloaded"] = out["host_reloaded_blocks"] * self.config.bytes_per_block
  *         return out             # <<<<<<<<<<<<<<
@@ -12011,7 +11986,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   }
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":165
+  /* "rocmforge/_tensor_parallel.pyx":161
  *         return self.ranks[0].num_blocks
  * 
  *     def stats(self):             # <<<<<<<<<<<<<<
@@ -12033,7 +12008,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":172
+/* "rocmforge/_tensor_parallel.pyx":168
  *         return out
  * 
  *     def apply_pending_copies(self, stream=None):             # <<<<<<<<<<<<<<
@@ -12082,35 +12057,35 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 172, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 168, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 172, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 168, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 172, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 168, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply_pending_copies", 0) < (0)) __PYX_ERR(0, 172, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply_pending_copies", 0) < (0)) __PYX_ERR(0, 168, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)Py_None));
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply_pending_copies", 0, 1, 2, i); __PYX_ERR(0, 172, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply_pending_copies", 0, 1, 2, i); __PYX_ERR(0, 168, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 172, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 168, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 172, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 168, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -12121,7 +12096,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("apply_pending_copies", 0, 1, 2, __pyx_nargs); __PYX_ERR(0, 172, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("apply_pending_copies", 0, 1, 2, __pyx_nargs); __PYX_ERR(0, 168, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -12157,23 +12132,23 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("apply_pending_copies", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":174
+  /* "rocmforge/_tensor_parallel.pyx":170
  *     def apply_pending_copies(self, stream=None):
  *         """Apply the pending copies on every rank now (each rank's writes and reads do it anyway)."""
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
  *             r.apply_pending_copies(stream)
  * 
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 174, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 170, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   if (likely(PyList_CheckExact(__pyx_t_1)) || PyTuple_CheckExact(__pyx_t_1)) {
     __pyx_t_2 = __pyx_t_1; __Pyx_INCREF(__pyx_t_2);
     __pyx_t_3 = 0;
     __pyx_t_4 = NULL;
   } else {
-    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 174, __pyx_L1_error)
+    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 170, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 174, __pyx_L1_error)
+    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 170, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   for (;;) {
@@ -12182,7 +12157,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 174, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 170, __pyx_L1_error)
           #endif
           if (__pyx_t_3 >= __pyx_temp) break;
         }
@@ -12192,7 +12167,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 174, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 170, __pyx_L1_error)
           #endif
           if (__pyx_t_3 >= __pyx_temp) break;
         }
@@ -12203,13 +12178,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         #endif
         ++__pyx_t_3;
       }
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 174, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 170, __pyx_L1_error)
     } else {
       __pyx_t_1 = __pyx_t_4(__pyx_t_2);
       if (unlikely(!__pyx_t_1)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 174, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 170, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -12219,7 +12194,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_v_r, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":175
+    /* "rocmforge/_tensor_parallel.pyx":171
  *         """Apply the pending copies on every rank now (each rank's writes and reads do it anyway)."""
  *         for r in self.ranks:
  *             r.apply_pending_copies(stream)             # <<<<<<<<<<<<<<
@@ -12233,12 +12208,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       PyObject *__pyx_callargs[2] = {__pyx_t_5, __pyx_v_stream};
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_apply_pending_copies, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 175, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 171, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":174
+    /* "rocmforge/_tensor_parallel.pyx":170
  *     def apply_pending_copies(self, stream=None):
  *         """Apply the pending copies on every rank now (each rank's writes and reads do it anyway)."""
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
@@ -12248,7 +12223,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":172
+  /* "rocmforge/_tensor_parallel.pyx":168
  *         return out
  * 
  *     def apply_pending_copies(self, stream=None):             # <<<<<<<<<<<<<<
@@ -12272,7 +12247,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":177
+/* "rocmforge/_tensor_parallel.pyx":173
  *             r.apply_pending_copies(stream)
  * 
  *     def copy_blocks(self, pairs, stream=None):             # <<<<<<<<<<<<<<
@@ -12322,41 +12297,41 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_pairs,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 177, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 173, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 177, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 173, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 177, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 173, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 177, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 173, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "copy_blocks", 0) < (0)) __PYX_ERR(0, 177, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "copy_blocks", 0) < (0)) __PYX_ERR(0, 173, __pyx_L3_error)
       if (!values[2]) values[2] = __Pyx_NewRef(((PyObject *)Py_None));
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("copy_blocks", 0, 2, 3, i); __PYX_ERR(0, 177, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("copy_blocks", 0, 2, 3, i); __PYX_ERR(0, 173, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 177, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 173, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 177, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 173, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 177, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 173, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -12368,7 +12343,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("copy_blocks", 0, 2, 3, __pyx_nargs); __PYX_ERR(0, 177, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("copy_blocks", 0, 2, 3, __pyx_nargs); __PYX_ERR(0, 173, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -12404,7 +12379,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("copy_blocks", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":180
+  /* "rocmforge/_tensor_parallel.pyx":176
  *         """copy_blocks(pairs) on every rank, in rank order. Host pairs are checked by
  *         the first rank before it copies anything, so bad pairs change no rank."""
  *         self._live()             # <<<<<<<<<<<<<<
@@ -12418,28 +12393,28 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_live, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 180, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 176, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":181
+  /* "rocmforge/_tensor_parallel.pyx":177
  *         the first rank before it copies anything, so bad pairs change no rank."""
  *         self._live()
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
  *             r.copy_blocks(pairs, stream)
  * 
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 181, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 177, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   if (likely(PyList_CheckExact(__pyx_t_1)) || PyTuple_CheckExact(__pyx_t_1)) {
     __pyx_t_2 = __pyx_t_1; __Pyx_INCREF(__pyx_t_2);
     __pyx_t_4 = 0;
     __pyx_t_5 = NULL;
   } else {
-    __pyx_t_4 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 181, __pyx_L1_error)
+    __pyx_t_4 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 177, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_5 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 181, __pyx_L1_error)
+    __pyx_t_5 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 177, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   for (;;) {
@@ -12448,7 +12423,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 181, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 177, __pyx_L1_error)
           #endif
           if (__pyx_t_4 >= __pyx_temp) break;
         }
@@ -12458,7 +12433,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 181, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 177, __pyx_L1_error)
           #endif
           if (__pyx_t_4 >= __pyx_temp) break;
         }
@@ -12469,13 +12444,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         #endif
         ++__pyx_t_4;
       }
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 181, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 177, __pyx_L1_error)
     } else {
       __pyx_t_1 = __pyx_t_5(__pyx_t_2);
       if (unlikely(!__pyx_t_1)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 181, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 177, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -12485,7 +12460,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_v_r, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":182
+    /* "rocmforge/_tensor_parallel.pyx":178
  *         self._live()
  *         for r in self.ranks:
  *             r.copy_blocks(pairs, stream)             # <<<<<<<<<<<<<<
@@ -12499,12 +12474,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       PyObject *__pyx_callargs[3] = {__pyx_t_6, __pyx_v_pairs, __pyx_v_stream};
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_copy_blocks, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 182, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 178, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":181
+    /* "rocmforge/_tensor_parallel.pyx":177
  *         the first rank before it copies anything, so bad pairs change no rank."""
  *         self._live()
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
@@ -12514,7 +12489,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":177
+  /* "rocmforge/_tensor_parallel.pyx":173
  *             r.apply_pending_copies(stream)
  * 
  *     def copy_blocks(self, pairs, stream=None):             # <<<<<<<<<<<<<<
@@ -12538,7 +12513,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":184
+/* "rocmforge/_tensor_parallel.pyx":180
  *             r.copy_blocks(pairs, stream)
  * 
  *     def synchronize(self):             # <<<<<<<<<<<<<<
@@ -12586,32 +12561,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 184, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 180, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 184, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 180, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "synchronize", 0) < (0)) __PYX_ERR(0, 184, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "synchronize", 0) < (0)) __PYX_ERR(0, 180, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("synchronize", 1, 1, 1, i); __PYX_ERR(0, 184, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("synchronize", 1, 1, 1, i); __PYX_ERR(0, 180, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 184, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 180, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("synchronize", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 184, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("synchronize", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 180, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -12664,35 +12639,35 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("synchronize", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":186
+  /* "rocmforge/_tensor_parallel.pyx":182
  *     def synchronize(self):
  *         """synchronize() on every rank (the first rank's error is raised after all have run)."""
  *         errors = []             # <<<<<<<<<<<<<<
  *         for r in self.ranks:
  *             try:
 */
-  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 186, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 182, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_errors = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":187
+  /* "rocmforge/_tensor_parallel.pyx":183
  *         """synchronize() on every rank (the first rank's error is raised after all have run)."""
  *         errors = []
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
  *             try:
  *                 r.synchronize()
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 187, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 183, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   if (likely(PyList_CheckExact(__pyx_t_1)) || PyTuple_CheckExact(__pyx_t_1)) {
     __pyx_t_2 = __pyx_t_1; __Pyx_INCREF(__pyx_t_2);
     __pyx_t_3 = 0;
     __pyx_t_4 = NULL;
   } else {
-    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 187, __pyx_L1_error)
+    __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 183, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 187, __pyx_L1_error)
+    __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 183, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   for (;;) {
@@ -12701,7 +12676,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 187, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 183, __pyx_L1_error)
           #endif
           if (__pyx_t_3 >= __pyx_temp) break;
         }
@@ -12711,7 +12686,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 187, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 183, __pyx_L1_error)
           #endif
           if (__pyx_t_3 >= __pyx_temp) break;
         }
@@ -12722,13 +12697,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         #endif
         ++__pyx_t_3;
       }
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 187, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 183, __pyx_L1_error)
     } else {
       __pyx_t_1 = __pyx_t_4(__pyx_t_2);
       if (unlikely(!__pyx_t_1)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 187, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 183, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -12738,7 +12713,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_v_r, __pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":188
+    /* "rocmforge/_tensor_parallel.pyx":184
  *         errors = []
  *         for r in self.ranks:
  *             try:             # <<<<<<<<<<<<<<
@@ -12754,7 +12729,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __Pyx_XGOTREF(__pyx_t_7);
       /*try:*/ {
 
-        /* "rocmforge/_tensor_parallel.pyx":189
+        /* "rocmforge/_tensor_parallel.pyx":185
  *         for r in self.ranks:
  *             try:
  *                 r.synchronize()             # <<<<<<<<<<<<<<
@@ -12768,12 +12743,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           PyObject *__pyx_callargs[2] = {__pyx_t_8, NULL};
           __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_synchronize, __pyx_callargs+__pyx_t_9, (1-__pyx_t_9) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
           __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
-          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 189, __pyx_L5_error)
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 185, __pyx_L5_error)
           __Pyx_GOTREF(__pyx_t_1);
         }
         __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-        /* "rocmforge/_tensor_parallel.pyx":188
+        /* "rocmforge/_tensor_parallel.pyx":184
  *         errors = []
  *         for r in self.ranks:
  *             try:             # <<<<<<<<<<<<<<
@@ -12789,7 +12764,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_XDECREF(__pyx_t_8); __pyx_t_8 = 0;
 
-      /* "rocmforge/_tensor_parallel.pyx":190
+      /* "rocmforge/_tensor_parallel.pyx":186
  *             try:
  *                 r.synchronize()
  *             except Exception as exc:             # <<<<<<<<<<<<<<
@@ -12799,7 +12774,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_10 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_Exception))));
       if (__pyx_t_10) {
         __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.synchronize", __pyx_clineno, __pyx_lineno, __pyx_filename);
-        if (__Pyx_GetException(&__pyx_t_1, &__pyx_t_8, &__pyx_t_11) < 0) __PYX_ERR(0, 190, __pyx_L7_except_error)
+        if (__Pyx_GetException(&__pyx_t_1, &__pyx_t_8, &__pyx_t_11) < 0) __PYX_ERR(0, 186, __pyx_L7_except_error)
         __Pyx_XGOTREF(__pyx_t_1);
         __Pyx_XGOTREF(__pyx_t_8);
         __Pyx_XGOTREF(__pyx_t_11);
@@ -12807,18 +12782,18 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __pyx_v_exc = __pyx_t_8;
         /*try:*/ {
 
-          /* "rocmforge/_tensor_parallel.pyx":191
+          /* "rocmforge/_tensor_parallel.pyx":187
  *                 r.synchronize()
  *             except Exception as exc:
  *                 errors.append(exc)             # <<<<<<<<<<<<<<
  *         if errors:
  *             raise errors[0]
 */
-          __pyx_t_12 = __Pyx_PyList_Append(__pyx_v_errors, __pyx_v_exc); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 191, __pyx_L18_error)
+          __pyx_t_12 = __Pyx_PyList_Append(__pyx_v_errors, __pyx_v_exc); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 187, __pyx_L18_error)
 
         }
 
-        /* "rocmforge/_tensor_parallel.pyx":190
+        /* "rocmforge/_tensor_parallel.pyx":186
  *             try:
  *                 r.synchronize()
  *             except Exception as exc:             # <<<<<<<<<<<<<<
@@ -12868,7 +12843,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       }
       goto __pyx_L7_except_error;
 
-      /* "rocmforge/_tensor_parallel.pyx":188
+      /* "rocmforge/_tensor_parallel.pyx":184
  *         errors = []
  *         for r in self.ranks:
  *             try:             # <<<<<<<<<<<<<<
@@ -12889,7 +12864,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_L12_try_end:;
     }
 
-    /* "rocmforge/_tensor_parallel.pyx":187
+    /* "rocmforge/_tensor_parallel.pyx":183
  *         """synchronize() on every rank (the first rank's error is raised after all have run)."""
  *         errors = []
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
@@ -12899,7 +12874,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":192
+  /* "rocmforge/_tensor_parallel.pyx":188
  *             except Exception as exc:
  *                 errors.append(exc)
  *         if errors:             # <<<<<<<<<<<<<<
@@ -12908,14 +12883,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   {
     Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_v_errors);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 192, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 188, __pyx_L1_error)
     __pyx_t_21 = (__pyx_temp != 0);
   }
 
   if (unlikely(__pyx_t_21)) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":193
+    /* "rocmforge/_tensor_parallel.pyx":189
  *                 errors.append(exc)
  *         if errors:
  *             raise errors[0]             # <<<<<<<<<<<<<<
@@ -12923,9 +12898,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *     def gather(self, seq_id, layer):
 */
     __Pyx_Raise(__Pyx_PyList_GET_ITEM(__pyx_v_errors, 0), 0, 0, 0);
-    __PYX_ERR(0, 193, __pyx_L1_error)
+    __PYX_ERR(0, 189, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":192
+    /* "rocmforge/_tensor_parallel.pyx":188
  *             except Exception as exc:
  *                 errors.append(exc)
  *         if errors:             # <<<<<<<<<<<<<<
@@ -12934,7 +12909,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":184
+  /* "rocmforge/_tensor_parallel.pyx":180
  *             r.copy_blocks(pairs, stream)
  * 
  *     def synchronize(self):             # <<<<<<<<<<<<<<
@@ -12961,7 +12936,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":195
+/* "rocmforge/_tensor_parallel.pyx":191
  *             raise errors[0]
  * 
  *     def gather(self, seq_id, layer):             # <<<<<<<<<<<<<<
@@ -13011,38 +12986,38 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_seq_id,&__pyx_mstate_global->__pyx_n_u_layer,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 195, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 191, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 195, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 191, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 195, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 191, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 195, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 191, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "gather", 0) < (0)) __PYX_ERR(0, 195, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "gather", 0) < (0)) __PYX_ERR(0, 191, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("gather", 1, 3, 3, i); __PYX_ERR(0, 195, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("gather", 1, 3, 3, i); __PYX_ERR(0, 191, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 3)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 195, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 191, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 195, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 191, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 195, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 191, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_seq_id = values[1];
@@ -13050,7 +13025,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("gather", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 195, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("gather", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 191, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -13094,7 +13069,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("gather", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":198
+  /* "rocmforge/_tensor_parallel.pyx":194
  *         """A sequence's keys and values of one layer with every rank's heads, as two
  *         host numpy arrays [num_tokens, num_kv_heads, head_dim] (storage dtype)."""
  *         self._live()             # <<<<<<<<<<<<<<
@@ -13108,44 +13083,44 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_live, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 198, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 194, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":199
+  /* "rocmforge/_tensor_parallel.pyx":195
  *         host numpy arrays [num_tokens, num_kv_heads, head_dim] (storage dtype)."""
  *         self._live()
  *         keys, values = [], []             # <<<<<<<<<<<<<<
  *         for r in self.ranks:
  *             k, v = r.gather(seq_id, layer)
 */
-  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 199, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 195, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 199, __pyx_L1_error)
+  __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 195, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __pyx_v_keys = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
   __pyx_v_values = ((PyObject*)__pyx_t_2);
   __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":200
+  /* "rocmforge/_tensor_parallel.pyx":196
  *         self._live()
  *         keys, values = [], []
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
  *             k, v = r.gather(seq_id, layer)
  *             keys.append(k.to_numpy())
 */
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 200, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 196, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   if (likely(PyList_CheckExact(__pyx_t_2)) || PyTuple_CheckExact(__pyx_t_2)) {
     __pyx_t_1 = __pyx_t_2; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_4 = 0;
     __pyx_t_5 = NULL;
   } else {
-    __pyx_t_4 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 200, __pyx_L1_error)
+    __pyx_t_4 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_t_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 196, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_5 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 200, __pyx_L1_error)
+    __pyx_t_5 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 196, __pyx_L1_error)
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   for (;;) {
@@ -13154,7 +13129,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 200, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 196, __pyx_L1_error)
           #endif
           if (__pyx_t_4 >= __pyx_temp) break;
         }
@@ -13164,7 +13139,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 200, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 196, __pyx_L1_error)
           #endif
           if (__pyx_t_4 >= __pyx_temp) break;
         }
@@ -13175,13 +13150,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         #endif
         ++__pyx_t_4;
       }
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 200, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 196, __pyx_L1_error)
     } else {
       __pyx_t_2 = __pyx_t_5(__pyx_t_1);
       if (unlikely(!__pyx_t_2)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 200, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 196, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -13191,7 +13166,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_v_r, __pyx_t_2);
     __pyx_t_2 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":201
+    /* "rocmforge/_tensor_parallel.pyx":197
  *         keys, values = [], []
  *         for r in self.ranks:
  *             k, v = r.gather(seq_id, layer)             # <<<<<<<<<<<<<<
@@ -13205,7 +13180,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       PyObject *__pyx_callargs[3] = {__pyx_t_6, __pyx_v_seq_id, __pyx_v_layer};
       __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_gather, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 201, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 197, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     if ((likely(PyTuple_CheckExact(__pyx_t_2))) || (PyList_CheckExact(__pyx_t_2))) {
@@ -13214,7 +13189,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       if (unlikely(size != 2)) {
         if (size > 2) __Pyx_RaiseTooManyValuesError(2);
         else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-        __PYX_ERR(0, 201, __pyx_L1_error)
+        __PYX_ERR(0, 197, __pyx_L1_error)
       }
       #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
       if (likely(PyTuple_CheckExact(sequence))) {
@@ -13224,22 +13199,22 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_INCREF(__pyx_t_7);
       } else {
         __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 201, __pyx_L1_error)
+        if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 197, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_6);
         __pyx_t_7 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-        if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 201, __pyx_L1_error)
+        if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 197, __pyx_L1_error)
         __Pyx_XGOTREF(__pyx_t_7);
       }
       #else
-      __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 201, __pyx_L1_error)
+      __pyx_t_6 = __Pyx_PySequence_ITEM(sequence, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 197, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_7 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 201, __pyx_L1_error)
+      __pyx_t_7 = __Pyx_PySequence_ITEM(sequence, 1); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 197, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
       #endif
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     } else {
       Py_ssize_t index = -1;
-      __pyx_t_8 = PyObject_GetIter(__pyx_t_2); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 201, __pyx_L1_error)
+      __pyx_t_8 = PyObject_GetIter(__pyx_t_2); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 197, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_8);
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
       __pyx_t_9 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_8);
@@ -13247,7 +13222,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __Pyx_GOTREF(__pyx_t_6);
       index = 1; __pyx_t_7 = __pyx_t_9(__pyx_t_8); if (unlikely(!__pyx_t_7)) goto __pyx_L5_unpacking_failed;
       __Pyx_GOTREF(__pyx_t_7);
-      if (__Pyx_IternextUnpackEndCheck(__pyx_t_9(__pyx_t_8), 2) < (0)) __PYX_ERR(0, 201, __pyx_L1_error)
+      if (__Pyx_IternextUnpackEndCheck(__pyx_t_9(__pyx_t_8), 2) < (0)) __PYX_ERR(0, 197, __pyx_L1_error)
       __pyx_t_9 = NULL;
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       goto __pyx_L6_unpacking_done;
@@ -13255,7 +13230,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
       __pyx_t_9 = NULL;
       if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-      __PYX_ERR(0, 201, __pyx_L1_error)
+      __PYX_ERR(0, 197, __pyx_L1_error)
       __pyx_L6_unpacking_done:;
     }
     __Pyx_XDECREF_SET(__pyx_v_k, __pyx_t_6);
@@ -13263,7 +13238,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __Pyx_XDECREF_SET(__pyx_v_v, __pyx_t_7);
     __pyx_t_7 = 0;
 
-    /* "rocmforge/_tensor_parallel.pyx":202
+    /* "rocmforge/_tensor_parallel.pyx":198
  *         for r in self.ranks:
  *             k, v = r.gather(seq_id, layer)
  *             keys.append(k.to_numpy())             # <<<<<<<<<<<<<<
@@ -13277,14 +13252,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
       __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_to_numpy, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 202, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 198, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
-    __pyx_t_10 = __Pyx_PyList_Append(__pyx_v_keys, __pyx_t_2); if (unlikely(__pyx_t_10 == ((int)-1))) __PYX_ERR(0, 202, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyList_Append(__pyx_v_keys, __pyx_t_2); if (unlikely(__pyx_t_10 == ((int)-1))) __PYX_ERR(0, 198, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
 
-    /* "rocmforge/_tensor_parallel.pyx":203
+    /* "rocmforge/_tensor_parallel.pyx":199
  *             k, v = r.gather(seq_id, layer)
  *             keys.append(k.to_numpy())
  *             values.append(v.to_numpy())             # <<<<<<<<<<<<<<
@@ -13298,14 +13273,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
       __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_to_numpy, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 203, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 199, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
-    __pyx_t_10 = __Pyx_PyList_Append(__pyx_v_values, __pyx_t_2); if (unlikely(__pyx_t_10 == ((int)-1))) __PYX_ERR(0, 203, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyList_Append(__pyx_v_values, __pyx_t_2); if (unlikely(__pyx_t_10 == ((int)-1))) __PYX_ERR(0, 199, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
 
-    /* "rocmforge/_tensor_parallel.pyx":200
+    /* "rocmforge/_tensor_parallel.pyx":196
  *         self._live()
  *         keys, values = [], []
  *         for r in self.ranks:             # <<<<<<<<<<<<<<
@@ -13315,7 +13290,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":204
+  /* "rocmforge/_tensor_parallel.pyx":200
  *             keys.append(k.to_numpy())
  *             values.append(v.to_numpy())
  *         return np.concatenate(keys, axis=1), np.concatenate(values, axis=1)             # <<<<<<<<<<<<<<
@@ -13323,9 +13298,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *     # ---- calls that change the manager and every rank --------------------------------------------
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 200, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 200, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
   #if CYTHON_VECTORCALL
@@ -13346,13 +13321,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[3] = {__pyx_t_2, __pyx_v_keys, __pyx_mstate_global->__pyx_int_1};
     #if CYTHON_VECTORCALL
     __pyx_t_7 = __pyx_mstate_global->__pyx_tuple[3];
-    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 204, __pyx_L1_error)
+    if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 200, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_7);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
       __pyx_t_7 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 204, __pyx_L1_error)
+      if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 200, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
     }
     #endif
@@ -13362,13 +13337,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     #endif
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 204, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 200, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_t_7 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 200, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_concatenate); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 200, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   #if CYTHON_VECTORCALL
@@ -13389,13 +13364,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[3] = {__pyx_t_7, __pyx_v_values, __pyx_mstate_global->__pyx_int_1};
     #if CYTHON_VECTORCALL
     __pyx_t_2 = __pyx_mstate_global->__pyx_tuple[3];
-    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 204, __pyx_L1_error)
+    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 200, __pyx_L1_error)
     __Pyx_INCREF(__pyx_t_2);
     #else
     {
       PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
       __pyx_t_2 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 204, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 200, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     #endif
@@ -13405,15 +13380,15 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     #endif
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 204, __pyx_L1_error)
+    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 200, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
   }
-  __pyx_t_8 = PyTuple_New(2); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __pyx_t_8 = PyTuple_New(2); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 200, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_8, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 204, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_8, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 200, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_6);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_8, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 204, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_8, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 200, __pyx_L1_error);
   __pyx_t_1 = 0;
   __pyx_t_6 = 0;
   {
@@ -13427,7 +13402,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __pyx_t_8 = 0;
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":195
+  /* "rocmforge/_tensor_parallel.pyx":191
  *             raise errors[0]
  * 
  *     def gather(self, seq_id, layer):             # <<<<<<<<<<<<<<
@@ -13455,7 +13430,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":208
+/* "rocmforge/_tensor_parallel.pyx":204
  *     # ---- calls that change the manager and every rank --------------------------------------------
  * 
  *     def swap_out(self, seq_ids):             # <<<<<<<<<<<<<<
@@ -13504,39 +13479,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_seq_ids,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 208, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 204, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 208, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 204, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 208, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 204, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "swap_out", 0) < (0)) __PYX_ERR(0, 208, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "swap_out", 0) < (0)) __PYX_ERR(0, 204, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("swap_out", 1, 2, 2, i); __PYX_ERR(0, 208, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("swap_out", 1, 2, 2, i); __PYX_ERR(0, 204, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 208, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 204, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 208, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 204, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_seq_ids = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("swap_out", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 208, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("swap_out", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 204, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -13558,14 +13533,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 }
 
 static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_30swap_out(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_seq_ids) {
-  struct __pyx_obj_9rocmforge_8_kvcache_KvCache *__pyx_v_r = 0;
   PyObject *__pyx_v_ids = NULL;
-  PyObject *__pyx_v_ranks = NULL;
-  PyObject *__pyx_v_sid = NULL;
-  PyObject *__pyx_v_info = NULL;
-  PyObject *__pyx_v_table = NULL;
-  PyObject *__pyx_v_hosts = NULL;
-  PyObject *__pyx_v_host = NULL;
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   PyObject *__pyx_t_1 = NULL;
@@ -13577,32 +13545,21 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   PyObject *__pyx_t_7 = NULL;
   PyObject *__pyx_t_8 = NULL;
   PyObject *__pyx_t_9 = NULL;
-  Py_ssize_t __pyx_t_10;
-  int __pyx_t_11;
-  PyObject *(*__pyx_t_12)(PyObject *);
+  PyObject *__pyx_t_10 = NULL;
+  PyObject *__pyx_t_11 = NULL;
+  int __pyx_t_12;
   int __pyx_t_13;
-  PyObject *__pyx_t_14 = NULL;
-  PyObject *__pyx_t_15[3];
-  Py_ssize_t __pyx_t_16;
-  PyObject *__pyx_t_17 = NULL;
-  PyObject *__pyx_t_18 = NULL;
-  Py_ssize_t __pyx_t_19;
-  PyObject *__pyx_t_20 = NULL;
-  PyObject *__pyx_t_21 = NULL;
-  int __pyx_t_22;
-  PyObject *__pyx_t_23 = NULL;
-  int __pyx_t_24;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("swap_out", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":212
+  /* "rocmforge/_tensor_parallel.pyx":207
+ *         """Move sequences' K/V (every rank's) to host memory and release their blocks.
  *         All named sequences must exist; nothing changes otherwise."""
- *         cdef KvCache r
  *         self._live()             # <<<<<<<<<<<<<<
  *         ids = _distinct(seq_ids)
- *         ranks = list(self.ranks)
+ *         with _AllLocks(list(self.ranks)):
 */
   __pyx_t_2 = __pyx_v_self;
   __Pyx_INCREF(__pyx_t_2);
@@ -13611,20 +13568,20 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_live, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 212, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 207, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":213
- *         cdef KvCache r
+  /* "rocmforge/_tensor_parallel.pyx":208
+ *         All named sequences must exist; nothing changes otherwise."""
  *         self._live()
  *         ids = _distinct(seq_ids)             # <<<<<<<<<<<<<<
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):
+ *         with _AllLocks(list(self.ranks)):
+ *             swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_distinct); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 213, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_distinct); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 208, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __pyx_t_3 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -13643,71 +13600,62 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 213, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 208, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_ids = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":214
+  /* "rocmforge/_tensor_parallel.pyx":209
  *         self._live()
  *         ids = _distinct(seq_ids)
- *         ranks = list(self.ranks)             # <<<<<<<<<<<<<<
- *         with _AllLocks(ranks):
- *             for r in ranks:
-*/
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 214, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 214, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_v_ranks = ((PyObject*)__pyx_t_4);
-  __pyx_t_4 = 0;
-
-  /* "rocmforge/_tensor_parallel.pyx":215
- *         ids = _distinct(seq_ids)
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):             # <<<<<<<<<<<<<<
- *             for r in ranks:
- *                 r._check_open()
+ *         with _AllLocks(list(self.ranks)):             # <<<<<<<<<<<<<<
+ *             swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)
+ * 
 */
   /*with:*/ {
-    __pyx_t_1 = NULL;
+    __pyx_t_4 = NULL;
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 209, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
+    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 209, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_t_3 = 1;
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_v_ranks};
-      __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 215, __pyx_L1_error)
-      __Pyx_GOTREF((PyObject *)__pyx_t_4);
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_5};
+      __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 209, __pyx_L1_error)
+      __Pyx_GOTREF((PyObject *)__pyx_t_1);
     }
-    __pyx_t_5 = __Pyx_PyObject_LookupSpecial(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 215, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_2 = NULL;
-    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 215, __pyx_L3_error)
+    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 209, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_4 = NULL;
+    __pyx_t_2 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 209, __pyx_L3_error)
+    __Pyx_GOTREF(__pyx_t_2);
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
-    if (likely(PyMethod_Check(__pyx_t_6))) {
-      __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_6);
-      assert(__pyx_t_2);
-      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
-      __Pyx_INCREF(__pyx_t_2);
+    if (likely(PyMethod_Check(__pyx_t_2))) {
+      __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_2);
+      assert(__pyx_t_4);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_2);
+      __Pyx_INCREF(__pyx_t_4);
       __Pyx_INCREF(__pyx__function);
-      __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_2, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
-      __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 215, __pyx_L3_error)
-      __Pyx_GOTREF(__pyx_t_1);
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, NULL};
+      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_2, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 209, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_5);
     }
-    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __Pyx_DECREF((PyObject *)__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF((PyObject *)__pyx_t_1); __pyx_t_1 = 0;
     /*try:*/ {
       {
         __Pyx_PyThreadState_declare
@@ -13718,643 +13666,40 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XGOTREF(__pyx_t_9);
         /*try:*/ {
 
-          /* "rocmforge/_tensor_parallel.pyx":216
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):
- *             for r in ranks:             # <<<<<<<<<<<<<<
- *                 r._check_open()
- *             for sid in ids:
-*/
-          __pyx_t_4 = __pyx_v_ranks; __Pyx_INCREF(__pyx_t_4);
-          __pyx_t_10 = 0;
-          for (;;) {
-            {
-              Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_4);
-              #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 216, __pyx_L7_error)
-              #endif
-              if (__pyx_t_10 >= __pyx_temp) break;
-            }
-            __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_4, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-            ++__pyx_t_10;
-            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 216, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 216, __pyx_L7_error)
-            __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_1));
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":217
- *         with _AllLocks(ranks):
- *             for r in ranks:
- *                 r._check_open()             # <<<<<<<<<<<<<<
- *             for sid in ids:
- *                 if sid not in self.manager:
-*/
-            __pyx_t_11 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_check_open(__pyx_v_r); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 217, __pyx_L7_error)
-
-
-            /* "rocmforge/_tensor_parallel.pyx":216
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):
- *             for r in ranks:             # <<<<<<<<<<<<<<
- *                 r._check_open()
- *             for sid in ids:
-*/
-          }
-          __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-
-          /* "rocmforge/_tensor_parallel.pyx":218
- *             for r in ranks:
- *                 r._check_open()
- *             for sid in ids:             # <<<<<<<<<<<<<<
- *                 if sid not in self.manager:
- *                     raise SequenceNotFound(f"sequence {sid} not found")
-*/
-          if (likely(PyList_CheckExact(__pyx_v_ids)) || PyTuple_CheckExact(__pyx_v_ids)) {
-            __pyx_t_4 = __pyx_v_ids; __Pyx_INCREF(__pyx_t_4);
-            __pyx_t_10 = 0;
-            __pyx_t_12 = NULL;
-          } else {
-            __pyx_t_10 = -1; __pyx_t_4 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 218, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_4);
-            __pyx_t_12 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 218, __pyx_L7_error)
-          }
-          for (;;) {
-            if (likely(!__pyx_t_12)) {
-              if (likely(PyList_CheckExact(__pyx_t_4))) {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_4);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 218, __pyx_L7_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_4, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-                ++__pyx_t_10;
-              } else {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_4);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 218, __pyx_L7_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-                __pyx_t_1 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_4, __pyx_t_10));
-                #else
-                __pyx_t_1 = __Pyx_PySequence_ITEM(__pyx_t_4, __pyx_t_10);
-                #endif
-                ++__pyx_t_10;
-              }
-              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 218, __pyx_L7_error)
-            } else {
-              __pyx_t_1 = __pyx_t_12(__pyx_t_4);
-              if (unlikely(!__pyx_t_1)) {
-                PyObject* exc_type = PyErr_Occurred();
-                if (exc_type) {
-                  if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 218, __pyx_L7_error)
-                  PyErr_Clear();
-                }
-                break;
-              }
-            }
-            __Pyx_GOTREF(__pyx_t_1);
-            __Pyx_XDECREF_SET(__pyx_v_sid, __pyx_t_1);
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":219
- *                 r._check_open()
- *             for sid in ids:
- *                 if sid not in self.manager:             # <<<<<<<<<<<<<<
- *                     raise SequenceNotFound(f"sequence {sid} not found")
- *             for r in ranks:
-*/
-            __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 219, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            __pyx_t_13 = (__Pyx_PySequence_ContainsTF(__pyx_v_sid, __pyx_t_1, Py_NE)); if (unlikely((__pyx_t_13 < 0))) __PYX_ERR(0, 219, __pyx_L7_error)
-            __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-            if (unlikely(__pyx_t_13)) {
-
-
-              /* "rocmforge/_tensor_parallel.pyx":220
- *             for sid in ids:
- *                 if sid not in self.manager:
- *                     raise SequenceNotFound(f"sequence {sid} not found")             # <<<<<<<<<<<<<<
- *             for r in ranks:
- *                 r._apply_pending(NULL)
-*/
-              __pyx_t_6 = NULL;
-              __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_SequenceNotFound); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 220, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_2);
-              __pyx_t_14 = __Pyx_PyObject_FormatSimple(__pyx_v_sid, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 220, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_14);
-              __pyx_t_15[0] = __pyx_mstate_global->__pyx_kp_u_sequence;
-              __pyx_t_15[1] = __pyx_t_14;
-              __pyx_t_15[2] = __pyx_mstate_global->__pyx_kp_u_not_found;
-              __pyx_t_16 = 19;
-              #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
-              __pyx_t_16 += __Pyx_PyUnicode_GET_LENGTH(__pyx_t_15[1]);
-              #endif
-              __pyx_t_11 = 0;
-              #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
-              __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_15[1]);
-              #endif
-              __pyx_t_17 = __Pyx_PyUnicode_Join(__pyx_t_15, 3, __pyx_t_16, __pyx_t_11);
-              if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 220, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_17);
-              __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-              __pyx_t_3 = 1;
-              #if CYTHON_UNPACK_METHODS
-              if (unlikely(PyMethod_Check(__pyx_t_2))) {
-                __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_2);
-                assert(__pyx_t_6);
-                PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_2);
-                __Pyx_INCREF(__pyx_t_6);
-                __Pyx_INCREF(__pyx__function);
-                __Pyx_DECREF_SET(__pyx_t_2, __pyx__function);
-                __pyx_t_3 = 0;
-              }
-              #endif
-              {
-                PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_t_17};
-                __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_2, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-                __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-                if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 220, __pyx_L7_error)
-                __Pyx_GOTREF(__pyx_t_1);
-              }
-              __Pyx_Raise(__pyx_t_1, 0, 0, 0);
-              __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-              __PYX_ERR(0, 220, __pyx_L7_error)
-
-              /* "rocmforge/_tensor_parallel.pyx":219
- *                 r._check_open()
- *             for sid in ids:
- *                 if sid not in self.manager:             # <<<<<<<<<<<<<<
- *                     raise SequenceNotFound(f"sequence {sid} not found")
- *             for r in ranks:
-*/
-            }
-
-            /* "rocmforge/_tensor_parallel.pyx":218
- *             for r in ranks:
- *                 r._check_open()
- *             for sid in ids:             # <<<<<<<<<<<<<<
- *                 if sid not in self.manager:
- *                     raise SequenceNotFound(f"sequence {sid} not found")
-*/
-          }
-          __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-
-          /* "rocmforge/_tensor_parallel.pyx":221
- *                 if sid not in self.manager:
- *                     raise SequenceNotFound(f"sequence {sid} not found")
- *             for r in ranks:             # <<<<<<<<<<<<<<
- *                 r._apply_pending(NULL)
- *             for sid in ids:
-*/
-          __pyx_t_4 = __pyx_v_ranks; __Pyx_INCREF(__pyx_t_4);
-          __pyx_t_10 = 0;
-          for (;;) {
-            {
-              Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_4);
-              #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 221, __pyx_L7_error)
-              #endif
-              if (__pyx_t_10 >= __pyx_temp) break;
-            }
-            __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_4, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-            ++__pyx_t_10;
-            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 221, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 221, __pyx_L7_error)
-            __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_1));
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":222
- *                     raise SequenceNotFound(f"sequence {sid} not found")
- *             for r in ranks:
- *                 r._apply_pending(NULL)             # <<<<<<<<<<<<<<
- *             for sid in ids:
- *                 info = self.manager.sequence_info(sid)
-*/
-            __pyx_t_1 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_apply_pending(__pyx_v_r, NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 222, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":221
- *                 if sid not in self.manager:
- *                     raise SequenceNotFound(f"sequence {sid} not found")
- *             for r in ranks:             # <<<<<<<<<<<<<<
- *                 r._apply_pending(NULL)
- *             for sid in ids:
-*/
-          }
-          __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-
-          /* "rocmforge/_tensor_parallel.pyx":223
- *             for r in ranks:
- *                 r._apply_pending(NULL)
- *             for sid in ids:             # <<<<<<<<<<<<<<
- *                 info = self.manager.sequence_info(sid)
- *                 table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
-*/
-          if (likely(PyList_CheckExact(__pyx_v_ids)) || PyTuple_CheckExact(__pyx_v_ids)) {
-            __pyx_t_4 = __pyx_v_ids; __Pyx_INCREF(__pyx_t_4);
-            __pyx_t_10 = 0;
-            __pyx_t_12 = NULL;
-          } else {
-            __pyx_t_10 = -1; __pyx_t_4 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 223, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_4);
-            __pyx_t_12 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 223, __pyx_L7_error)
-          }
-          for (;;) {
-            if (likely(!__pyx_t_12)) {
-              if (likely(PyList_CheckExact(__pyx_t_4))) {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_4);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 223, __pyx_L7_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_4, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-                ++__pyx_t_10;
-              } else {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_4);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 223, __pyx_L7_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-                __pyx_t_1 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_4, __pyx_t_10));
-                #else
-                __pyx_t_1 = __Pyx_PySequence_ITEM(__pyx_t_4, __pyx_t_10);
-                #endif
-                ++__pyx_t_10;
-              }
-              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 223, __pyx_L7_error)
-            } else {
-              __pyx_t_1 = __pyx_t_12(__pyx_t_4);
-              if (unlikely(!__pyx_t_1)) {
-                PyObject* exc_type = PyErr_Occurred();
-                if (exc_type) {
-                  if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 223, __pyx_L7_error)
-                  PyErr_Clear();
-                }
-                break;
-              }
-            }
-            __Pyx_GOTREF(__pyx_t_1);
-            __Pyx_XDECREF_SET(__pyx_v_sid, __pyx_t_1);
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":224
- *                 r._apply_pending(NULL)
- *             for sid in ids:
- *                 info = self.manager.sequence_info(sid)             # <<<<<<<<<<<<<<
- *                 table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
- *                 hosts = []
-*/
-            __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 224, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_17);
-            __pyx_t_2 = __pyx_t_17;
-            __Pyx_INCREF(__pyx_t_2);
-            __pyx_t_3 = 0;
-            {
-              PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_v_sid};
-              __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_sequence_info, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-              __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-              __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 224, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_1);
-            }
-            __Pyx_XDECREF_SET(__pyx_v_info, __pyx_t_1);
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":225
- *             for sid in ids:
- *                 info = self.manager.sequence_info(sid)
- *                 table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)             # <<<<<<<<<<<<<<
- *                 hosts = []
- *                 for r in ranks:
-*/
-            __pyx_t_17 = NULL;
-            __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 225, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_2);
-            __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 225, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_6);
-            __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-            __pyx_t_18 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 225, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_18);
-            __pyx_t_14 = __pyx_t_18;
-            __Pyx_INCREF(__pyx_t_14);
-            __pyx_t_3 = 0;
-            {
-              PyObject *__pyx_callargs[2] = {__pyx_t_14, __pyx_v_sid};
-              __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_block_table, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-              __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
-              __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-              if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 225, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_2);
-            }
-            __Pyx_GetModuleGlobalName(__pyx_t_18, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 225, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_18);
-            __pyx_t_14 = __Pyx_PyObject_GetAttrStr(__pyx_t_18, __pyx_mstate_global->__pyx_n_u_int32); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 225, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_14);
-            __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-            #if CYTHON_VECTORCALL
-            #endif
-            __pyx_t_3 = 1;
-            #if CYTHON_UNPACK_METHODS
-            if (unlikely(PyMethod_Check(__pyx_t_6))) {
-              __pyx_t_17 = PyMethod_GET_SELF(__pyx_t_6);
-              assert(__pyx_t_17);
-              PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
-              __Pyx_INCREF(__pyx_t_17);
-              __Pyx_INCREF(__pyx__function);
-              __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
-              __pyx_t_3 = 0;
-            }
-            #endif
-            {
-              PyObject *__pyx_callargs[3] = {__pyx_t_17, __pyx_t_2, __pyx_t_14};
-              #if CYTHON_VECTORCALL
-              __pyx_t_18 = __pyx_mstate_global->__pyx_tuple[4];
-              if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 225, __pyx_L7_error)
-              __Pyx_INCREF(__pyx_t_18);
-              #else
-              {
-                PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-                __pyx_t_18 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-                if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 225, __pyx_L7_error)
-                __Pyx_GOTREF(__pyx_t_18);
-              }
-              #endif
-              __pyx_t_1 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_18);
-              __Pyx_XDECREF(__pyx_t_17); __pyx_t_17 = 0;
-              __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-              #if CYTHON_VECTORCALL
-              #endif
-              __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-              __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-              __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 225, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_1);
-            }
-            __Pyx_XDECREF_SET(__pyx_v_table, __pyx_t_1);
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":226
- *                 info = self.manager.sequence_info(sid)
- *                 table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
- *                 hosts = []             # <<<<<<<<<<<<<<
- *                 for r in ranks:
- *                     host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)
-*/
-            __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 226, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            __Pyx_XDECREF_SET(__pyx_v_hosts, ((PyObject*)__pyx_t_1));
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":227
- *                 table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
- *                 hosts = []
- *                 for r in ranks:             # <<<<<<<<<<<<<<
- *                     host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)
- *                     r._move_blocks(True, table, host)
-*/
-            __pyx_t_1 = __pyx_v_ranks; __Pyx_INCREF(__pyx_t_1);
-            __pyx_t_16 = 0;
-            for (;;) {
-              {
-                Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
-                #if !CYTHON_ASSUME_SAFE_SIZE
-                if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 227, __pyx_L7_error)
-                #endif
-                if (__pyx_t_16 >= __pyx_temp) break;
-              }
-              __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_16, __Pyx_ReferenceSharing_OwnStrongReference);
-              ++__pyx_t_16;
-              if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 227, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_6);
-              if (!(likely(((__pyx_t_6) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_6, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 227, __pyx_L7_error)
-              __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_6));
-              __pyx_t_6 = 0;
-
-              /* "rocmforge/_tensor_parallel.pyx":228
- *                 hosts = []
- *                 for r in ranks:
- *                     host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)             # <<<<<<<<<<<<<<
- *                     r._move_blocks(True, table, host)
- *                     hosts.append(host)
-*/
-              __pyx_t_18 = NULL;
-              __Pyx_GetModuleGlobalName(__pyx_t_14, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 228, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_14);
-              __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_14, __pyx_mstate_global->__pyx_n_u_empty); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 228, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_2);
-              __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-              __pyx_t_14 = __Pyx_PyLong_From_long((2 * __pyx_v_r->_num_layers)); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 228, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_14);
-              __pyx_t_19 = PyObject_Length(__pyx_v_table); if (unlikely(__pyx_t_19 == ((Py_ssize_t)-1))) __PYX_ERR(0, 228, __pyx_L7_error)
-              __pyx_t_17 = PyLong_FromSsize_t(__pyx_t_19); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 228, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_17);
-
-              __pyx_t_20 = __Pyx_PyLong_From_int64_t(__pyx_v_r->_block_bytes); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 228, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_20);
-              __pyx_t_21 = PyTuple_New(3); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 228, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_21);
-              __Pyx_GIVEREF(__pyx_t_14);
-              if (__Pyx_PyTuple_SET_ITEM(__pyx_t_21, 0, __pyx_t_14) != (0)) __PYX_ERR(0, 228, __pyx_L7_error);
-              __Pyx_GIVEREF(__pyx_t_17);
-              if (__Pyx_PyTuple_SET_ITEM(__pyx_t_21, 1, __pyx_t_17) != (0)) __PYX_ERR(0, 228, __pyx_L7_error);
-              __Pyx_GIVEREF(__pyx_t_20);
-              if (__Pyx_PyTuple_SET_ITEM(__pyx_t_21, 2, __pyx_t_20) != (0)) __PYX_ERR(0, 228, __pyx_L7_error);
-              __pyx_t_14 = 0;
-              __pyx_t_17 = 0;
-              __pyx_t_20 = 0;
-              __Pyx_GetModuleGlobalName(__pyx_t_20, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 228, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_20);
-              __pyx_t_17 = __Pyx_PyObject_GetAttrStr(__pyx_t_20, __pyx_mstate_global->__pyx_n_u_uint8); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 228, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_17);
-              __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
-              #if CYTHON_VECTORCALL
-              #endif
-              __pyx_t_3 = 1;
-              #if CYTHON_UNPACK_METHODS
-              if (unlikely(PyMethod_Check(__pyx_t_2))) {
-                __pyx_t_18 = PyMethod_GET_SELF(__pyx_t_2);
-                assert(__pyx_t_18);
-                PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_2);
-                __Pyx_INCREF(__pyx_t_18);
-                __Pyx_INCREF(__pyx__function);
-                __Pyx_DECREF_SET(__pyx_t_2, __pyx__function);
-                __pyx_t_3 = 0;
-              }
-              #endif
-              {
-                PyObject *__pyx_callargs[3] = {__pyx_t_18, __pyx_t_21, __pyx_t_17};
-                #if CYTHON_VECTORCALL
-                __pyx_t_20 = __pyx_mstate_global->__pyx_tuple[4];
-                if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 228, __pyx_L7_error)
-                __Pyx_INCREF(__pyx_t_20);
-                #else
-                {
-                  PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-                  __pyx_t_20 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-                  if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 228, __pyx_L7_error)
-                  __Pyx_GOTREF(__pyx_t_20);
-                }
-                #endif
-                __pyx_t_6 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_2, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_20);
-                __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
-                __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
-                #if CYTHON_VECTORCALL
-                #endif
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
-                __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-                if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 228, __pyx_L7_error)
-                __Pyx_GOTREF(__pyx_t_6);
-              }
-              __Pyx_XDECREF_SET(__pyx_v_host, __pyx_t_6);
-              __pyx_t_6 = 0;
-
-              /* "rocmforge/_tensor_parallel.pyx":229
- *                 for r in ranks:
- *                     host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)
- *                     r._move_blocks(True, table, host)             # <<<<<<<<<<<<<<
- *                     hosts.append(host)
- *                 self._swapped[sid] = (hosts, info["num_tokens"], self.manager.sequence_tokens(sid),
-*/
-              if (!(likely(((__pyx_v_table) == Py_None) || likely(__Pyx_TypeTest(__pyx_v_table, __pyx_mstate_global->__pyx_ptype_5numpy_ndarray))))) __PYX_ERR(0, 229, __pyx_L7_error)
-              if (!(likely(((__pyx_v_host) == Py_None) || likely(__Pyx_TypeTest(__pyx_v_host, __pyx_mstate_global->__pyx_ptype_5numpy_ndarray))))) __PYX_ERR(0, 229, __pyx_L7_error)
-              __pyx_t_6 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_move_blocks(__pyx_v_r, 1, ((PyArrayObject *)__pyx_v_table), ((PyArrayObject *)__pyx_v_host)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 229, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_6);
-              __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-
-              /* "rocmforge/_tensor_parallel.pyx":230
- *                     host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)
- *                     r._move_blocks(True, table, host)
- *                     hosts.append(host)             # <<<<<<<<<<<<<<
- *                 self._swapped[sid] = (hosts, info["num_tokens"], self.manager.sequence_tokens(sid),
- *                                       info["salt_key"])
-*/
-              __pyx_t_22 = __Pyx_PyList_Append(__pyx_v_hosts, __pyx_v_host); if (unlikely(__pyx_t_22 == ((int)-1))) __PYX_ERR(0, 230, __pyx_L7_error)
-
-
-              /* "rocmforge/_tensor_parallel.pyx":227
- *                 table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
- *                 hosts = []
- *                 for r in ranks:             # <<<<<<<<<<<<<<
- *                     host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)
- *                     r._move_blocks(True, table, host)
-*/
-            }
-            __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":231
- *                     r._move_blocks(True, table, host)
- *                     hosts.append(host)
- *                 self._swapped[sid] = (hosts, info["num_tokens"], self.manager.sequence_tokens(sid),             # <<<<<<<<<<<<<<
- *                                       info["salt_key"])
- *                 self.manager.remove_sequence(sid)
-*/
-            __pyx_t_1 = __Pyx_PyObject_Dict_GetItem(__pyx_v_info, __pyx_mstate_global->__pyx_n_u_num_tokens); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 231, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            __pyx_t_20 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 231, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_20);
-            __pyx_t_2 = __pyx_t_20;
-            __Pyx_INCREF(__pyx_t_2);
-            __pyx_t_3 = 0;
-            {
-              PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_v_sid};
-              __pyx_t_6 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_sequence_tokens, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-              __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-              __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
-              if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 231, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_6);
-            }
-
-            /* "rocmforge/_tensor_parallel.pyx":232
- *                     hosts.append(host)
- *                 self._swapped[sid] = (hosts, info["num_tokens"], self.manager.sequence_tokens(sid),
- *                                       info["salt_key"])             # <<<<<<<<<<<<<<
- *                 self.manager.remove_sequence(sid)
- * 
-*/
-            __pyx_t_20 = __Pyx_PyObject_Dict_GetItem(__pyx_v_info, __pyx_mstate_global->__pyx_n_u_salt_key); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 232, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_20);
-
-            /* "rocmforge/_tensor_parallel.pyx":231
- *                     r._move_blocks(True, table, host)
- *                     hosts.append(host)
- *                 self._swapped[sid] = (hosts, info["num_tokens"], self.manager.sequence_tokens(sid),             # <<<<<<<<<<<<<<
- *                                       info["salt_key"])
- *                 self.manager.remove_sequence(sid)
-*/
-            __pyx_t_2 = PyTuple_New(4); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 231, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_2);
-            __Pyx_INCREF(__pyx_v_hosts);
-            __Pyx_GIVEREF(__pyx_v_hosts);
-            if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_v_hosts) != (0)) __PYX_ERR(0, 231, __pyx_L7_error);
-            __Pyx_GIVEREF(__pyx_t_1);
-            if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 231, __pyx_L7_error);
-            __Pyx_GIVEREF(__pyx_t_6);
-            if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 2, __pyx_t_6) != (0)) __PYX_ERR(0, 231, __pyx_L7_error);
-            __Pyx_GIVEREF(__pyx_t_20);
-            if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 3, __pyx_t_20) != (0)) __PYX_ERR(0, 231, __pyx_L7_error);
-            __pyx_t_1 = 0;
-            __pyx_t_6 = 0;
-            __pyx_t_20 = 0;
-            __pyx_t_20 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 231, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_20);
-            if (unlikely((PyObject_SetItem(__pyx_t_20, __pyx_v_sid, __pyx_t_2) < 0))) __PYX_ERR(0, 231, __pyx_L7_error)
-            __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
-            __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":233
- *                 self._swapped[sid] = (hosts, info["num_tokens"], self.manager.sequence_tokens(sid),
- *                                       info["salt_key"])
- *                 self.manager.remove_sequence(sid)             # <<<<<<<<<<<<<<
+          /* "rocmforge/_tensor_parallel.pyx":210
+ *         ids = _distinct(seq_ids)
+ *         with _AllLocks(list(self.ranks)):
+ *             swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)             # <<<<<<<<<<<<<<
  * 
  *     def swap_in(self, seq_ids):
 */
-            __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 233, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_6);
-            __pyx_t_20 = __pyx_t_6;
-            __Pyx_INCREF(__pyx_t_20);
-            __pyx_t_3 = 0;
-            {
-              PyObject *__pyx_callargs[2] = {__pyx_t_20, __pyx_v_sid};
-              __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_remove_sequence, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-              __Pyx_XDECREF(__pyx_t_20); __pyx_t_20 = 0;
-              __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-              if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 233, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_2);
-            }
-            __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":223
- *             for r in ranks:
- *                 r._apply_pending(NULL)
- *             for sid in ids:             # <<<<<<<<<<<<<<
- *                 info = self.manager.sequence_info(sid)
- *                 table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
-*/
-          }
+          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 210, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_1);
+          __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 210, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_5);
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 210, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_1);
+          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 210, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_2);
+          if (!(likely(PyDict_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_2))) __PYX_ERR(0, 210, __pyx_L7_error)
+          __pyx_t_4 = __pyx_v_ids;
+          __Pyx_INCREF(__pyx_t_4);
+          if (!(likely(PyList_CheckExact(__pyx_t_4))||((__pyx_t_4) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_4))) __PYX_ERR(0, 210, __pyx_L7_error)
+          __pyx_t_10 = __pyx_f_9rocmforge_8_kvcache_swap_out_ranks(((PyObject*)__pyx_t_5), __pyx_t_1, ((PyObject*)__pyx_t_2), ((PyObject*)__pyx_t_4)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 210, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_10);
+          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+          __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+          __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":215
+          /* "rocmforge/_tensor_parallel.pyx":209
+ *         self._live()
  *         ids = _distinct(seq_ids)
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):             # <<<<<<<<<<<<<<
- *             for r in ranks:
- *                 r._check_open()
+ *         with _AllLocks(list(self.ranks)):             # <<<<<<<<<<<<<<
+ *             swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)
+ * 
 */
         }
         __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
@@ -14363,48 +13708,44 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         goto __pyx_L12_try_end;
         __pyx_L7_error:;
         __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-        __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
-        __Pyx_XDECREF(__pyx_t_17); __pyx_t_17 = 0;
-        __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
+        __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
         __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-        __Pyx_XDECREF(__pyx_t_20); __pyx_t_20 = 0;
-        __Pyx_XDECREF(__pyx_t_21); __pyx_t_21 = 0;
         __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-        __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+        __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         /*except:*/ {
           __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.swap_out", __pyx_clineno, __pyx_lineno, __pyx_filename);
-          if (__Pyx_GetException(&__pyx_t_4, &__pyx_t_2, &__pyx_t_6) < 0) __PYX_ERR(0, 215, __pyx_L9_except_error)
+          if (__Pyx_GetException(&__pyx_t_10, &__pyx_t_4, &__pyx_t_2) < 0) __PYX_ERR(0, 209, __pyx_L9_except_error)
+          __Pyx_XGOTREF(__pyx_t_10);
           __Pyx_XGOTREF(__pyx_t_4);
           __Pyx_XGOTREF(__pyx_t_2);
-          __Pyx_XGOTREF(__pyx_t_6);
           {
-            PyObject* __pyx_temp[3] = {__pyx_t_4, __pyx_t_2, __pyx_t_6};
-            __pyx_t_20 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 215, __pyx_L9_except_error)
-            __Pyx_GOTREF(__pyx_t_20);
+            PyObject* __pyx_temp[3] = {__pyx_t_10, __pyx_t_4, __pyx_t_2};
+            __pyx_t_1 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 209, __pyx_L9_except_error)
+            __Pyx_GOTREF(__pyx_t_1);
           }
-          __pyx_t_23 = __Pyx_PyObject_Call(__pyx_t_5, __pyx_t_20, NULL);
-          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-          __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
-          if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 215, __pyx_L9_except_error)
-          __Pyx_GOTREF(__pyx_t_23);
-          __pyx_t_13 = __Pyx_PyObject_IsTrue(__pyx_t_23);
-          __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-          if (__pyx_t_13 < (0)) __PYX_ERR(0, 215, __pyx_L9_except_error)
-          __pyx_t_24 = (!__pyx_t_13);
+          __pyx_t_11 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_t_1, NULL);
+          __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+          if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 209, __pyx_L9_except_error)
+          __Pyx_GOTREF(__pyx_t_11);
+          __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_11);
+          __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
+          if (__pyx_t_12 < (0)) __PYX_ERR(0, 209, __pyx_L9_except_error)
+          __pyx_t_13 = (!__pyx_t_12);
 
 
-          if (unlikely(__pyx_t_24)) {
+          if (unlikely(__pyx_t_13)) {
 
+            __Pyx_GIVEREF(__pyx_t_10);
             __Pyx_GIVEREF(__pyx_t_4);
-            __Pyx_GIVEREF(__pyx_t_2);
-            __Pyx_XGIVEREF(__pyx_t_6);
-            __Pyx_ErrRestoreWithState(__pyx_t_4, __pyx_t_2, __pyx_t_6);
-            __pyx_t_4 = 0;  __pyx_t_2 = 0;  __pyx_t_6 = 0; 
-            __PYX_ERR(0, 215, __pyx_L9_except_error)
+            __Pyx_XGIVEREF(__pyx_t_2);
+            __Pyx_ErrRestoreWithState(__pyx_t_10, __pyx_t_4, __pyx_t_2);
+            __pyx_t_10 = 0;  __pyx_t_4 = 0;  __pyx_t_2 = 0; 
+            __PYX_ERR(0, 209, __pyx_L9_except_error)
           }
+          __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
           __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
           __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-          __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
           goto __pyx_L8_exception_handled;
         }
         __pyx_L9_except_error:;
@@ -14423,10 +13764,10 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     }
     /*finally:*/ {
       /*normal exit:*/{
-        if (__pyx_t_5) {
-          __pyx_t_9 = __Pyx_PyObject_Call(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[0], NULL);
-          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 215, __pyx_L1_error)
+        if (__pyx_t_6) {
+          __pyx_t_9 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_mstate_global->__pyx_tuple[0], NULL);
+          __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 209, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         }
@@ -14434,14 +13775,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       }
       __pyx_L6:;
     }
-    goto __pyx_L32;
+    goto __pyx_L16;
     __pyx_L3_error:;
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     goto __pyx_L1_error;
-    __pyx_L32:;
+    __pyx_L16:;
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":208
+  /* "rocmforge/_tensor_parallel.pyx":204
  *     # ---- calls that change the manager and every rank --------------------------------------------
  * 
  *     def swap_out(self, seq_ids):             # <<<<<<<<<<<<<<
@@ -14456,30 +13797,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __Pyx_XDECREF(__pyx_t_1);
   __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_4);
-  __Pyx_XDECREF(__pyx_t_6);
-  __Pyx_XDECREF(__pyx_t_14);
-  __Pyx_XDECREF(__pyx_t_17);
-  __Pyx_XDECREF(__pyx_t_18);
-  __Pyx_XDECREF(__pyx_t_20);
-  __Pyx_XDECREF(__pyx_t_21);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_XDECREF(__pyx_t_10);
   __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.swap_out", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
-  __Pyx_XDECREF((PyObject *)__pyx_v_r);
   __Pyx_XDECREF(__pyx_v_ids);
-  __Pyx_XDECREF(__pyx_v_ranks);
-  __Pyx_XDECREF(__pyx_v_sid);
-  __Pyx_XDECREF(__pyx_v_info);
-  __Pyx_XDECREF(__pyx_v_table);
-  __Pyx_XDECREF(__pyx_v_hosts);
-  __Pyx_XDECREF(__pyx_v_host);
   __Pyx_XGIVEREF(__pyx_r);
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":235
- *                 self.manager.remove_sequence(sid)
+/* "rocmforge/_tensor_parallel.pyx":212
+ *             swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)
  * 
  *     def swap_in(self, seq_ids):             # <<<<<<<<<<<<<<
  *         """Bring swapped-out sequences back on every rank (a cached prefix is reused).
@@ -14527,39 +13857,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_seq_ids,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 235, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 212, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 235, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 212, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 235, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 212, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "swap_in", 0) < (0)) __PYX_ERR(0, 235, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "swap_in", 0) < (0)) __PYX_ERR(0, 212, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("swap_in", 1, 2, 2, i); __PYX_ERR(0, 235, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("swap_in", 1, 2, 2, i); __PYX_ERR(0, 212, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 235, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 212, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 235, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 212, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_seq_ids = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("swap_in", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 235, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("swap_in", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 212, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -14581,18 +13911,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 }
 
 static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_32swap_in(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_self, PyObject *__pyx_v_seq_ids) {
-  struct __pyx_obj_9rocmforge_8_kvcache_KvCache *__pyx_v_r = 0;
   PyObject *__pyx_v_ids = NULL;
-  PyObject *__pyx_v_ranks = NULL;
-  PyObject *__pyx_v_sid = NULL;
-  PyObject *__pyx_v_done = NULL;
-  PyObject *__pyx_v_hosts = NULL;
-  PyObject *__pyx_v_num_tokens = NULL;
-  PyObject *__pyx_v_tokens = NULL;
-  PyObject *__pyx_v_salt_key = NULL;
-  PyObject *__pyx_v_hits = NULL;
-  PyObject *__pyx_v_table = NULL;
-  PyObject *__pyx_v_i = NULL;
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   PyObject *__pyx_t_1 = NULL;
@@ -14604,34 +13923,21 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   PyObject *__pyx_t_7 = NULL;
   PyObject *__pyx_t_8 = NULL;
   PyObject *__pyx_t_9 = NULL;
-  Py_ssize_t __pyx_t_10;
-  int __pyx_t_11;
-  PyObject *(*__pyx_t_12)(PyObject *);
+  PyObject *__pyx_t_10 = NULL;
+  PyObject *__pyx_t_11 = NULL;
+  int __pyx_t_12;
   int __pyx_t_13;
-  PyObject *__pyx_t_14 = NULL;
-  PyObject *__pyx_t_15[3];
-  Py_ssize_t __pyx_t_16;
-  PyObject *__pyx_t_17 = NULL;
-  PyObject *__pyx_t_18 = NULL;
-  PyObject *__pyx_t_19 = NULL;
-  PyObject *__pyx_t_20 = NULL;
-  PyObject *__pyx_t_21 = NULL;
-  PyObject *(*__pyx_t_22)(PyObject *);
-  int __pyx_t_23;
-  PyObject *__pyx_t_24 = NULL;
-  PyObject *__pyx_t_25 = NULL;
-  int __pyx_t_26;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("swap_in", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":239
+  /* "rocmforge/_tensor_parallel.pyx":215
+ *         """Bring swapped-out sequences back on every rank (a cached prefix is reused).
  *         All or nothing: OutOfBlocks leaves them swapped out."""
- *         cdef KvCache r
  *         self._live()             # <<<<<<<<<<<<<<
  *         ids = _distinct(seq_ids)
- *         ranks = list(self.ranks)
+ *         with _AllLocks(list(self.ranks)):
 */
   __pyx_t_2 = __pyx_v_self;
   __Pyx_INCREF(__pyx_t_2);
@@ -14640,20 +13946,20 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_live, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 239, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 215, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":240
- *         cdef KvCache r
+  /* "rocmforge/_tensor_parallel.pyx":216
+ *         All or nothing: OutOfBlocks leaves them swapped out."""
  *         self._live()
  *         ids = _distinct(seq_ids)             # <<<<<<<<<<<<<<
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):
+ *         with _AllLocks(list(self.ranks)):
+ *             swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_distinct); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 240, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_distinct); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 216, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   __pyx_t_3 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -14672,71 +13978,62 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_4, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 240, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 216, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_ids = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":241
+  /* "rocmforge/_tensor_parallel.pyx":217
  *         self._live()
  *         ids = _distinct(seq_ids)
- *         ranks = list(self.ranks)             # <<<<<<<<<<<<<<
- *         with _AllLocks(ranks):
- *             for r in ranks:
-*/
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 241, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 241, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_v_ranks = ((PyObject*)__pyx_t_4);
-  __pyx_t_4 = 0;
-
-  /* "rocmforge/_tensor_parallel.pyx":242
- *         ids = _distinct(seq_ids)
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):             # <<<<<<<<<<<<<<
- *             for r in ranks:
- *                 r._check_open()
+ *         with _AllLocks(list(self.ranks)):             # <<<<<<<<<<<<<<
+ *             swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)
+ * 
 */
   /*with:*/ {
-    __pyx_t_1 = NULL;
+    __pyx_t_4 = NULL;
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 217, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_2);
+    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 217, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
+    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_t_3 = 1;
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_v_ranks};
-      __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 242, __pyx_L1_error)
-      __Pyx_GOTREF((PyObject *)__pyx_t_4);
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_5};
+      __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 217, __pyx_L1_error)
+      __Pyx_GOTREF((PyObject *)__pyx_t_1);
     }
-    __pyx_t_5 = __Pyx_PyObject_LookupSpecial(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 242, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_2 = NULL;
-    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 242, __pyx_L3_error)
+    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 217, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_4 = NULL;
+    __pyx_t_2 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 217, __pyx_L3_error)
+    __Pyx_GOTREF(__pyx_t_2);
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
-    if (likely(PyMethod_Check(__pyx_t_6))) {
-      __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_6);
-      assert(__pyx_t_2);
-      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_6);
-      __Pyx_INCREF(__pyx_t_2);
+    if (likely(PyMethod_Check(__pyx_t_2))) {
+      __pyx_t_4 = PyMethod_GET_SELF(__pyx_t_2);
+      assert(__pyx_t_4);
+      PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_2);
+      __Pyx_INCREF(__pyx_t_4);
       __Pyx_INCREF(__pyx__function);
-      __Pyx_DECREF_SET(__pyx_t_6, __pyx__function);
+      __Pyx_DECREF_SET(__pyx_t_2, __pyx__function);
       __pyx_t_3 = 0;
     }
     #endif
     {
-      PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
-      __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-      __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-      __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 242, __pyx_L3_error)
-      __Pyx_GOTREF(__pyx_t_1);
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, NULL};
+      __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_2, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 217, __pyx_L3_error)
+      __Pyx_GOTREF(__pyx_t_5);
     }
-    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __Pyx_DECREF((PyObject *)__pyx_t_4); __pyx_t_4 = 0;
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF((PyObject *)__pyx_t_1); __pyx_t_1 = 0;
     /*try:*/ {
       {
         __Pyx_PyThreadState_declare
@@ -14747,1001 +14044,40 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XGOTREF(__pyx_t_9);
         /*try:*/ {
 
-          /* "rocmforge/_tensor_parallel.pyx":243
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):
- *             for r in ranks:             # <<<<<<<<<<<<<<
- *                 r._check_open()
- *             for sid in ids:
-*/
-          __pyx_t_4 = __pyx_v_ranks; __Pyx_INCREF(__pyx_t_4);
-          __pyx_t_10 = 0;
-          for (;;) {
-            {
-              Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_4);
-              #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 243, __pyx_L7_error)
-              #endif
-              if (__pyx_t_10 >= __pyx_temp) break;
-            }
-            __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_4, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-            ++__pyx_t_10;
-            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 243, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 243, __pyx_L7_error)
-            __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_1));
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":244
- *         with _AllLocks(ranks):
- *             for r in ranks:
- *                 r._check_open()             # <<<<<<<<<<<<<<
- *             for sid in ids:
- *                 if sid not in self._swapped:
-*/
-            __pyx_t_11 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_check_open(__pyx_v_r); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 244, __pyx_L7_error)
-
-
-            /* "rocmforge/_tensor_parallel.pyx":243
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):
- *             for r in ranks:             # <<<<<<<<<<<<<<
- *                 r._check_open()
- *             for sid in ids:
-*/
-          }
-          __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-
-          /* "rocmforge/_tensor_parallel.pyx":245
- *             for r in ranks:
- *                 r._check_open()
- *             for sid in ids:             # <<<<<<<<<<<<<<
- *                 if sid not in self._swapped:
- *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
-*/
-          if (likely(PyList_CheckExact(__pyx_v_ids)) || PyTuple_CheckExact(__pyx_v_ids)) {
-            __pyx_t_4 = __pyx_v_ids; __Pyx_INCREF(__pyx_t_4);
-            __pyx_t_10 = 0;
-            __pyx_t_12 = NULL;
-          } else {
-            __pyx_t_10 = -1; __pyx_t_4 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 245, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_4);
-            __pyx_t_12 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 245, __pyx_L7_error)
-          }
-          for (;;) {
-            if (likely(!__pyx_t_12)) {
-              if (likely(PyList_CheckExact(__pyx_t_4))) {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_4);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 245, __pyx_L7_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_4, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-                ++__pyx_t_10;
-              } else {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_4);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 245, __pyx_L7_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-                __pyx_t_1 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_4, __pyx_t_10));
-                #else
-                __pyx_t_1 = __Pyx_PySequence_ITEM(__pyx_t_4, __pyx_t_10);
-                #endif
-                ++__pyx_t_10;
-              }
-              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 245, __pyx_L7_error)
-            } else {
-              __pyx_t_1 = __pyx_t_12(__pyx_t_4);
-              if (unlikely(!__pyx_t_1)) {
-                PyObject* exc_type = PyErr_Occurred();
-                if (exc_type) {
-                  if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 245, __pyx_L7_error)
-                  PyErr_Clear();
-                }
-                break;
-              }
-            }
-            __Pyx_GOTREF(__pyx_t_1);
-            __Pyx_XDECREF_SET(__pyx_v_sid, __pyx_t_1);
-            __pyx_t_1 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":246
- *                 r._check_open()
- *             for sid in ids:
- *                 if sid not in self._swapped:             # <<<<<<<<<<<<<<
- *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
- *                 if sid in self.manager:
-*/
-            __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 246, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            __pyx_t_13 = (__Pyx_PySequence_ContainsTF(__pyx_v_sid, __pyx_t_1, Py_NE)); if (unlikely((__pyx_t_13 < 0))) __PYX_ERR(0, 246, __pyx_L7_error)
-            __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-            if (unlikely(__pyx_t_13)) {
-
-
-              /* "rocmforge/_tensor_parallel.pyx":247
- *             for sid in ids:
- *                 if sid not in self._swapped:
- *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")             # <<<<<<<<<<<<<<
- *                 if sid in self.manager:
- *                     raise SequenceExists(f"sequence {sid} exists")
-*/
-              __pyx_t_6 = NULL;
-              __Pyx_GetModuleGlobalName(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_SequenceNotFound); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 247, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_2);
-              __pyx_t_14 = __Pyx_PyObject_FormatSimple(__pyx_v_sid, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 247, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_14);
-              __pyx_t_15[0] = __pyx_mstate_global->__pyx_kp_u_sequence;
-              __pyx_t_15[1] = __pyx_t_14;
-              __pyx_t_15[2] = __pyx_mstate_global->__pyx_kp_u_is_not_swapped_out;
-              __pyx_t_16 = 28;
-              #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
-              __pyx_t_16 += __Pyx_PyUnicode_GET_LENGTH(__pyx_t_15[1]);
-              #endif
-              __pyx_t_11 = 0;
-              #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
-              __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_15[1]);
-              #endif
-              __pyx_t_17 = __Pyx_PyUnicode_Join(__pyx_t_15, 3, __pyx_t_16, __pyx_t_11);
-              if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 247, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_17);
-              __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-              __pyx_t_3 = 1;
-              #if CYTHON_UNPACK_METHODS
-              if (unlikely(PyMethod_Check(__pyx_t_2))) {
-                __pyx_t_6 = PyMethod_GET_SELF(__pyx_t_2);
-                assert(__pyx_t_6);
-                PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_2);
-                __Pyx_INCREF(__pyx_t_6);
-                __Pyx_INCREF(__pyx__function);
-                __Pyx_DECREF_SET(__pyx_t_2, __pyx__function);
-                __pyx_t_3 = 0;
-              }
-              #endif
-              {
-                PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_t_17};
-                __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_2, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-                __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-                if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 247, __pyx_L7_error)
-                __Pyx_GOTREF(__pyx_t_1);
-              }
-              __Pyx_Raise(__pyx_t_1, 0, 0, 0);
-              __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-              __PYX_ERR(0, 247, __pyx_L7_error)
-
-              /* "rocmforge/_tensor_parallel.pyx":246
- *                 r._check_open()
- *             for sid in ids:
- *                 if sid not in self._swapped:             # <<<<<<<<<<<<<<
- *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
- *                 if sid in self.manager:
-*/
-            }
-
-            /* "rocmforge/_tensor_parallel.pyx":248
- *                 if sid not in self._swapped:
- *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
- *                 if sid in self.manager:             # <<<<<<<<<<<<<<
- *                     raise SequenceExists(f"sequence {sid} exists")
- *             done = []
-*/
-            __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 248, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_1);
-            __pyx_t_13 = (__Pyx_PySequence_ContainsTF(__pyx_v_sid, __pyx_t_1, Py_EQ)); if (unlikely((__pyx_t_13 < 0))) __PYX_ERR(0, 248, __pyx_L7_error)
-            __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-            if (unlikely(__pyx_t_13)) {
-
-
-              /* "rocmforge/_tensor_parallel.pyx":249
- *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
- *                 if sid in self.manager:
- *                     raise SequenceExists(f"sequence {sid} exists")             # <<<<<<<<<<<<<<
- *             done = []
- *             try:
-*/
-              __pyx_t_2 = NULL;
-              __Pyx_GetModuleGlobalName(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_SequenceExists); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 249, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_17);
-              __pyx_t_6 = __Pyx_PyObject_FormatSimple(__pyx_v_sid, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 249, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_6);
-              __pyx_t_15[0] = __pyx_mstate_global->__pyx_kp_u_sequence;
-              __pyx_t_15[1] = __pyx_t_6;
-              __pyx_t_15[2] = __pyx_mstate_global->__pyx_kp_u_exists;
-              __pyx_t_16 = 16;
-              #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
-              __pyx_t_16 += __Pyx_PyUnicode_GET_LENGTH(__pyx_t_15[1]);
-              #endif
-              __pyx_t_11 = 0;
-              #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
-              __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_15[1]);
-              #endif
-              __pyx_t_14 = __Pyx_PyUnicode_Join(__pyx_t_15, 3, __pyx_t_16, __pyx_t_11);
-              if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 249, __pyx_L7_error)
-              __Pyx_GOTREF(__pyx_t_14);
-              __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-              __pyx_t_3 = 1;
-              #if CYTHON_UNPACK_METHODS
-              if (unlikely(PyMethod_Check(__pyx_t_17))) {
-                __pyx_t_2 = PyMethod_GET_SELF(__pyx_t_17);
-                assert(__pyx_t_2);
-                PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_17);
-                __Pyx_INCREF(__pyx_t_2);
-                __Pyx_INCREF(__pyx__function);
-                __Pyx_DECREF_SET(__pyx_t_17, __pyx__function);
-                __pyx_t_3 = 0;
-              }
-              #endif
-              {
-                PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_t_14};
-                __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_17, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-                __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-                __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 249, __pyx_L7_error)
-                __Pyx_GOTREF(__pyx_t_1);
-              }
-              __Pyx_Raise(__pyx_t_1, 0, 0, 0);
-              __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-              __PYX_ERR(0, 249, __pyx_L7_error)
-
-              /* "rocmforge/_tensor_parallel.pyx":248
- *                 if sid not in self._swapped:
- *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
- *                 if sid in self.manager:             # <<<<<<<<<<<<<<
- *                     raise SequenceExists(f"sequence {sid} exists")
- *             done = []
-*/
-            }
-
-            /* "rocmforge/_tensor_parallel.pyx":245
- *             for r in ranks:
- *                 r._check_open()
- *             for sid in ids:             # <<<<<<<<<<<<<<
- *                 if sid not in self._swapped:
- *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
-*/
-          }
-          __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-
-          /* "rocmforge/_tensor_parallel.pyx":250
- *                 if sid in self.manager:
- *                     raise SequenceExists(f"sequence {sid} exists")
- *             done = []             # <<<<<<<<<<<<<<
- *             try:
- *                 for sid in ids:
-*/
-          __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 250, __pyx_L7_error)
-          __Pyx_GOTREF(__pyx_t_4);
-          __pyx_v_done = ((PyObject*)__pyx_t_4);
-          __pyx_t_4 = 0;
-
-          /* "rocmforge/_tensor_parallel.pyx":251
- *                     raise SequenceExists(f"sequence {sid} exists")
- *             done = []
- *             try:             # <<<<<<<<<<<<<<
- *                 for sid in ids:
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
-*/
-          {
-            __Pyx_PyThreadState_declare
-            __Pyx_PyThreadState_assign
-            __Pyx_ExceptionSave(&__pyx_t_18, &__pyx_t_19, &__pyx_t_20);
-            __Pyx_XGOTREF(__pyx_t_18);
-            __Pyx_XGOTREF(__pyx_t_19);
-            __Pyx_XGOTREF(__pyx_t_20);
-            /*try:*/ {
-
-              /* "rocmforge/_tensor_parallel.pyx":252
- *             done = []
- *             try:
- *                 for sid in ids:             # <<<<<<<<<<<<<<
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
- *                     if tokens is None:
-*/
-              if (likely(PyList_CheckExact(__pyx_v_ids)) || PyTuple_CheckExact(__pyx_v_ids)) {
-                __pyx_t_4 = __pyx_v_ids; __Pyx_INCREF(__pyx_t_4);
-                __pyx_t_10 = 0;
-                __pyx_t_12 = NULL;
-              } else {
-                __pyx_t_10 = -1; __pyx_t_4 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 252, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_4);
-                __pyx_t_12 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 252, __pyx_L21_error)
-              }
-              for (;;) {
-                if (likely(!__pyx_t_12)) {
-                  if (likely(PyList_CheckExact(__pyx_t_4))) {
-                    {
-                      Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_4);
-                      #if !CYTHON_ASSUME_SAFE_SIZE
-                      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 252, __pyx_L21_error)
-                      #endif
-                      if (__pyx_t_10 >= __pyx_temp) break;
-                    }
-                    __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_4, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-                    ++__pyx_t_10;
-                  } else {
-                    {
-                      Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_4);
-                      #if !CYTHON_ASSUME_SAFE_SIZE
-                      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 252, __pyx_L21_error)
-                      #endif
-                      if (__pyx_t_10 >= __pyx_temp) break;
-                    }
-                    #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-                    __pyx_t_1 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_4, __pyx_t_10));
-                    #else
-                    __pyx_t_1 = __Pyx_PySequence_ITEM(__pyx_t_4, __pyx_t_10);
-                    #endif
-                    ++__pyx_t_10;
-                  }
-                  if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 252, __pyx_L21_error)
-                } else {
-                  __pyx_t_1 = __pyx_t_12(__pyx_t_4);
-                  if (unlikely(!__pyx_t_1)) {
-                    PyObject* exc_type = PyErr_Occurred();
-                    if (exc_type) {
-                      if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 252, __pyx_L21_error)
-                      PyErr_Clear();
-                    }
-                    break;
-                  }
-                }
-                __Pyx_GOTREF(__pyx_t_1);
-                __Pyx_XDECREF_SET(__pyx_v_sid, __pyx_t_1);
-                __pyx_t_1 = 0;
-
-                /* "rocmforge/_tensor_parallel.pyx":253
- *             try:
- *                 for sid in ids:
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]             # <<<<<<<<<<<<<<
- *                     if tokens is None:
- *                         self.manager.add_sequence(sid, num_tokens=num_tokens)
-*/
-                __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 253, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_1);
-                __pyx_t_17 = __Pyx_PyObject_GetItem(__pyx_t_1, __pyx_v_sid); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 253, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_17);
-                __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-                if ((likely(PyTuple_CheckExact(__pyx_t_17))) || (PyList_CheckExact(__pyx_t_17))) {
-                  PyObject* sequence = __pyx_t_17;
-                  Py_ssize_t size = __Pyx_PySequence_SIZE(sequence);
-                  if (unlikely(size != 4)) {
-                    if (size > 4) __Pyx_RaiseTooManyValuesError(4);
-                    else if (size >= 0) __Pyx_RaiseNeedMoreValuesError(size);
-                    __PYX_ERR(0, 253, __pyx_L21_error)
-                  }
-                  #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-                  if (likely(PyTuple_CheckExact(sequence))) {
-                    __pyx_t_1 = PyTuple_GET_ITEM(sequence, 0);
-                    __Pyx_INCREF(__pyx_t_1);
-                    __pyx_t_14 = PyTuple_GET_ITEM(sequence, 1);
-                    __Pyx_INCREF(__pyx_t_14);
-                    __pyx_t_2 = PyTuple_GET_ITEM(sequence, 2);
-                    __Pyx_INCREF(__pyx_t_2);
-                    __pyx_t_6 = PyTuple_GET_ITEM(sequence, 3);
-                    __Pyx_INCREF(__pyx_t_6);
-                  } else {
-                    __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(sequence, 0, __Pyx_ReferenceSharing_SharedReference);
-                    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 253, __pyx_L21_error)
-                    __Pyx_XGOTREF(__pyx_t_1);
-                    __pyx_t_14 = __Pyx_PyList_GET_ITEM_REF(sequence, 1, __Pyx_ReferenceSharing_SharedReference);
-                    if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 253, __pyx_L21_error)
-                    __Pyx_XGOTREF(__pyx_t_14);
-                    __pyx_t_2 = __Pyx_PyList_GET_ITEM_REF(sequence, 2, __Pyx_ReferenceSharing_SharedReference);
-                    if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 253, __pyx_L21_error)
-                    __Pyx_XGOTREF(__pyx_t_2);
-                    __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(sequence, 3, __Pyx_ReferenceSharing_SharedReference);
-                    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 253, __pyx_L21_error)
-                    __Pyx_XGOTREF(__pyx_t_6);
-                  }
-                  #else
-                  {
-                    Py_ssize_t i;
-                    PyObject** temps[4] = {&__pyx_t_1,&__pyx_t_14,&__pyx_t_2,&__pyx_t_6};
-                    for (i=0; i < 4; i++) {
-                      PyObject* item = __Pyx_PySequence_ITEM(sequence, i); if (unlikely(!item)) __PYX_ERR(0, 253, __pyx_L21_error)
-                      __Pyx_GOTREF(item);
-                      *(temps[i]) = item;
-                    }
-                  }
-                  #endif
-                  __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                } else {
-                  Py_ssize_t index = -1;
-                  PyObject** temps[4] = {&__pyx_t_1,&__pyx_t_14,&__pyx_t_2,&__pyx_t_6};
-                  __pyx_t_21 = PyObject_GetIter(__pyx_t_17); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 253, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_21);
-                  __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                  __pyx_t_22 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_21);
-                  for (index=0; index < 4; index++) {
-                    PyObject* item = __pyx_t_22(__pyx_t_21); if (unlikely(!item)) goto __pyx_L29_unpacking_failed;
-                    __Pyx_GOTREF(item);
-                    *(temps[index]) = item;
-                  }
-                  if (__Pyx_IternextUnpackEndCheck(__pyx_t_22(__pyx_t_21), 4) < (0)) __PYX_ERR(0, 253, __pyx_L21_error)
-                  __pyx_t_22 = NULL;
-                  __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
-                  goto __pyx_L30_unpacking_done;
-                  __pyx_L29_unpacking_failed:;
-                  __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
-                  __pyx_t_22 = NULL;
-                  if (__Pyx_IterFinish() == 0) __Pyx_RaiseNeedMoreValuesError(index);
-                  __PYX_ERR(0, 253, __pyx_L21_error)
-                  __pyx_L30_unpacking_done:;
-                }
-                __Pyx_XDECREF_SET(__pyx_v_hosts, __pyx_t_1);
-                __pyx_t_1 = 0;
-                __Pyx_XDECREF_SET(__pyx_v_num_tokens, __pyx_t_14);
-                __pyx_t_14 = 0;
-                __Pyx_XDECREF_SET(__pyx_v_tokens, __pyx_t_2);
-                __pyx_t_2 = 0;
-                __Pyx_XDECREF_SET(__pyx_v_salt_key, __pyx_t_6);
-                __pyx_t_6 = 0;
-
-                /* "rocmforge/_tensor_parallel.pyx":254
- *                 for sid in ids:
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
- *                     if tokens is None:             # <<<<<<<<<<<<<<
- *                         self.manager.add_sequence(sid, num_tokens=num_tokens)
- *                     else:
-*/
-                __pyx_t_13 = (__pyx_v_tokens == Py_None);
-                if (__pyx_t_13) {
-
-
-                  /* "rocmforge/_tensor_parallel.pyx":255
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
- *                     if tokens is None:
- *                         self.manager.add_sequence(sid, num_tokens=num_tokens)             # <<<<<<<<<<<<<<
- *                     else:
- *                         self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
-*/
-                  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 255, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_2);
-                  __pyx_t_6 = __pyx_t_2;
-                  __Pyx_INCREF(__pyx_t_6);
-                  #if CYTHON_VECTORCALL
-                  #endif
-                  __pyx_t_3 = 0;
-                  {
-                    PyObject *__pyx_callargs[3] = {__pyx_t_6, __pyx_v_sid, __pyx_v_num_tokens};
-                    #if CYTHON_VECTORCALL
-                    __pyx_t_14 = __pyx_mstate_global->__pyx_tuple[5];
-                    if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 255, __pyx_L21_error)
-                    __Pyx_INCREF(__pyx_t_14);
-                    #else
-                    {
-                      PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_num_tokens};
-                      __pyx_t_14 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-                      if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 255, __pyx_L21_error)
-                      __Pyx_GOTREF(__pyx_t_14);
-                    }
-                    #endif
-                    __pyx_t_17 = __Pyx_Object_VectorcallMethodKwds((PyObject*)__pyx_mstate_global->__pyx_n_u_add_sequence, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_14);
-                    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-                    #if CYTHON_VECTORCALL
-                    #endif
-                    __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-                    __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-                    if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 255, __pyx_L21_error)
-                    __Pyx_GOTREF(__pyx_t_17);
-                  }
-                  __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-
-                  /* "rocmforge/_tensor_parallel.pyx":254
- *                 for sid in ids:
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
- *                     if tokens is None:             # <<<<<<<<<<<<<<
- *                         self.manager.add_sequence(sid, num_tokens=num_tokens)
- *                     else:
-*/
-                  goto __pyx_L31;
-                }
-
-                /* "rocmforge/_tensor_parallel.pyx":257
- *                         self.manager.add_sequence(sid, num_tokens=num_tokens)
- *                     else:
- *                         self.manager.add_sequence(sid, tokens, _salt_key=salt_key)             # <<<<<<<<<<<<<<
- *                     done.append(sid)
- *                     hits = self.manager.num_cached_tokens(sid) // self.config.block_size
-*/
-                /*else*/ {
-                  __pyx_t_14 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 257, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_14);
-                  __pyx_t_2 = __pyx_t_14;
-                  __Pyx_INCREF(__pyx_t_2);
-                  #if CYTHON_VECTORCALL
-                  #endif
-                  __pyx_t_3 = 0;
-                  {
-                    PyObject *__pyx_callargs[4] = {__pyx_t_2, __pyx_v_sid, __pyx_v_tokens, __pyx_v_salt_key};
-                    #if CYTHON_VECTORCALL
-                    __pyx_t_6 = __pyx_mstate_global->__pyx_tuple[6];
-                    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 257, __pyx_L21_error)
-                    __Pyx_INCREF(__pyx_t_6);
-                    #else
-                    {
-                      PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_salt_key_2};
-                      __pyx_t_6 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+3, 1);
-                      if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 257, __pyx_L21_error)
-                      __Pyx_GOTREF(__pyx_t_6);
-                    }
-                    #endif
-                    __pyx_t_17 = __Pyx_Object_VectorcallMethodKwds((PyObject*)__pyx_mstate_global->__pyx_n_u_add_sequence, __pyx_callargs+__pyx_t_3, (3-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_6);
-                    __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-                    #if CYTHON_VECTORCALL
-                    #endif
-                    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-                    __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-                    if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 257, __pyx_L21_error)
-                    __Pyx_GOTREF(__pyx_t_17);
-                  }
-                  __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                }
-                __pyx_L31:;
-
-                /* "rocmforge/_tensor_parallel.pyx":258
- *                     else:
- *                         self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
- *                     done.append(sid)             # <<<<<<<<<<<<<<
- *                     hits = self.manager.num_cached_tokens(sid) // self.config.block_size
- *                     table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
-*/
-                __pyx_t_23 = __Pyx_PyList_Append(__pyx_v_done, __pyx_v_sid); if (unlikely(__pyx_t_23 == ((int)-1))) __PYX_ERR(0, 258, __pyx_L21_error)
-
-
-                /* "rocmforge/_tensor_parallel.pyx":259
- *                         self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
- *                     done.append(sid)
- *                     hits = self.manager.num_cached_tokens(sid) // self.config.block_size             # <<<<<<<<<<<<<<
- *                     table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
- *                     for i, r in enumerate(ranks):
-*/
-                __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 259, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_6);
-                __pyx_t_14 = __pyx_t_6;
-                __Pyx_INCREF(__pyx_t_14);
-                __pyx_t_3 = 0;
-                {
-                  PyObject *__pyx_callargs[2] = {__pyx_t_14, __pyx_v_sid};
-                  __pyx_t_17 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_num_cached_tokens, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-                  __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
-                  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-                  if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 259, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_17);
-                }
-                __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_config); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 259, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_6);
-                __pyx_t_14 = __Pyx_PyObject_GetAttrStr(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_block_size); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 259, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_14);
-                __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-                __pyx_t_6 = PyNumber_FloorDivide(__pyx_t_17, __pyx_t_14); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 259, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_6);
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-                __Pyx_XDECREF_SET(__pyx_v_hits, __pyx_t_6);
-                __pyx_t_6 = 0;
-
-                /* "rocmforge/_tensor_parallel.pyx":260
- *                     done.append(sid)
- *                     hits = self.manager.num_cached_tokens(sid) // self.config.block_size
- *                     table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)             # <<<<<<<<<<<<<<
- *                     for i, r in enumerate(ranks):
- *                         r._apply_pending(NULL)          # a reused prefix's host-tier copies first
-*/
-                __pyx_t_14 = NULL;
-                __Pyx_GetModuleGlobalName(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 260, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_17);
-                __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 260, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_2);
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                __pyx_t_21 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 260, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_21);
-                __pyx_t_1 = __pyx_t_21;
-                __Pyx_INCREF(__pyx_t_1);
-                __pyx_t_3 = 0;
-                {
-                  PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_v_sid};
-                  __pyx_t_17 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_block_table, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-                  __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-                  __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
-                  if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 260, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_17);
-                }
-                __pyx_t_21 = __Pyx_PyObject_GetSlice(__pyx_t_17, 0, 0, &__pyx_v_hits, NULL, NULL, 0, 0, 0); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 260, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_21);
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                __Pyx_GetModuleGlobalName(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 260, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_17);
-                __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_17, __pyx_mstate_global->__pyx_n_u_int32); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 260, __pyx_L21_error)
-                __Pyx_GOTREF(__pyx_t_1);
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                #if CYTHON_VECTORCALL
-                #endif
-                __pyx_t_3 = 1;
-                #if CYTHON_UNPACK_METHODS
-                if (unlikely(PyMethod_Check(__pyx_t_2))) {
-                  __pyx_t_14 = PyMethod_GET_SELF(__pyx_t_2);
-                  assert(__pyx_t_14);
-                  PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_2);
-                  __Pyx_INCREF(__pyx_t_14);
-                  __Pyx_INCREF(__pyx__function);
-                  __Pyx_DECREF_SET(__pyx_t_2, __pyx__function);
-                  __pyx_t_3 = 0;
-                }
-                #endif
-                {
-                  PyObject *__pyx_callargs[3] = {__pyx_t_14, __pyx_t_21, __pyx_t_1};
-                  #if CYTHON_VECTORCALL
-                  __pyx_t_17 = __pyx_mstate_global->__pyx_tuple[4];
-                  if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 260, __pyx_L21_error)
-                  __Pyx_INCREF(__pyx_t_17);
-                  #else
-                  {
-                    PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-                    __pyx_t_17 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+2, 1);
-                    if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 260, __pyx_L21_error)
-                    __Pyx_GOTREF(__pyx_t_17);
-                  }
-                  #endif
-                  __pyx_t_6 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_2, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_17);
-                  __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
-                  __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
-                  #if CYTHON_VECTORCALL
-                  #endif
-                  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-                  __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-                  if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 260, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_6);
-                }
-                __Pyx_XDECREF_SET(__pyx_v_table, __pyx_t_6);
-                __pyx_t_6 = 0;
-
-                /* "rocmforge/_tensor_parallel.pyx":261
- *                     hits = self.manager.num_cached_tokens(sid) // self.config.block_size
- *                     table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
- *                     for i, r in enumerate(ranks):             # <<<<<<<<<<<<<<
- *                         r._apply_pending(NULL)          # a reused prefix's host-tier copies first
- *                         r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
-*/
-                __Pyx_INCREF(__pyx_mstate_global->__pyx_int_0);
-                __pyx_t_6 = __pyx_mstate_global->__pyx_int_0;
-                __pyx_t_2 = __pyx_v_ranks; __Pyx_INCREF(__pyx_t_2);
-                __pyx_t_16 = 0;
-                for (;;) {
-                  {
-                    Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
-                    #if !CYTHON_ASSUME_SAFE_SIZE
-                    if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 261, __pyx_L21_error)
-                    #endif
-                    if (__pyx_t_16 >= __pyx_temp) break;
-                  }
-                  __pyx_t_17 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_2, __pyx_t_16, __Pyx_ReferenceSharing_OwnStrongReference);
-                  ++__pyx_t_16;
-                  if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 261, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_17);
-                  if (!(likely(((__pyx_t_17) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_17, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 261, __pyx_L21_error)
-                  __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_17));
-                  __pyx_t_17 = 0;
-                  __Pyx_INCREF(__pyx_t_6);
-                  __Pyx_XDECREF_SET(__pyx_v_i, __pyx_t_6);
-                  __pyx_t_17 = __Pyx_PyLong_AddObjC(__pyx_t_6, __pyx_mstate_global->__pyx_int_1, 1, 0, 0); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 261, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_17);
-                  __Pyx_DECREF(__pyx_t_6);
-                  __pyx_t_6 = __pyx_t_17;
-                  __pyx_t_17 = 0;
-
-                  /* "rocmforge/_tensor_parallel.pyx":262
- *                     table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
- *                     for i, r in enumerate(ranks):
- *                         r._apply_pending(NULL)          # a reused prefix's host-tier copies first             # <<<<<<<<<<<<<<
- *                         r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
- *             except BaseException:
-*/
-                  __pyx_t_17 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_apply_pending(__pyx_v_r, NULL); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 262, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_17);
-                  __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-
-                  /* "rocmforge/_tensor_parallel.pyx":263
- *                     for i, r in enumerate(ranks):
- *                         r._apply_pending(NULL)          # a reused prefix's host-tier copies first
- *                         r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))             # <<<<<<<<<<<<<<
- *             except BaseException:
- *                 for sid in done:
-*/
-                  if (!(likely(((__pyx_v_table) == Py_None) || likely(__Pyx_TypeTest(__pyx_v_table, __pyx_mstate_global->__pyx_ptype_5numpy_ndarray))))) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __pyx_t_1 = NULL;
-                  __Pyx_GetModuleGlobalName(__pyx_t_21, __pyx_mstate_global->__pyx_n_u_np); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_21);
-                  __pyx_t_14 = __Pyx_PyObject_GetAttrStr(__pyx_t_21, __pyx_mstate_global->__pyx_n_u_ascontiguousarray); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_14);
-                  __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
-                  __pyx_t_21 = __Pyx_PyObject_GetItem(__pyx_v_hosts, __pyx_v_i); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_21);
-                  __pyx_t_24 = PySlice_New(__pyx_v_hits, Py_None, Py_None); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_24);
-                  __pyx_t_25 = PyTuple_New(2); if (unlikely(!__pyx_t_25)) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_25);
-                  __Pyx_INCREF(__pyx_mstate_global->__pyx_slice[0]);
-                  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
-                  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_25, 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(0, 263, __pyx_L21_error);
-                  __Pyx_GIVEREF(__pyx_t_24);
-                  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_25, 1, __pyx_t_24) != (0)) __PYX_ERR(0, 263, __pyx_L21_error);
-                  __pyx_t_24 = 0;
-                  __pyx_t_24 = __Pyx_PyObject_GetItem(__pyx_t_21, __pyx_t_25); if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_24);
-                  __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
-                  __Pyx_DECREF(__pyx_t_25); __pyx_t_25 = 0;
-                  __pyx_t_3 = 1;
-                  #if CYTHON_UNPACK_METHODS
-                  if (unlikely(PyMethod_Check(__pyx_t_14))) {
-                    __pyx_t_1 = PyMethod_GET_SELF(__pyx_t_14);
-                    assert(__pyx_t_1);
-                    PyObject* __pyx__function = PyMethod_GET_FUNCTION(__pyx_t_14);
-                    __Pyx_INCREF(__pyx_t_1);
-                    __Pyx_INCREF(__pyx__function);
-                    __Pyx_DECREF_SET(__pyx_t_14, __pyx__function);
-                    __pyx_t_3 = 0;
-                  }
-                  #endif
-                  {
-                    PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_t_24};
-                    __pyx_t_17 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_14, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-                    __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-                    __Pyx_DECREF(__pyx_t_24); __pyx_t_24 = 0;
-                    __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-                    if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 263, __pyx_L21_error)
-                    __Pyx_GOTREF(__pyx_t_17);
-                  }
-                  if (!(likely(((__pyx_t_17) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_17, __pyx_mstate_global->__pyx_ptype_5numpy_ndarray))))) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __pyx_t_14 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_move_blocks(__pyx_v_r, 0, ((PyArrayObject *)__pyx_v_table), ((PyArrayObject *)__pyx_t_17)); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 263, __pyx_L21_error)
-                  __Pyx_GOTREF(__pyx_t_14);
-                  __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-                  __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-
-                  /* "rocmforge/_tensor_parallel.pyx":261
- *                     hits = self.manager.num_cached_tokens(sid) // self.config.block_size
- *                     table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
- *                     for i, r in enumerate(ranks):             # <<<<<<<<<<<<<<
- *                         r._apply_pending(NULL)          # a reused prefix's host-tier copies first
- *                         r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
-*/
-                }
-                __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-                __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-
-                /* "rocmforge/_tensor_parallel.pyx":252
- *             done = []
- *             try:
- *                 for sid in ids:             # <<<<<<<<<<<<<<
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
- *                     if tokens is None:
-*/
-              }
-              __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-
-              /* "rocmforge/_tensor_parallel.pyx":251
- *                     raise SequenceExists(f"sequence {sid} exists")
- *             done = []
- *             try:             # <<<<<<<<<<<<<<
- *                 for sid in ids:
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
-*/
-            }
-            __Pyx_XDECREF(__pyx_t_18); __pyx_t_18 = 0;
-            __Pyx_XDECREF(__pyx_t_19); __pyx_t_19 = 0;
-            __Pyx_XDECREF(__pyx_t_20); __pyx_t_20 = 0;
-            goto __pyx_L26_try_end;
-            __pyx_L21_error:;
-            __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-            __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
-            __Pyx_XDECREF(__pyx_t_17); __pyx_t_17 = 0;
-            __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-            __Pyx_XDECREF(__pyx_t_21); __pyx_t_21 = 0;
-            __Pyx_XDECREF(__pyx_t_24); __pyx_t_24 = 0;
-            __Pyx_XDECREF(__pyx_t_25); __pyx_t_25 = 0;
-            __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-            __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":264
- *                         r._apply_pending(NULL)          # a reused prefix's host-tier copies first
- *                         r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
- *             except BaseException:             # <<<<<<<<<<<<<<
- *                 for sid in done:
- *                     self.manager.remove_sequence(sid)
-*/
-            __pyx_t_11 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_BaseException))));
-            if (__pyx_t_11) {
-              __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.swap_in", __pyx_clineno, __pyx_lineno, __pyx_filename);
-              if (__Pyx_GetException(&__pyx_t_4, &__pyx_t_6, &__pyx_t_2) < 0) __PYX_ERR(0, 264, __pyx_L23_except_error)
-              __Pyx_XGOTREF(__pyx_t_4);
-              __Pyx_XGOTREF(__pyx_t_6);
-              __Pyx_XGOTREF(__pyx_t_2);
-
-              /* "rocmforge/_tensor_parallel.pyx":265
- *                         r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
- *             except BaseException:
- *                 for sid in done:             # <<<<<<<<<<<<<<
- *                     self.manager.remove_sequence(sid)
- *                 raise
-*/
-              __pyx_t_14 = __pyx_v_done; __Pyx_INCREF(__pyx_t_14);
-              __pyx_t_10 = 0;
-              for (;;) {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_14);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 265, __pyx_L23_except_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                __pyx_t_17 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_14, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-                ++__pyx_t_10;
-                if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 265, __pyx_L23_except_error)
-                __Pyx_GOTREF(__pyx_t_17);
-                __Pyx_XDECREF_SET(__pyx_v_sid, __pyx_t_17);
-                __pyx_t_17 = 0;
-
-                /* "rocmforge/_tensor_parallel.pyx":266
- *             except BaseException:
- *                 for sid in done:
- *                     self.manager.remove_sequence(sid)             # <<<<<<<<<<<<<<
- *                 raise
- *             for sid in ids:
-*/
-                __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 266, __pyx_L23_except_error)
-                __Pyx_GOTREF(__pyx_t_1);
-                __pyx_t_24 = __pyx_t_1;
-                __Pyx_INCREF(__pyx_t_24);
-                __pyx_t_3 = 0;
-                {
-                  PyObject *__pyx_callargs[2] = {__pyx_t_24, __pyx_v_sid};
-                  __pyx_t_17 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_remove_sequence, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-                  __Pyx_XDECREF(__pyx_t_24); __pyx_t_24 = 0;
-                  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-                  if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 266, __pyx_L23_except_error)
-                  __Pyx_GOTREF(__pyx_t_17);
-                }
-                __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-
-                /* "rocmforge/_tensor_parallel.pyx":265
- *                         r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
- *             except BaseException:
- *                 for sid in done:             # <<<<<<<<<<<<<<
- *                     self.manager.remove_sequence(sid)
- *                 raise
-*/
-              }
-              __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-
-              /* "rocmforge/_tensor_parallel.pyx":267
- *                 for sid in done:
- *                     self.manager.remove_sequence(sid)
- *                 raise             # <<<<<<<<<<<<<<
- *             for sid in ids:
- *                 del self._swapped[sid]
-*/
-              __Pyx_GIVEREF(__pyx_t_4);
-              __Pyx_GIVEREF(__pyx_t_6);
-              __Pyx_XGIVEREF(__pyx_t_2);
-              __Pyx_ErrRestoreWithState(__pyx_t_4, __pyx_t_6, __pyx_t_2);
-              __pyx_t_4 = 0;  __pyx_t_6 = 0;  __pyx_t_2 = 0; 
-              __PYX_ERR(0, 267, __pyx_L23_except_error)
-            }
-            goto __pyx_L23_except_error;
-
-            /* "rocmforge/_tensor_parallel.pyx":251
- *                     raise SequenceExists(f"sequence {sid} exists")
- *             done = []
- *             try:             # <<<<<<<<<<<<<<
- *                 for sid in ids:
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
-*/
-            __pyx_L23_except_error:;
-            __Pyx_XGIVEREF(__pyx_t_18);
-            __Pyx_XGIVEREF(__pyx_t_19);
-            __Pyx_XGIVEREF(__pyx_t_20);
-            __Pyx_ExceptionReset(__pyx_t_18, __pyx_t_19, __pyx_t_20);
-            goto __pyx_L7_error;
-            __pyx_L26_try_end:;
-          }
-
-          /* "rocmforge/_tensor_parallel.pyx":268
- *                     self.manager.remove_sequence(sid)
- *                 raise
- *             for sid in ids:             # <<<<<<<<<<<<<<
- *                 del self._swapped[sid]
- * 
-*/
-          if (likely(PyList_CheckExact(__pyx_v_ids)) || PyTuple_CheckExact(__pyx_v_ids)) {
-            __pyx_t_2 = __pyx_v_ids; __Pyx_INCREF(__pyx_t_2);
-            __pyx_t_10 = 0;
-            __pyx_t_12 = NULL;
-          } else {
-            __pyx_t_10 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 268, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_2);
-            __pyx_t_12 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 268, __pyx_L7_error)
-          }
-          for (;;) {
-            if (likely(!__pyx_t_12)) {
-              if (likely(PyList_CheckExact(__pyx_t_2))) {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 268, __pyx_L7_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_2, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
-                ++__pyx_t_10;
-              } else {
-                {
-                  Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
-                  #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 268, __pyx_L7_error)
-                  #endif
-                  if (__pyx_t_10 >= __pyx_temp) break;
-                }
-                #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-                __pyx_t_6 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_2, __pyx_t_10));
-                #else
-                __pyx_t_6 = __Pyx_PySequence_ITEM(__pyx_t_2, __pyx_t_10);
-                #endif
-                ++__pyx_t_10;
-              }
-              if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 268, __pyx_L7_error)
-            } else {
-              __pyx_t_6 = __pyx_t_12(__pyx_t_2);
-              if (unlikely(!__pyx_t_6)) {
-                PyObject* exc_type = PyErr_Occurred();
-                if (exc_type) {
-                  if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 268, __pyx_L7_error)
-                  PyErr_Clear();
-                }
-                break;
-              }
-            }
-            __Pyx_GOTREF(__pyx_t_6);
-            __Pyx_XDECREF_SET(__pyx_v_sid, __pyx_t_6);
-            __pyx_t_6 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":269
- *                 raise
- *             for sid in ids:
- *                 del self._swapped[sid]             # <<<<<<<<<<<<<<
+          /* "rocmforge/_tensor_parallel.pyx":218
+ *         ids = _distinct(seq_ids)
+ *         with _AllLocks(list(self.ranks)):
+ *             swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)             # <<<<<<<<<<<<<<
  * 
  *     def drop_swapped(self, seq_ids):
 */
-            __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 269, __pyx_L7_error)
-            __Pyx_GOTREF(__pyx_t_6);
-            if (unlikely((PyObject_DelItem(__pyx_t_6, __pyx_v_sid) < 0))) __PYX_ERR(0, 269, __pyx_L7_error)
-            __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-
-            /* "rocmforge/_tensor_parallel.pyx":268
- *                     self.manager.remove_sequence(sid)
- *                 raise
- *             for sid in ids:             # <<<<<<<<<<<<<<
- *                 del self._swapped[sid]
- * 
-*/
-          }
+          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 218, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_1);
+          __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 218, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_5);
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 218, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_1);
+          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 218, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_2);
+          if (!(likely(PyDict_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("dict", __pyx_t_2))) __PYX_ERR(0, 218, __pyx_L7_error)
+          __pyx_t_4 = __pyx_v_ids;
+          __Pyx_INCREF(__pyx_t_4);
+          if (!(likely(PyList_CheckExact(__pyx_t_4))||((__pyx_t_4) == Py_None) || __Pyx_RaiseUnexpectedTypeError("list", __pyx_t_4))) __PYX_ERR(0, 218, __pyx_L7_error)
+          __pyx_t_10 = __pyx_f_9rocmforge_8_kvcache_swap_in_ranks(((PyObject*)__pyx_t_5), __pyx_t_1, ((PyObject*)__pyx_t_2), ((PyObject*)__pyx_t_4)); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 218, __pyx_L7_error)
+          __Pyx_GOTREF(__pyx_t_10);
+          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+          __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+          __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":242
+          /* "rocmforge/_tensor_parallel.pyx":217
+ *         self._live()
  *         ids = _distinct(seq_ids)
- *         ranks = list(self.ranks)
- *         with _AllLocks(ranks):             # <<<<<<<<<<<<<<
- *             for r in ranks:
- *                 r._check_open()
+ *         with _AllLocks(list(self.ranks)):             # <<<<<<<<<<<<<<
+ *             swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)
+ * 
 */
         }
         __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
@@ -15750,48 +14086,44 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         goto __pyx_L12_try_end;
         __pyx_L7_error:;
         __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-        __Pyx_XDECREF(__pyx_t_14); __pyx_t_14 = 0;
-        __Pyx_XDECREF(__pyx_t_17); __pyx_t_17 = 0;
+        __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
         __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-        __Pyx_XDECREF(__pyx_t_21); __pyx_t_21 = 0;
-        __Pyx_XDECREF(__pyx_t_24); __pyx_t_24 = 0;
-        __Pyx_XDECREF(__pyx_t_25); __pyx_t_25 = 0;
         __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-        __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+        __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         /*except:*/ {
           __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.swap_in", __pyx_clineno, __pyx_lineno, __pyx_filename);
-          if (__Pyx_GetException(&__pyx_t_2, &__pyx_t_6, &__pyx_t_4) < 0) __PYX_ERR(0, 242, __pyx_L9_except_error)
-          __Pyx_XGOTREF(__pyx_t_2);
-          __Pyx_XGOTREF(__pyx_t_6);
+          if (__Pyx_GetException(&__pyx_t_10, &__pyx_t_4, &__pyx_t_2) < 0) __PYX_ERR(0, 217, __pyx_L9_except_error)
+          __Pyx_XGOTREF(__pyx_t_10);
           __Pyx_XGOTREF(__pyx_t_4);
+          __Pyx_XGOTREF(__pyx_t_2);
           {
-            PyObject* __pyx_temp[3] = {__pyx_t_2, __pyx_t_6, __pyx_t_4};
-            __pyx_t_14 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 242, __pyx_L9_except_error)
-            __Pyx_GOTREF(__pyx_t_14);
+            PyObject* __pyx_temp[3] = {__pyx_t_10, __pyx_t_4, __pyx_t_2};
+            __pyx_t_1 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 217, __pyx_L9_except_error)
+            __Pyx_GOTREF(__pyx_t_1);
           }
-          __pyx_t_20 = __Pyx_PyObject_Call(__pyx_t_5, __pyx_t_14, NULL);
-          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-          __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-          if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 242, __pyx_L9_except_error)
-          __Pyx_GOTREF(__pyx_t_20);
-          __pyx_t_13 = __Pyx_PyObject_IsTrue(__pyx_t_20);
-          __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
-          if (__pyx_t_13 < (0)) __PYX_ERR(0, 242, __pyx_L9_except_error)
-          __pyx_t_26 = (!__pyx_t_13);
+          __pyx_t_11 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_t_1, NULL);
+          __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+          __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+          if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 217, __pyx_L9_except_error)
+          __Pyx_GOTREF(__pyx_t_11);
+          __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_11);
+          __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
+          if (__pyx_t_12 < (0)) __PYX_ERR(0, 217, __pyx_L9_except_error)
+          __pyx_t_13 = (!__pyx_t_12);
 
 
-          if (unlikely(__pyx_t_26)) {
+          if (unlikely(__pyx_t_13)) {
 
-            __Pyx_GIVEREF(__pyx_t_2);
-            __Pyx_GIVEREF(__pyx_t_6);
-            __Pyx_XGIVEREF(__pyx_t_4);
-            __Pyx_ErrRestoreWithState(__pyx_t_2, __pyx_t_6, __pyx_t_4);
-            __pyx_t_2 = 0;  __pyx_t_6 = 0;  __pyx_t_4 = 0; 
-            __PYX_ERR(0, 242, __pyx_L9_except_error)
+            __Pyx_GIVEREF(__pyx_t_10);
+            __Pyx_GIVEREF(__pyx_t_4);
+            __Pyx_XGIVEREF(__pyx_t_2);
+            __Pyx_ErrRestoreWithState(__pyx_t_10, __pyx_t_4, __pyx_t_2);
+            __pyx_t_10 = 0;  __pyx_t_4 = 0;  __pyx_t_2 = 0; 
+            __PYX_ERR(0, 217, __pyx_L9_except_error)
           }
-          __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-          __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
+          __Pyx_XDECREF(__pyx_t_10); __pyx_t_10 = 0;
           __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+          __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
           goto __pyx_L8_exception_handled;
         }
         __pyx_L9_except_error:;
@@ -15810,10 +14142,10 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     }
     /*finally:*/ {
       /*normal exit:*/{
-        if (__pyx_t_5) {
-          __pyx_t_9 = __Pyx_PyObject_Call(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[0], NULL);
-          __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 242, __pyx_L1_error)
+        if (__pyx_t_6) {
+          __pyx_t_9 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_mstate_global->__pyx_tuple[0], NULL);
+          __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 217, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         }
@@ -15821,15 +14153,15 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       }
       __pyx_L6:;
     }
-    goto __pyx_L47;
+    goto __pyx_L16;
     __pyx_L3_error:;
-    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     goto __pyx_L1_error;
-    __pyx_L47:;
+    __pyx_L16:;
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":235
- *                 self.manager.remove_sequence(sid)
+  /* "rocmforge/_tensor_parallel.pyx":212
+ *             swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)
  * 
  *     def swap_in(self, seq_ids):             # <<<<<<<<<<<<<<
  *         """Bring swapped-out sequences back on every rank (a cached prefix is reused).
@@ -15843,34 +14175,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   __Pyx_XDECREF(__pyx_t_1);
   __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_4);
-  __Pyx_XDECREF(__pyx_t_6);
-  __Pyx_XDECREF(__pyx_t_14);
-  __Pyx_XDECREF(__pyx_t_17);
-  __Pyx_XDECREF(__pyx_t_21);
-  __Pyx_XDECREF(__pyx_t_24);
-  __Pyx_XDECREF(__pyx_t_25);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_XDECREF(__pyx_t_10);
   __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.swap_in", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
-  __Pyx_XDECREF((PyObject *)__pyx_v_r);
   __Pyx_XDECREF(__pyx_v_ids);
-  __Pyx_XDECREF(__pyx_v_ranks);
-  __Pyx_XDECREF(__pyx_v_sid);
-  __Pyx_XDECREF(__pyx_v_done);
-  __Pyx_XDECREF(__pyx_v_hosts);
-  __Pyx_XDECREF(__pyx_v_num_tokens);
-  __Pyx_XDECREF(__pyx_v_tokens);
-  __Pyx_XDECREF(__pyx_v_salt_key);
-  __Pyx_XDECREF(__pyx_v_hits);
-  __Pyx_XDECREF(__pyx_v_table);
-  __Pyx_XDECREF(__pyx_v_i);
   __Pyx_XGIVEREF(__pyx_r);
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":271
- *                 del self._swapped[sid]
+/* "rocmforge/_tensor_parallel.pyx":220
+ *             swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)
  * 
  *     def drop_swapped(self, seq_ids):             # <<<<<<<<<<<<<<
  *         """Forget swapped-out sequences (their host copies are freed)."""
@@ -15918,39 +14235,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_seq_ids,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 271, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 220, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 271, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 220, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 271, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 220, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "drop_swapped", 0) < (0)) __PYX_ERR(0, 271, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "drop_swapped", 0) < (0)) __PYX_ERR(0, 220, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("drop_swapped", 1, 2, 2, i); __PYX_ERR(0, 271, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("drop_swapped", 1, 2, 2, i); __PYX_ERR(0, 220, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 271, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 220, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 271, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 220, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_seq_ids = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("drop_swapped", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 271, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("drop_swapped", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 220, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -16000,7 +14317,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("drop_swapped", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":273
+  /* "rocmforge/_tensor_parallel.pyx":222
  *     def drop_swapped(self, seq_ids):
  *         """Forget swapped-out sequences (their host copies are freed)."""
  *         ids = _distinct(seq_ids)             # <<<<<<<<<<<<<<
@@ -16008,7 +14325,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *             for sid in ids:
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_distinct); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 273, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_distinct); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 222, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_4 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -16027,13 +14344,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 273, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 222, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_ids = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":274
+  /* "rocmforge/_tensor_parallel.pyx":223
  *         """Forget swapped-out sequences (their host copies are freed)."""
  *         ids = _distinct(seq_ids)
  *         with _AllLocks(list(self.ranks)):             # <<<<<<<<<<<<<<
@@ -16042,9 +14359,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   /*with:*/ {
     __pyx_t_3 = NULL;
-    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 274, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 223, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 274, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PySequence_ListKeepNew(__pyx_t_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 223, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_t_4 = 1;
@@ -16053,13 +14370,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 274, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 223, __pyx_L1_error)
       __Pyx_GOTREF((PyObject *)__pyx_t_1);
     }
-    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 274, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 223, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __pyx_t_3 = NULL;
-    __pyx_t_2 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 274, __pyx_L3_error)
+    __pyx_t_2 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 223, __pyx_L3_error)
     __Pyx_GOTREF(__pyx_t_2);
     __pyx_t_4 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -16078,7 +14395,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_2, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 274, __pyx_L3_error)
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 223, __pyx_L3_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
@@ -16093,7 +14410,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XGOTREF(__pyx_t_9);
         /*try:*/ {
 
-          /* "rocmforge/_tensor_parallel.pyx":275
+          /* "rocmforge/_tensor_parallel.pyx":224
  *         ids = _distinct(seq_ids)
  *         with _AllLocks(list(self.ranks)):
  *             for sid in ids:             # <<<<<<<<<<<<<<
@@ -16105,9 +14422,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __pyx_t_10 = 0;
             __pyx_t_11 = NULL;
           } else {
-            __pyx_t_10 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 275, __pyx_L7_error)
+            __pyx_t_10 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 224, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_1);
-            __pyx_t_11 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 275, __pyx_L7_error)
+            __pyx_t_11 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 224, __pyx_L7_error)
           }
           for (;;) {
             if (likely(!__pyx_t_11)) {
@@ -16115,7 +14432,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 {
                   Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
                   #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 275, __pyx_L7_error)
+                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 224, __pyx_L7_error)
                   #endif
                   if (__pyx_t_10 >= __pyx_temp) break;
                 }
@@ -16125,7 +14442,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 {
                   Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
                   #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 275, __pyx_L7_error)
+                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 224, __pyx_L7_error)
                   #endif
                   if (__pyx_t_10 >= __pyx_temp) break;
                 }
@@ -16136,13 +14453,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 #endif
                 ++__pyx_t_10;
               }
-              if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 275, __pyx_L7_error)
+              if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 224, __pyx_L7_error)
             } else {
               __pyx_t_5 = __pyx_t_11(__pyx_t_1);
               if (unlikely(!__pyx_t_5)) {
                 PyObject* exc_type = PyErr_Occurred();
                 if (exc_type) {
-                  if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 275, __pyx_L7_error)
+                  if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 224, __pyx_L7_error)
                   PyErr_Clear();
                 }
                 break;
@@ -16152,21 +14469,21 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __Pyx_XDECREF_SET(__pyx_v_sid, __pyx_t_5);
             __pyx_t_5 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":276
+            /* "rocmforge/_tensor_parallel.pyx":225
  *         with _AllLocks(list(self.ranks)):
  *             for sid in ids:
  *                 if sid not in self._swapped:             # <<<<<<<<<<<<<<
  *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
  *             for sid in ids:
 */
-            __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 276, __pyx_L7_error)
+            __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 225, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_5);
-            __pyx_t_12 = (__Pyx_PySequence_ContainsTF(__pyx_v_sid, __pyx_t_5, Py_NE)); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 276, __pyx_L7_error)
+            __pyx_t_12 = (__Pyx_PySequence_ContainsTF(__pyx_v_sid, __pyx_t_5, Py_NE)); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 225, __pyx_L7_error)
             __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
             if (unlikely(__pyx_t_12)) {
 
 
-              /* "rocmforge/_tensor_parallel.pyx":277
+              /* "rocmforge/_tensor_parallel.pyx":226
  *             for sid in ids:
  *                 if sid not in self._swapped:
  *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")             # <<<<<<<<<<<<<<
@@ -16174,9 +14491,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *                 del self._swapped[sid]
 */
               __pyx_t_2 = NULL;
-              __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_SequenceNotFound); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 277, __pyx_L7_error)
+              __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_SequenceNotFound); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 226, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_3);
-              __pyx_t_13 = __Pyx_PyObject_FormatSimple(__pyx_v_sid, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 277, __pyx_L7_error)
+              __pyx_t_13 = __Pyx_PyObject_FormatSimple(__pyx_v_sid, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 226, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_13);
               __pyx_t_14[0] = __pyx_mstate_global->__pyx_kp_u_sequence;
               __pyx_t_14[1] = __pyx_t_13;
@@ -16190,7 +14507,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
               __pyx_t_16 |= __Pyx_PyUnicode_KIND_04(__pyx_t_14[1]);
               #endif
               __pyx_t_17 = __Pyx_PyUnicode_Join(__pyx_t_14, 3, __pyx_t_15, __pyx_t_16);
-              if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 277, __pyx_L7_error)
+              if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 226, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_17);
               __Pyx_DECREF(__pyx_t_13); __pyx_t_13 = 0;
               __pyx_t_4 = 1;
@@ -16211,14 +14528,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
                 __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
                 __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-                if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 277, __pyx_L7_error)
+                if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 226, __pyx_L7_error)
                 __Pyx_GOTREF(__pyx_t_5);
               }
               __Pyx_Raise(__pyx_t_5, 0, 0, 0);
               __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-              __PYX_ERR(0, 277, __pyx_L7_error)
+              __PYX_ERR(0, 226, __pyx_L7_error)
 
-              /* "rocmforge/_tensor_parallel.pyx":276
+              /* "rocmforge/_tensor_parallel.pyx":225
  *         with _AllLocks(list(self.ranks)):
  *             for sid in ids:
  *                 if sid not in self._swapped:             # <<<<<<<<<<<<<<
@@ -16227,7 +14544,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
             }
 
-            /* "rocmforge/_tensor_parallel.pyx":275
+            /* "rocmforge/_tensor_parallel.pyx":224
  *         ids = _distinct(seq_ids)
  *         with _AllLocks(list(self.ranks)):
  *             for sid in ids:             # <<<<<<<<<<<<<<
@@ -16237,7 +14554,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           }
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":278
+          /* "rocmforge/_tensor_parallel.pyx":227
  *                 if sid not in self._swapped:
  *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
  *             for sid in ids:             # <<<<<<<<<<<<<<
@@ -16249,9 +14566,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __pyx_t_10 = 0;
             __pyx_t_11 = NULL;
           } else {
-            __pyx_t_10 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 278, __pyx_L7_error)
+            __pyx_t_10 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_v_ids); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 227, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_1);
-            __pyx_t_11 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 278, __pyx_L7_error)
+            __pyx_t_11 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 227, __pyx_L7_error)
           }
           for (;;) {
             if (likely(!__pyx_t_11)) {
@@ -16259,7 +14576,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 {
                   Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
                   #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 278, __pyx_L7_error)
+                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 227, __pyx_L7_error)
                   #endif
                   if (__pyx_t_10 >= __pyx_temp) break;
                 }
@@ -16269,7 +14586,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 {
                   Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
                   #if !CYTHON_ASSUME_SAFE_SIZE
-                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 278, __pyx_L7_error)
+                  if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 227, __pyx_L7_error)
                   #endif
                   if (__pyx_t_10 >= __pyx_temp) break;
                 }
@@ -16280,13 +14597,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 #endif
                 ++__pyx_t_10;
               }
-              if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 278, __pyx_L7_error)
+              if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 227, __pyx_L7_error)
             } else {
               __pyx_t_5 = __pyx_t_11(__pyx_t_1);
               if (unlikely(!__pyx_t_5)) {
                 PyObject* exc_type = PyErr_Occurred();
                 if (exc_type) {
-                  if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 278, __pyx_L7_error)
+                  if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 227, __pyx_L7_error)
                   PyErr_Clear();
                 }
                 break;
@@ -16296,19 +14613,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __Pyx_XDECREF_SET(__pyx_v_sid, __pyx_t_5);
             __pyx_t_5 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":279
+            /* "rocmforge/_tensor_parallel.pyx":228
  *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
  *             for sid in ids:
  *                 del self._swapped[sid]             # <<<<<<<<<<<<<<
  * 
  *     def swapped_sequences(self):
 */
-            __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 279, __pyx_L7_error)
+            __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 228, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_5);
-            if (unlikely((PyObject_DelItem(__pyx_t_5, __pyx_v_sid) < 0))) __PYX_ERR(0, 279, __pyx_L7_error)
+            if (unlikely((PyObject_DelItem(__pyx_t_5, __pyx_v_sid) < 0))) __PYX_ERR(0, 228, __pyx_L7_error)
             __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":278
+            /* "rocmforge/_tensor_parallel.pyx":227
  *                 if sid not in self._swapped:
  *                     raise SequenceNotFound(f"sequence {sid} is not swapped out")
  *             for sid in ids:             # <<<<<<<<<<<<<<
@@ -16318,7 +14635,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           }
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":274
+          /* "rocmforge/_tensor_parallel.pyx":223
  *         """Forget swapped-out sequences (their host copies are freed)."""
  *         ids = _distinct(seq_ids)
  *         with _AllLocks(list(self.ranks)):             # <<<<<<<<<<<<<<
@@ -16339,23 +14656,23 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
         /*except:*/ {
           __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.drop_swapped", __pyx_clineno, __pyx_lineno, __pyx_filename);
-          if (__Pyx_GetException(&__pyx_t_1, &__pyx_t_5, &__pyx_t_3) < 0) __PYX_ERR(0, 274, __pyx_L9_except_error)
+          if (__Pyx_GetException(&__pyx_t_1, &__pyx_t_5, &__pyx_t_3) < 0) __PYX_ERR(0, 223, __pyx_L9_except_error)
           __Pyx_XGOTREF(__pyx_t_1);
           __Pyx_XGOTREF(__pyx_t_5);
           __Pyx_XGOTREF(__pyx_t_3);
           {
             PyObject* __pyx_temp[3] = {__pyx_t_1, __pyx_t_5, __pyx_t_3};
-            __pyx_t_17 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 274, __pyx_L9_except_error)
+            __pyx_t_17 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_17)) __PYX_ERR(0, 223, __pyx_L9_except_error)
             __Pyx_GOTREF(__pyx_t_17);
           }
           __pyx_t_18 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_t_17, NULL);
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
           __Pyx_DECREF(__pyx_t_17); __pyx_t_17 = 0;
-          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 274, __pyx_L9_except_error)
+          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 223, __pyx_L9_except_error)
           __Pyx_GOTREF(__pyx_t_18);
           __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_18);
           __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-          if (__pyx_t_12 < (0)) __PYX_ERR(0, 274, __pyx_L9_except_error)
+          if (__pyx_t_12 < (0)) __PYX_ERR(0, 223, __pyx_L9_except_error)
           __pyx_t_19 = (!__pyx_t_12);
 
 
@@ -16366,7 +14683,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __Pyx_XGIVEREF(__pyx_t_3);
             __Pyx_ErrRestoreWithState(__pyx_t_1, __pyx_t_5, __pyx_t_3);
             __pyx_t_1 = 0;  __pyx_t_5 = 0;  __pyx_t_3 = 0; 
-            __PYX_ERR(0, 274, __pyx_L9_except_error)
+            __PYX_ERR(0, 223, __pyx_L9_except_error)
           }
           __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
           __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
@@ -16392,7 +14709,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         if (__pyx_t_6) {
           __pyx_t_9 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_mstate_global->__pyx_tuple[0], NULL);
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 274, __pyx_L1_error)
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 223, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         }
@@ -16407,8 +14724,8 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_L23:;
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":271
- *                 del self._swapped[sid]
+  /* "rocmforge/_tensor_parallel.pyx":220
+ *             swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)
  * 
  *     def drop_swapped(self, seq_ids):             # <<<<<<<<<<<<<<
  *         """Forget swapped-out sequences (their host copies are freed)."""
@@ -16435,7 +14752,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":281
+/* "rocmforge/_tensor_parallel.pyx":230
  *                 del self._swapped[sid]
  * 
  *     def swapped_sequences(self):             # <<<<<<<<<<<<<<
@@ -16483,32 +14800,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 281, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 230, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 281, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 230, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "swapped_sequences", 0) < (0)) __PYX_ERR(0, 281, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "swapped_sequences", 0) < (0)) __PYX_ERR(0, 230, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("swapped_sequences", 1, 1, 1, i); __PYX_ERR(0, 281, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("swapped_sequences", 1, 1, 1, i); __PYX_ERR(0, 230, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 281, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 230, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("swapped_sequences", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 281, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("swapped_sequences", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 230, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -16549,7 +14866,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("swapped_sequences", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":283
+  /* "rocmforge/_tensor_parallel.pyx":232
  *     def swapped_sequences(self):
  *         """Ids of the sequences swapped out to host memory."""
  *         with _AllLocks(list(self.ranks)):             # <<<<<<<<<<<<<<
@@ -16558,9 +14875,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   /*with:*/ {
     __pyx_t_2 = NULL;
-    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 283, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 232, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_4 = __Pyx_PySequence_ListKeepNew(__pyx_t_3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 283, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PySequence_ListKeepNew(__pyx_t_3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 232, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __pyx_t_5 = 1;
@@ -16569,13 +14886,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 283, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 232, __pyx_L1_error)
       __Pyx_GOTREF((PyObject *)__pyx_t_1);
     }
-    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 283, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 232, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __pyx_t_2 = NULL;
-    __pyx_t_3 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 283, __pyx_L3_error)
+    __pyx_t_3 = __Pyx_PyObject_LookupSpecial(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 232, __pyx_L3_error)
     __Pyx_GOTREF(__pyx_t_3);
     __pyx_t_5 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -16594,7 +14911,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_5, (1-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 283, __pyx_L3_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 232, __pyx_L3_error)
       __Pyx_GOTREF(__pyx_t_4);
     }
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
@@ -16609,19 +14926,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XGOTREF(__pyx_t_9);
         /*try:*/ {
 
-          /* "rocmforge/_tensor_parallel.pyx":284
+          /* "rocmforge/_tensor_parallel.pyx":233
  *         """Ids of the sequences swapped out to host memory."""
  *         with _AllLocks(list(self.ranks)):
  *             return sorted(self._swapped)             # <<<<<<<<<<<<<<
  * 
  *     def compact(self, shrink=False):
 */
-          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 284, __pyx_L7_error)
+          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_swapped); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 233, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_1);
-          __pyx_t_4 = PySequence_List(__pyx_t_1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 284, __pyx_L7_error)
+          __pyx_t_4 = PySequence_List(__pyx_t_1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 233, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_4);
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-          if (unlikely((PyList_Sort(__pyx_t_4) < 0))) __PYX_ERR(0, 284, __pyx_L7_error)
+          if (unlikely((PyList_Sort(__pyx_t_4) < 0))) __PYX_ERR(0, 233, __pyx_L7_error)
           {
             PyObject *__pyx_temp;
             {
@@ -16633,7 +14950,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           __pyx_t_4 = 0;
           goto __pyx_L11_try_return;
 
-          /* "rocmforge/_tensor_parallel.pyx":283
+          /* "rocmforge/_tensor_parallel.pyx":232
  *     def swapped_sequences(self):
  *         """Ids of the sequences swapped out to host memory."""
  *         with _AllLocks(list(self.ranks)):             # <<<<<<<<<<<<<<
@@ -16648,23 +14965,23 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
         /*except:*/ {
           __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.swapped_sequences", __pyx_clineno, __pyx_lineno, __pyx_filename);
-          if (__Pyx_GetException(&__pyx_t_4, &__pyx_t_1, &__pyx_t_3) < 0) __PYX_ERR(0, 283, __pyx_L9_except_error)
+          if (__Pyx_GetException(&__pyx_t_4, &__pyx_t_1, &__pyx_t_3) < 0) __PYX_ERR(0, 232, __pyx_L9_except_error)
           __Pyx_XGOTREF(__pyx_t_4);
           __Pyx_XGOTREF(__pyx_t_1);
           __Pyx_XGOTREF(__pyx_t_3);
           {
             PyObject* __pyx_temp[3] = {__pyx_t_4, __pyx_t_1, __pyx_t_3};
-            __pyx_t_2 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 283, __pyx_L9_except_error)
+            __pyx_t_2 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 232, __pyx_L9_except_error)
             __Pyx_GOTREF(__pyx_t_2);
           }
           __pyx_t_10 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_t_2, NULL);
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-          if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 283, __pyx_L9_except_error)
+          if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 232, __pyx_L9_except_error)
           __Pyx_GOTREF(__pyx_t_10);
           __pyx_t_11 = __Pyx_PyObject_IsTrue(__pyx_t_10);
           __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-          if (__pyx_t_11 < (0)) __PYX_ERR(0, 283, __pyx_L9_except_error)
+          if (__pyx_t_11 < (0)) __PYX_ERR(0, 232, __pyx_L9_except_error)
           __pyx_t_12 = (!__pyx_t_11);
 
 
@@ -16675,7 +14992,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __Pyx_XGIVEREF(__pyx_t_3);
             __Pyx_ErrRestoreWithState(__pyx_t_4, __pyx_t_1, __pyx_t_3);
             __pyx_t_4 = 0;  __pyx_t_1 = 0;  __pyx_t_3 = 0; 
-            __PYX_ERR(0, 283, __pyx_L9_except_error)
+            __PYX_ERR(0, 232, __pyx_L9_except_error)
           }
           __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
           __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -16706,7 +15023,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         if (__pyx_t_6) {
           __pyx_t_9 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_mstate_global->__pyx_tuple[0], NULL);
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 283, __pyx_L1_error)
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 232, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         }
@@ -16718,7 +15035,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         if (__pyx_t_6) {
           __pyx_t_8 = __Pyx_PyObject_Call(__pyx_t_6, __pyx_mstate_global->__pyx_tuple[0], NULL);
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-          if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 283, __pyx_L1_error)
+          if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 232, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_8);
           __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
         }
@@ -16735,7 +15052,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_L16:;
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":281
+  /* "rocmforge/_tensor_parallel.pyx":230
  *                 del self._swapped[sid]
  * 
  *     def swapped_sequences(self):             # <<<<<<<<<<<<<<
@@ -16759,7 +15076,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":286
+/* "rocmforge/_tensor_parallel.pyx":235
  *             return sorted(self._swapped)
  * 
  *     def compact(self, shrink=False):             # <<<<<<<<<<<<<<
@@ -16808,35 +15125,35 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_shrink,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 286, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 235, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 286, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 235, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 286, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 235, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "compact", 0) < (0)) __PYX_ERR(0, 286, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "compact", 0) < (0)) __PYX_ERR(0, 235, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)((PyObject*)Py_False)));
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("compact", 0, 1, 2, i); __PYX_ERR(0, 286, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("compact", 0, 1, 2, i); __PYX_ERR(0, 235, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 286, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 235, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 286, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 235, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -16847,7 +15164,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("compact", 0, 1, 2, __pyx_nargs); __PYX_ERR(0, 286, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("compact", 0, 1, 2, __pyx_nargs); __PYX_ERR(0, 235, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -16904,7 +15221,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("compact", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":290
+  /* "rocmforge/_tensor_parallel.pyx":239
  *         returns the (old, new) moves."""
  *         cdef KvCache r
  *         self._live()             # <<<<<<<<<<<<<<
@@ -16918,27 +15235,27 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_live, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 290, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 239, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":291
+  /* "rocmforge/_tensor_parallel.pyx":240
  *         cdef KvCache r
  *         self._live()
  *         ranks = list(self.ranks)             # <<<<<<<<<<<<<<
  *         with _AllLocks(ranks):
  *             for r in ranks:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 291, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 240, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 291, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 240, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_ranks = ((PyObject*)__pyx_t_2);
   __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":292
+  /* "rocmforge/_tensor_parallel.pyx":241
  *         self._live()
  *         ranks = list(self.ranks)
  *         with _AllLocks(ranks):             # <<<<<<<<<<<<<<
@@ -16952,13 +15269,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_v_ranks};
       __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 292, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 241, __pyx_L1_error)
       __Pyx_GOTREF((PyObject *)__pyx_t_2);
     }
-    __pyx_t_4 = __Pyx_PyObject_LookupSpecial(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 292, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_LookupSpecial(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 241, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_t_5 = NULL;
-    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 292, __pyx_L3_error)
+    __pyx_t_6 = __Pyx_PyObject_LookupSpecial(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 241, __pyx_L3_error)
     __Pyx_GOTREF(__pyx_t_6);
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -16977,7 +15294,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_6, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 292, __pyx_L3_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 241, __pyx_L3_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -16992,7 +15309,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XGOTREF(__pyx_t_9);
         /*try:*/ {
 
-          /* "rocmforge/_tensor_parallel.pyx":293
+          /* "rocmforge/_tensor_parallel.pyx":242
  *         ranks = list(self.ranks)
  *         with _AllLocks(ranks):
  *             for r in ranks:             # <<<<<<<<<<<<<<
@@ -17005,29 +15322,29 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             {
               Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 293, __pyx_L7_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 242, __pyx_L7_error)
               #endif
               if (__pyx_t_10 >= __pyx_temp) break;
             }
             __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_2, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
             ++__pyx_t_10;
-            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 293, __pyx_L7_error)
+            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 242, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_1);
-            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 293, __pyx_L7_error)
+            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 242, __pyx_L7_error)
             __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_1));
             __pyx_t_1 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":294
+            /* "rocmforge/_tensor_parallel.pyx":243
  *         with _AllLocks(ranks):
  *             for r in ranks:
  *                 r._check_open()             # <<<<<<<<<<<<<<
  *             for r in ranks:
  *                 r._apply_pending(NULL)
 */
-            __pyx_t_11 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_check_open(__pyx_v_r); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 294, __pyx_L7_error)
+            __pyx_t_11 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_check_open(__pyx_v_r); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 243, __pyx_L7_error)
 
 
-            /* "rocmforge/_tensor_parallel.pyx":293
+            /* "rocmforge/_tensor_parallel.pyx":242
  *         ranks = list(self.ranks)
  *         with _AllLocks(ranks):
  *             for r in ranks:             # <<<<<<<<<<<<<<
@@ -17037,7 +15354,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           }
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":295
+          /* "rocmforge/_tensor_parallel.pyx":244
  *             for r in ranks:
  *                 r._check_open()
  *             for r in ranks:             # <<<<<<<<<<<<<<
@@ -17050,30 +15367,30 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             {
               Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 295, __pyx_L7_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 244, __pyx_L7_error)
               #endif
               if (__pyx_t_10 >= __pyx_temp) break;
             }
             __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_2, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
             ++__pyx_t_10;
-            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 295, __pyx_L7_error)
+            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 244, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_1);
-            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 295, __pyx_L7_error)
+            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 244, __pyx_L7_error)
             __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_1));
             __pyx_t_1 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":296
+            /* "rocmforge/_tensor_parallel.pyx":245
  *                 r._check_open()
  *             for r in ranks:
  *                 r._apply_pending(NULL)             # <<<<<<<<<<<<<<
  *             moves = self.manager.compact()
  *             if len(moves):
 */
-            __pyx_t_1 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_apply_pending(__pyx_v_r, NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 296, __pyx_L7_error)
+            __pyx_t_1 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_apply_pending(__pyx_v_r, NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 245, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_1);
             __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":295
+            /* "rocmforge/_tensor_parallel.pyx":244
  *             for r in ranks:
  *                 r._check_open()
  *             for r in ranks:             # <<<<<<<<<<<<<<
@@ -17083,14 +15400,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           }
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":297
+          /* "rocmforge/_tensor_parallel.pyx":246
  *             for r in ranks:
  *                 r._apply_pending(NULL)
  *             moves = self.manager.compact()             # <<<<<<<<<<<<<<
  *             if len(moves):
  *                 for r in ranks:
 */
-          __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 297, __pyx_L7_error)
+          __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 246, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_6);
           __pyx_t_1 = __pyx_t_6;
           __Pyx_INCREF(__pyx_t_1);
@@ -17100,27 +15417,27 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_compact, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
             __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
             __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-            if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 297, __pyx_L7_error)
+            if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 246, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_2);
           }
           __pyx_v_moves = __pyx_t_2;
           __pyx_t_2 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":298
+          /* "rocmforge/_tensor_parallel.pyx":247
  *                 r._apply_pending(NULL)
  *             moves = self.manager.compact()
  *             if len(moves):             # <<<<<<<<<<<<<<
  *                 for r in ranks:
  *                     r._copy_pairs(moves, NULL)
 */
-          __pyx_t_10 = PyObject_Length(__pyx_v_moves); if (unlikely(__pyx_t_10 == ((Py_ssize_t)-1))) __PYX_ERR(0, 298, __pyx_L7_error)
+          __pyx_t_10 = PyObject_Length(__pyx_v_moves); if (unlikely(__pyx_t_10 == ((Py_ssize_t)-1))) __PYX_ERR(0, 247, __pyx_L7_error)
           __pyx_t_12 = (__pyx_t_10 != 0);
 
 
           if (__pyx_t_12) {
 
 
-            /* "rocmforge/_tensor_parallel.pyx":299
+            /* "rocmforge/_tensor_parallel.pyx":248
  *             moves = self.manager.compact()
  *             if len(moves):
  *                 for r in ranks:             # <<<<<<<<<<<<<<
@@ -17133,31 +15450,31 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
               {
                 Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
                 #if !CYTHON_ASSUME_SAFE_SIZE
-                if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 299, __pyx_L7_error)
+                if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 248, __pyx_L7_error)
                 #endif
                 if (__pyx_t_10 >= __pyx_temp) break;
               }
               __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_2, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
               ++__pyx_t_10;
-              if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 299, __pyx_L7_error)
+              if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 248, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_6);
-              if (!(likely(((__pyx_t_6) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_6, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 299, __pyx_L7_error)
+              if (!(likely(((__pyx_t_6) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_6, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 248, __pyx_L7_error)
               __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_6));
               __pyx_t_6 = 0;
 
-              /* "rocmforge/_tensor_parallel.pyx":300
+              /* "rocmforge/_tensor_parallel.pyx":249
  *             if len(moves):
  *                 for r in ranks:
  *                     r._copy_pairs(moves, NULL)             # <<<<<<<<<<<<<<
  *             size = (<KvCache>ranks[0])._num_blocks
  *             occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
 */
-              if (!(likely(((__pyx_v_moves) == Py_None) || likely(__Pyx_TypeTest(__pyx_v_moves, __pyx_mstate_global->__pyx_ptype_5numpy_ndarray))))) __PYX_ERR(0, 300, __pyx_L7_error)
-              __pyx_t_6 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_copy_pairs(__pyx_v_r, ((PyArrayObject *)__pyx_v_moves), NULL); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 300, __pyx_L7_error)
+              if (!(likely(((__pyx_v_moves) == Py_None) || likely(__Pyx_TypeTest(__pyx_v_moves, __pyx_mstate_global->__pyx_ptype_5numpy_ndarray))))) __PYX_ERR(0, 249, __pyx_L7_error)
+              __pyx_t_6 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_copy_pairs(__pyx_v_r, ((PyArrayObject *)__pyx_v_moves), NULL); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 249, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_6);
               __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
-              /* "rocmforge/_tensor_parallel.pyx":299
+              /* "rocmforge/_tensor_parallel.pyx":248
  *             moves = self.manager.compact()
  *             if len(moves):
  *                 for r in ranks:             # <<<<<<<<<<<<<<
@@ -17167,7 +15484,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             }
             __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":298
+            /* "rocmforge/_tensor_parallel.pyx":247
  *                 r._apply_pending(NULL)
  *             moves = self.manager.compact()
  *             if len(moves):             # <<<<<<<<<<<<<<
@@ -17176,7 +15493,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
           }
 
-          /* "rocmforge/_tensor_parallel.pyx":301
+          /* "rocmforge/_tensor_parallel.pyx":250
  *                 for r in ranks:
  *                     r._copy_pairs(moves, NULL)
  *             size = (<KvCache>ranks[0])._num_blocks             # <<<<<<<<<<<<<<
@@ -17187,38 +15504,38 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 
           __pyx_v_size = __pyx_t_13;
 
-          /* "rocmforge/_tensor_parallel.pyx":302
+          /* "rocmforge/_tensor_parallel.pyx":251
  *                     r._copy_pairs(moves, NULL)
  *             size = (<KvCache>ranks[0])._num_blocks
  *             occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)             # <<<<<<<<<<<<<<
  *             if shrink and occupied < size:
  *                 self.manager.shrink(occupied)
 */
-          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 302, __pyx_L7_error)
+          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 251, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_2);
-          __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_used_blocks); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 302, __pyx_L7_error)
+          __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_used_blocks); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 251, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_6);
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 302, __pyx_L7_error)
+          __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 251, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_2);
-          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_evictable_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 302, __pyx_L7_error)
+          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_evictable_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 251, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_1);
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-          __pyx_t_2 = __Pyx_PyNumber_Add_object_object(__pyx_t_6, __pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 302, __pyx_L7_error)
+          __pyx_t_2 = __Pyx_PyNumber_Add_object_object(__pyx_t_6, __pyx_t_1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 251, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_2);
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
           __pyx_t_14 = 1;
-          __pyx_t_6 = __Pyx_PyLong_From_long(__pyx_t_14); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 302, __pyx_L7_error)
+          __pyx_t_6 = __Pyx_PyLong_From_long(__pyx_t_14); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 251, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_6);
-          __pyx_t_12 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_t_2, __pyx_t_6, Py_GT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 302, __pyx_L7_error)
+          __pyx_t_12 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_t_2, __pyx_t_6, Py_GT); if (unlikely((__pyx_t_12 < 0))) __PYX_ERR(0, 251, __pyx_L7_error)
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
           if (__pyx_t_12) {
             __Pyx_INCREF(__pyx_t_2);
             __pyx_t_1 = __pyx_t_2;
           } else {
-            __pyx_t_6 = __Pyx_PyLong_From_long(__pyx_t_14); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 302, __pyx_L7_error)
+            __pyx_t_6 = __Pyx_PyLong_From_long(__pyx_t_14); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 251, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_6);
             __pyx_t_1 = __pyx_t_6;
             __pyx_t_6 = 0;
@@ -17231,14 +15548,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           __pyx_v_occupied = __pyx_t_2;
           __pyx_t_2 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":303
+          /* "rocmforge/_tensor_parallel.pyx":252
  *             size = (<KvCache>ranks[0])._num_blocks
  *             occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
  *             if shrink and occupied < size:             # <<<<<<<<<<<<<<
  *                 self.manager.shrink(occupied)
  *                 done = []
 */
-          __pyx_t_15 = __Pyx_PyObject_IsTrue(__pyx_v_shrink); if (unlikely((__pyx_t_15 < 0))) __PYX_ERR(0, 303, __pyx_L7_error)
+          __pyx_t_15 = __Pyx_PyObject_IsTrue(__pyx_v_shrink); if (unlikely((__pyx_t_15 < 0))) __PYX_ERR(0, 252, __pyx_L7_error)
           if (__pyx_t_15) {
 
           } else {
@@ -17247,9 +15564,9 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 
             goto __pyx_L24_bool_binop_done;
           }
-          __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_size); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 303, __pyx_L7_error)
+          __pyx_t_2 = __Pyx_PyLong_From_int64_t(__pyx_v_size); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 252, __pyx_L7_error)
           __Pyx_GOTREF(__pyx_t_2);
-          __pyx_t_15 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_v_occupied, __pyx_t_2, Py_LT); if (unlikely((__pyx_t_15 < 0))) __PYX_ERR(0, 303, __pyx_L7_error)
+          __pyx_t_15 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_v_occupied, __pyx_t_2, Py_LT); if (unlikely((__pyx_t_15 < 0))) __PYX_ERR(0, 252, __pyx_L7_error)
           __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
           __pyx_t_12 = __pyx_t_15;
@@ -17258,14 +15575,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           if (__pyx_t_12) {
 
 
-            /* "rocmforge/_tensor_parallel.pyx":304
+            /* "rocmforge/_tensor_parallel.pyx":253
  *             occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
  *             if shrink and occupied < size:
  *                 self.manager.shrink(occupied)             # <<<<<<<<<<<<<<
  *                 done = []
  *                 try:
 */
-            __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 304, __pyx_L7_error)
+            __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 253, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_6);
             __pyx_t_1 = __pyx_t_6;
             __Pyx_INCREF(__pyx_t_1);
@@ -17275,24 +15592,24 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
               __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_shrink, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
               __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
               __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-              if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 304, __pyx_L7_error)
+              if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 253, __pyx_L7_error)
               __Pyx_GOTREF(__pyx_t_2);
             }
             __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":305
+            /* "rocmforge/_tensor_parallel.pyx":254
  *             if shrink and occupied < size:
  *                 self.manager.shrink(occupied)
  *                 done = []             # <<<<<<<<<<<<<<
  *                 try:
  *                     for r in ranks:
 */
-            __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 305, __pyx_L7_error)
+            __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 254, __pyx_L7_error)
             __Pyx_GOTREF(__pyx_t_2);
             __pyx_v_done = ((PyObject*)__pyx_t_2);
             __pyx_t_2 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":306
+            /* "rocmforge/_tensor_parallel.pyx":255
  *                 self.manager.shrink(occupied)
  *                 done = []
  *                 try:             # <<<<<<<<<<<<<<
@@ -17308,7 +15625,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
               __Pyx_XGOTREF(__pyx_t_18);
               /*try:*/ {
 
-                /* "rocmforge/_tensor_parallel.pyx":307
+                /* "rocmforge/_tensor_parallel.pyx":256
  *                 done = []
  *                 try:
  *                     for r in ranks:             # <<<<<<<<<<<<<<
@@ -17321,45 +15638,45 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                   {
                     Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
                     #if !CYTHON_ASSUME_SAFE_SIZE
-                    if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 307, __pyx_L26_error)
+                    if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 256, __pyx_L26_error)
                     #endif
                     if (__pyx_t_10 >= __pyx_temp) break;
                   }
                   __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_2, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
                   ++__pyx_t_10;
-                  if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 307, __pyx_L26_error)
+                  if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 256, __pyx_L26_error)
                   __Pyx_GOTREF(__pyx_t_6);
-                  if (!(likely(((__pyx_t_6) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_6, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 307, __pyx_L26_error)
+                  if (!(likely(((__pyx_t_6) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_6, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 256, __pyx_L26_error)
                   __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_6));
                   __pyx_t_6 = 0;
 
-                  /* "rocmforge/_tensor_parallel.pyx":308
+                  /* "rocmforge/_tensor_parallel.pyx":257
  *                 try:
  *                     for r in ranks:
  *                         r._allocate(occupied, r._buffers)             # <<<<<<<<<<<<<<
  *                         done.append(r)
  *                 except BaseException:
 */
-                  __pyx_t_13 = __Pyx_PyLong_As_int64_t(__pyx_v_occupied); if (unlikely((__pyx_t_13 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 308, __pyx_L26_error)
+                  __pyx_t_13 = __Pyx_PyLong_As_int64_t(__pyx_v_occupied); if (unlikely((__pyx_t_13 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 257, __pyx_L26_error)
                   __pyx_t_6 = __pyx_v_r->_buffers;
                   __Pyx_INCREF(__pyx_t_6);
-                  __pyx_t_1 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_allocate(__pyx_v_r, __pyx_t_13, ((PyObject*)__pyx_t_6)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 308, __pyx_L26_error)
+                  __pyx_t_1 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_allocate(__pyx_v_r, __pyx_t_13, ((PyObject*)__pyx_t_6)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 257, __pyx_L26_error)
                   __Pyx_GOTREF(__pyx_t_1);
 
                   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
                   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-                  /* "rocmforge/_tensor_parallel.pyx":309
+                  /* "rocmforge/_tensor_parallel.pyx":258
  *                     for r in ranks:
  *                         r._allocate(occupied, r._buffers)
  *                         done.append(r)             # <<<<<<<<<<<<<<
  *                 except BaseException:
  *                     for r in done:              # back to the old size: blocks past occupied are free
 */
-                  __pyx_t_19 = __Pyx_PyList_Append(__pyx_v_done, ((PyObject *)__pyx_v_r)); if (unlikely(__pyx_t_19 == ((int)-1))) __PYX_ERR(0, 309, __pyx_L26_error)
+                  __pyx_t_19 = __Pyx_PyList_Append(__pyx_v_done, ((PyObject *)__pyx_v_r)); if (unlikely(__pyx_t_19 == ((int)-1))) __PYX_ERR(0, 258, __pyx_L26_error)
 
 
-                  /* "rocmforge/_tensor_parallel.pyx":307
+                  /* "rocmforge/_tensor_parallel.pyx":256
  *                 done = []
  *                 try:
  *                     for r in ranks:             # <<<<<<<<<<<<<<
@@ -17369,7 +15686,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 }
                 __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-                /* "rocmforge/_tensor_parallel.pyx":306
+                /* "rocmforge/_tensor_parallel.pyx":255
  *                 self.manager.shrink(occupied)
  *                 done = []
  *                 try:             # <<<<<<<<<<<<<<
@@ -17387,7 +15704,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
               __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
               __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
 
-              /* "rocmforge/_tensor_parallel.pyx":310
+              /* "rocmforge/_tensor_parallel.pyx":259
  *                         r._allocate(occupied, r._buffers)
  *                         done.append(r)
  *                 except BaseException:             # <<<<<<<<<<<<<<
@@ -17397,12 +15714,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
               __pyx_t_11 = __Pyx_PyErr_ExceptionMatches(((PyObject *)(((PyTypeObject*)PyExc_BaseException))));
               if (__pyx_t_11) {
                 __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.compact", __pyx_clineno, __pyx_lineno, __pyx_filename);
-                if (__Pyx_GetException(&__pyx_t_2, &__pyx_t_1, &__pyx_t_6) < 0) __PYX_ERR(0, 310, __pyx_L28_except_error)
+                if (__Pyx_GetException(&__pyx_t_2, &__pyx_t_1, &__pyx_t_6) < 0) __PYX_ERR(0, 259, __pyx_L28_except_error)
                 __Pyx_XGOTREF(__pyx_t_2);
                 __Pyx_XGOTREF(__pyx_t_1);
                 __Pyx_XGOTREF(__pyx_t_6);
 
-                /* "rocmforge/_tensor_parallel.pyx":311
+                /* "rocmforge/_tensor_parallel.pyx":260
  *                         done.append(r)
  *                 except BaseException:
  *                     for r in done:              # back to the old size: blocks past occupied are free             # <<<<<<<<<<<<<<
@@ -17415,19 +15732,19 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                   {
                     Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_5);
                     #if !CYTHON_ASSUME_SAFE_SIZE
-                    if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 311, __pyx_L28_except_error)
+                    if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 260, __pyx_L28_except_error)
                     #endif
                     if (__pyx_t_10 >= __pyx_temp) break;
                   }
                   __pyx_t_20 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_5, __pyx_t_10, __Pyx_ReferenceSharing_OwnStrongReference);
                   ++__pyx_t_10;
-                  if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 311, __pyx_L28_except_error)
+                  if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 260, __pyx_L28_except_error)
                   __Pyx_GOTREF(__pyx_t_20);
-                  if (!(likely(((__pyx_t_20) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_20, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 311, __pyx_L28_except_error)
+                  if (!(likely(((__pyx_t_20) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_20, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 260, __pyx_L28_except_error)
                   __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_20));
                   __pyx_t_20 = 0;
 
-                  /* "rocmforge/_tensor_parallel.pyx":312
+                  /* "rocmforge/_tensor_parallel.pyx":261
  *                 except BaseException:
  *                     for r in done:              # back to the old size: blocks past occupied are free
  *                         r._allocate(size, r._buffers)             # <<<<<<<<<<<<<<
@@ -17436,12 +15753,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
                   __pyx_t_20 = __pyx_v_r->_buffers;
                   __Pyx_INCREF(__pyx_t_20);
-                  __pyx_t_21 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_allocate(__pyx_v_r, __pyx_v_size, ((PyObject*)__pyx_t_20)); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 312, __pyx_L28_except_error)
+                  __pyx_t_21 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_allocate(__pyx_v_r, __pyx_v_size, ((PyObject*)__pyx_t_20)); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 261, __pyx_L28_except_error)
                   __Pyx_GOTREF(__pyx_t_21);
                   __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
                   __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
 
-                  /* "rocmforge/_tensor_parallel.pyx":311
+                  /* "rocmforge/_tensor_parallel.pyx":260
  *                         done.append(r)
  *                 except BaseException:
  *                     for r in done:              # back to the old size: blocks past occupied are free             # <<<<<<<<<<<<<<
@@ -17451,18 +15768,18 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 }
                 __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-                /* "rocmforge/_tensor_parallel.pyx":313
+                /* "rocmforge/_tensor_parallel.pyx":262
  *                     for r in done:              # back to the old size: blocks past occupied are free
  *                         r._allocate(size, r._buffers)
  *                     self.manager.grow(size)             # <<<<<<<<<<<<<<
  *                     raise
  *         return moves
 */
-                __pyx_t_20 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 313, __pyx_L28_except_error)
+                __pyx_t_20 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 262, __pyx_L28_except_error)
                 __Pyx_GOTREF(__pyx_t_20);
                 __pyx_t_21 = __pyx_t_20;
                 __Pyx_INCREF(__pyx_t_21);
-                __pyx_t_22 = __Pyx_PyLong_From_int64_t(__pyx_v_size); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 313, __pyx_L28_except_error)
+                __pyx_t_22 = __Pyx_PyLong_From_int64_t(__pyx_v_size); if (unlikely(!__pyx_t_22)) __PYX_ERR(0, 262, __pyx_L28_except_error)
                 __Pyx_GOTREF(__pyx_t_22);
                 __pyx_t_3 = 0;
                 {
@@ -17471,12 +15788,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                   __Pyx_XDECREF(__pyx_t_21); __pyx_t_21 = 0;
                   __Pyx_DECREF(__pyx_t_22); __pyx_t_22 = 0;
                   __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
-                  if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 313, __pyx_L28_except_error)
+                  if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 262, __pyx_L28_except_error)
                   __Pyx_GOTREF(__pyx_t_5);
                 }
                 __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-                /* "rocmforge/_tensor_parallel.pyx":314
+                /* "rocmforge/_tensor_parallel.pyx":263
  *                         r._allocate(size, r._buffers)
  *                     self.manager.grow(size)
  *                     raise             # <<<<<<<<<<<<<<
@@ -17488,11 +15805,11 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
                 __Pyx_XGIVEREF(__pyx_t_6);
                 __Pyx_ErrRestoreWithState(__pyx_t_2, __pyx_t_1, __pyx_t_6);
                 __pyx_t_2 = 0;  __pyx_t_1 = 0;  __pyx_t_6 = 0; 
-                __PYX_ERR(0, 314, __pyx_L28_except_error)
+                __PYX_ERR(0, 263, __pyx_L28_except_error)
               }
               goto __pyx_L28_except_error;
 
-              /* "rocmforge/_tensor_parallel.pyx":306
+              /* "rocmforge/_tensor_parallel.pyx":255
  *                 self.manager.shrink(occupied)
  *                 done = []
  *                 try:             # <<<<<<<<<<<<<<
@@ -17508,7 +15825,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
               __pyx_L31_try_end:;
             }
 
-            /* "rocmforge/_tensor_parallel.pyx":303
+            /* "rocmforge/_tensor_parallel.pyx":252
  *             size = (<KvCache>ranks[0])._num_blocks
  *             occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
  *             if shrink and occupied < size:             # <<<<<<<<<<<<<<
@@ -17517,7 +15834,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
           }
 
-          /* "rocmforge/_tensor_parallel.pyx":292
+          /* "rocmforge/_tensor_parallel.pyx":241
  *         self._live()
  *         ranks = list(self.ranks)
  *         with _AllLocks(ranks):             # <<<<<<<<<<<<<<
@@ -17539,23 +15856,23 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
         /*except:*/ {
           __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.compact", __pyx_clineno, __pyx_lineno, __pyx_filename);
-          if (__Pyx_GetException(&__pyx_t_6, &__pyx_t_1, &__pyx_t_2) < 0) __PYX_ERR(0, 292, __pyx_L9_except_error)
+          if (__Pyx_GetException(&__pyx_t_6, &__pyx_t_1, &__pyx_t_2) < 0) __PYX_ERR(0, 241, __pyx_L9_except_error)
           __Pyx_XGOTREF(__pyx_t_6);
           __Pyx_XGOTREF(__pyx_t_1);
           __Pyx_XGOTREF(__pyx_t_2);
           {
             PyObject* __pyx_temp[3] = {__pyx_t_6, __pyx_t_1, __pyx_t_2};
-            __pyx_t_5 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 292, __pyx_L9_except_error)
+            __pyx_t_5 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 241, __pyx_L9_except_error)
             __Pyx_GOTREF(__pyx_t_5);
           }
           __pyx_t_18 = __Pyx_PyObject_Call(__pyx_t_4, __pyx_t_5, NULL);
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
           __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 292, __pyx_L9_except_error)
+          if (unlikely(!__pyx_t_18)) __PYX_ERR(0, 241, __pyx_L9_except_error)
           __Pyx_GOTREF(__pyx_t_18);
           __pyx_t_12 = __Pyx_PyObject_IsTrue(__pyx_t_18);
           __Pyx_DECREF(__pyx_t_18); __pyx_t_18 = 0;
-          if (__pyx_t_12 < (0)) __PYX_ERR(0, 292, __pyx_L9_except_error)
+          if (__pyx_t_12 < (0)) __PYX_ERR(0, 241, __pyx_L9_except_error)
           __pyx_t_15 = (!__pyx_t_12);
 
 
@@ -17566,7 +15883,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __Pyx_XGIVEREF(__pyx_t_2);
             __Pyx_ErrRestoreWithState(__pyx_t_6, __pyx_t_1, __pyx_t_2);
             __pyx_t_6 = 0;  __pyx_t_1 = 0;  __pyx_t_2 = 0; 
-            __PYX_ERR(0, 292, __pyx_L9_except_error)
+            __PYX_ERR(0, 241, __pyx_L9_except_error)
           }
           __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
           __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -17592,7 +15909,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         if (__pyx_t_4) {
           __pyx_t_9 = __Pyx_PyObject_Call(__pyx_t_4, __pyx_mstate_global->__pyx_tuple[0], NULL);
           __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 292, __pyx_L1_error)
+          if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 241, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_9);
           __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
         }
@@ -17607,14 +15924,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_L43:;
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":315
+  /* "rocmforge/_tensor_parallel.pyx":264
  *                     self.manager.grow(size)
  *                     raise
  *         return moves             # <<<<<<<<<<<<<<
  * 
  *     def grow(self, num_blocks):
 */
-  if (unlikely(!__pyx_v_moves)) { __Pyx_RaiseUnboundLocalError("moves"); __PYX_ERR(0, 315, __pyx_L1_error) }
+  if (unlikely(!__pyx_v_moves)) { __Pyx_RaiseUnboundLocalError("moves"); __PYX_ERR(0, 264, __pyx_L1_error) }
   {
     PyObject *__pyx_temp;
     {
@@ -17626,7 +15943,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   }
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":286
+  /* "rocmforge/_tensor_parallel.pyx":235
  *             return sorted(self._swapped)
  * 
  *     def compact(self, shrink=False):             # <<<<<<<<<<<<<<
@@ -17657,7 +15974,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":317
+/* "rocmforge/_tensor_parallel.pyx":266
  *         return moves
  * 
  *     def grow(self, num_blocks):             # <<<<<<<<<<<<<<
@@ -17706,39 +16023,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_self,&__pyx_mstate_global->__pyx_n_u_num_blocks,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 317, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 266, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 317, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 266, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 317, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 266, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "grow", 0) < (0)) __PYX_ERR(0, 317, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "grow", 0) < (0)) __PYX_ERR(0, 266, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("grow", 1, 2, 2, i); __PYX_ERR(0, 317, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("grow", 1, 2, 2, i); __PYX_ERR(0, 266, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 317, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 266, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 317, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 266, __pyx_L3_error)
     }
     __pyx_v_self = values[0];
     __pyx_v_num_blocks = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("grow", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 317, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("grow", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 266, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -17789,7 +16106,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("grow", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":322
+  /* "rocmforge/_tensor_parallel.pyx":271
  *         storage the pool does not use)."""
  *         cdef KvCache r
  *         self._live()             # <<<<<<<<<<<<<<
@@ -17803,12 +16120,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[2] = {__pyx_t_2, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_live, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 322, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 271, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":323
+  /* "rocmforge/_tensor_parallel.pyx":272
  *         cdef KvCache r
  *         self._live()
  *         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):             # <<<<<<<<<<<<<<
@@ -17824,7 +16141,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_5 = __Pyx_HasAttr(__pyx_v_num_blocks, __pyx_mstate_global->__pyx_n_u_index); if (unlikely(__pyx_t_5 == ((int)-1))) __PYX_ERR(0, 323, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_HasAttr(__pyx_v_num_blocks, __pyx_mstate_global->__pyx_n_u_index); if (unlikely(__pyx_t_5 == ((int)-1))) __PYX_ERR(0, 272, __pyx_L1_error)
   __pyx_t_6 = (!__pyx_t_5);
 
 
@@ -17835,7 +16152,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   if (unlikely(__pyx_t_4)) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":324
+    /* "rocmforge/_tensor_parallel.pyx":273
  *         self._live()
  *         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
  *             raise ArgumentTypeError("num_blocks must be an int")             # <<<<<<<<<<<<<<
@@ -17843,7 +16160,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *         ranks = list(self.ranks)
 */
     __pyx_t_2 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_ArgumentTypeError); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 324, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_ArgumentTypeError); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 273, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -17862,14 +16179,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_7, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 324, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 273, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 324, __pyx_L1_error)
+    __PYX_ERR(0, 273, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":323
+    /* "rocmforge/_tensor_parallel.pyx":272
  *         cdef KvCache r
  *         self._live()
  *         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):             # <<<<<<<<<<<<<<
@@ -17878,7 +16195,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":325
+  /* "rocmforge/_tensor_parallel.pyx":274
  *         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
  *             raise ArgumentTypeError("num_blocks must be an int")
  *         n = num_blocks.__index__()             # <<<<<<<<<<<<<<
@@ -17892,28 +16209,28 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     PyObject *__pyx_callargs[2] = {__pyx_t_7, NULL};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_index, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 325, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 274, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __pyx_v_n = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":326
+  /* "rocmforge/_tensor_parallel.pyx":275
  *             raise ArgumentTypeError("num_blocks must be an int")
  *         n = num_blocks.__index__()
  *         ranks = list(self.ranks)             # <<<<<<<<<<<<<<
  *         with _AllLocks(ranks):
  *             for r in ranks:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 326, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_ranks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 275, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_7 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 326, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PySequence_ListKeepNew(__pyx_t_1); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 275, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_ranks = ((PyObject*)__pyx_t_7);
   __pyx_t_7 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":327
+  /* "rocmforge/_tensor_parallel.pyx":276
  *         n = num_blocks.__index__()
  *         ranks = list(self.ranks)
  *         with _AllLocks(ranks):             # <<<<<<<<<<<<<<
@@ -17927,13 +16244,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       PyObject *__pyx_callargs[2] = {__pyx_t_1, __pyx_v_ranks};
       __pyx_t_7 = __Pyx_PyObject_FastCall((PyObject*)__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
-      if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 327, __pyx_L1_error)
+      if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 276, __pyx_L1_error)
       __Pyx_GOTREF((PyObject *)__pyx_t_7);
     }
-    __pyx_t_8 = __Pyx_PyObject_LookupSpecial(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 327, __pyx_L1_error)
+    __pyx_t_8 = __Pyx_PyObject_LookupSpecial(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_exit); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 276, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
     __pyx_t_2 = NULL;
-    __pyx_t_9 = __Pyx_PyObject_LookupSpecial(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 327, __pyx_L6_error)
+    __pyx_t_9 = __Pyx_PyObject_LookupSpecial(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_enter); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 276, __pyx_L6_error)
     __Pyx_GOTREF(__pyx_t_9);
     __pyx_t_3 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -17952,7 +16269,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_9, __pyx_callargs+__pyx_t_3, (1-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 327, __pyx_L6_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 276, __pyx_L6_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
@@ -17967,7 +16284,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XGOTREF(__pyx_t_12);
         /*try:*/ {
 
-          /* "rocmforge/_tensor_parallel.pyx":328
+          /* "rocmforge/_tensor_parallel.pyx":277
  *         ranks = list(self.ranks)
  *         with _AllLocks(ranks):
  *             for r in ranks:             # <<<<<<<<<<<<<<
@@ -17980,29 +16297,29 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             {
               Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_7);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 328, __pyx_L10_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 277, __pyx_L10_error)
               #endif
               if (__pyx_t_13 >= __pyx_temp) break;
             }
             __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_7, __pyx_t_13, __Pyx_ReferenceSharing_OwnStrongReference);
             ++__pyx_t_13;
-            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 328, __pyx_L10_error)
+            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 277, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_1);
-            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 328, __pyx_L10_error)
+            if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 277, __pyx_L10_error)
             __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_1));
             __pyx_t_1 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":329
+            /* "rocmforge/_tensor_parallel.pyx":278
  *         with _AllLocks(ranks):
  *             for r in ranks:
  *                 r._check_open()             # <<<<<<<<<<<<<<
  *             if n < self.manager.num_blocks:
  *                 raise InvalidConfiguration(f"grow to {n} < num_blocks={self.manager.num_blocks}: use compact()")
 */
-            __pyx_t_14 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_check_open(__pyx_v_r); if (unlikely(__pyx_t_14 == ((int)-1))) __PYX_ERR(0, 329, __pyx_L10_error)
+            __pyx_t_14 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_check_open(__pyx_v_r); if (unlikely(__pyx_t_14 == ((int)-1))) __PYX_ERR(0, 278, __pyx_L10_error)
 
 
-            /* "rocmforge/_tensor_parallel.pyx":328
+            /* "rocmforge/_tensor_parallel.pyx":277
  *         ranks = list(self.ranks)
  *         with _AllLocks(ranks):
  *             for r in ranks:             # <<<<<<<<<<<<<<
@@ -18012,24 +16329,24 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           }
           __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":330
+          /* "rocmforge/_tensor_parallel.pyx":279
  *             for r in ranks:
  *                 r._check_open()
  *             if n < self.manager.num_blocks:             # <<<<<<<<<<<<<<
  *                 raise InvalidConfiguration(f"grow to {n} < num_blocks={self.manager.num_blocks}: use compact()")
  *             for r in ranks:
 */
-          __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 330, __pyx_L10_error)
+          __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 279, __pyx_L10_error)
           __Pyx_GOTREF(__pyx_t_7);
-          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 330, __pyx_L10_error)
+          __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 279, __pyx_L10_error)
           __Pyx_GOTREF(__pyx_t_1);
           __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-          __pyx_t_4 = __Pyx_PyObject_CompareBoolLt_object_object(__pyx_v_n, __pyx_t_1, Py_LT); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 330, __pyx_L10_error)
+          __pyx_t_4 = __Pyx_PyObject_CompareBoolLt_object_object(__pyx_v_n, __pyx_t_1, Py_LT); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 279, __pyx_L10_error)
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
           if (unlikely(__pyx_t_4)) {
 
 
-            /* "rocmforge/_tensor_parallel.pyx":331
+            /* "rocmforge/_tensor_parallel.pyx":280
  *                 r._check_open()
  *             if n < self.manager.num_blocks:
  *                 raise InvalidConfiguration(f"grow to {n} < num_blocks={self.manager.num_blocks}: use compact()")             # <<<<<<<<<<<<<<
@@ -18037,16 +16354,16 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
  *                 if n > r._num_blocks:
 */
             __pyx_t_7 = NULL;
-            __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_InvalidConfiguration); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 331, __pyx_L10_error)
+            __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_InvalidConfiguration); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 280, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_9);
-            __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_v_n, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 331, __pyx_L10_error)
+            __pyx_t_2 = __Pyx_PyObject_FormatSimple(__pyx_v_n, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 280, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_2);
-            __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 331, __pyx_L10_error)
+            __pyx_t_15 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 280, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_15);
-            __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 331, __pyx_L10_error)
+            __pyx_t_16 = __Pyx_PyObject_GetAttrStr(__pyx_t_15, __pyx_mstate_global->__pyx_n_u_num_blocks); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 280, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_16);
             __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
-            __pyx_t_15 = __Pyx_PyObject_FormatSimple(__pyx_t_16, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 331, __pyx_L10_error)
+            __pyx_t_15 = __Pyx_PyObject_FormatSimple(__pyx_t_16, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_15)) __PYX_ERR(0, 280, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_15);
             __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
             __pyx_t_17[0] = __pyx_mstate_global->__pyx_kp_u_grow_to;
@@ -18063,7 +16380,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __pyx_t_14 |= __Pyx_PyUnicode_KIND_04(__pyx_t_17[1]) | __Pyx_PyUnicode_KIND_04(__pyx_t_17[3]);
             #endif
             __pyx_t_16 = __Pyx_PyUnicode_Join(__pyx_t_17, 5, __pyx_t_13, __pyx_t_14);
-            if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 331, __pyx_L10_error)
+            if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 280, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_16);
             __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
             __Pyx_DECREF(__pyx_t_15); __pyx_t_15 = 0;
@@ -18085,14 +16402,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
               __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
               __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
               __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 331, __pyx_L10_error)
+              if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 280, __pyx_L10_error)
               __Pyx_GOTREF(__pyx_t_1);
             }
             __Pyx_Raise(__pyx_t_1, 0, 0, 0);
             __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-            __PYX_ERR(0, 331, __pyx_L10_error)
+            __PYX_ERR(0, 280, __pyx_L10_error)
 
-            /* "rocmforge/_tensor_parallel.pyx":330
+            /* "rocmforge/_tensor_parallel.pyx":279
  *             for r in ranks:
  *                 r._check_open()
  *             if n < self.manager.num_blocks:             # <<<<<<<<<<<<<<
@@ -18101,7 +16418,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
           }
 
-          /* "rocmforge/_tensor_parallel.pyx":332
+          /* "rocmforge/_tensor_parallel.pyx":281
  *             if n < self.manager.num_blocks:
  *                 raise InvalidConfiguration(f"grow to {n} < num_blocks={self.manager.num_blocks}: use compact()")
  *             for r in ranks:             # <<<<<<<<<<<<<<
@@ -18114,49 +16431,49 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             {
               Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 332, __pyx_L10_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 281, __pyx_L10_error)
               #endif
               if (__pyx_t_13 >= __pyx_temp) break;
             }
             __pyx_t_9 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_13, __Pyx_ReferenceSharing_OwnStrongReference);
             ++__pyx_t_13;
-            if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 332, __pyx_L10_error)
+            if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 281, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_9);
-            if (!(likely(((__pyx_t_9) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_9, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 332, __pyx_L10_error)
+            if (!(likely(((__pyx_t_9) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_9, __pyx_mstate_global->__pyx_ptype_9rocmforge_8_kvcache_KvCache))))) __PYX_ERR(0, 281, __pyx_L10_error)
             __Pyx_XDECREF_SET(__pyx_v_r, ((struct __pyx_obj_9rocmforge_8_kvcache_KvCache *)__pyx_t_9));
             __pyx_t_9 = 0;
 
-            /* "rocmforge/_tensor_parallel.pyx":333
+            /* "rocmforge/_tensor_parallel.pyx":282
  *                 raise InvalidConfiguration(f"grow to {n} < num_blocks={self.manager.num_blocks}: use compact()")
  *             for r in ranks:
  *                 if n > r._num_blocks:             # <<<<<<<<<<<<<<
  *                     r._allocate(n, r._buffers)
  *             self.manager.grow(n)
 */
-            __pyx_t_9 = __Pyx_PyLong_From_int64_t(__pyx_v_r->_num_blocks); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 333, __pyx_L10_error)
+            __pyx_t_9 = __Pyx_PyLong_From_int64_t(__pyx_v_r->_num_blocks); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 282, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_9);
-            __pyx_t_4 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_v_n, __pyx_t_9, Py_GT); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 333, __pyx_L10_error)
+            __pyx_t_4 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_v_n, __pyx_t_9, Py_GT); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 282, __pyx_L10_error)
             __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
             if (__pyx_t_4) {
 
 
-              /* "rocmforge/_tensor_parallel.pyx":334
+              /* "rocmforge/_tensor_parallel.pyx":283
  *             for r in ranks:
  *                 if n > r._num_blocks:
  *                     r._allocate(n, r._buffers)             # <<<<<<<<<<<<<<
  *             self.manager.grow(n)
  * 
 */
-              __pyx_t_18 = __Pyx_PyLong_As_int64_t(__pyx_v_n); if (unlikely((__pyx_t_18 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 334, __pyx_L10_error)
+              __pyx_t_18 = __Pyx_PyLong_As_int64_t(__pyx_v_n); if (unlikely((__pyx_t_18 == ((int64_t)-1)) && PyErr_Occurred())) __PYX_ERR(0, 283, __pyx_L10_error)
               __pyx_t_9 = __pyx_v_r->_buffers;
               __Pyx_INCREF(__pyx_t_9);
-              __pyx_t_16 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_allocate(__pyx_v_r, __pyx_t_18, ((PyObject*)__pyx_t_9)); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 334, __pyx_L10_error)
+              __pyx_t_16 = ((struct __pyx_vtabstruct_9rocmforge_8_kvcache_KvCache *)__pyx_v_r->__pyx_vtab)->_allocate(__pyx_v_r, __pyx_t_18, ((PyObject*)__pyx_t_9)); if (unlikely(!__pyx_t_16)) __PYX_ERR(0, 283, __pyx_L10_error)
               __Pyx_GOTREF(__pyx_t_16);
 
               __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
               __Pyx_DECREF(__pyx_t_16); __pyx_t_16 = 0;
 
-              /* "rocmforge/_tensor_parallel.pyx":333
+              /* "rocmforge/_tensor_parallel.pyx":282
  *                 raise InvalidConfiguration(f"grow to {n} < num_blocks={self.manager.num_blocks}: use compact()")
  *             for r in ranks:
  *                 if n > r._num_blocks:             # <<<<<<<<<<<<<<
@@ -18165,7 +16482,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
 */
             }
 
-            /* "rocmforge/_tensor_parallel.pyx":332
+            /* "rocmforge/_tensor_parallel.pyx":281
  *             if n < self.manager.num_blocks:
  *                 raise InvalidConfiguration(f"grow to {n} < num_blocks={self.manager.num_blocks}: use compact()")
  *             for r in ranks:             # <<<<<<<<<<<<<<
@@ -18175,14 +16492,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
           }
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":335
+          /* "rocmforge/_tensor_parallel.pyx":284
  *                 if n > r._num_blocks:
  *                     r._allocate(n, r._buffers)
  *             self.manager.grow(n)             # <<<<<<<<<<<<<<
  * 
  * 
 */
-          __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 335, __pyx_L10_error)
+          __pyx_t_9 = __Pyx_PyObject_GetAttrStr(__pyx_v_self, __pyx_mstate_global->__pyx_n_u_manager); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 284, __pyx_L10_error)
           __Pyx_GOTREF(__pyx_t_9);
           __pyx_t_16 = __pyx_t_9;
           __Pyx_INCREF(__pyx_t_16);
@@ -18192,12 +16509,12 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_grow, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
             __Pyx_XDECREF(__pyx_t_16); __pyx_t_16 = 0;
             __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 335, __pyx_L10_error)
+            if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 284, __pyx_L10_error)
             __Pyx_GOTREF(__pyx_t_1);
           }
           __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-          /* "rocmforge/_tensor_parallel.pyx":327
+          /* "rocmforge/_tensor_parallel.pyx":276
  *         n = num_blocks.__index__()
  *         ranks = list(self.ranks)
  *         with _AllLocks(ranks):             # <<<<<<<<<<<<<<
@@ -18218,23 +16535,23 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
         /*except:*/ {
           __Pyx_AddTraceback("rocmforge._tensor_parallel.TensorParallelKvCache.grow", __pyx_clineno, __pyx_lineno, __pyx_filename);
-          if (__Pyx_GetException(&__pyx_t_1, &__pyx_t_9, &__pyx_t_16) < 0) __PYX_ERR(0, 327, __pyx_L12_except_error)
+          if (__Pyx_GetException(&__pyx_t_1, &__pyx_t_9, &__pyx_t_16) < 0) __PYX_ERR(0, 276, __pyx_L12_except_error)
           __Pyx_XGOTREF(__pyx_t_1);
           __Pyx_XGOTREF(__pyx_t_9);
           __Pyx_XGOTREF(__pyx_t_16);
           {
             PyObject* __pyx_temp[3] = {__pyx_t_1, __pyx_t_9, __pyx_t_16};
-            __pyx_t_7 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 327, __pyx_L12_except_error)
+            __pyx_t_7 = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 276, __pyx_L12_except_error)
             __Pyx_GOTREF(__pyx_t_7);
           }
           __pyx_t_19 = __Pyx_PyObject_Call(__pyx_t_8, __pyx_t_7, NULL);
           __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
           __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-          if (unlikely(!__pyx_t_19)) __PYX_ERR(0, 327, __pyx_L12_except_error)
+          if (unlikely(!__pyx_t_19)) __PYX_ERR(0, 276, __pyx_L12_except_error)
           __Pyx_GOTREF(__pyx_t_19);
           __pyx_t_4 = __Pyx_PyObject_IsTrue(__pyx_t_19);
           __Pyx_DECREF(__pyx_t_19); __pyx_t_19 = 0;
-          if (__pyx_t_4 < (0)) __PYX_ERR(0, 327, __pyx_L12_except_error)
+          if (__pyx_t_4 < (0)) __PYX_ERR(0, 276, __pyx_L12_except_error)
           __pyx_t_6 = (!__pyx_t_4);
 
 
@@ -18245,7 +16562,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
             __Pyx_XGIVEREF(__pyx_t_16);
             __Pyx_ErrRestoreWithState(__pyx_t_1, __pyx_t_9, __pyx_t_16);
             __pyx_t_1 = 0;  __pyx_t_9 = 0;  __pyx_t_16 = 0; 
-            __PYX_ERR(0, 327, __pyx_L12_except_error)
+            __PYX_ERR(0, 276, __pyx_L12_except_error)
           }
           __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
           __Pyx_XDECREF(__pyx_t_9); __pyx_t_9 = 0;
@@ -18271,7 +16588,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
         if (__pyx_t_8) {
           __pyx_t_12 = __Pyx_PyObject_Call(__pyx_t_8, __pyx_mstate_global->__pyx_tuple[0], NULL);
           __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-          if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 327, __pyx_L1_error)
+          if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 276, __pyx_L1_error)
           __Pyx_GOTREF(__pyx_t_12);
           __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
         }
@@ -18286,7 +16603,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
     __pyx_L27:;
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":317
+  /* "rocmforge/_tensor_parallel.pyx":266
  *         return moves
  * 
  *     def grow(self, num_blocks):             # <<<<<<<<<<<<<<
@@ -18315,7 +16632,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_
   return __pyx_r;
 }
 
-/* "rocmforge/_tensor_parallel.pyx":338
+/* "rocmforge/_tensor_parallel.pyx":287
  * 
  * 
  * def _distinct(seq_ids):             # <<<<<<<<<<<<<<
@@ -18362,32 +16679,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_seq_ids,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 338, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 287, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 338, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 287, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_distinct", 0) < (0)) __PYX_ERR(0, 338, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_distinct", 0) < (0)) __PYX_ERR(0, 287, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_distinct", 1, 1, 1, i); __PYX_ERR(0, 338, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_distinct", 1, 1, 1, i); __PYX_ERR(0, 287, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 338, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 287, __pyx_L3_error)
     }
     __pyx_v_seq_ids = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("_distinct", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 338, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("_distinct", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 287, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18426,7 +16743,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_distinct", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":339
+  /* "rocmforge/_tensor_parallel.pyx":288
  * 
  * def _distinct(seq_ids):
  *     ids = [int(s) for s in seq_ids]             # <<<<<<<<<<<<<<
@@ -18434,16 +16751,16 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
  *         raise ArgumentValueError("seq_ids repeats a sequence")
 */
   { /* enter inner scope */
-    __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 339, __pyx_L5_error)
+    __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 288, __pyx_L5_error)
     __Pyx_GOTREF(__pyx_t_1);
     if (likely(PyList_CheckExact(__pyx_v_seq_ids)) || PyTuple_CheckExact(__pyx_v_seq_ids)) {
       __pyx_t_2 = __pyx_v_seq_ids; __Pyx_INCREF(__pyx_t_2);
       __pyx_t_3 = 0;
       __pyx_t_4 = NULL;
     } else {
-      __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_v_seq_ids); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 339, __pyx_L5_error)
+      __pyx_t_3 = -1; __pyx_t_2 = PyObject_GetIter(__pyx_v_seq_ids); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 288, __pyx_L5_error)
       __Pyx_GOTREF(__pyx_t_2);
-      __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 339, __pyx_L5_error)
+      __pyx_t_4 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 288, __pyx_L5_error)
     }
     for (;;) {
       if (likely(!__pyx_t_4)) {
@@ -18451,7 +16768,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
           {
             Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_2);
             #if !CYTHON_ASSUME_SAFE_SIZE
-            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 339, __pyx_L5_error)
+            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 288, __pyx_L5_error)
             #endif
             if (__pyx_t_3 >= __pyx_temp) break;
           }
@@ -18461,7 +16778,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
           {
             Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_2);
             #if !CYTHON_ASSUME_SAFE_SIZE
-            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 339, __pyx_L5_error)
+            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 288, __pyx_L5_error)
             #endif
             if (__pyx_t_3 >= __pyx_temp) break;
           }
@@ -18472,13 +16789,13 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
           #endif
           ++__pyx_t_3;
         }
-        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 339, __pyx_L5_error)
+        if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 288, __pyx_L5_error)
       } else {
         __pyx_t_5 = __pyx_t_4(__pyx_t_2);
         if (unlikely(!__pyx_t_5)) {
           PyObject* exc_type = PyErr_Occurred();
           if (exc_type) {
-            if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 339, __pyx_L5_error)
+            if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 288, __pyx_L5_error)
             PyErr_Clear();
           }
           break;
@@ -18487,10 +16804,10 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_XDECREF_SET(__pyx_8genexpr3__pyx_v_s, __pyx_t_5);
       __pyx_t_5 = 0;
-      __pyx_t_5 = __Pyx_PyNumber_Int(__pyx_8genexpr3__pyx_v_s); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 339, __pyx_L5_error)
+      __pyx_t_5 = __Pyx_PyNumber_Int(__pyx_8genexpr3__pyx_v_s); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 288, __pyx_L5_error)
       __Pyx_GOTREF(__pyx_t_5);
       __Pyx_GIVEREF(__pyx_t_5);
-      if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_5))) __PYX_ERR(0, 339, __pyx_L5_error)
+      if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_5))) __PYX_ERR(0, 288, __pyx_L5_error)
       __pyx_t_5 = 0;
     }
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -18504,18 +16821,18 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
   __pyx_v_ids = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":340
+  /* "rocmforge/_tensor_parallel.pyx":289
  * def _distinct(seq_ids):
  *     ids = [int(s) for s in seq_ids]
  *     if len(set(ids)) != len(ids):             # <<<<<<<<<<<<<<
  *         raise ArgumentValueError("seq_ids repeats a sequence")
  *     return ids
 */
-  __pyx_t_1 = PySet_New(__pyx_v_ids); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 340, __pyx_L1_error)
+  __pyx_t_1 = PySet_New(__pyx_v_ids); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 289, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PySet_GET_SIZE(__pyx_t_1); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 340, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PySet_GET_SIZE(__pyx_t_1); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 289, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_6 = __Pyx_PyList_GET_SIZE(__pyx_v_ids); if (unlikely(__pyx_t_6 == ((Py_ssize_t)-1))) __PYX_ERR(0, 340, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyList_GET_SIZE(__pyx_v_ids); if (unlikely(__pyx_t_6 == ((Py_ssize_t)-1))) __PYX_ERR(0, 289, __pyx_L1_error)
   __pyx_t_7 = (__pyx_t_3 != __pyx_t_6);
 
 
@@ -18523,14 +16840,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
   if (unlikely(__pyx_t_7)) {
 
 
-    /* "rocmforge/_tensor_parallel.pyx":341
+    /* "rocmforge/_tensor_parallel.pyx":290
  *     ids = [int(s) for s in seq_ids]
  *     if len(set(ids)) != len(ids):
  *         raise ArgumentValueError("seq_ids repeats a sequence")             # <<<<<<<<<<<<<<
  *     return ids
 */
     __pyx_t_2 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_ArgumentValueError); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 341, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_ArgumentValueError); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 290, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_8 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -18549,14 +16866,14 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 341, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 290, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 341, __pyx_L1_error)
+    __PYX_ERR(0, 290, __pyx_L1_error)
 
-    /* "rocmforge/_tensor_parallel.pyx":340
+    /* "rocmforge/_tensor_parallel.pyx":289
  * def _distinct(seq_ids):
  *     ids = [int(s) for s in seq_ids]
  *     if len(set(ids)) != len(ids):             # <<<<<<<<<<<<<<
@@ -18565,7 +16882,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
 */
   }
 
-  /* "rocmforge/_tensor_parallel.pyx":342
+  /* "rocmforge/_tensor_parallel.pyx":291
  *     if len(set(ids)) != len(ids):
  *         raise ArgumentValueError("seq_ids repeats a sequence")
  *     return ids             # <<<<<<<<<<<<<<
@@ -18581,7 +16898,7 @@ static PyObject *__pyx_pf_9rocmforge_16_tensor_parallel__distinct(CYTHON_UNUSED 
   }
   goto __pyx_L0;
 
-  /* "rocmforge/_tensor_parallel.pyx":338
+  /* "rocmforge/_tensor_parallel.pyx":287
  * 
  * 
  * def _distinct(seq_ids):             # <<<<<<<<<<<<<<
@@ -19512,14 +17829,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel__AllLoc
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel__AllLocks", 0);
   /*--- Exttype __pyx_obj_9rocmforge_16_tensor_parallel__AllLocks ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_9rocmforge_16_tensor_parallel__AllLocks_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks)) __PYX_ERR(0, 51, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_9rocmforge_16_tensor_parallel__AllLocks_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks)) __PYX_ERR(0, 47, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks = &__pyx_type_9rocmforge_16_tensor_parallel__AllLocks;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks) < (0)) __PYX_ERR(0, 51, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks) < (0)) __PYX_ERR(0, 47, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks);
@@ -19529,8 +17846,8 @@ static int __Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel__AllLoc
     __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks->tp_getattro = PyObject_GenericGetAttr;
   }
   #endif
-  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_AllLocks, (PyObject *) __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks) < (0)) __PYX_ERR(0, 51, __pyx_L1_error)
-  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks) < (0)) __PYX_ERR(0, 51, __pyx_L1_error)
+  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_AllLocks, (PyObject *) __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks) < (0)) __PYX_ERR(0, 47, __pyx_L1_error)
+  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks) < (0)) __PYX_ERR(0, 47, __pyx_L1_error)
   __Pyx_RefNannyFinishContext();
   return 0;
   __pyx_L1_error:;
@@ -19547,14 +17864,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel___pyx_s
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr", 0);
   /*--- Exttype __pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr)) __PYX_ERR(0, 137, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr = &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 141, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 137, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct__genexpr);
@@ -19580,14 +17897,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel___pyx_s
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr", 0);
   /*--- Exttype __pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr)) __PYX_ERR(0, 144, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr)) __PYX_ERR(0, 140, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr = &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr) < (0)) __PYX_ERR(0, 144, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr) < (0)) __PYX_ERR(0, 140, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_1_genexpr);
@@ -19613,14 +17930,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel___pyx_s
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr", 0);
   /*--- Exttype __pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr)) __PYX_ERR(0, 159, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr)) __PYX_ERR(0, 155, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr = &__pyx_type_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr) < (0)) __PYX_ERR(0, 159, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr) < (0)) __PYX_ERR(0, 155, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr);
@@ -19646,157 +17963,7 @@ static int __Pyx_modinit_Type_import_code(__pyx_mstatetype *__pyx_mstate) {
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __Pyx_RefNannySetupContext("__Pyx_modinit_Type_import_code", 0);
   /*--- Type import code ---*/
-  __pyx_t_1 = PyImport_ImportModule(__Pyx_BUILTIN_MODULE_NAME); if (unlikely(!__pyx_t_1)) __PYX_ERR(4, 9, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_mstate->__pyx_ptype_7cpython_4type_type = __Pyx_ImportType_3_3_1(__pyx_t_1, __Pyx_BUILTIN_MODULE_NAME, "type",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyTypeObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyTypeObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  0, 0,
-  #else
-  sizeof(PyHeapTypeObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyHeapTypeObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_7cpython_4type_type) __PYX_ERR(4, 9, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = PyImport_ImportModule("numpy"); if (unlikely(!__pyx_t_1)) __PYX_ERR(1, 229, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_mstate->__pyx_ptype_5numpy_dtype = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "dtype",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyArray_Descr), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArray_Descr),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyArray_Descr), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArray_Descr),
-  #else
-  sizeof(PyArray_Descr), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArray_Descr),
-  #endif
-  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_dtype) __PYX_ERR(1, 229, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_flatiter = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "flatiter",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyArrayIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayIterObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyArrayIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayIterObject),
-  #else
-  sizeof(PyArrayIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayIterObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_flatiter) __PYX_ERR(1, 274, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_broadcast = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "broadcast",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyArrayMultiIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayMultiIterObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyArrayMultiIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayMultiIterObject),
-  #else
-  sizeof(PyArrayMultiIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayMultiIterObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_broadcast) __PYX_ERR(1, 278, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_ndarray = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "ndarray",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyArrayObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyArrayObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayObject),
-  #else
-  sizeof(PyArrayObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_ndarray) __PYX_ERR(1, 317, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_generic = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "generic",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_generic) __PYX_ERR(1, 826, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_number = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "number",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_number) __PYX_ERR(1, 828, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_integer = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "integer",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_integer) __PYX_ERR(1, 830, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_signedinteger = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "signedinteger",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_signedinteger) __PYX_ERR(1, 832, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_unsignedinteger = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "unsignedinteger",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_unsignedinteger) __PYX_ERR(1, 834, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_inexact = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "inexact",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_inexact) __PYX_ERR(1, 836, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_floating = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "floating",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_floating) __PYX_ERR(1, 838, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_complexfloating = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "complexfloating",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_complexfloating) __PYX_ERR(1, 840, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_flexible = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "flexible",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_flexible) __PYX_ERR(1, 842, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_character = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "character",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #else
-  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_character) __PYX_ERR(1, 844, __pyx_L1_error)
-  __pyx_mstate->__pyx_ptype_5numpy_ufunc = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "ufunc",
-  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
-  sizeof(PyUFuncObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyUFuncObject),
-  #elif CYTHON_COMPILING_IN_LIMITED_API
-  sizeof(PyUFuncObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyUFuncObject),
-  #else
-  sizeof(PyUFuncObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyUFuncObject),
-  #endif
-  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_ufunc) __PYX_ERR(1, 908, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = PyImport_ImportModule("rocmforge._core"); if (unlikely(!__pyx_t_1)) __PYX_ERR(5, 28, __pyx_L1_error)
+  __pyx_t_1 = PyImport_ImportModule("rocmforge._core"); if (unlikely(!__pyx_t_1)) __PYX_ERR(4, 28, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_mstate->__pyx_ptype_9rocmforge_5_core_BlockManager = __Pyx_ImportType_3_3_1(__pyx_t_1, "rocmforge._core", "BlockManager",
   #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
@@ -19806,8 +17973,158 @@ static int __Pyx_modinit_Type_import_code(__pyx_mstatetype *__pyx_mstate) {
   #else
   sizeof(struct __pyx_obj_9rocmforge_5_core_BlockManager), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(struct __pyx_obj_9rocmforge_5_core_BlockManager),
   #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_9rocmforge_5_core_BlockManager) __PYX_ERR(5, 28, __pyx_L1_error)
-  if (unlikely(__Pyx_GetVtable(__pyx_mstate->__pyx_ptype_9rocmforge_5_core_BlockManager, (void**)&__pyx_vtabptr_9rocmforge_5_core_BlockManager) != 1)) __PYX_ERR(5, 28, __pyx_L1_error)
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_9rocmforge_5_core_BlockManager) __PYX_ERR(4, 28, __pyx_L1_error)
+  if (unlikely(__Pyx_GetVtable(__pyx_mstate->__pyx_ptype_9rocmforge_5_core_BlockManager, (void**)&__pyx_vtabptr_9rocmforge_5_core_BlockManager) != 1)) __PYX_ERR(4, 28, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_1 = PyImport_ImportModule(__Pyx_BUILTIN_MODULE_NAME); if (unlikely(!__pyx_t_1)) __PYX_ERR(5, 9, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_mstate->__pyx_ptype_7cpython_4type_type = __Pyx_ImportType_3_3_1(__pyx_t_1, __Pyx_BUILTIN_MODULE_NAME, "type",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyTypeObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyTypeObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  0, 0,
+  #else
+  sizeof(PyHeapTypeObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyHeapTypeObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_7cpython_4type_type) __PYX_ERR(5, 9, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_1 = PyImport_ImportModule("numpy"); if (unlikely(!__pyx_t_1)) __PYX_ERR(2, 229, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_mstate->__pyx_ptype_5numpy_dtype = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "dtype",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyArray_Descr), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArray_Descr),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyArray_Descr), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArray_Descr),
+  #else
+  sizeof(PyArray_Descr), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArray_Descr),
+  #endif
+  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_dtype) __PYX_ERR(2, 229, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_flatiter = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "flatiter",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyArrayIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayIterObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyArrayIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayIterObject),
+  #else
+  sizeof(PyArrayIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayIterObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_flatiter) __PYX_ERR(2, 274, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_broadcast = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "broadcast",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyArrayMultiIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayMultiIterObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyArrayMultiIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayMultiIterObject),
+  #else
+  sizeof(PyArrayMultiIterObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayMultiIterObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_broadcast) __PYX_ERR(2, 278, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_ndarray = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "ndarray",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyArrayObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyArrayObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayObject),
+  #else
+  sizeof(PyArrayObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyArrayObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_ndarray) __PYX_ERR(2, 317, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_generic = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "generic",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_generic) __PYX_ERR(2, 826, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_number = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "number",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_number) __PYX_ERR(2, 828, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_integer = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "integer",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_integer) __PYX_ERR(2, 830, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_signedinteger = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "signedinteger",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_signedinteger) __PYX_ERR(2, 832, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_unsignedinteger = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "unsignedinteger",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_unsignedinteger) __PYX_ERR(2, 834, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_inexact = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "inexact",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_inexact) __PYX_ERR(2, 836, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_floating = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "floating",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_floating) __PYX_ERR(2, 838, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_complexfloating = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "complexfloating",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_complexfloating) __PYX_ERR(2, 840, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_flexible = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "flexible",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_flexible) __PYX_ERR(2, 842, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_character = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "character",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #else
+  sizeof(PyObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_character) __PYX_ERR(2, 844, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5numpy_ufunc = __Pyx_ImportType_3_3_1(__pyx_t_1, "numpy", "ufunc",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(PyUFuncObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyUFuncObject),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(PyUFuncObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyUFuncObject),
+  #else
+  sizeof(PyUFuncObject), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(PyUFuncObject),
+  #endif
+  __Pyx_ImportType_CheckSize_Ignore_3_3_1); if (!__pyx_mstate->__pyx_ptype_5numpy_ufunc) __PYX_ERR(2, 908, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_t_1 = PyImport_ImportModule("rocmforge._dlpack"); if (unlikely(!__pyx_t_1)) __PYX_ERR(6, 73, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
@@ -19886,11 +18203,39 @@ static int __Pyx_modinit_Variable_import_code(__pyx_mstatetype *__pyx_mstate) {
 
 static int __Pyx_modinit_Function_import_code(__pyx_mstatetype *__pyx_mstate) {
   __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __Pyx_RefNannySetupContext("__Pyx_modinit_Function_import_code", 0);
   /*--- Function import code ---*/
+  {
+    __pyx_t_1 = PyImport_ImportModule("rocmforge._kvcache"); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 1, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_1);
+    const char * __pyx_import_signature = __Pyx_PyBytes_AsString(__pyx_mstate_global->__pyx_kp_b_PyObject_PyObject_PyObject_PyObj);
+    #if !CYTHON_ASSUME_SAFE_MACROS
+    if (unlikely(!__pyx_import_signature)) __PYX_ERR(0, 1, __pyx_L1_error)
+    #endif
+    const char * __pyx_import_name = __pyx_import_signature + 60;
+    void (**const __pyx_import_pointers[])(void) = {(void (**)(void))&__pyx_f_9rocmforge_8_kvcache_swap_in_ranks, (void (**)(void))&__pyx_f_9rocmforge_8_kvcache_swap_out_ranks, (void (**)(void)) NULL};
+    void (**const *__pyx_import_pointer)(void) = __pyx_import_pointers;
+    const char *__pyx_import_current_signature = __pyx_import_signature;
+    while (*__pyx_import_pointer) {
+      if (__Pyx_ImportFunction_3_3_1(__pyx_t_1, __pyx_import_name, *__pyx_import_pointer, __pyx_import_current_signature) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
+      ++__pyx_import_pointer;
+      __pyx_import_name = strchr(__pyx_import_name, '\0') + 1;
+      __pyx_import_signature = strchr(__pyx_import_signature, '\0') + 1;
+      if (*__pyx_import_signature != '\0') __pyx_import_current_signature = __pyx_import_signature;
+    }
+    __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  }
   __Pyx_RefNannyFinishContext();
   return 0;
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_RefNannyFinishContext();
+  return -1;
 }
 
 #if CYTHON_PEP489_MULTI_PHASE_INIT
@@ -20086,10 +18431,9 @@ static CYTHON_SMALL_CODE int __pyx_pymod_exec__tensor_parallel(PyObject *__pyx_p
   PyObject *__pyx_t_2 = NULL;
   Py_ssize_t __pyx_t_3;
   PyObject *__pyx_t_4 = NULL;
-  int __pyx_t_5;
+  PyObject *__pyx_t_5 = NULL;
   PyObject *__pyx_t_6 = NULL;
-  PyObject *__pyx_t_7 = NULL;
-  size_t __pyx_t_8;
+  size_t __pyx_t_7;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -20179,7 +18523,7 @@ __Pyx_RefNannySetupContext("PyInit__tensor_parallel", 0);
   if (unlikely((__Pyx_modinit_Exttype___pyx_obj_9rocmforge_16_tensor_parallel___pyx_scope_struct_2_genexpr(__pyx_mstate) < 0))) __PYX_ERR(0, 1, __pyx_L1_error)
   if (unlikely((__Pyx_modinit_Type_import_code(__pyx_mstate) < 0))) __PYX_ERR(0, 1, __pyx_L1_error)
   (void)__Pyx_modinit_Variable_import_code(__pyx_mstate);
-  (void)__Pyx_modinit_Function_import_code(__pyx_mstate);
+  if (unlikely((__Pyx_modinit_Function_import_code(__pyx_mstate) < 0))) __PYX_ERR(0, 1, __pyx_L1_error)
   if (__Pyx_InitAfterSharedUtility() < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
   /*--- Execution code ---*/
 
@@ -20188,7 +18532,7 @@ __Pyx_RefNannySetupContext("PyInit__tensor_parallel", 0);
  * 
  * import threading             # <<<<<<<<<<<<<<
  * 
- * cimport numpy as cnp
+ * import numpy as np
 */
   __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_threading, 0, 0, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 8, __pyx_L1_error)
   __pyx_t_2 = __pyx_t_1;
@@ -20196,35 +18540,59 @@ __Pyx_RefNannySetupContext("PyInit__tensor_parallel", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_threading, __pyx_t_2) < (0)) __PYX_ERR(0, 8, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":11
+  /* "rocmforge/_tensor_parallel.pyx":10
+ * import threading
  * 
- * cimport numpy as cnp
  * import numpy as np             # <<<<<<<<<<<<<<
  * 
  * from rocmforge._core cimport BlockManager
 */
-  __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_numpy, 0, 0, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 11, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_numpy, 0, 0, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 10, __pyx_L1_error)
   __pyx_t_2 = __pyx_t_1;
   __Pyx_GOTREF(__pyx_t_2);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_np, __pyx_t_2) < (0)) __PYX_ERR(0, 11, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_np, __pyx_t_2) < (0)) __PYX_ERR(0, 10, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":15
+  /* "rocmforge/_tensor_parallel.pyx":14
  * from rocmforge._core cimport BlockManager
- * from rocmforge._kvcache cimport KvCache
+ * from rocmforge._kvcache cimport KvCache, swap_in_ranks, swap_out_ranks
  * from rocmforge.config import CacheConfig, parse_bytes             # <<<<<<<<<<<<<<
- * from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, InvalidConfiguration, SequenceExists,
- *                               SequenceNotFound)
+ * from rocmforge.errors import ArgumentTypeError, ArgumentValueError, InvalidConfiguration, SequenceNotFound
+ * 
 */
   {
     PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_CacheConfig,__pyx_mstate_global->__pyx_n_u_parse_bytes};
-    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_rocmforge_config, __pyx_imported_names, 2, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 15, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_rocmforge_config, __pyx_imported_names, 2, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 14, __pyx_L1_error)
   }
   __pyx_t_2 = __pyx_t_1;
   __Pyx_GOTREF(__pyx_t_2);
   {
     PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_CacheConfig,__pyx_mstate_global->__pyx_n_u_parse_bytes};
     for (__pyx_t_3=0; __pyx_t_3 < 2; __pyx_t_3++) {
+      __pyx_t_4 = __Pyx_ImportFrom(__pyx_t_2, __pyx_imported_names[__pyx_t_3]); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 14, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_4);
+      if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_imported_names[__pyx_t_3], __pyx_t_4) < (0)) __PYX_ERR(0, 14, __pyx_L1_error)
+      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+    }
+  }
+  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
+
+  /* "rocmforge/_tensor_parallel.pyx":15
+ * from rocmforge._kvcache cimport KvCache, swap_in_ranks, swap_out_ranks
+ * from rocmforge.config import CacheConfig, parse_bytes
+ * from rocmforge.errors import ArgumentTypeError, ArgumentValueError, InvalidConfiguration, SequenceNotFound             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  {
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_ArgumentTypeError,__pyx_mstate_global->__pyx_n_u_ArgumentValueError,__pyx_mstate_global->__pyx_n_u_InvalidConfiguration,__pyx_mstate_global->__pyx_n_u_SequenceNotFound};
+    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_rocmforge_errors, __pyx_imported_names, 4, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 15, __pyx_L1_error)
+  }
+  __pyx_t_2 = __pyx_t_1;
+  __Pyx_GOTREF(__pyx_t_2);
+  {
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_ArgumentTypeError,__pyx_mstate_global->__pyx_n_u_ArgumentValueError,__pyx_mstate_global->__pyx_n_u_InvalidConfiguration,__pyx_mstate_global->__pyx_n_u_SequenceNotFound};
+    for (__pyx_t_3=0; __pyx_t_3 < 4; __pyx_t_3++) {
       __pyx_t_4 = __Pyx_ImportFrom(__pyx_t_2, __pyx_imported_names[__pyx_t_3]); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 15, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_4);
       if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_imported_names[__pyx_t_3], __pyx_t_4) < (0)) __PYX_ERR(0, 15, __pyx_L1_error)
@@ -20233,139 +18601,105 @@ __Pyx_RefNannySetupContext("PyInit__tensor_parallel", 0);
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":16
- * from rocmforge._kvcache cimport KvCache
- * from rocmforge.config import CacheConfig, parse_bytes
- * from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, InvalidConfiguration, SequenceExists,             # <<<<<<<<<<<<<<
- *                               SequenceNotFound)
- * 
-*/
-  {
-    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_ArgumentTypeError,__pyx_mstate_global->__pyx_n_u_ArgumentValueError,__pyx_mstate_global->__pyx_n_u_InvalidConfiguration,__pyx_mstate_global->__pyx_n_u_SequenceExists,__pyx_mstate_global->__pyx_n_u_SequenceNotFound};
-    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_rocmforge_errors, __pyx_imported_names, 5, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 16, __pyx_L1_error)
-  }
-  __pyx_t_2 = __pyx_t_1;
-  __Pyx_GOTREF(__pyx_t_2);
-  {
-    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_ArgumentTypeError,__pyx_mstate_global->__pyx_n_u_ArgumentValueError,__pyx_mstate_global->__pyx_n_u_InvalidConfiguration,__pyx_mstate_global->__pyx_n_u_SequenceExists,__pyx_mstate_global->__pyx_n_u_SequenceNotFound};
-    for (__pyx_t_3=0; __pyx_t_3 < 5; __pyx_t_3++) {
-      __pyx_t_4 = __Pyx_ImportFrom(__pyx_t_2, __pyx_imported_names[__pyx_t_3]); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 16, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_4);
-      if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_imported_names[__pyx_t_3], __pyx_t_4) < (0)) __PYX_ERR(0, 16, __pyx_L1_error)
-      __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    }
-  }
-  __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-
-  /* "rocmforge/_tensor_parallel.pyx":19
- *                               SequenceNotFound)
- * 
- * cnp.import_array()             # <<<<<<<<<<<<<<
- * 
- * 
-*/
-  __pyx_t_5 = __pyx_f_5numpy_import_array(); if (unlikely(__pyx_t_5 == ((int)-1))) __PYX_ERR(0, 19, __pyx_L1_error)
-
-
-  /* "rocmforge/_tensor_parallel.pyx":22
+  /* "rocmforge/_tensor_parallel.pyx":18
  * 
  * 
  * class _Fanout:             # <<<<<<<<<<<<<<
  *     """Hands each rank its share of the manager's pending copies: whichever rank
  *     asks first takes the queue and files it for all; each rank then applies its
 */
-  __pyx_t_2 = __Pyx_Py3MetaclassPrepare((PyObject *) NULL, __pyx_mstate_global->__pyx_empty_tuple, __pyx_mstate_global->__pyx_n_u_Fanout, __pyx_mstate_global->__pyx_n_u_Fanout, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_kp_u_Hands_each_rank_its_share_of_the); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 22, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_Py3MetaclassPrepare((PyObject *) NULL, __pyx_mstate_global->__pyx_empty_tuple, __pyx_mstate_global->__pyx_n_u_Fanout, __pyx_mstate_global->__pyx_n_u_Fanout, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_kp_u_Hands_each_rank_its_share_of_the); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 18, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
 
-  /* "rocmforge/_tensor_parallel.pyx":28
+  /* "rocmforge/_tensor_parallel.pyx":24
  *     own lock, so ranks never wait on each other here."""
  * 
  *     def __init__(self, manager):             # <<<<<<<<<<<<<<
  *         self._manager = manager
  *         self._lock = threading.Lock()
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_7_Fanout_1__init__, 0, __pyx_mstate_global->__pyx_n_u_Fanout___init, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 28, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_7_Fanout_1__init__, 0, __pyx_mstate_global->__pyx_n_u_Fanout___init, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 24, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_init, __pyx_t_4) < (0)) __PYX_ERR(0, 28, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_init, __pyx_t_4) < (0)) __PYX_ERR(0, 24, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":33
+  /* "rocmforge/_tensor_parallel.pyx":29
  *         self._files = {}                # id(rank) -> list of pair arrays not yet applied there
  * 
  *     def add(self, rank):             # <<<<<<<<<<<<<<
  *         self._files[id(rank)] = []
  * 
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_7_Fanout_3add, 0, __pyx_mstate_global->__pyx_n_u_Fanout_add, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 33, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_7_Fanout_3add, 0, __pyx_mstate_global->__pyx_n_u_Fanout_add, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 29, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_add, __pyx_t_4) < (0)) __PYX_ERR(0, 33, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_add, __pyx_t_4) < (0)) __PYX_ERR(0, 29, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":36
+  /* "rocmforge/_tensor_parallel.pyx":32
  *         self._files[id(rank)] = []
  * 
  *     def __call__(self, KvCache rank):             # <<<<<<<<<<<<<<
  *         cdef BlockManager m = self._manager
  *         with self._lock:
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_7_Fanout_5__call__, 0, __pyx_mstate_global->__pyx_n_u_Fanout___call, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 36, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_7_Fanout_5__call__, 0, __pyx_mstate_global->__pyx_n_u_Fanout___call, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 32, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_call, __pyx_t_4) < (0)) __PYX_ERR(0, 36, __pyx_L1_error)
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_call, __pyx_t_4) < (0)) __PYX_ERR(0, 32, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":22
+  /* "rocmforge/_tensor_parallel.pyx":18
  * 
  * 
  * class _Fanout:             # <<<<<<<<<<<<<<
  *     """Hands each rank its share of the manager's pending copies: whichever rank
  *     asks first takes the queue and files it for all; each rank then applies its
 */
-  __pyx_t_4 = __Pyx_Py3ClassCreate(((PyObject*)&PyType_Type), __pyx_mstate_global->__pyx_n_u_Fanout, __pyx_mstate_global->__pyx_empty_tuple, __pyx_t_2, NULL, 0, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 22, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_Py3ClassCreate(((PyObject*)&PyType_Type), __pyx_mstate_global->__pyx_n_u_Fanout, __pyx_mstate_global->__pyx_empty_tuple, __pyx_t_2, NULL, 0, 0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 18, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_Fanout, __pyx_t_4) < (0)) __PYX_ERR(0, 22, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_Fanout, __pyx_t_4) < (0)) __PYX_ERR(0, 18, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":61
+  /* "rocmforge/_tensor_parallel.pyx":57
  *         self.held = 0
  * 
  *     def __enter__(self):             # <<<<<<<<<<<<<<
  *         cdef KvCache r
  *         for r in self.ranks:
 */
-  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_9_AllLocks_3__enter__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_AllLocks___enter, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 61, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_9_AllLocks_3__enter__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_AllLocks___enter, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 57, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_mstate_global->__pyx_n_u_enter, __pyx_t_2) < (0)) __PYX_ERR(0, 61, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_mstate_global->__pyx_n_u_enter, __pyx_t_2) < (0)) __PYX_ERR(0, 57, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":68
+  /* "rocmforge/_tensor_parallel.pyx":64
  *         return self
  * 
  *     def __exit__(self, *exc):             # <<<<<<<<<<<<<<
  *         cdef KvCache r
  *         cdef int i
 */
-  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_9_AllLocks_5__exit__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_AllLocks___exit, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 68, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_9_AllLocks_5__exit__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_AllLocks___exit, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 64, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_mstate_global->__pyx_n_u_exit, __pyx_t_2) < (0)) __PYX_ERR(0, 68, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_9rocmforge_16_tensor_parallel__AllLocks, __pyx_mstate_global->__pyx_n_u_exit, __pyx_t_2) < (0)) __PYX_ERR(0, 64, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
   /* "(tree fragment)":1
@@ -20395,39 +18729,39 @@ __Pyx_RefNannySetupContext("PyInit__tensor_parallel", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_setstate_cython, __pyx_t_2) < (0)) __PYX_ERR(3, 3, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":77
+  /* "rocmforge/_tensor_parallel.pyx":73
  * 
  * 
  * class TensorParallelKvCache:             # <<<<<<<<<<<<<<
  *     """A paged KV cache split by kv heads across devices (tensor parallelism).
  * 
 */
-  __pyx_t_2 = __Pyx_Py3MetaclassPrepare((PyObject *) NULL, __pyx_mstate_global->__pyx_empty_tuple, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_2, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_2, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_kp_u_A_paged_KV_cache_split_by_kv_hea); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 77, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_Py3MetaclassPrepare((PyObject *) NULL, __pyx_mstate_global->__pyx_empty_tuple, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_2, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_2, (PyObject *) NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_kp_u_A_paged_KV_cache_split_by_kv_hea); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 73, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
 
-  /* "rocmforge/_tensor_parallel.pyx":94
+  /* "rocmforge/_tensor_parallel.pyx":90
  *     BlockManager. A context manager; close() closes every rank."""
  * 
  *     def __init__(self, config, devices, *, k_scale=1.0, v_scale=1.0, host_cache=None, **manager_options):             # <<<<<<<<<<<<<<
  *         if not isinstance(config, CacheConfig):
  *             raise ArgumentTypeError(f"config must be a rocmforge.config.CacheConfig, got {type(config).__name__}")
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 94, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 90, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_k_scale, ((PyObject*)__pyx_mstate_global->__pyx_float_1_0)) < (0)) __PYX_ERR(0, 94, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_v_scale, ((PyObject*)__pyx_mstate_global->__pyx_float_1_0)) < (0)) __PYX_ERR(0, 94, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_host_cache, Py_None) < (0)) __PYX_ERR(0, 94, __pyx_L1_error)
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_1__init__, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___init, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 94, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_k_scale, ((PyObject*)__pyx_mstate_global->__pyx_float_1_0)) < (0)) __PYX_ERR(0, 90, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_v_scale, ((PyObject*)__pyx_mstate_global->__pyx_float_1_0)) < (0)) __PYX_ERR(0, 90, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_host_cache, Py_None) < (0)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_1__init__, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___init, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  __Pyx_CyFunction_SetDefaultsKwDict(__pyx_t_6, __pyx_t_4);
+  __Pyx_CyFunction_SetDefaultsKwDict(__pyx_t_5, __pyx_t_4);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_init, __pyx_t_6) < (0)) __PYX_ERR(0, 94, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_init, __pyx_t_5) < (0)) __PYX_ERR(0, 90, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":130
+  /* "rocmforge/_tensor_parallel.pyx":126
  *     # ---- the whole cache -------------------------------------------------------------------------
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -20435,139 +18769,139 @@ __Pyx_RefNannySetupContext("PyInit__tensor_parallel", 0);
  *         return len(self.ranks)
 */
   __pyx_t_4 = NULL;
-  __pyx_t_7 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_3num_ranks, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_num_ranks, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[11])); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 130, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
+  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_3num_ranks, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_num_ranks, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[11])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_6);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_7);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
   #endif
-  __pyx_t_8 = 1;
+  __pyx_t_7 = 1;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_7};
-    __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_property, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_6};
+    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_property, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 130, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_6);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 126, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
   }
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_ranks, __pyx_t_6) < (0)) __PYX_ERR(0, 130, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_ranks, __pyx_t_5) < (0)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":134
+  /* "rocmforge/_tensor_parallel.pyx":130
  *         return len(self.ranks)
  * 
  *     def heads(self, rank):             # <<<<<<<<<<<<<<
  *         """The kv heads rank ``rank`` holds, as a range."""
  *         per = self.config.num_kv_heads // len(self.ranks)
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_5heads, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_heads, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[12])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 134, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_5heads, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_heads, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[12])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_heads, __pyx_t_6) < (0)) __PYX_ERR(0, 134, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_heads, __pyx_t_5) < (0)) __PYX_ERR(0, 130, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":139
+  /* "rocmforge/_tensor_parallel.pyx":135
  *         return range(rank * per, (rank + 1) * per)
  * 
  *     @property             # <<<<<<<<<<<<<<
  *     def closed(self):
  *         return all(r.closed for r in self.ranks)
 */
-  __pyx_t_7 = NULL;
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_7closed, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_closed, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[13])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 139, __pyx_L1_error)
+  __pyx_t_6 = NULL;
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_7closed, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_closed, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[13])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 135, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  __pyx_t_8 = 1;
+  __pyx_t_7 = 1;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_7, __pyx_t_4};
-    __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_property, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_7); __pyx_t_7 = 0;
+    PyObject *__pyx_callargs[2] = {__pyx_t_6, __pyx_t_4};
+    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_property, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 139, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_6);
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 135, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
   }
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_closed, __pyx_t_6) < (0)) __PYX_ERR(0, 139, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_closed, __pyx_t_5) < (0)) __PYX_ERR(0, 135, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":143
+  /* "rocmforge/_tensor_parallel.pyx":139
  *         return all(r.closed for r in self.ranks)
  * 
  *     def _live(self):             # <<<<<<<<<<<<<<
  *         if any(r.closed for r in self.ranks):
  *             raise ArgumentValueError("the TensorParallelKvCache is closed")
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_9_live, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache__live, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[14])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 143, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_9_live, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache__live, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[14])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 139, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_live, __pyx_t_6) < (0)) __PYX_ERR(0, 143, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_live, __pyx_t_5) < (0)) __PYX_ERR(0, 139, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":147
+  /* "rocmforge/_tensor_parallel.pyx":143
  *             raise ArgumentValueError("the TensorParallelKvCache is closed")
  * 
  *     def close(self):             # <<<<<<<<<<<<<<
  *         for r in self.ranks:
  *             r.close()
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_11close, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_close, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[15])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 147, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_11close, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_close, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[15])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 143, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_close, __pyx_t_6) < (0)) __PYX_ERR(0, 147, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_close, __pyx_t_5) < (0)) __PYX_ERR(0, 143, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":152
+  /* "rocmforge/_tensor_parallel.pyx":148
  *         self._swapped = {}
  * 
  *     def __enter__(self):             # <<<<<<<<<<<<<<
  *         return self
  * 
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_13__enter__, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___enter, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[16])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 152, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_13__enter__, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___enter, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[16])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_enter, __pyx_t_6) < (0)) __PYX_ERR(0, 152, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_enter, __pyx_t_5) < (0)) __PYX_ERR(0, 148, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":155
+  /* "rocmforge/_tensor_parallel.pyx":151
  *         return self
  * 
  *     def __exit__(self, *exc):             # <<<<<<<<<<<<<<
  *         self.close()
  * 
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_15__exit__, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___exit, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[17])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 155, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_15__exit__, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___exit, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[17])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 151, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_exit, __pyx_t_6) < (0)) __PYX_ERR(0, 155, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_exit, __pyx_t_5) < (0)) __PYX_ERR(0, 151, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":158
+  /* "rocmforge/_tensor_parallel.pyx":154
  *         self.close()
  * 
  *     def __repr__(self):             # <<<<<<<<<<<<<<
  *         return f"TensorParallelKvCache({len(self.ranks)} ranks: {', '.join(r.device for r in self.ranks)})"
  * 
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_17__repr__, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___repr, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[18])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 158, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_17__repr__, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache___repr, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[18])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 154, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_repr, __pyx_t_6) < (0)) __PYX_ERR(0, 158, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_repr, __pyx_t_5) < (0)) __PYX_ERR(0, 154, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":161
+  /* "rocmforge/_tensor_parallel.pyx":157
  *         return f"TensorParallelKvCache({len(self.ranks)} ranks: {', '.join(r.device for r in self.ranks)})"
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -20575,220 +18909,220 @@ __Pyx_RefNannySetupContext("PyInit__tensor_parallel", 0);
  *         return self.ranks[0].num_blocks
 */
   __pyx_t_4 = NULL;
-  __pyx_t_7 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_19num_blocks, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_num_blocks, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[19])); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 161, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
+  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_19num_blocks, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_num_blocks, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[19])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 157, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_6);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_7);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
   #endif
-  __pyx_t_8 = 1;
+  __pyx_t_7 = 1;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_7};
-    __pyx_t_6 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_property, __pyx_callargs+__pyx_t_8, (2-__pyx_t_8) | (__pyx_t_8*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_6};
+    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_property, __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 161, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_6);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 157, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
   }
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_blocks, __pyx_t_6) < (0)) __PYX_ERR(0, 161, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_num_blocks, __pyx_t_5) < (0)) __PYX_ERR(0, 157, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":165
+  /* "rocmforge/_tensor_parallel.pyx":161
  *         return self.ranks[0].num_blocks
  * 
  *     def stats(self):             # <<<<<<<<<<<<<<
  *         """The manager's stats() plus the bytes its host-tier copies move (all ranks)."""
  *         out = self.manager.stats()
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_21stats, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_stats, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[20])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 165, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_21stats, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_stats, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[20])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 161, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_stats, __pyx_t_6) < (0)) __PYX_ERR(0, 165, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_stats, __pyx_t_5) < (0)) __PYX_ERR(0, 161, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":172
+  /* "rocmforge/_tensor_parallel.pyx":168
  *         return out
  * 
  *     def apply_pending_copies(self, stream=None):             # <<<<<<<<<<<<<<
  *         """Apply the pending copies on every rank now (each rank's writes and reads do it anyway)."""
  *         for r in self.ranks:
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_23apply_pending_copies, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_apply_pend, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[21])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 172, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_23apply_pending_copies, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_apply_pend, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[21])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_6, __pyx_mstate_global->__pyx_tuple[7]);
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_apply_pending_copies, __pyx_t_6) < (0)) __PYX_ERR(0, 172, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[4]);
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_apply_pending_copies, __pyx_t_5) < (0)) __PYX_ERR(0, 168, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":177
+  /* "rocmforge/_tensor_parallel.pyx":173
  *             r.apply_pending_copies(stream)
  * 
  *     def copy_blocks(self, pairs, stream=None):             # <<<<<<<<<<<<<<
  *         """copy_blocks(pairs) on every rank, in rank order. Host pairs are checked by
  *         the first rank before it copies anything, so bad pairs change no rank."""
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_25copy_blocks, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_copy_block, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[22])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 177, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_25copy_blocks, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_copy_block, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[22])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 173, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_6, __pyx_mstate_global->__pyx_tuple[7]);
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_copy_blocks, __pyx_t_6) < (0)) __PYX_ERR(0, 177, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[4]);
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_copy_blocks, __pyx_t_5) < (0)) __PYX_ERR(0, 173, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":184
+  /* "rocmforge/_tensor_parallel.pyx":180
  *             r.copy_blocks(pairs, stream)
  * 
  *     def synchronize(self):             # <<<<<<<<<<<<<<
  *         """synchronize() on every rank (the first rank's error is raised after all have run)."""
  *         errors = []
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_27synchronize, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_synchroniz, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[23])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 184, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_27synchronize, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_synchroniz, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[23])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 180, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_synchronize, __pyx_t_6) < (0)) __PYX_ERR(0, 184, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_synchronize, __pyx_t_5) < (0)) __PYX_ERR(0, 180, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":195
+  /* "rocmforge/_tensor_parallel.pyx":191
  *             raise errors[0]
  * 
  *     def gather(self, seq_id, layer):             # <<<<<<<<<<<<<<
  *         """A sequence's keys and values of one layer with every rank's heads, as two
  *         host numpy arrays [num_tokens, num_kv_heads, head_dim] (storage dtype)."""
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_29gather, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_gather, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[24])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 195, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_29gather, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_gather, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[24])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 191, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_gather, __pyx_t_6) < (0)) __PYX_ERR(0, 195, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_gather, __pyx_t_5) < (0)) __PYX_ERR(0, 191, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":208
+  /* "rocmforge/_tensor_parallel.pyx":204
  *     # ---- calls that change the manager and every rank --------------------------------------------
  * 
  *     def swap_out(self, seq_ids):             # <<<<<<<<<<<<<<
  *         """Move sequences' K/V (every rank's) to host memory and release their blocks.
  *         All named sequences must exist; nothing changes otherwise."""
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_31swap_out, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_swap_out, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[25])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 208, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_31swap_out, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_swap_out, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[25])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_swap_out, __pyx_t_6) < (0)) __PYX_ERR(0, 208, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_swap_out, __pyx_t_5) < (0)) __PYX_ERR(0, 204, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":235
- *                 self.manager.remove_sequence(sid)
+  /* "rocmforge/_tensor_parallel.pyx":212
+ *             swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)
  * 
  *     def swap_in(self, seq_ids):             # <<<<<<<<<<<<<<
  *         """Bring swapped-out sequences back on every rank (a cached prefix is reused).
  *         All or nothing: OutOfBlocks leaves them swapped out."""
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_33swap_in, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_swap_in, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[26])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 235, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_33swap_in, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_swap_in, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[26])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 212, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_swap_in, __pyx_t_6) < (0)) __PYX_ERR(0, 235, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_swap_in, __pyx_t_5) < (0)) __PYX_ERR(0, 212, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":271
- *                 del self._swapped[sid]
+  /* "rocmforge/_tensor_parallel.pyx":220
+ *             swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)
  * 
  *     def drop_swapped(self, seq_ids):             # <<<<<<<<<<<<<<
  *         """Forget swapped-out sequences (their host copies are freed)."""
  *         ids = _distinct(seq_ids)
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_35drop_swapped, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_drop_swapp, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[27])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 271, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_35drop_swapped, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_drop_swapp, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[27])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 220, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_drop_swapped, __pyx_t_6) < (0)) __PYX_ERR(0, 271, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_drop_swapped, __pyx_t_5) < (0)) __PYX_ERR(0, 220, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":281
+  /* "rocmforge/_tensor_parallel.pyx":230
  *                 del self._swapped[sid]
  * 
  *     def swapped_sequences(self):             # <<<<<<<<<<<<<<
  *         """Ids of the sequences swapped out to host memory."""
  *         with _AllLocks(list(self.ranks)):
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_37swapped_sequences, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_swapped_se, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[28])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 281, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_37swapped_sequences, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_swapped_se, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[28])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 230, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_swapped_sequences, __pyx_t_6) < (0)) __PYX_ERR(0, 281, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_swapped_sequences, __pyx_t_5) < (0)) __PYX_ERR(0, 230, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":286
+  /* "rocmforge/_tensor_parallel.pyx":235
  *             return sorted(self._swapped)
  * 
  *     def compact(self, shrink=False):             # <<<<<<<<<<<<<<
  *         """Compact the manager and move every rank's K/V with it (see KvCache.compact);
  *         returns the (old, new) moves."""
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_39compact, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_compact, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[29])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 286, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_39compact, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_compact, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[29])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 235, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_6, __pyx_mstate_global->__pyx_tuple[8]);
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_compact, __pyx_t_6) < (0)) __PYX_ERR(0, 286, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_tuple[5]);
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_compact, __pyx_t_5) < (0)) __PYX_ERR(0, 235, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":317
+  /* "rocmforge/_tensor_parallel.pyx":266
  *         return moves
  * 
  *     def grow(self, num_blocks):             # <<<<<<<<<<<<<<
  *         """Enlarge the pool and every rank's storage to num_blocks (new blocks are zeroed).
  *         If a rank cannot allocate, the pool keeps its size (ranks that grew keep
 */
-  __pyx_t_6 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_41grow, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_grow, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[30])); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 317, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_21TensorParallelKvCache_41grow, 0, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_grow, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[30])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 266, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_grow, __pyx_t_6) < (0)) __PYX_ERR(0, 317, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (__Pyx_SetNameInClass(__pyx_t_2, __pyx_mstate_global->__pyx_n_u_grow, __pyx_t_5) < (0)) __PYX_ERR(0, 266, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":77
+  /* "rocmforge/_tensor_parallel.pyx":73
  * 
  * 
  * class TensorParallelKvCache:             # <<<<<<<<<<<<<<
  *     """A paged KV cache split by kv heads across devices (tensor parallelism).
  * 
 */
-  __pyx_t_6 = __Pyx_Py3ClassCreate(((PyObject*)&PyType_Type), __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_2, __pyx_mstate_global->__pyx_empty_tuple, __pyx_t_2, NULL, 0, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 77, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_6);
+  __pyx_t_5 = __Pyx_Py3ClassCreate(((PyObject*)&PyType_Type), __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_2, __pyx_mstate_global->__pyx_empty_tuple, __pyx_t_2, NULL, 0, 0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_6);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_2, __pyx_t_6) < (0)) __PYX_ERR(0, 77, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_TensorParallelKvCache_2, __pyx_t_5) < (0)) __PYX_ERR(0, 73, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-  /* "rocmforge/_tensor_parallel.pyx":338
+  /* "rocmforge/_tensor_parallel.pyx":287
  * 
  * 
  * def _distinct(seq_ids):             # <<<<<<<<<<<<<<
  *     ids = [int(s) for s in seq_ids]
  *     if len(set(ids)) != len(ids):
 */
-  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_1_distinct, 0, __pyx_mstate_global->__pyx_n_u_distinct, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[31])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 338, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_CyFunction_New(&__pyx_mdef_9rocmforge_16_tensor_parallel_1_distinct, 0, __pyx_mstate_global->__pyx_n_u_distinct, NULL, __pyx_mstate_global->__pyx_n_u_rocmforge__tensor_parallel, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[31])); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_2);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_distinct, __pyx_t_2) < (0)) __PYX_ERR(0, 338, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_distinct, __pyx_t_2) < (0)) __PYX_ERR(0, 287, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
   /* "rocmforge/_tensor_parallel.pyx":1
@@ -20807,8 +19141,8 @@ __Pyx_RefNannySetupContext("PyInit__tensor_parallel", 0);
   __pyx_L1_error:;
   __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_5);
   __Pyx_XDECREF(__pyx_t_6);
-  __Pyx_XDECREF(__pyx_t_7);
   if (__pyx_m) {
     if (__pyx_mstate->__pyx_d && stringtab_initialized) {
       __Pyx_AddTraceback("init rocmforge._tensor_parallel", __pyx_clineno, __pyx_lineno, __pyx_filename);
@@ -20843,9 +19177,8 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
-  __pyx_builtin_property = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_property); if (!__pyx_builtin_property) __PYX_ERR(0, 130, __pyx_L1_error)
-  __pyx_builtin_id = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_id); if (!__pyx_builtin_id) __PYX_ERR(0, 34, __pyx_L1_error)
-  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 261, __pyx_L1_error)
+  __pyx_builtin_property = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_property); if (!__pyx_builtin_property) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_builtin_id = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_id); if (!__pyx_builtin_id) __PYX_ERR(0, 30, __pyx_L1_error)
 
   /* Cached unbound methods */
   __pyx_mstate->__pyx_umethod_PyDict_Type_items.type = (PyObject*)&PyDict_Type;
@@ -20868,7 +19201,7 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __Pyx_RefNannySetupContext("__Pyx_InitCachedConstants", 0);
 
-  /* "rocmforge/_tensor_parallel.pyx":38
+  /* "rocmforge/_tensor_parallel.pyx":34
  *     def __call__(self, KvCache rank):
  *         cdef BlockManager m = self._manager
  *         with self._lock:             # <<<<<<<<<<<<<<
@@ -20877,12 +19210,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[3] = {Py_None, Py_None, Py_None};
-    __pyx_mstate_global->__pyx_tuple[0] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[0])) __PYX_ERR(0, 38, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[0] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[0])) __PYX_ERR(0, 34, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[0]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[0]);
 
-  /* "rocmforge/_tensor_parallel.pyx":111
+  /* "rocmforge/_tensor_parallel.pyx":107
  *         self.config = config
  *         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
  *         rank_config = CacheConfig(config.num_layers, config.num_kv_heads // n, config.head_dim,             # <<<<<<<<<<<<<<
@@ -20891,12 +19224,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[3] = {__pyx_mstate_global->__pyx_n_u_block_size, __pyx_mstate_global->__pyx_n_u_num_blocks, __pyx_mstate_global->__pyx_n_u_dtype};
-    __pyx_mstate_global->__pyx_tuple[1] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[1])) __PYX_ERR(0, 111, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[1] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[1])) __PYX_ERR(0, 107, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[1]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
 
-  /* "rocmforge/_tensor_parallel.pyx":118
+  /* "rocmforge/_tensor_parallel.pyx":114
  *         try:
  *             for dev in devices:
  *                 rank = KvCache(rank_config, dev, k_scale=k_scale, v_scale=v_scale,             # <<<<<<<<<<<<<<
@@ -20905,12 +19238,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[3] = {__pyx_mstate_global->__pyx_n_u_k_scale, __pyx_mstate_global->__pyx_n_u_v_scale, __pyx_mstate_global->__pyx_n_u_rank_of};
-    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 118, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 3); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 114, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
 
-  /* "rocmforge/_tensor_parallel.pyx":204
+  /* "rocmforge/_tensor_parallel.pyx":200
  *             keys.append(k.to_numpy())
  *             values.append(v.to_numpy())
  *         return np.concatenate(keys, axis=1), np.concatenate(values, axis=1)             # <<<<<<<<<<<<<<
@@ -20919,65 +19252,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_axis};
-    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 204, __pyx_L1_error)
+    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 200, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[3]);
   }
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[3]);
 
-  /* "rocmforge/_tensor_parallel.pyx":225
- *             for sid in ids:
- *                 info = self.manager.sequence_info(sid)
- *                 table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)             # <<<<<<<<<<<<<<
- *                 hosts = []
- *                 for r in ranks:
-*/
-  {
-    PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_dtype};
-    __pyx_mstate_global->__pyx_tuple[4] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[4])) __PYX_ERR(0, 225, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[4]);
-  }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[4]);
-
-  /* "rocmforge/_tensor_parallel.pyx":255
- *                     hosts, num_tokens, tokens, salt_key = self._swapped[sid]
- *                     if tokens is None:
- *                         self.manager.add_sequence(sid, num_tokens=num_tokens)             # <<<<<<<<<<<<<<
- *                     else:
- *                         self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
-*/
-  {
-    PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_num_tokens};
-    __pyx_mstate_global->__pyx_tuple[5] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[5])) __PYX_ERR(0, 255, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[5]);
-  }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[5]);
-
-  /* "rocmforge/_tensor_parallel.pyx":257
- *                         self.manager.add_sequence(sid, num_tokens=num_tokens)
- *                     else:
- *                         self.manager.add_sequence(sid, tokens, _salt_key=salt_key)             # <<<<<<<<<<<<<<
- *                     done.append(sid)
- *                     hits = self.manager.num_cached_tokens(sid) // self.config.block_size
-*/
-  {
-    PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_salt_key_2};
-    __pyx_mstate_global->__pyx_tuple[6] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[6])) __PYX_ERR(0, 257, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[6]);
-  }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[6]);
-
-  /* "rocmforge/_tensor_parallel.pyx":263
- *                     for i, r in enumerate(ranks):
- *                         r._apply_pending(NULL)          # a reused prefix's host-tier copies first
- *                         r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))             # <<<<<<<<<<<<<<
- *             except BaseException:
- *                 for sid in done:
-*/
-  __pyx_mstate_global->__pyx_slice[0] = PySlice_New(Py_None, Py_None, Py_None); if (unlikely(!__pyx_mstate_global->__pyx_slice[0])) __PYX_ERR(0, 263, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_mstate_global->__pyx_slice[0]);
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
-
-  /* "rocmforge/_tensor_parallel.pyx":172
+  /* "rocmforge/_tensor_parallel.pyx":168
  *         return out
  * 
  *     def apply_pending_copies(self, stream=None):             # <<<<<<<<<<<<<<
@@ -20986,12 +19266,12 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {Py_None};
-    __pyx_mstate_global->__pyx_tuple[7] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[7])) __PYX_ERR(0, 172, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[7]);
+    __pyx_mstate_global->__pyx_tuple[4] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[4])) __PYX_ERR(0, 168, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[4]);
   }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[7]);
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[4]);
 
-  /* "rocmforge/_tensor_parallel.pyx":286
+  /* "rocmforge/_tensor_parallel.pyx":235
  *             return sorted(self._swapped)
  * 
  *     def compact(self, shrink=False):             # <<<<<<<<<<<<<<
@@ -21000,37 +19280,14 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[1] = {((PyObject*)Py_False)};
-    __pyx_mstate_global->__pyx_tuple[8] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[8])) __PYX_ERR(0, 286, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[8]);
+    __pyx_mstate_global->__pyx_tuple[5] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[5])) __PYX_ERR(0, 235, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[5]);
   }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[8]);
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[5]);
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_tuple;
-    for (Py_ssize_t i=0; i<9; ++i) {
-      #if PY_VERSION_HEX >= 0x030F0000
-      PyUnstable_SetImmortal(table[i]);
-      #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
-      if ((PY_SSIZE_T_MAX <= _Py_IMMORTAL_REFCNT_LOCAL)) break;
-      #if PY_VERSION_HEX < 0x030E0000
-      if (_Py_IsOwnedByCurrentThread(table[i]) && Py_REFCNT(table[i]) == 1)
-      #else
-      if (PyUnstable_Object_IsUniquelyReferenced(table[i]))
-      #endif
-      {
-        Py_SET_REFCNT(table[i], ((Py_ssize_t)_Py_IMMORTAL_REFCNT_LOCAL + 1));
-      }
-      #else
-      if ((PY_SSIZE_T_MAX < _Py_IMMORTAL_INITIAL_REFCNT)) break;
-      Py_SET_REFCNT(table[i], _Py_IMMORTAL_INITIAL_REFCNT);
-      #endif
-    }
-  }
-  #endif
-  #if CYTHON_IMMORTAL_CONSTANTS
-  {
-    PyObject **table = __pyx_mstate->__pyx_slice;
-    for (Py_ssize_t i=0; i<1; ++i) {
+    for (Py_ssize_t i=0; i<6; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -21064,41 +19321,41 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 10; } str_length_index[] = {{14},{6},{7},{19},{19},{30},{10},{6},{8},{15},{1},{2},{1},{15},{1},{955},{286},{179},{22},{8},{51},{53},{7},{6},{2},{46},{8},{11},{9},{50},{25},{39},{34},{30},{26},{9},{35},{17},{18},{11},{20},{4},{14},{16},{21},{31},{30},{30},{30},{47},{27},{44},{42},{27},{28},{45},{29},{33},{34},{28},{26},{27},{32},{31},{27},{29},{30},{39},{33},{9},{19},{18},{27},{29},{7},{16},{16},{11},{20},{12},{8},{17},{7},{9},{8},{8},{12},{9},{8},{7},{8},{13},{10},{8},{11},{11},{14},{12},{10},{17},{13},{8},{12},{12},{19},{8},{9},{7},{6},{13},{5},{5},{8},{8},{9},{8},{3},{12},{6},{20},{17},{18},{4},{10},{11},{6},{15},{18},{5},{6},{7},{11},{6},{11},{3},{6},{7},{4},{12},{5},{5},{9},{6},{3},{1},{6},{7},{4},{8},{5},{4},{4},{20},{19},{10},{17},{21},{20},{5},{1},{2},{3},{4},{5},{5},{1},{7},{4},{5},{1},{7},{15},{4},{5},{1},{4},{2},{10},{17},{20},{12},{10},{9},{10},{15},{5},{8},{3},{5},{11},{3},{3},{8},{1},{4},{11},{5},{15},{26},{16},{16},{1},{8},{4},{4},{6},{7},{13},{15},{10},{6},{3},{4},{5},{6},{7},{8},{17},{11},{5},{19},{9},{5},{8},{6},{5},{1},{7},{5},{6}};
-    const struct { const unsigned int length: 9; } bytes_length_index[] = {{55},{9},{25},{9},{17},{27},{7},{29},{17},{134},{32},{44},{65},{74},{13},{15},{56},{7},{24},{52},{97},{268},{341},{164},{2},{2},{2},{238},{34},{24},{416}};
+    const struct { const unsigned int length: 10; } str_length_index[] = {{14},{6},{19},{19},{30},{6},{8},{15},{1},{2},{1},{15},{1},{955},{286},{179},{22},{8},{51},{53},{7},{6},{2},{46},{8},{11},{9},{50},{25},{39},{34},{30},{26},{9},{35},{17},{18},{11},{20},{4},{16},{21},{31},{30},{30},{30},{47},{27},{44},{42},{27},{28},{45},{29},{33},{34},{28},{26},{27},{32},{31},{27},{29},{30},{39},{33},{9},{19},{18},{27},{29},{7},{16},{16},{11},{20},{12},{8},{17},{7},{9},{8},{8},{12},{9},{8},{7},{8},{13},{10},{8},{11},{11},{14},{12},{10},{17},{13},{8},{12},{12},{19},{8},{9},{7},{6},{13},{5},{5},{8},{8},{8},{3},{6},{20},{18},{4},{10},{6},{15},{18},{5},{6},{7},{11},{6},{11},{3},{6},{7},{4},{12},{5},{6},{3},{1},{6},{7},{4},{8},{5},{20},{19},{10},{17},{21},{20},{1},{2},{3},{5},{1},{7},{4},{5},{1},{7},{15},{4},{5},{1},{4},{2},{10},{20},{12},{10},{9},{15},{5},{8},{3},{5},{11},{3},{3},{8},{1},{4},{11},{5},{26},{16},{16},{1},{4},{4},{6},{7},{10},{6},{3},{4},{5},{6},{7},{8},{17},{11},{19},{9},{5},{8},{1},{7},{5},{6}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{88},{55},{9},{25},{9},{17},{27},{7},{29},{17},{134},{32},{44},{65},{74},{13},{15},{56},{7},{24},{52},{56},{56},{97},{164},{2},{2},{2},{238},{34},{24},{416}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (3258 bytes) */
-static const char cstring[] = "x\332\265WKw\323\326\026\276\276\244\227\000\241\304\020H\240\271\345\204G\0364\270\r\344R\036\245\367\232\220\024J\333\205C\022Z\036U\024\351\330\021\221%G\222\235\230\366\256\325a\206\032j\250\241\206\036z\350\241\207\032z\330\237\320\237p\277}\216d;\220\320N.k\021Ig\357\263\037\337\336\347\333\307\354+fU\313\312\206ik[\356}\266Q\367\270\313\370\256\341z.\333\264M\335e\226\315\204\224\331E\306\014\372\366\230\273\243V*\\gv\325c[5\266\311U(\352\266\220\351F\315\3209S\313\266Ubb\245hW-\2359\252\265\345\312\277w\331\264\347p\316\212\216Z*s\313\233\231\231e\271\273\254\352r\246\331\345\212\252y\3233\377\316\263\212Z\202\217\047kLS\265M\316\334\212ix\210\260\347Q\325\034\333\205c^34\204=\355q\313\265\035\354sT\323\344\246\341\226gr\307\2173\374[_O\224\326\327)\007\225A\350QF\311\362,\263-\316*\334\021\001\262\351KZ\245z\t\201;\014\226H\317\333\344ea\3115\312US%\224\\^\343p\224$fX\300\0136\313\274l;\365\231{p\251\331V\321(\345\010\337\255\232\"B\206\373r\325\365\204\245}@\221\375\034[&\347N\002|7\315\227\016\273\306\036\261\317\2315\313\246\035\366\031\233\233I\027f\020\2330F\261\324\223B!\224\365u\021\325K\347\365\372\372,\322}R[\020\030\356 F\016iY\265\000\256#\321\3606\361G`<\345&hu\3459\366\3341<DI\025D4Pv\354ji\223\002N2\237\3569\313\355\2202\262\205\327\304RW\264\305\353\212pB\021\255\257\213\342*:\327l\235Oo+\316,K5\321\013\271\334\314\372\372\314]rRg\236\272\305\2051\212\241d\3248\226UO\250O\271\022\242\034{\312-\335\000\216\232]1P\033\204\252m&\240\210\212np\024\2233\003mm\361]Y\000\021,C\215)\261\034{\206\246\236M\033\320\260-\351\317\261wX\311\356K\033X\331\033o\270\346\315\002MC\333\224\241U\320\234\334\025ed\236-\320I0Dgi\022?\254\367\"\3526&uM\n\014\233\226\0070m<\t\260g\2278\014:3\"{\341\204U\034^4v\223\223\241\212\326\023\366<\203;\367\230\310^\344\275\305y\305\025i\013\240\246\230\273\251:<\327+\261bW(Y\352LJS\204.,=\240^\372^*\345X\036\300X\036\220K\323\272\3074\023\2754=#\237n\177j\217\220\255\333\027\004\271\027~\223\223\224\332@\371*\373\352vWBJ""\246\304N\211\255\013\014\212\206\203\303E\255 \363\337\256\362\252D\265h\230\2342LA\353\317\036\232V\2676\210B\330\263w,\261\211\316\211\355\350\224\335\002\361\205\316v\014O66\\RPI\213\211C\265\311M\375^\022\200m\231\365}\346Hc\226\271vR0K$\260\243\"(\264\221\010\307\246\002\302\010\260\377\301\366\222\026^\250{\233P0\210\302Lc\003l\342qXv=\307\320<\250C\311bO\027\237^\237\277=\237\234@j<\200Y\335\320L\325%\330\201\350F\3250=$\343\325+\034G\341q\221\325\355*\202\340\242\345*\320\353\337 0q\271\047\022\235R-0\264J\035\240`;\222\236\002/9p\"\316\231\315\226T\323\345\271\025A\254O\023^M\310dZ\325u\005\273\271\3449Al8g\350F\307\326\312\250F\211\347\022\n\024\372\013\342}\026m\346u)\273\267\307\262\255\353\274\\\361\352\202\232%\037K\255.-\353\206\253n\230\234[\364\267\244\t*\350\235\236\344\354`\224\320\314\351\255\047\263M\034d$\324\023\3347\\iJ\307\210\323yQ\255\232\036S\024\207\353U\215+\n\323\253\002\001\n\014\005\251\031\240zE\321\014\313\360\024\24573{)\240\220\226\007A\245\236S4\220M\016\203\3023T\307Q\353\254\250\032\246,\207Q\256\330\316>\265jYE\333\275\253\321\305\360sE\2165%\035k\271J}\327\345\333\212\241\023\317U\270\352\321@\303J\225\203i\322\247(\357\201u\243~\023gV\317;\245*\315\337\0254\316\242\343\330N\272\260\246\232U\271\322W\271\307VM5\r]~T\035\3214\337\001\202g\211\307EqkH\277\320\345K4\367\017\014\341\300\305\234\242\3005\030I9T\274K\330\037&\225\2259L\n\244\234?\223\346\276BI\321\360_\347J\034S\242\342\034\242n\242\363> \372\213f\210\227\352JB\200\212$\300\2035E\265> \322?$\373\213\321$s\3570a\245\236\364\373\301\n\272cW\224\344Vx\260FI%\006<D\206\263y\260D\014\255\203E\275#x\270\\\320\361\301b\027\254w\230\010y\240\233> \304\275\367p) P\272\247\361\020\265\272\245\341Ba\031o\271\2227M:En\367\245w\016\366-\211\336\357_I\210J\023Cd\277\010\364N\371\365\t\227T\013A\047\017h\240#\314\356r\367\360\244\337\304\354\312\323\372.\376?\304(R~\300\340_\346EEI\306\005\350\261kB\021\203E\301\025\005\267\2512-\350\266F\2174\2114t\245X\265\204\240\224F\247""\220_\235\357\312\027\251dr\nW)\253\206|rO\225\016\350\303\326\253\246\330f\251e\361\3045\010\264(_\021nb\226^k\036Q;\t\266\253\252\231\352\247\344\376>z\351\202\214F\362\201\000\262\353\313\355\013\373}\200\301\322.%\200!\205Y\014\314\212\022qq=Q\014\227\270\036\337\206\305\005G(\324\271Jz\007\243>U\354\242\342\252\246\247\320E9\351#\324\201J\221v\023\255Y\372A\274\241\272t=\003-\333UWL\034\225Z\314\260s]\257\256\nz\026\347Eq\321v\362M`$\017\221\030\236\260\352\310C\245\231\024)j\3409\252\3067TZ\001\233HJI\270\002.5``\251\351\025\240\217&0\272\345\364N&\275\216y\336O\022:]V\304\274\3478\250\342\346\303i\336\270|W+J\256H\350\212\310\201h\000\310\226\005\035l\342\346ES\\Lr\031\266],\232\266\252s\275o\315\341}Kb\340\277w\047\020\013\335\275\375\213\351\346\2765\3270t\214\\\303*\332\230\3637oP\267\273[@\023\347\200\243f\256\251\326\271SNJ\372\316\355\272\0144\3136.\357\026\375\372\260*=\362\2427\021\223\256x\366\026\330\202\026\0103\331\277=\245\364\047$\275\013Wn\227\341\350\245\267\031?\243\365\336\276J\335\326\264*zDG\037TT\\\243q`\\.AB\271+v\245\202\272p\307\253;dL\264\242,\247\260\355\210\270\273-\330\273\332\275{-y\367\322\327\373\226\205u\323\346v\271Y\304\315KO\3560\362oj_!|\273\0372)\034\266\344z\346n:\006b\2422\274\345\202\301qW\346j9a\354\224\233\337c\341>\276\025\260\3225\376\235\023\204\037x@\027\337\364Ko\307\263\025\201\235\014\240\212\202\337\256\325d\251kt7\022\177\334\3372\235\201\343{\023{7\367\324=\327\277\342\363`\2563p\36477Y\252\371\317\202#\301\\\220\357\014~\034\177\314\302L\230\355\014\234\330\233\223\333>\363\013\277A2\264\267\350\217\370\205\316\320\311\2755\177\216\276\277\0132R\260\344O\310\227o\3749\377\201\257\372\3650\221@\205\036\217\375\237\002\036\212M\337\372*\211N\355m\213G|j*\334\216\216Ds\321\303\370\213\377\2642\255\221\326j\373R;O\302a?\323\031:\035\237\276\022\346C\021\302\247\201\036NtNf\375lg\010\006\342\341\253a\2413<\026d\342\363\327#\274\235\361o\302\371vgd,\370(X\tG\243\243\321vg\354|0*2\032:\343\317\373;\201\0328a\026f`""\301C\036\303\243\33004\354\037\365\267\203\277\007\023\301\235PD\007\221\277\024\\\016\nA1\\\010w\242\215\306P3\337D\024\277\357\007\3426\220\304\356cA6\311\351\367\301\217\367t\177*\3704t\243\313Q!\322\033\023$\251\372y\1775\270\024,\205WC\047:\023=\210\324Tw:\230\014\201\022\360\216\207&C-\312\306\327\026Z7Z+\355\321\370i!Y\277\032>\2132\361L\276u\2725\337\332i\253}\316\014\004\236\351\234<\207\314=\324\360!l\311t\010\017J\2300\033\271\020_\270\026MD\367\032jc\273+\037\361\037\006\307\010\014\262t\n\2351\201\r\333\362\303\363o\005Y\004\234\247OB\274/\357\316p\326\037\017\n\204\350}\270\033>\347\227\000\224*bE\305\374\311 \023di\337\210O\333\367\307v\036f\257\004\310\376\217\177\374\355\330I\330<+\244\267\302\323\341|\350E\002\316\001`?A\310\246\020\303\371#\262%\367\240\337:\"sO\212\222\270d\325\276\201\243G(bR\323Lp\236\212}\032%\311\366\312\353P\374(\355b4\022-G\2776\347\232\217Z\213m\304\374\307\340>\007\004\355 \305\223\367WPb\221\211\300\357#8LQ\370s\264\023\355\213\262\017\023\375Q\204\177;\374\272\221E\207\240\211\377\036_\230\215\362\321Jc\2549\336*\264\212\355\245xy%^Y\025\rN\265ZD\000#\237\0047\202\265\360F\270\214.\312F\271\346\021\021z>^\\\215W_\306/_\307\257\177\356\214\234\365_\207\023\341\255h\264\221\351\214\244\355\017\013\217\221\363fX\202\217l\343s\234\264\037\343\357iC\374\263\322\231\244x\347H\351Q<Nq\024\376/X\010\201K\365\207 \310E\231\350\223F\276!:iN4\326\010\325\217\322\374*\334\215~i^i\032\255\3556\262\030\2059\rY\214\215\243\270\337#\376\253\215_Z\023\277\367}\3566\337\266\263t\364\217\006\333\3503\230\230\017v\343\251;\315l\363j\323m]i\225\332\205\316\310x\360 \376\364\213F\2461\322\370\261\371\252\235m_i\253\355\335\3709pPbe\235\366\037\t\376\025\036\003\270\023D\035\027\021b\226^\376\031\252\240\201Rc9\376\3621\266]mo\307O\227\343\345\265x\355y\347\314H7\360\261`0fd\037\200g\017:h\177\034\357\202zb\357\256_\360\315p\022\3747\037\355\000\240_[s\202\361.\207sa^\262\345\233\360/\240N\r}\032\310\356\006pv.>G\200\337m\024\342[K-\265\345""\265o\307\317V\272[\316\3707\374eQL\364\311\013`uD8\203x\020\254\211c\354g\374|;\037\017\300S_\007\374y\341\36779\245<\030\016F\031\212\216\230e\256\333\303g\375W\300b*\022Z\217\203U\364\352\315P\355\014]\300\371\274\211\246\231\216\257\335k\336h\256\264\306\332\202\350w|=\230A\317\027D{\006\337\210x\005o\017g%\327\027\250B\027\260\376m\244\022\345\217\047J\243c\357\310\227D\227S\225\302\217\302\002\234\216\234\025T\032\017L\204\331>r\351\343\370W\340\215\2510\033\017\240(\375\344\037\237\274\204\300\347\342\201\317\242\373\315\223-\301\324\363{o\241=-\010GT1\276\362S\374\323\213\370\005\235\261X)\306\305RZv#\250b\260x\321\227\215\211\306\235\346\223\226\333\276\334.\264\215\3709\264_\356o\202\205\275m_\014\210[\376\2474\274\204t\022\375H\0240\031\177\361*~%\316\375\340\211\370\304\305\300M\274\213\251I\273\356\021;w\206\316\372/Q\231\361\350\347\346\315f\261\225\227\300n\020\265$\rs\277\231\211\357\310p\327\343u\324\343\223`.\036\277\331H\3076=\236\370\277\n\024\2577jM\245\215\350\316\371[\250\345dt\262\261\326\374\272}\246\275\320\256\305\253k\235K\327\243\265\306\375\326\211\366\255\270\200\334\365X\177\023\277\331\222#]\230\2419\354\205s\335;\302\261>Z$\331\177\243E\020\341\371\326t{\242sq\006,\375\242\3415%?\321\030!>;\353?\017\362\310\354\324\260l^A\222\230\033\304#\342\316\261J3\344\177~C\024|";
-    PyObject *data = __Pyx_DecompressString(cstring, 3258, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2926 bytes) */
+static const char cstring[] = "x\332\215W\315w\323V\026\307\323t\312GRb\010\237\303i_\200\022\233\006\267\206\034\246\220\322\0317\220B\351t\010\004z\n\024\345EzvDd\311\221d\047\356t\316\3512K-\265\324RK/\275\364\322K-\275\354\237\320?\241\277\373\236d;\220\320r\016\221\364\356}\367\343w\177\367\276g\366%\263\233um\335r\364M\357\016[o\373\302c\033\216ex\314v\230\\fN\2251\223\276}\346m\363FC\030\314i\372l\263\3056\004\207\242\341H\231a\266LC0^w\354\032c.\2677=\365\3676+\370\256\020\254\352\362Z]\330~\2618\317J\267Y\323\023Lw\352\r\256\373\205\342\277*\254\301k\260\374\360\031\323\271\276!\230\327\260L\037\001\215\374p\335u<\270\023-SG\224\005_\330\236\343b\237\313-KX\246W/\226\216\036e\370\267\266\226*\255\255Q\344\234A\350S\036\351\362<sl\301\032\302\225\001\262\302E\275\321\274\310\2520\006K\244\347o\210\272\264\344\231\365\246\305\t\024O\264\004\034\245\211\2316P\202\315\272\250;n\273\270\010\227\272cW\315Z\211\340\334li2d\270\2577=_Z\332\003\017\331/\261\307\344\334M\341\036\246\371\302eW\331}\366\031\263\347Y\301e\237\262r1[(\"6i\214bi\247\345A(kk2\252\027\356Okk\363H\367akIb\270\215\030\005\244un\003\\W\241\341o\340\217\304x\316K\321\032\312K\354\007\327\364\021\245m0\027\321@\331u\232\265\r\n8\315\2740rV\332&ed\013\257\251\245\241hS\2645\351\204\"Z[\223\305\325\014\241;\206(li\356<\3134\301\205R\251\270\266V\274MN\332\314\347\233B\032\243\030jfK`\231\373R}\316S\020\225\330#a\033&p\324\235\206\211\332 T}#\005EVt]\240\230\202\231>h+vT\001d\260\0145\246\304J\354\t\250<\237\021\320tl\345\317u\266Y\315\031K\033X9\353\257\205\356\317\003MS\337P\2415@N\341\31122\337\221\350\244\030\202Y\272\302\017\353\243\210\206\304$\326d\300\260\202\352\267\214x\n`\337\251\t\030t\2132{\351\2045\\Q5w\322\316\340\222z\322\236o\nw\221\311\354e\336\233B4<\231\266\004j\216y\033\334\025\245Q\2115\247A\311\0223)M\031\272\264\3645q\351?J\251\304*\000\306\366\201\\\226\326\"\323-p\251PTOo<\265\373\310\326\033\013\202\334K\277i\047e6P\276\306\236\272\335V\220\222)\271Sa\353\001\203\252\351\242\271\210\n*\377\255\246h*T""\253\246%(\303\014\264\361\354\241i\017k\203(\244=g\333\226\233\250O\034\327\240\354\226h^\030l\333\364\025\261\341\222\202J)&\233jCX\306b\032\200c[\355=\346Hc\236yNZ0[&\260\315\021\024h$\303q\250\2000\002\354\277w\374\224\302Km\177\003\n&\2150\313\\\3074\361\005,{\276k\352>\324\241d\263G\367\036][\370b!\355@\"\036\300l\256\353\026\367\010v \272\3364-\037\311\370\355\206@+<\250\262\266\323D\020BR\256\001\275\361\r\022\023O\3702\3219ncRsb\200\206\355Hz\016s\311\205\023\331g\016[\346\226\047J\253r\260>J\347j:L\n\33404\354\026j\316\311\301\206>\003\033]G\257\243\0325QJG\240\324_\222\357\363\240\231?\034\331\243=\266c_\023\365\206\337\226\243Y\315c\2455\034\313\206\351\361uK\010\233\376\326t9\nF\335\223\366\016\216\022:{F\353\351Q&\033\031\t\215\004wLO\2312p\260\031\242\312\233\226\3174\315\025FS\027\232\306\214\246D\200\002CAZ&F\275\246\351\246m\372\2326:\"G)\240\220\266\017A\243]\322t\014\233\022\016\n\337\344\256\313\333\254\312MK\225\303\2547\034w\217Z\263\316A\27375\206\030~\246\251cM\313\216\265R\243\275\343\211-\3154h\3165\004\367\351@\303JS`\322dOY\336}\353F|\223=kT\334Z\223\316\337U\020\347\236\353:n\266\360\214[M\2652V\271\007v\213[\246\241>\232\256$\315w\200\340I\352\021\274^v\232\266\261\257\323}\027K\232\006g\230A\332\201\342\035B\373 \251\252\305AR`\343\376\231\264\364%\212\010\212\177U\252\t\234\013\r\367\000u\013\\{\207\350/\232\241I\324\326\322\221\247\251\221\267\277\246\254\317;D\306\273d\1771\232\364\244;H\330h\247\014\337_\301p\235\206\226\336\376\366\327\250q\232y\007\310\320\215\373K\3441\265\277h\324t\007\313\345\000\336_\354a\316\035$B\036`\323;\204\270\337\036,\005\004\332\260\377\016Pk\333:\256\020\266\371\263\320*\226E}\343\r_F}\260gIr\177|%\035M\272<6\366\2120\320)\2771\3412\267\021t\372\200\006\030a\r\227\207\315\223}\323,\327\036\265w\360\377.\016\037\355{\034\365\217EU\323\322\003\002\003qhB\223G\211\206K\t\356OuZ0\034\235\036Y\022Y\350Z\265iKA-\213N#\277\206\330Q/J\311\022\024\256V\347\246z\n\237+\007\364\341\030MKn\263y]>q\361\301 T""\257\01075K\257-\237\2069\t\266\232\334\312\364\263q\3766z\331\202\212F\315\003\t\344\320\2277\026\366\333\000c.{\224\000\216%\234\276\300\254\252\020\227\027\022\315\364h\272\343\333\264\205\234\021\0321W\313n]\304S\315\251f\035\004\370\351i\033\373\215\010N\3441\235\322\320\236\307wLOv\202\346\201P\252\047\344\351\207\235\256\352\021\335\"\307\200\324w\271.\3269\255`8\250\t\221\266>Ng\035)\331<;\303\307\272\036g\257:~\323\243\332\300\201<\336\363\006\3356\004\035\021\236\330\321\253\252\331\323yC\335M}\014h\352\262\237\345\241\253\002t\252U\313\341\2060\306\326\\1\266$\317\346\267\216o\2710\334;\276\230mN\327L\323\300\301H\304\3646\001\017(+\360\313\303\263x[\270\365\024\3757\256\276u Uwp\263\266\351\247\201\335\030\315\031z\243\364\025\263Fk\331\3179z\227\226\275\341\354\241\027\374\2205F\332\215\266\243\353M\024\322@\365\032\034\027Y\020\330\023*w\324\253\3414\032\000V\270~\333%\023\222\032\252\036\322\342\3506\365\346M\340\315{\326\350[\025\006\367=\253\212K\216\221^\027\324_09\275\355x\033\256\t\007\204\327\317B\216G\\=\005\257\247\3430\033|o\215\270\261aF\027\3427\350\212\237J\300\006\337\364\233i\333w4\211A\253\245\212\321\242\253\205\374\343=j\377W\376\220bW\013\243\327y\366\347\357\305C\207\322\020\025\346\207\262H\325\347\257\271\301\304\321\335\331\335\033\273|\327\013.\007\",\017&>\370\325K\227Z\301\223\360\275\260\034V\006\207?L>dQ.\312\017&\216\355\226\325\266O\203\225_!\231\334\275\027\314\004+\203\311\251\335gA\231\276\277\013sJ\260\034\314\252\227o\202r\360u\300\203v\224J\240B\217\007\301\217\241\210\344\246o\003N\242\343\273[\362\221\034\237\213\266\342\367\342r|7\371\374\337\275\\o\246\367\264\177\261_!\341t\220\033L\236HN\\\216*\221\014\341\243\320\210f\007S\371 ?\230\204\201d\372\223he0}6\314%\347\256\305x;\031\334\200\363\255\301\314\331\360\375p5:\023\177\020o\r\316\236\013\317\310\214&O\006\013\301v\310C7\312\303\014,\370\310c\372\0146LN\007\037\004[\341\337\302\331\360V$\243\203(X\016/\205+a5Z\212\266\343\365\316d\267\322E\024\277\355\005""\342\013 \211\335G\302|\232\323o\207?\3345\202\271\360\243\310\213/\305+\261\321\231%I3\250\004O\303\213\341r\364I\344\306\047\343\257c\236\351\026\302+\021P\002\336\311\344\225H\217\363\311\325\245\336\365\336j\377L\362h%]\377$z\022\347\222b\245w\242\267\320\333\356\3631g&\002\317\r\246N#s\0375\274\013[*\035\302\203\022&\314f\316\047\347\257\306\263\361b\207w\266\206\362\231\340nx\204\300 K\307\301\214Yl\330R\037~p3\314#\340\n}\022\342cy\017\246\363\301\205p\205\020\275\003w\323\247\203\032\200\3422VT,\270\022\346\302<\355\233\th\373\336\330\316\301\354\345\020\331\377\376\367CG\246`\363\224\224\336\214ND\013\221\037K8\047\200\375,!\233A\014\347\367\311\226\332\003\276\r\016\310<\265\036\372\321\255\370n\347h\367rw\263\237\377\013\373\316\303\337B\270\025MD\017\342\325\316\371\356B\367\177\375\331\267\366\371*\224\024\007\305\222o`\342>H\223r(\027\236#r\235\000\005\362#:\271\204\027\250t/\236\211\037\307\277t\313\335\373\275{2\260\243C\007\307vo\007+\201\025]A;,\304\333\250\324/\275\262l\200KQ9\252\250\346yMT!\200*\301*8\047\223\220\005}\037\021ee!\177\047P\312\235\020E>\235\234\246\312\337\356\254$7\227{\274\347\367\277H\236\254\016\267\234\014\256\007\217% 3\247\202\347@\340=\351\014\342\303h\"T5\310\005\225~%\231\200\247\337\017\017\203\375\263\020\206_\037\253\336#\252\035\216\016\3079\212\216\210V&\372\335\303~\270}\t\016\316\305R\353A\3704\232\215nD\\\225\344\006\330[H\256.v\257wW{g\373\262\357\267\003#,F\327\251\365g\202\373\34172^\331\306\323y\325\372+\324\364\347\261\376m\314i\002\\H\225\316\234}C\276\014`\312\264v8z?Z\201\323\231S\262\263\222\211\331(?V\373\261\226\177\211\262\316E\371d\002E\031\237\005\311\324E\004^N&>\215\357t\247z\262q\027v\177\206vA\362AV1\271\374c\362\343\363\344\371\253\344\225\226h\325\244Z\313\312n\206M\314\031?\376gg\266s\253\373\260\347\365/\365W\372f\362\003\264_\354%\301\322\356V \347\305\315\340#\232eRz%\342\230+\371\370J\362\371\313\344\345O\311O\257\240\221\034\3738\364R\357r\210\322\256Ej\326\301\344\251\340\005*s!~\325""\275\321\255\366*\n\330\36507$\314\235n.\271\245\302]K\326P\217\177\204\345\344\302\215N6\305\351\3610\370E\242x\255\323\352j}Dw:\330D-\257\304S\235g\335\257\372\047\373K\375V\362\364\331\340\342\265\370Y\347N\357X\377f\262\202\334\215\304x\235\274\336T\023^\232\331\226-[\036\036\031G\2063\352\214\224\375?\276\3279\333=\327+\364g\007\037\027\321D\317;~\267\254\010pW2l\372T\360CXAf\307\247\025ys$\305\030\241y%\217\240\2474R\376\000[h\020\377";
+    PyObject *data = __Pyx_DecompressString(cstring, 2926, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (4385 bytes) */
-static const char cstring[] = "\377 < num_b\377locks= b\377ytes exi\377sts hold\337s no \031\002 o\357f  i\014\001t s\377wapped o\377ut kv he\355a&\000do)\000t d\377ivide am\357ong \r\002fou\377nd ranks\376\000\003: (tree\377 fragmen\377t)), .: \377use comp\377act()?A \367paga\000KV c\377ache spl\363it\237\000h\007acro\377ss devic\376\264\000(tensor\3765\000ralleli\377sm).\n\n  o  ``\036\004``\300\001\313a \032\000t\316\0015\004, \177one per\242\002\377 (\"cpu\" \361fJ\000G\000\366\001them~E\002simula\242!\317sevef\000\322\004in\376\255 st memo\357ry);p\000con\357fig.\334!kv_<\240\"|\000must\217\002\234*n\\\001. R\241  r\362$\376\320&[r * H \377/ n, (r /+ 1)\t\005)\223@\334\002\262\210\001y\242D\210\000``\352\"[\377r]``, a wKvC\277\"who\342 _``man\332 r\210#3th\324@\337\"\047s\247$\027\006?. Writ\314@\276A\376\344@ throug\325h\005\000e\314D(c\007.w\216)\001_kvs\000\361$\200\005.\317key_\304B\216\001``\376\330B_decode?(q_r, \252\005\211`\177..)``):a\001\277y take\300Ba\336\303`give\201\000at\366\313b\047s\366c. Pe\367ndi\356`copi\225e\344`e\260` \217#\365a \373be\312@e itsO nex\373#\250\002 \256`\377read. Sw\367ap,\371eion ~k\002row go\354\010\377is objec\377t, which\316\225\003pplt\001\243a t&+\001e \335$\327`c\272#\025\000h\210\007\220\204\006\217@t\221% (\373\205\003\274\361e\256\205\003toge\375`r\353) \372\001s\366\"pre\227fix\223\205\004a\366b\344\204\002t\237ier; \371\002\363\002k\317eeps\362\002\240\206\002\047 \177share. \372F\357_opt\352\000s``\250\342\002\266\002\256\205\002B\217\207\001M\242c.\177 A cont\267 \336\317\005; cl\311`()Z\002\003s\342(.H\247@sz\010\240\362!s\002\303\205\004\223%\274@p\253J:\360\315#\325\205\001\253\207\002\361Csks \237first\206b\372\003q\367ueu\220\204\003file8\336\001\246\206\005\362\tthe\304@\225D\\\371@\207\207\002ownL\000l\212`\375n\372@der. C\276\254\207\001d wit\323\204\003a\303sk\311a\257\210\001\340`\230\211\001 h\357eld;z\004onl\363y C\t\272\211\001, so\372\336\210\004n\274\002wait t\304`\206\204\002o\275A he\371 \367Not\274\204\004Cyth\372\345`i""\277\210\001liber\367ateW\000stri\357cter\344\204\001n P\277EP-484\211\204\002r\375e\365as subc\277lasses\222\212\001b\377uiltin t\377ypes. If\377 you nee\305d\207\204\001p%\000%\t\217\"se\375t\275\206\002\047annot\365a\376A_<\000ing\047\177 direct\343\205\002\377o False.\315T\324\211\002Pa\322\211\003\306\207\004(aWdd_;\000e\342\210\003 \325\210\001\377 be a ro\377cmforge.\364\374\210\004\370\207\002C\212\211\002, go\371t\252\212\006*\007non-e\017mpty\226\212\002\212\212\003\323\212\003\216\212\006\377disablee\215n\002\001gc\206\207\002\264\205\007\265\205\004)\321,\201\214\002\314\205\007\325\214\004g\305\206\001to\335 \345\205\007=isE\003dn\377o defaul\377t __redu\277ce__ d\336`t\366\320\214\001n-\216@vial\376\033\000cinit__\374\252\215\007\355\007n intn\377umpy._co\357re.mN\000iar\377ray fail\276\211Cimpor\032\nucma\364`\022\r\273&/_\321\214\003\373_p\370$.pyxs\337eq_id\344\210\001pe\277ats a \017\000u\017ence\000\005\234\212\002\243R\301\216\001\276\267\206\002dArgu\374\215\001T\276\266`Error\t\005V\317alue\r\002\257HIn\337valid\301Cur\376\260bLockSeq\362u\002E\261\217\002\006\005NotF\370\364\216\001\246r\273r.__en_ter__\006\026x\370!8%\025\224CC\025rep?\030\030\003\377.<locals\377>.genexp=r\221\024live\000\030 $\277apply_\372\210\004_\020\263\214\003\2033\345\211\002\000\030d\000\031\256\200$\362\221\004\316j\024opy\235\223\004\245Sdrgop_\217\223\004\307Sga\277\214\001\016\005\024row\375S\325\223\002\230s\255\224\007\370\006\027\357\223\002\327sstats~\004\024wap_in\002\030\367out!\027ped_\374\205\206\006f\024ynchro\377nize_All\002\302\205\001s\000\006\376\204\007\006\n\367\204\002\031\t\242\210\004\355c\300\213\002__4\tset\366\334\001e_\024\006Fano\367ut_\001\003.__c\007all1\000\007\006\321\210\003\030\005\326\212\001\357_Pyx\001\000Dic\377t_NextRe\227f__\250\213\004el\000;\005_\376\205\214\002_getite\235m\025\001doc\034\001\306\206\004_{_e\265\003_fun\024\002\371g\226\005\262\000index\274J\001z\004_lenY\001m;ai\002\003eta[\003\337\000\337modulw\002na\375m""\177\002prepar\330\005\003\254\000\357\003_p\267\000vt<\250\213\001\244\001qual(\005\325\212\005\240\336\212\006\265&\360\212\005\210\003\250\207\003_\305@t\345_d\005s\254\010\317/_te\373st\203@disti\345n\261 f\354#\232\220\002_is\376\217\213\001outine_\252\273\207\001_\355\231\001_\200\226\004_\230\231\001_\377of_salt_\034\245\225\001\332\231\004add\341\215\001\324\212\005\361\231\001\333nd\244\207\021as\233\222\001igouous\355\213\002as\340`\277io.corp\003soaxis\342\232\002_s\364`\360\004\003\237\"\366\232\003\365\232\002_per\346\206\233\003cl\246\001\201@tra?ceback\352\222\002\262\213\003\376\236\232\004concate\327nat\374\216\004c\235\207\007deyv\221\232\003\226\232\004done\231\207\tyd\251\220\001\353\216\002enum\365\220\002}e\376\213\001sexcf\246\207\003x\375\211\004\265\216\001\335\233\001_dim\344\233\002\217hits\261\225\001\264\225\002\261\003o\377ffloaded\006\t\010re\010\010\275\233\002\203\217\016\366\225\0023\006\360\376\234\004\213\226\0025\005\t\010siid\377idsinfoi\357nt32\352\204\001skk\377_scaleke\377yslayerm\350\323\231\004\322E\327\225\004m\365@mov7esn\372\227\001np\352\235\007\372\235\001\376\333\234\002d_token\001s\213\236\001\315\234\001\272\204\003\223\236\003\267\233\t\253\236\001f\002\360%\002\321\235\002\276\236\0013\007used\375_/\006pyoccu\377piedoutp\377airspars\373e_\345\236\002perpo\377ppropert\303yr\237\236\001\206\204\002\264\234\003\255\236\002re\200\264\001\310\210\006\321\222\007\207\220\r\345\222\r\373\222\007\323Cs\376\325\204\005selfsen\021d\275\220\004\304\220\003\267\220\005_\334!\004\006\214#\367set\230\222\004shri\267nks\203Aze\275\212\002s?treams\254\212\003\002\002\047out\230\240\004\374\211\007s\346\211\007\222\207\002\354\317\233\001\353\215\014th\202\233\001ingn\335\234\001wto\337\222\001py\215C\177uint8vv\345C\371v\230\221\001\000\002s\200\001\330\004\377\n\210!\2103\210a\210\377s\220$\220e\2301\330\357\004\007\200s\014\004v\220S\377\230\003\2301\230A\330\010\377\016\320\016 \240\001\240\021\337\330\004\013\21011\003+\220""\373Q\200\027\000\014\210E\220\024\377\220Q\330\014\r\210V\220\3771\330\010\014\210L\230\001\356\023\003F\220!\034\003G\2201\177\220B\220a\220y\240\023\004\374 \000&\001I\220Y\230e\240\3560\002J\220aJ\001\017\210q\376\002\002\320\017\047\240q\250\003\377\2501\250D\3200@\300\377\001\300\024\300U\310\"\310\375An\001\020\220\001\330\014\022\277\320\022$\240A\240~\002\036\377\230d\240!\330\r\021\220\367\021\330\014>\000\320\020%\240\377Q\330\020\030\230\001\320\031\273-\250\007\000\023\2203z\000q\377\330\024\030\230\005\230T\240\377\027\250\007\250q\330\030\031\373\230\027\315\002\014\023\2204\220\177w\230a\230r\240\021D\000\372?\000t\305\000\020\027\220q\330\377\014\020\220\007\220q\230\002\337\230!\2309\240\203 \017\210\376\030\000\220F\230#\230Q\230\377f\240C\240w\250b\260o\014\270A\270\206 \340\010\374\n\3718\307 ;\000\t\230\021\330\010\376\317\002\340\010\016\210d\220\047\377\230\036\240s\250#\250Q\357\250d\260!\026\001u\220A\377\220U\230\"\230F\240%\177\240r\250\023\250B\250\204 \376&\003(\230&\240\001\330\010\376\355 \320\014&\240c\250\021\377\320*C\3002\300T\310\357\027\320PQ\021\004%\240S\377\250\001\320)A\300\022\300_4\300w\310ab\010i\266\000\257\001\330\r\026\364 t\301@D\314I\000\311\003\330\020\353\003\260!\024\032\377\320\032*\250!\250;\260\373a\260\347\005\330\020\024\220D\273\230\t\211!\200A\340\273\000s\353\220!\237 q\007\003t\22063\230\021\256\000\207@\340\010\356!\355\010\277\330\020\021\220\034\230\210`\023{\220=\270\000\020\026\220g\246 \371a\277\002\257@\220&\230\001\230M\021P\001\024\220;\001\216\013\031T\000\373$\230\202`\360\006\000\t\r\372\322`\025\265\0026\240\022\2404\257\240t\2501\211A\004\371 !\020\326!\350a\337!\353`HH\001.\003\355`-\330\344 i\220\356\000\330\206G\260C\237G\2301\230H\302@\315D\001\253\230\031\351A\022\220@\021\325Gr\374\274\001\330@E\250\024\250R\250\377|\2701\270H\300E\310f\261\000\360\010\221\001X\006q\230\227@\027\020\220\004\273@T\340@\341\"\252b\207\005\220Q\375\006\270b\321:\047\004\037\364\202\204\003)\004\027\274""\0008\240>\260\375\021\237`\020\030\230\002\320\032\377,\250A\250T\260\030\270\377\034\300Q\300f\310F\320\237RT\320TU\334\204\002\250AE\376\341`\024\033\2302\230V\240\3672\240R\303`\021\250.\270\375\003\266\002A\320EU\320U\377[\320[]\320]^\330\377\024\025\220]\240!\2406?\250\027\260\001\330\024\367\204\005\353@\177I\230Q\230h\240ga\000\377\021\260/\300\024\300X\320}M-\001\320^_\330&\232a\3351\217aH\320\034\204\001Q\200\331A\271\200P\216\204\002s\230\375@\330\024\377\032\230.\250\001\250\033\260\223A\260\305b\366@\r\217\204\001\275@\330\376\344\000<\240x\250{\270$\337\270i\300q\310\303\000\027\220\377w\230c\240\021\330\030\034\372\332@M\261 %\260{\300!}\340\004\010x\270z\310\021\367\206\001\357\007\230q\240\365\000\033\2304\377\230x\320\0479\270\021\270\377%\270s\300$\300g\310\377Q\330\024\034\230B\320\036\3770\260\001\260\024\260X\270\377\\\310\021\310$\310a\310\367x\320W\266 _\320_`\376\267\207\001\003\2305\240\t\250\021\313\250!\267\207\001\037\240\000s\000\031\230\377\035\240a\240w\250g\260\357R\3207I4\000%\310q\377\320PR\320RV\320V\357W\330\023\024\260\006\030\230\010{\320 \\\001\021\330\020\021\321\207\004\366\334\205\n\360\n\330f\013\210:\220\377Q\220l\240&\250\003\250\3774\250w\260a\260|\300\3351\355\210\002#\2401\203\210\001\014\210\357J\220j\240\337\203 \017\210r\377\220\022\2204\220x\230q\337\330\020\026\320\026\347\206\001:\260\377Q\3206F\300a\300t\237\3108\320ST\340\210\001\260\204\002\023O\2202\220R\257\207\002\245`Z\251 \375\003h\002\014\020\220\010\230\005\376\303\206\001\220\001\220A\310A\320\017\004\026\220a\203\205\010\343\204\037\327\204\013\330\207\001\237\010\240\010\250\001\247\212\001\326\207\0011\376\273\204\006\025\220\\\240\021\240\047\377\250\021\330\014\024\220I\230\377U\240!\2403\240a\330\377\014\032\230!\2303\230d\377\240(\320*;\2702\270\357T\300\030\310\344\212\002w\220d\357\230)\2402\350\212\001\024\220H\023\230G\230\"\263\212\002\020\354B\263\000\342\212\001]\032\262 J\250a\357\212\001\034\036\004\353\027\030\206\213\003Q\030\005F""\250!\373\2501\234\213\001\010\240\005\240Q\366r\000\024\025\263\212\002\320\004!\240\371\021\322\207\010\342\214\010\\\230\021\230\047\317\240\021\320\004\222@\361\212\t\320\r\377\"\240!\2401\320\004+\337\250=\270\r\300\245\212\0024\210\337z\230\021\230(\354\207\002\320\022\376\303@\320$Y\320YZ\320\357Z^\320^\334`f\320f\371g\345\212\001\363Ai\230u\240C\377\240t\2507\260!\2609\377\270K\300s\310#\310Q\257\310i\320W+\000[\367KCw\210q\220\234\213\0026\220\036\271\214\001\356\220\215\002&\240a\376\206\002&\3200\367\\\320\\\363\206\002\010\013\320\013G\037\230sw\004\261\215\002\323\213\001;\232\212\001\377\330\014\025\220[\240\001\240\377\034\250^\2703\270f\300}A\276\215\001w\220b\230\001\250f\337=\270\001\3209\251\003`\320\375`\215@\033\2301\320\0343\371\260\257\216\005\357\216\001K\220|\2401\377\240F\250-\260v\270_\377\310A\330\010\026\220k\240\377\021\240&\250\r\260V\270\377>\310\023\310C\310v\320\377UV\330\"-\250V\260\177=\300\013\3106\320Q\371\000\377d\320dj\320jk\330\275\010\317\216\001\010\014\210K\203\216\002t\235\240\277\217\005\330\010\t\243\205\006\346\206\001a\377\230}\250E\260\030\270\031\377\300(\310!\330\037)\250\277\024\250Z\260t\270\232\210\003\230\375D\234\220\002\020\025\220W\230A_\230Q\330\017\020\274\216\001\010\306\001\335\024\264\213\001\330\014\r\356\217\003U\230\007!\2301";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 4385, 6712);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (3928 bytes) */
+static const char cstring[] = "\377 < num_b\377locks= b\377ytes hol\277ds no \022\002 \337of  i\014\001t \377swapped \377out kv h\333ea&\000do)\000t \377divide a\377mong  ra\367nks\000\003: (t\377ree frag\377ment)), \377.: use c\377ompact()\277?A pagW\000K\377V cache \237split\216\000^\007a\377cross de\367vic\243\000(ten\367sor5\000rall\377elism).\n\177\n    ``\036\004[``\266\001a \032\000t\304\001\3765\004, one p\373er\242\002 (\"cp\217u\" fJ\000G\000\354\001t\367hemE\002simu{la\221!sevef\000\366\322\004in\243 st m\177emory);p\000\177config.\313!\347kv_\226\"|\000musqt\217\002\222*\\\001. R\241 \363 r\350$\306&[r *\377 H / n, \177(r + 1)\t\005\221)\211@\334\002\210\001y\230D\210\000`\375`\352\"[r]``,\277 a KvC\277\"w\373ho\342 ``man\232\332 r\210#th\312@\337\"\047\371s\247$\027\006. Wri\275t\302@nd r\332@ \177through\005\000\265e\314D(c\007.w)\001_\343kvs\000\361$\200\005.ke\263y_\304B\216\001``\330B_\377decode(q\317_r, \252\005\211`..\337)``):a\001y \257take\300Ba\201\000g\267ive\201\000at\313b\047\375s\354c. Pend}i\344`copie\344`\345e\260` \217#\365a be\376\312@e its n\223ex\373#\250\002 \256`\325\001.\277 Swap,\371ei\367on k\002row \373go\354\010is ob\377ject, whwich\225\003pplt\0016\243a t+\001e \335$\327`Ac\272#\025\000\210\007\220\204\006\217@t\221%\343 (\352\205\003\361e\256\205\003tog]e\375`r) \372\001s\366\"\277prefix\223\205\004a\374\366b\344\204\002tier; |\371\002\363\002keeps\362\002\376\226\206\002\047 share{. \372F_opt\352\000Gs``\342\002\266\002\256\205\002B\376\206\001\375M\242c. A co\363nt\267 \317\005; cl\326\311`()\002\003s\342(.H\002\247@sz\010\362!s\002\303\205\004\223%\274@\205p\253J:\315#\325\205\001\253\207\002\361Cs\377ks first\274\206b\372\003queu\220\204\003f\307ile\336\001\246\206\005\362\tth\341e\304@\225D\371@\207\207\002own\352L\000l\212`n\372@der\367. C\254\207\001d wi\035t\323\204\003ask\311a\257\210\001\340`~\207\211\001 held;z\004\237only C\t\251\211\001,\327 so\336\210\004n\274\002wa\247it \304`\206\204\002o\275A \273he\371 Not\274\204\004C\327yth\345`i\277""\210\001li\277berateW\000s\177tricter\344\204\001\377n PEP-48\3554\211\204\002re\365as s\377ubclasse\375s\210\212\001builti\377n types.\377 If you /need\207\204\001p%\000%\t\356\217\"set\275\206\002\047an\257nota\376A_<\000i\377ng\047 dire\373ct\343\205\002o Falose.T\324\211\002Pa\322\211\003\276\306\207\004(add_;\000e\372\342\210\003 \325\210\001 be a\377 rocmfor\247ge.\374\210\004\370\207\002C\212\211\002,\317 got\252\212\006*\007no\177n-empty\226\212\002\370\212\212\003\323\212\003\216\212\006disaboleen\002\001gc\206\207\002\214\264\205\007\265\205\004),\367\213\002\314\205\007\304\214\004g\356\305\206\001to \345\205\007=is\376E\003dno def\377ault __r\377educe__ \265d\336`t\306\214\001n-\216@v\367ial\033\000cini\347t__\231\215\007\355\007n i\377ntnumpy.\177_core.mN\000\377iarray f\367ail\211Cimpo\035r\032\numa\364`\022\r\273&\333/_\321\214\003_p\370$.p\377yxseq_id\376\344\210\001peats a} \017\000uence\000\005\360\234\212\002\243R\267\216\001\267\206\002dArg\365u\374\215\001T\266`Erro}r\t\005Value\r\002\376\257HInvalid\366\301Cur\260bLock\367Sequ\002NotF\317ound\230r\255r._\377_enter__\302\006\026x\352!%\025\206CC\025re\371p?\030\030\003.<loc\377als>.gen\357expr\221\024liv\371e\000\030 $apply\205_\354\210\004_\245\214\003\2033\327\211\002\000\030dp\000\031\256\200$\344\221\004j\024opy\376\222\004>\245Sdrop_\367\222\004\307Ssga\261\214\001\005\024row\375S\300\275\223\002\230s\216\224\007\006\027\341\223\002\327sst\367ats\004\024wap_\273in\002\030out!\027p\347ed_\367\205\006f\024ync\377hronize_\027All\264\205\001s\000\006\376\204\007\006\nh\367\204\002\031\t\224\210\004c\262\213\002__4\t\267set\334\001e_\024\006F\277anout_\001\003.?__call1\000\007\006x\303\210\003\030\005\310\212\001_Pyx\001\000\377Dict_Nex\277tRef__\232\213\004e\364l\000;\005_\367\213\002_get\357item\025\001doc\334\034\001\306\206\004__e\265\003_f\313un\024\002g\226\005\262\000in\347dexJ\001z\004_le\335nY\001mai\002\003et\371a[\003\337\000modul\356w\002nam\177\002pre\307par\005\003\254\000\357\003_""p\346\267\000vt\232\213\001\244\001qua\001l(\005\307\212\005\320\212\006\265&\342\212\005\210\003\250\207\003-_\305@t_d\005s\254\010\317/\337_test\203@di/stin\261 f\354#\214\220\002\367_is\201\213\001outiWne_\273\207\001_\316\231\001_\362\225\004\335_\212\231\001_of\272\205\005admd\304\231\001nd\217\207\021as\272`\277io.corJ\003soaxis\235\232\002_s\316`\274\246\232\003\245\232\002_per\266\232\003c\371lu\001\320 trace\217back\253\222\002\363\212\003\337\231\004c\377oncatenaut\275\216\004c\354\206\007dev\322\231\003^\327\231\004done\350\206\td\352\217\001}e\261\213\001sexcf\347\206\003x\276\211\004\350\215\001\206\233\001_dim\215\233\002\374\337\224\002\233\003offloa7ded\t\010re\010\010\350\232\002\200\256\216\016\241\225\0023\006\230\234\004\266\225\0025\005\254\234\004i\337idids\225\204\001sk\377k_scalek\377eyslayer\321m\360\230\004\375%\364\224\004m\240@moovesn\227\227\001np\366\234\007\200\206\235\001\331\233\001\324c\216\235\003\303\232\t\246\235\001U\002s\370\260\235\001\335\234\002\271\235\001used_\376%\006pyoccup\377iedoutpa\377irsparse\375_\326\235\002perpop\377property\001r\241\235\001\226b\266\233\003\257\235\002\304\221\007\372\216\r\330\221\r\374\356\221\007\223Csselfs\347end\250\217\004\257\217\003set\376\347\220\004shrinks\366\254!ze\232\211\002stre\347ams\211\211\003\002\002out\304\335\236\004\331\210\007s\303\210\007\231\232\001\303\214\014th\356\245\233\001ing\247\233\001wto^\251\221\001pyvv\207Cv\327\217\001\336\000\002sPyO\304\231\002 *\315(\001\007, \000\t\002\023)\000\231\000\234\004\303\205\002s\000\242\005\t\003\200\377\001\330\004\n\210!\2103\377\210a\210s\220$\220e\177\2301\330\004\007\200s\014\004\377v\220S\230\003\2301\230\377A\330\010\016\320\016 \240\377\001\240\021\330\004\013\2101\3361\003+\220Q\200\027\000\014\210\377E\220\024\220Q\330\014\r\377\210V\2201\330\010\014\210wL\230\001\023\003F\220!\034\003\377G\2201\220B\220a\220\343y\240\023\004 \000&\001I\220Yw\230e\2400\002J\220aJ\001\367\017\210q\002\002\320\017\047\240\377q\250\003""\2501\250D\320\3770@\300\001\300\024\300U\357\310\"\310An\001\020\220\001\377\330\014\022\320\022$\240A\375\240~\002\036\230d\240!\330\277\r\021\220\021\330\014>\000\320\377\020%\240Q\330\020\030\230\337\001\320\031-\250\007\000\023\220\3753z\000q\330\024\030\230\005\377\230T\240\027\250\007\250q\337\330\030\031\230\027\315\002\014\023\377\2204\220w\230a\230r\323\240\021D\000?\000t\305\000\020\027\377\220q\330\014\020\220\007\220\377q\230\002\230!\2309\240\366\203 \017\210\030\000\220F\230#\377\230Q\230f\240C\240w\177\250b\260\014\270A\270\206 \313\340\010\374\n8\307 ;\000\t\230\367\021\330\010\317\002\340\010\016\210\377d\220\047\230\036\240s\250\177#\250Q\250d\260!\026\001\377u\220A\220U\230\"\230\377F\240%\240r\250\023\250\363B\250\204 &\003(\230&\240\367\001\330\010\355 \320\014&\240\377c\250\021\320*C\3002\177\300T\310\027\320PQ\021\004\377%\240S\250\001\320)A\377\300\022\3004\300w\310azb\010i\266\000\001\330\r\026\364 et\301@DI\000\311\003\330\020\353\003\376\260!\024\032\320\032*\250!\337\250;\260a\260\347\005\330\020\337\024\220D\230\t\211!\200A]\340\273\000s\220!\237 q\007\003\237t\2206\230\021\256\000\207@\340\371\010\356!\355\010\330\020\021\220\034\335\230\210`\023\220=\270\000\020\026\313\220g\246 a\277\002\257@\220&o\230\001\230\021P\001\024\220;\001\332\216\013\031T\000$\230\202`\360\006\327\000\t\r\322`\025\265\0026\240\177\022\2404\240t\2501\211A\205\004\371 !\326!\350a\337!\353`H\210H\001.\003\355`\330\344 \346\021W\004\230\377t\2409\250D\260\n\270O$\270k\310\210\000\027\036\032\370@\3774\230q\240\004\240I\250\377T\260\032\2704\270{\310\047!\200Aa\014\336 \330\366G\240c\237G\2301\230H\262`\275d\001\253\230\031\331a\022\200`\021\305gr\374\254!\310`E\250\024\250R\250\177|\2701\270H\300E\224\002\371\n\201!\314\002\013\210:\220Q\377\220l\240&\250\003\2504\273\250w\247@|\3001\374\204\002#\373\2401\222\204\001\014\210J\220j.\247a\020\220\004\314`T\361`\362B\356\273\204\002\005\220Q\216F\017\210r\377\220\022\2204\220x\230q\337\330\020\026\320\026\366A:""\260\377Q\3206F\300a\300t\237\3108\320ST\357\204\001.\002\023\357\2202\220R\276b\024\025\220\365Z\377\000\003h\002\014\020\220\010\373\230\005\322A\220\001\220A\3107A\320\004\336`\360\010\244\006c\035\313\020\220\212\004\037\366\205\003\347a\010\240\247\010\250\001\266\206\001\345a1\373aE\367\230\021\330t\000\\\240\021\240\377\047\250\021\330\014\024\220I\377\230U\240!\2403\240a\373\330\014\217A3\230d\240(\377\320*;\2702\270T\300\373\030\310\363\206\002w\220d\230)\373\2402\367\206\001\024\220H\230G\254\230\"\302\206\002\020\021\365\206\003Q\361\206\001\032\256\262 J\250a\376\206\001\034\036\004\027\335\030\021\014F\250!\356`\024\030\277\230\010\240\005\240Qr\000\024}\025\302\206\002\320\004!\240\021\341h\376\361\210\010\\\230\021\230\047\240\021s\320\004\222@\200\207\t\320\r\"\266\000\3771\320\004+\250=\270\r\375\300\264\206\0024\210z\230\021\230\355(\213b\320\022\303@\320$Y\377\320YZ\320Z^\320^\177_\320_f\320fg\364\206\001\376\363Ai\230u\240C\240t\377\2507\260!\2609\270K\377\300s\310#\310Q\310i\353\320W+\000[\367KC\210q\235\220\253\207\0026\220\036\310\210\001\237\211\002&\377\240a\240r\250\021\250&\377\3200\\\320\\]\320]\377^\330\010\013\320\013\037\230\321sw\004\300\211\002\342\207\001;\251\206\001\330\014\377\025\220[\240\001\240\034\250\177^\2703\270f\300A\315\211\001\337w\220b\230\001\250f=\270w\001\3209\251\003`\320`\215@\177\033\2301\320\0343\260\276\212\005\376\376\212\001K\220|\2401\240F\377\250-\260v\270_\310A\377\330\010\026\220k\240\021\240\377&\250\r\260V\270>\310\377\023\310C\310v\320UV\377\330\"-\250V\260=\300\337\013\3106\320Q\371\000d\320\177dj\320jk\330\010\336\212\001o\010\014\210K\222\212\002t\240\316\213\005w\330\010\t\214\212\004\330\020\027\256\212\002\377}\250E\260\030\270\031\300\377(\310!\330\037)\250\024\337\250Z\260t\270\276bH\230\375D\253\214\002\020\025\220W\230A_\230Q\330\017\020\313\212\001\010\306\001\335\024\303\207\001\330\014\r\375\213\003U\230\007!\2301";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 3928, 6093);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (6712 bytes) */
-static const char bytes[] = " < num_blocks= bytes exists holds no block of  is not swapped out kv heads do not divide among  not found ranks ranks: (tree fragment)), .: use compact()?A paged KV cache split by kv heads across devices (tensor parallelism).\n\n    ``devices`` is a list of devices, one per rank (\"cpu\" for all of them\n    simulates several ranks in host memory); ``config.num_kv_heads`` must\n    divide among them. Rank r holds kv heads [r * H / n, (r + 1) * H / n) of\n    every block in ``ranks[r]``, a KvCache whose ``manager`` is this cache\047s\n    ``manager``. Write and read through the ranks (``ranks[r].write_kv``,\n    ``ranks[r].key_cache``, ``paged_decode(q_r, ranks[r], ...)``): they take\n    and give that rank\047s heads. Pending copies reach every rank before its next\n    write or read. Swap, compaction and grow go through this object, which\n    applies them to the manager once and to every rank.\n\n    ``host_cache`` (bytes for all ranks together) gives the prefix cache a host\n    tier; each rank keeps its heads\047 share. ``manager_options`` go to the\n    BlockManager. A context manager; close() closes every rank.Hands each rank its share of the manager\047s pending copies: whichever rank\n    asks first takes the queue and files it for all; each rank then applies its\n    own file in order. Called with the asking rank\047s lock held; takes only its\n    own lock, so ranks never wait on each other here.Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.TensorParallelKvCache(add_noteconfig must be a rocmforge.config.CacheConfig, got devices must be a non-empty list, one device per rankdisableenablegcgive host_cache (bytes), not host_cache_blocksgrow to host_cache=isenabledno default __reduce__ due to non-trivial __cinit__num_blocks must be an intnumpy._core.multiarray failed to importnumpy._core.umath failed to importrocmforge/_tens""or_parallel.pyxseq_ids repeats a sequencesequence the TensorParallelKvCache is closedArgumentTypeErrorArgumentValueErrorCacheConfigInvalidConfigurationLockSequenceExistsSequenceNotFoundTensorParallelKvCacheTensorParallelKvCache.__enter__TensorParallelKvCache.__exit__TensorParallelKvCache.__init__TensorParallelKvCache.__repr__TensorParallelKvCache.__repr__.<locals>.genexprTensorParallelKvCache._liveTensorParallelKvCache._live.<locals>.genexprTensorParallelKvCache.apply_pending_copiesTensorParallelKvCache.closeTensorParallelKvCache.closedTensorParallelKvCache.closed.<locals>.genexprTensorParallelKvCache.compactTensorParallelKvCache.copy_blocksTensorParallelKvCache.drop_swappedTensorParallelKvCache.gatherTensorParallelKvCache.growTensorParallelKvCache.headsTensorParallelKvCache.num_blocksTensorParallelKvCache.num_ranksTensorParallelKvCache.statsTensorParallelKvCache.swap_inTensorParallelKvCache.swap_outTensorParallelKvCache.swapped_sequencesTensorParallelKvCache.synchronize_AllLocks_AllLocks.__enter___AllLocks.__exit___AllLocks.__reduce_cython___AllLocks.__setstate_cython___Fanout_Fanout.__call___Fanout.__init___Fanout.add__Pyx_PyDict_NextRef__annotate____call____class_getitem____doc____enter____exit____func____getstate____index____init____len____main____metaclass____module____name____prepare____pyx_state__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____repr____set_name____setstate____setstate_cython____test___distinct_fanout_files_is_coroutine_live_lock_manager_rank_of_salt_key_swappedaddadd_sequenceappendapply_pending_copiesascontiguousarrayasyncio.coroutinesaxisblock_sizeblock_tableblocksbytes_per_blockcline_in_tracebackcloseclosedcompactconcatenateconfigcopy_blocksdevdevicedevicesdonedrop_swappeddtypeemptyenumerateerrorsexcfgathergenexprgrowhead_dimheadshitshosthost_bytes_offloadedhost_bytes_reloadedhost_cachehost_cache_blockshost_offloaded_blockshost_reloaded_blockshostsiididsinfoint32itemskk_scalekeyslayermmanagermanager_optionsminemovesnnextnpn""um_blocksnum_cached_tokensnum_evictable_blocksnum_kv_headsnum_layersnum_ranksnum_tokensnum_used_blocksnumpyoccupiedoutpairsparse_bytesperpoppropertyrrankrank_configranksremove_sequencerocmforge._tensor_parallelrocmforge.configrocmforge.errorsssalt_keyselfsendseq_idseq_idssequence_infosequence_tokenssetdefaultshrinksidsizestatsstreamswap_inswap_outswapped_sequencessynchronizetabletake_pending_copiesthreadingthrowto_numpytokensuint8vv_scalevaluevalues\200\001\330\004\n\210!\2103\210a\210s\220$\220e\2301\330\004\007\200s\210!\2103\210a\210v\220S\230\003\2301\230A\330\010\016\320\016 \240\001\240\021\330\004\013\2101\200\001\330\004\n\210+\220Q\200A\330\010\014\210E\220\024\220Q\330\014\r\210V\2201\330\010\014\210L\230\001\200A\330\010\014\210F\220!\200A\330\010\014\210G\2201\220B\220a\220y\240\001\200A\330\010\014\210L\230\001\330\010\014\210I\220Y\230e\2401\330\010\014\210J\220a\200A\330\010\017\210q\200A\330\010\017\320\017\047\240q\250\003\2501\250D\3200@\300\001\300\024\300U\310\"\310A\200A\330\010\020\220\001\330\014\022\320\022$\240A\240Q\200A\330\010\036\230d\240!\330\r\021\220\021\330\014\017\210q\320\020%\240Q\330\020\030\230\001\320\031-\250Q\330\020\023\2203\220a\220q\330\024\030\230\005\230T\240\027\250\007\250q\330\030\031\230\027\240\001\240\021\330\014\023\2204\220w\230a\230r\240\021\240!\330\014\017\210t\2201\330\020\027\220q\330\014\020\220\007\220q\230\002\230!\2309\240A\330\010\017\210t\2201\220F\230#\230Q\230f\240C\240w\250b\260\014\270A\270Q\200A\340\010\014\210E\220\024\220Q\330\014\r\210V\2208\2301\330\014\020\220\t\230\021\330\010\017\210q\200A\340\010\016\210d\220\047\230\036\240s\250#\250Q\250d\260!\330\010\017\210u\220A\220U\230\"\230F\240%\240r\250\023\250B\250a\200A\340\010\016\210d\220(\230&\240\001\330\010\013\2101\320\014&\240c\250\021\320*C\3002\300T\310\027\320PQ\330\010\013\2101\320\014%\240S\250\001\320)A\300\022\3004\300w\310a\330\010\017\210q\200A\340\010\016\210i\220q\230\001\330\r\026\220a\220t\2301\230D\240\001\330\014\020\220""\007\220q\330\020\023\2204\220w\230d\240!\330\024\032\320\032*\250!\250;\260a\260q\330\014\020\220\007\220q\330\020\024\220D\230\t\240\021\240!\200A\340\010\017\210s\220!\2204\220q\200A\340\010\017\210t\2206\230\021\230\"\230A\200A\340\010\021\220\021\330\010\014\210E\220\024\220Q\330\014\r\330\020\021\220\034\230Q\330\014\023\220=\240\001\330\020\026\220g\230Q\230a\330\010\013\2101\330\014\022\220&\230\001\230\021\200A\340\010\024\220A\200A\340\r\026\220a\220t\2301\230D\240\001\330\014\031\230\021\230$\230a\200A\360\006\000\t\r\210E\220\025\220a\220t\2306\240\022\2404\240t\2501\330\014\020\220\004\220F\230!\2301\330\014\r\210V\2208\2301\330\010\014\210H\220A\200A\360\006\000\t\r\210F\220!\330\010\016\210i\220t\2301\330\010\014\210E\220\024\220Q\330\014\017\210t\2201\220G\2301\230H\240A\330\014\020\220\007\220q\230\001\230\031\240!\330\014\022\220\047\230\021\230!\2309\240A\330\010\017\210r\220\034\230Q\230f\240E\250\024\250R\250|\2701\270H\300E\310\021\200A\360\010\000\t\r\210F\220!\330\010\016\210i\220q\230\001\330\010\020\220\004\220A\220T\230\021\330\r\026\220a\220q\330\014\020\220\005\220Q\330\020\021\220\034\230Q\330\014\020\220\007\220q\330\020\023\2204\220w\230d\240!\330\024\032\320\032*\250!\250;\260a\260q\330\014\020\220\005\220Q\330\020\021\220\037\240\001\240\021\330\014\020\220\007\220q\330\020\027\220t\2308\240>\260\021\260!\330\020\030\230\002\320\032,\250A\250T\260\030\270\034\300Q\300f\310F\320RT\320TU\330\020\030\230\001\330\020\024\220E\230\021\330\024\033\2302\230V\2402\240R\240r\250\021\250.\270\003\2701\270H\300A\320EU\320U[\320[]\320]^\330\024\025\220]\240!\2406\250\027\260\001\330\024\031\230\027\240\001\240\021\330\020\024\220I\230Q\230h\240g\250T\260\021\260/\300\024\300X\320M]\320]^\320^_\330&*\250!\2501\330\020\024\220H\320\034,\250A\250Q\200A\360\010\000\t\r\210F\220!\330\010\016\210i\220q\230\001\330\010\020\220\004\220A\220T\230\021\330\r\026\220a\220q\330\014\020\220\005\220Q\330\020\021\220\034\230Q\330\014\020\220\007\220q\330\020""\023\2204\220w\230d\240!\330\024\032\320\032*\250!\250;\260a\260q\330\020\023\2204\220s\230$\230a\330\024\032\230.\250\001\250\033\260A\260Q\330\014\023\2201\330\014\r\330\020\024\220G\2301\330\024\033\230<\240x\250{\270$\270i\300q\310\001\330\024\027\220w\230c\240\021\330\030\034\230H\240M\260\021\260%\260{\300!\340\030\034\230H\240M\260\021\260%\260x\270z\310\021\330\024\030\230\007\230q\240\001\330\024\033\2304\230x\320\0479\270\021\270%\270s\300$\300g\310Q\330\024\034\230B\320\0360\260\001\260\024\260X\270\\\310\021\310$\310a\310x\320W]\320]_\320_`\330\024\030\230\003\2305\240\t\250\021\250!\330\030\031\230\037\250\001\250\021\330\030\031\230\035\240a\240w\250g\260R\3207I\310\021\310%\310q\320PR\320RV\320VW\330\023\024\330\020\024\220G\2301\330\024\030\230\010\320 0\260\001\260\021\330\020\021\330\014\020\220\007\220q\330\020\024\220D\230\t\240\021\240!\200A\360\n\000\t\r\210F\220!\330\010\013\210:\220Q\220l\240&\250\003\2504\250w\260a\260|\3001\330\014\022\320\022#\2401\240A\330\010\014\210J\220j\240\001\330\010\020\220\004\220A\220T\230\021\330\r\026\220a\220q\330\014\020\220\005\220Q\330\020\021\220\034\230Q\330\014\017\210r\220\022\2204\220x\230q\330\020\026\320\026*\250!\250:\260Q\3206F\300a\300t\3108\320ST\330\014\020\220\005\220Q\330\020\023\2202\220R\220q\230\001\330\024\025\220Z\230q\240\003\2401\240A\330\014\020\220\010\230\005\230Q\230a\220\001\220A\310A\320\004\026\220a\360\010\000\t\r\210F\220!\330\010\020\220\004\220A\220T\230\021\330\r\026\220a\220q\330\014\020\220\005\220Q\330\020\021\220\034\230Q\330\014\020\220\005\220Q\330\020\021\220\037\240\001\240\021\330\014\024\220D\230\010\240\010\250\001\330\014\017\210s\220!\2201\330\020\024\220E\230\021\330\024\025\220\\\240\021\240\047\250\021\330\014\024\220I\230U\240!\2403\240a\330\014\032\230!\2303\230d\240(\320*;\2702\270T\300\030\310\021\330\014\017\210w\220d\230)\2402\240Q\330\020\024\220H\230G\2401\240A\330\020\027\220q\330\020\021\330\024\030\230\005\230Q\330\030\031\230\032\2401\240J\250a""\250q\330\030\034\230G\2401\240A\330\027\030\330\024\030\230\005\230Q\330\030\031\230\032\2401\240F\250!\2501\330\024\030\230\010\240\005\240Q\240a\330\024\025\330\010\017\210q\320\004!\240\021\360\006\000\t\r\210F\220!\330\010\014\210E\220\024\220Q\330\014\r\210\\\230\021\230\047\240\021\320\004#\2401\340\010\014\210E\220\024\220Q\330\014\r\320\r\"\240!\2401\320\004+\250=\270\r\300Q\330\010\013\2104\210z\230\021\230(\240!\330\014\022\320\022#\2401\320$Y\320YZ\320Z^\320^_\320_f\320fg\330\010\013\210:\220Q\220i\230u\240C\240t\2507\260!\2609\270K\300s\310#\310Q\310i\320WZ\320Z[\330\014\022\320\022#\2401\240A\330\010\014\210C\210q\220\001\330\010\013\2106\220\036\230r\240\021\330\014\022\320\022&\240a\240r\250\021\250&\3200\\\320\\]\320]^\330\010\013\320\013\037\230s\240!\330\014\022\320\022$\240A\240Q\330\010\013\210;\220g\230Q\330\014\025\220[\240\001\240\034\250^\2703\270f\300A\330\014\017\210w\220b\230\001\330\020\026\320\026*\250!\250=\270\001\3209Y\320YZ\320Z`\320`a\330\014\033\2301\320\0343\2601\330\010\014\210J\220a\330\010\014\210K\220|\2401\240F\250-\260v\270_\310A\330\010\026\220k\240\021\240&\250\r\260V\270>\310\023\310C\310v\320UV\330\"-\250V\260=\300\013\3106\320Q^\320^d\320dj\320jk\330\010\020\220\001\330\010\014\210K\220w\230a\230t\2401\330\010\014\210L\230\001\330\010\t\330\014\020\220\007\220q\330\020\027\220w\230a\230}\250E\260\030\270\031\300(\310!\330\037)\250\024\250Z\260t\2701\330\020\024\220H\230D\240\001\240\021\330\020\025\220W\230A\230Q\330\017\020\330\014\020\220\010\230\001\330\020\024\220F\230!\330\014\r\330\010\014\210I\220U\230!\2301";
+    #else /* compression: none (6093 bytes) */
+static const char bytes[] = " < num_blocks= bytes holds no block of  is not swapped out kv heads do not divide among  ranks ranks: (tree fragment)), .: use compact()?A paged KV cache split by kv heads across devices (tensor parallelism).\n\n    ``devices`` is a list of devices, one per rank (\"cpu\" for all of them\n    simulates several ranks in host memory); ``config.num_kv_heads`` must\n    divide among them. Rank r holds kv heads [r * H / n, (r + 1) * H / n) of\n    every block in ``ranks[r]``, a KvCache whose ``manager`` is this cache\047s\n    ``manager``. Write and read through the ranks (``ranks[r].write_kv``,\n    ``ranks[r].key_cache``, ``paged_decode(q_r, ranks[r], ...)``): they take\n    and give that rank\047s heads. Pending copies reach every rank before its next\n    write or read. Swap, compaction and grow go through this object, which\n    applies them to the manager once and to every rank.\n\n    ``host_cache`` (bytes for all ranks together) gives the prefix cache a host\n    tier; each rank keeps its heads\047 share. ``manager_options`` go to the\n    BlockManager. A context manager; close() closes every rank.Hands each rank its share of the manager\047s pending copies: whichever rank\n    asks first takes the queue and files it for all; each rank then applies its\n    own file in order. Called with the asking rank\047s lock held; takes only its\n    own lock, so ranks never wait on each other here.Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.TensorParallelKvCache(add_noteconfig must be a rocmforge.config.CacheConfig, got devices must be a non-empty list, one device per rankdisableenablegcgive host_cache (bytes), not host_cache_blocksgrow to host_cache=isenabledno default __reduce__ due to non-trivial __cinit__num_blocks must be an intnumpy._core.multiarray failed to importnumpy._core.umath failed to importrocmforge/_tensor_parallel.pyxse""q_ids repeats a sequencesequence the TensorParallelKvCache is closedArgumentTypeErrorArgumentValueErrorCacheConfigInvalidConfigurationLockSequenceNotFoundTensorParallelKvCacheTensorParallelKvCache.__enter__TensorParallelKvCache.__exit__TensorParallelKvCache.__init__TensorParallelKvCache.__repr__TensorParallelKvCache.__repr__.<locals>.genexprTensorParallelKvCache._liveTensorParallelKvCache._live.<locals>.genexprTensorParallelKvCache.apply_pending_copiesTensorParallelKvCache.closeTensorParallelKvCache.closedTensorParallelKvCache.closed.<locals>.genexprTensorParallelKvCache.compactTensorParallelKvCache.copy_blocksTensorParallelKvCache.drop_swappedTensorParallelKvCache.gatherTensorParallelKvCache.growTensorParallelKvCache.headsTensorParallelKvCache.num_blocksTensorParallelKvCache.num_ranksTensorParallelKvCache.statsTensorParallelKvCache.swap_inTensorParallelKvCache.swap_outTensorParallelKvCache.swapped_sequencesTensorParallelKvCache.synchronize_AllLocks_AllLocks.__enter___AllLocks.__exit___AllLocks.__reduce_cython___AllLocks.__setstate_cython___Fanout_Fanout.__call___Fanout.__init___Fanout.add__Pyx_PyDict_NextRef__annotate____call____class_getitem____doc____enter____exit____func____getstate____index____init____len____main____metaclass____module____name____prepare____pyx_state__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____repr____set_name____setstate____setstate_cython____test___distinct_fanout_files_is_coroutine_live_lock_manager_rank_of_swappedaddappendapply_pending_copiesasyncio.coroutinesaxisblock_sizeblocksbytes_per_blockcline_in_tracebackcloseclosedcompactconcatenateconfigcopy_blocksdevdevicedevicesdonedrop_swappeddtypeerrorsexcfgathergenexprgrowhead_dimheadshost_bytes_offloadedhost_bytes_reloadedhost_cachehost_cache_blockshost_offloaded_blockshost_reloaded_blocksiididsitemskk_scalekeyslayermmanagermanager_optionsminemovesnnextnpnum_blocksnum_evictable_blocksnum_kv_headsnum_layersnum_ranksnum_used_blocksnumpyoccupiedoutpairsparse_bytesperpoppro""pertyrrankrank_configranksrocmforge._tensor_parallelrocmforge.configrocmforge.errorssselfsendseq_idseq_idssetdefaultshrinksidsizestatsstreamswap_inswap_outswapped_sequencessynchronizetake_pending_copiesthreadingthrowto_numpyvv_scalevaluevaluesPyObject *(PyObject *, PyObject *, PyObject *, PyObject *)\000\000swap_in_ranks\000swap_out_ranks\200\001\330\004\n\210!\2103\210a\210s\220$\220e\2301\330\004\007\200s\210!\2103\210a\210v\220S\230\003\2301\230A\330\010\016\320\016 \240\001\240\021\330\004\013\2101\200\001\330\004\n\210+\220Q\200A\330\010\014\210E\220\024\220Q\330\014\r\210V\2201\330\010\014\210L\230\001\200A\330\010\014\210F\220!\200A\330\010\014\210G\2201\220B\220a\220y\240\001\200A\330\010\014\210L\230\001\330\010\014\210I\220Y\230e\2401\330\010\014\210J\220a\200A\330\010\017\210q\200A\330\010\017\320\017\047\240q\250\003\2501\250D\3200@\300\001\300\024\300U\310\"\310A\200A\330\010\020\220\001\330\014\022\320\022$\240A\240Q\200A\330\010\036\230d\240!\330\r\021\220\021\330\014\017\210q\320\020%\240Q\330\020\030\230\001\320\031-\250Q\330\020\023\2203\220a\220q\330\024\030\230\005\230T\240\027\250\007\250q\330\030\031\230\027\240\001\240\021\330\014\023\2204\220w\230a\230r\240\021\240!\330\014\017\210t\2201\330\020\027\220q\330\014\020\220\007\220q\230\002\230!\2309\240A\330\010\017\210t\2201\220F\230#\230Q\230f\240C\240w\250b\260\014\270A\270Q\200A\340\010\014\210E\220\024\220Q\330\014\r\210V\2208\2301\330\014\020\220\t\230\021\330\010\017\210q\200A\340\010\016\210d\220\047\230\036\240s\250#\250Q\250d\260!\330\010\017\210u\220A\220U\230\"\230F\240%\240r\250\023\250B\250a\200A\340\010\016\210d\220(\230&\240\001\330\010\013\2101\320\014&\240c\250\021\320*C\3002\300T\310\027\320PQ\330\010\013\2101\320\014%\240S\250\001\320)A\300\022\3004\300w\310a\330\010\017\210q\200A\340\010\016\210i\220q\230\001\330\r\026\220a\220t\2301\230D\240\001\330\014\020\220\007\220q\330\020\023\2204\220w\230d\240!\330\024\032\320\032*\250!\250;\260a\260q\330\014\020\220\007\220q\330""\020\024\220D\230\t\240\021\240!\200A\340\010\017\210s\220!\2204\220q\200A\340\010\017\210t\2206\230\021\230\"\230A\200A\340\010\021\220\021\330\010\014\210E\220\024\220Q\330\014\r\330\020\021\220\034\230Q\330\014\023\220=\240\001\330\020\026\220g\230Q\230a\330\010\013\2101\330\014\022\220&\230\001\230\021\200A\340\010\024\220A\200A\340\r\026\220a\220t\2301\230D\240\001\330\014\031\230\021\230$\230a\200A\360\006\000\t\r\210E\220\025\220a\220t\2306\240\022\2404\240t\2501\330\014\020\220\004\220F\230!\2301\330\014\r\210V\2208\2301\330\010\014\210H\220A\200A\360\006\000\t\r\210F\220!\330\010\016\210i\220q\230\001\330\r\026\220a\220t\2301\230D\240\001\330\014\031\230\021\230$\230a\230t\2409\250D\260\n\270$\270k\310\021\200A\360\006\000\t\r\210F\220!\330\010\016\210i\220q\230\001\330\r\026\220a\220t\2301\230D\240\001\330\014\032\230!\2304\230q\240\004\240I\250T\260\032\2704\270{\310!\200A\360\006\000\t\r\210F\220!\330\010\016\210i\220t\2301\330\010\014\210E\220\024\220Q\330\014\017\210t\2201\220G\2301\230H\240A\330\014\020\220\007\220q\230\001\230\031\240!\330\014\022\220\047\230\021\230!\2309\240A\330\010\017\210r\220\034\230Q\230f\240E\250\024\250R\250|\2701\270H\300E\310\021\200A\360\n\000\t\r\210F\220!\330\010\013\210:\220Q\220l\240&\250\003\2504\250w\260a\260|\3001\330\014\022\320\022#\2401\240A\330\010\014\210J\220j\240\001\330\010\020\220\004\220A\220T\230\021\330\r\026\220a\220q\330\014\020\220\005\220Q\330\020\021\220\034\230Q\330\014\017\210r\220\022\2204\220x\230q\330\020\026\320\026*\250!\250:\260Q\3206F\300a\300t\3108\320ST\330\014\020\220\005\220Q\330\020\023\2202\220R\220q\230\001\330\024\025\220Z\230q\240\003\2401\240A\330\014\020\220\010\230\005\230Q\230a\220\001\220A\310A\320\004\026\220a\360\010\000\t\r\210F\220!\330\010\020\220\004\220A\220T\230\021\330\r\026\220a\220q\330\014\020\220\005\220Q\330\020\021\220\034\230Q\330\014\020\220\005\220Q\330\020\021\220\037\240\001\240\021\330\014\024\220D\230\010\240\010\250\001\330\014\017\210s\220!\2201\330""\020\024\220E\230\021\330\024\025\220\\\240\021\240\047\250\021\330\014\024\220I\230U\240!\2403\240a\330\014\032\230!\2303\230d\240(\320*;\2702\270T\300\030\310\021\330\014\017\210w\220d\230)\2402\240Q\330\020\024\220H\230G\2401\240A\330\020\027\220q\330\020\021\330\024\030\230\005\230Q\330\030\031\230\032\2401\240J\250a\250q\330\030\034\230G\2401\240A\330\027\030\330\024\030\230\005\230Q\330\030\031\230\032\2401\240F\250!\2501\330\024\030\230\010\240\005\240Q\240a\330\024\025\330\010\017\210q\320\004!\240\021\360\006\000\t\r\210F\220!\330\010\014\210E\220\024\220Q\330\014\r\210\\\230\021\230\047\240\021\320\004#\2401\340\010\014\210E\220\024\220Q\330\014\r\320\r\"\240!\2401\320\004+\250=\270\r\300Q\330\010\013\2104\210z\230\021\230(\240!\330\014\022\320\022#\2401\320$Y\320YZ\320Z^\320^_\320_f\320fg\330\010\013\210:\220Q\220i\230u\240C\240t\2507\260!\2609\270K\300s\310#\310Q\310i\320WZ\320Z[\330\014\022\320\022#\2401\240A\330\010\014\210C\210q\220\001\330\010\013\2106\220\036\230r\240\021\330\014\022\320\022&\240a\240r\250\021\250&\3200\\\320\\]\320]^\330\010\013\320\013\037\230s\240!\330\014\022\320\022$\240A\240Q\330\010\013\210;\220g\230Q\330\014\025\220[\240\001\240\034\250^\2703\270f\300A\330\014\017\210w\220b\230\001\330\020\026\320\026*\250!\250=\270\001\3209Y\320YZ\320Z`\320`a\330\014\033\2301\320\0343\2601\330\010\014\210J\220a\330\010\014\210K\220|\2401\240F\250-\260v\270_\310A\330\010\026\220k\240\021\240&\250\r\260V\270>\310\023\310C\310v\320UV\330\"-\250V\260=\300\013\3106\320Q^\320^d\320dj\320jk\330\010\020\220\001\330\010\014\210K\220w\230a\230t\2401\330\010\014\210L\230\001\330\010\t\330\014\020\220\007\220q\330\020\027\220w\230a\230}\250E\260\030\270\031\300(\310!\330\037)\250\024\250Z\260t\2701\330\020\024\220H\230D\240\001\240\021\330\020\025\220W\230A\230Q\330\017\020\330\014\020\220\010\230\001\330\020\024\220F\230!\330\014\r\330\010\014\210I\220U\230!\2301";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 230; i++) {
+    for (int i = 0; i < 207; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
-      if (likely(string) && i >= 37) PyUnicode_InternInPlace(&string);
+      if (likely(string) && i >= 35) PyUnicode_InternInPlace(&string);
       if (unlikely(!string)) {
         Py_XDECREF(data);
         __PYX_ERR(0, 1, __pyx_L1_error)
@@ -21106,8 +19363,8 @@ static const char bytes[] = " < num_blocks= bytes exists holds no block of  is n
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 230; i < 261; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-230].length;
+    for (int i = 207; i < 239; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-207].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -21117,15 +19374,15 @@ static const char bytes[] = " < num_blocks= bytes exists holds no block of  is n
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 261; i++) {
+    for (Py_ssize_t i = 0; i < 239; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 230;
-      for (Py_ssize_t i=0; i<31; ++i) {
+      PyObject **table = stringtab + 207;
+      for (Py_ssize_t i=0; i<32; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -21156,8 +19413,8 @@ static const char bytes[] = " < num_blocks= bytes exists holds no block of  is n
   }
   {
     PyObject **numbertab = __pyx_mstate->__pyx_number_tab + 1;
-    int8_t const cint_constants_1[] = {0,1};
-    for (int i = 0; i < 2; i++) {
+    int8_t const cint_constants_1[] = {1};
+    for (int i = 0; i < 1; i++) {
       numbertab[i] = PyLong_FromLong(cint_constants_1[i - 0]);
       if (unlikely(!numbertab[i])) __PYX_ERR(0, 1, __pyx_L1_error)
     }
@@ -21165,7 +19422,7 @@ static const char bytes[] = " < num_blocks= bytes exists holds no block of  is n
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_number_tab;
-    for (Py_ssize_t i=0; i<3; ++i) {
+    for (Py_ssize_t i=0; i<2; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -21219,42 +19476,42 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 141};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 137};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_r};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 144};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 140};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_r};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591__5, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 159};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 155};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_r};
     __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591_A_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 28};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 24};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_manager};
     __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_init, __pyx_mstate->__pyx_kp_b_iso88591_A_L_IYe1_Ja, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 33};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 29};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_rank};
     __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_add, __pyx_mstate->__pyx_kp_b_iso88591_A_G1Bay, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 36};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 32};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_rank, __pyx_mstate->__pyx_n_u_m, __pyx_mstate->__pyx_n_u_pairs, __pyx_mstate->__pyx_n_u_f, __pyx_mstate->__pyx_n_u_mine};
     __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_call, __pyx_mstate->__pyx_kp_b_iso88591_A_d_q_Q_Q_3aq_T_q_4war_t1_q_q_9A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 61};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 57};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_r};
     __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_enter, __pyx_mstate->__pyx_kp_b_iso88591_A_E_Q_V81_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_VARARGS), 68};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_VARARGS), 64};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_exc, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_i};
     __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_exit, __pyx_mstate->__pyx_kp_b_iso88591_A_E_at6_4t1_F_1_V81_HA, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
   }
@@ -21269,112 +19526,112 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
     __pyx_mstate_global->__pyx_codeobj_tab[9] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[9])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 3, 13, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_VARKEYWORDS), 94};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 3, 13, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_VARKEYWORDS), 90};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_config, __pyx_mstate->__pyx_n_u_devices, __pyx_mstate->__pyx_n_u_k_scale, __pyx_mstate->__pyx_n_u_v_scale, __pyx_mstate->__pyx_n_u_host_cache, __pyx_mstate->__pyx_n_u_manager_options, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_blocks, __pyx_mstate->__pyx_n_u_rank_config, __pyx_mstate->__pyx_n_u_ranks, __pyx_mstate->__pyx_n_u_dev, __pyx_mstate->__pyx_n_u_rank};
     __pyx_mstate_global->__pyx_codeobj_tab[10] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_init, __pyx_mstate->__pyx_kp_b_iso88591_Q_4z_1_YYZZ___ffg_QiuCt7_9Ks_Qi, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[10])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 130};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 126};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
     __pyx_mstate_global->__pyx_codeobj_tab[11] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_num_ranks, __pyx_mstate->__pyx_kp_b_iso88591_A_s_4q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[11])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 134};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 130};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_rank, __pyx_mstate->__pyx_n_u_per};
     __pyx_mstate_global->__pyx_codeobj_tab[12] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_heads, __pyx_mstate->__pyx_kp_b_iso88591_A_d_s_Qd_uAU_F_r_Ba, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[12])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 139};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 135};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_n_u_genexpr};
     __pyx_mstate_global->__pyx_codeobj_tab[13] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_closed, __pyx_mstate->__pyx_kp_b_iso88591_A_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[13])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 143};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 139};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_n_u_genexpr};
     __pyx_mstate_global->__pyx_codeobj_tab[14] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_live, __pyx_mstate->__pyx_kp_b_iso88591_A_AQ, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[14])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 147};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 143};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_r};
     __pyx_mstate_global->__pyx_codeobj_tab[15] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_close, __pyx_mstate->__pyx_kp_b_iso88591_A_E_Q_V1_L, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[15])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 152};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 148};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
     __pyx_mstate_global->__pyx_codeobj_tab[16] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_enter, __pyx_mstate->__pyx_kp_b_iso88591_A_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[16])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_VARARGS), 155};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_VARARGS), 151};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_exc};
     __pyx_mstate_global->__pyx_codeobj_tab[17] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_exit, __pyx_mstate->__pyx_kp_b_iso88591_A_F, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[17])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 158};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 154};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_n_u_genexpr};
     __pyx_mstate_global->__pyx_codeobj_tab[18] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_repr, __pyx_mstate->__pyx_kp_b_iso88591_A_q_1D0_U_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[18])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 161};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 157};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
     __pyx_mstate_global->__pyx_codeobj_tab[19] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_num_blocks, __pyx_mstate->__pyx_kp_b_iso88591_A_t6_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[19])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 165};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 161};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_out};
     __pyx_mstate_global->__pyx_codeobj_tab[20] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_stats, __pyx_mstate->__pyx_kp_b_iso88591_A_d_1_c_C2T_PQ_1_S_A_4wa_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[20])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 172};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 168};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_r};
     __pyx_mstate_global->__pyx_codeobj_tab[21] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_apply_pending_copies, __pyx_mstate->__pyx_kp_b_iso88591_1_E_Q_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[21])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 177};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 173};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_pairs, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_r};
     __pyx_mstate_global->__pyx_codeobj_tab[22] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_copy_blocks, __pyx_mstate->__pyx_kp_b_iso88591_F_E_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[22])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 184};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 180};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_errors, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_exc};
     __pyx_mstate_global->__pyx_codeobj_tab[23] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_synchronize, __pyx_mstate->__pyx_kp_b_iso88591_A_E_Q_Q_gQa_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[23])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 195};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 191};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_seq_id, __pyx_mstate->__pyx_n_u_layer, __pyx_mstate->__pyx_n_u_keys, __pyx_mstate->__pyx_n_u_values, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_v};
     __pyx_mstate_global->__pyx_codeobj_tab[24] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_gather, __pyx_mstate->__pyx_kp_b_iso88591_A_F_it1_E_Q_t1G1HA_q_9A_r_QfE_R, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[24])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 208};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_seq_ids, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_ids, __pyx_mstate->__pyx_n_u_ranks, __pyx_mstate->__pyx_n_u_sid, __pyx_mstate->__pyx_n_u_info, __pyx_mstate->__pyx_n_u_table, __pyx_mstate->__pyx_n_u_hosts, __pyx_mstate->__pyx_n_u_host};
-    __pyx_mstate_global->__pyx_codeobj_tab[25] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_swap_out, __pyx_mstate->__pyx_kp_b_iso88591_A_F_iq_AT_aq_Q_Q_q_4wd_aq_Q_q_t8, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[25])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 204};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_seq_ids, __pyx_mstate->__pyx_n_u_ids};
+    __pyx_mstate_global->__pyx_codeobj_tab[25] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_swap_out, __pyx_mstate->__pyx_kp_b_iso88591_A_F_iq_at1D_4q_IT_4, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[25])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 14, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 235};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_seq_ids, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_ids, __pyx_mstate->__pyx_n_u_ranks, __pyx_mstate->__pyx_n_u_sid, __pyx_mstate->__pyx_n_u_done, __pyx_mstate->__pyx_n_u_hosts, __pyx_mstate->__pyx_n_u_num_tokens, __pyx_mstate->__pyx_n_u_tokens, __pyx_mstate->__pyx_n_u_salt_key, __pyx_mstate->__pyx_n_u_hits, __pyx_mstate->__pyx_n_u_table, __pyx_mstate->__pyx_n_u_i};
-    __pyx_mstate_global->__pyx_codeobj_tab[26] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_swap_in, __pyx_mstate->__pyx_kp_b_iso88591_A_F_iq_AT_aq_Q_Q_q_4wd_aq_4s_a_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[26])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 212};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_seq_ids, __pyx_mstate->__pyx_n_u_ids};
+    __pyx_mstate_global->__pyx_codeobj_tab[26] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_swap_in, __pyx_mstate->__pyx_kp_b_iso88591_A_F_iq_at1D_at9D_k, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[26])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 271};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 220};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_seq_ids, __pyx_mstate->__pyx_n_u_ids, __pyx_mstate->__pyx_n_u_sid};
     __pyx_mstate_global->__pyx_codeobj_tab[27] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_drop_swapped, __pyx_mstate->__pyx_kp_b_iso88591_A_iq_at1D_q_4wd_aq_q_D, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[27])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 281};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 230};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
     __pyx_mstate_global->__pyx_codeobj_tab[28] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_swapped_sequences, __pyx_mstate->__pyx_kp_b_iso88591_A_at1D_a, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[28])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 286};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 235};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_shrink, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_ranks, __pyx_mstate->__pyx_n_u_moves, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_occupied, __pyx_mstate->__pyx_n_u_done};
     __pyx_mstate_global->__pyx_codeobj_tab[29] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_compact, __pyx_mstate->__pyx_kp_b_iso88591_a_F_AT_aq_Q_Q_Q_D_s_1_E_IU_3a_3, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[29])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 317};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 266};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_num_blocks, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_ranks};
     __pyx_mstate_global->__pyx_codeobj_tab[30] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_grow, __pyx_mstate->__pyx_kp_b_iso88591_A_F_Ql_4wa_1_1A_Jj_AT_aq_Q_Q_r_4, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[30])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 338};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 287};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_seq_ids, __pyx_mstate->__pyx_n_u_ids, __pyx_mstate->__pyx_n_u_s};
     __pyx_mstate_global->__pyx_codeobj_tab[31] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_rocmforge__tensor_parallel_pyx, __pyx_mstate->__pyx_n_u_distinct, __pyx_mstate->__pyx_kp_b_iso88591_3as_e1_s_3avS_1A_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[31])) goto bad;
   }
@@ -21733,6 +19990,63 @@ static PyObject *__Pyx_GetBuiltinName(PyObject *name) {
             "name '%U' is not defined", name);
     }
     return result;
+}
+
+/* DivInt[int64_t] */
+static CYTHON_INLINE int64_t __Pyx_div_int64_t(int64_t a, int64_t b, int b_is_constant) {
+    int64_t q = a / b;
+    int64_t r = a - q*b;
+    int64_t adapt_python = (b_is_constant ?
+        ((r != 0) & ((r < 0) ^ (b < 0))) :
+        ((r != 0) & ((r ^ b) < 0))
+    );
+    return q - adapt_python;
+}
+
+/* WriteUnraisableException */
+static void __Pyx_WriteUnraisable(const char *name, int clineno,
+                                  int lineno, const char *filename,
+                                  int full_traceback, int nogil) {
+    PyObject *old_exc, *old_val, *old_tb;
+    PyObject *ctx;
+    __Pyx_PyThreadState_declare
+    PyGILState_STATE state;
+    if (nogil)
+        state = PyGILState_Ensure();
+    else state = (PyGILState_STATE)0;
+    CYTHON_UNUSED_VAR(clineno);
+    CYTHON_UNUSED_VAR(lineno);
+    CYTHON_UNUSED_VAR(filename);
+    CYTHON_MAYBE_UNUSED_VAR(nogil);
+    __Pyx_PyThreadState_assign
+    __Pyx_ErrFetch(&old_exc, &old_val, &old_tb);
+    if (full_traceback) {
+        Py_XINCREF(old_exc);
+        Py_XINCREF(old_val);
+        Py_XINCREF(old_tb);
+        __Pyx_ErrRestore(old_exc, old_val, old_tb);
+        PyErr_PrintEx(0);
+    }
+    ctx = PyUnicode_FromString(name);
+    __Pyx_ErrRestore(old_exc, old_val, old_tb);
+    if (!ctx) {
+        PyErr_WriteUnraisable(Py_None);
+    } else {
+        PyErr_WriteUnraisable(ctx);
+        Py_DECREF(ctx);
+    }
+    if (nogil)
+        PyGILState_Release(state);
+}
+
+/* ModInt[int64_t] */
+static CYTHON_INLINE int64_t __Pyx_mod_int64_t(int64_t a, int64_t b, int b_is_constant) {
+    int64_t r = a % b;
+    int64_t adapt_python = (b_is_constant ?
+        ((r != 0) & ((r < 0) ^ (b < 0))) :
+        ((r != 0) & ((r ^ b) < 0))
+    );
+    return r + adapt_python * b;
 }
 
 /* GetTopmostException (used by SaveResetException) */
@@ -22143,63 +20457,6 @@ static void __Pyx_Raise(PyObject *type, PyObject *value, PyObject *tb, PyObject 
 bad:
     Py_XDECREF(owned_instance);
     return;
-}
-
-/* DivInt[int64_t] */
-static CYTHON_INLINE int64_t __Pyx_div_int64_t(int64_t a, int64_t b, int b_is_constant) {
-    int64_t q = a / b;
-    int64_t r = a - q*b;
-    int64_t adapt_python = (b_is_constant ?
-        ((r != 0) & ((r < 0) ^ (b < 0))) :
-        ((r != 0) & ((r ^ b) < 0))
-    );
-    return q - adapt_python;
-}
-
-/* WriteUnraisableException */
-static void __Pyx_WriteUnraisable(const char *name, int clineno,
-                                  int lineno, const char *filename,
-                                  int full_traceback, int nogil) {
-    PyObject *old_exc, *old_val, *old_tb;
-    PyObject *ctx;
-    __Pyx_PyThreadState_declare
-    PyGILState_STATE state;
-    if (nogil)
-        state = PyGILState_Ensure();
-    else state = (PyGILState_STATE)0;
-    CYTHON_UNUSED_VAR(clineno);
-    CYTHON_UNUSED_VAR(lineno);
-    CYTHON_UNUSED_VAR(filename);
-    CYTHON_MAYBE_UNUSED_VAR(nogil);
-    __Pyx_PyThreadState_assign
-    __Pyx_ErrFetch(&old_exc, &old_val, &old_tb);
-    if (full_traceback) {
-        Py_XINCREF(old_exc);
-        Py_XINCREF(old_val);
-        Py_XINCREF(old_tb);
-        __Pyx_ErrRestore(old_exc, old_val, old_tb);
-        PyErr_PrintEx(0);
-    }
-    ctx = PyUnicode_FromString(name);
-    __Pyx_ErrRestore(old_exc, old_val, old_tb);
-    if (!ctx) {
-        PyErr_WriteUnraisable(Py_None);
-    } else {
-        PyErr_WriteUnraisable(ctx);
-        Py_DECREF(ctx);
-    }
-    if (nogil)
-        PyGILState_Release(state);
-}
-
-/* ModInt[int64_t] */
-static CYTHON_INLINE int64_t __Pyx_mod_int64_t(int64_t a, int64_t b, int b_is_constant) {
-    int64_t r = a % b;
-    int64_t adapt_python = (b_is_constant ?
-        ((r != 0) & ((r < 0) ^ (b < 0))) :
-        ((r != 0) & ((r ^ b) < 0))
-    );
-    return r + adapt_python * b;
 }
 
 /* CopyObjectArray (used by TupleOrListFromArrayImpl) */
@@ -24886,79 +23143,22 @@ static CYTHON_INLINE void __Pyx_ExceptionSwap(PyObject **type, PyObject **value,
 }
 #endif
 
-/* PyObjectVectorcallMethodKwds */
-#if !CYTHON_VECTORCALL
-static PyObject *__Pyx_Object_VectorcallMethodKwds(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
-    PyObject *result;
-    PyObject *obj = PyObject_GetAttr(args[0], name);
-    if (unlikely(!obj))
-        return NULL;
-    result = __Pyx_Object_VectorcallKwds(obj, args+1, nargsf-1, kwnames);
-    Py_DECREF(obj);
-    return result;
+/* RaiseErrorWithObjectType1 (used by RaiseUnexpectedTypeError) */
+static void __Pyx_RaiseErrorWithType1(PyObject* exc_type, const char* message, const char *arg, PyTypeObject *type_obj) {
+    __Pyx_TypeName type_name = __Pyx_PyType_GetFullyQualifiedName(type_obj);
+    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
+    if (unlikely(!type_name)) return;
+    #endif
+    PyErr_Format(exc_type, message, arg, type_name);
+    __Pyx_DECREF_TypeName(type_name);
 }
-#endif
 
-/* SliceObject */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_GetSlice(PyObject* obj,
-        Py_ssize_t cstart, Py_ssize_t cstop,
-        PyObject** _py_start, PyObject** _py_stop, PyObject** _py_slice,
-        int has_cstart, int has_cstop, CYTHON_UNUSED int wraparound) {
-#if CYTHON_USE_TYPE_SLOTS
-    PyMappingMethods* mp = Py_TYPE(obj)->tp_as_mapping;
-    if (likely(mp && mp->mp_subscript))
-#else
-    if ((1))
-#endif
-    {
-        PyObject* result;
-        PyObject *py_slice, *py_start, *py_stop;
-        if (_py_slice) {
-            py_slice = *_py_slice;
-        } else {
-            PyObject* owned_start = NULL;
-            PyObject* owned_stop = NULL;
-            if (_py_start) {
-                py_start = *_py_start;
-            } else {
-                if (has_cstart) {
-                    owned_start = py_start = PyLong_FromSsize_t(cstart);
-                    if (unlikely(!py_start)) goto bad;
-                } else
-                    py_start = Py_None;
-            }
-            if (_py_stop) {
-                py_stop = *_py_stop;
-            } else {
-                if (has_cstop) {
-                    owned_stop = py_stop = PyLong_FromSsize_t(cstop);
-                    if (unlikely(!py_stop)) {
-                        Py_XDECREF(owned_start);
-                        goto bad;
-                    }
-                } else
-                    py_stop = Py_None;
-            }
-            py_slice = PySlice_New(py_start, py_stop, Py_None);
-            Py_XDECREF(owned_start);
-            Py_XDECREF(owned_stop);
-            if (unlikely(!py_slice)) goto bad;
-        }
-#if CYTHON_USE_TYPE_SLOTS
-        result = mp->mp_subscript(obj, py_slice);
-#else
-        result = PyObject_GetItem(obj, py_slice);
-#endif
-        if (!_py_slice) {
-            Py_DECREF(py_slice);
-        }
-        return result;
-    } else {
-        __Pyx_RaiseTypeErrorWithObjectType(
-            "'" __Pyx_FMT_TYPENAME "' object is unsliceable", obj);
-    }
-bad:
-    return NULL;
+/* RaiseUnexpectedTypeError */
+static int __Pyx_RaiseUnexpectedTypeError(const char *expected, PyObject *obj) {
+    __Pyx_RaiseTypeErrorWithObjectType1(
+        "Expected %.42s, got " __Pyx_FMT_TYPENAME,
+        expected, obj);
+    return 0;
 }
 
 /* PyNumberBinop */
@@ -25861,16 +24061,6 @@ CYTHON_UNUSED static Py_ssize_t __Pyx_GetTypeDictOffset(PyObject *tp, int requir
 }
 #endif
 
-/* RaiseErrorWithObjectType1 (used by ValidateBasesTuple) */
-static void __Pyx_RaiseErrorWithType1(PyObject* exc_type, const char* message, const char *arg, PyTypeObject *type_obj) {
-    __Pyx_TypeName type_name = __Pyx_PyType_GetFullyQualifiedName(type_obj);
-    #if CYTHON_COMPILING_IN_LIMITED_API && __PYX_LIMITED_VERSION_HEX < 0x030d0000
-    if (unlikely(!type_name)) return;
-    #endif
-    PyErr_Format(exc_type, message, arg, type_name);
-    __Pyx_DECREF_TypeName(type_name);
-}
-
 /* ValidateBasesTuple (used by PyType_Ready) */
 #if CYTHON_COMPILING_IN_CPYTHON || CYTHON_COMPILING_IN_LIMITED_API || CYTHON_USE_TYPE_SPECS
 static int __Pyx_validate_bases_tuple(const char *type_name, int has_dictoffset, PyObject *bases) {
@@ -26334,6 +24524,72 @@ no_attr:
     Py_XDECREF(ob);
     return -1;
 }
+
+/* PxdImportShared (used by FunctionImport) */
+#ifndef __PYX_HAVE_RT_ImportFromPxd_3_3_1
+#define __PYX_HAVE_RT_ImportFromPxd_3_3_1
+static int __Pyx_ImportFromPxd_3_3_1(PyObject *module, const char *name, void **p, const char *sig, const char *what, int optional) {
+    PyObject *d = 0;
+    PyObject *cobj = 0;
+    d = PyObject_GetAttrString(module, "__pyx_capi__");
+    if (!d)
+        goto bad;
+#if (defined(Py_LIMITED_API) && Py_LIMITED_API >= 0x030d0000) || (!defined(Py_LIMITED_API) && PY_VERSION_HEX >= 0x030d0000)
+    PyDict_GetItemStringRef(d, name, &cobj);
+#else
+    cobj = PyDict_GetItemString(d, name);
+    Py_XINCREF(cobj);
+#endif
+    if (!cobj) {
+        if (optional && !PyErr_Occurred()) {
+            PyErr_Clear();
+            *p = NULL;
+            goto allowed_failure;
+        } else {
+            PyErr_Format(PyExc_ImportError,
+                "%.200s does not export expected C %.8s %.200s",
+                    PyModule_GetName(module), what, name);
+            goto bad;
+        }
+    }
+    if (!PyCapsule_IsValid(cobj, sig)) {
+        PyErr_Format(PyExc_TypeError,
+            "C %.8s %.200s.%.200s has wrong signature (expected %.500s, got %.500s)",
+             what, PyModule_GetName(module), name, sig, PyCapsule_GetName(cobj));
+        goto bad;
+    }
+    *p = PyCapsule_GetPointer(cobj, sig);
+    if (!(*p))
+        goto bad;
+    Py_DECREF(cobj);
+allowed_failure:
+    Py_DECREF(d);
+    return 0;
+bad:
+    Py_XDECREF(d);
+    Py_XDECREF(cobj);
+    return -1;
+}
+#endif
+
+/* FunctionImport */
+#ifndef __PYX_HAVE_RT_ImportFunction_3_3_1
+#define __PYX_HAVE_RT_ImportFunction_3_3_1
+static int __Pyx_ImportFunction_3_3_1(PyObject *module, const char *funcname, void (**f)(void), const char *sig) {
+    if (*f) {
+        return 0; // already imported under a different name
+    }
+    union {
+        void (*fp)(void);
+        void *p;
+    } tmp;
+    int result = __Pyx_ImportFromPxd_3_3_1(module, funcname, &tmp.p, sig, "function", 0);
+    if (result == 0) {
+        *f = tmp.fp;
+    }
+    return result;
+}
+#endif
 
 /* TupleOrListFromArrayImpl (used by ListFromArray) */
 CYTHON_UNUSED static PyObject *
@@ -28890,6 +27146,19 @@ bad:
             return z;
         }
     #endif
+#endif
+
+/* PyObjectVectorcallMethodKwds (used by CIntToPy) */
+#if !CYTHON_VECTORCALL
+static PyObject *__Pyx_Object_VectorcallMethodKwds(PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *result;
+    PyObject *obj = PyObject_GetAttr(args[0], name);
+    if (unlikely(!obj))
+        return NULL;
+    result = __Pyx_Object_VectorcallKwds(obj, args+1, nargsf-1, kwnames);
+    Py_DECREF(obj);
+    return result;
+}
 #endif
 
 /* CIntToPy */

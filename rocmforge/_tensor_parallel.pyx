@@ -7,16 +7,12 @@ grow change the manager once and every rank's storage with it."""
 
 import threading
 
-cimport numpy as cnp
 import numpy as np
 
 from rocmforge._core cimport BlockManager
-from rocmforge._kvcache cimport KvCache
+from rocmforge._kvcache cimport KvCache, swap_in_ranks, swap_out_ranks
 from rocmforge.config import CacheConfig, parse_bytes
-from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, InvalidConfiguration, SequenceExists,
-                              SequenceNotFound)
-
-cnp.import_array()
+from rocmforge.errors import ArgumentTypeError, ArgumentValueError, InvalidConfiguration, SequenceNotFound
 
 
 class _Fanout:
@@ -208,65 +204,18 @@ class TensorParallelKvCache:
     def swap_out(self, seq_ids):
         """Move sequences' K/V (every rank's) to host memory and release their blocks.
         All named sequences must exist; nothing changes otherwise."""
-        cdef KvCache r
         self._live()
         ids = _distinct(seq_ids)
-        ranks = list(self.ranks)
-        with _AllLocks(ranks):
-            for r in ranks:
-                r._check_open()
-            for sid in ids:
-                if sid not in self.manager:
-                    raise SequenceNotFound(f"sequence {sid} not found")
-            for r in ranks:
-                r._apply_pending(NULL)
-            for sid in ids:
-                info = self.manager.sequence_info(sid)
-                table = np.ascontiguousarray(self.manager.block_table(sid), dtype=np.int32)
-                hosts = []
-                for r in ranks:
-                    host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)
-                    r._move_blocks(True, table, host)
-                    hosts.append(host)
-                self._swapped[sid] = (hosts, info["num_tokens"], self.manager.sequence_tokens(sid),
-                                      info["salt_key"])
-                self.manager.remove_sequence(sid)
+        with _AllLocks(list(self.ranks)):
+            swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)
 
     def swap_in(self, seq_ids):
         """Bring swapped-out sequences back on every rank (a cached prefix is reused).
         All or nothing: OutOfBlocks leaves them swapped out."""
-        cdef KvCache r
         self._live()
         ids = _distinct(seq_ids)
-        ranks = list(self.ranks)
-        with _AllLocks(ranks):
-            for r in ranks:
-                r._check_open()
-            for sid in ids:
-                if sid not in self._swapped:
-                    raise SequenceNotFound(f"sequence {sid} is not swapped out")
-                if sid in self.manager:
-                    raise SequenceExists(f"sequence {sid} exists")
-            done = []
-            try:
-                for sid in ids:
-                    hosts, num_tokens, tokens, salt_key = self._swapped[sid]
-                    if tokens is None:
-                        self.manager.add_sequence(sid, num_tokens=num_tokens)
-                    else:
-                        self.manager.add_sequence(sid, tokens, _salt_key=salt_key)
-                    done.append(sid)
-                    hits = self.manager.num_cached_tokens(sid) // self.config.block_size
-                    table = np.ascontiguousarray(self.manager.block_table(sid)[hits:], dtype=np.int32)
-                    for i, r in enumerate(ranks):
-                        r._apply_pending(NULL)          # a reused prefix's host-tier copies first
-                        r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
-            except BaseException:
-                for sid in done:
-                    self.manager.remove_sequence(sid)
-                raise
-            for sid in ids:
-                del self._swapped[sid]
+        with _AllLocks(list(self.ranks)):
+            swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)
 
     def drop_swapped(self, seq_ids):
         """Forget swapped-out sequences (their host copies are freed)."""

@@ -1,0 +1,62 @@
+# Included by _kvcache.pyx: swapping for one cache or every rank of a
+# tensor-parallel one (declared in _kvcache.pxd).
+
+
+cdef swap_out_ranks(list ranks, object manager, dict swapped, list ids):
+    """Move sequences' K/V, every rank's, to host memory (swapped[sid] = ([per
+    rank packed K/V], num_tokens, tokens, salt_key)) and release their blocks.
+    All named sequences must exist; nothing changes otherwise. Call with every
+    rank's lock held."""
+    cdef KvCache r
+    for r in ranks:
+        r._check_open()
+    for sid in ids:
+        if sid not in manager:
+            raise SequenceNotFound(f"sequence {sid} not found")
+    for r in ranks:
+        r._apply_pending(NULL)
+    for sid in ids:
+        info = manager.sequence_info(sid)
+        table = np.ascontiguousarray(manager.block_table(sid), dtype=np.int32)
+        hosts = []
+        for r in ranks:
+            host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)
+            r._move_blocks(True, table, host)
+            hosts.append(host)
+        swapped[sid] = (hosts, info["num_tokens"], manager.sequence_tokens(sid), info["salt_key"])
+        manager.remove_sequence(sid)
+
+
+cdef swap_in_ranks(list ranks, object manager, dict swapped, list ids):
+    """Bring swapped-out sequences back on every rank: fresh blocks (a cached prefix
+    is reused), their K/V copied back. All or nothing: OutOfBlocks leaves them
+    swapped out. Call with every rank's lock held."""
+    cdef KvCache r
+    cdef int i
+    for r in ranks:
+        r._check_open()
+    for sid in ids:
+        if sid not in swapped:
+            raise SequenceNotFound(f"sequence {sid} is not swapped out")
+        if sid in manager:
+            raise SequenceExists(f"sequence {sid} exists")
+    done = []
+    try:
+        for sid in ids:
+            hosts, num_tokens, tokens, salt_key = swapped[sid]
+            if tokens is None:
+                manager.add_sequence(sid, num_tokens=num_tokens)
+            else:
+                manager.add_sequence(sid, tokens, _salt_key=salt_key)
+            done.append(sid)
+            hits = manager.num_cached_tokens(sid) // manager.block_size
+            table = np.ascontiguousarray(manager.block_table(sid)[hits:], dtype=np.int32)
+            for i in range(len(ranks)):
+                r = ranks[i]
+                r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
+    except BaseException:
+        for sid in done:                # their data is in place: removing keeps the cache valid
+            manager.remove_sequence(sid)
+        raise
+    for sid in ids:
+        del swapped[sid]
