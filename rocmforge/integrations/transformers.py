@@ -1,0 +1,282 @@
+"""rocmforge as the KV cache of Hugging Face transformers models.
+
+``RocmforgeCache(model, num_blocks=4096, block_size=16)`` is a transformers
+``Cache``: pass it to ``model.generate(..., past_key_values=cache)`` (or
+``cache=cache`` on transformers releases that renamed the argument). Each
+batch row is one rocmforge sequence in a ``KvCache``; new K/V go in with
+``write_kv`` and attention reads every row's blocks through its block table
+(gathered into the [batch, heads, length, head_dim] tensors the model's
+attention takes: ``attention_path`` says so).
+
+The cache sees the token ids each forward call gets (a forward pre-hook on
+the model), so rows with the same prompt share their prompt blocks (one row
+is written, the others fork it: ``num_return_sequences``), beam search reorders
+rows by forking, and full blocks are kept in the prefix cache when a
+generation ends. ``prepare(input_ids)`` before ``generate`` reuses them: every
+row gets its cached prefix (the longest one all rows have, in whole blocks,
+short of the last prompt token), so the model runs only the rest. Blocks are
+released when the next generation starts, on ``reset()`` and on ``close()``.
+
+Needs torch and transformers 5.x (``pip install 'rocmforge[transformers]'``);
+float32, float16 and bfloat16 models (the cache stores the model's dtype, so
+outputs equal ``DynamicCache``'s)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from rocmforge._kvcache import KvCache
+from rocmforge.config import CacheConfig
+from rocmforge.errors import ArgumentValueError
+
+__all__ = ["RocmforgeCache", "cache_kwarg"]
+
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def cache_kwarg(model, cache) -> dict:
+    """``{name: cache}`` for ``model.generate(**...)``: ``cache`` where the model's
+    forward takes that name (transformers 5.2x renamed it), else ``past_key_values``."""
+    import inspect
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+class _Layer(CacheLayerMixin):
+    """One model layer's view of the RocmforgeCache."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, owner: "RocmforgeCache", index: int):
+        super().__init__()
+        self.owner, self.index = owner, index
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.is_initialized = True
+        return self.owner._update(self.index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner._length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner._length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx) -> None:
+        if self.index == 0:
+            self.owner._reorder(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.index == 0:
+            self.owner._reorder([i for i in range(len(self.owner._rows)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices) -> None:
+        if self.index == 0:
+            self.owner._reorder(torch.as_tensor(indices).tolist())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("RocmforgeCache cannot drop tokens (assisted decoding needs a croppable cache)")
+
+
+class RocmforgeCache(Cache):
+    """A transformers Cache backed by a rocmforge KvCache (see the module)."""
+
+    attention_path = "gather"
+
+    def __init__(self, model, num_blocks: int = 4096, block_size: int = 16, device: str | None = None):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.num_layers = config.num_hidden_layers
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = _DTYPES.get(model.dtype)
+        if dtype is None:
+            raise ArgumentValueError(f"RocmforgeCache stores float32, float16 or bfloat16, not {model.dtype}")
+        device = device or ("cpu" if model.device.type == "cpu" else f"{model.device.type}:{model.device.index or 0}")
+        self.kv = KvCache(CacheConfig(self.num_layers, heads, head_dim, block_size=block_size,
+                                      num_blocks=num_blocks, dtype=dtype), device, enable_prefix_caching=True)
+        super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
+        self.block_size = block_size
+        self._rows: list = []               # rocmforge sequence id of each batch row (None: a twin to fork)
+        self._twin: dict = {}               # row -> the row it will fork once that one has its prompt
+        self._fresh: set = set()            # rows whose sequence the first forward adds, tokens and all
+        self._prepared = None               # prepare()'s rows, the tokens the first forward must bring
+        self._length = 0                    # positions every row holds
+        self._target = 0                    # positions every row holds once this forward is done
+        self._next_id = 0
+        self._tokens = None                 # token ids of the forward call under way, [batch, new]
+        self._slots = None                  # where this forward's new K/V go, shared by the layers
+        self._writes = None                 # which of this forward's [batch * new] K/V rows are written
+        self._views = [(torch.from_dlpack(self.kv.key_cache(i)), torch.from_dlpack(self.kv.value_cache(i)))
+                       for i in range(self.num_layers)]
+        self._hook = model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)
+        self.model_tokens = 0               # token positions the model computed, all rows, all calls
+
+    # ---- the batch's sequences -------------------------------------------------------------------
+
+    def _see_inputs(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._tokens = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _release(self) -> None:
+        m = self.kv.manager
+        for sid in self._rows:
+            if sid is not None and sid in m:   # (a fresh row's sequence is added by its first forward)
+                m.remove_sequence(sid)
+        self._rows, self._twin, self._fresh, self._length = [], {}, set(), 0
+
+    def prepare(self, input_ids) -> int:
+        """Start a generation of these prompts ([batch, length] token ids, padded as
+        generate gets them) from their cached prefix: returns the positions each row
+        already holds, which generate then skips."""
+        self._release()
+        rows = [r.tolist() for r in torch.as_tensor(input_ids).cpu()]
+        usable = max(0, (len(rows[0]) - 1) // self.block_size * self.block_size) if rows else 0
+        self._length = min([self.kv.manager.lookup_prefix(r) for r in rows] + [usable])
+        self._open(rows)
+        self._prepared = [r[self._length:] for r in rows]
+        return self._length
+
+    def _open(self, rows) -> None:
+        """A sequence per distinct row: holding its first _length tokens, or (at 0)
+        added whole by the first forward, so that rows find the blocks earlier rows
+        share with them in the prefix cache; a count for rows without token ids. A
+        twin (the same tokens) waits to fork its first."""
+        m, first = self.kv.manager, {}
+        self._rows, self._twin, self._fresh = [], {}, set()
+        for i, r in enumerate(rows):
+            key = None if r is None else tuple(r)
+            if key is not None and key in first:
+                self._rows.append(None)
+                self._twin[i] = first[key]
+                continue
+            sid = self._new_id()
+            if r is None:
+                m.add_sequence(sid, num_tokens=self._length)
+            elif self._length:
+                m.add_sequence(sid, r[:self._length])
+            else:
+                self._fresh.add(i)
+            if key is not None:
+                first[key] = i
+            self._rows.append(sid)
+
+    def _expand(self, repeats: int) -> None:
+        """Each row repeated (generate's num_return_sequences): the copies are twins."""
+        rows, twin = [], {}
+        for n in range(len(self._rows) * repeats):
+            lead = self._twin.get(n // repeats, n // repeats) * repeats
+            rows.append(self._rows[n // repeats] if n == lead else None)
+            if n != lead:
+                twin[n] = lead
+        self._rows, self._twin = rows, twin
+        self._fresh = {j * repeats for j in self._fresh}
+
+    def _begin_forward(self, batch: int, count: int) -> None:
+        """Layer 0 of a forward call: every row's slots for `count` new positions."""
+        m = self.kv.manager
+        tokens = self._tokens.tolist() if self._tokens is not None and self._tokens.shape == (batch, count) else None
+        if not self._rows:
+            self._open(tokens if tokens is not None else [None] * batch)
+        elif batch != len(self._rows) and batch % len(self._rows) == 0:
+            self._expand(batch // len(self._rows))
+        prepared, self._prepared = self._prepared, None
+        if len(self._rows) != batch or (prepared is not None and tokens is not None and tokens != [
+                prepared[i * len(prepared) // batch] for i in range(batch)]):
+            self._release()
+            raise ArgumentValueError(f"generate runs other prompts than prepare() was given ({batch} rows for "
+                                     f"{len(prepared or self._rows)}): the cache is reset")
+        slots, writes = [], []
+        for i, sid in enumerate(self._rows):
+            if sid is None:
+                continue
+            if i in self._fresh:
+                s = m.add_sequence(sid, tokens[i]) if tokens is not None else m.add_sequence(sid, num_tokens=count)
+                have = m.num_cached_tokens(sid)
+            elif tokens is not None and m.sequence_tokens(sid) is not None:
+                s, have = m.append(sid, tokens[i]), 0
+            else:
+                s, have = m.append(sid, count), 0
+            slots.append(s[have:])              # cached positions hold their K/V already
+            writes.extend(range(i * count + have, (i + 1) * count))
+        for i, lead in self._twin.items():      # twins share what their first just wrote
+            self._rows[i] = self._new_id()
+            m.fork(self._rows[lead], self._rows[i])
+        self._twin, self._fresh = {}, set()
+        self._slots = torch.from_numpy(np.concatenate(slots))
+        self._writes = torch.tensor(writes, dtype=torch.long)
+        self._target = self._length + count
+        self.model_tokens += batch * count
+
+    def _update(self, layer: int, key_states, value_states):
+        batch, heads, count, dim = key_states.shape
+        if layer == 0:
+            self._begin_forward(batch, count)
+        idx = self._writes.to(key_states.device)
+        k = key_states.transpose(1, 2).reshape(-1, heads, dim).index_select(0, idx)
+        v = value_states.transpose(1, 2).reshape(-1, heads, dim).index_select(0, idx)
+        self.kv.write_kv(layer, k, v, self._slots.to(key_states.device))
+        if layer == self.num_layers - 1:
+            self._length = self._target
+        return self._read(layer, self._target, key_states)
+
+    def _read(self, layer: int, length: int, like):
+        """Every row's K and V of `layer`, [batch, heads, length, head_dim], through the block tables."""
+        tables = torch.from_numpy(self.kv.manager.block_tables(self._rows)).to(like.device).long()
+        kc, vc = self._views[layer]
+        shape = (len(self._rows), -1, kc.shape[2], kc.shape[3])
+        k = kc[tables].reshape(shape)[:, :length].transpose(1, 2)
+        v = vc[tables].reshape(shape)[:, :length].transpose(1, 2)
+        return k, v
+
+    def _reorder(self, order: list[int]) -> None:
+        """Rows become forks of the rows `order` names (beam search, batch selection)."""
+        m = self.kv.manager
+        rows = []
+        for i in order:
+            sid = self._new_id()
+            m.fork(self._rows[i], sid)
+            rows.append(sid)
+        for sid in self._rows:
+            m.remove_sequence(sid)
+        self._rows = rows
+        self._twin = {}
+
+    # ---- the Cache interface, and closing --------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows) if self._rows else -1
+
+    def reset(self) -> None:
+        """Release every row's blocks (full prompt blocks stay in the prefix cache)."""
+        self._release()
+        super().reset()
+
+    def close(self) -> None:
+        """Release everything and free the storage; the model's hook is removed."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._views = []
+        self.kv.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,184 @@
+"""rocmforge as the KV cache of Hugging Face transformers models: generate() with
+RocmforgeCache must give the same tokens as with transformers' own DynamicCache
+(the oracle), for small random-weight Llama- and Qwen2-style models with
+grouped-query attention, on the CPU in float32 and on a GPU in bfloat16 and
+float16. Skips without torch and transformers."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from rocmforge.integrations.transformers import RocmforgeCache, cache_kwarg  # noqa: E402
+
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+GPU_DTYPES = [pytest.param(d, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="no GPU")])
+              for d in (torch.bfloat16, torch.float16)]
+
+
+def build(arch="llama", layers=2, hidden=256, device="cpu", dtype=torch.float32, seed=0):
+    config_cls, model_cls = ARCHS[arch]
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0)
+    return model_cls(cfg).eval().to(device=device, dtype=dtype)
+
+
+def prompts(lens, seed=1, device="cpu", prefix=()):
+    """Left-padded random prompts (ids 1..255 after an optional shared prefix) and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lens) + len(prefix)
+    ids = torch.zeros(len(lens), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lens):
+        row = torch.cat([torch.tensor(prefix, dtype=torch.long), torch.randint(1, 256, (n,), generator=g)])
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generate(model, ids, mask, cache, seed=None, **kw):
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=kw.pop("new", 64),
+                              pad_token_id=0, **kw)
+
+
+def dynamic(model):
+    return DynamicCache(config=model.config)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_generation_is_token_identical_to_dynamic_cache(arch):
+    model = build(arch)
+    ids, mask = prompts([5, 9, 12, 17, 3, 20, 8, 14])
+    with RocmforgeCache(model, num_blocks=256) as cache:
+        got = generate(model, ids, mask, cache, do_sample=False)
+        assert torch.equal(got, generate(model, ids, mask, dynamic(model), do_sample=False))
+        assert got.shape == (8, 20 + 64) and cache.attention_path == "gather" and cache.batch_size == 8
+        assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                                               pad_token_id=0, **cache_kwarg(model, cache.reset() or cache)))
+        assert cache.kv.manager.num_used_blocks == 8 * -(-(20 + 63) // 16)
+        cache.reset()
+        assert cache.kv.manager.num_used_blocks == 0
+        cache.kv.manager.check_invariants()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_sampled_generation_with_a_seed_is_identical(arch):
+    model = build(arch, seed=3)
+    ids, mask = prompts([7, 2, 11, 5], seed=4)
+    with RocmforgeCache(model, num_blocks=128) as cache:
+        kw = dict(do_sample=True, temperature=0.9, top_k=50, new=40)
+        assert torch.equal(generate(model, ids, mask, cache, seed=11, **kw),
+                           generate(model, ids, mask, dynamic(model), seed=11, **kw))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_shared_prefix_is_reused_across_calls_with_fewer_model_tokens():
+    model = build("qwen2")
+    system = list(range(1, 50))                                    # 49 tokens: 3 whole blocks of 16
+    first, first_mask = prompts([6, 6, 6], seed=5, prefix=system)
+    second, second_mask = prompts([6, 6, 6, 6], seed=6, prefix=system)
+    with RocmforgeCache(model, num_blocks=256) as cache:
+        generate(model, first, first_mask, cache, do_sample=False, new=8)
+        before = cache.model_tokens
+        assert cache.prepare(second) == 48                         # every row: 3 blocks from the first call
+        got = generate(model, second, second_mask, cache, do_sample=False, new=8)
+        assert torch.equal(got, generate(model, second, second_mask, dynamic(model), do_sample=False, new=8))
+        computed = cache.model_tokens - before
+        assert computed == 4 * (second.shape[1] - 48) + 4 * 7      # the rest of each prompt, then 7 steps
+        assert cache.kv.manager.stats()["prefix_hit_tokens"] >= 4 * 48
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_rows_of_one_prompt_share_its_blocks():
+    model = build("llama")
+    ids, mask = prompts([40, 21], seed=7)
+    with RocmforgeCache(model, num_blocks=256) as cache:
+        kw = dict(do_sample=True, num_return_sequences=4, new=10)
+        got = generate(model, ids, mask, cache, seed=2, **kw)
+        assert torch.equal(got, generate(model, ids, mask, dynamic(model), seed=2, **kw))
+        m = cache.kv.manager
+        tables = m.block_tables(cache._rows)
+        for group in (tables[:4], tables[4:]):
+            assert (group[:, :2] == group[0, :2]).all()            # the prompt's 2 whole blocks: shared
+        assert m.num_used_blocks < 8 * tables.shape[1]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_beam_search_is_identical():
+    model = build("llama", seed=5)
+    ids, mask = prompts([9, 4, 13], seed=8)
+    with RocmforgeCache(model, num_blocks=256) as cache:
+        kw = dict(do_sample=False, num_beams=3, new=12)
+        assert torch.equal(generate(model, ids, mask, cache, **kw), generate(model, ids, mask, dynamic(model), **kw))
+        cache.kv.manager.check_invariants()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_nothing_leaks_across_a_thousand_generate_calls():
+    model = build("llama", layers=1, hidden=64)
+    ids, mask = prompts([3, 5], seed=9)
+    with RocmforgeCache(model, num_blocks=16, block_size=4) as cache:
+        for i in range(1000):
+            generate(model, ids, mask, cache, do_sample=False, new=2)
+            cache.reset()
+            assert cache.kv.manager.num_used_blocks == 0, i
+        cache.kv.manager.check_invariants()
+        kv = cache.kv
+    assert kv.closed
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_bad_uses_raise_clear_errors():
+    model = build("llama", layers=1, hidden=64)
+    with pytest.raises(Exception, match="float32, float16 or bfloat16"):
+        RocmforgeCache(model.to(torch.float64))
+    model = model.to(torch.float32)
+    ids, mask = prompts([3, 5], seed=9)
+    with RocmforgeCache(model, num_blocks=16, block_size=4) as cache:
+        cache.prepare(ids)
+        with pytest.raises(Exception, match="prepare"):                # 3 rows for 2
+            generate(model, torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]]), cache, do_sample=False, new=2)
+        cache.prepare(ids)
+        with pytest.raises(Exception, match="prepare"):                # other prompts
+            generate(model, ids.flip(0), mask.flip(0), cache, do_sample=False, new=2)
+        assert cache.kv.manager.num_used_blocks == 0
+        with pytest.raises(NotImplementedError):
+            cache.crop(-1)
+        with pytest.raises(Exception, match="blocks"):                 # 16 blocks of 4: too few
+            generate(model, ids, mask, cache, do_sample=False, new=200)
+        cache.reset()
+        assert cache.kv.manager.num_used_blocks == 0
+        assert torch.equal(generate(model, ids, mask, cache, do_sample=False, new=4),
+                           generate(model, ids, mask, dynamic(model), do_sample=False, new=4))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_gpu_generation_is_token_identical(arch, dtype):
+    model = build(arch, device="cuda", dtype=dtype)
+    ids, mask = prompts([5, 9, 12, 17, 3, 20, 8, 14], device="cuda")
+    with RocmforgeCache(model, num_blocks=256) as cache:
+        assert cache.kv.device.startswith(("cuda", "hip"))
+        got = generate(model, ids, mask, cache, do_sample=False)
+        assert torch.equal(got, generate(model, ids, mask, dynamic(model), do_sample=False))
+
+
+def test_the_example_prints_a_table_then_json(capsys):
+    from rocmforge.examples import hf_generate
+    import json
+    assert hf_generate.main(["--batch", "3", "--prompt-len", "40", "--shared-prefix", "32", "--new", "4",
+                             "--layers", "1", "--hidden", "64", "--reps", "1", "--block-size", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["identical"] and lines[1].split() == ["cache", "tokens/s", "KV", "MiB"]
+    assert result["rocmforge_kv_bytes"] < result["DynamicCache_kv_bytes"]     # the shared 32 tokens once
