@@ -13,8 +13,13 @@ sequence from one cache to another (prefill/decode disaggregation).
   prefix-cache keys; blocks the cache already holds for that prefix are
   reused, the others are filled from the packed K/V. All or nothing.
 
-The copies go through host memory; peer copies between GPUs and NCCL come
-with the multi-GPU runs.
+- ``send_packed(packed, dst)`` / ``recv_packed(src)`` carry a PackedSequence
+  between processes through ``torch.distributed`` point-to-point messages (a
+  length, then the bytes): gloo between CPU processes, NCCL with ``device``
+  set to each rank's GPU. torch is needed for these two only.
+
+The copies go through host memory; peer copies between GPUs come with the
+multi-GPU runs.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ import numpy as np
 from rocmforge._transfer import pack_blocks, unpack_blocks
 from rocmforge.errors import ArgumentValueError
 
-__all__ = ["PackedSequence", "adopt_sequence", "pack_blocks", "pack_sequence", "transfer_blocks",
-           "unpack_blocks"]
+__all__ = ["PackedSequence", "adopt_sequence", "pack_blocks", "pack_sequence", "recv_packed", "send_packed",
+           "transfer_blocks", "unpack_blocks"]
 
 
 def _geometry(cache) -> tuple:
@@ -114,3 +119,25 @@ def adopt_sequence(cache, seq_id, packed: PackedSequence) -> np.ndarray:
         m.remove_sequence(seq_id)
         raise
     return slots
+
+
+def send_packed(packed: PackedSequence, dst: int, group=None, device="cpu") -> None:
+    """Send a PackedSequence to rank dst of the initialized torch.distributed
+    process group: its byte length (int64), then its bytes (uint8), both on
+    ``device`` ("cpu" for gloo, the rank's GPU for NCCL)."""
+    import torch
+    import torch.distributed as dist
+    data = packed.to_bytes()
+    dist.send(torch.tensor([len(data)], dtype=torch.int64, device=device), dst, group=group)
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), dst, group=group)
+
+
+def recv_packed(src: int, group=None, device="cpu") -> PackedSequence:
+    """Receive the PackedSequence rank src sends with send_packed."""
+    import torch
+    import torch.distributed as dist
+    size = torch.empty(1, dtype=torch.int64, device=device)
+    dist.recv(size, src, group=group)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.recv(payload, src, group=group)
+    return PackedSequence.from_bytes(payload.cpu().numpy().tobytes())

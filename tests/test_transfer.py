@@ -137,3 +137,66 @@ def test_a_sequence_prefilled_in_another_process_is_adopted_here():
             want = (k.view(np.uint32).astype(np.uint64) + 0x7FFF + ((k.view(np.uint32) >> 16) & 1)) >> 16
             assert np.array_equal(got_k, want.astype(np.uint16))        # bfloat16 bits, rounded to nearest even
             assert np.array_equal(got_v, (want.astype(np.uint16) ^ 0x8000))
+
+
+DISAGGREGATE = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import torch.distributed as dist
+    import rocmforge as rf
+    from rocmforge.config import CacheConfig
+    from rocmforge.transfer import adopt_sequence, pack_sequence, recv_packed, send_packed
+    rank, out, backend = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
+    device = "cpu" if backend == "gloo" else f"cuda:{rank}"
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    c = rf.KvCache(CacheConfig(2, 2, 8, block_size=4, num_blocks=16, dtype="float16"), device,
+                   enable_prefix_caching=True, enable_events=True)
+    tokens = list(range(60, 79))
+    if rank == 0:                                   # prefill, then send
+        slots = c.manager.add_sequence(0, tokens, salt="t")
+        rng = np.random.default_rng(6)
+        for layer in range(2):
+            k = rng.standard_normal((len(tokens), 2, 8)).astype(np.float16)
+            c.write_kv(layer, k, k * 2, slots)
+        send_packed(pack_sequence(c, 0), 1, device=device)
+    else:
+        adopt_sequence(c, 9, recv_packed(0, device=device))
+    sid = 0 if rank == 0 else 9
+    keys = [e.key for e in c.manager.take_events() if isinstance(e, rf.BlockStored)]
+    c.manager.append(sid, [1])                      # decoding goes on in either process
+    kv = [a.to_numpy() for layer in range(2) for a in c.gather(sid, layer)]
+    np.savez(f"{out}/rank{rank}.npz", keys=np.array(keys, dtype=np.int64), *[a[:len(tokens)] for a in kv])
+    dist.destroy_process_group()
+""")
+
+
+def _two_gpus():
+    try:
+        import torch
+        return torch.cuda.device_count() >= 2
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _two_gpus(), reason="NCCL between processes needs two GPUs")])])
+def test_a_sequence_moves_between_processes_over_torch_distributed(tmp_path, backend):
+    """gloo between CPU processes carries the same messages (a length, then the bytes)
+    as NCCL between GPU processes (caches on GPUs 0 and 1)."""
+    pytest.importorskip("torch.distributed")
+    import os
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", DISAGGREGATE, str(tmp_path), backend], env={**env, "RANK": str(r)},
+                              cwd=ROOT / "tests", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    a, b = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    assert np.array_equal(a["keys"], b["keys"]) and len(a["keys"]) == 4          # the same prefix-cache keys
+    for i in range(4):
+        assert np.array_equal(a[f"arr_{i}"], b[f"arr_{i}"])                      # the same K/V, every layer

@@ -1,0 +1,64 @@
+"""Block transfer bandwidth between two caches against torch's copy of the same bytes.
+
+    python benchmarks/bench_transfer.py [--gib 1] [--reps 5]
+
+Two KvCaches (GPUs 0 and 1 when there are two, else both on GPU 0) of the same
+geometry; rocmforge.transfer.transfer_blocks moves --gib GiB of blocks (every
+layer's K and V) from one to the other, beside torch copying one contiguous
+tensor of the same size between the same devices (a peer copy across GPUs).
+Prints a table of median seconds and GB/s, then one JSON line. Needs a GPU and
+torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    import numpy as np
+    import torch
+
+    import rocmforge as rf
+    from rocmforge.config import CacheConfig
+    from rocmforge.transfer import transfer_blocks
+
+    backend = rf.backend_info()["backend"]
+    devices = [f"{backend}:0", f"{backend}:{1 if torch.cuda.device_count() > 1 else 0}"]
+    cfg = CacheConfig(num_layers=8, num_kv_heads=8, head_dim=128, block_size=16, num_blocks=1, dtype="float16")
+    n = max(1, int(args.gib * 2**30 // cfg.bytes_per_block))
+    cfg = CacheConfig(num_layers=8, num_kv_heads=8, head_dim=128, block_size=16, num_blocks=n, dtype="float16")
+    nbytes = n * cfg.bytes_per_block
+    ids = np.arange(n, dtype=np.int32)
+    src_t = torch.empty(nbytes, dtype=torch.uint8, device=devices[0].replace("hip", "cuda"))
+    dst_t = torch.empty(nbytes, dtype=torch.uint8, device=devices[1].replace("hip", "cuda"))
+    times = {"rocmforge transfer_blocks": [], "torch copy_": []}
+    with rf.KvCache(cfg, devices[0]) as src, rf.KvCache(cfg, devices[1]) as dst:
+        for _ in range(args.reps):
+            for name in times:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if name == "torch copy_":
+                    dst_t.copy_(src_t)
+                else:
+                    transfer_blocks(src, ids, dst, ids)
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+    rows = [{"case": name, "seconds": statistics.median(t), "gb_s": nbytes / statistics.median(t) / 1e9}
+            for name, t in times.items()]
+    print(f"{nbytes / 2**30:.2f} GiB of blocks, {devices[0]} -> {devices[1]}")
+    print(f"{'case':<28} {'seconds':>9} {'GB/s':>8}")
+    for r in rows:
+        print(f"{r['case']:<28} {r['seconds']:9.4f} {r['gb_s']:8.1f}")
+    ratio = rows[1]["seconds"] / rows[0]["seconds"]
+    print(json.dumps({"devices": devices, "bytes": nbytes, "rows": rows, "share_of_torch": ratio}))
+
+
+if __name__ == "__main__":
+    main()
