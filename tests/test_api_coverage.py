@@ -39,3 +39,13 @@ def test_every_public_function_is_called_by_a_test(module):
              and inspect.isfunction(obj) and obj.__module__ == module.__name__]
     uncalled = [name for name in names if not re.search(rf"\b{name}\(", text)]
     assert not uncalled, f"{module.__name__}: no test calls {uncalled}"
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists its packages by hand: each directory of the package with an
+    __init__.py must be there, or `pip install .` leaves it out."""
+    tomllib = pytest.importorskip("tomllib")
+    root = HERE.parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "rocmforge").rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"

@@ -5,10 +5,10 @@
 
 Builds a small model from a config (random weights; nothing is downloaded) on
 the GPU when there is one, generates greedily for a batch of prompts of
---prompt-len tokens (--vary: of different lengths, left-padded),
-whose first --shared-prefix tokens are the same, with each cache, and
-prints tokens per second (medians of --reps runs, after a warm-up), the KV
-bytes in use at the end of a generation (DynamicCache: its tensors;
+--prompt-len tokens (--vary: of different lengths, left-padded) whose first
+--shared-prefix tokens are the same, with each cache, and prints tokens per
+second (medians of --reps runs, the caches alternating, after a warm-up), the
+KV bytes in use at the end of a generation (DynamicCache: its tensors;
 rocmforge: its used blocks, whose shared prefix blocks count once) and whether
 the outputs are identical; then one JSON line. Needs torch and transformers
 (pip install 'rocmforge[transformers]')."""
@@ -76,23 +76,23 @@ def main(argv=None):
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
-    results = {}
+    names = ("DynamicCache", "rocmforge")
+    times, outs, kv_bytes = {n: [] for n in names}, {}, {}
     with RocmforgeCache(model, num_blocks=blocks, block_size=args.block_size) as ours:
-        for name in ("DynamicCache", "rocmforge"):
-            times, out, kv_bytes = [], None, 0
-            for rep in range(args.reps + 1):         # the first is a warm-up
+        for rep in range(args.reps + 1):             # the first is a warm-up; the caches alternate
+            for name in names:
                 cache = DynamicCache(config=model.config) if name == "DynamicCache" else ours
-                out, seconds = run(cache)
+                outs[name], seconds = run(cache)
                 if rep:
-                    times.append(seconds)
+                    times[name].append(seconds)
                 if name == "DynamicCache":
-                    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+                    kv_bytes[name] = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
                 else:
-                    kv_bytes = ours.kv.manager.num_used_blocks * ours.kv.config.bytes_per_block
+                    kv_bytes[name] = ours.kv.manager.num_used_blocks * ours.kv.config.bytes_per_block
                     ours.reset()
-            results[name] = {"tokens_per_s": args.batch * args.new / statistics.median(times),
-                             "kv_bytes": kv_bytes, "out": out}
         path = ours.attention_path
+    results = {n: {"tokens_per_s": args.batch * args.new / statistics.median(times[n]), "kv_bytes": kv_bytes[n],
+                   "out": outs[n]} for n in names}
     same = bool(torch.equal(results["DynamicCache"]["out"], results["rocmforge"]["out"]))
     print(f"{args.arch} {args.layers} layers, hidden {args.hidden}, {dtype} on {device}; batch {args.batch}, "
           f"prompts up to {args.prompt_len} tokens ({args.shared_prefix} shared), {args.new} new; attention: {path}")

@@ -117,6 +117,7 @@ class RocmforgeCache(Cache):
         self._tokens = None                 # token ids of the forward call under way, [batch, new]
         self._slots = None                  # where this forward's new K/V go, shared by the layers
         self._writes = None                 # which of this forward's [batch * new] K/V rows are written
+        self._tables = None                 # this forward's block tables, on the model's device
         self._views = [(torch.from_dlpack(self.kv.key_cache(i)), torch.from_dlpack(self.kv.value_cache(i)))
                        for i in range(self.num_layers)]
         self._hook = model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)
@@ -186,7 +187,7 @@ class RocmforgeCache(Cache):
         self._rows, self._twin = rows, twin
         self._fresh = {j * repeats for j in self._fresh}
 
-    def _begin_forward(self, batch: int, count: int) -> None:
+    def _begin_forward(self, batch: int, count: int, device) -> None:
         """Layer 0 of a forward call: every row's slots for `count` new positions."""
         m = self.kv.manager
         tokens = self._tokens.tolist() if self._tokens is not None and self._tokens.shape == (batch, count) else None
@@ -217,30 +218,35 @@ class RocmforgeCache(Cache):
             self._rows[i] = self._new_id()
             m.fork(self._rows[lead], self._rows[i])
         self._twin, self._fresh = {}, set()
-        self._slots = torch.from_numpy(np.concatenate(slots))
-        self._writes = torch.tensor(writes, dtype=torch.long)
         self._target = self._length + count
         self.model_tokens += batch * count
+        # What every layer of this forward uses, made once: slots, the K/V rows to write
+        # (None: all of them), and the tables cut to the blocks the rows now use.
+        self._slots = torch.from_numpy(np.concatenate(slots)).to(device)
+        self._writes = None if len(writes) == batch * count else torch.tensor(writes, dtype=torch.long,
+                                                                               device=device)
+        used = -(-self._target // self.block_size)
+        self._tables = torch.from_numpy(m.block_tables(self._rows)[:, :used]).to(device=device, dtype=torch.long)
 
     def _update(self, layer: int, key_states, value_states):
         batch, heads, count, dim = key_states.shape
         if layer == 0:
-            self._begin_forward(batch, count)
-        idx = self._writes.to(key_states.device)
-        k = key_states.transpose(1, 2).reshape(-1, heads, dim).index_select(0, idx)
-        v = value_states.transpose(1, 2).reshape(-1, heads, dim).index_select(0, idx)
-        self.kv.write_kv(layer, k, v, self._slots.to(key_states.device))
+            self._begin_forward(batch, count, key_states.device)
+        k = key_states.transpose(1, 2).reshape(-1, heads, dim)
+        v = value_states.transpose(1, 2).reshape(-1, heads, dim)
+        if self._writes is not None:
+            k, v = k.index_select(0, self._writes), v.index_select(0, self._writes)
+        self.kv.write_kv(layer, k.contiguous(), v.contiguous(), self._slots)
         if layer == self.num_layers - 1:
             self._length = self._target
-        return self._read(layer, self._target, key_states)
+        return self._read(layer)
 
-    def _read(self, layer: int, length: int, like):
+    def _read(self, layer: int):
         """Every row's K and V of `layer`, [batch, heads, length, head_dim], through the block tables."""
-        tables = torch.from_numpy(self.kv.manager.block_tables(self._rows)).to(like.device).long()
         kc, vc = self._views[layer]
         shape = (len(self._rows), -1, kc.shape[2], kc.shape[3])
-        k = kc[tables].reshape(shape)[:, :length].transpose(1, 2)
-        v = vc[tables].reshape(shape)[:, :length].transpose(1, 2)
+        k = kc[self._tables].reshape(shape)[:, :self._target].transpose(1, 2)
+        v = vc[self._tables].reshape(shape)[:, :self._target].transpose(1, 2)
         return k, v
 
     def _reorder(self, order: list[int]) -> None:
