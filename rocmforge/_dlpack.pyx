@@ -9,6 +9,8 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 cimport numpy as cnp
+import sys
+
 import numpy as np
 
 from rocmforge._runtime cimport DeviceBuffer, check, rt_backend, rt_dtoh, rt_device_sync
@@ -87,26 +89,29 @@ cdef object import_array(object obj, ArrayInfo* info, object stream):
     return capsule
 
 
-_BY_TORCH = {"torch.float32": DT_F32, "torch.float16": DT_F16, "torch.bfloat16": DT_BF16, "torch.int8": DT_I8,
-             "torch.int32": DT_I32, "torch.int64": DT_I64}
+cdef dict _BY_TORCH = {}            # torch dtype -> DT_*, filled on the first torch tensor
 
 
 cdef object _torch_array(object t, ArrayInfo* info):
     """A torch tensor's fields read directly: the same facts its DLPack export
-    gives, at a fraction of the cost (torch builds that export in Python)."""
+    gives, at a fraction of the cost (torch builds that export in Python; here
+    no device object is made and the dtype is looked up by identity)."""
     cdef int i
+    if not _BY_TORCH:
+        torch = sys.modules["torch"]
+        _BY_TORCH.update({torch.float32: DT_F32, torch.float16: DT_F16, torch.bfloat16: DT_BF16,
+                          torch.int8: DT_I8, torch.int32: DT_I32, torch.int64: DT_I64})
     shape = t.shape
     if len(shape) > 8:
         raise ArgumentValueError(f"arrays of {len(shape)} dimensions are not supported")
-    dev = t.device
     info.ptr = t.data_ptr()
-    if dev.type == "cpu":
+    if t.is_cpu:
         info.device_type, info.device_id = DL_CPU, 0
-    elif dev.type == "cuda":        # also ROCm builds of torch
-        info.device_type, info.device_id = (DL_ROCM if rt_backend() == 1 else DL_CUDA), dev.index
+    elif t.is_cuda:                 # also ROCm builds of torch
+        info.device_type, info.device_id = (DL_ROCM if rt_backend() == 1 else DL_CUDA), t.get_device()
     else:
         info.device_type, info.device_id = -1, 0
-    info.dtype = _BY_TORCH.get(str(t.dtype), DT_OTHER)
+    info.dtype = _BY_TORCH.get(t.dtype, DT_OTHER)
     info.ndim = len(shape)
     for i in range(info.ndim):
         info.shape[i] = shape[i]
