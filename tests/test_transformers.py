@@ -14,6 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 from rocmforge.integrations.transformers import RocmforgeCache, cache_kwarg  # noqa: E402
 
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+MODES = ["gather", "paged"]
 GPU_DTYPES = [pytest.param(d, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                           reason="no GPU")])
               for d in (torch.bfloat16, torch.float16)]
@@ -53,43 +54,63 @@ def dynamic(model):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_greedy_generation_is_token_identical_to_dynamic_cache(arch):
+def test_greedy_generation_is_token_identical_to_dynamic_cache(arch, mode):
     model = build(arch)
     ids, mask = prompts([5, 9, 12, 17, 3, 20, 8, 14])
-    with RocmforgeCache(model, num_blocks=256) as cache:
+    with RocmforgeCache(model, num_blocks=256, attention=mode) as cache:
         got = generate(model, ids, mask, cache, do_sample=False)
         assert torch.equal(got, generate(model, ids, mask, dynamic(model), do_sample=False))
-        assert got.shape == (8, 20 + 64) and cache.attention_path == "gather" and cache.batch_size == 8
+        assert got.shape == (8, 20 + 64) and cache.attention_path == mode and cache.batch_size == 8
         assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
                                                pad_token_id=0, **cache_kwarg(model, cache.reset() or cache)))
-        assert cache.kv.manager.num_used_blocks == 8 * -(-(20 + 63) // 16)
+        held = [n + 63 for n in (5, 9, 12, 17, 3, 20, 8, 14)] if mode == "paged" else [20 + 63] * 8
+        assert cache.kv.manager.num_used_blocks == sum(-(-n // 16) for n in held)   # paged: no padding stored
         cache.reset()
         assert cache.kv.manager.num_used_blocks == 0
         cache.kv.manager.check_invariants()
+    assert model.config._attn_implementation == "sdpa"             # close() put it back
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_paged_rows_share_a_prefix_whatever_their_padding():
+    """Paged mode stores each row's real tokens only, so rows of different lengths
+    share the whole blocks of a common prefix; gather mode stores the padding too."""
+    model = build("qwen2", seed=2)
+    ids, mask = prompts([3, 9, 14, 6], seed=10, prefix=list(range(1, 34)))     # 33 shared: 2 whole blocks
+    used = {}
+    for mode in MODES:
+        with RocmforgeCache(model, num_blocks=256, attention=mode) as cache:
+            got = generate(model, ids, mask, cache, do_sample=False, new=16)
+            assert torch.equal(got, generate(model, ids, mask, dynamic(model), do_sample=False, new=16))
+            used[mode] = cache.kv.manager.num_used_blocks
+    assert used["paged"] <= used["gather"] - 3 * 2                  # three rows reuse the first row's 2 blocks
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_sampled_generation_with_a_seed_is_identical(arch):
+def test_sampled_generation_with_a_seed_is_identical(arch, mode):
     model = build(arch, seed=3)
     ids, mask = prompts([7, 2, 11, 5], seed=4)
-    with RocmforgeCache(model, num_blocks=128) as cache:
+    with RocmforgeCache(model, num_blocks=128, attention=mode) as cache:
         kw = dict(do_sample=True, temperature=0.9, top_k=50, new=40)
         assert torch.equal(generate(model, ids, mask, cache, seed=11, **kw),
                            generate(model, ids, mask, dynamic(model), seed=11, **kw))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_a_shared_prefix_is_reused_across_calls_with_fewer_model_tokens():
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shared_prefix_is_reused_across_calls_with_fewer_model_tokens(mode):
     model = build("qwen2")
     system = list(range(1, 50))                                    # 49 tokens: 3 whole blocks of 16
     first, first_mask = prompts([6, 6, 6], seed=5, prefix=system)
     second, second_mask = prompts([6, 6, 6, 6], seed=6, prefix=system)
-    with RocmforgeCache(model, num_blocks=256) as cache:
+    with RocmforgeCache(model, num_blocks=256, attention=mode) as cache:
         generate(model, first, first_mask, cache, do_sample=False, new=8)
         before = cache.model_tokens
-        assert cache.prepare(second) == 48                         # every row: 3 blocks from the first call
+        assert cache.prepare(second, second_mask) == 48            # every row: 3 blocks from the first call
         got = generate(model, second, second_mask, cache, do_sample=False, new=8)
         assert torch.equal(got, generate(model, second, second_mask, dynamic(model), do_sample=False, new=8))
         computed = cache.model_tokens - before
@@ -98,25 +119,27 @@ def test_a_shared_prefix_is_reused_across_calls_with_fewer_model_tokens():
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_rows_of_one_prompt_share_its_blocks():
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_of_one_prompt_share_its_blocks(mode):
     model = build("llama")
     ids, mask = prompts([40, 21], seed=7)
-    with RocmforgeCache(model, num_blocks=256) as cache:
+    with RocmforgeCache(model, num_blocks=256, attention=mode) as cache:
         kw = dict(do_sample=True, num_return_sequences=4, new=10)
         got = generate(model, ids, mask, cache, seed=2, **kw)
         assert torch.equal(got, generate(model, ids, mask, dynamic(model), seed=2, **kw))
         m = cache.kv.manager
         tables = m.block_tables(cache._rows)
-        for group in (tables[:4], tables[4:]):
-            assert (group[:, :2] == group[0, :2]).all()            # the prompt's 2 whole blocks: shared
+        for group, whole in ((tables[:4], 2), (tables[4:], 2 if mode == "gather" else 1)):
+            assert (group[:, :whole] == group[0, :whole]).all()    # the prompt's whole blocks: shared
         assert m.num_used_blocks < 8 * tables.shape[1]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_beam_search_is_identical():
+@pytest.mark.parametrize("mode", MODES)
+def test_beam_search_is_identical(mode):
     model = build("llama", seed=5)
     ids, mask = prompts([9, 4, 13], seed=8)
-    with RocmforgeCache(model, num_blocks=256) as cache:
+    with RocmforgeCache(model, num_blocks=256, attention=mode) as cache:
         kw = dict(do_sample=False, num_beams=3, new=12)
         assert torch.equal(generate(model, ids, mask, cache, **kw), generate(model, ids, mask, dynamic(model), **kw))
         cache.kv.manager.check_invariants()
@@ -162,13 +185,15 @@ def test_bad_uses_raise_clear_errors():
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("mode", ["auto", "gather"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_gpu_generation_is_token_identical(arch, dtype):
+def test_gpu_generation_is_token_identical(arch, dtype, mode):
     model = build(arch, device="cuda", dtype=dtype)
     ids, mask = prompts([5, 9, 12, 17, 3, 20, 8, 14], device="cuda")
-    with RocmforgeCache(model, num_blocks=256) as cache:
+    with RocmforgeCache(model, num_blocks=256, attention=mode) as cache:
         assert cache.kv.device.startswith(("cuda", "hip"))
+        assert cache.attention_path == ("paged" if mode == "auto" else "gather")
         got = generate(model, ids, mask, cache, do_sample=False)
         assert torch.equal(got, generate(model, ids, mask, dynamic(model), do_sample=False))
 

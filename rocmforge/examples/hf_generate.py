@@ -2,6 +2,7 @@
 
     python -m rocmforge.examples.hf_generate [--arch llama] [--batch 8] [--prompt-len 128]
         [--shared-prefix 96] [--new 64] [--layers 4] [--hidden 256] [--dtype auto] [--vary]
+        [--attention auto|gather|paged]
 
 Builds a small model from a config (random weights; nothing is downloaded) on
 the GPU when there is one, generates greedily for a batch of prompts of
@@ -34,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--vary", action="store_true", help="left-pad rows to different prompt lengths")
+    parser.add_argument("--attention", choices=["auto", "gather", "paged"], default="auto",
+                        help="rocmforge's attention: auto is paged on a GPU, gather elsewhere")
     args = parser.parse_args(argv)
     if not 0 <= args.shared_prefix < args.prompt_len:
         parser.error("--shared-prefix must be in [0, --prompt-len)")
@@ -57,9 +60,10 @@ def main(argv=None):
     shared = torch.randint(1, 1024, (args.shared_prefix,), generator=g)
     ids = torch.cat([shared.expand(args.batch, -1),
                      torch.randint(1, 1024, (args.batch, args.prompt_len - args.shared_prefix), generator=g)], 1)
-    if args.vary:                            # left padding: rows of other lengths share no block
+    if args.vary:                            # left padding: row i is shorter by (7 i) mod (prompt - shared)
         for i in range(1, args.batch):
-            ids[i, :(i * 7) % (args.prompt_len - args.shared_prefix)] = 0
+            pad = (i * 7) % (args.prompt_len - args.shared_prefix)
+            ids[i] = torch.cat([torch.zeros(pad, dtype=torch.long), ids[i, :args.prompt_len - pad]])
     mask = (ids != 0).long()
     ids, mask = ids.to(device), mask.to(device)
     tokens_per_row = args.prompt_len + args.new
@@ -78,7 +82,7 @@ def main(argv=None):
 
     names = ("DynamicCache", "rocmforge")
     times, outs, kv_bytes = {n: [] for n in names}, {}, {}
-    with RocmforgeCache(model, num_blocks=blocks, block_size=args.block_size) as ours:
+    with RocmforgeCache(model, num_blocks=blocks, block_size=args.block_size, attention=args.attention) as ours:
         for rep in range(args.reps + 1):             # the first is a warm-up; the caches alternate
             for name in names:
                 cache = DynamicCache(config=model.config) if name == "DynamicCache" else ours

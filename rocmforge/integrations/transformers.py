@@ -26,8 +26,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from rocmforge._kvcache import KvCache
+from rocmforge.attention import paged_decode, paged_prefill
 from rocmforge.config import CacheConfig
 from rocmforge.errors import ArgumentValueError
 
@@ -89,12 +93,31 @@ class _Layer(CacheLayerMixin):
         raise NotImplementedError("RocmforgeCache cannot drop tokens (assisted decoding needs a croppable cache)")
 
 
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention function "rocmforge": the paged kernels over the
+    RocmforgeCache whose update returned `key`; transformers' SDPA for any other
+    call (another cache, no cache)."""
+    cache = _Active.cache
+    if cache is None or key is not cache._new_keys:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    return cache._attend(query, scaling), None
+
+
+class _Active:
+    """The RocmforgeCache in paged mode whose forward call is under way."""
+    cache = None
+
+
+ALL_ATTENTION_FUNCTIONS.register("rocmforge", _attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("rocmforge", sdpa_mask)      # for the SDPA fallback; the kernels need none
+
+
 class RocmforgeCache(Cache):
     """A transformers Cache backed by a rocmforge KvCache (see the module)."""
 
-    attention_path = "gather"
-
-    def __init__(self, model, num_blocks: int = 4096, block_size: int = 16, device: str | None = None):
+    def __init__(self, model, num_blocks: int = 4096, block_size: int = 16, device: str | None = None,
+                 attention: str = "auto"):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = config.num_hidden_layers
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -118,16 +141,29 @@ class RocmforgeCache(Cache):
         self._slots = None                  # where this forward's new K/V go, shared by the layers
         self._writes = None                 # which of this forward's [batch * new] K/V rows are written
         self._tables = None                 # this forward's block tables, on the model's device
+        self._lens = self._queries = None   # paged mode: each row's length; prefill's query rows
+        self._max_len = 0
         self._views = [(torch.from_dlpack(self.kv.key_cache(i)), torch.from_dlpack(self.kv.value_cache(i)))
                        for i in range(self.num_layers)]
         self._hook = model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)
         self.model_tokens = 0               # token positions the model computed, all rows, all calls
+        if attention not in ("auto", "gather", "paged"):
+            raise ArgumentValueError(f"attention must be 'auto', 'gather' or 'paged', not {attention!r}")
+        self.attention_path = ("paged" if self.kv.device != "cpu" else "gather") if attention == "auto" else attention
+        self._model, self._mask, self._new_keys, self._layer = model, None, None, 0
+        self._restore = None
+        if self.attention_path == "paged":  # rows hold their real tokens only; the kernels read the blocks
+            self._restore = config._attn_implementation
+            model.set_attn_implementation("rocmforge")
 
     # ---- the batch's sequences -------------------------------------------------------------------
 
     def _see_inputs(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._tokens = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        _Active.cache = self if self.attention_path == "paged" else None
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -140,19 +176,31 @@ class RocmforgeCache(Cache):
                 m.remove_sequence(sid)
         self._rows, self._twin, self._fresh, self._length = [], {}, set(), 0
 
-    def prepare(self, input_ids) -> int:
+    def prepare(self, input_ids, attention_mask=None) -> int:
         """Start a generation of these prompts ([batch, length] token ids, padded as
-        generate gets them) from their cached prefix: returns the positions each row
-        already holds, which generate then skips."""
+        generate gets them, with their attention mask) from their cached prefix:
+        returns the positions each row already holds, which generate then skips."""
         self._release()
-        rows = [r.tolist() for r in torch.as_tensor(input_ids).cpu()]
-        usable = max(0, (len(rows[0]) - 1) // self.block_size * self.block_size) if rows else 0
-        self._length = min([self.kv.manager.lookup_prefix(r) for r in rows] + [usable])
-        self._open(rows)
-        self._prepared = [r[self._length:] for r in rows]
-        return self._length
+        ids = torch.as_tensor(input_ids).cpu()
+        rows = [r.tolist() for r in ids]
+        width, bs, m = ids.shape[1], self.block_size, self.kv.manager
+        if self.attention_path == "gather":     # rows hold their pads too: a common prefix, whole blocks
+            reuse = min([m.lookup_prefix(r) for r in rows] + [max(0, (width - 1) // bs * bs)])
+            self._length = reuse
+            self._open(rows)
+        else:                                   # rows hold their real tokens: each may skip its pads too
+            mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).cpu()
+            real = [[t for t, keep in zip(r, mk) if keep] for r, mk in zip(rows, mask.tolist())]
+            pads = [width - len(r) for r in real]
+            reuse = min([p + m.lookup_prefix(r) for p, r in zip(pads, real)] + [width - 1])
+            while reuse > 0 and any(reuse > p and (reuse - p) % bs for p in pads):
+                reuse -= 1                      # every row's cached part must be whole blocks
+            self._length = reuse
+            self._open(real, [max(0, reuse - p) for p in pads])
+        self._prepared = [r[reuse:] for r in rows]
+        return reuse
 
-    def _open(self, rows) -> None:
+    def _open(self, rows, held=None) -> None:
         """A sequence per distinct row: holding its first _length tokens, or (at 0)
         added whole by the first forward, so that rows find the blocks earlier rows
         share with them in the prefix cache; a count for rows without token ids. A
@@ -166,10 +214,11 @@ class RocmforgeCache(Cache):
                 self._twin[i] = first[key]
                 continue
             sid = self._new_id()
+            have = self._length if held is None else held[i]
             if r is None:
-                m.add_sequence(sid, num_tokens=self._length)
-            elif self._length:
-                m.add_sequence(sid, r[:self._length])
+                m.add_sequence(sid, num_tokens=have)
+            elif have:
+                m.add_sequence(sid, r[:have])
             else:
                 self._fresh.add(i)
             if key is not None:
@@ -201,19 +250,24 @@ class RocmforgeCache(Cache):
             self._release()
             raise ArgumentValueError(f"generate runs other prompts than prepare() was given ({batch} rows for "
                                      f"{len(prepared or self._rows)}): the cache is reset")
+        # Paged mode stores a row's real positions only (its mask's ones); gather mode all of them.
+        keep = [list(range(count))] * batch
+        if self.attention_path == "paged" and self._mask is not None:
+            keep = [[j for j, one in enumerate(row) if one] for row in self._mask[:, -count:].tolist()]
         slots, writes = [], []
         for i, sid in enumerate(self._rows):
-            if sid is None:
+            if sid is None or not keep[i]:
                 continue
+            new = [tokens[i][j] for j in keep[i]] if tokens is not None else None
             if i in self._fresh:
-                s = m.add_sequence(sid, tokens[i]) if tokens is not None else m.add_sequence(sid, num_tokens=count)
+                s = m.add_sequence(sid, new) if new is not None else m.add_sequence(sid, num_tokens=len(keep[i]))
                 have = m.num_cached_tokens(sid)
-            elif tokens is not None and m.sequence_tokens(sid) is not None:
-                s, have = m.append(sid, tokens[i]), 0
+            elif new is not None and m.sequence_tokens(sid) is not None:
+                s, have = m.append(sid, new), 0
             else:
-                s, have = m.append(sid, count), 0
+                s, have = m.append(sid, len(keep[i])), 0
             slots.append(s[have:])              # cached positions hold their K/V already
-            writes.extend(range(i * count + have, (i + 1) * count))
+            writes.extend(i * count + j for j in keep[i][have:])
         for i, lead in self._twin.items():      # twins share what their first just wrote
             self._rows[i] = self._new_id()
             m.fork(self._rows[lead], self._rows[i])
@@ -225,8 +279,20 @@ class RocmforgeCache(Cache):
         self._slots = torch.from_numpy(np.concatenate(slots)).to(device)
         self._writes = None if len(writes) == batch * count else torch.tensor(writes, dtype=torch.long,
                                                                                device=device)
-        used = -(-self._target // self.block_size)
-        self._tables = torch.from_numpy(m.block_tables(self._rows)[:, :used]).to(device=device, dtype=torch.long)
+        tables = m.block_tables(self._rows)
+        if self.attention_path == "gather":
+            used = -(-self._target // self.block_size)
+            self._tables = torch.from_numpy(tables[:, :used]).to(device=device, dtype=torch.long)
+        else:                                   # the kernels' arguments: tables, lengths, new real positions
+            lens = np.array([m.num_tokens(sid) for sid in self._rows], dtype=np.int32)
+            new = np.array([len(k) for k in keep], dtype=np.int32)
+            self._tables = torch.from_numpy(tables).to(device)
+            self._lens = torch.from_numpy(lens).to(device)
+            self._max_len = int(lens.max()) if len(lens) else 0
+            rows = [i * count + j for i in range(batch) for j in keep[i]]      # every row's real queries
+            self._queries = None if (new == 1).all() and count == 1 else (
+                torch.from_numpy(np.concatenate([[0], np.cumsum(new)]).astype(np.int32)).to(device),
+                torch.tensor(rows, dtype=torch.long, device=device))
 
     def _update(self, layer: int, key_states, value_states):
         batch, heads, count, dim = key_states.shape
@@ -239,7 +305,29 @@ class RocmforgeCache(Cache):
         self.kv.write_kv(layer, k.contiguous(), v.contiguous(), self._slots)
         if layer == self.num_layers - 1:
             self._length = self._target
+        if self.attention_path == "paged":
+            self._layer, self._new_keys = layer, key_states
+            return key_states, value_states     # what _attention recognizes; it reads the blocks
         return self._read(layer)
+
+    def _attend(self, query, scaling):
+        """Paged attention of this forward's queries ([batch, heads, new, head_dim]) over
+        the rows' blocks: [batch, new, heads, head_dim], zeros at padding positions."""
+        batch, heads, count, dim = query.shape
+        q = query.transpose(1, 2).reshape(batch * count, heads, dim)
+        if self._queries is None:               # decode: one real token per row
+            out = torch.empty_like(q)
+            paged_decode(q.contiguous(), self.kv, self._layer, self._tables, self._lens, scale=scaling, out=out,
+                         max_seq_len=self._max_len)
+            return out.reshape(batch, count, heads, dim)
+        starts, rows = self._queries
+        picked = q.index_select(0, rows).contiguous()
+        got = torch.empty_like(picked)
+        paged_prefill(picked, self.kv, self._layer, self._tables, self._lens, starts, scale=scaling, out=got,
+                      max_seq_len=self._max_len)
+        out = torch.zeros_like(q)
+        out.index_copy_(0, rows, got)
+        return out.reshape(batch, count, heads, dim)
 
     def _read(self, layer: int):
         """Every row's K and V of `layer`, [batch, heads, length, head_dim], through the block tables."""
@@ -274,10 +362,16 @@ class RocmforgeCache(Cache):
         super().reset()
 
     def close(self) -> None:
-        """Release everything and free the storage; the model's hook is removed."""
+        """Release everything and free the storage; the model's hook is removed and
+        its attention implementation restored."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._restore is not None:
+            self._model.set_attn_implementation(self._restore)
+            self._restore = None
+        if _Active.cache is self:
+            _Active.cache = None
         self._views = []
         self.kv.close()
 
