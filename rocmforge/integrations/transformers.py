@@ -1,27 +1,32 @@
 """rocmforge as the KV cache of Hugging Face transformers models.
 
-``RocmforgeCache(model, num_blocks=4096, block_size=16)`` is a transformers
-``Cache``: pass it to ``model.generate(..., past_key_values=cache)`` (or
-``cache=cache`` on transformers releases that renamed the argument). Each
-batch row is one rocmforge sequence in a ``KvCache``; new K/V go in with
-``write_kv`` and attention reads every row's blocks through its block table
-(gathered into the [batch, heads, length, head_dim] tensors the model's
-attention takes: ``attention_path`` says so).
+``RocmforgeCache(model, num_blocks=4096, block_size=16, attention="auto")`` is a
+transformers ``Cache``: pass it to ``model.generate(..., past_key_values=cache)``
+(or ``cache=cache`` on releases that renamed the argument: ``cache_kwarg``).
+Each batch row is one rocmforge sequence in a ``KvCache``; new K/V go in with
+``write_kv``. ``attention_path`` says how attention reads the rows' blocks:
+"paged" (the default on a GPU) sets the model to the attention function
+"rocmforge", which runs paged_decode / paged_prefill over the blocks in place,
+and rows hold only their real tokens (the attention mask's ones); "gather" (the
+default elsewhere) gathers the blocks into the [batch, heads, length, head_dim]
+tensors the model's own attention takes, padding included.
 
-The cache sees the token ids each forward call gets (a forward pre-hook on
-the model), so rows with the same prompt share their prompt blocks (one row
-is written, the others fork it: ``num_return_sequences``), beam search reorders
-rows by forking, and full blocks are kept in the prefix cache when a
-generation ends. ``prepare(input_ids)`` before ``generate`` reuses them: every
-row gets its cached prefix (the longest one all rows have, in whole blocks,
-short of the last prompt token), so the model runs only the rest. Blocks are
-released when the next generation starts, on ``reset()`` and on ``close()``.
+The cache sees the token ids and mask each forward call gets (a forward
+pre-hook on the model), so rows with the same prompt share their prompt blocks
+(one row is written, the others fork it: ``num_return_sequences``), beam search
+reorders rows by forking, and full blocks are kept in the prefix cache when a
+generation ends. ``prepare(input_ids, attention_mask)`` before ``generate``
+reuses them: every row gets its cached prefix (whole blocks, short of the last
+prompt token), so the model runs only the rest. Blocks are released when the
+next generation starts, on ``reset()`` and on ``close()``.
 
 Needs torch and transformers 5.x (``pip install 'rocmforge[transformers]'``);
 float32, float16 and bfloat16 models (the cache stores the model's dtype, so
 outputs equal ``DynamicCache``'s)."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -97,16 +102,14 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     """transformers' attention function "rocmforge": the paged kernels over the
     RocmforgeCache whose update returned `key`; transformers' SDPA for any other
     call (another cache, no cache)."""
-    cache = _Active.cache
+    cache = getattr(_ACTIVE, "cache", None)
     if cache is None or key is not cache._new_keys:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     return cache._attend(query, scaling), None
 
 
-class _Active:
-    """The RocmforgeCache in paged mode whose forward call is under way."""
-    cache = None
+_ACTIVE = threading.local()      # .cache: the paged-mode RocmforgeCache whose forward runs in this thread
 
 
 ALL_ATTENTION_FUNCTIONS.register("rocmforge", _attention)
@@ -163,7 +166,7 @@ class RocmforgeCache(Cache):
         self._tokens = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        _Active.cache = self if self.attention_path == "paged" else None
+        _ACTIVE.cache = self if self.attention_path == "paged" else None
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -370,8 +373,8 @@ class RocmforgeCache(Cache):
         if self._restore is not None:
             self._model.set_attn_implementation(self._restore)
             self._restore = None
-        if _Active.cache is self:
-            _Active.cache = None
+        if getattr(_ACTIVE, "cache", None) is self:
+            _ACTIVE.cache = None
         self._views = []
         self.kv.close()
 
