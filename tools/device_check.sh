@@ -3,7 +3,7 @@
 # run the whole test suite there (GPU tests included; a summary line says how
 # many ran), then the K/V kernel benchmark. Logs go to $OUT when it is set.
 #
-#   tools/device_check.sh [tests] [bench] [ab] [core] [sanitize]   # tests and bench when none is named
+#   tools/device_check.sh [tests] [bench] [ab] [core] [sanitize] [hf] [transfer]   # tests and bench when none is named
 #
 # sanitize: the GPU tests under compute-sanitizer's memcheck (with a full leak
 # check), racecheck, initcheck and synccheck; each must report zero errors.
@@ -12,6 +12,10 @@
 # tests that measure free device memory skip (the tools take memory of their own);
 # backtraces are device-side only: a host backtrace takes references to the
 # Python frames of every allocation site, which keeps their objects alive.
+#
+# hf: the transformers example at the issue's size (batch 32, 1k-token prompts of which 768
+# shared, 256 new tokens), DynamicCache against rocmforge's paged and gather paths.
+# transfer: benchmarks/bench_transfer.py (1 GiB of blocks against torch's copy).
 #
 # ab: the allocator's single-thread cases, this tree against the tree in
 # $OLD_TREE, in alternating processes (both built in place); core: rocmforge
@@ -50,6 +54,13 @@ for step in $steps; do
                      "$(grep -h "ERROR SUMMARY\|LEAK SUMMARY" "$out/cs-$tool.log" | tr -s ' =' ' ' | tr '\n' ' ')"
                 [ "$rc" -eq 0 ] || status=1
             done ;;
+        hf)
+            for attention in paged gather; do
+                python3 -m rocmforge.examples.hf_generate --batch 32 --prompt-len 1024 --shared-prefix 768 \
+                    --new 256 --reps 3 --attention "$attention" 2>&1 | tee "$out/hf_$attention.log" | tail -5
+            done ;;
+        transfer)
+            python3 benchmarks/bench_transfer.py --gib 1 2>&1 | tee "$out/bench_transfer.log" | tail -5 ;;
         *) echo "device_check: unknown step $step"; exit 2 ;;
     esac
 done
