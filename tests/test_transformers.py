@@ -207,3 +207,23 @@ def test_the_example_prints_a_table_then_json(capsys):
     result = json.loads(lines[-1])
     assert result["identical"] and lines[1].split() == ["cache", "tokens/s", "KV", "MiB"]
     assert result["rocmforge_kv_bytes"] < result["DynamicCache_kv_bytes"]     # the shared 32 tokens once
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_paged_rows_give_their_blocks_back_at_eos():
+    model = build("llama", seed=4)
+    ids, mask = prompts([6, 11, 3, 9], seed=12)
+    free_run = generate(model, ids, mask, dynamic(model), do_sample=False, new=48)
+    eos = int(free_run[0, ids.shape[1] + 4])                        # row 0 ends after 5 tokens
+    want = generate(model, ids, mask, dynamic(model), do_sample=False, new=48, eos_token_id=eos)
+    with RocmforgeCache(model, num_blocks=256, attention="paged", eos_token_id=eos) as cache:
+        got = generate(model, ids, mask, cache, do_sample=False, new=48, eos_token_id=eos)
+        assert torch.equal(got, want)
+        m = cache.kv.manager
+        done = sorted(cache._done)
+        assert 0 in done
+        for i, sid in enumerate(cache._rows):
+            assert (m.num_tokens(sid) == 0) == (i in done)          # finished rows hold nothing
+        m.check_invariants()
+    with pytest.raises(Exception, match="paged"):
+        RocmforgeCache(model, attention="gather", eos_token_id=eos)

@@ -18,7 +18,8 @@ reorders rows by forking, and full blocks are kept in the prefix cache when a
 generation ends. ``prepare(input_ids, attention_mask)`` before ``generate``
 reuses them: every row gets its cached prefix (whole blocks, short of the last
 prompt token), so the model runs only the rest. Blocks are released when the
-next generation starts, on ``reset()`` and on ``close()``.
+next generation starts, on ``reset()`` and on ``close()``, and in paged mode
+when a row is fed its EOS (``eos_token_id``).
 
 Needs torch and transformers 5.x (``pip install 'rocmforge[transformers]'``);
 float32, float16 and bfloat16 models (the cache stores the model's dtype, so
@@ -120,15 +121,23 @@ class RocmforgeCache(Cache):
     """A transformers Cache backed by a rocmforge KvCache (see the module)."""
 
     def __init__(self, model, num_blocks: int = 4096, block_size: int = 16, device: str | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", eos_token_id=None):
+        """``attention``: "paged", "gather", or "auto" (paged on a GPU). ``eos_token_id``
+        (an id or several; paged mode): a row fed one has finished, and its blocks go back."""
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.num_layers = config.num_hidden_layers
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dtype = _DTYPES.get(model.dtype)
         if dtype is None:
             raise ArgumentValueError(f"RocmforgeCache stores float32, float16 or bfloat16, not {model.dtype}")
+        if attention not in ("auto", "gather", "paged"):
+            raise ArgumentValueError(f"attention must be 'auto', 'gather' or 'paged', not {attention!r}")
         device = device or ("cpu" if model.device.type == "cpu" else f"{model.device.type}:{model.device.index or 0}")
+        self.attention_path = ("paged" if device != "cpu" else "gather") if attention == "auto" else attention
+        self._eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or ())
+        if self._eos and self.attention_path != "paged":
+            raise ArgumentValueError("eos_token_id releases finished rows in paged mode only (attention='paged')")
+        self.num_layers = config.num_hidden_layers
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.kv = KvCache(CacheConfig(self.num_layers, heads, head_dim, block_size=block_size,
                                       num_blocks=num_blocks, dtype=dtype), device, enable_prefix_caching=True)
         super().__init__(layers=[_Layer(self, i) for i in range(self.num_layers)])
@@ -136,28 +145,26 @@ class RocmforgeCache(Cache):
         self._rows: list = []               # rocmforge sequence id of each batch row (None: a twin to fork)
         self._twin: dict = {}               # row -> the row it will fork once that one has its prompt
         self._fresh: set = set()            # rows whose sequence the first forward adds, tokens and all
+        self._done: set = set()             # rows fed their EOS: an empty sequence stands in
         self._prepared = None               # prepare()'s rows, the tokens the first forward must bring
         self._length = 0                    # positions every row holds
         self._target = 0                    # positions every row holds once this forward is done
         self._next_id = 0
-        self._tokens = None                 # token ids of the forward call under way, [batch, new]
+        self._tokens = self._mask = None    # token ids and attention mask of the forward call under way
         self._slots = None                  # where this forward's new K/V go, shared by the layers
         self._writes = None                 # which of this forward's [batch * new] K/V rows are written
         self._tables = None                 # this forward's block tables, on the model's device
         self._lens = self._queries = None   # paged mode: each row's length; prefill's query rows
         self._max_len = 0
+        self._new_keys, self._layer = None, 0   # paged mode: this layer's update, for _attention
+        self.model_tokens = 0               # token positions the model computed, all rows, all calls
         self._views = [(torch.from_dlpack(self.kv.key_cache(i)), torch.from_dlpack(self.kv.value_cache(i)))
                        for i in range(self.num_layers)]
-        self._hook = model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)
-        self.model_tokens = 0               # token positions the model computed, all rows, all calls
-        if attention not in ("auto", "gather", "paged"):
-            raise ArgumentValueError(f"attention must be 'auto', 'gather' or 'paged', not {attention!r}")
-        self.attention_path = ("paged" if self.kv.device != "cpu" else "gather") if attention == "auto" else attention
-        self._model, self._mask, self._new_keys, self._layer = model, None, None, 0
-        self._restore = None
+        self._model, self._restore = model, None
         if self.attention_path == "paged":  # rows hold their real tokens only; the kernels read the blocks
             self._restore = config._attn_implementation
             model.set_attn_implementation("rocmforge")
+        self._hook = model.register_forward_pre_hook(self._see_inputs, with_kwargs=True)
 
     # ---- the batch's sequences -------------------------------------------------------------------
 
@@ -177,7 +184,7 @@ class RocmforgeCache(Cache):
         for sid in self._rows:
             if sid is not None and sid in m:   # (a fresh row's sequence is added by its first forward)
                 m.remove_sequence(sid)
-        self._rows, self._twin, self._fresh, self._length = [], {}, set(), 0
+        self._rows, self._twin, self._fresh, self._done, self._length = [], {}, set(), set(), 0
 
     def prepare(self, input_ids, attention_mask=None) -> int:
         """Start a generation of these prompts ([batch, length] token ids, padded as
@@ -209,7 +216,7 @@ class RocmforgeCache(Cache):
         share with them in the prefix cache; a count for rows without token ids. A
         twin (the same tokens) waits to fork its first."""
         m, first = self.kv.manager, {}
-        self._rows, self._twin, self._fresh = [], {}, set()
+        self._rows, self._twin, self._fresh, self._done = [], {}, set(), set()
         for i, r in enumerate(rows):
             key = None if r is None else tuple(r)
             if key is not None and key in first:
@@ -257,6 +264,15 @@ class RocmforgeCache(Cache):
         keep = [list(range(count))] * batch
         if self.attention_path == "paged" and self._mask is not None:
             keep = [[j for j, one in enumerate(row) if one] for row in self._mask[:, -count:].tolist()]
+        if self._eos and tokens is not None and self._length:
+            for i, sid in enumerate(self._rows):    # fed its EOS: finished; an empty sequence stands in
+                if i not in self._done and sid is not None and tokens[i][-1] in self._eos:
+                    m.remove_sequence(sid)
+                    self._rows[i] = self._new_id()
+                    m.add_sequence(self._rows[i], num_tokens=0)
+                    self._done.add(i)
+        if self._done:
+            keep = [[] if i in self._done else k for i, k in enumerate(keep)]
         slots, writes = [], []
         for i, sid in enumerate(self._rows):
             if sid is None or not keep[i]:
@@ -279,7 +295,7 @@ class RocmforgeCache(Cache):
         self.model_tokens += batch * count
         # What every layer of this forward uses, made once: slots, the K/V rows to write
         # (None: all of them), and the tables cut to the blocks the rows now use.
-        self._slots = torch.from_numpy(np.concatenate(slots)).to(device)
+        self._slots = torch.from_numpy(np.concatenate(slots) if slots else np.empty(0, np.int64)).to(device)
         self._writes = None if len(writes) == batch * count else torch.tensor(writes, dtype=torch.long,
                                                                                device=device)
         tables = m.block_tables(self._rows)
@@ -293,7 +309,8 @@ class RocmforgeCache(Cache):
             self._lens = torch.from_numpy(lens).to(device)
             self._max_len = int(lens.max()) if len(lens) else 0
             rows = [i * count + j for i in range(batch) for j in keep[i]]      # every row's real queries
-            self._queries = None if (new == 1).all() and count == 1 else (
+            decode = count == 1 and all(n == 1 or i in self._done for i, n in enumerate(new))
+            self._queries = None if decode else (
                 torch.from_numpy(np.concatenate([[0], np.cumsum(new)]).astype(np.int32)).to(device),
                 torch.tensor(rows, dtype=torch.long, device=device))
 
@@ -352,6 +369,7 @@ class RocmforgeCache(Cache):
             m.remove_sequence(sid)
         self._rows = rows
         self._twin = {}
+        self._done = {i for i, o in enumerate(order) if o in self._done}
 
     # ---- the Cache interface, and closing --------------------------------------------------------
 
