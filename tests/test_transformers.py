@@ -227,3 +227,28 @@ def test_paged_rows_give_their_blocks_back_at_eos():
         m.check_invariants()
     with pytest.raises(Exception, match="paged"):
         RocmforgeCache(model, attention="gather", eos_token_id=eos)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_that_raises_mid_generation_leaves_the_cache_usable(mode):
+    model = build("llama", layers=2, hidden=64)
+    ids, mask = prompts([4, 7], seed=13)
+    calls = {"n": 0}
+
+    def fail_on_the_fifth_step(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("the model failed")
+
+    with RocmforgeCache(model, num_blocks=64, block_size=4, attention=mode) as cache:
+        hook = model.model.layers[1].register_forward_pre_hook(fail_on_the_fifth_step, with_kwargs=True)
+        with pytest.raises(RuntimeError, match="the model failed"):
+            generate(model, ids, mask, cache, do_sample=False, new=10)
+        hook.remove()
+        cache.kv.manager.check_invariants()
+        cache.reset()
+        assert cache.kv.manager.num_used_blocks == 0
+        assert torch.equal(generate(model, ids, mask, cache, do_sample=False, new=10),
+                           generate(model, ids, mask, dynamic(model), do_sample=False, new=10))
+    assert model.config._attn_implementation == "sdpa"
