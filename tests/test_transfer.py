@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 import rocmforge as rf
+from rocmforge import DeviceArray
 from rocmforge.config import CacheConfig
 from rocmforge.transfer import PackedSequence, adopt_sequence, pack_sequence, transfer_blocks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+INFO = rf.backend_info()
+GPU = f"{INFO['backend']}:0" if INFO["devices"] else None
 CFG = dict(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="bfloat16")
 
 
@@ -200,3 +203,32 @@ def test_a_sequence_moves_between_processes_over_torch_distributed(tmp_path, bac
     assert np.array_equal(a["keys"], b["keys"]) and len(a["keys"]) == 4          # the same prefix-cache keys
     for i in range(4):
         assert np.array_equal(a[f"arr_{i}"], b[f"arr_{i}"])                      # the same K/V, every layer
+
+
+def _on(c, arr):
+    """arr (float32 numpy) where cache c can read it."""
+    if c.device == "cpu":
+        return arr
+    buf = rf.DeviceBuffer(arr.nbytes, int(c.device.split(":")[1]))
+    buf.copy_from_host(np.ascontiguousarray(arr))
+    return DeviceArray(buf, arr.shape, "float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="no GPU")
+@pytest.mark.parametrize("src_dev, dst_dev", [("gpu", "gpu"), ("cpu", "gpu"), ("gpu", "cpu")])
+def test_transfer_blocks_between_a_gpu_and_any_cache(src_dev, dst_dev):
+    devices = {"gpu": GPU, "cpu": "cpu"}
+    cfg = CacheConfig(num_blocks=16, **CFG)
+    with rf.KvCache(cfg, devices[src_dev]) as a, rf.KvCache(cfg, devices[dst_dev]) as b:
+        slots = a.manager.add_sequence(0, num_tokens=10)
+        rng = np.random.default_rng(3)
+        for layer in range(a.num_layers):
+            k = rng.standard_normal((10, 2, 8)).astype(np.float32)
+            a.write_kv(layer, _on(a, k), _on(a, -k), slots)
+        b.manager.add_sequence(5, num_tokens=10)
+        transfer_blocks(a, a.manager.block_table(0), b, b.manager.block_table(5))
+        for (ka, va), (kb, vb) in zip(kv(a, 0), kv(b, 5)):
+            assert np.array_equal(ka, kb) and np.array_equal(va, vb)
+        a.synchronize()
+        b.synchronize()
