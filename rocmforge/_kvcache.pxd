@@ -58,3 +58,4 @@ cdef class KvCache:
 # with every rank's lock held. swapped: seq_id -> ([per rank K/V], num_tokens, tokens, salt_key).
 cdef swap_out_ranks(list ranks, object manager, dict swapped, list ids)
 cdef swap_in_ranks(list ranks, object manager, dict swapped, list ids)
+cdef drop_swapped_ids(dict swapped, list ids)

@@ -17,7 +17,7 @@ from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
 from rocmforge._runtime cimport (DeviceBuffer, DeviceKernels, check, rt_backend, rt_memset, rt_htod, rt_dtoh,
                                  rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
 from rocmforge._runtime import backend_info, load_backend
-from rocmforge.config import CacheConfig, format_bytes, host_memory_available, parse_bytes
+from rocmforge.config import CacheConfig, format_bytes, host_memory_available, host_tier_blocks
 from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
                               InvalidConfiguration, KvCacheError, OutOfBlocks, SequenceExists, SequenceNotFound)
 
@@ -138,15 +138,7 @@ cdef class KvCache:
             if "host_cache_blocks" in manager_options:
                 raise ArgumentValueError("give host_cache (the KvCache sizes the manager's host tier), "
                                          "not host_cache_blocks")
-            self._host_slots = parse_bytes(host_cache, "host_cache") // config.bytes_per_block
-            if self._host_slots < 1:
-                raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of "
-                                           f"{format_bytes(config.bytes_per_block)}")
-            need = self._host_slots * config.bytes_per_block
-            free = host_memory_available()
-            if free is not None and need > free:
-                raise MemoryError(f"the host tier needs {format_bytes(need)} of host memory, and "
-                                  f"{format_bytes(free)} is free: lower host_cache")
+            self._host_slots = host_tier_blocks(host_cache, config.bytes_per_block)
             manager_options["host_cache_blocks"] = self._host_slots
         if _rank_of is None:
             self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
@@ -762,11 +754,7 @@ cdef class KvCache:
         """Forget swapped-out sequences (their host copies are freed)."""
         ids = _distinct_ids(seq_ids)
         with self._lock:
-            for sid in ids:
-                if sid not in self._swapped:
-                    raise SequenceNotFound(f"sequence {sid} is not swapped out")
-            for sid in ids:
-                del self._swapped[sid]
+            drop_swapped_ids(self._swapped, ids)
 
     def swapped_sequences(self):
         """Ids of the sequences swapped out to host memory."""

@@ -60,3 +60,12 @@ cdef swap_in_ranks(list ranks, object manager, dict swapped, list ids):
         raise
     for sid in ids:
         del swapped[sid]
+
+
+cdef drop_swapped_ids(dict swapped, list ids):
+    """Forget swapped-out sequences; all must be swapped out, or nothing changes."""
+    for sid in ids:
+        if sid not in swapped:
+            raise SequenceNotFound(f"sequence {sid} is not swapped out")
+    for sid in ids:
+        del swapped[sid]

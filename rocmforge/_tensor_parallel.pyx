@@ -10,9 +10,10 @@ import threading
 import numpy as np
 
 from rocmforge._core cimport BlockManager
-from rocmforge._kvcache cimport KvCache, swap_in_ranks, swap_out_ranks
-from rocmforge.config import CacheConfig, parse_bytes
-from rocmforge.errors import ArgumentTypeError, ArgumentValueError, InvalidConfiguration, SequenceNotFound
+from rocmforge._kvcache cimport KvCache, drop_swapped_ids, swap_in_ranks, swap_out_ranks
+from rocmforge._kvcache import _distinct_ids
+from rocmforge.config import CacheConfig, host_tier_blocks
+from rocmforge.errors import ArgumentTypeError, ArgumentValueError, InvalidConfiguration
 
 
 class _Fanout:
@@ -98,10 +99,7 @@ class TensorParallelKvCache:
         if "host_cache_blocks" in manager_options:
             raise ArgumentValueError("give host_cache (bytes), not host_cache_blocks")
         if host_cache is not None:
-            blocks = parse_bytes(host_cache, "host_cache") // config.bytes_per_block
-            if blocks < 1:
-                raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of {config.bytes_per_block} bytes")
-            manager_options["host_cache_blocks"] = blocks
+            manager_options["host_cache_blocks"] = host_tier_blocks(host_cache, config.bytes_per_block)
         self.config = config
         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
         rank_config = CacheConfig(config.num_layers, config.num_kv_heads // n, config.head_dim,
@@ -205,7 +203,7 @@ class TensorParallelKvCache:
         """Move sequences' K/V (every rank's) to host memory and release their blocks.
         All named sequences must exist; nothing changes otherwise."""
         self._live()
-        ids = _distinct(seq_ids)
+        ids = _distinct_ids(seq_ids)
         with _AllLocks(list(self.ranks)):
             swap_out_ranks(list(self.ranks), self.manager, self._swapped, ids)
 
@@ -213,19 +211,15 @@ class TensorParallelKvCache:
         """Bring swapped-out sequences back on every rank (a cached prefix is reused).
         All or nothing: OutOfBlocks leaves them swapped out."""
         self._live()
-        ids = _distinct(seq_ids)
+        ids = _distinct_ids(seq_ids)
         with _AllLocks(list(self.ranks)):
             swap_in_ranks(list(self.ranks), self.manager, self._swapped, ids)
 
     def drop_swapped(self, seq_ids):
         """Forget swapped-out sequences (their host copies are freed)."""
-        ids = _distinct(seq_ids)
+        ids = _distinct_ids(seq_ids)
         with _AllLocks(list(self.ranks)):
-            for sid in ids:
-                if sid not in self._swapped:
-                    raise SequenceNotFound(f"sequence {sid} is not swapped out")
-            for sid in ids:
-                del self._swapped[sid]
+            drop_swapped_ids(self._swapped, ids)
 
     def swapped_sequences(self):
         """Ids of the sequences swapped out to host memory."""
@@ -283,9 +277,3 @@ class TensorParallelKvCache:
                     r._allocate(n, r._buffers)
             self.manager.grow(n)
 
-
-def _distinct(seq_ids):
-    ids = [int(s) for s in seq_ids]
-    if len(set(ids)) != len(ids):
-        raise ArgumentValueError("seq_ids repeats a sequence")
-    return ids

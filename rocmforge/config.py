@@ -79,6 +79,20 @@ def host_memory_available() -> int | None:
     return avail
 
 
+def host_tier_blocks(host_cache, bytes_per_block: int) -> int:
+    """Blocks of bytes_per_block a host tier of host_cache bytes (an int or a string
+    like "16GiB") holds: InvalidConfiguration if none, MemoryError if the host
+    has not that much memory free."""
+    blocks = parse_bytes(host_cache, "host_cache") // bytes_per_block
+    if blocks < 1:
+        raise InvalidConfiguration(f"host_cache={host_cache!r} holds no block of {format_bytes(bytes_per_block)}")
+    need, free = blocks * bytes_per_block, host_memory_available()
+    if free is not None and need > free:
+        raise MemoryError(f"the host tier needs {format_bytes(need)} of host memory, and "
+                          f"{format_bytes(free)} is free: lower host_cache")
+    return blocks
+
+
 def format_bytes(n: int) -> str:
     """A byte count in binary units, e.g. '1.50 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

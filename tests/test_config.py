@@ -1,7 +1,7 @@
 import pytest
 
 import rocmforge as rf
-from rocmforge.config import CacheConfig, CachePreset, MemoryProfile, format_bytes, parse_bytes
+from rocmforge.config import CacheConfig, CachePreset, MemoryProfile, format_bytes, host_tier_blocks, parse_bytes
 
 
 def test_sizes():
@@ -32,6 +32,17 @@ def test_budget_sets_num_blocks():
         CacheConfig(32, 8, 128, memory_budget=1000)
     with pytest.raises(rf.InvalidConfiguration, match="num_blocks or memory_budget"):
         CacheConfig(32, 8, 128)
+
+
+def test_host_tier_blocks_sizes_a_tier_in_whole_blocks():
+    assert host_tier_blocks("1MiB", 4096) == 256
+    assert host_tier_blocks(10_000, 4096) == 2                       # the remainder is no block
+    with pytest.raises(rf.InvalidConfiguration, match="holds no block"):
+        host_tier_blocks(4095, 4096)
+    with pytest.raises(MemoryError, match="lower host_cache"):
+        host_tier_blocks("1000TiB", 4096)
+    with pytest.raises(rf.InvalidConfiguration):
+        host_tier_blocks("lots", 4096)
 
 
 def test_presets_and_context_length():
