@@ -20,33 +20,37 @@
 # ab: the allocator's single-thread cases, this tree against the tree in
 # $OLD_TREE, in alternating processes (both built in place); core: rocmforge
 # bench (single thread, then threads on one manager, each on its own shard).
+#
+# Every step's commands run under timeout -s KILL $STEP_TIMEOUT (default 600 s),
+# so a hung kernel costs one step, not the whole run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}
 steps=${*:-tests bench}
 status=0
+limit() { timeout -s KILL "${STEP_TIMEOUT:-600}" "$@"; }
 echo "device_check: ${ROCMFORGE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)} on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 python3 -m pip install --no-build-isolation -q . > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 for step in $steps; do
     case $step in
         tests)
             # From tests/, so the source tree does not shadow the installed package.
-            (cd tests && python3 -m pytest -q -p no:cacheprovider . 2>&1) | tee "$out/tests.log" | tail -15
+            (cd tests && limit python3 -m pytest -q -p no:cacheprovider . 2>&1) | tee "$out/tests.log" | tail -15
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
         bench)
-            (cd "$out" && python3 -m rocmforge.bench_kernels 2>&1) | tee "$out/bench_kernels.log" | tail -12 ;;
+            (cd "$out" && limit python3 -m rocmforge.bench_kernels 2>&1) | tee "$out/bench_kernels.log" | tail -12 ;;
         ab)
             (cd "$OLD_TREE" && python3 setup.py build_ext --inplace -j 16 > "$out/old_build.log" 2>&1) || { tail -20 "$out/old_build.log"; exit 1; }
             python3 setup.py build_ext --inplace -j 16 > "$out/new_build.log" 2>&1 || { tail -20 "$out/new_build.log"; exit 1; }
-            python3 benchmarks/ab_allocator.py "$OLD_TREE" "$PWD" --reps "${AB_REPS:-7}" 2>&1 | tee "$out/ab.log" | head -8 ;;
+            limit python3 benchmarks/ab_allocator.py "$OLD_TREE" "$PWD" --reps "${AB_REPS:-7}" 2>&1 | tee "$out/ab.log" | head -8 ;;
         core)
-            (cd "$out" && python3 -c "from rocmforge.bench_allocator import main; main(['--reps', '${CORE_REPS:-3}'])" 2>&1) | tee "$out/core.log" | grep -v "^  " | tail -30 ;;
+            (cd "$out" && limit python3 -c "from rocmforge.bench_allocator import main; main(['--reps', '${CORE_REPS:-3}'])" 2>&1) | tee "$out/core.log" | grep -v "^  " | tail -30 ;;
         sanitize)
             for tool in memcheck racecheck initcheck synccheck; do
                 extra=""
                 [ "$tool" = memcheck ] && extra="--leak-check full"
                 (cd tests && PYTORCH_NO_CUDA_MEMORY_CACHING=1 ROCMFORGE_SANITIZER=$tool \
-                    compute-sanitizer --tool "$tool" $extra --report-api-errors no --show-backtrace device \
+                    limit compute-sanitizer --tool "$tool" $extra --report-api-errors no --show-backtrace device \
                     --error-exitcode 86 --log-file "$out/cs-$tool.log" \
                     python3 -m pytest -q -p no:cacheprovider -m gpu . > "$out/cs-$tool.pytest.log" 2>&1)
                 rc=$?
@@ -56,11 +60,11 @@ for step in $steps; do
             done ;;
         hf)
             for attention in paged gather; do
-                python3 -m rocmforge.examples.hf_generate --batch 32 --prompt-len 1024 --shared-prefix 768 \
+                limit python3 -m rocmforge.examples.hf_generate --batch 32 --prompt-len 1024 --shared-prefix 768 \
                     --new 256 --reps 3 --attention "$attention" 2>&1 | tee "$out/hf_$attention.log" | tail -5
             done ;;
         transfer)
-            python3 benchmarks/bench_transfer.py --gib 1 2>&1 | tee "$out/bench_transfer.log" | tail -5 ;;
+            limit python3 benchmarks/bench_transfer.py --gib 1 2>&1 | tee "$out/bench_transfer.log" | tail -5 ;;
         *) echo "device_check: unknown step $step"; exit 2 ;;
     esac
 done
