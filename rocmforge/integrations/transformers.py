@@ -248,6 +248,9 @@ class RocmforgeCache(Cache):
 
     def _begin_forward(self, batch: int, count: int, device) -> None:
         """Layer 0 of a forward call: every row's slots for `count` new positions."""
+        if count == 1 and len(self._rows) == batch and not self._twin and not self._fresh \
+                and self._prepared is None and self._decode_step(batch, device):
+            return
         m = self.kv.manager
         tokens = self._tokens.tolist() if self._tokens is not None and self._tokens.shape == (batch, count) else None
         if not self._rows:
@@ -281,7 +284,7 @@ class RocmforgeCache(Cache):
             if i in self._fresh:
                 s = m.add_sequence(sid, new) if new is not None else m.add_sequence(sid, num_tokens=len(keep[i]))
                 have = m.num_cached_tokens(sid)
-            elif new is not None and m.sequence_tokens(sid) is not None:
+            elif new is not None and m.sequence_info(sid)["has_tokens"]:
                 s, have = m.append(sid, new), 0
             else:
                 s, have = m.append(sid, len(keep[i])), 0
@@ -293,26 +296,62 @@ class RocmforgeCache(Cache):
         self._twin, self._fresh = {}, set()
         self._target = self._length + count
         self.model_tokens += batch * count
-        # What every layer of this forward uses, made once: slots, the K/V rows to write
-        # (None: all of them), and the tables cut to the blocks the rows now use.
-        self._slots = torch.from_numpy(np.concatenate(slots) if slots else np.empty(0, np.int64)).to(device)
+        self._upload(np.concatenate(slots) if slots else np.empty(0, np.int64), device)
         self._writes = None if len(writes) == batch * count else torch.tensor(writes, dtype=torch.long,
                                                                                device=device)
-        tables = m.block_tables(self._rows)
-        if self.attention_path == "gather":
-            used = -(-self._target // self.block_size)
-            self._tables = torch.from_numpy(tables[:, :used]).to(device=device, dtype=torch.long)
-        else:                                   # the kernels' arguments: tables, lengths, new real positions
-            lens = np.array([m.num_tokens(sid) for sid in self._rows], dtype=np.int32)
-            new = np.array([len(k) for k in keep], dtype=np.int32)
-            self._tables = torch.from_numpy(tables).to(device)
-            self._lens = torch.from_numpy(lens).to(device)
-            self._max_len = int(lens.max()) if len(lens) else 0
-            rows = [i * count + j for i in range(batch) for j in keep[i]]      # every row's real queries
+        if self.attention_path == "paged":      # prefill's query rows: every row's real positions
+            new = [len(k) for k in keep]
+            rows = [i * count + j for i in range(batch) for j in keep[i]]
             decode = count == 1 and all(n == 1 or i in self._done for i, n in enumerate(new))
             self._queries = None if decode else (
                 torch.from_numpy(np.concatenate([[0], np.cumsum(new)]).astype(np.int32)).to(device),
                 torch.tensor(rows, dtype=torch.long, device=device))
+
+    def _decode_step(self, batch: int, device) -> bool:
+        """The usual decode step in whole-batch calls: each row not finished appends
+        its one new token (one append_batch, one read of the new tokens and mask).
+        False, with nothing changed, when the step needs the general path (no token
+        ids, a padding position, a row fed its EOS just now)."""
+        if self._tokens is None or self._tokens.shape != (batch, 1):
+            return False
+        paged = self.attention_path == "paged"
+        if paged and self._mask is not None:
+            toks, ones = torch.stack((self._tokens[:, 0], self._mask[:, -1].to(self._tokens.dtype))).tolist()
+            if not all(ones):
+                return False
+        else:
+            toks = self._tokens[:, 0].tolist()
+        live = [i for i in range(batch) if i not in self._done]
+        if self._eos and any(toks[i] in self._eos for i in live):
+            return False
+        m = self.kv.manager
+        sids = np.array([self._rows[i] for i in live], dtype=np.int64)
+        keeps = len(live) > 0 and m.sequence_info(int(sids[0]))["has_tokens"]
+        slots = m.append_batch(sids, 1, np.array([toks[i] for i in live], dtype=np.int32) if keeps else None)
+        self._target = self._length + 1
+        self.model_tokens += batch
+        self._upload(slots, device)
+        self._writes = None if len(live) == batch else torch.tensor(live, dtype=torch.long, device=device)
+        self._queries = None
+        return True
+
+    def _upload(self, slots, device) -> None:
+        """This forward's slots and block tables (paged mode: each row's length too),
+        made once for every layer and copied to the model's device in one transfer."""
+        m = self.kv.manager
+        tables = m.block_tables(self._rows)
+        if self.attention_path == "gather":     # cut to the blocks the rows now use
+            tables = np.ascontiguousarray(tables[:, :-(-self._target // self.block_size)])
+            lens = np.empty(0, np.int32)
+        else:
+            lens = np.array([m.num_tokens(sid) for sid in self._rows], dtype=np.int32)
+            self._max_len = int(lens.max()) if len(lens) else 0
+        n = 2 * len(slots)
+        packed = torch.from_numpy(np.concatenate([np.ascontiguousarray(slots, np.int64).view(np.int32),
+                                                  tables.ravel(), lens])).to(device)
+        self._slots = packed[:n].view(torch.int64)
+        self._tables = packed[n:n + tables.size].view(tables.shape)
+        self._lens = packed[n + tables.size:]
 
     def _update(self, layer: int, key_states, value_states):
         batch, heads, count, dim = key_states.shape
