@@ -9,7 +9,10 @@
 
 /* One list of every symbol: table field, HIP name, CUDA driver name, and
  * parameters. Both APIs take and return the same shapes here: int status
- * codes, int device handles, 64-bit device pointers, opaque contexts. */
+ * codes, int device handles, 64-bit device pointers, opaque contexts. The
+ * two peer calls are the exception: CUDA names the other side by context,
+ * HIP by device index; the table holds CUDA's shape and their wrappers call
+ * HIP's through its own (rf_hip_copy_peer, rf_hip_enable_peer). */
 #define RF_SYMBOLS(X)                                                                         \
     X(init, "hipInit", "cuInit", (unsigned))                                          \
     X(device_count, "hipGetDeviceCount", "cuDeviceGetCount", (int *))                  \
@@ -31,6 +34,10 @@
     X(copy_dtoh_async, "hipMemcpyDtoHAsync", "cuMemcpyDtoHAsync_v2", (void *, uint64_t, size_t, void *)) \
     X(copy_dtod_async, "hipMemcpyDtoDAsync", "cuMemcpyDtoDAsync_v2", (uint64_t, uint64_t, size_t, void *)) \
     X(memset_d8_async, "hipMemsetD8Async", "cuMemsetD8Async", (uint64_t, unsigned char, size_t, void *)) \
+    X(copy_peer_async, "hipMemcpyPeerAsync", "cuMemcpyPeerAsync",                             \
+      (uint64_t, void *, uint64_t, void *, size_t, void *))                                   \
+    X(can_peer, "hipDeviceCanAccessPeer", "cuDeviceCanAccessPeer", (int *, int, int))          \
+    X(enable_peer, "hipDeviceEnablePeerAccess", "cuCtxEnablePeerAccess", (void *, unsigned))   \
     X(synchronize, "hipCtxSynchronize", "cuCtxSynchronize", (void))                          \
     X(stream_synchronize, "hipStreamSynchronize", "cuStreamSynchronize", (void *))             \
     X(module_load, "hipModuleLoadDataEx", "cuModuleLoadDataEx",                               \
@@ -258,6 +265,39 @@ int rf_rt_copy_dtoh_async(int dev, void *dst, uint64_t src, size_t bytes, void *
 int rf_rt_copy_dtod_async(int dev, uint64_t dst, uint64_t src, size_t bytes, void *stream) {
     RF_CALL(rf_fn.copy_dtod_async(dst, src, bytes, stream), "device-to-device copy");
 }
+typedef int (*rf_hip_copy_peer)(uint64_t, int, uint64_t, int, size_t, void *);
+typedef int (*rf_hip_enable_peer)(int, unsigned);
+#define RF_PEER_ALREADY_ENABLED 704     /* CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, hipErrorPeerAccessAlreadyEnabled */
+
+int rf_rt_copy_peer_async(int dst_dev, uint64_t dst, int src_dev, uint64_t src, size_t bytes, void *stream) {
+    int st = rf_use(src_dev);           /* both contexts retained; dst_dev's is left current */
+    if (st != RF_RT_OK) return st;
+    if ((st = rf_use(dst_dev)) != RF_RT_OK) return st;
+    if (rf_loaded == RF_BACKEND_HIP)
+        st = ((rf_hip_copy_peer)rf_fn.copy_peer_async)(dst, dst_dev, src, src_dev, bytes, stream);
+    else
+        st = rf_fn.copy_peer_async(dst, rf_ctx[dst_dev], src, rf_ctx[src_dev], bytes, stream);
+    return st == 0 ? RF_RT_OK : rf_runtime_error(st, "peer copy");
+}
+
+int rf_rt_enable_peer(int dev, int peer, int *enabled) {
+    int st, can = 0, handle, peer_handle;
+    *enabled = dev == peer;
+    if (dev == peer) return rf_use(dev);
+    if ((st = rf_use(peer)) != RF_RT_OK || (st = rf_use(dev)) != RF_RT_OK) return st;
+    if ((st = rf_fn.device_get(&handle, dev)) != 0 || (st = rf_fn.device_get(&peer_handle, peer)) != 0)
+        return rf_runtime_error(st, "getting the device");
+    if ((st = rf_fn.can_peer(&can, handle, peer_handle)) != 0) return rf_runtime_error(st, "asking for peer access");
+    if (!can) return RF_RT_OK;
+    if (rf_loaded == RF_BACKEND_HIP)
+        st = ((rf_hip_enable_peer)rf_fn.enable_peer)(peer, 0);
+    else
+        st = rf_fn.enable_peer(rf_ctx[peer], 0);
+    if (st != 0 && st != RF_PEER_ALREADY_ENABLED) return rf_runtime_error(st, "enabling peer access");
+    *enabled = 1;
+    return RF_RT_OK;
+}
+
 int rf_rt_synchronize(int dev) { RF_CALL(rf_fn.synchronize(), "synchronize"); }
 int rf_rt_stream_synchronize(int dev, void *stream) {
     RF_CALL(rf_fn.stream_synchronize(stream), "stream synchronize");

@@ -60,6 +60,14 @@ int rf_rt_copy_dtoh_async(int dev, void *dst, uint64_t src, size_t bytes, void *
 int rf_rt_copy_dtod_async(int dev, uint64_t dst, uint64_t src, size_t bytes, void *stream);
 int rf_rt_stream_synchronize(int dev, void *stream);
 
+/* Peer copies: bytes from src on src_dev to dst on dst_dev (the same device
+ * too), queued on stream, a stream of dst_dev (NULL: its default stream).
+ * rf_rt_enable_peer lets dev reach peer's memory directly where the hardware
+ * can (*enabled: 1, or 0 when copies between them go through the host); a
+ * second call is harmless. */
+int rf_rt_copy_peer_async(int dst_dev, uint64_t dst, int src_dev, uint64_t src, size_t bytes, void *stream);
+int rf_rt_enable_peer(int dev, int peer, int *enabled);
+
 /* Kernel modules: load a code object (CUDA fatbin or HIP code object) on
  * dev (a failure's message carries the loader's error log), find a kernel
  * by name, launch it on a stream with shared_bytes of dynamic shared memory. */

@@ -71,3 +71,9 @@ cdef int rt_dtoh(int dev, void* dst, uint64_t src, size_t nbytes, void* stream) 
 cdef int rt_dtod(int dev, uint64_t dst, uint64_t src, size_t nbytes, void* stream) noexcept nogil
 cdef int rt_stream_sync(int dev, void* stream) noexcept nogil
 cdef int rt_device_sync(int dev) noexcept nogil
+# Peer copies (dst on dst_dev from src on src_dev, the same device too), queued
+# on a stream of dst_dev; and direct access from dev to peer's memory where the
+# hardware allows (*enabled says whether it does).
+cdef int rt_copy_peer(int dst_dev, uint64_t dst, int src_dev, uint64_t src, size_t nbytes,
+                      void* stream) noexcept nogil
+cdef int rt_enable_peer(int dev, int peer, int* enabled) noexcept nogil

@@ -50,6 +50,8 @@ cdef extern from "rf_runtime.h" nogil:
     int rf_rt_copy_dtoh_async(int dev, void* dst, uint64_t src, size_t nbytes, void* stream)
     int rf_rt_copy_dtod_async(int dev, uint64_t dst, uint64_t src, size_t nbytes, void* stream)
     int rf_rt_stream_synchronize(int dev, void* stream)
+    int rf_rt_copy_peer_async(int dst_dev, uint64_t dst, int src_dev, uint64_t src, size_t nbytes, void* stream)
+    int rf_rt_enable_peer(int dev, int peer, int* enabled)
     int rf_rt_last_error(char* msg, size_t cap)
     int rf_rt_module_load(int dev, const void* image, void** module)
     int rf_rt_module_unload(int dev, void* module)
@@ -507,3 +509,10 @@ cdef int rt_stream_sync(int dev, void* stream) noexcept nogil:
 
 cdef int rt_device_sync(int dev) noexcept nogil:
     return rf_rt_synchronize(dev)
+
+cdef int rt_copy_peer(int dst_dev, uint64_t dst, int src_dev, uint64_t src, size_t nbytes,
+                      void* stream) noexcept nogil:
+    return rf_rt_copy_peer_async(dst_dev, dst, src_dev, src, nbytes, stream)
+
+cdef int rt_enable_peer(int dev, int peer, int* enabled) noexcept nogil:
+    return rf_rt_enable_peer(dev, peer, enabled)

@@ -3,7 +3,10 @@ sequence from one cache to another (prefill/decode disaggregation).
 
 - ``transfer_blocks(src, src_block_ids, dst, dst_block_ids)`` copies every
   layer's K and V of those blocks from one KvCache to another of the same
-  geometry (layers, kv heads, head_dim, block_size, dtype).
+  geometry (layers, kv heads, head_dim, block_size, dtype). Between two GPU
+  caches of this process (one GPU or two) it uses peer copies and no host
+  memory (``copy_device_blocks``); otherwise the blocks go through a packed
+  host array.
 - ``pack_sequence(cache, seq_id)`` gives a ``PackedSequence``: its token ids,
   its salt's key and its blocks' K/V in one host array. ``to_bytes()`` and
   ``PackedSequence.from_bytes()`` carry it through any transport (a
@@ -17,9 +20,6 @@ sequence from one cache to another (prefill/decode disaggregation).
   between processes through ``torch.distributed`` point-to-point messages (a
   length, then the bytes): gloo between CPU processes, NCCL with ``device``
   set to each rank's GPU. torch is needed for these two only.
-
-The copies go through host memory; peer copies between GPUs come with the
-multi-GPU runs.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rocmforge._transfer import pack_blocks, unpack_blocks
+from rocmforge._transfer import copy_device_blocks, pack_blocks, unpack_blocks
 from rocmforge.errors import ArgumentValueError
 
-__all__ = ["PackedSequence", "adopt_sequence", "pack_blocks", "pack_sequence", "recv_packed", "send_packed",
+__all__ = ["PackedSequence", "adopt_sequence", "copy_device_blocks", "pack_blocks", "pack_sequence", "recv_packed", "send_packed",
            "transfer_blocks", "unpack_blocks"]
 
 
@@ -53,7 +53,10 @@ def transfer_blocks(src, src_block_ids, dst, dst_block_ids) -> None:
     _same_geometry(_geometry(src), _geometry(dst))
     if len(src_block_ids) != len(dst_block_ids):
         raise ArgumentValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destinations")
-    unpack_blocks(dst, dst_block_ids, pack_blocks(src, src_block_ids))
+    if src.device != "cpu" and dst.device != "cpu":
+        copy_device_blocks(src, src_block_ids, dst, dst_block_ids)
+    else:
+        unpack_blocks(dst, dst_block_ids, pack_blocks(src, src_block_ids))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ import pytest
 import rocmforge as rf
 from rocmforge import DeviceArray
 from rocmforge.config import CacheConfig
-from rocmforge.transfer import PackedSequence, adopt_sequence, pack_sequence, transfer_blocks
+from rocmforge.errors import ArgumentValueError, BlockNotFound
+from rocmforge.transfer import (PackedSequence, adopt_sequence, copy_device_blocks, pack_blocks, pack_sequence,
+                                transfer_blocks)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INFO = rf.backend_info()
@@ -232,3 +234,43 @@ def test_transfer_blocks_between_a_gpu_and_any_cache(src_dev, dst_dev):
             assert np.array_equal(ka, kb) and np.array_equal(va, vb)
         a.synchronize()
         b.synchronize()
+
+
+def test_copy_device_blocks_takes_gpu_caches_only():
+    with rf.KvCache(CacheConfig(num_blocks=8, **CFG), "cpu") as a, rf.KvCache(CacheConfig(num_blocks=8, **CFG),
+                                                                                "cpu") as b:
+        with pytest.raises(ArgumentValueError, match="GPUs"):
+            copy_device_blocks(a, [0], b, [0])
+
+
+def _second_gpu():
+    return f"{INFO['backend']}:1" if len(INFO["devices"]) > 1 else GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None, reason="no GPU")
+@pytest.mark.parametrize("where", ["same GPU", "next GPU", "same cache"])
+def test_peer_copies_move_runs_and_scattered_blocks_exactly(where):
+    """Runs of consecutive ids go as direct peer copies, scattered ids through
+    staging buffers; either way every byte of every layer arrives, and bad ids
+    change nothing."""
+    cfg = CacheConfig(num_blocks=64, **CFG)
+    with rf.KvCache(cfg, GPU) as a, rf.KvCache(cfg, _second_gpu() if where == "next GPU" else GPU) as other:
+        b = a if where == "same cache" else other
+        slots = a.manager.add_sequence(0, num_tokens=32 * 4)      # blocks 0-31 of a hold data
+        rng = np.random.default_rng(5)
+        for layer in range(a.num_layers):
+            k = rng.standard_normal((len(slots), 2, 8)).astype(np.float32)
+            a.write_kv(layer, _on(a, k), _on(a, k * 3), slots)
+        src = np.arange(32, dtype=np.int32)
+        cases = [(src[:8], np.arange(40, 48, dtype=np.int32)),                  # one run: direct
+                 (rng.permutation(src)[:20], 32 + rng.permutation(32)[:20].astype(np.int32))]   # staged
+        for s, d in cases:
+            copy_device_blocks(a, s, b, d)
+            assert np.array_equal(pack_blocks(b, d), pack_blocks(a, s))
+        before = pack_blocks(b, np.arange(64, dtype=np.int32))
+        with pytest.raises(BlockNotFound):
+            copy_device_blocks(a, [0, 1], b, [2, 64])
+        with pytest.raises(ArgumentValueError, match="destinations"):
+            copy_device_blocks(a, [0, 1], b, [2])
+        assert np.array_equal(pack_blocks(b, np.arange(64, dtype=np.int32)), before)
