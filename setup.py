@@ -23,7 +23,7 @@ core = Extension(
 bench_capi = Extension(
     "rocmforge._bench_capi",
     sources=["rocmforge/_bench_capi.pyx"],
-    include_dirs=["rocmforge", numpy.get_include()],
+    include_dirs=["hip", "rocmforge", numpy.get_include()],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

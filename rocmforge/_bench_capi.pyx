@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Allocator benchmark loops driven through the C API of rocmforge/_core.pxd.
+"""Benchmark loops driven through rocmforge's C-level APIs: the allocator's
+(rocmforge/_core.pxd) and KvCache's write step (write_kv_launch_ns).
 
 An engine written in Cython (or C++ through Cython) calls the manager's
 ``c_*`` methods directly; these loops measure that path, the cheapest the
@@ -8,12 +9,15 @@ its Python twin in bench_allocator.py, checks every status, and returns
 nanoseconds per operation.
 """
 
-from libc.stdint cimport int32_t, int64_t, INT64_MAX
+from libc.stdint cimport int32_t, int64_t, uint64_t, INT64_MAX
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import numpy as np
 
 from rocmforge._core cimport BlockManager, ErrInfo, RF_OK, raise_status
+from rocmforge._dlpack cimport DT_BF16, DT_F16, DT_F32
+from rocmforge._kvcache cimport KvCache
+from rocmforge._runtime cimport check
 
 
 cdef inline double _now_ns() noexcept nogil:
@@ -118,3 +122,26 @@ def decode_sim(BlockManager m, int64_t[::1] ids, int64_t[::1] left, int64_t[::1]
     if st != RF_OK:
         raise_status(st, &err)
     return t / (steps * n)
+
+
+def write_kv_launch_ns(KvCache cache, int layer, uint64_t key, uint64_t value, uint64_t slots, int64_t num_tokens,
+                       str dtype, long calls):
+    """ns per write_kv from C: the cache's own write step (the kernel's arguments
+    and the runtime's launch) with no Python call, argument parsing or lock, on
+    the default stream: the floor under write_kv_raw. The addresses are as
+    write_kv_raw takes them; the cache must be on a GPU."""
+    cdef int dt = {"float32": DT_F32, "float16": DT_F16, "bfloat16": DT_BF16}[dtype]
+    cdef int64_t bad = -1
+    cdef long i
+    cdef int st = 0
+    cdef double t
+    if cache._dev < 0 or not 0 <= layer < cache._num_layers or num_tokens <= 0:
+        raise ValueError("a GPU cache, a layer inside it and at least one token")
+    t = _now_ns()
+    for i in range(calls):
+        st = cache._write_rows(layer, key, value, slots, num_tokens, dt, NULL, &bad)
+        if st != 0:
+            break
+    t = _now_ns() - t
+    check(st, "write_kv_launch_ns")
+    return t / calls

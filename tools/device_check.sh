@@ -60,8 +60,8 @@ for step in $steps; do
             done ;;
         hf)
             for attention in paged gather; do
-                limit python3 -m rocmforge.examples.hf_generate --batch 32 --prompt-len 1024 --shared-prefix 768 \
-                    --new 256 --reps 3 --attention "$attention" 2>&1 | tee "$out/hf_$attention.log" | tail -5
+                (cd "$out" && limit python3 -m rocmforge.examples.hf_generate --batch 32 --prompt-len 1024 \
+                    --shared-prefix 768 --new 256 --reps 3 --attention "$attention" 2>&1) | tee "$out/hf_$attention.log" | tail -5
             done ;;
         transfer)
             limit python3 benchmarks/bench_transfer.py --gib 1 2>&1 | tee "$out/bench_transfer.log" | tail -5 ;;
