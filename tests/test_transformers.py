@@ -17,7 +17,7 @@ ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2F
 MODES = ["gather", "paged"]
 GPU_DTYPES = [pytest.param(d, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                           reason="no GPU")])
-              for d in (torch.bfloat16, torch.float16)]
+              for d in (torch.bfloat16, torch.float16, torch.float32)]
 
 
 def build(arch="llama", layers=2, hidden=256, device="cpu", dtype=torch.float32, seed=0):
@@ -184,18 +184,50 @@ def test_bad_uses_raise_clear_errors():
                            generate(model, ids, mask, dynamic(model), do_sample=False, new=4))
 
 
+def forced_logits(model, ids, mask, full, cache):
+    """The model's next-token logits (float32, [batch, steps, vocab]) at every step
+    of `full` (prompt then generated tokens), fed those tokens one by one after
+    the prompt: the decode path with every cache given the same inputs."""
+    out, logits = None, []
+    with torch.no_grad():
+        for t in range(ids.shape[1], full.shape[1]):
+            if out is None:
+                step, m = ids, mask
+            else:
+                step, m = full[:, t - 1:t], torch.cat([m, torch.ones_like(full[:, :1])], 1)
+            pos = (m.cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1]:]
+            out = model(input_ids=step, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, 1)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("mode", ["auto", "gather"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_gpu_generation_is_token_identical(arch, dtype, mode):
+def test_gpu_generation_matches_dynamic_cache(arch, dtype, mode):
+    """Gather mode, and paged mode in float32, give DynamicCache's tokens exactly.
+    The paged kernel in bfloat16/float16 sums in another order than SDPA, so its
+    outputs round differently and greedy tokens part at near-ties; there, with
+    both fed the same tokens, its logits must be as close to the float32 model's
+    as SDPA's are."""
     model = build(arch, device="cuda", dtype=dtype)
     ids, mask = prompts([5, 9, 12, 17, 3, 20, 8, 14], device="cuda")
+    ref = generate(model, ids, mask, dynamic(model), do_sample=False)
     with RocmforgeCache(model, num_blocks=256, attention=mode) as cache:
         assert cache.kv.device.startswith(("cuda", "hip"))
         assert cache.attention_path == ("paged" if mode == "auto" else "gather")
         got = generate(model, ids, mask, cache, do_sample=False)
-        assert torch.equal(got, generate(model, ids, mask, dynamic(model), do_sample=False))
+        if mode == "gather" or dtype == torch.float32:
+            assert torch.equal(got, ref)
+            return
+        cache.reset()
+        ours = forced_logits(model, ids, mask, ref, cache)
+    theirs = forced_logits(model, ids, mask, ref, dynamic(model))
+    exact = build(arch, device="cuda", dtype=torch.float32)
+    truth = forced_logits(exact, ids, mask, ref, dynamic(exact))
+    for stat in (torch.max, torch.mean):
+        assert stat((ours - truth).abs()) <= 1.25 * stat((theirs - truth).abs())
 
 
 def test_the_example_prints_a_table_then_json(capsys):
