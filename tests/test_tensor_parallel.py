@@ -33,17 +33,26 @@ def pair(ranks=2, device="cpu", host_blocks=0, **kw):
     return rf.KvCache(cfg, device, **opts), rf.TensorParallelKvCache(cfg, [device] * ranks, **opts)
 
 
+def on(cache, arr):
+    """A float16 numpy array where cache can read it (a copy on its GPU, if it has one)."""
+    arr = np.ascontiguousarray(arr)
+    if cache.device == "cpu":
+        return arr
+    buf = rf.DeviceBuffer(arr.nbytes, int(cache.device.split(":")[1]))
+    buf.copy_from_host(arr)
+    return rf.DeviceArray(buf, arr.shape, "float16")
+
+
 def write(single, tp, slots, rng):
     """Random K/V at slots in every layer: all heads to the single cache, each rank's to it."""
     slots = np.asarray(slots, dtype=np.int64)
     for layer in range(LAYERS):
         k = rng.standard_normal((len(slots), HEADS, DIM)).astype(np.float16)
         v = rng.standard_normal((len(slots), HEADS, DIM)).astype(np.float16)
-        single.write_kv(layer, k, v, slots)
+        single.write_kv(layer, on(single, k), on(single, v), slots)
         for r, rank in enumerate(tp.ranks):
             h = tp.heads(r)
-            rank.write_kv(layer, np.ascontiguousarray(k[:, h.start:h.stop]),
-                          np.ascontiguousarray(v[:, h.start:h.stop]), slots)
+            rank.write_kv(layer, on(rank, k[:, h.start:h.stop]), on(rank, v[:, h.start:h.stop]), slots)
 
 
 def same(single, tp):
