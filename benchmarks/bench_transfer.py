@@ -8,8 +8,10 @@ layer's K and V) from one to the other, beside torch copying one contiguous
 tensor of the same size between the same devices (a peer copy across GPUs).
 Blocks in order go as one peer copy per layer's K and V; "scattered ids" sends
 them to a permutation of the destination's blocks (staged: packed on the
-source, one peer copy, unpacked on the destination).
-Prints a table of median seconds and GB/s, then one JSON line. Needs a GPU and
+source, one peer copy, unpacked on the destination). "one block" is the fixed
+cost of a call; "per K/V plane" is torch copying the same bytes in as many
+pieces as transfer_blocks makes for blocks in order.
+Prints a table of median microseconds and GB/s, then one JSON line. Needs a GPU and
 torch."""
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ def main(argv=None):
     src_t = torch.empty(nbytes, dtype=torch.uint8, device=devices[0].replace("hip", "cuda"))
     dst_t = torch.empty(nbytes, dtype=torch.uint8, device=devices[1].replace("hip", "cuda"))
     scattered = np.random.default_rng(0).permutation(n).astype(np.int32)
-    times = {"rocmforge transfer_blocks": [], "rocmforge, scattered ids": [], "torch copy_": []}
+    one = np.zeros(1, dtype=np.int32)
+    planes = src_t.view(2 * cfg.num_layers, -1), dst_t.view(2 * cfg.num_layers, -1)
+    times = {"rocmforge transfer_blocks": [], "rocmforge, scattered ids": [], "rocmforge, one block": [],
+             "torch copy_, per K/V plane": [], "torch copy_": []}
     with rf.KvCache(cfg, devices[0]) as src, rf.KvCache(cfg, devices[1]) as dst:
         for _ in range(args.reps):
             for name in times:
@@ -50,20 +55,27 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 if name == "torch copy_":
                     dst_t.copy_(src_t)
+                elif name == "torch copy_, per K/V plane":
+                    for a, b in zip(*planes):
+                        b.copy_(a)
+                elif name == "rocmforge, one block":
+                    transfer_blocks(src, one, dst, one)
                 elif name == "rocmforge, scattered ids":
                     transfer_blocks(src, ids, dst, scattered)
                 else:
                     transfer_blocks(src, ids, dst, ids)
                 torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
-    rows = [{"case": name, "seconds": statistics.median(t), "gb_s": nbytes / statistics.median(t) / 1e9}
-            for name, t in times.items()]
+    moved = {"rocmforge, one block": cfg.bytes_per_block}
+    rows = [{"case": name, "seconds": statistics.median(t),
+             "gb_s": moved.get(name, nbytes) / statistics.median(t) / 1e9} for name, t in times.items()]
     print(f"{nbytes / 2**30:.2f} GiB of blocks, {devices[0]} -> {devices[1]}")
-    print(f"{'case':<28} {'seconds':>9} {'GB/s':>8}")
+    print(f"{'case':<28} {'us':>9} {'GB/s':>8}")
     for r in rows:
-        print(f"{r['case']:<28} {r['seconds']:9.4f} {r['gb_s']:8.1f}")
+        print(f"{r['case']:<28} {r['seconds'] * 1e6:9.1f} {r['gb_s']:8.1f}")
     torch_s = rows[-1]["seconds"]
-    print(json.dumps({"devices": devices, "bytes": nbytes, "rows": rows, "share_of_torch": torch_s / rows[0]["seconds"],
+    print(json.dumps({"devices": devices, "bytes": nbytes, "rows": rows,
+                      "share_of_torch": torch_s / rows[0]["seconds"],
                       "scattered_share_of_torch": torch_s / rows[1]["seconds"]}))
 
 

@@ -151,6 +151,7 @@ class RocmforgeCache(Cache):
         self._target = 0                    # positions every row holds once this forward is done
         self._next_id = 0
         self._tokens = self._mask = None    # token ids and attention mask of the forward call under way
+        self._stepped = False               # its decode step is set up already (by the pre-hook)
         self._slots = None                  # where this forward's new K/V go, shared by the layers
         self._writes = None                 # which of this forward's [batch * new] K/V rows are written
         self._tables = None                 # this forward's block tables, on the model's device
@@ -174,6 +175,16 @@ class RocmforgeCache(Cache):
         mask = kwargs.get("attention_mask")
         self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         _ACTIVE.cache = self if self.attention_path == "paged" else None
+        # A decode step of this cache is set up now, before the model queues its work: reading
+        # the new tokens then waits for no kernel, and the tables go over while the GPU is idle.
+        self._stepped = kwargs.get("past_key_values", kwargs.get("cache")) is self and self._decode_ready() \
+            and self._decode_step(self._tokens.shape[0], self._tokens.device)
+
+    def _decode_ready(self) -> bool:
+        """Whether this forward can be the usual decode step: one new position for rows
+        that all exist already."""
+        return self._tokens is not None and self._tokens.shape[1] == 1 and len(self._rows) == \
+            self._tokens.shape[0] and not self._twin and not self._fresh and self._prepared is None
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -248,8 +259,10 @@ class RocmforgeCache(Cache):
 
     def _begin_forward(self, batch: int, count: int, device) -> None:
         """Layer 0 of a forward call: every row's slots for `count` new positions."""
-        if count == 1 and len(self._rows) == batch and not self._twin and not self._fresh \
-                and self._prepared is None and self._decode_step(batch, device):
+        if self._stepped:                       # the forward's pre-hook did it
+            self._stepped = False
+            return
+        if count == 1 and self._decode_ready() and self._decode_step(batch, device):
             return
         m = self.kv.manager
         tokens = self._tokens.tolist() if self._tokens is not None and self._tokens.shape == (batch, count) else None
