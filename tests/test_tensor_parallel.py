@@ -253,15 +253,15 @@ def test_ranks_written_from_their_own_threads_while_sequences_fork():
         m.check_invariants()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(GPU is None, reason="no GPU")
-def test_two_gpu_ranks_equal_one_cache():
-    """Ranks on GPUs 0 and 1 when there are two, else both on GPU 0."""
+@pytest.mark.parametrize("where", ["cpu", pytest.param("gpu", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(GPU is None, reason="no GPU")])])
+def test_two_ranks_equal_one_cache_through_every_whole_cache_call(where):
+    """On GPUs: ranks on GPUs 0 and 1 when there are two, else both on GPU 0."""
     rng = np.random.default_rng(5)
-    devices = [GPU, f"{INFO['backend']}:{min(1, len(INFO['devices']) - 1)}"]
+    devices = ["cpu", "cpu"] if where == "cpu" else [GPU, f"{INFO['backend']}:{min(1, len(INFO['devices']) - 1)}"]
     cfg = config()
     opts = dict(enable_prefix_caching=True, host_cache=4 * cfg.bytes_per_block)
-    single, tp = rf.KvCache(cfg, GPU, **opts), rf.TensorParallelKvCache(cfg, devices, **opts)
+    single, tp = rf.KvCache(cfg, devices[0], **opts), rf.TensorParallelKvCache(cfg, devices, **opts)
     assert [r.device for r in tp.ranks] == devices
     with single, tp:
         for sid, tokens in enumerate([[1, 2, 3, 4, 5], [1, 2, 3, 4, 9, 9, 9]]):
@@ -272,7 +272,7 @@ def test_two_gpu_ranks_equal_one_cache():
             c.manager.append(7, [3])
             c.swap_out([0])
             c.compact(shrink=True)
-            c.swap_in([0])
             c.grow(40)
+            c.swap_in([0])
         same(single, tp)
         tp.synchronize()
