@@ -11,8 +11,12 @@ the GPU when there is one, generates greedily for a batch of prompts of
 second (medians of --reps runs, the caches alternating, after a warm-up), the
 KV bytes in use at the end of a generation (DynamicCache: its tensors;
 rocmforge: its used blocks, whose shared prefix blocks count once) and whether
-the outputs are identical; then one JSON line. Needs torch and transformers
-(pip install 'rocmforge[transformers]')."""
+the outputs are identical; then one JSON line. Whether DynamicCache gives the
+same outputs in each of its own runs is reported too: on a GPU, at batch 32
+with 1k-token prompts, its greedy tokens part from run to run after about 130
+new tokens (near-ties in bfloat16), and then so do any two caches'. The exit
+status is 1 only when DynamicCache repeats itself and rocmforge differs from
+it. Needs torch and transformers (pip install 'rocmforge[transformers]')."""
 
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ def main(argv=None):
         return out, time.perf_counter() - t0
 
     names = ("DynamicCache", "rocmforge")
-    times, outs, kv_bytes = {n: [] for n in names}, {}, {}
+    times, outs, kv_bytes, theirs = {n: [] for n in names}, {}, {}, []
     with RocmforgeCache(model, num_blocks=blocks, block_size=args.block_size, attention=args.attention) as ours:
         for rep in range(args.reps + 1):             # the first is a warm-up; the caches alternate
             for name in names:
@@ -90,6 +94,7 @@ def main(argv=None):
                 if rep:
                     times[name].append(seconds)
                 if name == "DynamicCache":
+                    theirs.append(outs[name])
                     kv_bytes[name] = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
                 else:
                     kv_bytes[name] = ours.kv.manager.num_used_blocks * ours.kv.config.bytes_per_block
@@ -98,18 +103,19 @@ def main(argv=None):
     results = {n: {"tokens_per_s": args.batch * args.new / statistics.median(times[n]), "kv_bytes": kv_bytes[n],
                    "out": outs[n]} for n in names}
     same = bool(torch.equal(results["DynamicCache"]["out"], results["rocmforge"]["out"]))
+    reproducible = all(torch.equal(out, theirs[0]) for out in theirs)
     print(f"{args.arch} {args.layers} layers, hidden {args.hidden}, {dtype} on {device}; batch {args.batch}, "
           f"prompts up to {args.prompt_len} tokens ({args.shared_prefix} shared), {args.new} new; attention: {path}")
     print(f"{'cache':<14} {'tokens/s':>10} {'KV MiB':>9}")
     for name in ("DynamicCache", "rocmforge"):
         r = results[name]
         print(f"{name:<14} {r['tokens_per_s']:10.1f} {r['kv_bytes'] / 2**20:9.2f}")
-    print(f"outputs identical: {same}")
+    print(f"outputs identical: {same}; DynamicCache's own outputs the same in every run: {reproducible}")
     print(json.dumps({"device": device, "dtype": str(dtype).split(".")[-1], "arch": args.arch, "batch": args.batch,
                       "prompt_len": args.prompt_len, "shared_prefix": args.shared_prefix, "new": args.new,
-                      "attention_path": path, "identical": same,
+                      "attention_path": path, "identical": same, "dynamic_reproducible": reproducible,
                       **{f"{k}_{m}": results[k][m] for k in results for m in ("tokens_per_s", "kv_bytes")}}))
-    return 0 if same else 1
+    return 0 if same or not reproducible else 1
 
 
 if __name__ == "__main__":
