@@ -6,7 +6,8 @@ transformers ``Cache``: pass it to ``model.generate(..., past_key_values=cache)`
 Each batch row is one rocmforge sequence in a ``KvCache``; new K/V go in with
 ``write_kv``. ``attention_path`` says how attention reads the rows' blocks:
 "paged" (the default on a GPU) sets the model to the attention function
-"rocmforge", which runs paged_decode / paged_prefill over the blocks in place,
+"rocmforge", which runs paged_decode / paged_prefill over the blocks in place
+(a prompt with nothing cached before it goes through SDPA over its own K/V),
 and rows hold only their real tokens (the attention mask's ones); "gather" (the
 default elsewhere) gathers the blocks into the [batch, heads, length, head_dim]
 tensors the model's own attention takes, padding included.
@@ -378,8 +379,11 @@ class RocmforgeCache(Cache):
         if layer == self.num_layers - 1:
             self._length = self._target
         if self.attention_path == "paged":
-            self._layer, self._new_keys = layer, key_states
-            return key_states, value_states     # what _attention recognizes; it reads the blocks
+            # A forward with no positions before it (the prompt, unless prepare() reused a prefix)
+            # attends within its own K/V: the model's SDPA over them, as with DynamicCache. Later
+            # forwards return what _attention recognizes, and it reads the blocks.
+            self._layer, self._new_keys = layer, None if self._target == count else key_states
+            return key_states, value_states
         return self._read(layer)
 
     def _attend(self, query, scaling):
