@@ -230,7 +230,7 @@ class RocmforgeCache(Cache):
         m, first = self.kv.manager, {}
         self._rows, self._twin, self._fresh, self._done = [], {}, set(), set()
         for i, r in enumerate(rows):
-            key = None if r is None else tuple(r)
+            key = None if r is None else np.asarray(r, dtype=np.int64).tobytes()
             if key is not None and key in first:
                 self._rows.append(None)
                 self._twin[i] = first[key]
@@ -266,35 +266,37 @@ class RocmforgeCache(Cache):
         if count == 1 and self._decode_ready() and self._decode_step(batch, device):
             return
         m = self.kv.manager
-        tokens = self._tokens.tolist() if self._tokens is not None and self._tokens.shape == (batch, count) else None
+        ids = self._tokens if self._tokens is not None and self._tokens.shape == (batch, count) else None
+        tokens = None if ids is None else ids.cpu().numpy()     # [batch, count]: one copy, whole arrays after
         if not self._rows:
-            self._open(tokens if tokens is not None else [None] * batch)
+            self._open(list(tokens) if tokens is not None else [None] * batch)
         elif batch != len(self._rows) and batch % len(self._rows) == 0:
             self._expand(batch // len(self._rows))
         prepared, self._prepared = self._prepared, None
-        if len(self._rows) != batch or (prepared is not None and tokens is not None and tokens != [
+        if len(self._rows) != batch or (prepared is not None and tokens is not None and tokens.tolist() != [
                 prepared[i * len(prepared) // batch] for i in range(batch)]):
             self._release()
             raise ArgumentValueError(f"generate runs other prompts than prepare() was given ({batch} rows for "
                                      f"{len(prepared or self._rows)}): the cache is reset")
         # Paged mode stores a row's real positions only (its mask's ones); gather mode all of them.
-        keep = [list(range(count))] * batch
+        every = np.arange(count)
+        keep = [every] * batch
         if self.attention_path == "paged" and self._mask is not None:
-            keep = [[j for j, one in enumerate(row) if one] for row in self._mask[:, -count:].tolist()]
+            keep = [np.flatnonzero(row) for row in self._mask[:, -count:].cpu().numpy()]
         if self._eos and tokens is not None and self._length:
             for i, sid in enumerate(self._rows):    # fed its EOS: finished; an empty sequence stands in
-                if i not in self._done and sid is not None and tokens[i][-1] in self._eos:
+                if i not in self._done and sid is not None and int(tokens[i, -1]) in self._eos:
                     m.remove_sequence(sid)
                     self._rows[i] = self._new_id()
                     m.add_sequence(self._rows[i], num_tokens=0)
                     self._done.add(i)
         if self._done:
-            keep = [[] if i in self._done else k for i, k in enumerate(keep)]
+            keep = [every[:0] if i in self._done else k for i, k in enumerate(keep)]
         slots, writes = [], []
         for i, sid in enumerate(self._rows):
-            if sid is None or not keep[i]:
+            if sid is None or not len(keep[i]):
                 continue
-            new = [tokens[i][j] for j in keep[i]] if tokens is not None else None
+            new = tokens[i, keep[i]] if tokens is not None else None
             if i in self._fresh:
                 s = m.add_sequence(sid, new) if new is not None else m.add_sequence(sid, num_tokens=len(keep[i]))
                 have = m.num_cached_tokens(sid)
@@ -303,7 +305,7 @@ class RocmforgeCache(Cache):
             else:
                 s, have = m.append(sid, len(keep[i])), 0
             slots.append(s[have:])              # cached positions hold their K/V already
-            writes.extend(i * count + j for j in keep[i][have:])
+            writes.append(i * count + keep[i][have:])
         for i, lead in self._twin.items():      # twins share what their first just wrote
             self._rows[i] = self._new_id()
             m.fork(self._rows[lead], self._rows[i])
@@ -311,15 +313,15 @@ class RocmforgeCache(Cache):
         self._target = self._length + count
         self.model_tokens += batch * count
         self._upload(np.concatenate(slots) if slots else np.empty(0, np.int64), device)
-        self._writes = None if len(writes) == batch * count else torch.tensor(writes, dtype=torch.long,
-                                                                               device=device)
+        writes = np.concatenate(writes) if writes else np.empty(0, np.int64)
+        self._writes = None if len(writes) == batch * count else torch.from_numpy(writes).to(device)
         if self.attention_path == "paged":      # prefill's query rows: every row's real positions
-            new = [len(k) for k in keep]
-            rows = [i * count + j for i in range(batch) for j in keep[i]]
+            new = np.array([len(k) for k in keep])
             decode = count == 1 and all(n == 1 or i in self._done for i, n in enumerate(new))
+            rows = np.concatenate([i * count + k for i, k in enumerate(keep)] or [every[:0]])
             self._queries = None if decode else (
                 torch.from_numpy(np.concatenate([[0], np.cumsum(new)]).astype(np.int32)).to(device),
-                torch.tensor(rows, dtype=torch.long, device=device))
+                torch.from_numpy(rows.astype(np.int64)).to(device))
 
     def _decode_step(self, batch: int, device) -> bool:
         """The usual decode step in whole-batch calls: each row not finished appends
