@@ -38,6 +38,14 @@
       (uint64_t, void *, uint64_t, void *, size_t, void *))                                   \
     X(can_peer, "hipDeviceCanAccessPeer", "cuDeviceCanAccessPeer", (int *, int, int))          \
     X(enable_peer, "hipDeviceEnablePeerAccess", "cuCtxEnablePeerAccess", (void *, unsigned))   \
+    X(stream_create, "hipStreamCreateWithFlags", "cuStreamCreate", (void **, unsigned))       \
+    X(stream_destroy, "hipStreamDestroy", "cuStreamDestroy_v2", (void *))                     \
+    X(event_create, "hipEventCreateWithFlags", "cuEventCreate", (void **, unsigned))          \
+    X(event_destroy, "hipEventDestroy", "cuEventDestroy_v2", (void *))                        \
+    X(event_record, "hipEventRecord", "cuEventRecord", (void *, void *))                      \
+    X(stream_wait_event, "hipStreamWaitEvent", "cuStreamWaitEvent", (void *, void *, unsigned)) \
+    X(event_query, "hipEventQuery", "cuEventQuery", (void *))                                 \
+    X(event_synchronize, "hipEventSynchronize", "cuEventSynchronize", (void *))               \
     X(synchronize, "hipCtxSynchronize", "cuCtxSynchronize", (void))                          \
     X(stream_synchronize, "hipStreamSynchronize", "cuStreamSynchronize", (void *))             \
     X(module_load, "hipModuleLoadDataEx", "cuModuleLoadDataEx",                               \
@@ -296,6 +304,38 @@ int rf_rt_enable_peer(int dev, int peer, int *enabled) {
     if (st != 0 && st != RF_PEER_ALREADY_ENABLED) return rf_runtime_error(st, "enabling peer access");
     *enabled = 1;
     return RF_RT_OK;
+}
+
+/* Flags numbered alike in both APIs: CU_STREAM_NON_BLOCKING / hipStreamNonBlocking,
+ * CU_EVENT_DISABLE_TIMING / hipEventDisableTiming; and the not-ready status. */
+#define RF_STREAM_NON_BLOCKING 1
+#define RF_EVENT_DISABLE_TIMING 2
+#define RF_NOT_READY 600
+
+int rf_rt_stream_create(int dev, void **stream) {
+    RF_CALL(rf_fn.stream_create(stream, RF_STREAM_NON_BLOCKING), "creating a stream");
+}
+int rf_rt_stream_destroy(int dev, void *stream) { RF_CALL(rf_fn.stream_destroy(stream), "destroying a stream"); }
+int rf_rt_event_create(int dev, void **event) {
+    RF_CALL(rf_fn.event_create(event, RF_EVENT_DISABLE_TIMING), "creating an event");
+}
+int rf_rt_event_destroy(int dev, void *event) { RF_CALL(rf_fn.event_destroy(event), "destroying an event"); }
+int rf_rt_event_record(int dev, void *event, void *stream) {
+    RF_CALL(rf_fn.event_record(event, stream), "recording an event");
+}
+int rf_rt_stream_wait(int dev, void *stream, void *event) {
+    RF_CALL(rf_fn.stream_wait_event(stream, event, 0), "making a stream wait for an event");
+}
+int rf_rt_event_query(int dev, void *event) {
+    int st = rf_use(dev);
+    if (st != RF_RT_OK) return st;
+    st = rf_fn.event_query(event);
+    if (st == RF_NOT_READY) return RF_RT_NOT_READY;
+    return st == 0 ? RF_RT_OK : rf_runtime_error(st, "querying an event");
+}
+
+int rf_rt_event_synchronize(int dev, void *event) {
+    RF_CALL(rf_fn.event_synchronize(event), "waiting for an event");
 }
 
 int rf_rt_synchronize(int dev) { RF_CALL(rf_fn.synchronize(), "synchronize"); }

@@ -24,7 +24,8 @@ enum {
     RF_RT_NO_DEVICE = 3,        /* runtime present, no usable device */
     RF_RT_RUNTIME = 4,          /* the runtime returned an error: rf_rt_last_error */
     RF_RT_BAD_DEVICE = 5,       /* device index out of range */
-    RF_RT_NOT_LOADED = 6        /* no GPU runtime is loaded (host backend) */
+    RF_RT_NOT_LOADED = 6,       /* no GPU runtime is loaded (host backend) */
+    RF_RT_NOT_READY = 7         /* an event's work has not finished yet */
 };
 
 /* Load a runtime: want = -1 tries HIP then CUDA; RF_BACKEND_HIP or
@@ -59,6 +60,20 @@ int rf_rt_copy_htod_async(int dev, uint64_t dst, const void *src, size_t bytes, 
 int rf_rt_copy_dtoh_async(int dev, void *dst, uint64_t src, size_t bytes, void *stream);
 int rf_rt_copy_dtod_async(int dev, uint64_t dst, uint64_t src, size_t bytes, void *stream);
 int rf_rt_stream_synchronize(int dev, void *stream);
+
+/* Streams of rocmforge's own (non-blocking: they do not wait for the default
+ * stream, so events order them), and events without timing. rf_rt_stream_wait
+ * makes stream wait (on the device) for the work event was recorded after;
+ * rf_rt_event_query returns RF_RT_OK once that work is done, RF_RT_NOT_READY
+ * before. */
+int rf_rt_stream_create(int dev, void **stream);
+int rf_rt_stream_destroy(int dev, void *stream);
+int rf_rt_event_create(int dev, void **event);
+int rf_rt_event_destroy(int dev, void *event);
+int rf_rt_event_record(int dev, void *event, void *stream);
+int rf_rt_stream_wait(int dev, void *stream, void *event);
+int rf_rt_event_query(int dev, void *event);
+int rf_rt_event_synchronize(int dev, void *event);      /* the host waits for that work */
 
 /* Peer copies: bytes from src on src_dev to dst on dst_dev (the same device
  * too), queued on stream, a stream of dst_dev (NULL: its default stream).

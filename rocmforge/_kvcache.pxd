@@ -6,7 +6,7 @@ from libcpp.vector cimport vector
 cimport numpy as cnp
 
 from rocmforge._dlpack cimport ArrayInfo, DeviceArray
-from rocmforge._runtime cimport DeviceBuffer, DeviceKernels
+from rocmforge._runtime cimport DeviceBuffer, DeviceKernels, DeviceStream
 
 
 @cython.final
@@ -31,6 +31,8 @@ cdef class KvCache:
     cdef DeviceBuffer _host             # the host tier: [2 * layers][slots][block bytes] of host memory
     cdef int64_t _host_slots
     cdef object _fanout                 # tensor parallelism: this rank's share of the pending copies
+    cdef DeviceStream _stream           # GPU: a stream of the cache's own (made when first needed)
+    cdef list _staged                   # GPU: host-tier staging, [device buffer, page-locked ids, event] each
     cdef cython.pymutex _lock
     cdef bint _open
 
@@ -41,6 +43,7 @@ cdef class KvCache:
     cdef int _layer(self, object layer) except -1
     cdef DeviceArray _export(self, int i)
     cdef int _check_open(self) except -1
+    cdef DeviceStream _own_stream(self)
     cdef uint64_t _stage(self, cnp.ndarray arr, int64_t* used, void* stream) noexcept
     cdef _reserve_scratch(self, int64_t nbytes)
     cdef int _write_rows(self, int l, uint64_t key, uint64_t value, uint64_t slots, int64_t T, int in_dt,
@@ -50,7 +53,6 @@ cdef class KvCache:
     cdef _apply_pending(self, void* stream)
     cdef _whole(self, str what)
     cdef _copy_pairs(self, cnp.ndarray pairs, void* stream)
-    cdef _host_copies(self, cnp.ndarray pairs, void* stream)
     cdef _move_blocks(self, bint out, cnp.ndarray ids, cnp.ndarray host)
 
 

@@ -14,8 +14,8 @@ from rocmforge._core cimport BlockManager
 from rocmforge._dlpack cimport (ArrayInfo, DeviceArray, import_array, DL_CPU, DL_CUDA, DL_ROCM, DT_F32, DT_F16,
                                 DT_BF16, DT_I32, DT_I64)
 from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
-from rocmforge._runtime cimport (DeviceBuffer, DeviceKernels, check, rt_backend, rt_memset, rt_htod, rt_dtoh,
-                                 rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
+from rocmforge._runtime cimport (DeviceBuffer, DeviceEvent, DeviceKernels, DeviceStream, check, rt_backend, rt_memset, rt_htod,
+                                 rt_dtoh, rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
 from rocmforge._runtime import backend_info, load_backend
 from rocmforge.config import CacheConfig, format_bytes, host_memory_available, host_tier_blocks
 from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
@@ -28,6 +28,7 @@ from rocmforge._host_kernels cimport *
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "int8")
 _ROW_DTYPES = {"float32": DT_F32, "float16": DT_F16, "bfloat16": DT_BF16}     # what write_kv takes
 _RT_RUNTIME = 4         # rf_runtime.h's RF_RT_RUNTIME: the runtime's last error says what failed
+cdef int _RT_NOT_READY = 7      # RF_RT_NOT_READY: an event's work is still under way
 _RT_BAD_DEVICE = 5
 _kernels_by_device = {}         # one loaded kernel module per device, for the process
 
@@ -146,6 +147,7 @@ cdef class KvCache:
             self._host = DeviceBuffer(self._host_slots * config.bytes_per_block, -1, pinned=self._dev >= 0)
         self._swapped = {}
         self._workspaces = {}
+        self._staged = []
         self._buffers = []
         self._allocate(config.num_blocks, None)
         self._open = True
@@ -265,13 +267,19 @@ cdef class KvCache:
     def close(self):
         """Free the storage now (later calls do nothing). Arrays exported earlier
         keep their memory alive until they are collected."""
+        cdef int st = 0
         with self._lock:
+            if self._stream is not None:    # host-tier copies still under way finish first
+                st = rt_stream_sync(self._dev, self._stream.handle)
             self._open = False
+            self._staged = []
             self._buffers, self._dev_addrs, self._scratch, self._bad = [], None, None, None
             self._addrs.clear()
             self._swapped = {}
             self._workspaces = {}
             self._host = None
+            self._stream = None
+        check(st, "close")
 
     def __enter__(self):
         return self
@@ -331,6 +339,13 @@ cdef class KvCache:
             return 0
         used[0] = at + n
         return self._scratch._ptr + at
+
+    cdef DeviceStream _own_stream(self):
+        """The cache's own stream on its GPU (made on first use, destroyed at close()).
+        Call with the lock held."""
+        if self._stream is None:
+            self._stream = DeviceStream(self._dev)
+        return self._stream
 
     cdef _reserve_scratch(self, int64_t nbytes):
         """Grow the scratch buffer to hold nbytes (plus alignment). Call with the lock held."""
@@ -542,7 +557,7 @@ cdef class KvCache:
             cuts = np.flatnonzero(np.diff(host.astype(np.int8))) + 1
             for run in np.split(pairs, cuts):
                 if run[0, 0] < 0 or run[0, 1] < 0:
-                    self._host_copies(run, stream)
+                    tier_copies(self, run, stream)
                 else:
                     self._copy_pairs(run, stream)
             return
@@ -566,48 +581,6 @@ cdef class KvCache:
         if self._dev < 0 and st != 0:
             raise BlockNotFound(f"copy pair {pairs[bad].tolist()} names a block outside [0, {self._num_blocks})")
         check(st, "copy_blocks")
-
-    cdef _host_copies(self, cnp.ndarray pairs, void* stream):
-        """Copies between blocks and host-tier slots, in order: (b, -1 - s) stores
-        block b's K and V of every layer in slot s, (-1 - s, b) brings them back.
-        Call with the lock held."""
-        cdef int64_t i, c, n = pairs.shape[0], caches = self._addrs.size(), bb = self._block_bytes
-        cdef int64_t slots = self._host_slots, src, dst, blk, slot
-        cdef const int32_t* p = <const int32_t*>cnp.PyArray_DATA(pairs)
-        cdef char* host
-        cdef char* dev
-        cdef int st = 0
-        if self._host is None:
-            raise KvCacheError("the manager queued host-tier copies, but this KvCache has no host_cache")
-        host = <char*><size_t>self._host._ptr
-        out = pairs[:, 1] < 0
-        blocks = np.where(out, pairs[:, 0], pairs[:, 1])
-        tier = -1 - np.where(out, pairs[:, 1], pairs[:, 0])
-        bad_pairs = (blocks < 0) | (blocks >= self._num_blocks) | (tier < 0) | (tier >= slots)
-        if bad_pairs.any():
-            raise BlockNotFound(f"host-tier copy {pairs[int(np.argmax(bad_pairs))].tolist()} names a block or "
-                                f"slot outside the cache")
-        with nogil:
-            for i in range(n):
-                src, dst = p[2 * i], p[2 * i + 1]
-                blk, slot = (src, -1 - dst) if dst < 0 else (dst, -1 - src)
-                for c in range(caches):
-                    dev = <char*><size_t>(self._addrs[c] + blk * bb)
-                    if self._dev < 0 and dst < 0:
-                        memcpy(host + (c * slots + slot) * bb, dev, bb)
-                    elif self._dev < 0:
-                        memcpy(dev, host + (c * slots + slot) * bb, bb)
-                    elif dst < 0:
-                        st = rt_dtoh(self._dev, host + (c * slots + slot) * bb, <uint64_t><size_t>dev, bb, stream)
-                    else:
-                        st = rt_htod(self._dev, <uint64_t><size_t>dev, host + (c * slots + slot) * bb, bb, stream)
-                    if st != 0:
-                        break
-                if st != 0:
-                    break
-            if st == 0 and self._dev >= 0:
-                st = rt_stream_sync(self._dev, stream)
-        check(st, "host-tier copies")
 
     def stats(self):
         """The manager's stats() plus the bytes its host-tier copies move
@@ -811,3 +784,4 @@ cdef class KvCache:
 
 
 include "_swap.pxi"
+include "_tier_copies.pxi"

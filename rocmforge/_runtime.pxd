@@ -19,6 +19,23 @@ cdef class DeviceBuffer:
     cdef int _release(self) noexcept
 
 
+# A stream of rocmforge's own (non-blocking) and an event; each destroyed with its object.
+cdef class DeviceStream:
+    cdef void* handle
+    cdef readonly int device
+
+
+cdef class DeviceEvent:
+    cdef void* handle
+    cdef readonly int device
+    # Statuses: record after the work queued on stream so far; make stream wait
+    # (on the device) for that work; RF_RT_OK once it is done, 7 (not ready) before.
+    cdef int record(self, void* stream) noexcept nogil
+    cdef int wait(self, void* stream) noexcept nogil
+    cdef int query(self) noexcept nogil
+    cdef int synchronize(self) noexcept nogil     # the host waits for that work
+
+
 cdef class DeviceKernels:
     cdef void* _module
     cdef void* _write
@@ -39,8 +56,11 @@ cdef class DeviceKernels:
                          int64_t block_bytes, int64_t num_blocks, uint64_t bad, void* stream) noexcept nogil
     cdef int gather(self, uint64_t out, uint64_t cache, uint64_t table, int64_t num_tokens,
                     int64_t block_size, int64_t row_bytes, void* stream) noexcept nogil
+    # Blocks ids of every cache to or from staging: cache by cache ([cache][id][bytes],
+    # the swap layout) or, by_block, block by block ([id][cache][bytes], host-tier slots).
     cdef int move_blocks(self, bint to_staging, uint64_t staging, uint64_t cache_ptrs, int64_t num_caches,
-                         uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream) noexcept nogil
+                         uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream,
+                         bint by_block=*) noexcept nogil
 
 
 

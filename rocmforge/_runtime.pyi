@@ -43,3 +43,13 @@ class DeviceKernels:
     """The precompiled K/V kernels loaded on one device (launched by KvCache)."""
     device: int
     def __init__(self, device: int = 0, image: Optional[bytes] = None) -> None: ...
+
+class DeviceStream:
+    """A non-blocking stream of rocmforge's own on one GPU (KvCache's copies)."""
+    device: int
+    def __init__(self, device: int) -> None: ...
+
+class DeviceEvent:
+    """An event without timing on one GPU, ordering rocmforge's streams."""
+    device: int
+    def __init__(self, device: int) -> None: ...

@@ -51,6 +51,14 @@ cdef extern from "rf_runtime.h" nogil:
     int rf_rt_copy_dtod_async(int dev, uint64_t dst, uint64_t src, size_t nbytes, void* stream)
     int rf_rt_stream_synchronize(int dev, void* stream)
     int rf_rt_copy_peer_async(int dst_dev, uint64_t dst, int src_dev, uint64_t src, size_t nbytes, void* stream)
+    int rf_rt_stream_create(int dev, void** stream)
+    int rf_rt_stream_destroy(int dev, void* stream)
+    int rf_rt_event_create(int dev, void** event)
+    int rf_rt_event_destroy(int dev, void* event)
+    int rf_rt_event_record(int dev, void* event, void* stream)
+    int rf_rt_stream_wait(int dev, void* stream, void* event)
+    int rf_rt_event_query(int dev, void* event)
+    int rf_rt_event_synchronize(int dev, void* event)
     int rf_rt_enable_peer(int dev, int peer, int* enabled)
     int rf_rt_last_error(char* msg, size_t cap)
     int rf_rt_module_load(int dev, const void* image, void** module)
@@ -318,6 +326,43 @@ _KERNELS = (b"rf_write_kv", b"rf_copy_blocks", b"rf_gather_rows", b"rf_gather_bl
 # One split kernel per cache dtype and query heads per block (1, 2, 4, 8), then the reduction.
 _ATTENTION_KERNELS = tuple(f"rf_paged_attention_{dt}_{hb}".encode() for dt in range(5) for hb in (1, 2, 4, 8)) \
     + (b"rf_paged_attention_reduce",)
+cdef class DeviceStream:
+    """A stream of rocmforge's own on one GPU, non-blocking (events order it
+    against other streams); destroyed with the object."""
+
+    def __cinit__(self, int device):
+        self.device = device
+        check(rf_rt_stream_create(device, &self.handle), "creating a stream")
+
+    def __dealloc__(self):
+        if self.handle != NULL:
+            rf_rt_stream_destroy(self.device, self.handle)
+
+
+cdef class DeviceEvent:
+    """An event (no timing) on one GPU; destroyed with the object."""
+
+    def __cinit__(self, int device):
+        self.device = device
+        check(rf_rt_event_create(device, &self.handle), "creating an event")
+
+    def __dealloc__(self):
+        if self.handle != NULL:
+            rf_rt_event_destroy(self.device, self.handle)
+
+    cdef int record(self, void* stream) noexcept nogil:
+        return rf_rt_event_record(self.device, self.handle, stream)
+
+    cdef int wait(self, void* stream) noexcept nogil:
+        return rf_rt_stream_wait(self.device, stream, self.handle)
+
+    cdef int query(self) noexcept nogil:
+        return rf_rt_event_query(self.device, self.handle)
+
+    cdef int synchronize(self) noexcept nogil:
+        return rf_rt_event_synchronize(self.device, self.handle)
+
+
 cdef unsigned THREADS = 256
 
 
@@ -421,11 +466,14 @@ cdef class DeviceKernels:
                             stream)
 
     cdef int move_blocks(self, bint to_staging, uint64_t staging, uint64_t cache_ptrs, int64_t num_caches,
-                         uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream) noexcept nogil:
-        cdef void* params[5]
+                         uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream,
+                         bint by_block=False) noexcept nogil:
+        cdef void* params[6]
+        cdef int64_t layout = by_block
         if num_ids == 0 or num_caches == 0:
             return RF_RT_OK
         params[0], params[1], params[2], params[3], params[4] = &staging, &cache_ptrs, &ids, &num_ids, &block_bytes
+        params[5] = &layout
         return self._launch(self._to_staging if to_staging else self._from_staging, <unsigned>num_ids,
                             <unsigned>num_caches, _threads(block_bytes // 64), params, stream)
 

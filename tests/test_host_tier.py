@@ -423,6 +423,41 @@ def test_k_and_v_round_trip_through_the_tier_bit_for_bit(device, dtype):
             assert cache.stats()["host_bytes_reloaded"] == 3 * cfg.bytes_per_block
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocks_reused_at_once_and_slots_read_at_once_keep_every_copy_in_order(device):
+    """An evicted block is overwritten by its new owner right after its offload is
+    queued, and a reloaded prefix is read right after; over rounds that keep several
+    batches (and staging buffers) in flight, every read sees the data it should."""
+    device = "cpu" if device == "cpu" else GPU
+    cfg = CacheConfig(2, 2, 8, block_size=BS, num_blocks=4, dtype="float32")
+    on = (lambda a: a) if device == "cpu" else _dev
+    rng = np.random.default_rng(7)
+    with rf.KvCache(cfg, device, enable_prefix_caching=True, host_cache=8 * cfg.bytes_per_block) as cache:
+        m = cache.manager
+        for round in range(12):
+            prompt = blocks(100 + round, 200 + round, 300 + round) + [0]
+            kv = rng.standard_normal((2, len(prompt), 2, 8)).astype(np.float32)
+            slots = m.add_sequence(0, prompt)
+            for layer in range(2):
+                cache.write_kv(layer, on(kv[layer]), on(-kv[layer]), on(np.asarray(slots)))
+            m.remove_sequence(0)
+            other = rng.standard_normal((4 * BS, 2, 8)).astype(np.float32)
+            fill = m.add_sequence(1, num_tokens=4 * BS)            # the whole pool: the three go to the tier
+            for layer in range(2):                                  # and their blocks are overwritten at once
+                cache.write_kv(layer, on(other), on(other), on(np.asarray(fill)))
+            assert np.array_equal(cache.gather(1, 1)[0].to_numpy(), other)
+            m.remove_sequence(1)
+            m.add_sequence(2, prompt)                               # back from the tier, read at once
+            assert m.num_cached_tokens(2) == 3 * BS
+            for layer in range(2):
+                k, v = (a.to_numpy() for a in cache.gather(2, layer))
+                assert np.array_equal(k[:3 * BS], kv[layer][:3 * BS]), (round, layer)
+                assert np.array_equal(v[:3 * BS], -kv[layer][:3 * BS]), (round, layer)
+            m.remove_sequence(2)
+        m.check_invariants()
+        assert cache.stats()["host_reloaded_blocks"] == 36
+
+
 def _dev(arr):
     """A copy of arr on GPU 0 (rocmforge's own buffers)."""
     from rocmforge._dlpack import DeviceArray

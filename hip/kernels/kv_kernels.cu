@@ -234,16 +234,22 @@ extern "C" __global__ void rf_gather_rows(char *out, const char *cache, const in
 }
 
 
-// Swapping, grid (num_ids, num_caches): block ids[x] of caches[y] to or from
-// staging[(y * num_ids + x) * block_bytes] (the host kernels' layout).
+// Swapping and the host tier, grid (num_ids, num_caches): block ids[x] of
+// caches[y] to or from staging, laid out cache by cache (by_block 0:
+// [(y * num_ids + x) * block_bytes], the host kernels' swap layout) or block by
+// block (by_block 1: [(x * num_caches + y) * block_bytes], the host tier's slots).
+__device__ __forceinline__ int64_t rf_staged_at(int64_t num_ids, int64_t by_block) {
+    return by_block ? (int64_t)blockIdx.x * gridDim.y + blockIdx.y : (int64_t)blockIdx.y * num_ids + blockIdx.x;
+}
+
 extern "C" __global__ void rf_gather_blocks(char *staging, char *const *caches, const int32_t *ids,
-                                            int64_t num_ids, int64_t block_bytes) {
-    rf_copy(staging + ((int64_t)blockIdx.y * num_ids + blockIdx.x) * block_bytes,
+                                            int64_t num_ids, int64_t block_bytes, int64_t by_block) {
+    rf_copy(staging + rf_staged_at(num_ids, by_block) * block_bytes,
             caches[blockIdx.y] + (int64_t)ids[blockIdx.x] * block_bytes, block_bytes);
 }
 
 extern "C" __global__ void rf_scatter_blocks(const char *staging, char *const *caches, const int32_t *ids,
-                                             int64_t num_ids, int64_t block_bytes) {
+                                             int64_t num_ids, int64_t block_bytes, int64_t by_block) {
     rf_copy(caches[blockIdx.y] + (int64_t)ids[blockIdx.x] * block_bytes,
-            staging + ((int64_t)blockIdx.y * num_ids + blockIdx.x) * block_bytes, block_bytes);
+            staging + rf_staged_at(num_ids, by_block) * block_bytes, block_bytes);
 }
