@@ -3,7 +3,8 @@
 # run the whole test suite there (GPU tests included; a summary line says how
 # many ran), then the K/V kernel benchmark. Logs go to $OUT when it is set.
 #
-#   tools/device_check.sh [tests] [bench] [ab] [core] [sanitize] [hf] [transfer]   # tests and bench when none is named
+#   tools/device_check.sh [tests] [bench] [ab] [core] [sanitize] [hf] [transfer] [tier] [launch]
+#   (tests and bench when none is named)
 #
 # sanitize: the GPU tests under compute-sanitizer's memcheck (with a full leak
 # check), racecheck, initcheck and synccheck; each must report zero errors.
@@ -16,6 +17,9 @@
 # hf: the transformers example at the size (batch 32, 1k-token prompts of which 768
 # shared, 256 new tokens), DynamicCache against rocmforge's paged and gather paths.
 # transfer: benchmarks/bench_transfer.py (1 GiB of blocks against torch's copy).
+# tier: benchmarks/bench_host_tier.py (host-tier offload and reload against torch's
+# pinned copies, and write_kv with an offload under way). launch: benchmarks/bench_launch.py
+# (write_kv's host cost per call in a fresh process).
 #
 # ab: the allocator's single-thread cases, this tree against the tree in
 # $OLD_TREE, in alternating processes (both built in place); core: rocmforge
@@ -65,6 +69,10 @@ for step in $steps; do
             done ;;
         transfer)
             limit python3 benchmarks/bench_transfer.py --gib 1 2>&1 | tee "$out/bench_transfer.log" | tail -5 ;;
+        tier)
+            limit python3 benchmarks/bench_host_tier.py --gib 1 2>&1 | tee "$out/bench_host_tier.log" | tail -9 ;;
+        launch)
+            limit python3 benchmarks/bench_launch.py 2>&1 | tee "$out/bench_launch.log" | tail -8 ;;
         *) echo "device_check: unknown step $step"; exit 2 ;;
     esac
 done
