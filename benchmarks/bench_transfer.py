@@ -6,11 +6,12 @@ Two KvCaches (GPUs 0 and 1 when there are two, else both on GPU 0) of the same
 geometry; rocmforge.transfer.transfer_blocks moves --gib GiB of blocks (every
 layer's K and V) from one to the other, beside torch copying one contiguous
 tensor of the same size between the same devices (a peer copy across GPUs).
-Blocks in order go as one peer copy per layer's K and V; "scattered ids" sends
-them to a permutation of the destination's blocks (staged: packed on the
-source, one peer copy, unpacked on the destination). "one block" is the fixed
-cost of a call; "per K/V plane" is torch copying the same bytes in as many
-pieces as transfer_blocks makes for blocks in order.
+Between GPUs that reach each other's memory (one GPU, or peers with peer
+access) a copy kernel moves every layer's blocks in one launch, in order or not
+("scattered ids" sends them to a permutation of the destination's blocks);
+other pairs of GPUs use the runtime's peer copies. "one block" is the fixed cost
+of a call; "per K/V plane" is torch copying the same bytes in 16 pieces, one per
+layer's K and V.
 Prints a table of median microseconds and GB/s, then one JSON line. Needs a GPU and
 torch."""
 

@@ -43,6 +43,7 @@ cdef class DeviceKernels:
     cdef void* _gather
     cdef void* _to_staging
     cdef void* _from_staging
+    cdef void* _between
     cdef readonly int device
     cdef int _launch(self, void* fn, unsigned gx, unsigned gy, unsigned threads, void** params,
                      void* stream, unsigned threads_y=*) noexcept nogil
@@ -54,6 +55,10 @@ cdef class DeviceKernels:
                       int cache_dt, float inv_k, float inv_v, uint64_t bad, void* stream) noexcept nogil
     cdef int copy_blocks(self, uint64_t cache_ptrs, int64_t num_caches, uint64_t pairs, int64_t num_pairs,
                          int64_t block_bytes, int64_t num_blocks, uint64_t bad, void* stream) noexcept nogil
+    # Blocks of one cache over blocks of another ((src, dst) pairs), every cache
+    # (K and V of each layer): src_ptrs may name a peer GPU's memory it can reach.
+    cdef int copy_between(self, uint64_t dst_ptrs, uint64_t src_ptrs, int64_t num_caches, uint64_t pairs,
+                          int64_t num_pairs, int64_t block_bytes, void* stream) noexcept nogil
     cdef int gather(self, uint64_t out, uint64_t cache, uint64_t table, int64_t num_tokens,
                     int64_t block_size, int64_t row_bytes, void* stream) noexcept nogil
     # Blocks ids of every cache to or from staging: cache by cache ([cache][id][bytes],

@@ -322,7 +322,8 @@ cdef cnp.ndarray _contiguous(object data):
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _IMAGES = {RF_BACKEND_CUDA: "fatbin", RF_BACKEND_HIP: "hsaco"}      # file suffix per backend
-_KERNELS = (b"rf_write_kv", b"rf_copy_blocks", b"rf_gather_rows", b"rf_gather_blocks", b"rf_scatter_blocks")
+_KERNELS = (b"rf_write_kv", b"rf_copy_blocks", b"rf_gather_rows", b"rf_gather_blocks", b"rf_scatter_blocks",
+            b"rf_copy_between")
 # One split kernel per cache dtype and query heads per block (1, 2, 4, 8), then the reduction.
 _ATTENTION_KERNELS = tuple(f"rf_paged_attention_{dt}_{hb}".encode() for dt in range(5) for hb in (1, 2, 4, 8)) \
     + (b"rf_paged_attention_reduce",)
@@ -412,11 +413,11 @@ cdef class DeviceKernels:
     def __cinit__(self, int device=0, bytes image=None):
         """Load the packaged code object for the backend, or ``image`` (the bytes
         of another build of kv_kernels.cu)."""
-        cdef void** slots[5]
+        cdef void** slots[6]
         self._module = NULL
         self.device = device
         slots[0], slots[1], slots[2] = &self._write, &self._copy, &self._gather
-        slots[3], slots[4] = &self._to_staging, &self._from_staging
+        slots[3], slots[4], slots[5] = &self._to_staging, &self._from_staging, &self._between
         _load_module(device, "kv_kernels", image, &self._module, _KERNELS, slots)
 
     def __dealloc__(self):
@@ -452,6 +453,15 @@ cdef class DeviceKernels:
             return RF_RT_OK
         params[0], params[1], params[2], params[3], params[4] = &cache_ptrs, &pairs, &block_bytes, &num_blocks, &bad
         return self._launch(self._copy, <unsigned>num_pairs, <unsigned>num_caches, _threads(block_bytes // 64),
+                            params, stream)
+
+    cdef int copy_between(self, uint64_t dst_ptrs, uint64_t src_ptrs, int64_t num_caches, uint64_t pairs,
+                          int64_t num_pairs, int64_t block_bytes, void* stream) noexcept nogil:
+        cdef void* params[4]
+        if num_pairs == 0 or num_caches == 0:
+            return RF_RT_OK
+        params[0], params[1], params[2], params[3] = &dst_ptrs, &src_ptrs, &pairs, &block_bytes
+        return self._launch(self._between, <unsigned>num_pairs, <unsigned>num_caches, _threads(block_bytes // 64),
                             params, stream)
 
     cdef int gather(self, uint64_t out, uint64_t cache, uint64_t table, int64_t num_tokens,

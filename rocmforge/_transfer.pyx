@@ -59,11 +59,16 @@ def copy_device_blocks(KvCache src, src_block_ids, KvCache dst, dst_block_ids):
     """Blocks src_block_ids of one GPU cache over dst_block_ids of another (on any
     GPU of this process, or the same one), pairwise, every layer, without host
     memory: copies still pending on either side run first, and the call returns
-    once the data has landed. Runs of consecutive ids on both sides go as one
-    peer copy per layer's K and V (hipMemcpyPeerAsync / cuMemcpyPeerAsync,
-    direct over the link where peer access can be enabled); scattered ids are
-    first packed into a staging buffer on the source's device, sent in one peer
-    copy, and unpacked on the destination's."""
+    once the data has landed. Destination ids must not repeat.
+
+    When the destination's GPU can reach the source's memory (the same GPU, or
+    a peer with peer access, which is enabled here where the hardware allows),
+    one kernel on the destination's GPU copies every layer's blocks, reading the
+    source in place. Otherwise the runtime's peer copies (hipMemcpyPeerAsync /
+    cuMemcpyPeerAsync) move them: one per run of consecutive ids on both sides
+    and layer's K or V, or, for scattered ids (and blocks moved within one cache
+    onto each other), one for the whole batch, packed into a staging buffer on
+    the source's GPU and unpacked on the destination's."""
     cdef KvCache first = src, second = dst
     src._live()
     dst._live()
@@ -100,6 +105,8 @@ cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_blo
     n = s.shape[0]
     if d.shape[0] != n:
         raise ArgumentValueError(f"{n} source blocks for {d.shape[0]} destinations")
+    if np.unique(d).shape[0] != n:
+        raise ArgumentValueError("dst_block_ids names a block twice")
     if n == 0:
         return
     src._apply_pending(NULL)
@@ -111,8 +118,16 @@ cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_blo
     st = rt_stream_sync(src._dev, NULL)          # the source's writes have landed
     if st == 0 and src._dev != dst._dev:
         st = rt_enable_peer(dst._dev, src._dev, &enabled)
-    if st == 0 and dst is not src and (planes * starts.shape[0] <= 32
-                                       or n * bb >= starts.shape[0] * _DIRECT_RUN_BYTES):
+    if st == 0 and (src._dev == dst._dev or enabled) and (dst is not src or not np.intersect1d(s, d).size):
+        pairs = np.ascontiguousarray(np.stack([s, d], axis=1), dtype=np.int32)
+        addrs = np.array(src._addrs, dtype=np.uint64)
+        dst._reserve_scratch(pairs.nbytes + addrs.nbytes + 32)
+        ss = dst._stage(pairs, &dused, NULL)
+        dd = dst._stage(addrs, &dused, NULL)
+        st = _RT_RUNTIME if ss == 0 or dd == 0 else dst._kernels.copy_between(dst._dev_addrs._ptr, dd, planes, ss,
+                                                                              n, bb, NULL)
+    elif st == 0 and dst is not src and (planes * starts.shape[0] <= 32
+                                         or n * bb >= starts.shape[0] * _DIRECT_RUN_BYTES):
         for plane in range(planes):
             for r in range(starts.shape[0]):
                 st = rt_copy_peer(dst._dev, dst._addrs[plane] + <uint64_t>d[starts[r]] * bb, src._dev,

@@ -4,9 +4,10 @@ sequence from one cache to another (prefill/decode disaggregation).
 - ``transfer_blocks(src, src_block_ids, dst, dst_block_ids)`` copies every
   layer's K and V of those blocks from one KvCache to another of the same
   geometry (layers, kv heads, head_dim, block_size, dtype). Between two GPU
-  caches of this process (one GPU or two) it uses peer copies and no host
-  memory (``copy_device_blocks``); otherwise the blocks go through a packed
-  host array.
+  caches of this process (one GPU or two) no host memory is used
+  (``copy_device_blocks``: one copy kernel where one GPU can reach the other's
+  memory, else the runtime's peer copies); otherwise the blocks go through a
+  packed host array.
 - ``pack_sequence(cache, seq_id)`` gives a ``PackedSequence``: its token ids,
   its salt's key and its blocks' K/V in one host array. ``to_bytes()`` and
   ``PackedSequence.from_bytes()`` carry it through any transport (a
@@ -49,10 +50,13 @@ def _same_geometry(a, b) -> None:
 
 
 def transfer_blocks(src, src_block_ids, dst, dst_block_ids) -> None:
-    """Copy blocks src_block_ids of src over dst_block_ids of dst, pairwise, every layer."""
+    """Copy blocks src_block_ids of src over dst_block_ids of dst, pairwise, every layer
+    (no destination twice)."""
     _same_geometry(_geometry(src), _geometry(dst))
     if len(src_block_ids) != len(dst_block_ids):
         raise ArgumentValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destinations")
+    if len(np.unique(np.asarray(dst_block_ids))) != len(dst_block_ids):
+        raise ArgumentValueError("dst_block_ids names a block twice")
     if src.device != "cpu" and dst.device != "cpu":
         copy_device_blocks(src, src_block_ids, dst, dst_block_ids)
     else:

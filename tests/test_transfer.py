@@ -236,11 +236,13 @@ def test_transfer_blocks_between_a_gpu_and_any_cache(src_dev, dst_dev):
         b.synchronize()
 
 
-def test_copy_device_blocks_takes_gpu_caches_only():
+def test_copy_device_blocks_takes_gpu_caches_only_and_no_destination_twice():
     with rf.KvCache(CacheConfig(num_blocks=8, **CFG), "cpu") as a, rf.KvCache(CacheConfig(num_blocks=8, **CFG),
                                                                                 "cpu") as b:
         with pytest.raises(ArgumentValueError, match="GPUs"):
             copy_device_blocks(a, [0], b, [0])
+        with pytest.raises(ArgumentValueError, match="twice"):
+            transfer_blocks(a, [0, 1], b, [3, 3])
 
 
 def _second_gpu():
@@ -251,9 +253,10 @@ def _second_gpu():
 @pytest.mark.skipif(GPU is None, reason="no GPU")
 @pytest.mark.parametrize("where", ["same GPU", "next GPU", "same cache"])
 def test_peer_copies_move_runs_and_scattered_blocks_exactly(where):
-    """Runs of consecutive ids go as direct peer copies, scattered ids through
-    staging buffers; either way every byte of every layer arrives, and bad ids
-    change nothing."""
+    """Blocks in order, scattered, and (within one cache) moved onto each other:
+    every byte of every layer arrives, and bad ids change nothing. (One GPU reaches
+    the other's memory here, so a copy kernel serves the first two; blocks moved
+    onto each other go through staging.)"""
     cfg = CacheConfig(num_blocks=64, **CFG)
     with rf.KvCache(cfg, GPU) as a, rf.KvCache(cfg, _second_gpu() if where == "next GPU" else GPU) as other:
         b = a if where == "same cache" else other
@@ -263,14 +266,19 @@ def test_peer_copies_move_runs_and_scattered_blocks_exactly(where):
             k = rng.standard_normal((len(slots), 2, 8)).astype(np.float32)
             a.write_kv(layer, _on(a, k), _on(a, k * 3), slots)
         src = np.arange(32, dtype=np.int32)
-        cases = [(src[:8], np.arange(40, 48, dtype=np.int32)),                  # one run: direct
-                 (rng.permutation(src)[:20], 32 + rng.permutation(32)[:20].astype(np.int32))]   # staged
+        cases = [(src[:8], np.arange(40, 48, dtype=np.int32)),                  # one run
+                 (rng.permutation(src)[:20], 32 + rng.permutation(32)[:20].astype(np.int32))]   # scattered
+        if where == "same cache":
+            cases.append((src[:8], src[4:12]))                                  # onto each other
         for s, d in cases:
+            want = pack_blocks(a, s)
             copy_device_blocks(a, s, b, d)
-            assert np.array_equal(pack_blocks(b, d), pack_blocks(a, s))
+            assert np.array_equal(pack_blocks(b, d), want)
         before = pack_blocks(b, np.arange(64, dtype=np.int32))
         with pytest.raises(BlockNotFound):
             copy_device_blocks(a, [0, 1], b, [2, 64])
         with pytest.raises(ArgumentValueError, match="destinations"):
             copy_device_blocks(a, [0, 1], b, [2])
+        with pytest.raises(ArgumentValueError, match="twice"):
+            copy_device_blocks(a, [0, 1], b, [2, 2])
         assert np.array_equal(pack_blocks(b, np.arange(64, dtype=np.int32)), before)

@@ -222,6 +222,15 @@ extern "C" __global__ void rf_copy_blocks(char *const *caches, const int32_t *pa
     rf_copy(base + dst * block_bytes, base + src * block_bytes, block_bytes);
 }
 
+// copy_between: grid (num_pairs, num_caches); block src of src_caches[y] over
+// block dst of dst_caches[y], for each (src, dst) of pairs: two caches of one
+// geometry, on one GPU or on a GPU and a peer it can reach (ids checked by the caller).
+extern "C" __global__ void rf_copy_between(char *const *dst_caches, char *const *src_caches, const int32_t *pairs,
+                                           int64_t block_bytes) {
+    rf_copy(dst_caches[blockIdx.y] + (int64_t)pairs[2 * blockIdx.x + 1] * block_bytes,
+            src_caches[blockIdx.y] + (int64_t)pairs[2 * blockIdx.x] * block_bytes, block_bytes);
+}
+
 // gather_kv: grid (num_blocks_in_table); block i copies the rows of table[i]
 // that lie below num_tokens into out.
 extern "C" __global__ void rf_gather_rows(char *out, const char *cache, const int32_t *table,
