@@ -2,8 +2,8 @@
 # one block's K and V of every layer back to back ([caches][block bytes]), so a
 # block goes to or from its slot in one piece.
 #
-# On a GPU each run of copies in one direction is one batch, and the host never
-# waits. An offload packs its blocks into a staging buffer on the caller's
+# On a GPU each run of copies in one direction goes in batches of up to 32 MiB,
+# and the host never waits (unless all of the cache's staging buffers are busy). An offload packs its blocks into a staging buffer on the caller's
 # stream (one kernel; the blocks may be reused right after it) and sends the
 # buffer to the slots on the cache's own stream (a copy per run of consecutive
 # slots). A reload brings the slots into a staging buffer on the cache's own
@@ -13,13 +13,14 @@
 # staging buffer is taken again only once its event says its copies are done.
 
 cdef int _STAGING_BUFFERS = 4       # the most a cache keeps; the oldest is waited for beyond that
+cdef int64_t _BATCH_BYTES = 32 << 20    # a batch stages at most this much (or one block), so staging stays small
 
 
 cdef tier_copies(KvCache c, cnp.ndarray pairs, void* stream):
     """Copies between blocks and host-tier slots, in order: (b, -1 - s) stores
     block b's K and V of every layer in slot s, (-1 - s, b) brings them back.
     Call with the lock held."""
-    cdef int64_t i, k, n = pairs.shape[0], caches = c._addrs.size(), bb = c._block_bytes, blk, slot
+    cdef int64_t i, k, n = pairs.shape[0], caches = c._addrs.size(), bb = c._block_bytes, blk, slot, per
     cdef const int32_t* p = <const int32_t*>cnp.PyArray_DATA(pairs)
     cdef char* host
     if c._host is None:
@@ -32,9 +33,12 @@ cdef tier_copies(KvCache c, cnp.ndarray pairs, void* stream):
         raise BlockNotFound(f"host-tier copy {pairs[int(np.argmax(bad_pairs))].tolist()} names a block or "
                             f"slot outside the cache")
     if c._dev >= 0:
+        per = max(1, _BATCH_BYTES // (caches * bb))
         for run in np.split(np.arange(n), np.flatnonzero(np.diff(out.astype(np.int8))) + 1):
-            _tier_batch(c, bool(out[run[0]]), np.ascontiguousarray(blocks[run], dtype=np.int32),
-                        np.ascontiguousarray(tier[run], dtype=np.int64), stream)
+            for i in range(0, len(run), per):
+                part = run[i:i + per]
+                _tier_batch(c, bool(out[part[0]]), np.ascontiguousarray(blocks[part], dtype=np.int32),
+                            np.ascontiguousarray(tier[part], dtype=np.int64), stream)
         return
     host = <char*><size_t>c._host._ptr
     with nogil:
