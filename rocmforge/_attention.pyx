@@ -12,13 +12,12 @@ from rocmforge._dlpack cimport ArrayInfo, DeviceArray, import_array, DL_CPU, DT_
 from rocmforge._dlpack import NAMES as _DT_NAMES
 from rocmforge._attn cimport *
 from rocmforge._kvcache cimport KvCache
-from rocmforge._runtime cimport AttentionKernels, DeviceBuffer, check, rt_stream_sync, stream_handle
+from rocmforge._runtime cimport RF_RT_RUNTIME, AttentionKernels, DeviceBuffer, check, rt_stream_sync, stream_handle
 from rocmforge.errors import ArgumentTypeError, ArgumentValueError, BlockNotFound
 
 cnp.import_array()
 
 _I32_MIN, _I32_MAX = -2**31, 2**31 - 1
-_RT_RUNTIME = 4         # rf_runtime.h's RF_RT_RUNTIME: the runtime's last error says what failed
 _kernels_by_device = {}
 
 
@@ -247,7 +246,7 @@ def paged_attention(query, KvCache cache, layer, block_tables, seq_lens, query_s
                 a.query_start = _staged(cache, idx.h_starts, &idx.starts, &used, strm)
             if a.tables == NULL or a.seq_lens == NULL or (idx.csr and a.indptr == NULL) or \
                     (idx.prefill and a.query_start == NULL):
-                st = _RT_RUNTIME
+                st = RF_RT_RUNTIME
             else:
                 st = kernels.paged_attention(&a, splits, ws, ws + 4 * part * cache._head_dim,
                                              cache._bad._ptr + 8 * cache._num_layers, strm)

@@ -14,7 +14,8 @@ from rocmforge._core cimport BlockManager
 from rocmforge._dlpack cimport (ArrayInfo, DeviceArray, import_array, DL_CPU, DL_CUDA, DL_ROCM, DT_F32, DT_F16,
                                 DT_BF16, DT_I32, DT_I64)
 from rocmforge._dlpack import DTYPES as _ARRAY_DTYPES
-from rocmforge._runtime cimport (DeviceBuffer, DeviceEvent, DeviceKernels, DeviceStream, check, rt_backend, rt_memset, rt_htod,
+from rocmforge._runtime cimport (RF_RT_BAD_DEVICE, RF_RT_NOT_READY, RF_RT_RUNTIME, DeviceBuffer, DeviceEvent,
+                                 DeviceKernels, DeviceStream, check, rt_backend, rt_memset, rt_htod,
                                  rt_dtoh, rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
 from rocmforge._runtime import backend_info, load_backend
 from rocmforge.config import CacheConfig, format_bytes, host_memory_available, host_tier_blocks
@@ -27,9 +28,6 @@ from rocmforge._host_kernels cimport *
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "fp8_e4m3", "int8")
 _ROW_DTYPES = {"float32": DT_F32, "float16": DT_F16, "bfloat16": DT_BF16}     # what write_kv takes
-_RT_RUNTIME = 4         # rf_runtime.h's RF_RT_RUNTIME: the runtime's last error says what failed
-cdef int _RT_NOT_READY = 7      # RF_RT_NOT_READY: an event's work is still under way
-_RT_BAD_DEVICE = 5
 _kernels_by_device = {}         # one loaded kernel module per device, for the process
 
 
@@ -177,11 +175,11 @@ cdef class KvCache:
             raise ArgumentValueError(f"device must be 'auto', 'cpu', 'cuda:N' or 'hip:N', got {device!r}")
         if backend != name:
             raise DeviceError(f"device {device!r} needs the {name} backend; the {backend} backend is loaded "
-                              f"({reason})", _RT_BAD_DEVICE)
+                              f"({reason})", RF_RT_BAD_DEVICE)
         count = len(backend_info()["devices"])
         dev = int(index or 0)
         if dev >= count:
-            raise DeviceError(f"device {device!r}: only {count} device(s)", _RT_BAD_DEVICE)
+            raise DeviceError(f"device {device!r}: only {count} device(s)", RF_RT_BAD_DEVICE)
         return dev
 
     cdef _check_room(self, int64_t num_blocks):
@@ -404,7 +402,7 @@ cdef class KvCache:
                 st = self._write_rows(l, k.ptr, v.ptr, s.ptr, T, k.dtype, strm, &bad)
             elif bad < 0:
                 slots_dev = self._stage(<cnp.ndarray>slot_mapping, &used, strm) if host_slots else s.ptr
-                st = _RT_RUNTIME if slots_dev == 0 else self._write_rows(l, k.ptr, v.ptr, slots_dev, T, k.dtype,
+                st = RF_RT_RUNTIME if slots_dev == 0 else self._write_rows(l, k.ptr, v.ptr, slots_dev, T, k.dtype,
                                                                          strm, &bad)
                 if st == 0 and host_slots:
                     st = rt_stream_sync(self._dev, strm)
@@ -571,7 +569,7 @@ cdef class KvCache:
                                          self._block_bytes, self._num_blocks, &bad)
             else:
                 staged = self._stage(wave, &used, stream)
-                st = _RT_RUNTIME if staged == 0 else self._kernels.copy_blocks(
+                st = RF_RT_RUNTIME if staged == 0 else self._kernels.copy_blocks(
                     self._dev_addrs._ptr, self._addrs.size(), staged, wave.shape[0], self._block_bytes,
                     self._num_blocks, self._bad._ptr + 8 * (self._num_layers + 1), stream)
             if st != 0:
@@ -657,7 +655,7 @@ cdef class KvCache:
                                         <void*><size_t>out._ptr, &bad)
                 else:
                     staged = self._stage(table, &used, NULL) if i == 0 else staged
-                    st = _RT_RUNTIME if staged == 0 else self._kernels.gather(
+                    st = RF_RT_RUNTIME if staged == 0 else self._kernels.gather(
                         out._ptr, self._addrs[2 * l + i], staged, n, self._block_size, row_bytes, NULL)
                 if st != 0:
                     break
@@ -693,7 +691,7 @@ cdef class KvCache:
                                         self._num_blocks, cnp.PyArray_DATA(host), &bad)
         else:
             staged = self._stage(ids, &used, NULL)
-            st = _RT_RUNTIME if staged == 0 else 0
+            st = RF_RT_RUNTIME if staged == 0 else 0
             if st == 0 and not out:
                 st = rt_htod(self._dev, staging._ptr, cnp.PyArray_DATA(host), host.nbytes, NULL)
             if st == 0:

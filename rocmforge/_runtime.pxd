@@ -5,6 +5,19 @@ from libc.stdint cimport int64_t, uint64_t
 from rocmforge._attn cimport rf_attn_args, RF_ATTN_THREADS, RF_ATTN_PART
 
 
+# rf_runtime.h's status codes, for every extension that reads a status.
+cdef extern from "rf_runtime.h" nogil:
+    enum:
+        RF_RT_OK
+        RF_RT_NO_RUNTIME
+        RF_RT_MISSING_SYMBOL
+        RF_RT_NO_DEVICE
+        RF_RT_RUNTIME
+        RF_RT_BAD_DEVICE
+        RF_RT_NOT_LOADED
+        RF_RT_NOT_READY
+
+
 cdef int check(int status, str what) except -1
 
 

@@ -23,14 +23,6 @@ cdef extern from "rf_runtime.h" nogil:
         RF_BACKEND_HOST
         RF_BACKEND_HIP
         RF_BACKEND_CUDA
-    enum:
-        RF_RT_OK
-        RF_RT_NO_RUNTIME
-        RF_RT_MISSING_SYMBOL
-        RF_RT_NO_DEVICE
-        RF_RT_RUNTIME
-        RF_RT_BAD_DEVICE
-        RF_RT_NOT_LOADED
     int rf_rt_load(int want, char* msg, size_t cap)
     rf_backend rf_rt_backend()
     int rf_rt_device_count(int* count)

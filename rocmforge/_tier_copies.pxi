@@ -3,7 +3,8 @@
 # block goes to or from its slot in one piece.
 #
 # On a GPU each run of copies in one direction goes in batches of up to 32 MiB,
-# and the host never waits (unless all of the cache's staging buffers are busy). An offload packs its blocks into a staging buffer on the caller's
+# and the host never waits (unless all of the cache's staging buffers are busy).
+# An offload packs its blocks into a staging buffer on the caller's
 # stream (one kernel; the blocks may be reused right after it) and sends the
 # buffer to the slots on the cache's own stream (a copy per run of consecutive
 # slots). A reload brings the slots into a staging buffer on the cache's own
@@ -23,6 +24,9 @@ cdef tier_copies(KvCache c, cnp.ndarray pairs, void* stream):
     cdef int64_t i, k, n = pairs.shape[0], caches = c._addrs.size(), bb = c._block_bytes, blk, slot, per
     cdef const int32_t* p = <const int32_t*>cnp.PyArray_DATA(pairs)
     cdef char* host
+    cdef char* dev
+    cdef char* kept
+    cdef bint store
     if c._host is None:
         raise KvCacheError("the manager queued host-tier copies, but this KvCache has no host_cache")
     out = pairs[:, 1] < 0
@@ -43,17 +47,13 @@ cdef tier_copies(KvCache c, cnp.ndarray pairs, void* stream):
     host = <char*><size_t>c._host._ptr
     with nogil:
         for i in range(n):
-            if p[2 * i + 1] < 0:
-                blk = p[2 * i]
-                slot = -1 - p[2 * i + 1]
-            else:
-                blk = p[2 * i + 1]
-                slot = -1 - p[2 * i]
+            store = p[2 * i + 1] < 0
+            blk = p[2 * i] if store else p[2 * i + 1]
+            slot = -1 - (p[2 * i + 1] if store else p[2 * i])
             for k in range(caches):
-                if p[2 * i + 1] < 0:
-                    memcpy(host + (slot * caches + k) * bb, <char*><size_t>(c._addrs[k] + blk * bb), bb)
-                else:
-                    memcpy(<char*><size_t>(c._addrs[k] + blk * bb), host + (slot * caches + k) * bb, bb)
+                dev = <char*><size_t>(c._addrs[k] + blk * bb)
+                kept = host + (slot * caches + k) * bb
+                memcpy(kept if store else dev, dev if store else kept, bb)
 
 
 cdef _tier_batch(KvCache c, bint offload, cnp.ndarray blocks, cnp.ndarray slots, void* stream):
@@ -120,7 +120,7 @@ cdef list _staging(KvCache c, int64_t nbytes, int64_t id_bytes):
             st = ev.query()
             if st == 0:
                 return _fit_ids(entry, id_bytes)
-            if st != _RT_NOT_READY:
+            if st != RF_RT_NOT_READY:
                 check(st, "host-tier copies")
     if len(c._staged) < _STAGING_BUFFERS:
         entry = [DeviceBuffer(max(nbytes, 1 << 20), c._dev), None, DeviceEvent(c._dev)]

@@ -9,7 +9,8 @@ cimport numpy as cnp
 import numpy as np
 
 from rocmforge._kvcache cimport KvCache
-from rocmforge._runtime cimport DeviceBuffer, check, rt_copy_peer, rt_enable_peer, rt_stream_sync
+from rocmforge._runtime cimport (RF_RT_RUNTIME, DeviceBuffer, check, rt_copy_peer, rt_enable_peer,
+                                 rt_stream_sync)
 from rocmforge.errors import ArgumentTypeError, ArgumentValueError, BlockNotFound
 
 cnp.import_array()
@@ -87,9 +88,6 @@ def copy_device_blocks(KvCache src, src_block_ids, KvCache dst, dst_block_ids):
 cdef int64_t _DIRECT_RUN_BYTES = 4 << 20    # runs at least this long on average (or few copies): no staging
 
 
-cdef int _RT_RUNTIME = 4                   # RF_RT_RUNTIME: a failed staging upload
-
-
 cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_block_ids):
     """copy_device_blocks with both caches' locks held."""
     cdef cnp.ndarray s, d, starts, lengths
@@ -112,20 +110,22 @@ cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_blo
     src._apply_pending(NULL)
     if dst is not src:
         dst._apply_pending(NULL)
-    starts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
-    starts = np.concatenate([[0], starts]).astype(np.int64)
-    lengths = np.diff(np.append(starts, n)).astype(np.int64)
     st = rt_stream_sync(src._dev, NULL)          # the source's writes have landed
     if st == 0 and src._dev != dst._dev:
         st = rt_enable_peer(dst._dev, src._dev, &enabled)
-    if st == 0 and (src._dev == dst._dev or enabled) and (dst is not src or not np.intersect1d(s, d).size):
+    kernel = (src._dev == dst._dev or enabled) and (dst is not src or not np.intersect1d(s, d).size)
+    if not kernel:                              # runs of ids consecutive on both sides
+        starts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+        starts = np.concatenate([[0], starts]).astype(np.int64)
+        lengths = np.diff(np.append(starts, n)).astype(np.int64)
+    if st == 0 and kernel:
         pairs = np.ascontiguousarray(np.stack([s, d], axis=1), dtype=np.int32)
         addrs = np.array(src._addrs, dtype=np.uint64)
         dst._reserve_scratch(pairs.nbytes + addrs.nbytes + 32)
         ss = dst._stage(pairs, &dused, NULL)
         dd = dst._stage(addrs, &dused, NULL)
-        st = _RT_RUNTIME if ss == 0 or dd == 0 else dst._kernels.copy_between(dst._dev_addrs._ptr, dd, planes, ss,
-                                                                              n, bb, NULL)
+        st = RF_RT_RUNTIME if ss == 0 or dd == 0 else dst._kernels.copy_between(dst._dev_addrs._ptr, dd, planes,
+                                                                                ss, n, bb, NULL)
     elif st == 0 and dst is not src and (planes * starts.shape[0] <= 32
                                          or n * bb >= starts.shape[0] * _DIRECT_RUN_BYTES):
         for plane in range(planes):
@@ -141,7 +141,7 @@ cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_blo
         into = out if src._dev == dst._dev else DeviceBuffer(planes * n * bb, dst._dev)
         src._reserve_scratch(s.nbytes + (d.nbytes + 16 if dst is src else 0))
         ss = src._stage(s, &used, NULL)
-        st = _RT_RUNTIME if ss == 0 else src._kernels.move_blocks(True, out._ptr, src._dev_addrs._ptr, planes,
+        st = RF_RT_RUNTIME if ss == 0 else src._kernels.move_blocks(True, out._ptr, src._dev_addrs._ptr, planes,
                                                                    ss, n, bb, NULL)
         if st == 0 and into is not out:
             st = rt_stream_sync(src._dev, NULL)
@@ -153,7 +153,7 @@ cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_blo
             else:
                 dst._reserve_scratch(d.nbytes)
             dd = dst._stage(d, &dused, NULL)
-            st = _RT_RUNTIME if dd == 0 else dst._kernels.move_blocks(False, into._ptr, dst._dev_addrs._ptr,
+            st = RF_RT_RUNTIME if dd == 0 else dst._kernels.move_blocks(False, into._ptr, dst._dev_addrs._ptr,
                                                                        planes, dd, n, bb, NULL)
     if st == 0:
         st = rt_stream_sync(dst._dev, NULL)
