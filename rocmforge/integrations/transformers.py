@@ -178,14 +178,15 @@ class RocmforgeCache(Cache):
         _ACTIVE.cache = self if self.attention_path == "paged" else None
         # A decode step of this cache is set up now, before the model queues its work: reading
         # the new tokens then waits for no kernel, and the tables go over while the GPU is idle.
-        self._stepped = kwargs.get("past_key_values", kwargs.get("cache")) is self and self._decode_ready() \
-            and self._decode_step(self._tokens.shape[0], self._tokens.device)
+        batch = len(ids) if self._tokens is not None else -1
+        self._stepped = kwargs.get("past_key_values", kwargs.get("cache")) is self and self._decode_ready(batch) \
+            and self._decode_step(batch, self._tokens.device)
 
-    def _decode_ready(self) -> bool:
-        """Whether this forward can be the usual decode step: one new position for rows
-        that all exist already."""
-        return self._tokens is not None and self._tokens.shape[1] == 1 and len(self._rows) == \
-            self._tokens.shape[0] and not self._twin and not self._fresh and self._prepared is None
+    def _decode_ready(self, batch: int) -> bool:
+        """Whether this forward can be the usual decode step: token ids for one new
+        position of each of the batch's rows, which all exist already."""
+        return self._tokens is not None and self._tokens.shape == (batch, 1) and len(self._rows) == batch \
+            and not self._twin and not self._fresh and self._prepared is None
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -263,7 +264,7 @@ class RocmforgeCache(Cache):
         if self._stepped:                       # the forward's pre-hook did it
             self._stepped = False
             return
-        if count == 1 and self._decode_ready() and self._decode_step(batch, device):
+        if count == 1 and self._decode_ready(batch) and self._decode_step(batch, device):
             return
         m = self.kv.manager
         ids = self._tokens if self._tokens is not None and self._tokens.shape == (batch, count) else None
@@ -326,10 +327,8 @@ class RocmforgeCache(Cache):
     def _decode_step(self, batch: int, device) -> bool:
         """The usual decode step in whole-batch calls: each row not finished appends
         its one new token (one append_batch, one read of the new tokens and mask).
-        False, with nothing changed, when the step needs the general path (no token
-        ids, a padding position, a row fed its EOS just now)."""
-        if self._tokens is None or self._tokens.shape != (batch, 1):
-            return False
+        False, with nothing changed, when the step needs the general path (a padding
+        position, a row fed its EOS just now). Call when _decode_ready."""
         paged = self.attention_path == "paged"
         if paged and self._mask is not None:
             toks, ones = torch.stack((self._tokens[:, 0], self._mask[:, -1].to(self._tokens.dtype))).tolist()
