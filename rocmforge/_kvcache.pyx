@@ -18,6 +18,7 @@ from rocmforge._runtime cimport (RF_RT_BAD_DEVICE, RF_RT_NOT_READY, RF_RT_RUNTIM
                                  DeviceKernels, DeviceStream, check, rt_backend, rt_memset, rt_htod,
                                  rt_dtoh, rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
 from rocmforge._runtime import backend_info, load_backend
+from rocmforge._ids import meets, repeats
 from rocmforge.config import CacheConfig, format_bytes, host_memory_available, host_tier_blocks
 from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
                               InvalidConfiguration, KvCacheError, OutOfBlocks, SequenceExists, SequenceNotFound)
@@ -64,7 +65,7 @@ def _waves(pairs):
     """Split (src, dst) pairs, applied in order, into runs that may run in
     parallel: a run ends before a pair that reads or writes a block an earlier
     pair of the run writes, or writes a block one of them reads."""
-    if not np.isin(pairs[:, 1], pairs[:, 0]).any() and np.unique(pairs[:, 1]).size == len(pairs):
+    if not meets(pairs[:, 1], pairs[:, 0]) and not repeats(pairs[:, 1]):
         return [pairs]                  # no block both read and written, none written twice
     waves, start, reads, writes = [], 0, set(), set()
     for i, (src, dst) in enumerate(pairs.tolist()):

@@ -11,6 +11,7 @@ import numpy as np
 from rocmforge._kvcache cimport KvCache
 from rocmforge._runtime cimport (RF_RT_RUNTIME, DeviceBuffer, check, rt_copy_peer, rt_enable_peer,
                                  rt_stream_sync)
+from rocmforge._ids import meets, repeats
 from rocmforge.errors import ArgumentTypeError, ArgumentValueError, BlockNotFound
 
 cnp.import_array()
@@ -103,29 +104,29 @@ cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_blo
     n = s.shape[0]
     if d.shape[0] != n:
         raise ArgumentValueError(f"{n} source blocks for {d.shape[0]} destinations")
-    if np.unique(d).shape[0] != n:
+    if repeats(d):
         raise ArgumentValueError("dst_block_ids names a block twice")
     if n == 0:
         return
     src._apply_pending(NULL)
     if dst is not src:
         dst._apply_pending(NULL)
-    st = rt_stream_sync(src._dev, NULL)          # the source's writes have landed
-    if st == 0 and src._dev != dst._dev:
-        st = rt_enable_peer(dst._dev, src._dev, &enabled)
-    kernel = (src._dev == dst._dev or enabled) and (dst is not src or not np.intersect1d(s, d).size)
+    if src._dev != dst._dev:                    # the source's writes have landed (one GPU orders them itself)
+        st = rt_stream_sync(src._dev, NULL)
+        if st == 0:
+            st = rt_enable_peer(dst._dev, src._dev, &enabled)
+    kernel = (src._dev == dst._dev or enabled) and (dst is not src or not meets(s, d))
     if not kernel:                              # runs of ids consecutive on both sides
         starts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
         starts = np.concatenate([[0], starts]).astype(np.int64)
         lengths = np.diff(np.append(starts, n)).astype(np.int64)
     if st == 0 and kernel:
-        pairs = np.ascontiguousarray(np.stack([s, d], axis=1), dtype=np.int32)
-        addrs = np.array(src._addrs, dtype=np.uint64)
-        dst._reserve_scratch(pairs.nbytes + addrs.nbytes + 32)
-        ss = dst._stage(pairs, &dused, NULL)
-        dd = dst._stage(addrs, &dused, NULL)
-        st = RF_RT_RUNTIME if ss == 0 or dd == 0 else dst._kernels.copy_between(dst._dev_addrs._ptr, dd, planes,
-                                                                                ss, n, bb, NULL)
+        pairs = np.empty((n, 2), dtype=np.int32)
+        pairs[:, 0], pairs[:, 1] = s, d
+        dst._reserve_scratch(pairs.nbytes)
+        ss = dst._stage(pairs, &dused, NULL)        # the source's layer addresses are read where they are
+        st = RF_RT_RUNTIME if ss == 0 else dst._kernels.copy_between(dst._dev_addrs._ptr, src._dev_addrs._ptr,
+                                                                     planes, ss, n, bb, NULL)
     elif st == 0 and dst is not src and (planes * starts.shape[0] <= 32
                                          or n * bb >= starts.shape[0] * _DIRECT_RUN_BYTES):
         for plane in range(planes):
@@ -156,7 +157,5 @@ cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_blo
             st = RF_RT_RUNTIME if dd == 0 else dst._kernels.move_blocks(False, into._ptr, dst._dev_addrs._ptr,
                                                                        planes, dd, n, bb, NULL)
     if st == 0:
-        st = rt_stream_sync(dst._dev, NULL)
-    if st == 0 and dst is not src:
-        st = rt_stream_sync(src._dev, NULL)
+        st = rt_stream_sync(dst._dev, NULL)     # every path ends on the destination's stream
     check(st, "copying blocks between GPU caches")

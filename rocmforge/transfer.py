@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rocmforge._ids import repeats
 from rocmforge._transfer import copy_device_blocks, pack_blocks, unpack_blocks
 from rocmforge.errors import ArgumentValueError
 
@@ -55,12 +56,12 @@ def transfer_blocks(src, src_block_ids, dst, dst_block_ids) -> None:
     _same_geometry(_geometry(src), _geometry(dst))
     if len(src_block_ids) != len(dst_block_ids):
         raise ArgumentValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destinations")
-    if len(np.unique(np.asarray(dst_block_ids))) != len(dst_block_ids):
-        raise ArgumentValueError("dst_block_ids names a block twice")
     if src.device != "cpu" and dst.device != "cpu":
-        copy_device_blocks(src, src_block_ids, dst, dst_block_ids)
-    else:
-        unpack_blocks(dst, dst_block_ids, pack_blocks(src, src_block_ids))
+        copy_device_blocks(src, src_block_ids, dst, dst_block_ids)      # checks the ids itself
+        return
+    if repeats(np.asarray(dst_block_ids)):
+        raise ArgumentValueError("dst_block_ids names a block twice")
+    unpack_blocks(dst, dst_block_ids, pack_blocks(src, src_block_ids))
 
 
 @dataclass(frozen=True)
