@@ -3,6 +3,8 @@
 # block goes to or from its slot in one piece.
 #
 # On a GPU each run of copies in one direction goes in batches of up to 32 MiB,
+# in slot order when no block or slot appears twice in the run (so that slots
+# freed in one order and filled in another still move as a few long copies),
 # and the host never waits (unless all of the cache's staging buffers are busy).
 # An offload packs its blocks into a staging buffer on the caller's
 # stream (one kernel; the blocks may be reused right after it) and sends the
@@ -39,6 +41,8 @@ cdef tier_copies(KvCache c, cnp.ndarray pairs, void* stream):
     if c._dev >= 0:
         per = max(1, _BATCH_BYTES // (caches * bb))
         for run in np.split(np.arange(n), np.flatnonzero(np.diff(out.astype(np.int8))) + 1):
+            if not repeats(blocks[run]) and not repeats(tier[run]):
+                run = run[np.argsort(tier[run], kind="stable")]     # no copy depends on another: slot order
             for i in range(0, len(run), per):
                 part = run[i:i + per]
                 _tier_batch(c, bool(out[part[0]]), np.ascontiguousarray(blocks[part], dtype=np.int32),
