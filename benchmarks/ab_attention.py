@@ -19,7 +19,10 @@ import numpy as np
 
 from rocmforge.bench_kernels import BLOCK, HEAD_DIM, HEADS, _burst_us
 
-CASES = ((256, 2048), (64, 4096), (8, 32768))
+# (sequences, context, kv heads, head_dim, dtype): bench_kernels' cases (GQA 4 over 8 kv heads of
+# 128, float16), and the transformers example's decode step (4 query heads over 1 kv head of 64, bfloat16)
+CASES = ((256, 2048, HEADS, HEAD_DIM, "float16"), (64, 4096, HEADS, HEAD_DIM, "float16"),
+         (8, 32768, HEADS, HEAD_DIM, "float16"), (32, 1152, 1, 64, "bfloat16"))
 
 
 def main(argv=None):
@@ -46,17 +49,17 @@ def main(argv=None):
     ceiling = 2 * big / _burst_us(torch, lambda: dst.copy_(src), 10, args.reps) / 1e6   # TB/s
     rng = np.random.default_rng(0)
     rows = []
-    for seqs, ctx in CASES:
+    for seqs, ctx, heads, dim, dtype in CASES:
         per_seq = ctx // BLOCK
         num_blocks = seqs * per_seq + 4096
-        with rf.KvCache(CacheConfig(1, HEADS, HEAD_DIM, block_size=BLOCK, num_blocks=num_blocks,
-                                    dtype="float16"), "cuda:0") as cache:
+        with rf.KvCache(CacheConfig(1, heads, dim, block_size=BLOCK, num_blocks=num_blocks,
+                                    dtype=dtype), "cuda:0") as cache:
             torch.from_dlpack(cache.key_cache(0)).normal_()
             torch.from_dlpack(cache.value_cache(0)).normal_()
             ids = rng.permutation(num_blocks)[:seqs * per_seq].reshape(seqs, per_seq).astype(np.int32)
             tables = torch.from_numpy(ids).cuda()
             lens = torch.full((seqs,), ctx, dtype=torch.int32, device="cuda")
-            q = torch.randn((seqs, 4 * HEADS, HEAD_DIM), dtype=torch.float16, device="cuda")
+            q = torch.randn((seqs, 4 * heads, dim), dtype=getattr(torch, dtype), device="cuda")
             out = torch.empty_like(q)
             times = {name: [] for name in kernels}
             results = {}
@@ -68,16 +71,16 @@ def main(argv=None):
                     results[name] = out.float().clone()
             cache.synchronize()
             first = next(iter(results.values()))
-            nbytes = 2 * seqs * ctx * HEADS * HEAD_DIM * 2
+            nbytes = 2 * seqs * ctx * heads * dim * 2
             for name in kernels:
                 us = statistics.median(times[name])
-                rows.append({"case": f"{seqs}x{ctx}", "image": name, "us": us,
+                rows.append({"case": f"{seqs}x{ctx}" + ("" if heads == HEADS else f"/{heads}x{dim}"), "image": name, "us": us,
                              "pct_of_copy": 100 * nbytes / us / 1e6 / ceiling,
                              "max_diff_vs_first": (results[name] - first).abs().max().item()})
     _attention._kernels_by_device.pop(0, None)
-    print(f"{'case':<10} {'image':<14} {'us':>9} {'% copy':>7} {'max diff':>9}")
+    print(f"{'case':<16} {'image':<14} {'us':>9} {'% copy':>7} {'max diff':>9}")
     for r in rows:
-        print(f"{r['case']:<10} {r['image']:<14} {r['us']:9.1f} {r['pct_of_copy']:7.1f} {r['max_diff_vs_first']:9.2g}")
+        print(f"{r['case']:<16} {r['image']:<14} {r['us']:9.1f} {r['pct_of_copy']:7.1f} {r['max_diff_vs_first']:9.2g}")
     print(json.dumps({"copy_tb_s": ceiling, "rows": rows}))
 
 

@@ -21,8 +21,8 @@
 extern "C" {
 #endif
 
-/* The GPU kernels' shape: threads per block, and positions per split (a
- * sequence's context is cut into splits of this many positions, each read by
+/* The GPU kernels' shape: threads per block, and the most positions per split
+ * (a sequence's context is cut into splits of `part` positions, each read by
  * its own thread blocks, then combined). */
 #define RF_ATTN_THREADS 128
 #define RF_ATTN_PART 512
@@ -42,6 +42,7 @@ typedef struct rf_attn_args {
     int q_dt, cache_dt;
     float k_scale, v_scale;     /* dequantization of fp8/int8 caches; 1 for float caches */
     float scale;                /* softmax scale, usually 1 / sqrt(head_dim) */
+    int64_t part;               /* GPU kernels: positions per split, 1..RF_ATTN_PART (the host version ignores it) */
 } rf_attn_args;
 
 /* What a bad argument found by the checks is, with the sequence in *bad. */

@@ -23,7 +23,11 @@ _kernels_by_device = {}
 
 cdef bint _on_host(object obj):
     """Whether an index argument is host memory (a list, a numpy array, or a DLPack array on the CPU)."""
-    if isinstance(obj, np.ndarray) or not hasattr(obj, "__dlpack_device__"):
+    if isinstance(obj, np.ndarray):
+        return True
+    if type(obj).__module__ == "torch" and hasattr(obj, "is_cpu"):
+        return obj.is_cpu           # torch's __dlpack_device__ is Python code: a few us a call
+    if not hasattr(obj, "__dlpack_device__"):
         return True
     return obj.__dlpack_device__()[0] == DL_CPU
 
@@ -136,9 +140,16 @@ cdef uint64_t _workspace(KvCache cache, object handle, int64_t nbytes) except? 0
     return buf._ptr
 
 
-cdef int64_t _splits(_Indices idx, KvCache cache, object max_seq_len) except -1:
-    """Splits per query for the GPU kernels: enough for the longest sequence,
-    bounded by max_seq_len, the host seq_lens, or the tables' size."""
+cdef int64_t _FILL = 1024      # thread blocks that keep every SM of a large GPU busy
+cdef int64_t _MIN_PART = 64    # below this a split's fixed costs outweigh its reads
+
+
+cdef int64_t _splits(_Indices idx, KvCache cache, object max_seq_len, int64_t per_split, int64_t* part) except -1:
+    """Splits per query for the GPU kernels, of *part positions each: enough for
+    the longest sequence, bounded by max_seq_len, the host seq_lens, or the
+    tables' size. Splits are RF_ATTN_PART long unless fewer than _FILL thread
+    blocks (per_split a split) would run: then shorter, down to _MIN_PART, so
+    that a small batch still reads through many SMs at once."""
     if max_seq_len is not None:
         bound = max_seq_len.__index__()
     elif idx.h_lens is not None:
@@ -147,7 +158,11 @@ cdef int64_t _splits(_Indices idx, KvCache cache, object max_seq_len) except -1:
         bound = idx.stride * cache._block_size
     else:
         bound = idx.tables.shape[0] * cache._block_size
-    splits = max(1, -(-bound // RF_ATTN_PART))
+    part[0] = RF_ATTN_PART
+    splits = max(1, -(-bound // part[0]))
+    while part[0] > _MIN_PART and per_split * splits < _FILL and bound > part[0]:
+        part[0] //= 2
+        splits = max(1, -(-bound // part[0]))
     if splits > 65535:
         raise ArgumentValueError(f"sequences of up to {bound} tokens need {splits} splits, more than a grid "
                                  f"holds: pass max_seq_len")
@@ -168,7 +183,7 @@ def paged_attention(query, KvCache cache, layer, block_tables, seq_lens, query_s
     cdef ArrayInfo q, o
     cdef rf_attn_args a
     cdef _Indices idx = _Indices()
-    cdef int64_t bad = -1, splits = 1, used = 0, part
+    cdef int64_t bad = -1, splits = 1, used = 0, part, span = RF_ATTN_PART
     cdef int st = 0, check_st = RF_ATTN_OK
     cdef void* strm = stream_handle(stream)
     cdef uint64_t ws
@@ -202,7 +217,10 @@ def paged_attention(query, KvCache cache, layer, block_tables, seq_lens, query_s
         if q.shape[0] * q.shape[1] >= 2 ** 31:
             raise ArgumentValueError(f"the GPU kernels take fewer than 2**31 query rows (tokens x heads), "
                                      f"not {q.shape[0] * q.shape[1]}")
-        splits = _splits(idx, cache, max_seq_len)
+        # a split's thread blocks: one per query token, kv head and group of up to
+        # 8 of its query heads (the kernels' widest head block)
+        splits = _splits(idx, cache, max_seq_len,
+                         q.shape[0] * cache._heads * max(1, -(-(q.shape[1] // cache._heads) // 8)), &span)
         kernels = _kernels_for(cache._dev)
     shape = (q.shape[0], q.shape[1], q.shape[2])
     if out is None:
@@ -221,7 +239,7 @@ def paged_attention(query, KvCache cache, layer, block_tables, seq_lens, query_s
     a.num_seqs, a.num_queries, a.stride = idx.num_seqs, q.shape[0], idx.stride
     a.num_indices = idx.tables.shape[0] if idx.csr else 0
     a.num_q_heads, a.num_kv_heads, a.head_dim = q.shape[1], cache._heads, cache._head_dim
-    a.block_size, a.q_dt, a.cache_dt, a.scale = cache._block_size, q.dtype, cache._dt, scale
+    a.block_size, a.q_dt, a.cache_dt, a.scale, a.part = cache._block_size, q.dtype, cache._dt, scale, span
     part = q.shape[0] * q.shape[1] * splits
     with cache._lock:
         cache._check_open()

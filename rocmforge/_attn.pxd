@@ -19,6 +19,7 @@ cdef extern from "rf_attention.h" nogil:
         int64_t stride, num_indices
         int q_dt, cache_dt
         float k_scale, v_scale, scale
+        int64_t part
     enum:
         RF_ATTN_OK
         RF_ATTN_BAD_BLOCK

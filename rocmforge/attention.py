@@ -39,8 +39,9 @@ graph: warm up with one call of the same shape on the stream you then
 capture on (``torch.cuda.graph(g, stream=s)``), which sizes that stream's
 workspace in the cache, and apply pending copy-on-write copies before. The kernels check them on the device: a bad sequence
 makes the cache's next ``synchronize()`` raise DeviceError, and its output is
-undefined. Each query's context is cut into splits of 512 positions, read in
-parallel and then combined; the split count comes from ``max_seq_len`` (an
+undefined. Each query's context is cut into splits of 512 positions (shorter, down to
+64, when a small batch would leave SMs idle), read in parallel and then
+combined; the split count comes from ``max_seq_len`` (an
 upper bound of seq_lens), else the host seq_lens, else the width of dense
 tables (or the size of CSR tables).
 """

@@ -3,7 +3,7 @@
 // the same results (up to float rounding): ../rf_host_attention.c.
 //
 // Split-K (flash-decoding): thread block (query token, kv head, head group,
-// split) reads the split's RF_ATTN_PART positions of its sequence once, K
+// split) reads the split's a.part positions of its sequence once, K
 // then V, for up to HB query heads sharing the kv head. With one split it
 // writes the output; else it writes its unnormalized sum, maximum and
 // denominator, and rf_paged_attention_reduce combines the splits.
@@ -173,12 +173,12 @@ __device__ void rf_attn_split(const rf_attn_args &a, int L, int64_t num_splits, 
         len = a.indptr[s + 1] - a.indptr[s];
     }
     const int64_t ctx = n == 0 ? 0 : n - nq + (t - first) + 1;    // positions [0, ctx) are attended
-    const int64_t begin = split * RF_ATTN_PART, end = ctx < begin + RF_ATTN_PART ? ctx : begin + RF_ATTN_PART;
+    const int64_t begin = split * a.part, end = ctx < begin + a.part ? ctx : begin + a.part;
 
     // Checks, as rf_attn_check: a failing sequence is reported and gets no result.
     if (threadIdx.x == 0) {
         bool ok = n >= 0 && (n + bs - 1) / bs <= len && (n == 0 || n >= nq) && t >= first && t < first + nq &&
-                  ctx <= num_splits * RF_ATTN_PART;
+                  ctx <= num_splits * a.part;
         if (a.indptr) ok = ok && a.indptr[s] >= 0 && len >= 0 && a.indptr[s + 1] <= a.num_indices;
         rf_attn_bad = !ok, rf_attn_bad_entry = 0;
     }
