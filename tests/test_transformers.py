@@ -242,6 +242,25 @@ def test_the_example_prints_a_table_then_json(capsys):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_paged_decode_steps_build_no_attention_mask(monkeypatch):
+    """The paged kernels take each row's length, so a decode step builds no mask
+    (on a GPU, SDPA's checks one with a device sync); a padded prompt's forward,
+    which goes through SDPA, still gets its mask, and the tokens stay the same."""
+    from rocmforge.integrations import transformers as integration
+
+    model = build("llama", seed=5)
+    ids, mask = prompts([6, 11, 3, 9], seed=14)
+    want = generate(model, ids, mask, dynamic(model), do_sample=False, new=12)
+    built = []
+    real = integration.sdpa_mask
+    monkeypatch.setattr(integration, "sdpa_mask", lambda *a, **k: built.append(k.get("q_length")) or real(*a, **k))
+    with RocmforgeCache(model, num_blocks=64, attention="paged") as cache:
+        got = generate(model, ids, mask, cache, do_sample=False, new=12)
+    assert torch.equal(got, want)
+    assert built == [ids.shape[1]]                  # the prompt's forward only
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_paged_rows_give_their_blocks_back_at_eos():
     model = build("llama", seed=4)
     ids, mask = prompts([6, 11, 3, 9], seed=12)

@@ -111,11 +111,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return cache._attend(query, scaling), None
 
 
+def _mask(*args, **kwargs):
+    """transformers' mask function "rocmforge": none for a decode step of this
+    thread's RocmforgeCache that its pre-hook set up (every layer then reads the
+    rows' blocks with the paged kernels, which take lengths, not masks); SDPA's
+    mask for anything else (a prompt, whose layers fall back to SDPA)."""
+    cache = getattr(_ACTIVE, "cache", None)
+    if cache is not None and cache._stepped and cache._length > 0:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 _ACTIVE = threading.local()      # .cache: the paged-mode RocmforgeCache whose forward runs in this thread
 
 
 ALL_ATTENTION_FUNCTIONS.register("rocmforge", _attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register("rocmforge", sdpa_mask)      # for the SDPA fallback; the kernels need none
+ALL_MASK_ATTENTION_FUNCTIONS.register("rocmforge", _mask)
 
 
 class RocmforgeCache(Cache):
