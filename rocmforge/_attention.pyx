@@ -8,7 +8,8 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 cimport numpy as cnp
 import numpy as np
 
-from rocmforge._dlpack cimport ArrayInfo, DeviceArray, import_array, DL_CPU, DT_F32, DT_F16, DT_BF16, DT_I32
+from rocmforge._dlpack cimport (ArrayInfo, DeviceArray, import_array, is_torch_tensor, DL_CPU, DT_F32, DT_F16,
+                                DT_BF16, DT_I32)
 from rocmforge._dlpack import NAMES as _DT_NAMES
 from rocmforge._attn cimport *
 from rocmforge._kvcache cimport KvCache
@@ -25,8 +26,8 @@ cdef bint _on_host(object obj):
     """Whether an index argument is host memory (a list, a numpy array, or a DLPack array on the CPU)."""
     if isinstance(obj, np.ndarray):
         return True
-    if type(obj).__module__ == "torch" and hasattr(obj, "is_cpu"):
-        return obj.is_cpu           # torch's __dlpack_device__ is Python code: a few us a call
+    if is_torch_tensor(obj):
+        return obj.is_cpu
     if not hasattr(obj, "__dlpack_device__"):
         return True
     return obj.__dlpack_device__()[0] == DL_CPU

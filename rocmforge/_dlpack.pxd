@@ -70,6 +70,12 @@ cdef struct ArrayInfo:
 cdef object import_array(object obj, ArrayInfo* info, object stream)
 
 
+# Whether obj is a torch tensor, whose fields import_array reads directly (torch
+# builds its DLPack export, and its __dlpack_device__, in Python).
+cdef inline bint is_torch_tensor(object obj):
+    return type(obj).__module__ == "torch" and hasattr(obj, "data_ptr")
+
+
 cdef class DeviceArray:
     cdef readonly object buffer     # the DeviceBuffer whose memory this is
     cdef readonly tuple shape

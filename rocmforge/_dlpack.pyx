@@ -55,7 +55,7 @@ cdef object import_array(object obj, ArrayInfo* info, object stream):
             info.shape[i] = arr.shape[i]
         info.contiguous = cnp.PyArray_IS_C_CONTIGUOUS(arr)
         return obj
-    if type(obj).__module__ == "torch" and hasattr(obj, "data_ptr"):
+    if is_torch_tensor(obj):
         return _torch_array(obj, info)
     try:
         device_type, device_id = obj.__dlpack_device__()
