@@ -18,7 +18,7 @@ from rocmforge._runtime cimport (RF_RT_BAD_DEVICE, RF_RT_NOT_READY, RF_RT_RUNTIM
                                  DeviceKernels, DeviceStream, check, rt_backend, rt_memset, rt_htod,
                                  rt_dtoh, rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
 from rocmforge._runtime import backend_info, load_backend
-from rocmforge._ids import meets, repeats
+from rocmforge._ids import meets, repeats, runs
 from rocmforge.config import CacheConfig, format_bytes, host_memory_available, host_tier_blocks
 from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
                               InvalidConfiguration, KvCacheError, OutOfBlocks, SequenceExists, SequenceNotFound)

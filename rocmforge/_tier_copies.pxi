@@ -71,8 +71,7 @@ cdef _tier_batch(KvCache c, bint offload, cnp.ndarray blocks, cnp.ndarray slots,
     cdef DeviceEvent done
     buf, ids, done = _staging(c, data + blocks.nbytes, blocks.nbytes)
     memcpy(<void*><size_t>ids._ptr, cnp.PyArray_DATA(blocks), blocks.nbytes)    # page-locked: no wait
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(slots) != 1) + 1]).astype(np.int64)
-    lengths = np.diff(np.append(starts, n)).astype(np.int64)
+    starts, lengths = runs(slots)
     if offload:
         st = rt_htod(c._dev, buf._ptr + data, <const void*><size_t>ids._ptr, blocks.nbytes, stream)
         if st == 0:

@@ -11,7 +11,7 @@ import numpy as np
 from rocmforge._kvcache cimport KvCache
 from rocmforge._runtime cimport (RF_RT_RUNTIME, DeviceBuffer, check, rt_copy_peer, rt_enable_peer,
                                  rt_stream_sync)
-from rocmforge._ids import meets, repeats
+from rocmforge._ids import meets, repeats, runs
 from rocmforge.errors import ArgumentTypeError, ArgumentValueError, BlockNotFound
 
 cnp.import_array()
@@ -117,9 +117,7 @@ cdef _copy_locked(KvCache src, object src_block_ids, KvCache dst, object dst_blo
             st = rt_enable_peer(dst._dev, src._dev, &enabled)
     kernel = (src._dev == dst._dev or enabled) and (dst is not src or not meets(s, d))
     if not kernel:                              # runs of ids consecutive on both sides
-        starts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
-        starts = np.concatenate([[0], starts]).astype(np.int64)
-        lengths = np.diff(np.append(starts, n)).astype(np.int64)
+        starts, lengths = runs(s, d)
     if st == 0 and kernel:
         pairs = np.empty((n, 2), dtype=np.int32)
         pairs[:, 0], pairs[:, 1] = s, d
