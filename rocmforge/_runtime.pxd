@@ -42,7 +42,7 @@ cdef class DeviceEvent:
     cdef void* handle
     cdef readonly int device
     # Statuses: record after the work queued on stream so far; make stream wait
-    # (on the device) for that work; RF_RT_OK once it is done, 7 (not ready) before.
+    # (on the device) for that work; RF_RT_OK once it is done, RF_RT_NOT_READY before.
     cdef int record(self, void* stream) noexcept nogil
     cdef int wait(self, void* stream) noexcept nogil
     cdef int query(self) noexcept nogil

@@ -319,6 +319,8 @@ _KERNELS = (b"rf_write_kv", b"rf_copy_blocks", b"rf_gather_rows", b"rf_gather_bl
 # One split kernel per cache dtype and query heads per block (1, 2, 4, 8), then the reduction.
 _ATTENTION_KERNELS = tuple(f"rf_paged_attention_{dt}_{hb}".encode() for dt in range(5) for hb in (1, 2, 4, 8)) \
     + (b"rf_paged_attention_reduce",)
+
+
 cdef class DeviceStream:
     """A stream of rocmforge's own on one GPU, non-blocking (events order it
     against other streams); destroyed with the object."""
