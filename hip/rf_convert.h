@@ -49,20 +49,15 @@ RF_HD uint16_t rf_f32_to_f16_bits(float x) {
     return (uint16_t)(sign | rf_round_shift((a & 0x7FFFFFu) | 0x800000u, (int)(126 - e)));
 }
 
+/* Branch-free, so that loops of it vectorize: a normal number's exponent is
+ * rebiased by 127 - 15 (infinity and NaN by twice that, to all ones); a
+ * subnormal (or zero) is its mantissa times 2^-24, exact in float. */
 RF_HD float rf_f16_bits_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    if (e == 0x1F) return rf_float(sign | 0x7F800000u | (m << 13));
-    if (e == 0) {
-        if (m == 0) return rf_float(sign);
-        e = 1;                                                 /* subnormal: normalize */
-        while (!(m & 0x400u)) {
-            m <<= 1;
-            e--;
-        }
-        m &= 0x3FFu;
-        return rf_float(sign | ((e + 112u) << 23) | (m << 13));
-    }
-    return rf_float(sign | ((e + 112u) << 23) | (m << 13));
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7FFFu;
+    uint32_t special = 0u - (uint32_t)(em >= 0x7C00u), tiny = 0u - (uint32_t)(em < 0x400u);
+    uint32_t wide = (em << 13) + (112u << 23) + (special & (112u << 23));
+    uint32_t small = rf_bits((float)(int32_t)em * 5.9604644775390625e-8f);
+    return rf_float(sign | (small & tiny) | (wide & ~tiny));
 }
 
 RF_HD uint16_t rf_f32_to_bf16_bits(float x) {

@@ -80,38 +80,81 @@ int rf_attn_check(const rf_attn_args *a, int64_t *bad) {
     return RF_ATTN_OK;
 }
 
+/* Positions read at a time: their K and V rows are converted once for the
+ * kv head's query heads, which then take one softmax rescale per chunk. */
+#define RF_ATTN_CHUNK 32
+
+/* D elements of a cache row as floats (fp8/int8 times their scale; fp8 through
+ * fp8, the table of its 256 values). */
+static void rf_attn_row(const void *cache, int64_t base, int64_t D, int dt, float scale, const float *fp8,
+                        float *dst) {
+    int64_t d;
+    switch (dt) {
+    case RF_DT_F32: memcpy(dst, (const float *)cache + base, sizeof(float) * D); break;
+    case RF_DT_F16:
+        for (d = 0; d < D; d++) dst[d] = rf_f16_bits_to_f32(((const uint16_t *)cache)[base + d]);
+        break;
+    case RF_DT_BF16:
+        for (d = 0; d < D; d++) dst[d] = rf_bf16_bits_to_f32(((const uint16_t *)cache)[base + d]);
+        break;
+    case RF_DT_FP8_E4M3:
+        for (d = 0; d < D; d++) dst[d] = fp8[((const uint8_t *)cache)[base + d]] * scale;
+        break;
+    default:
+        for (d = 0; d < D; d++) dst[d] = (float)((const int8_t *)cache)[base + d] * scale;
+    }
+}
+
+/* x . y in eight independent partial sums (no chain of D dependent adds). */
+static float rf_attn_dot(const float *x, const float *y, int64_t D) {
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, rest = 0.0f;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+        for (int j = 0; j < 8; j++) part[j] += x[d + j] * y[d + j];
+    for (; d < D; d++) rest += x[d] * y[d];
+    return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7])) + rest;
+}
+
 /* One query token of sequence s at position pos, all heads: q holds its
- * num_q_heads * head_dim query values, state the scratch of rf_host_paged_attention. */
-static void rf_attn_token(const rf_attn_args *a, const int32_t *table, int64_t pos, const float *q, float *out,
-                          float *krow, float *vrow, float *m, float *l) {
+ * num_q_heads * head_dim query values; kbuf and vbuf hold RF_ATTN_CHUNK rows,
+ * m and l num_q_heads floats (scratch of rf_host_paged_attention). */
+static void rf_attn_token(const rf_attn_args *a, const int32_t *table, int64_t pos, const float *q, const float *fp8,
+                          float *out, float *kbuf, float *vbuf, float *m, float *l) {
     const int64_t D = a->head_dim, G = a->num_q_heads / a->num_kv_heads, Hkv = a->num_kv_heads;
+    float sc[RF_ATTN_CHUNK];
     for (int64_t h = 0; h < a->num_q_heads; h++) {
         m[h] = -INFINITY;
         l[h] = 0.0f;
     }
     memset(out, 0, sizeof(float) * a->num_q_heads * D);
-    for (int64_t p = 0; p <= pos; p++) {
-        int64_t row = ((int64_t)table[p / a->block_size] * a->block_size + p % a->block_size) * Hkv;
-        for (int64_t g = 0; g < Hkv; g++) {
-            int64_t base = (row + g) * D;
-            for (int64_t d = 0; d < D; d++) {
-                krow[d] = rf_attn_load(a->key_cache, base + d, a->cache_dt, a->k_scale);
-                vrow[d] = rf_attn_load(a->value_cache, base + d, a->cache_dt, a->v_scale);
+    for (int64_t g = 0; g < Hkv; g++) {
+        for (int64_t p0 = 0; p0 <= pos; p0 += RF_ATTN_CHUNK) {
+            const int64_t n = pos + 1 - p0 < RF_ATTN_CHUNK ? pos + 1 - p0 : RF_ATTN_CHUNK;
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t p = p0 + j;
+                const int64_t base = (((int64_t)table[p / a->block_size] * a->block_size + p % a->block_size) * Hkv
+                                      + g) * D;
+                rf_attn_row(a->key_cache, base, D, a->cache_dt, a->k_scale, fp8, kbuf + j * D);
+                rf_attn_row(a->value_cache, base, D, a->cache_dt, a->v_scale, fp8, vbuf + j * D);
             }
             for (int64_t h = g * G; h < (g + 1) * G; h++) {
-                const float *qh = q + h * D;
-                float *acc = out + h * D, dot = 0.0f, w;
-                for (int64_t d = 0; d < D; d++) dot += qh[d] * krow[d];
-                dot *= a->scale;
-                if (dot > m[h]) {                       /* a new maximum: rescale what is summed */
-                    float c = expf(m[h] - dot);
+                float *acc = out + h * D, top = m[h];
+                for (int64_t j = 0; j < n; j++) {
+                    sc[j] = rf_attn_dot(q + h * D, kbuf + j * D, D) * a->scale;
+                    top = sc[j] > top ? sc[j] : top;
+                }
+                if (top > m[h]) {                       /* a new maximum: rescale what is summed */
+                    const float c = expf(m[h] - top);
                     for (int64_t d = 0; d < D; d++) acc[d] *= c;
                     l[h] *= c;
-                    m[h] = dot;
+                    m[h] = top;
                 }
-                w = expf(dot - m[h]);
-                l[h] += w;
-                for (int64_t d = 0; d < D; d++) acc[d] += w * vrow[d];
+                for (int64_t j = 0; j < n; j++) {
+                    const float w = expf(sc[j] - m[h]);
+                    const float *v = vbuf + j * D;
+                    l[h] += w;
+                    for (int64_t d = 0; d < D; d++) acc[d] += w * v[d];
+                }
             }
         }
     }
@@ -122,18 +165,21 @@ static void rf_attn_token(const rf_attn_args *a, const int32_t *table, int64_t p
 int rf_host_paged_attention(const rf_attn_args *a, int64_t *bad) {
     const int64_t D = a->head_dim, row = a->num_q_heads * D;
     int st = rf_attn_check(a, bad);
-    float *q, *acc, *krow, *vrow, *m, *l;
+    float *q, *acc, *kbuf, *vbuf, *m, *l, fp8[256];
     if (st != RF_ATTN_OK) return st;
-    q = (float *)malloc(sizeof(float) * (2 * row + 2 * D + 2 * a->num_q_heads));
+    if (a->cache_dt == RF_DT_FP8_E4M3)
+        for (int i = 0; i < 256; i++) fp8[i] = rf_e4m3_bits_to_f32((uint8_t)i);
+    q = (float *)malloc(sizeof(float) * (2 * row + 2 * RF_ATTN_CHUNK * D + 2 * a->num_q_heads));
     if (!q) return RF_ATTN_NO_MEMORY;
-    acc = q + row, krow = acc + row, vrow = krow + D, m = vrow + D, l = m + a->num_q_heads;
+    acc = q + row, kbuf = acc + row, vbuf = kbuf + RF_ATTN_CHUNK * D, m = vbuf + RF_ATTN_CHUNK * D;
+    l = m + a->num_q_heads;
     for (int64_t s = 0; s < a->num_seqs; s++) {
         int64_t len, first, nq = rf_attn_queries(a, s, &first), n = a->seq_lens[s];
         const int32_t *table = rf_attn_table(a, s, &len);
         for (int64_t i = 0; i < nq; i++) {
             int64_t t = first + i;
             for (int64_t j = 0; j < row; j++) q[j] = rf_attn_load(a->query, t * row + j, a->q_dt, 1.0f);
-            rf_attn_token(a, table, n - nq + i, q, acc, krow, vrow, m, l);   /* n == 0: pos < 0, zeros */
+            rf_attn_token(a, table, n - nq + i, q, fp8, acc, kbuf, vbuf, m, l);   /* n == 0: pos < 0, zeros */
             for (int64_t j = 0; j < row; j++) rf_attn_store(a->out, t * row + j, a->q_dt, acc[j]);
         }
     }
