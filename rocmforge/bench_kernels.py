@@ -11,7 +11,8 @@ time per call over a burst of launches queued behind a GPU sleep (gaps
 between launches included; copy_blocks, which waits for its stream, is timed
 on the wall clock instead); the host's own cost per write_kv call is
 reported apart, for write_kv on torch tensors ("host us") and for
-write_kv_raw on their addresses ("raw us"). paged_decode's bandwidth counts
+write_kv_raw on their addresses ("raw us"); write_kv's JSON rows also give its
+speed as a share of a one-piece copy of the same bytes (pct_of_same_size_copy). paged_decode's bandwidth counts
 the K/V bytes it reads; "torch us" there is the gather plus SDPA.
 Every figure is the median of several repetitions. Prints a table, then one
 JSON line.
@@ -122,6 +123,12 @@ def run(reps=7):
 
             nbytes = 2 * 2 * k.numel() * 2              # K and V, read and written, 2 bytes each
             row(f"write_kv T={T}", lambda: cache.write_kv(0, k, v, slots), 200, nbytes, ceiling, torch_write)
+            # a copy of the same bytes in one piece: the ceiling at this size (a short
+            # kernel's launch and ramp cost a share a 512 MiB copy does not see)
+            same_src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+            same_dst = torch.empty_like(same_src)
+            same_us = _device_us(torch, lambda: same_dst.copy_(same_src), 200, reps)
+            rows[-1]["pct_of_same_size_copy"] = 100.0 * same_us / rows[-1]["device_us"]
             rows[-1]["host_us_per_call"] = _wall_us(lambda: cache.write_kv(0, k, v, slots), 2000, reps,
                                                     torch.cuda.synchronize)
             kp, vp, sp = k.data_ptr(), v.data_ptr(), slots.data_ptr()

@@ -15,7 +15,7 @@
 # Python frames of every allocation site, which keeps their objects alive.
 #
 # hf: the transformers example at the size (batch 32, 1k-token prompts of which 768
-# shared, 256 new tokens), DynamicCache against rocmforge's paged and gather paths.
+# shared, 256 new tokens; medians of 5 alternating runs), DynamicCache against rocmforge's paged and gather paths.
 # transfer: benchmarks/bench_transfer.py (1 GiB of blocks against torch's copy).
 # tier: benchmarks/bench_host_tier.py (host-tier offload and reload against torch's
 # pinned copies, and write_kv with an offload under way). launch: benchmarks/bench_launch.py
@@ -91,7 +91,7 @@ for step in $steps; do
         hf)
             for attention in paged gather; do
                 (cd "$out" && limit python3 -m rocmforge.examples.hf_generate --batch 32 --prompt-len 1024 \
-                    --shared-prefix 768 --new 256 --reps 3 --attention "$attention" 2>&1) | tee "$out/hf_$attention.log" | tail -5
+                    --shared-prefix 768 --new 256 --reps 5 --attention "$attention" 2>&1) | tee "$out/hf_$attention.log" | tail -5
             done ;;
         transfer)
             limit python3 benchmarks/bench_transfer.py --gib 1 2>&1 | tee "$out/bench_transfer.log" | tail -5 ;;
