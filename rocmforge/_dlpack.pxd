@@ -72,8 +72,17 @@ cdef object import_array(object obj, ArrayInfo* info, object stream)
 
 # Whether obj is a torch tensor, whose fields import_array reads directly (torch
 # builds its DLPack export, and its __dlpack_device__, in Python).
+cdef object _TORCH_TENSOR          # torch.Tensor, once an object of that exact type was seen
+
+
 cdef inline bint is_torch_tensor(object obj):
-    return type(obj).__module__ == "torch" and hasattr(obj, "data_ptr")
+    """A torch tensor (or subclass) whose fields import_array may read directly."""
+    if type(obj) is _TORCH_TENSOR:
+        return True
+    return _is_torch_tensor_slow(obj)
+
+
+cdef bint _is_torch_tensor_slow(object obj)
 
 
 cdef class DeviceArray:

@@ -36,6 +36,21 @@ NAMES = {code: name for name, (code, _, _) in DTYPES.items()}
 DEVICE_NAMES = {DL_CPU: "cpu", DL_CUDA: "cuda", DL_ROCM: "hip"}
 
 
+_TORCH_TENSOR = None
+
+
+cdef bint _is_torch_tensor_slow(object obj):
+    """is_torch_tensor's first test of a type: torch's own Tensor is remembered,
+    so that later tensors of it take one identity test."""
+    global _TORCH_TENSOR
+    cls = type(obj)
+    if cls.__module__ != "torch" or not hasattr(obj, "data_ptr"):
+        return False
+    if cls.__name__ == "Tensor":
+        _TORCH_TENSOR = cls
+    return True
+
+
 cdef object import_array(object obj, ArrayInfo* info, object stream):
     cdef cnp.ndarray arr
     cdef DLManagedTensor* managed
