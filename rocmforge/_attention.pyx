@@ -37,8 +37,12 @@ cdef cnp.ndarray _host_index(object obj, int ndim, str what):
     """A host index argument as a C-contiguous int32 numpy array (any integer
     dtype is accepted when its values fit)."""
     try:
-        arr = obj if isinstance(obj, np.ndarray) else (
-            np.from_dlpack(obj) if hasattr(obj, "__dlpack__") else np.asarray(obj))
+        if isinstance(obj, np.ndarray):
+            arr = obj
+        elif is_torch_tensor(obj):          # a CPU tensor's own view: far cheaper than its DLPack export
+            arr = (obj.detach() if obj.requires_grad else obj).numpy()
+        else:
+            arr = np.from_dlpack(obj) if hasattr(obj, "__dlpack__") else np.asarray(obj)
     except (TypeError, ValueError, BufferError) as exc:
         raise ArgumentTypeError(f"{what}: expected an integer array, got {type(obj).__name__} ({exc})") from None
     if arr.dtype.kind not in "iu":

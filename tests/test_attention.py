@@ -202,6 +202,28 @@ def test_prefill_with_one_query_each_equals_decode(device):
         assert np.array_equal(a, b)
 
 
+def test_torch_cpu_indices_equal_numpy_indices():
+    """Index arguments as torch CPU tensors (the transformers integration's paged
+    path on the CPU) read as their numpy views; a dtype numpy has no view of is refused."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(14)
+    with make("cpu", dtype="float32") as cache:
+        lens = [3, 20]
+        for sid, n in enumerate(lens):
+            write(cache, sid, list(range(n)), rng)
+        q = rng.standard_normal((2, 4, 16)).astype(np.float32)
+        tables = cache.manager.block_tables([0, 1])
+        want = paged_decode(q, cache, 0, tables, lens)
+        for t, n in ((torch.from_numpy(tables), torch.tensor(lens)),
+                     (torch.from_numpy(tables).long(), torch.tensor(lens, dtype=torch.int32))):
+            got = paged_decode(torch.from_numpy(q), cache, 0, t, n)
+            assert np.array_equal(host(got, "float32"), host(want, "float32"))
+        for bad in (torch.from_numpy(tables).to(torch.bfloat16),                  # no numpy view
+                    torch.from_numpy(tables).float().requires_grad_()):           # not integers
+            with pytest.raises(rf.ArgumentTypeError):
+                paged_decode(q, cache, 0, bad, lens)
+
+
 def test_padding_rows_get_zeros_and_out_is_written_in_place(device):
     rng = np.random.default_rng(13)
     with make(device, dtype="float32") as cache:
