@@ -135,6 +135,38 @@ def test_rows_of_one_prompt_share_its_blocks(mode):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("kw", [dict(num_return_sequences=3, do_sample=True), dict(num_beams=3)])
+def test_paged_decode_steps_upload_the_managers_tables(monkeypatch, kw):
+    """A paged decode step updates the kept tables where the appended positions
+    landed (a new block, or a copy of a shared last block on write) instead of
+    asking the manager for them; after every such step they equal the manager's
+    (forks of one prompt: copies on write). Beam search reorders the rows every
+    step, so each of its steps takes the manager's tables afresh."""
+    model = build("llama")
+    ids, mask = prompts([23, 9], seed=3)
+    seen = []
+    with RocmforgeCache(model, num_blocks=256, attention="paged") as cache:
+        def checked(slots, original=cache._decode_upload):
+            done = original(slots)
+            if done:
+                m = cache.kv.manager
+                want = m.block_tables(cache._rows)
+                got = cache._tables.cpu().numpy()
+                assert np.array_equal(got[:, :want.shape[1]], want) and (got[:, want.shape[1]:] == -1).all()
+                assert cache._lens.cpu().tolist() == [m.num_tokens(sid) for sid in cache._rows]
+                assert cache._slots.cpu().tolist() == list(slots)
+            seen.append(done)
+            return done
+        monkeypatch.setattr(cache, "_decode_upload", checked)
+        got = generate(model, ids, mask, cache, seed=4, new=50, **kw)
+        assert torch.equal(got, generate(model, ids, mask, dynamic(model), seed=4, new=50, **kw))
+    if "num_beams" in kw:
+        assert seen and not any(seen)
+    else:                                       # most steps kept; some rebuilt (a table outgrew its width)
+        assert sum(seen) > 40 and not all(seen)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("mode", MODES)
 def test_beam_search_is_identical(mode):
     model = build("llama", seed=5)

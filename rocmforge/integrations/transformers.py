@@ -169,6 +169,7 @@ class RocmforgeCache(Cache):
         self._tables = None                 # this forward's block tables, on the model's device
         self._lens = self._queries = None   # paged mode: each row's length; prefill's query rows
         self._max_len = 0
+        self._steps = None                  # paged decode steps' tables and lengths, kept (see _decode_upload)
         self._new_keys, self._layer = None, 0   # paged mode: this layer's update, for _attention
         self.model_tokens = 0               # token positions the model computed, all rows, all calls
         self._views = [(torch.from_dlpack(self.kv.key_cache(i)), torch.from_dlpack(self.kv.value_cache(i)))
@@ -209,6 +210,7 @@ class RocmforgeCache(Cache):
             if sid is not None and sid in m:   # (a fresh row's sequence is added by its first forward)
                 m.remove_sequence(sid)
         self._rows, self._twin, self._fresh, self._done, self._length = [], {}, set(), set(), 0
+        self._steps = None
 
     def prepare(self, input_ids, attention_mask=None) -> int:
         """Start a generation of these prompts ([batch, length] token ids, padded as
@@ -342,9 +344,12 @@ class RocmforgeCache(Cache):
         position, a row fed its EOS just now). Call when _decode_ready."""
         paged = self.attention_path == "paged"
         if paged and self._mask is not None:
-            toks, ones = torch.stack((self._tokens[:, 0], self._mask[:, -1].to(self._tokens.dtype))).tolist()
-            if not all(ones):
+            last = self._mask[:, -1:]
+            pairs = torch.cat((self._tokens, last if last.dtype == self._tokens.dtype else last.to(self._tokens.dtype)),
+                              1).tolist()
+            if not all(one for _, one in pairs):
                 return False
+            toks = [tok for tok, _ in pairs]
         else:
             toks = self._tokens[:, 0].tolist()
         live = [i for i in range(batch) if i not in self._done]
@@ -356,7 +361,8 @@ class RocmforgeCache(Cache):
         slots = m.append_batch(sids, 1, np.array([toks[i] for i in live], dtype=np.int32) if keeps else None)
         self._target = self._length + 1
         self.model_tokens += batch
-        self._upload(slots, device)
+        if len(live) < batch or not self._decode_upload(slots):
+            self._upload(slots, device)
         self._writes = None if len(live) == batch else torch.tensor(live, dtype=torch.long, device=device)
         self._queries = None
         return True
@@ -378,13 +384,52 @@ class RocmforgeCache(Cache):
         self._slots = packed[:n].view(torch.int64)
         self._tables = packed[n:n + tables.size].view(tables.shape)
         self._lens = packed[n + tables.size:]
+        if self.attention_path == "paged":
+            self._keep_for_steps(tables, lens, device)
+
+    def _keep_for_steps(self, tables, lens, device) -> None:
+        """The rows' tables (twice as wide, for the blocks to come) and lengths in one
+        host buffer, with a device buffer and its views, for _decode_upload."""
+        rows, width = tables.shape
+        wide = 2 * max(width, 1)
+        host = np.full(2 * rows + rows * wide + rows, -1, dtype=np.int32)
+        kept = host[2 * rows:2 * rows + rows * wide].reshape(rows, wide)
+        kept[:, :width] = tables
+        host[2 * rows + rows * wide:] = lens
+        dev = torch.empty(len(host), dtype=torch.int32, device=device)
+        self._steps = (np.arange(rows), torch.from_numpy(host), host[:2 * rows].view(np.int64), kept,
+                       host[2 * rows + rows * wide:], dev, dev[:2 * rows].view(torch.int64),
+                       dev[2 * rows:2 * rows + rows * wide].view(rows, wide), dev[2 * rows + rows * wide:])
+
+    def _decode_upload(self, slots) -> bool:
+        """A paged decode step of every row: each row's table changes in one entry
+        at most (the block of the position just appended, new or copied on write),
+        so the kept host tables are updated there and go over with the slots and
+        lengths in one copy into the buffer the kept views read. False when nothing
+        is kept or a table outgrows its width (the next upload keeps wider ones)."""
+        if self._steps is None:
+            return False
+        rows, host_t, host_slots, tables, lens, dev, dev_slots, dev_tables, dev_lens = self._steps
+        if len(rows) != len(slots) or self._max_len // self.block_size >= tables.shape[1]:
+            self._steps = None
+            return False
+        host_slots[:] = slots
+        tables[rows, lens // self.block_size] = slots // self.block_size   # the appended positions' entries
+        lens += 1
+        dev.copy_(host_t)
+        self._slots, self._tables, self._lens = dev_slots, dev_tables, dev_lens
+        self._max_len += 1
+        return True
 
     def _update(self, layer: int, key_states, value_states):
         batch, heads, count, dim = key_states.shape
         if layer == 0:
             self._begin_forward(batch, count, key_states.device)
-        k = key_states.transpose(1, 2).reshape(-1, heads, dim)
-        v = value_states.transpose(1, 2).reshape(-1, heads, dim)
+        if count == 1:                          # a decode step: [batch, heads, dim] is a view
+            k, v = key_states.reshape(batch, heads, dim), value_states.reshape(batch, heads, dim)
+        else:
+            k = key_states.transpose(1, 2).reshape(-1, heads, dim)
+            v = value_states.transpose(1, 2).reshape(-1, heads, dim)
         if self._writes is not None:
             k, v = k.index_select(0, self._writes), v.index_select(0, self._writes)
         self.kv.write_kv(layer, k.contiguous(), v.contiguous(), self._slots)
@@ -402,7 +447,7 @@ class RocmforgeCache(Cache):
         """Paged attention of this forward's queries ([batch, heads, new, head_dim]) over
         the rows' blocks: [batch, new, heads, head_dim], zeros at padding positions."""
         batch, heads, count, dim = query.shape
-        q = query.transpose(1, 2).reshape(batch * count, heads, dim)
+        q = query.reshape(batch, heads, dim) if count == 1 else query.transpose(1, 2).reshape(batch * count, heads, dim)
         if self._queries is None:               # decode: one real token per row
             out = torch.empty_like(q)
             paged_decode(q.contiguous(), self.kv, self._layer, self._tables, self._lens, scale=scaling, out=out,
@@ -437,6 +482,7 @@ class RocmforgeCache(Cache):
             m.remove_sequence(sid)
         self._rows = rows
         self._twin = {}
+        self._steps = None
         self._done = {i for i, o in enumerate(order) if o in self._done}
 
     # ---- the Cache interface, and closing --------------------------------------------------------
