@@ -259,8 +259,9 @@ def paged_attention(query, KvCache cache, layer, block_tables, seq_lens, query_s
                 check_st = rf_host_paged_attention(&a, &bad)
         elif check_st == RF_ATTN_OK:
             ws = _workspace(cache, handle, 4 * part * (cache._head_dim + 2))
-            cache._reserve_scratch(sum(h.nbytes + 16 for h in (idx.h_tables, idx.h_lens, idx.h_indptr, idx.h_starts)
-                                       if h is not None))
+            staged = [h for h in (idx.h_tables, idx.h_lens, idx.h_indptr, idx.h_starts) if h is not None]
+            if staged:                          # host indices go over through the scratch buffer
+                cache._reserve_scratch(sum(h.nbytes + 16 for h in staged))
             a.tables = _staged(cache, idx.h_tables, &idx.tables, &used, strm)
             a.seq_lens = _staged(cache, idx.h_lens, &idx.lens, &used, strm)
             if idx.csr:
