@@ -115,13 +115,33 @@ static float rf_attn_dot(const float *x, const float *y, int64_t D) {
     return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7])) + rest;
 }
 
+/* e^x for x <= 0 within 2.5e-7 relative (NaN stays NaN), branch-free so that a
+ * loop of it vectorizes: 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2 and
+ * e^r by its series to degree 6 (remainder below 1.2e-7). Below -87, where e^x
+ * is under 2^-125, it gives about 1.6e-38 rather than 0. */
+static float rf_pick(int take_b, float a, float b) {    /* take_b ? b : a, as masks (no branch) */
+    uint32_t m = 0u - (uint32_t)take_b;
+    return rf_float((rf_bits(a) & ~m) | (rf_bits(b) & m));
+}
+
+static float rf_exp_neg(float x) {
+    const float shift = 12582912.0f;                    /* 1.5 * 2^23: adding it rounds to an integer */
+    x = rf_pick(x < -87.0f, x, -87.0f);
+    float n = (x * 1.44269504088896341f + shift) - shift;
+    float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;     /* ln 2 in two parts */
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    float e = rf_pick(!(n <= 0.0f), n, 0.0f);          /* (NaN: 0, so the conversion is defined) */
+    e = rf_pick(!(e >= -126.0f), e, -126.0f);
+    return p * rf_float((uint32_t)((int32_t)e + 127) << 23);
+}
+
 /* One query token of sequence s at position pos, all heads: q holds its
  * num_q_heads * head_dim query values; kbuf and vbuf hold RF_ATTN_CHUNK rows,
  * m and l num_q_heads floats (scratch of rf_host_paged_attention). */
 static void rf_attn_token(const rf_attn_args *a, const int32_t *table, int64_t pos, const float *q, const float *fp8,
                           float *out, float *kbuf, float *vbuf, float *m, float *l) {
     const int64_t D = a->head_dim, G = a->num_q_heads / a->num_kv_heads, Hkv = a->num_kv_heads;
-    float sc[RF_ATTN_CHUNK];
+    float sc[RF_ATTN_CHUNK], w[RF_ATTN_CHUNK];
     for (int64_t h = 0; h < a->num_q_heads; h++) {
         m[h] = -INFINITY;
         l[h] = 0.0f;
@@ -149,11 +169,11 @@ static void rf_attn_token(const rf_attn_args *a, const int32_t *table, int64_t p
                     l[h] *= c;
                     m[h] = top;
                 }
+                for (int64_t j = 0; j < n; j++) w[j] = rf_exp_neg(sc[j] - m[h]);
                 for (int64_t j = 0; j < n; j++) {
-                    const float w = expf(sc[j] - m[h]);
                     const float *v = vbuf + j * D;
-                    l[h] += w;
-                    for (int64_t d = 0; d < D; d++) acc[d] += w * v[d];
+                    l[h] += w[j];
+                    for (int64_t d = 0; d < D; d++) acc[d] += w[j] * v[d];
                 }
             }
         }
