@@ -8,16 +8,6 @@
 
 #include "rf_convert.h"
 
-static float rf_attn_load(const void *p, int64_t i, int dt, float scale) {
-    switch (dt) {
-    case RF_DT_F32: return ((const float *)p)[i];
-    case RF_DT_F16: return rf_f16_bits_to_f32(((const uint16_t *)p)[i]);
-    case RF_DT_BF16: return rf_bf16_bits_to_f32(((const uint16_t *)p)[i]);
-    case RF_DT_FP8_E4M3: return rf_e4m3_bits_to_f32(((const uint8_t *)p)[i]) * scale;
-    default: return (float)((const int8_t *)p)[i] * scale;
-    }
-}
-
 static void rf_attn_store(void *p, int64_t i, int dt, float x) {
     switch (dt) {
     case RF_DT_F32: ((float *)p)[i] = x; break;
@@ -152,15 +142,15 @@ static float rf_attn_dot(const float *x, const float *y, int64_t D) {
     return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7])) + rest;
 }
 
-/* e^x for x <= 0 within 2.5e-7 relative (NaN stays NaN), branch-free so that a
- * loop of it vectorizes: 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2 and
- * e^r by its series to degree 6 (remainder below 1.2e-7). Below -87, where e^x
- * is under 2^-125, it gives about 1.6e-38 rather than 0. */
 static float rf_pick(int take_b, float a, float b) {    /* take_b ? b : a, as masks (no branch) */
     uint32_t m = 0u - (uint32_t)take_b;
     return rf_float((rf_bits(a) & ~m) | (rf_bits(b) & m));
 }
 
+/* e^x for x <= 0 within 2.5e-7 relative (NaN stays NaN), branch-free so that a
+ * loop of it vectorizes: 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2 and
+ * e^r by its series to degree 6 (remainder below 1.2e-7). Below -87, where e^x
+ * is under 2^-125, it gives about 1.6e-38 rather than 0. */
 static float rf_exp_neg(float x) {
     const float shift = 12582912.0f;                    /* 1.5 * 2^23: adding it rounds to an integer */
     x = rf_pick(x < -87.0f, x, -87.0f);
@@ -236,7 +226,7 @@ int rf_host_paged_attention(const rf_attn_args *a, int64_t *bad) {
         const int32_t *table = rf_attn_table(a, s, &len);
         for (int64_t i = 0; i < nq; i++) {
             int64_t t = first + i;
-            for (int64_t j = 0; j < row; j++) q[j] = rf_attn_load(a->query, t * row + j, a->q_dt, 1.0f);
+            rf_attn_row(a->query, t * row, row, a->q_dt, 1.0f, NULL, 0, q);
             rf_attn_token(a, table, n - nq + i, q, fp8, f16c, acc, kbuf, vbuf, m, l);   /* n == 0: pos < 0, zeros */
             for (int64_t j = 0; j < row; j++) rf_attn_store(a->out, t * row + j, a->q_dt, acc[j]);
         }
