@@ -104,8 +104,8 @@ tensor_parallel = Extension(
 # Each code object: its source, and the headers it includes.
 KERNELS = {
     "kv_kernels": [os.path.join("hip", "kernels", "kv_kernels.cu"), os.path.join("hip", "rf_convert.h")],
-    "attention": [os.path.join("hip", "kernels", "attention.cu"), os.path.join("hip", "rf_convert.h"),
-                  os.path.join("hip", "rf_attention.h")],
+    "attention": [os.path.join("hip", "kernels", "attention.cu"), os.path.join("hip", "kernels", "attention_mma.cuh"),
+                  os.path.join("hip", "rf_convert.h"), os.path.join("hip", "rf_attention.h")],
 }
 
 

@@ -222,11 +222,12 @@ def paged_attention(query, KvCache cache, layer, block_tables, seq_lens, query_s
         if q.shape[0] * q.shape[1] >= 2 ** 31:
             raise ArgumentValueError(f"the GPU kernels take fewer than 2**31 query rows (tokens x heads), "
                                      f"not {q.shape[0] * q.shape[1]}")
-        # a split's thread blocks: one per query token, kv head and group of up to
-        # 8 of its query heads (the kernels' widest head block)
-        splits = _splits(idx, cache, max_seq_len,
-                         q.shape[0] * cache._heads * max(1, -(-(q.shape[1] // cache._heads) // 8)), &span)
         kernels = _kernels_for(cache._dev)
+        # a split's thread blocks: one per query token, kv head and group of query heads
+        hb = kernels.heads_per_block(q.dtype, cache._dt, cache._head_dim, cache._num_blocks * cache._block_size,
+                                     q.shape[1] // cache._heads)
+        splits = _splits(idx, cache, max_seq_len, q.shape[0] * cache._heads * (-(-(q.shape[1] // cache._heads) // hb)),
+                         &span)
     shape = (q.shape[0], q.shape[1], q.shape[2])
     if out is None:
         result = DeviceArray(DeviceBuffer(q.shape[0] * q.shape[1] * q.shape[2] * (4 if q.dtype == DT_F32 else 2),

@@ -86,7 +86,11 @@ cdef class AttentionKernels:
     cdef void* _module
     cdef void* _split[20]      # [4 * cache dtype + log2(query heads per block)]
     cdef void* _reduce
+    cdef void* _mma[6]         # [3 * (dtype - float16) + log2(head_dim / 64)], NULL where the image lacks it
     cdef readonly int device
+    cdef void* mma_kernel(self, int q_dt, int cache_dt, int64_t head_dim, int64_t slots) noexcept nogil
+    cdef int heads_per_block(self, int q_dt, int cache_dt, int64_t head_dim, int64_t slots,
+                             int64_t group) noexcept nogil
     # Queue paged attention on `stream`: the split kernel, then (num_splits > 1)
     # the reduction. a's pointers are device addresses; part_acc and part_ml hold
     # num_queries * num_q_heads * num_splits * (head_dim, 2) floats; bad is the

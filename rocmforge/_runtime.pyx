@@ -12,6 +12,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy
 cimport numpy as cnp
+from rocmforge._host_kernels cimport RF_DT_F16, RF_DT_BF16
 import numpy as np
 
 from rocmforge.errors import ArgumentTypeError, ArgumentValueError, DeviceError, InvalidConfiguration
@@ -319,6 +320,9 @@ _KERNELS = (b"rf_write_kv", b"rf_copy_blocks", b"rf_gather_rows", b"rf_gather_bl
 # One split kernel per cache dtype and query heads per block (1, 2, 4, 8), then the reduction.
 _ATTENTION_KERNELS = tuple(f"rf_paged_attention_{dt}_{hb}".encode() for dt in range(5) for hb in (1, 2, 4, 8)) \
     + (b"rf_paged_attention_reduce",)
+# The tensor-core kernels (float16, bfloat16 by head_dim 64, 128, 256): only CUDA images for compute capability
+# 8.0 and newer have them, so they are looked up, not required.
+_ATTENTION_MMA_KERNELS = tuple(f"rf_paged_attention_mma_{dt}_{d}".encode() for dt in (1, 2) for d in (64, 128, 256))
 
 
 cdef class DeviceStream:
@@ -494,6 +498,29 @@ cdef class AttentionKernels:
             slots[i] = &self._split[i]
         slots[20] = &self._reduce
         _load_module(device, "attention", image, &self._module, _ATTENTION_KERNELS, slots)
+        for i, kernel in enumerate(_ATTENTION_MMA_KERNELS):
+            if rf_rt_function(device, self._module, kernel, &self._mma[i]) != RF_RT_OK:
+                self._mma[i] = NULL
+
+    @property
+    def tensor_core_kernels(self):
+        """How many of the 6 tensor-core kernels the loaded image has (CUDA for 8.0+: all; HIP: none)."""
+        return sum(self._mma[i] != NULL for i in range(6))
+
+    cdef void* mma_kernel(self, int q_dt, int cache_dt, int64_t head_dim, int64_t slots) noexcept nogil:
+        """The tensor-core kernel for these arguments, or NULL: it takes float16/bfloat16 queries over a
+        cache of the same type, head_dim 64/128/256, and a pool of fewer than 2**31 rows."""
+        cdef int d = 0 if head_dim == 64 else (1 if head_dim == 128 else (2 if head_dim == 256 else -1))
+        if q_dt != cache_dt or not (q_dt == RF_DT_F16 or q_dt == RF_DT_BF16) or d < 0 or slots >= (<int64_t>1 << 31):
+            return NULL
+        return self._mma[3 * (q_dt - RF_DT_F16) + d]
+
+    cdef int heads_per_block(self, int q_dt, int cache_dt, int64_t head_dim, int64_t slots,
+                             int64_t group) noexcept nogil:
+        """Query heads one thread block takes: 16 for the tensor-core kernel, else 1, 2, 4 or 8."""
+        if self.mma_kernel(q_dt, cache_dt, head_dim, slots) != NULL:
+            return 16
+        return 1 if group == 1 else (2 if group == 2 else (4 if group <= 4 else 8))
 
     def __dealloc__(self):
         if self._module != NULL:
@@ -505,8 +532,8 @@ cdef class AttentionKernels:
         cdef unsigned grid[3]
         cdef unsigned block[3]
         cdef int64_t group = a.num_q_heads // a.num_kv_heads
-        cdef int hbi = 0 if group == 1 else (1 if group == 2 else (2 if group <= 4 else 3))
-        cdef int hb = 1 << hbi
+        cdef int hb = self.heads_per_block(a.q_dt, a.cache_dt, a.head_dim, a.num_blocks * a.block_size, group)
+        cdef int hbi = 0 if hb == 1 else (1 if hb == 2 else (2 if hb == 4 else 3))
         cdef int lanes = 1
         cdef int st
         if a.num_queries == 0:
@@ -515,12 +542,20 @@ cdef class AttentionKernels:
             lanes *= 2
         grid[0], grid[1], grid[2] = <unsigned>(a.num_queries * a.num_kv_heads * ((group + hb - 1) // hb)), \
             <unsigned>num_splits, 1
-        block[0], block[1], block[2] = RF_ATTN_THREADS, 1, 1
-        params[0], params[1], params[2] = a, &lanes, &num_splits
-        params[3], params[4], params[5] = &part_acc, &part_ml, &bad
-        st = rf_rt_launch(self.device, self._split[4 * a.cache_dt + hbi], grid, block,
-                          <unsigned>(4 * (hb * a.head_dim + (RF_ATTN_THREADS // 32) * hb)),
-                          params, stream)
+        if hb == 16:                            # one warp, static shared memory; no lane count
+            block[0], block[1], block[2] = 32, 1, 1
+            params[0], params[1], params[2], params[3], params[4] = a, &num_splits, &part_acc, &part_ml, &bad
+            st = rf_rt_launch(self.device, self.mma_kernel(a.q_dt, a.cache_dt, a.head_dim,
+                                                           a.num_blocks * a.block_size),
+                              grid, block, 0, params, stream)
+        else:
+            block[0], block[1], block[2] = RF_ATTN_THREADS, 1, 1
+            params[0], params[1], params[2] = a, &lanes, &num_splits
+            params[3], params[4], params[5] = &part_acc, &part_ml, &bad
+            st = rf_rt_launch(self.device, self._split[4 * a.cache_dt + hbi], grid, block,
+                              <unsigned>(4 * (hb * a.head_dim + (RF_ATTN_THREADS // 32) * hb)),
+                              params, stream)
+        block[0] = RF_ATTN_THREADS
         if st != RF_RT_OK or num_splits == 1:
             return st
         grid[0], grid[1], grid[2] = <unsigned>a.num_queries, <unsigned>a.num_q_heads, 1

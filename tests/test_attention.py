@@ -128,6 +128,39 @@ def test_gqa_ratios_and_block_sizes(device, group, block_size):
             check(got[sid:sid + 1], reference(q[sid:sid + 1], *kv(cache, sid, 0), n - 1, 0.3), "float32")
 
 
+@pytest.mark.parametrize("dtype,head_dim,group,block_size", [
+    ("float16", 64, 1, 8), ("float16", 128, 4, 16), ("float16", 256, 32, 32),
+    ("bfloat16", 64, 32, 16), ("bfloat16", 128, 1, 32), ("bfloat16", 256, 4, 8)])
+def test_tensor_core_shapes_match_the_reference(device, dtype, head_dim, group, block_size):
+    """The shapes the GPU reads on tensor cores (queries of the cache's float16 or
+    bfloat16 type, head_dim 64/128/256): up to 16 query heads a thread block (32:
+    two blocks), tiles of 16 positions that straddle blocks of 8 or lie inside
+    blocks of 32, partial last tiles, one split and many, a padding row, and a
+    prefill chunk. The host backend runs the same cases through its own kernel."""
+    rng = np.random.default_rng(head_dim + group + block_size)
+    with make(device, heads=2, head_dim=head_dim, block_size=block_size, num_blocks=256, dtype=dtype,
+              layers=1) as cache:
+        short, long = [1, 15, 16, 17], 600
+        for sid, n in enumerate(short + [long]):
+            write(cache, sid, list(range(n)), rng)
+        scale = head_dim ** -0.5
+        for ids, lens in ((range(4), short + [0]), ([4], [long])):     # one split; many
+            ids = list(ids)
+            tables = np.full((len(lens), -(-long // block_size)), -1, dtype=np.int32)
+            for row, sid in enumerate(ids):
+                table = cache.manager.block_table(sid)
+                tables[row, :len(table)] = table
+            q = to_device(cache, rng.standard_normal((len(lens), 2 * group, head_dim)).astype(np.float32), dtype)
+            got = host(paged_decode(q, cache, 0, tables, lens), dtype)
+            qr = host(q, dtype)
+            for row, sid in enumerate(ids):
+                check(got[row:row + 1], reference(qr[row:row + 1], *kv(cache, sid, 0), lens[row] - 1, scale), dtype)
+            assert (got[len(ids):] == 0).all()
+        q = to_device(cache, rng.standard_normal((20, 2 * group, head_dim)).astype(np.float32), dtype)
+        got = host(paged_prefill(q, cache, 0, cache.manager.block_tables([4]), [long], [0, 20]), dtype)
+        check(got, reference(host(q, dtype), *kv(cache, 4, 0), long - 20, scale), dtype)
+
+
 def test_csr_tables_equal_dense_tables(device):
     rng = np.random.default_rng(5)
     with make(device, dtype="bfloat16") as cache:

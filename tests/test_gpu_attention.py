@@ -61,6 +61,12 @@ def test_the_gpu_equals_the_host_version_with_splits_and_device_indices():
         c.close()
 
 
+def test_cuda_images_have_the_tensor_core_kernels():
+    """The CUDA image (compute capability 8.0+) carries the float16/bfloat16 tensor-core
+    kernels, so test_attention's tensor-core shapes run them; HIP images carry none."""
+    assert _runtime.AttentionKernels(0).tensor_core_kernels == (6 if INFO["backend"] == "cuda" else 0)
+
+
 def test_chunked_prefill_on_the_gpu_equals_the_host():
     gpu, cpu = filled(dtype="bfloat16", lens=(40, 600))
     starts = np.array([0, 8, 108], dtype=np.int32)

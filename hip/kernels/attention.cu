@@ -99,6 +99,75 @@ __device__ __forceinline__ int64_t rf_attn_seq(const rf_attn_args &a, int64_t t,
     return lo;
 }
 
+// What one thread block attends: query token t of sequence s, kv head g,
+// query heads [h0, h0 + nh), and positions [begin, end) of the token's
+// context (split blockIdx.y), whose table entries start at entry b0.
+struct rf_attn_job {
+    int64_t t, s, g, h0, begin, end, b0, out_row;
+    int nh;
+};
+
+// The job of this thread block (NT threads, up to hb query heads), with its
+// checks, as rf_attn_check: a failing sequence is reported through *bad and
+// gets no result. The split's table entries go to blocks[]. Returns false
+// when there is nothing to attend: the block has then written zeros (one
+// split) or marked its split empty.
+template <int NT>
+__device__ bool rf_attn_open(const rf_attn_args &a, int hb, int64_t num_splits, int32_t *blocks, float *part_ml,
+                             unsigned long long *bad, rf_attn_job &j) {
+    __shared__ int rf_attn_bad, rf_attn_bad_entry;  // bad arguments; a table entry outside the pool
+    // Block x: the head group fastest, so that the blocks running at once read
+    // every head's share of the same cache rows (one DRAM page, not eight).
+    const int64_t D = a.head_dim, Hq = a.num_q_heads, G = Hq / a.num_kv_heads, chunks = (G + hb - 1) / hb;
+#ifdef RF_ATTN_QUERY_MAJOR
+    const int64_t y = blockIdx.x / a.num_queries;
+    j.t = blockIdx.x % a.num_queries;
+#else
+    const int64_t y = blockIdx.x % (a.num_kv_heads * chunks);
+    j.t = blockIdx.x / (a.num_kv_heads * chunks);
+#endif
+    const int64_t bs = a.block_size, split = blockIdx.y;
+    j.g = y / chunks, j.h0 = j.g * G + (y % chunks) * hb;
+    j.nh = (int)(G - (y % chunks) * hb < hb ? G - (y % chunks) * hb : hb);
+    int64_t first, nq;
+    j.s = rf_attn_seq(a, j.t, &first, &nq);
+    const int64_t n = a.seq_lens[j.s];
+    int64_t len = a.stride;
+    const int32_t *table = a.tables + j.s * a.stride;
+    if (a.indptr) {
+        table = a.tables + a.indptr[j.s];
+        len = a.indptr[j.s + 1] - a.indptr[j.s];
+    }
+    const int64_t ctx = n == 0 ? 0 : n - nq + (j.t - first) + 1;    // positions [0, ctx) are attended
+    j.begin = split * a.part, j.end = ctx < j.begin + a.part ? ctx : j.begin + a.part;
+    j.b0 = j.begin / bs, j.out_row = (j.t * Hq + j.h0) * D;
+    if (threadIdx.x == 0) {
+        bool ok = n >= 0 && (n + bs - 1) / bs <= len && (n == 0 || n >= nq) && j.t >= first && j.t < first + nq &&
+                  ctx <= num_splits * a.part;
+        if (a.indptr) ok = ok && a.indptr[j.s] >= 0 && len >= 0 && a.indptr[j.s + 1] <= a.num_indices;
+        rf_attn_bad = !ok, rf_attn_bad_entry = 0;
+    }
+    __syncthreads();
+    if (!rf_attn_bad && j.begin < j.end) {
+        for (int64_t b = j.b0 + threadIdx.x; b <= (j.end - 1) / bs; b += NT) {
+            const int32_t id = table[b];
+            if (id < 0 || id >= a.num_blocks) rf_attn_bad_entry = 1;
+            blocks[b - j.b0] = id;
+        }
+    }
+    __syncthreads();
+    const bool failed = rf_attn_bad || rf_attn_bad_entry;
+    if (failed && threadIdx.x == 0) atomicMin(bad, (unsigned long long)j.s);
+    if (!failed && j.begin < j.end) return true;
+    if (num_splits == 1) {                      // nothing to attend: zeros, or an empty split
+        for (int64_t i = threadIdx.x; i < j.nh * D; i += NT) rf_attn_put(a.out, j.out_row + i, a.q_dt, 0.0f);
+    } else if (threadIdx.x < j.nh) {
+        const int64_t k = ((j.t * Hq + j.h0 + threadIdx.x) * num_splits + split) * 2;
+        part_ml[k] = -INFINITY, part_ml[k + 1] = 0.0f;
+    }
+    return false;
+}
+
 // Sum (or maximum) of v over the 32-lane group, then over the block's groups
 // through red (RF_ATTN_GROUPS * HB floats); every thread gets the block's value.
 template <int HB, bool MAX> __device__ __forceinline__ void rf_attn_block_reduce(float *v, float *red) {
@@ -152,60 +221,15 @@ __device__ void rf_attn_split(const rf_attn_args &a, int L, int64_t num_splits, 
     __shared__ int64_t rows[RF_ATTN_PART];      // byte offset of each position's row in the cache
     __shared__ int32_t blocks[RF_ATTN_PART + 1]; // the split's table entries
     __shared__ float fp8[DT == RF_DT_FP8_E4M3 ? 256 : 1];   // e4m3 values, for fp8 caches
-    __shared__ int rf_attn_bad, rf_attn_bad_entry;  // bad arguments; a table entry outside the pool
-    // Block x: the head group fastest, so that the blocks running at once read
-    // every head's share of the same cache rows (one DRAM page, not eight).
-    const int64_t D = a.head_dim, Hq = a.num_q_heads, G = Hq / a.num_kv_heads, chunks = (G + HB - 1) / HB;
-#ifdef RF_ATTN_QUERY_MAJOR
-    const int64_t t = blockIdx.x % a.num_queries, y = blockIdx.x / a.num_queries;
-#else
-    const int64_t y = blockIdx.x % (a.num_kv_heads * chunks), t = blockIdx.x / (a.num_kv_heads * chunks);
-#endif
-    const int64_t g = y / chunks, h0 = g * G + (y % chunks) * HB, split = blockIdx.y, bs = a.block_size;
-    const int nh = (int)(G - (y % chunks) * HB < HB ? G - (y % chunks) * HB : HB);
-    const int lane = threadIdx.x % L, sg = threadIdx.x / L, nsg = RF_ATTN_THREADS / L;
-    const bool lane_on = lane * 8 < D;
-    int64_t first, nq, s = rf_attn_seq(a, t, &first, &nq);
-    int64_t n = a.seq_lens[s], len = a.stride;
-    const int32_t *table = a.tables + s * a.stride;
-    if (a.indptr) {
-        table = a.tables + a.indptr[s];
-        len = a.indptr[s + 1] - a.indptr[s];
-    }
-    const int64_t ctx = n == 0 ? 0 : n - nq + (t - first) + 1;    // positions [0, ctx) are attended
-    const int64_t begin = split * a.part, end = ctx < begin + a.part ? ctx : begin + a.part;
-
-    // Checks, as rf_attn_check: a failing sequence is reported and gets no result.
-    if (threadIdx.x == 0) {
-        bool ok = n >= 0 && (n + bs - 1) / bs <= len && (n == 0 || n >= nq) && t >= first && t < first + nq &&
-                  ctx <= num_splits * a.part;
-        if (a.indptr) ok = ok && a.indptr[s] >= 0 && len >= 0 && a.indptr[s + 1] <= a.num_indices;
-        rf_attn_bad = !ok, rf_attn_bad_entry = 0;
-    }
-    __syncthreads();
-    const int64_t b0 = begin / bs;
-    if (!rf_attn_bad && begin < end) {
-        for (int64_t b = b0 + threadIdx.x; b <= (end - 1) / bs; b += RF_ATTN_THREADS) {
-            const int32_t id = table[b];
-            if (id < 0 || id >= a.num_blocks) rf_attn_bad_entry = 1;
-            blocks[b - b0] = id;
-        }
-    }
     if constexpr (DT == RF_DT_FP8_E4M3)
         for (int i = threadIdx.x; i < 256; i += RF_ATTN_THREADS) fp8[i] = rf_e4m3_bits_to_f32((uint8_t)i);
-    __syncthreads();
-    const bool failed = rf_attn_bad || rf_attn_bad_entry;
-    if (failed && threadIdx.x == 0) atomicMin(bad, (unsigned long long)s);
-    const int64_t out_row = (t * Hq + h0) * D;
-    if (failed || begin >= end) {               // nothing to attend: zeros, or an empty split
-        if (num_splits == 1) {
-            for (int64_t i = threadIdx.x; i < nh * D; i += RF_ATTN_THREADS) rf_attn_put(a.out, out_row + i, a.q_dt, 0.0f);
-        } else if (threadIdx.x < nh) {
-            int64_t k = ((t * Hq + h0 + threadIdx.x) * num_splits + split) * 2;
-            part_ml[k] = -INFINITY, part_ml[k + 1] = 0.0f;
-        }
-        return;
-    }
+    rf_attn_job job;
+    if (!rf_attn_open<RF_ATTN_THREADS>(a, HB, num_splits, blocks, part_ml, bad, job)) return;
+    const int64_t D = a.head_dim, Hq = a.num_q_heads, g = job.g, h0 = job.h0, t = job.t, bs = a.block_size;
+    const int64_t begin = job.begin, end = job.end, b0 = job.b0, out_row = job.out_row;
+    const int nh = job.nh;
+    const int lane = threadIdx.x % L, sg = threadIdx.x / L, nsg = RF_ATTN_THREADS / L;
+    const bool lane_on = lane * 8 < D;
     const int cnt = (int)(end - begin), off0 = (int)(begin - b0 * bs), ibs = (int)bs;
     const int64_t rowb = D * rf_attn_bytes(a.cache_dt), Hkv = a.num_kv_heads;
     for (int i = threadIdx.x; i < cnt; i += RF_ATTN_THREADS)
@@ -313,7 +337,7 @@ __device__ void rf_attn_split(const rf_attn_args &a, int L, int64_t num_splits, 
                 if (num_splits == 1) {
                     rf_attn_put(a.out, out_row + h * D + d, a.q_dt, sums[h * D + d] / lsum[h]);
                 } else {
-                    int64_t k = (t * Hq + h0 + h) * num_splits + split;
+                    int64_t k = (t * Hq + h0 + h) * num_splits + blockIdx.y;
                     part_acc[k * D + d] = sums[h * D + d];
                     if (d == 0) part_ml[2 * k] = top[h], part_ml[2 * k + 1] = lsum[h];
                 }
@@ -355,3 +379,5 @@ rf_paged_attention_reduce(rf_attn_args a, int64_t num_splits, const float *part_
         rf_attn_put(a.out, row * D + d, a.q_dt, l > 0.0f ? o / l : 0.0f);
     }
 }
+
+#include "attention_mma.cuh"
