@@ -3,7 +3,8 @@ hip/kernels/kv_kernels.cu, for example with other -D values) gets caches of its
 own, and write_kv (T=256 and 8192) and copy_blocks (512 MiB) are timed on the
 cases of rocmforge.bench_kernels, the images alternating within each repetition.
 Each case also runs with its slots (or block pairs) in order instead of
-scattered, which shows what the scatter itself costs.
+scattered, which shows what the scatter itself costs; copy_blocks also with
+its scattered pairs sorted by source and by destination.
 
     python benchmarks/ab_kv_kernels.py NAME=IMAGE [NAME=IMAGE ...] [--reps 7]
 
@@ -61,7 +62,8 @@ def main(argv=None):
     _kvcache._kernels_by_device.pop(0, None)
     cases = {f"write_kv {key}": (lambda c, key=key: c[0].write_kv(0, *inputs[key]),
                                  2 * 2 * inputs[key][0].numel() * 2, 50) for key in inputs}
-    for order, p in (("", pairs), (", in order", in_order)):
+    by_src, by_dst = pairs[np.argsort(pairs[:, 0])], pairs[np.argsort(pairs[:, 1])]
+    for order, p in (("", pairs), (", in order", in_order), (", by source", by_src), (", by destination", by_dst)):
         p = torch.from_numpy(p).cuda()                  # on the GPU: copy_blocks neither stages nor waits
         cases[f"copy_blocks (512 MiB){order}"] = (lambda c, p=p: c[1].copy_blocks(p),
                                                   2 * 2 * layers * pairs_n * BLOCK * HEADS * HEAD_DIM * 2, 10)
