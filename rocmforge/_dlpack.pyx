@@ -120,10 +120,10 @@ cdef object _torch_array(object t, ArrayInfo* info):
     if len(shape) > 8:
         raise ArgumentValueError(f"arrays of {len(shape)} dimensions are not supported")
     info.ptr = t.data_ptr()
-    if t.is_cpu:
-        info.device_type, info.device_id = DL_CPU, 0
-    elif t.is_cuda:                 # also ROCm builds of torch
+    if t.is_cuda:                   # also ROCm builds of torch; first, as the hot path's tensors are there
         info.device_type, info.device_id = (DL_ROCM if rt_backend() == 1 else DL_CUDA), t.get_device()
+    elif t.is_cpu:
+        info.device_type, info.device_id = DL_CPU, 0
     else:
         info.device_type, info.device_id = -1, 0
     info.dtype = _BY_TORCH.get(t.dtype, DT_OTHER)

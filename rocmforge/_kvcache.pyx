@@ -237,11 +237,6 @@ cdef class KvCache:
 
     # ---- state ------------------------------------------------------------------------------------
 
-    def _live(self):
-        """Raise if closed. Calls that touch the storage check again under the lock."""
-        if not self._open:
-            raise ArgumentValueError("the KvCache is closed")
-
     @property
     def closed(self):
         return not self._open
@@ -292,12 +287,15 @@ cdef class KvCache:
                 f"block_size={self._block_size}, {state}, device={self.device!r})")
 
     cdef int _layer(self, object layer) except -1:
-        self._live()
-        if isinstance(layer, bool) or not hasattr(layer, "__index__"):
-            raise ArgumentTypeError(f"layer must be an int, got {type(layer).__name__}")
-        if not 0 <= layer.__index__() < self._num_layers:
+        cdef object i = layer
+        self._check_open()
+        if type(layer) is not int:          # the common case skips the protocol lookups
+            if isinstance(layer, bool) or not hasattr(layer, "__index__"):
+                raise ArgumentTypeError(f"layer must be an int, got {type(layer).__name__}")
+            i = layer.__index__()
+        if not 0 <= i < self._num_layers:
             raise ArgumentValueError(f"layer {layer} outside [0, {self._num_layers})")
-        return layer.__index__()
+        return i
 
     def key_cache(self, layer):
         """Layer's key cache as a DeviceArray [num_blocks, block_size, heads, head_dim]
@@ -315,7 +313,8 @@ cdef class KvCache:
             return DeviceArray(self._buffers[i], self._cache_shape(), self.dtype)
 
     cdef int _check_open(self) except -1:
-        """_live for a caller that holds the lock: close() may have run since."""
+        """Raise if closed. Calls that touch the storage check before they take
+        the lock and again under it: close() may have run in between."""
         if not self._open:
             raise ArgumentValueError("the KvCache is closed")
         return 0
@@ -490,7 +489,7 @@ cdef class KvCache:
         cdef ArrayInfo p
         cdef int st = 0
         cdef void* strm = stream_handle(stream)
-        self._live()
+        self._check_open()
         if self._dev >= 0 and hasattr(pairs, "__dlpack_device__") and not isinstance(pairs, np.ndarray) \
                 and pairs.__dlpack_device__()[0] != DL_CPU:
             keep = import_array(pairs, &p, None if strm == NULL else <size_t>strm)
@@ -519,7 +518,7 @@ cdef class KvCache:
     def apply_pending_copies(self, stream=None):
         """Run the manager's queued copy-on-write copies now (write_kv does it first anyway)."""
         cdef void* strm = stream_handle(stream)
-        self._live()
+        self._check_open()
         with self._lock:
             self._check_open()
             self._apply_pending(strm)
@@ -604,7 +603,7 @@ cdef class KvCache:
         cdef cnp.ndarray words = np.empty(self._num_layers + 2, dtype=np.uint64)
         cdef int st = 0
         cdef DeviceBuffer flags
-        self._live()
+        self._check_open()
         if self._dev < 0:
             return
         with self._lock:
@@ -707,7 +706,7 @@ cdef class KvCache:
     def swap_out(self, seq_ids):
         """Move sequences' K/V to host memory and release their blocks (preemption
         by swapping). All named sequences must exist; nothing changes otherwise."""
-        self._live()
+        self._check_open()
         self._whole("swap_out")
         ids = _distinct_ids(seq_ids)
         with self._lock:
@@ -716,7 +715,7 @@ cdef class KvCache:
     def swap_in(self, seq_ids):
         """Bring swapped-out sequences back: fresh blocks (a cached prefix is reused),
         their K/V copied back. All or nothing: OutOfBlocks leaves them swapped out."""
-        self._live()
+        self._check_open()
         self._whole("swap_in")
         ids = _distinct_ids(seq_ids)
         with self._lock:
@@ -749,7 +748,7 @@ cdef class KvCache:
         Serialized with the data path: a write_kv, gather or swap in another
         thread runs entirely before or after it. Block ids and slots taken
         before it are stale after it (remap them with the moves)."""
-        self._live()
+        self._check_open()
         self._whole("compact")
         with self._lock:
             self._check_open()
@@ -769,7 +768,7 @@ cdef class KvCache:
 
     def grow(self, num_blocks):
         """Enlarge the pool and the storage to num_blocks (new blocks are zeroed)."""
-        self._live()
+        self._check_open()
         self._whole("grow")
         if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
             raise ArgumentTypeError("num_blocks must be an int")

@@ -363,12 +363,13 @@ cdef class DeviceEvent:
 
 
 cdef unsigned THREADS = 256
+cdef unsigned COPY_THREADS = 512          # a block copy: a 32 KiB block in one round of four pieces
 
 
-cdef inline unsigned _threads(int64_t work) noexcept nogil:
+cdef inline unsigned _threads(int64_t work, unsigned limit=THREADS) noexcept nogil:
     """Threads per block for `work` parallel items (a 16-byte copy thread takes four
-    pieces at once): a multiple of 32, at most THREADS."""
-    return <unsigned>min(<int64_t>THREADS, max(<int64_t>32, (work + 31) // 32 * 32))
+    pieces at once): a multiple of 32, at most limit."""
+    return <unsigned>min(<int64_t>limit, max(<int64_t>32, (work + 31) // 32 * 32))
 
 
 cdef inline int64_t _dt_bytes(int dt) noexcept nogil:
@@ -450,8 +451,8 @@ cdef class DeviceKernels:
         if num_pairs == 0 or num_caches == 0:
             return RF_RT_OK
         params[0], params[1], params[2], params[3], params[4] = &cache_ptrs, &pairs, &block_bytes, &num_blocks, &bad
-        return self._launch(self._copy, <unsigned>num_pairs, <unsigned>num_caches, _threads(block_bytes // 64),
-                            params, stream)
+        return self._launch(self._copy, <unsigned>num_pairs, <unsigned>num_caches,
+                            _threads(block_bytes // 64, COPY_THREADS), params, stream)
 
     cdef int copy_between(self, uint64_t dst_ptrs, uint64_t src_ptrs, int64_t num_caches, uint64_t pairs,
                           int64_t num_pairs, int64_t block_bytes, void* stream) noexcept nogil:
@@ -459,8 +460,8 @@ cdef class DeviceKernels:
         if num_pairs == 0 or num_caches == 0:
             return RF_RT_OK
         params[0], params[1], params[2], params[3] = &dst_ptrs, &src_ptrs, &pairs, &block_bytes
-        return self._launch(self._between, <unsigned>num_pairs, <unsigned>num_caches, _threads(block_bytes // 64),
-                            params, stream)
+        return self._launch(self._between, <unsigned>num_pairs, <unsigned>num_caches,
+                            _threads(block_bytes // 64, COPY_THREADS), params, stream)
 
     cdef int gather(self, uint64_t out, uint64_t cache, uint64_t table, int64_t num_tokens,
                     int64_t block_size, int64_t row_bytes, void* stream) noexcept nogil:
@@ -470,8 +471,8 @@ cdef class DeviceKernels:
             return RF_RT_OK
         params[0], params[1], params[2] = &out, &cache, &table
         params[3], params[4], params[5] = &num_tokens, &block_size, &row_bytes
-        return self._launch(self._gather, <unsigned>used, 1, _threads(block_size * row_bytes // 64), params,
-                            stream)
+        return self._launch(self._gather, <unsigned>used, 1, _threads(block_size * row_bytes // 64, COPY_THREADS),
+                            params, stream)
 
     cdef int move_blocks(self, bint to_staging, uint64_t staging, uint64_t cache_ptrs, int64_t num_caches,
                          uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream,
@@ -483,7 +484,7 @@ cdef class DeviceKernels:
         params[0], params[1], params[2], params[3], params[4] = &staging, &cache_ptrs, &ids, &num_ids, &block_bytes
         params[5] = &layout
         return self._launch(self._to_staging if to_staging else self._from_staging, <unsigned>num_ids,
-                            <unsigned>num_caches, _threads(block_bytes // 64), params, stream)
+                            <unsigned>num_caches, _threads(block_bytes // 64, COPY_THREADS), params, stream)
 
 
 cdef class AttentionKernels:

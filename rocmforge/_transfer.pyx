@@ -31,7 +31,7 @@ def pack_blocks(KvCache cache, block_ids):
     """The K/V of these blocks, every layer, as a new packed host array (copy-on-write
     and host-tier copies still pending run first)."""
     cdef cnp.ndarray ids, host
-    cache._live()
+    cache._check_open()
     with cache._lock:
         cache._check_open()
         ids = _ids(cache, block_ids)
@@ -44,7 +44,7 @@ def unpack_blocks(KvCache cache, block_ids, packed):
     """Write packed K/V (as pack_blocks returns it) into these blocks, every layer,
     after the copies still pending."""
     cdef cnp.ndarray ids
-    cache._live()
+    cache._check_open()
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or not packed.flags.c_contiguous:
         raise ArgumentTypeError("packed must be a C-contiguous uint8 numpy array (pack_blocks' layout)")
     with cache._lock:
@@ -72,8 +72,8 @@ def copy_device_blocks(KvCache src, src_block_ids, KvCache dst, dst_block_ids):
     onto each other), one for the whole batch, packed into a staging buffer on
     the source's GPU and unpacked on the destination's."""
     cdef KvCache first = src, second = dst
-    src._live()
-    dst._live()
+    src._check_open()
+    dst._check_open()
     if src._dev < 0 or dst._dev < 0:
         raise ArgumentValueError(f"both caches must be on GPUs, not {src.device} and {dst.device}")
     if id(dst) < id(src):

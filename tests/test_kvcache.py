@@ -299,7 +299,7 @@ def test_write_kv_raw_writes_what_write_kv_writes(device):
         k = rng.standard_normal((7, 2, 8)).astype(np.float16)
         v = rng.standard_normal((7, 2, 8)).astype(np.float16)
         slots = np.array([3, 9, -1, 0, 12, 40, 63], dtype=np.int64)
-        a.write_kv(1, on(a, k), on(a, v), on(a, slots))
+        a.write_kv(np.int64(1), on(a, k), on(a, v), on(a, slots))     # a layer through __index__
         kd, vd, sd = on(b, k), on(b, v), on(b, slots)
         addr = (lambda x: x.ctypes.data) if b.device == "cpu" else (lambda x: x.ptr)
         b.write_kv_raw(1, addr(kd), addr(vd), addr(sd), 7, "float16")
@@ -399,6 +399,10 @@ def test_bad_input_changes_nothing(device):
             ((0, k, k, np.zeros(1, dtype=np.int32)), rf.ArgumentValueError, "int64"),
             ((2, k, k, slots), rf.ArgumentValueError, "layer"),
             ((True, k, k, slots), rf.ArgumentTypeError, "layer"),
+            ((1.0, k, k, slots), rf.ArgumentTypeError, "layer"),
+            ((-1, k, k, slots), rf.ArgumentValueError, "layer"),
+            ((2 ** 70, k, k, slots), rf.ArgumentValueError, "layer"),
+            ((np.int64(-2 ** 40), k, k, slots), rf.ArgumentValueError, "layer"),
             ((0, on(cache, np.ones((1, 2, 4), dtype=np.float16)), k, slots), rf.ArgumentValueError, r"\[T, 2, 8\]"),
             ((0, k, on(cache, np.ones((1, 2, 8), dtype=np.float32)), slots), rf.ArgumentValueError, "same dtype"),
             ((0, np.ones((1, 2, 8), dtype=np.int32), k, slots), rf.ArgumentTypeError, "float"),

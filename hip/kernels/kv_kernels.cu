@@ -27,6 +27,21 @@ struct rf_parts {
     __device__ __forceinline__ rf_vec16 load(int64_t u) const {
         return u < m ? ((const rf_vec16 *)s0)[u] : ((const rf_vec16 *)s1)[u - m];
     }
+    // A load of a source read once that no thread of the kernel writes (write_kv's
+    // new rows): on CUDA through the read-only path without L1 allocation, 8
+    // points of copy bandwidth on the H200 (benchmarks/kv_kernel_designs.py)
+    __device__ __forceinline__ rf_vec16 load_once(int64_t u) const {
+        const rf_vec16 *p = u < m ? (const rf_vec16 *)s0 + u : (const rf_vec16 *)s1 + (u - m);
+#if defined(__CUDA_ARCH__)
+        rf_vec16 r;
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                     : "l"(p));
+        return r;
+#else
+        return *p;
+#endif
+    }
     __device__ __forceinline__ void store(int64_t u, rf_vec16 v) const {
         if (u < m) ((rf_vec16 *)d0)[u] = v;
         else ((rf_vec16 *)d1)[u - m] = v;
@@ -64,11 +79,13 @@ __device__ __forceinline__ void rf_copy2(char *d0, const char *s0, char *d1, con
     }
 }
 
-// Copy n bytes (one block of a cache, or the used rows of one), eight pieces
-// in flight per thread: blocks are large.
+// Copy n bytes (one block of a cache, or the used rows of one), four pieces
+// in flight per thread; the host gives a block up to 512 threads, so a 32 KiB
+// block is one round (95% of copy bandwidth on the H200 against 94% for 256
+// threads of eight pieces: benchmarks/kv_kernel_designs.py).
 __device__ __forceinline__ void rf_copy(char *dst, const char *src, int64_t n) {
     if (rf_aligned16(dst, src, dst, src, n)) {
-        rf_copy_pieces<8>(rf_parts{dst, dst, src, src, n / 16}, n / 16);
+        rf_copy_pieces(rf_parts{dst, dst, src, src, n / 16}, n / 16);
         return;
     }
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
@@ -189,7 +206,7 @@ extern "C" __global__ void rf_write_kv(char *key_cache, char *value_cache, const
             rf_vec16 x[4];
 #pragma unroll
             for (int j = 0; j < 4; j++)
-                if (u + j * step < 2 * m) x[j] = src.load(u + j * step);
+                if (u + j * step < 2 * m) x[j] = src.load_once(u + j * step);
             if (!ok) return;
             rf_parts dst{key_cache + s * out_bytes, value_cache + s * out_bytes, k, v, m};
 #pragma unroll
