@@ -355,9 +355,10 @@ cdef class KvCache:
     def write_kv(self, layer, key, value, slot_mapping, stream=None):
         """Write T new tokens' key and value ([T, num_kv_heads, head_dim], float32,
         float16 or bfloat16, any DLPack array on the cache's device) at
-        slot_mapping (int64 [T]; -1 skips a padding token). Pending copy-on-write
-        copies run first. On a GPU the work is queued on ``stream`` (None: the
-        default stream; an int handle or a torch/cupy stream).
+        slot_mapping (int64 [T]; -1 skips a padding token); key and value must not
+        overlap the cache's own storage. Pending copy-on-write copies run first. On
+        a GPU the work is queued on ``stream`` (None: the default stream; an int
+        handle or a torch/cupy stream).
 
         A host (numpy) slot_mapping is checked before anything is written (and
         makes a GPU call wait for its stream). A slot_mapping on the GPU is
