@@ -367,9 +367,13 @@ cdef unsigned COPY_THREADS = 512          # a block copy: a 32 KiB block in one 
 
 
 cdef inline unsigned _threads(int64_t work, unsigned limit=THREADS) noexcept nogil:
-    """Threads per block for `work` parallel items (a 16-byte copy thread takes four
-    pieces at once): a multiple of 32, at most limit."""
+    """Threads per block for `work` parallel items: a multiple of 32, at most limit."""
     return <unsigned>min(<int64_t>limit, max(<int64_t>32, (work + 31) // 32 * 32))
+
+
+cdef inline unsigned _copy_threads(int64_t nbytes) noexcept nogil:
+    """Threads per block for rf_copy of nbytes: four 16-byte pieces a thread, at most COPY_THREADS."""
+    return _threads(nbytes // 64, COPY_THREADS)
 
 
 cdef inline int64_t _dt_bytes(int dt) noexcept nogil:
@@ -452,7 +456,7 @@ cdef class DeviceKernels:
             return RF_RT_OK
         params[0], params[1], params[2], params[3], params[4] = &cache_ptrs, &pairs, &block_bytes, &num_blocks, &bad
         return self._launch(self._copy, <unsigned>num_pairs, <unsigned>num_caches,
-                            _threads(block_bytes // 64, COPY_THREADS), params, stream)
+                            _copy_threads(block_bytes), params, stream)
 
     cdef int copy_between(self, uint64_t dst_ptrs, uint64_t src_ptrs, int64_t num_caches, uint64_t pairs,
                           int64_t num_pairs, int64_t block_bytes, void* stream) noexcept nogil:
@@ -461,7 +465,7 @@ cdef class DeviceKernels:
             return RF_RT_OK
         params[0], params[1], params[2], params[3] = &dst_ptrs, &src_ptrs, &pairs, &block_bytes
         return self._launch(self._between, <unsigned>num_pairs, <unsigned>num_caches,
-                            _threads(block_bytes // 64, COPY_THREADS), params, stream)
+                            _copy_threads(block_bytes), params, stream)
 
     cdef int gather(self, uint64_t out, uint64_t cache, uint64_t table, int64_t num_tokens,
                     int64_t block_size, int64_t row_bytes, void* stream) noexcept nogil:
@@ -471,8 +475,7 @@ cdef class DeviceKernels:
             return RF_RT_OK
         params[0], params[1], params[2] = &out, &cache, &table
         params[3], params[4], params[5] = &num_tokens, &block_size, &row_bytes
-        return self._launch(self._gather, <unsigned>used, 1, _threads(block_size * row_bytes // 64, COPY_THREADS),
-                            params, stream)
+        return self._launch(self._gather, <unsigned>used, 1, _copy_threads(block_size * row_bytes), params, stream)
 
     cdef int move_blocks(self, bint to_staging, uint64_t staging, uint64_t cache_ptrs, int64_t num_caches,
                          uint64_t ids, int64_t num_ids, int64_t block_bytes, void* stream,
@@ -484,7 +487,7 @@ cdef class DeviceKernels:
         params[0], params[1], params[2], params[3], params[4] = &staging, &cache_ptrs, &ids, &num_ids, &block_bytes
         params[5] = &layout
         return self._launch(self._to_staging if to_staging else self._from_staging, <unsigned>num_ids,
-                            <unsigned>num_caches, _threads(block_bytes // 64, COPY_THREADS), params, stream)
+                            <unsigned>num_caches, _copy_threads(block_bytes), params, stream)
 
 
 cdef class AttentionKernels:
