@@ -1,7 +1,8 @@
 """Designs for write_kv's and copy_blocks' kernels, side by side on one GPU:
 the kernels rocmforge ships (hip/kernels/kv_kernels.cu) reduced to their
-copy loops, against other load and store cache policies, thread shapes, and
-bulk copies through shared memory (Hopper's cp.async.bulk), each checked for
+copy loops, against other load and store cache policies, thread shapes, grids
+of one or two waves that loop over the work with the next item's loads in
+flight, and bulk copies through shared memory (Hopper's cp.async.bulk), each checked for
 the bytes it moved. The cases of rocmforge.bench_kernels: write_kv of 8,192
 float16 tokens (8 heads x 128) to scattered slots, and copy_blocks of 1,024
 scattered block pairs of 32 KiB in 16 caches (512 MiB).
@@ -72,6 +73,65 @@ __global__ void copy_blocks(char *const *caches, const int *pairs, int64_t n) {
         for (int j = 0; j < U; j++) x[j] = ld<L>(s + u + j * blockDim.x);
 #pragma unroll
         for (int j = 0; j < U; j++) st<S>(d + u + j * blockDim.x, x[j]);
+    }
+}
+
+// write_kv on a grid of at most a few waves: each row of 64 threads takes tokens t, t + stride, ...
+// and loads the next token's pieces (4 a thread) before storing this one's, so loads stay in flight across tokens
+extern "C" __global__ void write_kv_loop(char *kc, char *vc, const char *k, const char *v, const int64_t *slots,
+                                        int64_t T, int64_t m) {
+    int64_t stride = (int64_t)gridDim.x * blockDim.y, t = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
+    if (t >= T) return;
+    V cur[4], nxt[4];
+    int64_t s = slots[t];
+#pragma unroll
+    for (int j = 0; j < 4; j++) { int i = threadIdx.x + j * 64; cur[j] = ld<1>(i < m ? (const V *)(k + t * m * 16) + i : (const V *)(v + t * m * 16) + (i - m)); }
+    for (; t < T; t += stride) {
+        int64_t tn = t + stride, sn = 0;
+        if (tn < T) {
+            sn = slots[tn];
+#pragma unroll
+            for (int j = 0; j < 4; j++) { int i = threadIdx.x + j * 64; nxt[j] = ld<1>(i < m ? (const V *)(k + tn * m * 16) + i : (const V *)(v + tn * m * 16) + (i - m)); }
+        }
+        V *kd = (V *)(kc + s * m * 16), *vd = (V *)(vc + s * m * 16);
+#pragma unroll
+        for (int j = 0; j < 4; j++) { int i = threadIdx.x + j * 64; st<0>(i < m ? kd + i : vd + (i - m), cur[j]); }
+#pragma unroll
+        for (int j = 0; j < 4; j++) cur[j] = nxt[j];
+        s = sn;
+    }
+}
+
+// copy_blocks on a grid of a few waves: each CTA of 512 threads takes (pair, cache) items w, w + gridDim.x, ...
+// (pair fastest) and loads the next item's block (4 pieces a thread) before storing this one's
+extern "C" __global__ void copy_blocks_loop(char *const *caches, const int *pairs, int64_t n, int64_t num_pairs,
+                                           int64_t items) {
+    int64_t w = blockIdx.x;
+    V cur[4], nxt[4];
+    V *d = nullptr;
+    if (w >= items) return;
+    {
+        char *base = caches[w / num_pairs];
+        const V *s = (const V *)(base + (int64_t)pairs[2 * (w % num_pairs)] * n * 16);
+        d = (V *)(base + (int64_t)pairs[2 * (w % num_pairs) + 1] * n * 16);
+#pragma unroll
+        for (int j = 0; j < 4; j++) cur[j] = ld<0>(s + threadIdx.x + j * 512);
+    }
+    for (; w < items; w += gridDim.x) {
+        int64_t wn = w + gridDim.x;
+        V *dn = nullptr;
+        if (wn < items) {
+            char *base = caches[wn / num_pairs];
+            const V *s = (const V *)(base + (int64_t)pairs[2 * (wn % num_pairs)] * n * 16);
+            dn = (V *)(base + (int64_t)pairs[2 * (wn % num_pairs) + 1] * n * 16);
+#pragma unroll
+            for (int j = 0; j < 4; j++) nxt[j] = ld<0>(s + threadIdx.x + j * 512);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) st<0>(d + threadIdx.x + j * 512, cur[j]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) cur[j] = nxt[j];
+        d = dn;
     }
 }
 
@@ -159,7 +219,9 @@ def main(argv=None):
     names = ([f"write_kv<{p},{l},{s}>" for p, l, s, _ in WRITE_KV]
              + [f"copy_blocks<{u},{l},{s}>" for u, l, s, _ in COPY_BLOCKS])
     mod = cp.RawModule(code=SOURCE, options=("-std=c++17", "-arch=sm_90"), name_expressions=names)
-    fn = {n: mod.get_function(n) for n in names + ["copy_blocks_bulk", "write_kv_bulk"]}
+    fn = {n: mod.get_function(n) for n in names + ["copy_blocks_bulk", "write_kv_bulk", "write_kv_loop",
+                                                    "copy_blocks_loop"]}
+    sms = cp.cuda.Device(0).attributes["MultiProcessorCount"]
     fn["copy_blocks_bulk"].max_dynamic_shared_size_bytes = 64 << 10
     fn["write_kv_bulk"].max_dynamic_shared_size_bytes = 128 << 10
 
@@ -205,6 +267,10 @@ def main(argv=None):
         cases[f"bulk copies, {tok} tokens a CTA"] = (
             lambda tok=tok: fn["write_kv_bulk"]((T // tok,), (32,), (kc, vc, k, v, slots, np.int64(T), np.int64(rb),
                                                 np.int32(tok)), shared_mem=2 * tok * rb))
+    for waves in (1, 2):        # 8 CTAs of 256 threads fill an SM
+        cases[f"64x4 threads looping over tokens, {waves} wave(s) of CTAs, next token's loads first"] = (
+            lambda waves=waves: fn["write_kv_loop"]((waves * 8 * sms,), (64, 4),
+                                                    (kc, vc, k, v, slots, np.int64(T), np.int64(m))))
     a, b = cp.empty(2 * T * rb, cp.uint8), cp.empty(2 * T * rb, cp.uint8)
     cases["one copy of the same 64 MiB"] = lambda: a.data.copy_from_device_async(b.data, 2 * T * rb)
     for name, us in timed(cases, 50).items():
@@ -236,6 +302,10 @@ def main(argv=None):
         cases[f"bulk copies, {parts} part(s) a block"] = (
             lambda parts=parts: fn["copy_blocks_bulk"]((pairs_n, caches), (32,), (ptrs, pairs, np.int64(n),
                                                        np.int32(parts)), shared_mem=n * 16))
+    for waves in (1, 2):        # 4 CTAs of 512 threads fill an SM
+        cases[f"512 threads looping over blocks, {waves} wave(s) of CTAs, next block's loads first"] = (
+            lambda waves=waves: fn["copy_blocks_loop"]((waves * 4 * sms,), (512,), (
+                ptrs, pairs, np.int64(n), np.int64(pairs_n), np.int64(pairs_n * caches))))
     for name, us in timed(cases, 10).items():
         rows.append({"case": f"copy_blocks 512 MiB: {name}", "us": us,
                      "pct_of_copy": 100 * 2 * caches * pairs_n * n * 16 / us / 1e6 / ceiling})

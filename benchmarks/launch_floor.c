@@ -2,9 +2,11 @@
  * launch, timed with nothing else around them. It loads rocmforge's packaged
  * K/V kernels and launches rf_write_kv for one padding token (slot -1: the
  * kernel reads its row and writes nothing), with its 13 arguments as an array
- * of pointers (what rocmforge passes) and packed in one buffer, beside
- * cuCtxSetCurrent and cuCtxGetCurrent (what a launch may add to make the
- * device current).
+ * of pointers (what rocmforge passes) and packed in one buffer, on the
+ * legacy default stream (NULL, what write_kv uses without a stream), the
+ * per-thread default stream and a stream made non-blocking (as torch's side
+ * streams are), beside cuCtxSetCurrent and cuCtxGetCurrent (what a launch may
+ * add to make the device current).
  *
  *   nvcc -O2 -o launch_floor benchmarks/launch_floor.c -lcuda
  *   ./launch_floor "$(python -c 'import rocmforge, os; print(os.path.dirname(rocmforge.__file__))')/kernels/kv_kernels.fatbin"
@@ -51,9 +53,10 @@ struct write_kv_args {
     uint64_t bad;
 };
 
-enum { SET, GET, LAUNCH, LAUNCH_PACKED, SET_LAUNCH, CASES };
+enum { SET, GET, LAUNCH, LAUNCH_PACKED, SET_LAUNCH, LAUNCH_PER_THREAD, LAUNCH_NON_BLOCKING, CASES };
 static const char *NAMES[CASES] = {"cuCtxSetCurrent", "cuCtxGetCurrent", "cuLaunchKernel (13 argument pointers)",
-                                   "cuLaunchKernel (arguments packed)", "cuCtxSetCurrent + cuLaunchKernel"};
+                                   "cuLaunchKernel (arguments packed)", "cuCtxSetCurrent + cuLaunchKernel",
+                                   "cuLaunchKernel, per-thread stream", "cuLaunchKernel, non-blocking stream"};
 
 int main(int argc, char **argv) {
     CUdevice dev;
@@ -61,6 +64,7 @@ int main(int argc, char **argv) {
     CUmodule mod;
     CUfunction fn;
     CUdeviceptr mem;
+    CUstream side;
     double median[CASES];
     if (argc != 2) {
         fprintf(stderr, "usage: launch_floor PATH/kv_kernels.fatbin\n");
@@ -72,6 +76,7 @@ int main(int argc, char **argv) {
     check(cuCtxSetCurrent(ctx), "cuCtxSetCurrent");
     check(cuModuleLoad(&mod, argv[1]), "cuModuleLoad");
     check(cuModuleGetFunction(&fn, mod, "rf_write_kv"), "cuModuleGetFunction");
+    check(cuStreamCreate(&side, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
     /* one float16 row of 8 x 128 for key and value, the caches' row, a slot of -1, the bad-slot word */
     check(cuMemAlloc(&mem, 4 * 2048 + 16), "cuMemAlloc");
     check(cuMemsetD8(mem, 0xff, 4 * 2048 + 16), "cuMemsetD8");
@@ -93,6 +98,10 @@ int main(int argc, char **argv) {
                 case GET: r = cuCtxGetCurrent(&cur); break;
                 case LAUNCH: r = cuLaunchKernel(fn, 1, 1, 1, 64, 4, 1, 0, NULL, params, NULL); break;
                 case LAUNCH_PACKED: r = cuLaunchKernel(fn, 1, 1, 1, 64, 4, 1, 0, NULL, NULL, packed); break;
+                case LAUNCH_PER_THREAD:
+                    r = cuLaunchKernel(fn, 1, 1, 1, 64, 4, 1, 0, CU_STREAM_PER_THREAD, params, NULL);
+                    break;
+                case LAUNCH_NON_BLOCKING: r = cuLaunchKernel(fn, 1, 1, 1, 64, 4, 1, 0, side, params, NULL); break;
                 default:
                     r = cuCtxSetCurrent(ctx);
                     if (r == CUDA_SUCCESS) r = cuLaunchKernel(fn, 1, 1, 1, 64, 4, 1, 0, NULL, params, NULL);
@@ -110,6 +119,7 @@ int main(int argc, char **argv) {
     printf("{");
     for (int c = 0; c < CASES; c++) printf("%s\"%s\": %.1f", c ? ", " : "", NAMES[c], median[c]);
     printf("}\n");
+    cuStreamDestroy(side);
     cuMemFree(mem);
     cuModuleUnload(mod);
     cuDevicePrimaryCtxRelease(dev);

@@ -8,8 +8,9 @@ device-to-device copy (far beyond the L2 cache, so it measures the memory
 itself). "device us" is the GPU time the profiler records per call (kernels
 and copies, gaps excluded) and gives the bandwidth; "burst us" is CUDA-event
 time per call over a burst of launches queued behind a GPU sleep (gaps
-between launches included; copy_blocks, which waits for its stream, is timed
-on the wall clock instead); the host's own cost per write_kv call is
+between launches included; copy_blocks with numpy pairs, which waits for its
+stream, is timed on the wall clock instead; with pairs on the GPU it queues
+one launch and is timed like the rest); the host's own cost per write_kv call is
 reported apart, for write_kv on torch tensors ("host us") and for
 write_kv_raw on their addresses ("raw us"); write_kv's JSON rows also give its
 speed as a share of a one-piece copy of the same bytes (pct_of_same_size_copy). paged_decode's bandwidth counts
@@ -153,8 +154,17 @@ def run(reps=7):
             for c in caches:
                 c.index_copy_(0, d_idx, c.index_select(0, s_idx))
 
+        for c in caches:
+            c.normal_()
         row(f"copy_blocks ({moved >> 20} MiB)", lambda: cache.copy_blocks(pairs), 10, 2 * moved, ceiling,
             torch_copy, wall=True)
+        # the same pairs already on the GPU (an engine's tensor; what graph capture takes): one
+        # launch, no staging copy and no wait
+        gpu_pairs = torch.from_numpy(pairs).cuda()
+        row(f"copy_blocks ({moved >> 20} MiB), pairs on the GPU", lambda: cache.copy_blocks(gpu_pairs), 10,
+            2 * moved, ceiling, torch_copy)
+        cache.synchronize()
+        assert all(torch.equal(c[d_idx], c[s_idx]) for c in caches), "copy_blocks left a block uncopied"
     # paged_decode: GQA 4 (32 query heads), blocks scattered through the pool, indices on the GPU;
     # torch's SDPA on K/V gathered from the same tables (the gather included) beside it
     from rocmforge.attention import paged_decode
@@ -194,12 +204,12 @@ def run(reps=7):
 
 def print_table(result):
     print(f"rocmforge kernels on {result['device']} ({result['backend']})")
-    print(f"{'case':<26} {'device us':>10} {'TB/s':>7} {'% copy':>7} {'burst/wall us':>14} "
+    print(f"{'case':<40} {'device us':>10} {'TB/s':>7} {'% copy':>7} {'burst/wall us':>14} "
           f"{'torch us':>9} {'vs torch':>9} {'host us':>8} {'raw us':>7}")
     for r in result["rows"]:
         def fmt(v, spec):
             return "" if v is None else format(v, spec)
-        print(f"{r['case']:<26} {r['device_us']:>10.2f} {r['tb_s']:>7.3f} {fmt(r['pct_of_copy'], '.1f'):>7} "
+        print(f"{r['case']:<40} {r['device_us']:>10.2f} {r['tb_s']:>7.3f} {fmt(r['pct_of_copy'], '.1f'):>7} "
               f"{fmt(r.get('burst_us', r.get('wall_us')), '.2f'):>14} {fmt(r['torch_device_us'], '.2f'):>9} "
               f"{fmt(r['speedup_vs_torch'], '.2f'):>9} {fmt(r.get('host_us_per_call'), '.2f'):>8} "
               f"{fmt(r.get('raw_host_us_per_call'), '.2f'):>7}")
