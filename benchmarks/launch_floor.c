@@ -1,7 +1,7 @@
 /* The floor under write_kv's host cost: the CUDA driver calls behind one
  * launch, timed with nothing else around them. It loads rocmforge's packaged
  * K/V kernels and launches rf_write_kv for one padding token (slot -1: the
- * kernel reads its row and writes nothing), with its 13 arguments as an array
+ * kernel reads its row and writes nothing), with its 15 arguments as an array
  * of pointers (what rocmforge passes) and packed in one buffer, on the
  * legacy default stream (NULL, what write_kv uses without a stream), the
  * per-thread default stream and a stream made non-blocking (as torch's side
@@ -47,14 +47,14 @@ static int cmp(const void *a, const void *b) {
 /* rf_write_kv's arguments in the kernel's own layout, for CU_LAUNCH_PARAM_BUFFER_POINTER */
 struct write_kv_args {
     uint64_t key_cache, value_cache, key, value, slots;
-    int64_t T, row, num_slots;
+    int64_t T, row, k_stride, v_stride, num_slots;
     int32_t in_dt, cache_dt;
     float inv_k, inv_v;
     uint64_t bad;
 };
 
 enum { SET, GET, LAUNCH, LAUNCH_PACKED, SET_LAUNCH, LAUNCH_PER_THREAD, LAUNCH_NON_BLOCKING, CASES };
-static const char *NAMES[CASES] = {"cuCtxSetCurrent", "cuCtxGetCurrent", "cuLaunchKernel (13 argument pointers)",
+static const char *NAMES[CASES] = {"cuCtxSetCurrent", "cuCtxGetCurrent", "cuLaunchKernel (15 argument pointers)",
                                    "cuLaunchKernel (arguments packed)", "cuCtxSetCurrent + cuLaunchKernel",
                                    "cuLaunchKernel, per-thread stream", "cuLaunchKernel, non-blocking stream"};
 
@@ -80,10 +80,10 @@ int main(int argc, char **argv) {
     /* one float16 row of 8 x 128 for key and value, the caches' row, a slot of -1, the bad-slot word */
     check(cuMemAlloc(&mem, 4 * 2048 + 16), "cuMemAlloc");
     check(cuMemsetD8(mem, 0xff, 4 * 2048 + 16), "cuMemsetD8");
-    struct write_kv_args a = {mem, mem + 2048, mem + 4096, mem + 6144, mem + 8192, 1, 1024, 1, 1, 1, 1.0f, 1.0f,
-                              mem + 8200};
-    void *params[13] = {&a.key_cache, &a.value_cache, &a.key, &a.value, &a.slots, &a.T, &a.row, &a.num_slots,
-                        &a.in_dt, &a.cache_dt, &a.inv_k, &a.inv_v, &a.bad};
+    struct write_kv_args a = {mem, mem + 2048, mem + 4096, mem + 6144, mem + 8192, 1, 1024, 2048, 2048, 1, 1, 1,
+                              1.0f, 1.0f, mem + 8200};
+    void *params[15] = {&a.key_cache, &a.value_cache, &a.key, &a.value, &a.slots, &a.T, &a.row, &a.k_stride,
+                        &a.v_stride, &a.num_slots, &a.in_dt, &a.cache_dt, &a.inv_k, &a.inv_v, &a.bad};
     size_t size = sizeof a;
     void *packed[] = {CU_LAUNCH_PARAM_BUFFER_POINTER, &a, CU_LAUNCH_PARAM_BUFFER_SIZE, &size, CU_LAUNCH_PARAM_END};
     for (int c = 0; c < CASES; c++) {

@@ -41,8 +41,9 @@ static int rf_check_blocks(const int32_t *ids, int64_t n, int64_t num_blocks, in
 }
 
 int rf_host_write_kv(void *key_cache, void *value_cache, const void *key, const void *value,
-                     const int64_t *slot_mapping, int64_t T, int64_t row, int64_t num_slots,
-                     int in_dt, int cache_dt, float k_scale, float v_scale, int64_t *bad) {
+                     const int64_t *slot_mapping, int64_t T, int64_t row, int64_t key_stride,
+                     int64_t value_stride, int64_t num_slots, int in_dt, int cache_dt, float k_scale,
+                     float v_scale, int64_t *bad) {
     int64_t t, j;
     int isz = rf_dtype_size(in_dt), csz = rf_dtype_size(cache_dt);
     float ik = 1.0f / k_scale, iv = 1.0f / v_scale;
@@ -55,15 +56,16 @@ int rf_host_write_kv(void *key_cache, void *value_cache, const void *key, const 
     }
     for (t = 0; t < T; t++) {
         int64_t s = slot_mapping[t];
+        const char *k = (const char *)key + t * key_stride * isz, *v = (const char *)value + t * value_stride * isz;
         if (s < 0) continue;
         if (in_dt == cache_dt) {                           /* same type: a plain row copy */
-            memcpy((char *)key_cache + s * row * csz, (const char *)key + t * row * isz, row * isz);
-            memcpy((char *)value_cache + s * row * csz, (const char *)value + t * row * isz, row * isz);
+            memcpy((char *)key_cache + s * row * csz, k, row * isz);
+            memcpy((char *)value_cache + s * row * csz, v, row * isz);
             continue;
         }
         for (j = 0; j < row; j++) {
-            rf_store(key_cache, s * row + j, cache_dt, rf_load(key, t * row + j, in_dt), ik);
-            rf_store(value_cache, s * row + j, cache_dt, rf_load(value, t * row + j, in_dt), iv);
+            rf_store(key_cache, s * row + j, cache_dt, rf_load(k, j, in_dt), ik);
+            rf_store(value_cache, s * row + j, cache_dt, rf_load(v, j, in_dt), iv);
         }
     }
     return RF_K_OK;

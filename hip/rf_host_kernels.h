@@ -16,12 +16,14 @@ extern "C" {
 
 enum { RF_K_OK = 0, RF_K_BAD_SLOT = 1, RF_K_BAD_BLOCK = 2, RF_K_BAD_DTYPE = 3 };
 
-/* Write T rows of `row` elements of key and value (type in_dt) into the
- * caches (type cache_dt) at slot_mapping[t] (-1 skips a padding token).
- * Caches hold num_slots rows. *bad receives the offending index on error. */
+/* Write T rows of `row` elements of key and value (type in_dt; row t starts
+ * t * key_stride and t * value_stride elements in) into the caches (type
+ * cache_dt) at slot_mapping[t] (-1 skips a padding token). Caches hold
+ * num_slots rows. *bad receives the offending index on error. */
 int rf_host_write_kv(void *key_cache, void *value_cache, const void *key, const void *value,
-                     const int64_t *slot_mapping, int64_t T, int64_t row, int64_t num_slots,
-                     int in_dt, int cache_dt, float k_scale, float v_scale, int64_t *bad);
+                     const int64_t *slot_mapping, int64_t T, int64_t row, int64_t key_stride,
+                     int64_t value_stride, int64_t num_slots, int in_dt, int cache_dt, float k_scale,
+                     float v_scale, int64_t *bad);
 
 /* For each (src, dst) pair, copy block src over block dst in every one of the
  * num_caches caches (K and V of every layer). */

@@ -139,7 +139,7 @@ def write_kv_launch_ns(KvCache cache, int layer, uint64_t key, uint64_t value, u
         raise ValueError("a GPU cache, a layer inside it and at least one token")
     t = _now_ns()
     for i in range(calls):
-        st = cache._write_rows(layer, key, value, slots, num_tokens, dt, NULL, &bad)
+        st = cache._write_rows(layer, key, value, slots, num_tokens, dt, cache._row, cache._row, NULL, &bad)
         if st != 0:
             break
     t = _now_ns() - t

@@ -61,7 +61,9 @@ cdef struct ArrayInfo:
     int dtype               # DT_*
     int ndim
     int64_t shape[8]
-    bint contiguous
+    bint contiguous         # C-contiguous
+    bint rows_contiguous    # each entry of dimension 0 C-contiguous, entries stride0 elements apart
+    int64_t stride0
 
 
 # Import obj through its __dlpack__ for use on `stream` (an int handle, or

@@ -51,13 +51,31 @@ cdef bint _is_torch_tensor_slow(object obj):
     return True
 
 
+cdef void _set_layout(ArrayInfo* info, const int64_t* strides) noexcept:
+    """contiguous, rows_contiguous and stride0 from strides in elements (NULL:
+    C-contiguous). A dimension of one entry has no stride that matters."""
+    cdef int64_t expect = 1
+    cdef int i
+    info.rows_contiguous = True
+    for i in range(info.ndim - 1, 0, -1):
+        if strides != NULL and info.shape[i] > 1 and strides[i] != expect:
+            info.rows_contiguous = False
+        expect *= info.shape[i]
+    info.stride0 = expect
+    if info.ndim and strides != NULL and info.shape[0] > 1:
+        info.stride0 = strides[0]
+    info.contiguous = info.rows_contiguous and info.stride0 == expect
+
+
 cdef object import_array(object obj, ArrayInfo* info, object stream):
     cdef cnp.ndarray arr
     cdef DLManagedTensor* managed
     cdef DLManagedTensorVersioned* versioned
     cdef DLTensor* t
     cdef int i
-    cdef int64_t expect
+    cdef int64_t strides[8]
+    cdef Py_ssize_t itemsize
+    cdef bint whole
     if isinstance(obj, np.ndarray):                 # numpy directly: also read-only arrays, and faster
         arr = <cnp.ndarray>obj
         if arr.ndim > 8:
@@ -66,9 +84,16 @@ cdef object import_array(object obj, ArrayInfo* info, object stream):
         info.device_type, info.device_id = DL_CPU, 0
         info.dtype = _BY_NUMPY.get(arr.dtype, DT_OTHER)
         info.ndim = arr.ndim
+        itemsize = arr.itemsize or 1       # (a zero-size dtype has no layout to speak of)
+        whole = True                        # every stride a whole number of elements
         for i in range(arr.ndim):
             info.shape[i] = arr.shape[i]
-        info.contiguous = cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            strides[i] = arr.strides[i] // itemsize
+            if arr.strides[i] % itemsize and arr.shape[i] > 1:
+                whole = False
+        _set_layout(info, NULL if cnp.PyArray_IS_C_CONTIGUOUS(arr) else strides)
+        if not whole:
+            info.contiguous = info.rows_contiguous = False
         return obj
     if is_torch_tensor(obj):
         return _torch_array(obj, info)
@@ -94,13 +119,9 @@ cdef object import_array(object obj, ArrayInfo* info, object stream):
     info.device_type, info.device_id = t.device.device_type, t.device.device_id
     info.dtype = _BY_DLPACK.get((t.dtype.code, t.dtype.bits), DT_OTHER) if t.dtype.lanes == 1 else DT_OTHER
     info.ndim = t.ndim
-    info.contiguous = True
-    expect = 1
-    for i in range(t.ndim - 1, -1, -1):
+    for i in range(t.ndim):
         info.shape[i] = t.shape[i]
-        if t.strides != NULL and t.shape[i] > 1 and t.strides[i] != expect:
-            info.contiguous = False
-        expect *= t.shape[i]
+    _set_layout(info, t.strides)
     return capsule
 
 
@@ -112,6 +133,7 @@ cdef object _torch_array(object t, ArrayInfo* info):
     gives, at a fraction of the cost (torch builds that export in Python; here
     no device object is made and the dtype is looked up by identity)."""
     cdef int i
+    cdef int64_t strides[8]
     if not _BY_TORCH:
         torch = sys.modules["torch"]
         _BY_TORCH.update({torch.float32: DT_F32, torch.float16: DT_F16, torch.bfloat16: DT_BF16,
@@ -130,7 +152,13 @@ cdef object _torch_array(object t, ArrayInfo* info):
     info.ndim = len(shape)
     for i in range(info.ndim):
         info.shape[i] = shape[i]
-    info.contiguous = t.is_contiguous()
+    if t.is_contiguous():
+        _set_layout(info, NULL)
+    else:
+        strides_obj = t.stride()
+        for i in range(info.ndim):
+            strides[i] = strides_obj[i]
+        _set_layout(info, strides)
     return t
 
 

@@ -14,8 +14,9 @@ cdef extern from "rf_host_kernels.h" nogil:
         RF_K_BAD_BLOCK
         RF_K_BAD_DTYPE
     int rf_host_write_kv(void* key_cache, void* value_cache, const void* key, const void* value,
-                         const int64_t* slot_mapping, int64_t T, int64_t row, int64_t num_slots,
-                         int in_dt, int cache_dt, float k_scale, float v_scale, int64_t* bad)
+                         const int64_t* slot_mapping, int64_t T, int64_t row, int64_t key_stride,
+                         int64_t value_stride, int64_t num_slots, int in_dt, int cache_dt, float k_scale,
+                         float v_scale, int64_t* bad)
     int rf_host_copy_blocks(void* const* caches, int64_t num_caches, const int32_t* pairs,
                             int64_t num_pairs, int64_t block_bytes, int64_t num_blocks, int64_t* bad)
     int rf_host_gather(const void* cache, const int32_t* table, int64_t table_len, int64_t num_tokens,

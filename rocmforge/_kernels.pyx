@@ -78,7 +78,7 @@ def write_kv(key_cache, value_cache, key, value, slot_mapping, *, dtype=None, ca
     with nogil:
         st = rf_host_write_kv(cnp.PyArray_DATA(kc), cnp.PyArray_DATA(vc), cnp.PyArray_DATA(k),
                               cnp.PyArray_DATA(v), <const int64_t*>cnp.PyArray_DATA(slots), T, row,
-                              num_slots, in_dt, cache_dt, k_scale, v_scale, &bad)
+                              row, row, num_slots, in_dt, cache_dt, k_scale, v_scale, &bad)
     if st == RF_K_BAD_SLOT:
         raise ArgumentValueError(f"slot_mapping[{bad}] = {slot_mapping[bad]} outside [-1, {num_slots})")
     if st != RF_K_OK:

@@ -47,7 +47,7 @@ cdef class KvCache:
     cdef uint64_t _stage(self, cnp.ndarray arr, int64_t* used, void* stream) noexcept
     cdef _reserve_scratch(self, int64_t nbytes)
     cdef int _write_rows(self, int l, uint64_t key, uint64_t value, uint64_t slots, int64_t T, int in_dt,
-                         void* stream, int64_t* bad) noexcept
+                         int64_t k_stride, int64_t v_stride, void* stream, int64_t* bad) noexcept
     cdef int _check_rows(self, ArrayInfo* a, str what) except -1
     cdef int _check_device(self, ArrayInfo* a, str what) except -1
     cdef _apply_pending(self, void* stream)

@@ -356,7 +356,11 @@ cdef class KvCache:
         """Write T new tokens' key and value ([T, num_kv_heads, head_dim], float32,
         float16 or bfloat16, any DLPack array on the cache's device) at
         slot_mapping (int64 [T]; -1 skips a padding token); key and value must not
-        overlap the cache's own storage. Pending copy-on-write copies run first. On
+        overlap the cache's own storage. Each token's [num_kv_heads, head_dim] must
+        be contiguous, but tokens may lie any distance apart that keeps them from
+        overlapping: the K and V parts of a fused QKV projection's output
+        (``qkv[:, q_size:q_size + kv_size].view(T, heads, dim)``) or one
+        tensor-parallel rank's heads (``key[:, first:last]``) go in without a copy. Pending copy-on-write copies run first. On
         a GPU the work is queued on ``stream`` (None: the default stream; an int
         handle or a torch/cupy stream).
 
@@ -400,11 +404,11 @@ cdef class KvCache:
             if host_slots:      # checked again: compact() may have shrunk the pool meanwhile
                 bad = _first_bad(<const int64_t*><size_t>s.ptr, T, self._num_blocks * self._block_size)
             if bad < 0 and self._dev < 0:
-                st = self._write_rows(l, k.ptr, v.ptr, s.ptr, T, k.dtype, strm, &bad)
+                st = self._write_rows(l, k.ptr, v.ptr, s.ptr, T, k.dtype, k.stride0, v.stride0, strm, &bad)
             elif bad < 0:
                 slots_dev = self._stage(<cnp.ndarray>slot_mapping, &used, strm) if host_slots else s.ptr
                 st = RF_RT_RUNTIME if slots_dev == 0 else self._write_rows(l, k.ptr, v.ptr, slots_dev, T, k.dtype,
-                                                                         strm, &bad)
+                                                                         k.stride0, v.stride0, strm, &bad)
                 if st == 0 and host_slots:
                     st = rt_stream_sync(self._dev, strm)
         if bad >= 0:
@@ -414,13 +418,15 @@ cdef class KvCache:
         del keep
 
     def write_kv_raw(self, int layer, uint64_t key, uint64_t value, uint64_t slot_mapping, int64_t num_tokens,
-                     str dtype, uint64_t stream=0):
+                     str dtype, uint64_t stream=0, int64_t key_stride=0, int64_t value_stride=0):
         """write_kv for engines that hold raw addresses: key and value point at
-        [num_tokens, num_kv_heads, head_dim] C-contiguous rows of `dtype`
-        ("float32", "float16" or "bfloat16"), slot_mapping at num_tokens int64
-        slots, all on the cache's device (host memory on the host backend);
-        stream is the runtime's stream handle (0: the default stream). Nothing
-        is parsed or converted: the addresses must be valid for those sizes.
+        num_tokens rows of [num_kv_heads, head_dim] contiguous elements of `dtype`
+        ("float32", "float16" or "bfloat16"), a row key_stride (value_stride)
+        elements after the one before it (0: num_kv_heads * head_dim, rows packed),
+        slot_mapping at num_tokens int64 slots, all on the cache's device (host
+        memory on the host backend); stream is the runtime's stream handle (0:
+        the default stream). Nothing is parsed or converted: the addresses must
+        be valid for those sizes.
         Slots are checked by the kernel: on a GPU a bad one is skipped and the
         next synchronize() raises DeviceError; on the host nothing is written
         and ArgumentValueError is raised."""
@@ -433,28 +439,33 @@ cdef class KvCache:
             raise ArgumentTypeError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         if num_tokens < 0 or (num_tokens and (key == 0 or value == 0 or slot_mapping == 0)):
             raise ArgumentValueError("num_tokens must be >= 0, with non-null addresses")
+        if not (key_stride == 0 or key_stride >= self._row) or not (value_stride == 0 or value_stride >= self._row):
+            raise ArgumentValueError(f"key_stride and value_stride must be 0 (rows packed) or at least a row's "
+                                     f"{self._row} elements, got {key_stride} and {value_stride}")
         if num_tokens == 0:
             return
         with self._lock:
             self._check_open()
             self._apply_pending(<void*><size_t>stream)
-            st = self._write_rows(layer, key, value, slot_mapping, num_tokens, dt, <void*><size_t>stream, &bad)
+            st = self._write_rows(layer, key, value, slot_mapping, num_tokens, dt, key_stride or self._row,
+                                  value_stride or self._row, <void*><size_t>stream, &bad)
         if self._dev < 0 and st == RF_K_BAD_SLOT:
             raise ArgumentValueError(f"slot_mapping[{bad}] outside [-1, {self._num_blocks * self._block_size})")
         check(st, "write_kv_raw")
 
     cdef int _write_rows(self, int l, uint64_t key, uint64_t value, uint64_t slots, int64_t T, int in_dt,
-                         void* stream, int64_t* bad) noexcept:
-        """The write itself, on the cache's device (slots there too): the host
+                         int64_t k_stride, int64_t v_stride, void* stream, int64_t* bad) noexcept:
+        """The write itself (row t of key at t * k_stride elements, of value at
+        t * v_stride), on the cache's device (slots there too): the host
         kernel (a status, *bad the first bad slot) or the GPU kernel queued on
         stream (bad slots reported by synchronize()). Call with the lock held."""
         if self._dev < 0:
             return rf_host_write_kv(<void*><size_t>self._addrs[2 * l], <void*><size_t>self._addrs[2 * l + 1],
                                     <void*><size_t>key, <void*><size_t>value, <const int64_t*><size_t>slots, T,
-                                    self._row, self._num_blocks * self._block_size, in_dt, self._dt,
-                                    self._k_scale[l], self._v_scale[l], bad)
+                                    self._row, k_stride, v_stride, self._num_blocks * self._block_size, in_dt,
+                                    self._dt, self._k_scale[l], self._v_scale[l], bad)
         return self._kernels.write_kv(self._addrs[2 * l], self._addrs[2 * l + 1], key, value, slots, T, self._row,
-                                      self._num_blocks * self._block_size, in_dt, self._dt,
+                                      k_stride, v_stride, self._num_blocks * self._block_size, in_dt, self._dt,
                                       _inverse(self._k_scale[l]), _inverse(self._v_scale[l]),
                                       self._bad._ptr + 8 * l, stream)
 
@@ -464,8 +475,9 @@ cdef class KvCache:
         if a.ndim != 3 or a.shape[1] != self._heads or a.shape[2] != self._head_dim:
             shape = tuple(a.shape[i] for i in range(a.ndim))
             raise ArgumentValueError(f"{what} must be [T, {self._heads}, {self._head_dim}], got {shape}")
-        if not a.contiguous:
-            raise ArgumentValueError(f"{what} must be C-contiguous")
+        if not a.rows_contiguous or a.stride0 < self._row:
+            raise ArgumentValueError(f"{what}'s rows must each be contiguous and must not overlap (a stride of at "
+                                     f"least {self._row} elements between tokens), got {a.stride0}")
         return self._check_device(a, what)
 
     cdef int _check_device(self, ArrayInfo* a, str what) except -1:

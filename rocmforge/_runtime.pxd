@@ -62,10 +62,12 @@ cdef class DeviceKernels:
                      void* stream, unsigned threads_y=*) noexcept nogil
     # Raw launches on `stream` (NULL: the default stream), asynchronous;
     # every pointer is a device address and every index was checked by the
-    # caller (write_kv also checks slots on the device). Return a status.
+    # caller (write_kv also checks slots on the device; its strides count
+    # elements from one token's row to the next). Return a status.
     cdef int write_kv(self, uint64_t key_cache, uint64_t value_cache, uint64_t key, uint64_t value,
-                      uint64_t slots, int64_t T, int64_t row, int64_t num_slots, int in_dt,
-                      int cache_dt, float inv_k, float inv_v, uint64_t bad, void* stream) noexcept nogil
+                      uint64_t slots, int64_t T, int64_t row, int64_t k_stride, int64_t v_stride,
+                      int64_t num_slots, int in_dt, int cache_dt, float inv_k, float inv_v, uint64_t bad,
+                      void* stream) noexcept nogil
     cdef int copy_blocks(self, uint64_t cache_ptrs, int64_t num_caches, uint64_t pairs, int64_t num_pairs,
                          int64_t block_bytes, int64_t num_blocks, uint64_t bad, void* stream) noexcept nogil
     # Blocks of one cache over blocks of another ((src, dst) pairs), every cache

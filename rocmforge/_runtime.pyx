@@ -436,17 +436,20 @@ cdef class DeviceKernels:
         return rf_rt_launch(self.device, fn, grid, block, 0, params, stream)
 
     cdef int write_kv(self, uint64_t key_cache, uint64_t value_cache, uint64_t key, uint64_t value,
-                      uint64_t slots, int64_t T, int64_t row, int64_t num_slots, int in_dt,
-                      int cache_dt, float inv_k, float inv_v, uint64_t bad, void* stream) noexcept nogil:
-        cdef void* params[13]
+                      uint64_t slots, int64_t T, int64_t row, int64_t k_stride, int64_t v_stride,
+                      int64_t num_slots, int in_dt, int cache_dt, float inv_k, float inv_v, uint64_t bad,
+                      void* stream) noexcept nogil:
+        cdef void* params[15]
+        cdef int64_t k_bytes = k_stride * _dt_bytes(in_dt), v_bytes = v_stride * _dt_bytes(in_dt)
         # same type: K and V rows as 16-byte pieces, four per thread; converting: 8 elements of a row
         cdef int64_t work = (2 * row * _dt_bytes(in_dt) // 16 + 3) // 4 if in_dt == cache_dt else row // 8
         cdef unsigned tx = _threads(work), ty = THREADS // tx      # several short rows share a block
         if T == 0:
             return RF_RT_OK
         params[0], params[1], params[2], params[3] = &key_cache, &value_cache, &key, &value
-        params[4], params[5], params[6], params[7] = &slots, &T, &row, &num_slots
-        params[8], params[9], params[10], params[11], params[12] = &in_dt, &cache_dt, &inv_k, &inv_v, &bad
+        params[4], params[5], params[6], params[7], params[8] = &slots, &T, &row, &k_bytes, &v_bytes
+        params[9], params[10], params[11], params[12] = &num_slots, &in_dt, &cache_dt, &inv_k
+        params[13], params[14] = &inv_v, &bad
         return self._launch(self._write, <unsigned>((T + ty - 1) // ty), 1, tx, params, stream, ty)
 
     cdef int copy_blocks(self, uint64_t cache_ptrs, int64_t num_caches, uint64_t pairs, int64_t num_pairs,

@@ -179,20 +179,21 @@ __device__ void rf_convert_row_any(int in_dt, int out_dt, char *dst, const char 
 
 __device__ __forceinline__ int rf_dt_bytes(int dt) { return dt == RF_DT_F32 ? 4 : dt <= RF_DT_BF16 ? 2 : 1; }
 
-// write_kv: row t of key/value ([T, row] elements of in_dt) goes to row
-// slot_mapping[t] of the caches (cache_dt; fp8 and int8 store x * inv_scale).
+// write_kv: row t of key/value (row elements of in_dt, starting t * k_stride
+// and t * v_stride bytes in) goes to row slot_mapping[t] of the caches (cache_dt; fp8 and int8 store x * inv_scale).
 // -1 skips a padding token. A slot outside [-1, num_slots) writes nothing and
 // records the smallest such t in *bad (which starts as all ones), so a wrong
 // device-side slot_mapping can never write outside the caches.
 // Block (x, y): y tokens per block, x threads per token; grid covers T tokens.
 extern "C" __global__ void rf_write_kv(char *key_cache, char *value_cache, const char *key, const char *value,
-                                       const int64_t *slot_mapping, int64_t T, int64_t row, int64_t num_slots,
-                                       int in_dt, int cache_dt, float inv_k, float inv_v, unsigned long long *bad) {
+                                       const int64_t *slot_mapping, int64_t T, int64_t row, int64_t k_stride,
+                                       int64_t v_stride, int64_t num_slots, int in_dt, int cache_dt, float inv_k,
+                                       float inv_v, unsigned long long *bad) {
     int64_t t = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
     if (t >= T) return;
     int64_t s = slot_mapping[t];
     int64_t in_bytes = row * rf_dt_bytes(in_dt), out_bytes = row * rf_dt_bytes(cache_dt);
-    const char *k = key + t * in_bytes, *v = value + t * in_bytes;
+    const char *k = key + t * k_stride, *v = value + t * v_stride;
     bool ok = s >= 0 && s < num_slots;
     if (s < -1 || s >= num_slots) {
         if (threadIdx.x == 0) atomicMin(bad, (unsigned long long)t);
