@@ -30,7 +30,11 @@ status=$?
 # in about one run of three).
 if [ $# -eq 0 ]; then
     for round in 1 2 3 4 5; do
-        "$py" -m pytest -q -p no:cacheprovider tests/test_threads.py -k meet_inside > /dev/null || status=1
+        if ! "$py" -m pytest -q -p no:cacheprovider tests/test_threads.py -k meet_inside > "$work/round.log" 2>&1; then
+            echo "tsan: round $round of the meeting test failed:"
+            tail -40 "$work/round.log"
+            status=1
+        fi
     done
 fi
 set -e
