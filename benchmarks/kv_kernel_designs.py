@@ -82,16 +82,20 @@ extern "C" __global__ void write_kv_loop(char *kc, char *vc, const char *k, cons
                                         int64_t T, int64_t m) {
     int64_t stride = (int64_t)gridDim.x * blockDim.y, t = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
     if (t >= T) return;
+    // this thread's 4 pieces of token u's K and V rows (m pieces each), loaded
+    auto load = [&](int64_t u, V *x) {
+        const V *ks = (const V *)(k + u * m * 16), *vs = (const V *)(v + u * m * 16);
+#pragma unroll
+        for (int j = 0; j < 4; j++) { int i = threadIdx.x + j * 64; x[j] = ld<1>(i < m ? ks + i : vs + (i - m)); }
+    };
     V cur[4], nxt[4];
     int64_t s = slots[t];
-#pragma unroll
-    for (int j = 0; j < 4; j++) { int i = threadIdx.x + j * 64; cur[j] = ld<1>(i < m ? (const V *)(k + t * m * 16) + i : (const V *)(v + t * m * 16) + (i - m)); }
+    load(t, cur);
     for (; t < T; t += stride) {
         int64_t tn = t + stride, sn = 0;
         if (tn < T) {
             sn = slots[tn];
-#pragma unroll
-            for (int j = 0; j < 4; j++) { int i = threadIdx.x + j * 64; nxt[j] = ld<1>(i < m ? (const V *)(k + tn * m * 16) + i : (const V *)(v + tn * m * 16) + (i - m)); }
+            load(tn, nxt);
         }
         V *kd = (V *)(kc + s * m * 16), *vd = (V *)(vc + s * m * 16);
 #pragma unroll
@@ -106,27 +110,21 @@ extern "C" __global__ void write_kv_loop(char *kc, char *vc, const char *k, cons
 // (pair fastest) and loads the next item's block (4 pieces a thread) before storing this one's
 extern "C" __global__ void copy_blocks_loop(char *const *caches, const int *pairs, int64_t n, int64_t num_pairs,
                                            int64_t items) {
-    int64_t w = blockIdx.x;
-    V cur[4], nxt[4];
-    V *d = nullptr;
-    if (w >= items) return;
-    {
+    // this thread's 4 pieces of item w's source block, loaded; returns the item's destination block
+    auto load = [&](int64_t w, V *x) {
         char *base = caches[w / num_pairs];
         const V *s = (const V *)(base + (int64_t)pairs[2 * (w % num_pairs)] * n * 16);
-        d = (V *)(base + (int64_t)pairs[2 * (w % num_pairs) + 1] * n * 16);
 #pragma unroll
-        for (int j = 0; j < 4; j++) cur[j] = ld<0>(s + threadIdx.x + j * 512);
-    }
+        for (int j = 0; j < 4; j++) x[j] = ld<0>(s + threadIdx.x + j * 512);
+        return (V *)(base + (int64_t)pairs[2 * (w % num_pairs) + 1] * n * 16);
+    };
+    int64_t w = blockIdx.x;
+    if (w >= items) return;
+    V cur[4], nxt[4];
+    V *d = load(w, cur);
     for (; w < items; w += gridDim.x) {
         int64_t wn = w + gridDim.x;
-        V *dn = nullptr;
-        if (wn < items) {
-            char *base = caches[wn / num_pairs];
-            const V *s = (const V *)(base + (int64_t)pairs[2 * (wn % num_pairs)] * n * 16);
-            dn = (V *)(base + (int64_t)pairs[2 * (wn % num_pairs) + 1] * n * 16);
-#pragma unroll
-            for (int j = 0; j < 4; j++) nxt[j] = ld<0>(s + threadIdx.x + j * 512);
-        }
+        V *dn = wn < items ? load(wn, nxt) : nullptr;
 #pragma unroll
         for (int j = 0; j < 4; j++) st<0>(d + threadIdx.x + j * 512, cur[j]);
 #pragma unroll

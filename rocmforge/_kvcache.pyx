@@ -360,9 +360,10 @@ cdef class KvCache:
         be contiguous, but tokens may lie any distance apart that keeps them from
         overlapping: the K and V parts of a fused QKV projection's output
         (``qkv[:, q_size:q_size + kv_size].view(T, heads, dim)``) or one
-        tensor-parallel rank's heads (``key[:, first:last]``) go in without a copy. Pending copy-on-write copies run first. On
-        a GPU the work is queued on ``stream`` (None: the default stream; an int
-        handle or a torch/cupy stream).
+        tensor-parallel rank's heads (``key[:, first:last]``) go in without a
+        copy. Pending copy-on-write copies run first. On a GPU the work is queued
+        on ``stream`` (None: the default stream; an int handle or a torch/cupy
+        stream).
 
         A host (numpy) slot_mapping is checked before anything is written (and
         makes a GPU call wait for its stream). A slot_mapping on the GPU is

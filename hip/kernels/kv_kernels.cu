@@ -180,7 +180,8 @@ __device__ void rf_convert_row_any(int in_dt, int out_dt, char *dst, const char 
 __device__ __forceinline__ int rf_dt_bytes(int dt) { return dt == RF_DT_F32 ? 4 : dt <= RF_DT_BF16 ? 2 : 1; }
 
 // write_kv: row t of key/value (row elements of in_dt, starting t * k_stride
-// and t * v_stride bytes in) goes to row slot_mapping[t] of the caches (cache_dt; fp8 and int8 store x * inv_scale).
+// and t * v_stride bytes in) goes to row slot_mapping[t] of the caches
+// (cache_dt; fp8 and int8 store x * inv_scale).
 // -1 skips a padding token. A slot outside [-1, num_slots) writes nothing and
 // records the smallest such t in *bad (which starts as all ones), so a wrong
 // device-side slot_mapping can never write outside the caches.
