@@ -3,8 +3,11 @@ hip/kernels/kv_kernels.cu, for example with other -D values) gets caches of its
 own, and write_kv (T=256 and 8192) and copy_blocks (512 MiB) are timed on the
 cases of rocmforge.bench_kernels, the images alternating within each repetition.
 Each case also runs with its slots (or block pairs) in order instead of
-scattered, which shows what the scatter itself costs; copy_blocks also with
-its scattered pairs sorted by source and by destination.
+scattered, which shows what the scatter itself costs; write_kv T=8192 also with
+the in-order slots shuffled (the same rows in another order) and scattered over
+a pool four times larger, which tells the order of the rows from the span they
+cover; copy_blocks also with its scattered pairs sorted by source and by
+destination.
 
     python benchmarks/ab_kv_kernels.py NAME=IMAGE [NAME=IMAGE ...] [--reps 7]
 
@@ -22,6 +25,8 @@ import statistics
 import numpy as np
 
 from rocmforge.bench_kernels import BLOCK, HEAD_DIM, HEADS, _burst_us
+
+SPAN = 4        # write_kv's caches hold this many times bench_kernels' pool
 
 
 def main(argv=None):
@@ -48,14 +53,18 @@ def main(argv=None):
     inputs = {}
     for T in (256, 8192):
         k = torch.randn((T, HEADS, HEAD_DIM), dtype=torch.float16, device="cuda")
-        for order, ids in (("", rng.permutation(num_blocks * BLOCK)[:T]), (", in order", np.arange(T))):
+        orders = [("", rng.permutation(num_blocks * BLOCK)[:T]), (", in order", np.arange(T))]
+        if T == 8192:       # where the scatter's cost comes from: the order of the rows or the span they cover
+            orders += [(", in order, shuffled", rng.permutation(T)),
+                       (", scattered over 4x the pool", rng.permutation(SPAN * num_blocks * BLOCK)[:T])]
+        for order, ids in orders:
             inputs[f"T={T}{order}"] = (k, torch.randn_like(k), torch.from_numpy(ids.astype(np.int64)).cuda())
     # every image's caches, made while its module is the one new caches take
     caches = {}
     for spec in args.images:
         name, _, path = spec.partition("=")
         _kvcache._kernels_by_device[0] = DeviceKernels(0, None if name == "packaged" else open(path, "rb").read())
-        caches[name] = (rf.KvCache(CacheConfig(1, HEADS, HEAD_DIM, block_size=BLOCK, num_blocks=num_blocks,
+        caches[name] = (rf.KvCache(CacheConfig(1, HEADS, HEAD_DIM, block_size=BLOCK, num_blocks=SPAN * num_blocks,
                                                dtype="float16"), "cuda:0"),
                         rf.KvCache(CacheConfig(layers, HEADS, HEAD_DIM, block_size=BLOCK, num_blocks=2 * pairs_n,
                                                dtype="float16"), "cuda:0"))

@@ -65,7 +65,8 @@ cdef enum:
     # decoding 256 sequences per call (3 us of work) ran at half one thread's
     # rate when each call released the GIL. So about 10 us of work: 1,024
     # sequences of a batch, 4,096 block ids, 16,384 prompt tokens (hashing and
-    # lookup).
+    # lookup). The calls below branch on these sizes in two spelled-out arms:
+    # Cython's `with nogil(cond):` takes only a condition known at compile time.
     NOGIL_MIN = 1024
     NOGIL_MIN_IDS = 4096
     NOGIL_MIN_TOKENS = 16384

@@ -18,7 +18,8 @@ from rocmforge._runtime cimport (RF_RT_BAD_DEVICE, RF_RT_NOT_READY, RF_RT_RUNTIM
                                  DeviceKernels, DeviceStream, check, rt_backend, rt_memset, rt_htod,
                                  rt_dtoh, rt_dtod, rt_stream_sync, rt_device_sync, stream_handle)
 from rocmforge._runtime import backend_info, load_backend
-from rocmforge._ids import meets, repeats, runs
+from rocmforge._ids import repeats, runs, split_waves
+from rocmforge._pair_order cimport PAIRS_ORDERED, order_pairs
 from rocmforge.config import CacheConfig, format_bytes, host_memory_available, host_tier_blocks
 from rocmforge.errors import (ArgumentTypeError, ArgumentValueError, BlockNotFound, DeviceError,
                               InvalidConfiguration, KvCacheError, OutOfBlocks, SequenceExists, SequenceNotFound)
@@ -61,22 +62,12 @@ def _distinct_ids(seq_ids):
     return ids
 
 
-def _waves(pairs):
-    """Split (src, dst) pairs, applied in order, into runs that may run in
-    parallel: a run ends before a pair that reads or writes a block an earlier
-    pair of the run writes, or writes a block one of them reads."""
-    if not meets(pairs[:, 1], pairs[:, 0]) and not repeats(pairs[:, 1]):
-        return [pairs]                  # no block both read and written, none written twice
-    waves, start, reads, writes = [], 0, set(), set()
-    for i, (src, dst) in enumerate(pairs.tolist()):
-        if src in writes or dst in writes or dst in reads:
-            waves.append(pairs[start:i])
-            start, reads, writes = i, set(), set()
-        reads.add(src)
-        writes.add(dst)
-    if start < len(pairs):
-        waves.append(pairs[start:])
-    return waves
+def _order_pairs(pairs, int32_t num_blocks):
+    """order_pairs() on int32 pairs [k, 2], for the tests: its status and its output."""
+    cdef cnp.ndarray p = np.ascontiguousarray(pairs, dtype=np.int32)
+    cdef cnp.ndarray out = np.full_like(p, -1)
+    st = order_pairs(<const int32_t*>cnp.PyArray_DATA(p), <int32_t*>cnp.PyArray_DATA(out), p.shape[0], num_blocks)
+    return st, out
 
 
 cdef class KvCache:
@@ -494,12 +485,15 @@ cdef class KvCache:
     def copy_blocks(self, pairs, stream=None):
         """Copy block src over block dst, for each (src, dst) row of pairs (int32
         [k, 2]), in order, in every layer's K and V. Nothing is copied if any id
-        is outside the pool (BlockNotFound).
+        is outside the pool (BlockNotFound). On a GPU, pairs that do not chain
+        go in one launch, sorted by source block (the copies in flight then
+        read neighbouring blocks); chained pairs go in runs that do not.
 
         Pairs already on the GPU are applied in one launch, with no host work
         (graph-capturable): they must not chain (no block both read and
-        written, none written twice). The kernel skips a pair naming a block
-        outside the pool and the next synchronize() raises DeviceError."""
+        written, none written twice), and they run in the order given, fastest
+        sorted by source. The kernel skips a pair naming a block outside the
+        pool and the next synchronize() raises DeviceError."""
         cdef ArrayInfo p
         cdef int st = 0
         cdef void* strm = stream_handle(stream)
@@ -563,9 +557,14 @@ cdef class KvCache:
         cdef int st = 0
         cdef cnp.ndarray wave
         pairs = np.ascontiguousarray(pairs, dtype=np.int32)
-        host = (pairs < 0).any(axis=1)
-        if host.any():
+        cdef cnp.ndarray ordered = np.empty_like(pairs) if self._dev >= 0 else None
+        if ordered is not None and order_pairs(<const int32_t*>cnp.PyArray_DATA(pairs),
+                                               <int32_t*>cnp.PyArray_DATA(ordered), pairs.shape[0],
+                                               self._num_blocks) == PAIRS_ORDERED:
+            waves = [ordered]           # the common case: one launch, the pairs by source
+        elif pairs.min() < 0:
             # runs of pool copies and runs of host-tier copies, in order
+            host = (pairs < 0).any(axis=1)
             cuts = np.flatnonzero(np.diff(host.astype(np.int8))) + 1
             for run in np.split(pairs, cuts):
                 if run[0, 0] < 0 or run[0, 1] < 0:
@@ -573,7 +572,8 @@ cdef class KvCache:
                 else:
                     self._copy_pairs(run, stream)
             return
-        waves = _waves(pairs) if self._dev >= 0 else [pairs]
+        else:
+            waves = split_waves(pairs) if self._dev >= 0 else [pairs]
         if self._dev >= 0:
             self._reserve_scratch(pairs.nbytes + 16 * len(waves))
         for wave in waves:

@@ -162,6 +162,27 @@ def test_chained_copies_apply_in_order(device):
         assert_same(cache, ref)
 
 
+@pytest.mark.parametrize("chain", [False, True])
+def test_many_scattered_pairs_match_the_host_kernels(device, chain):
+    """Hundreds of pairs in random order (a GPU takes them in one launch, by
+    source block), and the same with one pair that reads a block an earlier one wrote."""
+    with make(device, num_blocks=512, block_size=2) as cache:
+        rng = np.random.default_rng(11)
+        ref = reference(cache)
+        slots = np.arange(cache.num_blocks * cache.block_size, dtype=np.int64)
+        for layer in range(cache.num_layers):
+            k, v = (rng.standard_normal((len(slots), 2, 8)).astype(np.float16) for _ in range(2))
+            cache.write_kv(layer, on(cache, k), on(cache, v), slots)
+            K.write_kv(ref[layer][0], ref[layer][1], k, v, slots)
+        ids = rng.permutation(512)
+        pairs = np.stack([ids[:200], ids[200:400]], axis=1).astype(np.int32)
+        if chain:
+            pairs[150] = [pairs[40, 1], ids[450]]
+        cache.copy_blocks(pairs)
+        K.copy_blocks([a for layer in ref for a in layer], pairs)
+        assert_same(cache, ref)
+
+
 def test_gather_matches_the_tables(device):
     with make(device) as cache:
         for sid, n in ((1, 0), (2, 5), (3, 16)):
