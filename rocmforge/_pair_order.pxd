@@ -4,9 +4,10 @@
 # In one launch the pairs' thread blocks start in the order of the pairs; sorted
 # by source, the copies in flight at any moment read neighbouring blocks. On the
 # H200, 1,024 scattered pairs of 32 KiB blocks in 16 caches (512 MiB) took
-# 266.5 us sorted against 270.0 us as given (CUPTI, medians of 9). This pass
-# costs 4-9 us of host time for those pairs; numpy's argsort alone costs about
-# 20, and the numpy chain test it replaces cost 44 on the H200's host.
+# 265.2-266.5 us sorted against 268.9-270.0 us as given (CUPTI, two runs). This
+# pass costs 9-12 us of host time for those pairs on the H200's host, where
+# the numpy chain test it replaces cost 44-47 (numpy's argsort alone: about 20
+# on the 2-core machine).
 
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
