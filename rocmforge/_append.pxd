@@ -44,14 +44,16 @@ cdef inline bint foreign(Core* c, Shard* sh, int32_t b) noexcept nogil:
     return c.nshards > 1 and c.home[b] != sh.index
 
 
-cdef inline SeqRec* find_record(Core* c, Shard* sh, int64_t seq_id, Shard** where,
+cdef inline SeqRec* find_record(Core* c, Shard* sh, bint fast, int64_t seq_id, Shard** where,
                                 int32_t* slot) noexcept nogil:
-    """The record of seq_id: in sh, else (several shards, every lock held) in the
-    shard the directory names. NULL when there is none."""
+    """The record of seq_id: in sh, else (several shards, every lock held, not
+    fast) in the shard the directory names. NULL when there is none. A fast run
+    holds only sh's lock, so it must not see another shard's records: for a
+    sequence that lives elsewhere it gets NULL and goes global."""
     cdef int32_t t
     slot[0] = seq_find(sh, seq_id)
     where[0] = sh
-    if slot[0] == NO_SLOT and c.nshards > 1:
+    if slot[0] == NO_SLOT and c.nshards > 1 and not fast:
         t = dir_find(c, seq_id)
         if t >= 0 and t != sh.index:
             where[0] = &c.shards[t]
@@ -423,7 +425,7 @@ cdef inline int append_batch_any(Core* c, Shard* sh, const int64_t* seq_ids, con
         return RF_NO_MEMORY
     # Validate every item, in order, counting new blocks and copies.
     for i in range(n):
-        s = find_record(c, sh, seq_ids[i], &where, &slot)
+        s = find_record(c, sh, False, seq_ids[i], &where, &slot)
         if s == NULL:
             err.id = seq_ids[i]
             return RF_SEQ_NOT_FOUND

@@ -170,7 +170,7 @@ cdef inline int fork_sequence(Core* c, Shard* sh, bint fast, int64_t src, int64_
     cdef SeqRec* d
     cdef size_t j
     cdef int st
-    s = find_record(c, sh, src, &ssh, &src_slot)
+    s = find_record(c, sh, fast, src, &ssh, &src_slot)
     if s == NULL:
         if fast:
             return RF_GLOBAL
@@ -223,7 +223,7 @@ cdef inline int remove_sequence(Core* c, Shard* sh, bint fast, int64_t seq_id, b
     (prefix_locked says so; the caller releases it)."""
     cdef Shard* where
     cdef int32_t slot
-    cdef SeqRec* s = find_record(c, sh, seq_id, &where, &slot)
+    cdef SeqRec* s = find_record(c, sh, fast, seq_id, &where, &slot)
     if s == NULL:
         if fast:
             return RF_GLOBAL

@@ -388,3 +388,54 @@ def test_threads_meet_inside_the_core_without_the_gil():
     assert m.num_used_blocks == 0 and len(m) == 0
     stats = m.stats()
     assert stats["total_allocations"] == stats["total_deallocations"] and stats["prefix_hit_tokens"] > 0
+
+
+def test_calls_naming_another_shards_sequence_take_its_lock():
+    """A fork from, or a removal of, a sequence that lives in another shard must
+    run holding that shard's lock, even when the sequence has no blocks (so
+    none of them is another shard's). A thread on shard 0 keeps moving its
+    LRU list without the GIL (two batches of 1,024 sequences, in turn) while a
+    thread on shard 1 forks and removes blockless sequences of shard 0."""
+    m = rf.BlockManager(1024, 16, shards=2)
+    first = np.arange(0, 1024, dtype=np.int64)
+    second = np.arange(1024, 2048, dtype=np.int64)
+    errors, done = [], threading.Event()
+    ready = threading.Barrier(2)
+
+    def mover():
+        m.bind_thread(0)
+        for sid in range(2048):
+            m.add_sequence(sid, num_tokens=0)
+        for sid in range(10**6, 10**6 + 4000):
+            m.add_sequence(sid)                     # blockless: the other thread's to fork and remove
+        ready.wait()
+        try:
+            while not done.is_set():
+                m.append_batch(first, 0)            # 1,024 sequences: no GIL inside; each call
+                m.append_batch(second, 0)           # moves its run to the newest end
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    def forker():
+        m.bind_thread(1)
+        ready.wait()
+        try:
+            for sid in range(10**6, 10**6 + 4000):
+                m.fork(sid, sid + 10**7)            # touches sid in shard 0
+                m.remove_sequence(sid)              # drops it from shard 0
+                m.remove_sequence(sid + 10**7)
+                if sid % 500 == 0:
+                    m.check_invariants()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+        finally:
+            done.set()
+
+    threads = [threading.Thread(target=mover), threading.Thread(target=forker)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    m.check_invariants()
+    assert sorted(m.sequence_ids().tolist()) == list(range(2048))
