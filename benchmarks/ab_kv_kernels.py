@@ -4,9 +4,10 @@ own, and write_kv (T=256 and 8192) and copy_blocks (512 MiB) are timed on the
 cases of rocmforge.bench_kernels, the images alternating within each repetition.
 Each case also runs with its slots (or block pairs) in order instead of
 scattered, which shows what the scatter itself costs; write_kv T=8192 also with
-the in-order slots shuffled (the same rows in another order) and scattered over
-a pool four times larger, which tells the order of the rows from the span they
-cover; copy_blocks also with its scattered pairs sorted by source and by
+the in-order slots shuffled (the same rows in another order), with the
+scattered slots sorted (whole, and in runs of 32 in shuffled order) and
+scattered over a pool four times larger, which tells the order of the rows from
+the span they cover; copy_blocks also with its scattered pairs sorted by source and by
 destination.
 
     python benchmarks/ab_kv_kernels.py NAME=IMAGE [NAME=IMAGE ...] [--reps 7]
@@ -55,7 +56,11 @@ def main(argv=None):
         k = torch.randn((T, HEADS, HEAD_DIM), dtype=torch.float16, device="cuda")
         orders = [("", rng.permutation(num_blocks * BLOCK)[:T]), (", in order", np.arange(T))]
         if T == 8192:       # where the scatter's cost comes from: the order of the rows or the span they cover
+            scattered = orders[0][1]
             orders += [(", in order, shuffled", rng.permutation(T)),
+                       (", scattered, sorted", np.sort(scattered)),
+                       (", scattered, sorted runs of 32 shuffled",
+                        np.sort(scattered).reshape(-1, 32)[rng.permutation(T // 32)].ravel()),
                        (", scattered over 4x the pool", rng.permutation(SPAN * num_blocks * BLOCK)[:T])]
         for order, ids in orders:
             inputs[f"T={T}{order}"] = (k, torch.randn_like(k), torch.from_numpy(ids.astype(np.int64)).cuda())
