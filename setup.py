@@ -1,5 +1,6 @@
 """Builds rocmforge's extensions (Cython; a C/C++ compiler is all they need) and,
 when nvcc or hipcc is on PATH, the code objects of the K/V kernels (package data)."""
+import glob
 import os
 import shutil
 import subprocess
@@ -163,7 +164,10 @@ if os.environ.get("ROCMFORGE_LINETRACE"):
     directives["linetrace"] = True
     for ext in extensions:
         ext.define_macros.append(("CYTHON_TRACE_NOGIL", "1"))
+# The C and C++ headers the generated sources include: editing one rebuilds them.
+headers = sorted(glob.glob(os.path.join("rocmforge", "_rf_*.h")) + glob.glob(os.path.join("hip", "*.h")))
 for ext in extensions:
+    ext.depends += headers
     if sanitize:
         flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g", "-O1"]
         ext.extra_compile_args += flags
