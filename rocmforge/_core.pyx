@@ -836,6 +836,13 @@ cdef class BlockManager:
                 f"free={self.num_free_blocks}{cached}, sequences={len(self)}{shards})")
 
 
+def _fail_allocation(int64_t n):
+    """For tests: the n-th allocation the core makes from now on (in any
+    manager of this process) fails as if host memory were exhausted; 0 disarms.
+    Returns how many were left to count of the previous arming (0: it fired)."""
+    return rf_fault_arm(n)
+
+
 def block_keys(tokens, int block_size, salt=None):
     """The prefix-cache keys of the full blocks of ``tokens`` (int64, first to
     last): what a manager of this block size registers for them, and what its

@@ -8,10 +8,10 @@ from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
 from rocmforge._state cimport (
-    Core, Shard, BlockRefs, BlockScratch, PBlock, SeqRec, ErrInfo, rf_reserve, rf_resize, rf_push,
+    Core, Shard, BlockRefs, BlockScratch, PBlock, SeqRec, ErrInfo, rf_reserve, rf_reserve_exact, rf_resize, rf_push,
     rf_idmap_update, rf_idmap_bytes, rf_popcount64, RF_OK, RF_NO_MEMORY, RF_PENDING_COPIES, RF_BLOCK_IN_USE, _ceil_div)
 from rocmforge._freeset cimport fs_size, fs_summarize, fs_words
-from rocmforge._prefix cimport pfx_resize, uncache, unregister_tree, reserve_registrations
+from rocmforge._prefix cimport pfx_reserve, pfx_resize, uncache, unregister_tree, reserve_registrations
 
 
 cdef inline bint occupied(Core* c, int32_t b) noexcept nogil:
@@ -72,7 +72,7 @@ cdef inline int resize_pool(Core* c, int32_t n) noexcept nogil:
     nothing visible when it fails."""
     cdef BlockScratch blank
     cdef BlockRefs none
-    cdef int32_t s, old = c.num_blocks, top = n if n > c.num_blocks else c.num_blocks
+    cdef int32_t s, old = c.num_blocks
     cdef uint8_t zero = 0
     cdef int64_t total = fs_words(n)
     blank.mark = 0
@@ -80,18 +80,19 @@ cdef inline int resize_pool(Core* c, int32_t n) noexcept nogil:
     blank.dec = 0
     none.rc = 0
     none.ext = 0
-    # Reserve everything first: past this point nothing can fail.
-    if (rf_resize(c.refs, top, none) or rf_resize(c.scratch, top, blank)
-            or (c.nshards > 1 and rf_resize(c.home, top, zero))):
+    # Room for everything first (capacity only, nothing visible changes):
+    # past this point nothing can fail.
+    if (rf_reserve_exact(c.refs, n) or rf_reserve_exact(c.scratch, n)
+            or (c.nshards > 1 and rf_reserve_exact(c.home, n))):
         return RF_NO_MEMORY
     for s in range(c.nshards):
         if rf_reserve(c.shards[s].free.bits, total):
             return RF_NO_MEMORY
-    if c.prefix and pfx_resize(c, top):
+    if c.prefix and pfx_reserve(c, n):
         return RF_NO_MEMORY
     for s in range(c.nshards):
         fs_size(&c.shards[s].free, n)
-    rf_resize(c.refs, n, none)          # shrinking, when it changes anything: cannot fail
+    rf_resize(c.refs, n, none)
     rf_resize(c.scratch, n, blank)
     if c.nshards > 1:
         rf_resize(c.home, n, zero)

@@ -14,7 +14,7 @@ from libcpp.vector cimport vector
 
 from rocmforge._state cimport (
     Core, Shard, SeqRec, PBlock, KvEvent, PrefixState, BlockRefs, push_event, ghost_remember,
-    rf_reserve, rf_resize, rf_push, rf_prefetch, rf_idmap_find, rf_idmap_reserve, rf_idmap_put,
+    rf_reserve, rf_reserve_exact, rf_resize, rf_push, rf_prefetch, rf_idmap_find, rf_idmap_reserve, rf_idmap_put,
     rf_idmap_erase, rf_idmap_clear, rf_idmap_prefetch, rf_block_key, rf_tokens_equal,
     RF_OK, RF_NO_MEMORY, POLICY_ARC, EV_STORED, EV_REMOVED, EV_CLEARED, GHOSTS_PER_BLOCK)
 from rocmforge._freeset cimport fs_set
@@ -38,10 +38,25 @@ cdef inline void set_home(Core* c, int32_t b, Shard* sh) noexcept nogil:
         c.home[b] = <uint8_t>sh.index
 
 
-cdef inline int pfx_resize(Core* c, int32_t n) noexcept nogil:
-    """Size the prefix cache's per-block state and ghost lists for n blocks.
+cdef inline int pfx_reserve(Core* c, int32_t n) noexcept nogil:
+    """Room for the prefix cache's per-block state and ghost lists of n blocks
+    (capacity only: nothing visible changes), so that pfx_resize(c, n) cannot fail."""
+    cdef PrefixState* p = &c.pfx
+    cdef int lst
+    cdef size_t cap = <size_t>n * GHOSTS_PER_BLOCK
+    if (rf_reserve_exact(p.pb, n) or rf_reserve_exact(p.btok, <size_t>n * <size_t>c.block_size)
+            or rf_reserve(p.tmp_stack, n) or rf_idmap_reserve(p.index, n)):
+        return RF_NO_MEMORY
+    for lst in range(1, 3):
+        if rf_reserve_exact(p.ghost_ring[lst], cap) or rf_idmap_reserve(p.ghost[lst], cap):
+            return RF_NO_MEMORY
+    return RF_OK
 
-    Ghost lists are rebuilt empty (they only tune ARC's target)."""
+
+cdef inline void pfx_resize(Core* c, int32_t n) noexcept nogil:
+    """Size the prefix cache's per-block state and ghost lists for n blocks,
+    within the room pfx_reserve(c, n) made. Ghost lists are rebuilt empty (they
+    only tune ARC's target)."""
     cdef PrefixState* p = &c.pfx
     cdef PBlock blank
     cdef int lst
@@ -54,21 +69,16 @@ cdef inline int pfx_resize(Core* c, int32_t n) noexcept nogil:
     blank.ev_next = -1
     blank.ev_list = 0
     uncache(&blank)
-    if (rf_resize(p.pb, n, blank)
-            or rf_resize(p.btok, <size_t>n * <size_t>c.block_size, zero)
-            or rf_reserve(p.tmp_stack, n) or rf_idmap_reserve(p.index, n)):
-        return RF_NO_MEMORY
+    rf_resize(p.pb, n, blank)
+    rf_resize(p.btok, <size_t>n * <size_t>c.block_size, zero)
     for lst in range(1, 3):
-        if (rf_resize(p.ghost_ring[lst], cap, <int64_t>-1)
-                or rf_idmap_reserve(p.ghost[lst], cap)):
-            return RF_NO_MEMORY
+        rf_resize(p.ghost_ring[lst], cap, <int64_t>-1)
         rf_idmap_clear(p.ghost[lst])
         for i in range(cap):
             p.ghost_ring[lst][i] = -1
         p.ghost_pos[lst] = 0
     if p.arc_p > n:
         p.arc_p = n
-    return RF_OK
 
 
 # --- policy lists ----------------------------------------------------------------

@@ -71,14 +71,45 @@ struct rf_real {
     void set(double x) noexcept { v.store(x, std::memory_order_relaxed); }
 };
 
+/* Allocation faults, for tests (rocmforge._core._fail_allocation): while the
+ * countdown is positive, each allocation the helpers here would make counts it
+ * down, and the one that takes it to zero fails as if memory were exhausted.
+ * Only the paths that allocate read it. */
+inline std::atomic<int64_t> rf_fault_countdown{0};
+
+static inline bool rf_alloc_fails() noexcept {
+    if (rf_fault_countdown.load(std::memory_order_relaxed) <= 0) return false;
+    return rf_fault_countdown.fetch_sub(1, std::memory_order_relaxed) == 1;
+}
+
+/* Arm the countdown (0: off); returns what was left of the one before. */
+static inline int64_t rf_fault_arm(int64_t n) noexcept {
+    return rf_fault_countdown.exchange(n, std::memory_order_relaxed);
+}
+
 /* Grow capacity to at least n; 0 on success, -1 when memory is exhausted.
  * Growth is geometric (at least doubling), so a vector that gains one element
  * per call (a sequence's blocks or tokens during decode) is reallocated
  * O(log n) times, not on every call. */
 template <class T>
 static inline int rf_reserve(std::vector<T> &v, size_t n) noexcept {
+    if (v.capacity() < n && rf_alloc_fails()) return -1;
     try {
         if (v.capacity() < n) v.reserve(n > 2 * v.capacity() ? n : 2 * v.capacity());
+        return 0;
+    } catch (...) {
+        return -1;
+    }
+}
+
+/* Grow capacity to exactly n when below it, for arrays sized once per pool
+ * resize (a later resize to n or less cannot fail); 0 on success, -1 when
+ * memory is exhausted. */
+template <class T>
+static inline int rf_reserve_exact(std::vector<T> &v, size_t n) noexcept {
+    if (v.capacity() < n && rf_alloc_fails()) return -1;
+    try {
+        v.reserve(n);
         return 0;
     } catch (...) {
         return -1;
@@ -88,6 +119,7 @@ static inline int rf_reserve(std::vector<T> &v, size_t n) noexcept {
 /* Resize (value-initialising new elements); 0 on success, -1 on failure. */
 template <class T>
 static inline int rf_resize(std::vector<T> &v, size_t n, const T &value) noexcept {
+    if (v.capacity() < n && rf_alloc_fails()) return -1;
     try {
         v.resize(n, value);
         return 0;

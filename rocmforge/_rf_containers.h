@@ -64,6 +64,7 @@ struct rf_table {
      * when memory is exhausted or n exceeds 2**31 - 2 ids. */
     int reserve(size_t n) noexcept {
         if (n <= capacity()) return 0;
+        if (rf_alloc_fails()) return -1;
         if (n > (size_t)INT32_MAX - 1) return -1;
         int32_t *grown = alloc(ids, round_up(n));
         if (!grown) return -1;
@@ -129,6 +130,7 @@ static inline void rf_idmap_place(rf_idmap &m, int64_t key, int32_t val) noexcep
 static inline int rf_idmap_reserve(rf_idmap &m, size_t n) noexcept {
     size_t cap = m.keys.size();
     if (2 * n <= cap) return 0;
+    if (rf_alloc_fails()) return -1;
     size_t want = cap ? cap : 16;
     int shift = cap ? m.shift : 60;
     while (2 * n > want) { want *= 2; shift--; }

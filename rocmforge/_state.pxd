@@ -234,7 +234,9 @@ cdef extern from "_rf_state.h" nogil:
     void rf_share_bump(Core* c)
     int64_t rf_copy_number(Core* c)
 
+    int64_t rf_fault_arm(int64_t n)
     int rf_reserve[T](vector[T]& v, size_t n)
+    int rf_reserve_exact[T](vector[T]& v, size_t n)
     int rf_resize[T](vector[T]& v, size_t n, const T& value)
     void rf_push[T](vector[T]& v, const T& x)
     void rf_append_n(vector[int32_t]& v, const int32_t* src, size_t n)
