@@ -47,6 +47,8 @@ cdef int raise_status(int status, const ErrInfo* err) except -1:
             f"{err.a} copy-on-write copies are pending: take_pending_copies() and apply them first")
     if status == RF_PREFIX_DISABLED:
         raise KvCacheError("prefix caching is off: build the manager with enable_prefix_caching=True")
+    if status == RF_POOL_TOO_SMALL:
+        raise OutOfBlocks(f"cannot compact into {err.b} blocks: {err.a} blocks are in use or cached")
     if status == RF_NO_SHARD:
         raise ArgumentValueError(f"shard {err.id} outside [0, {err.a})")
     raise KvCacheError(f"unknown rocmforge status {status}")

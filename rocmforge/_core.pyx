@@ -34,7 +34,7 @@ from rocmforge._state cimport *
 from rocmforge._blocks cimport avail_total
 from rocmforge._prefix cimport reserve_registrations, reset_prefix
 from rocmforge._seqs cimport seq_find
-from rocmforge._pool cimport resize_pool, compact_pool, shrink_pool, occupied
+from rocmforge._pool cimport resize_pool, compact_into, shrink_pool, occupied
 from rocmforge._checks cimport check_all
 from rocmforge._calls cimport *
 from rocmforge._host_tier cimport ht_init
@@ -749,7 +749,7 @@ cdef class BlockManager:
             raise ArgumentValueError(f"threshold must be in [0, 1], got {threshold}")
         return self.fragmentation_ratio() > threshold
 
-    def compact(self):
+    def compact(self, *, num_blocks=None):
         """Move live blocks from the top of the pool into the lowest free ids.
 
         Afterwards occupied blocks (in use, and cached ones with prefix
@@ -759,15 +759,28 @@ cdef class BlockManager:
         allocate()/incref(). With several shards, the free blocks are then
         given back to the shards in equal contiguous ranges. Refuses
         (KvCacheError) while copy-on-write copies are pending.
+
+        With ``num_blocks`` the pool is then cut to that many blocks, in the
+        same step: OutOfBlocks, changing nothing, when more blocks than that
+        are occupied (a caller that sized new storage from an earlier count
+        learns that others took blocks since).
         """
         cdef vector[int32_t] moves
         cdef ErrInfo err
         cdef int st
+        cdef int32_t n = -1
         cdef double t0
+        cdef Shard* sh = home_shard(self._c)
+        if num_blocks is not None:
+            n = <int32_t>_count(num_blocks, "num_blocks", INT32_MAX)
+            if n < 1:
+                raise InvalidConfiguration("num_blocks must be >= 1")
+            if n > self.num_blocks:
+                raise InvalidConfiguration(f"compact into {n} > num_blocks={self.num_blocks}: use grow()")
         with nogil:
             lock_all(self._c)
             t0 = _mono_ms()
-            st = compact_pool(self._c, &moves, &err)
+            st = compact_into(self._c, sh, n, &moves, &err)
             if st == RF_OK:
                 self._c.last_compaction_ms.set(_mono_ms() - t0)
             unlock_all(self._c)

@@ -40,6 +40,8 @@ cdef class KvCache:
     cdef int _parse_device(self, object device) except -2
     cdef _check_room(self, int64_t num_blocks)
     cdef _allocate(self, int64_t num_blocks, list old)
+    cdef tuple _new_storage(self, int64_t num_blocks)
+    cdef _install(self, int64_t num_blocks, tuple storage, list old)
     cdef int _layer(self, object layer) except -1
     cdef DeviceArray _export(self, int i)
     cdef int _check_open(self) except -1

@@ -193,23 +193,32 @@ cdef class KvCache:
         """Storage for num_blocks blocks per cache, keeping the leading blocks of old
         (zeros elsewhere), installed once it is complete: raises before changing
         anything. The caller holds the lock (or is __init__)."""
-        cdef int64_t nbytes = num_blocks * self._block_bytes, keep
-        cdef DeviceBuffer buf, prev
-        cdef int st = 0, i
-        cdef vector[uint64_t] addrs
+        self._install(num_blocks, self._new_storage(num_blocks), old)
+
+    cdef tuple _new_storage(self, int64_t num_blocks):
+        """Buffers for num_blocks blocks per cache and the device table of their
+        addresses, neither filled nor installed: raises, changing nothing, when
+        memory is short."""
         self._check_room(num_blocks)
-        fresh = []
-        for i in range(2 * self._num_layers):
-            buf = DeviceBuffer(nbytes, self._dev)
-            fresh.append(buf)
-            addrs.push_back(buf._ptr)
+        fresh = [DeviceBuffer(num_blocks * self._block_bytes, self._dev) for _ in range(2 * self._num_layers)]
         table = None
         if self._dev >= 0:
             table = DeviceBuffer(8 * len(fresh), self._dev)
             table.copy_from_host(np.array([b.ptr for b in fresh], dtype=np.uint64))
+        return fresh, table
+
+    cdef _install(self, int64_t num_blocks, tuple storage, list old):
+        """Make _new_storage's buffers the cache's, holding the leading blocks of
+        old (zeros past them). The caller holds the lock (or is __init__)."""
+        cdef int64_t nbytes = num_blocks * self._block_bytes, keep
+        cdef DeviceBuffer buf, prev
+        cdef int st = 0, i
+        cdef vector[uint64_t] addrs
+        fresh, table = storage
         keep = min(nbytes, old[0].nbytes) if old else 0
         for i in range(len(fresh)):
             buf = fresh[i]
+            addrs.push_back(buf._ptr)
             if buf.on_host:
                 memset(<void*><size_t>(buf._ptr + keep), 0, nbytes - keep)
             elif st == 0:
@@ -758,6 +767,9 @@ cdef class KvCache:
         their K/V accordingly; the cache keeps its size. With ``shrink=True`` it
         also cuts the pool and the storage down to the occupied blocks, giving
         the memory back (grow() adds blocks again). Returns the (old, new) moves.
+        All or nothing: the smaller storage is allocated first, and when it
+        cannot be, or other threads took blocks meanwhile (OutOfBlocks), nothing
+        has moved.
 
         Serialized with the data path: a write_kv, gather or swap in another
         thread runs entirely before or after it. Block ids and slots taken
@@ -767,17 +779,17 @@ cdef class KvCache:
         with self._lock:
             self._check_open()
             self._apply_pending(NULL)
-            moves = self.manager.compact()
+            occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
+            if not shrink or occupied >= self._num_blocks:
+                moves = self.manager.compact()
+                if len(moves):
+                    self._copy_pairs(moves, NULL)
+                return moves
+            storage = self._new_storage(occupied)
+            moves = self.manager.compact(num_blocks=occupied)
             if len(moves):
                 self._copy_pairs(moves, NULL)
-            occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
-            if shrink and occupied < self._num_blocks:
-                self.manager.shrink(occupied)
-                try:
-                    self._allocate(occupied, self._buffers)
-                except BaseException:
-                    self.manager.grow(self._num_blocks)
-                    raise
+            self._install(occupied, storage, self._buffers)
         return moves
 
     def grow(self, num_blocks):

@@ -9,7 +9,9 @@ from libcpp.vector cimport vector
 
 from rocmforge._state cimport (
     Core, Shard, BlockRefs, BlockScratch, PBlock, SeqRec, ErrInfo, rf_reserve, rf_reserve_exact, rf_resize, rf_push,
-    rf_idmap_update, rf_idmap_bytes, rf_popcount64, RF_OK, RF_NO_MEMORY, RF_PENDING_COPIES, RF_BLOCK_IN_USE, _ceil_div)
+    rf_idmap_update, rf_idmap_bytes, rf_popcount64, RF_OK, RF_NO_MEMORY, RF_PENDING_COPIES, RF_BLOCK_IN_USE,
+    RF_POOL_TOO_SMALL, _ceil_div)
+from rocmforge._blocks cimport avail_total
 from rocmforge._freeset cimport fs_size, fs_summarize, fs_words
 from rocmforge._prefix cimport pfx_reserve, pfx_resize, uncache, unregister_tree, reserve_registrations
 
@@ -214,3 +216,29 @@ cdef inline int shrink_pool(Core* c, Shard* dest, int32_t n, ErrInfo* err) noexc
             if c.pfx.pb[b].serial != 0:
                 unregister_tree(c, dest, b, False)    # their storage goes: nothing to keep
     return resize_pool(c, n)
+
+
+cdef inline int compact_into(Core* c, Shard* dest, int32_t n, vector[int32_t]* moves,
+                             ErrInfo* err) noexcept nogil:
+    """compact_pool, then (0 <= n < num_blocks) cut the pool to n blocks; all or nothing.
+    Everything that can fail is checked or reserved before the first move:
+    after compaction the blocks past n are free and uncached, and cutting the
+    pool shrinks arrays, which cannot fail."""
+    cdef int32_t occ
+    cdef int st
+    err.a = pending_count(c)
+    if err.a:
+        return RF_PENDING_COPIES
+    if n >= 0:
+        occ = c.num_blocks - <int32_t>avail_total(c) + <int32_t>c.pfx.num_evictable.get()
+        if occ > n:
+            err.a = occ
+            err.b = n
+            return RF_POOL_TOO_SMALL
+        if reserve_registrations(c, 0):
+            return RF_NO_MEMORY
+    st = compact_pool(c, moves, err)
+    if st != RF_OK or n < 0 or n >= c.num_blocks:
+        return st
+    return shrink_pool(c, dest, n, err)
+

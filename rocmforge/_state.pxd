@@ -282,6 +282,7 @@ cdef enum Status:
     RF_PENDING_COPIES = 16      # err.a = copies not yet taken (compact/shrink need none)
     RF_PREFIX_DISABLED = 17     # a prefix-caching call on a manager built without it
     RF_NO_SHARD = 18            # err.id = shard index outside [0, num_shards)
+    RF_POOL_TOO_SMALL = 19      # err.a = occupied blocks, err.b = the pool size asked for
     RF_GLOBAL = 100             # internal: run again holding every lock (never returned)
 
 # Eviction policies for cached (refcount 0, still indexed) blocks.

@@ -227,8 +227,9 @@ class TensorParallelKvCache:
             return sorted(self._swapped)
 
     def compact(self, shrink=False):
-        """Compact the manager and move every rank's K/V with it (see KvCache.compact);
-        returns the (old, new) moves."""
+        """Compact the manager and move every rank's K/V with it (see KvCache.compact:
+        all or nothing, every rank's smaller storage allocated first); returns
+        the (old, new) moves."""
         cdef KvCache r
         self._live()
         ranks = list(self.ranks)
@@ -237,24 +238,19 @@ class TensorParallelKvCache:
                 r._check_open()
             for r in ranks:
                 r._apply_pending(NULL)
-            moves = self.manager.compact()
+            occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
+            if not shrink or occupied >= (<KvCache>ranks[0])._num_blocks:
+                moves = self.manager.compact()
+                storage = None
+            else:
+                storage = [r._new_storage(occupied) for r in ranks]
+                moves = self.manager.compact(num_blocks=occupied)
             if len(moves):
                 for r in ranks:
                     r._copy_pairs(moves, NULL)
-            size = (<KvCache>ranks[0])._num_blocks
-            occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
-            if shrink and occupied < size:
-                self.manager.shrink(occupied)
-                done = []
-                try:
-                    for r in ranks:
-                        r._allocate(occupied, r._buffers)
-                        done.append(r)
-                except BaseException:
-                    for r in done:              # back to the old size: blocks past occupied are free
-                        r._allocate(size, r._buffers)
-                    self.manager.grow(size)
-                    raise
+            if storage is not None:
+                for r, fresh in zip(ranks, storage):
+                    r._install(occupied, fresh, r._buffers)
         return moves
 
     def grow(self, num_blocks):

@@ -523,12 +523,17 @@ class ModelManager:
     def _occupied(self, b):
         return self.rc[b] != 0 or b in self.cache
 
-    def compact(self):
+    def compact(self, num_blocks=None):
         """The highest occupied block moves to the lowest free id, repeatedly,
-        until the occupied blocks fill the lowest ids."""
+        until the occupied blocks fill the lowest ids; then, with num_blocks,
+        the pool is cut to that many (refused first when more are occupied)."""
         def run():
+            if num_blocks is not None and not 1 <= num_blocks <= self.num_blocks:
+                raise InvalidConfiguration(num_blocks)
             if self.pending:
                 raise KvCacheError("pending copies")
+            if num_blocks is not None and sum(map(self._occupied, range(self.num_blocks))) > num_blocks:
+                raise OutOfBlocks("compact into fewer blocks than are occupied")
             moves = []
             while True:
                 free = [b for b in range(self.num_blocks) if not self._occupied(b)]
@@ -547,6 +552,9 @@ class ModelManager:
             if moves:
                 self._spread(sum(map(self._occupied, range(self.num_blocks))), self.num_blocks)
             self.stats["compaction_count"] += 1
+            if num_blocks is not None:
+                del self.rc[num_blocks:], self.ext[num_blocks:], self.home[num_blocks:]
+                self.num_blocks = num_blocks
             return moves
         return self._atomic(run)
 

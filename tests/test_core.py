@@ -534,6 +534,30 @@ def test_compaction_packs_blocks_and_rewrites_tables():
     m.check_invariants()
 
 
+def test_compact_into_fewer_blocks_is_one_step_or_none():
+    m = BlockManager(10, 1)
+    for sid in range(6):
+        m.add_sequence(sid, num_tokens=1)
+    for sid in (0, 2):
+        m.remove_sequence(sid)
+    held = m.allocate(1)                            # block 0: 5 occupied, the highest is 5
+    tables = {sid: m.block_table(sid).tolist() for sid in (1, 3, 4, 5)}
+    with pytest.raises(rf.OutOfBlocks, match="cannot compact into 4 blocks: 5 blocks are in use"):
+        m.compact(num_blocks=4)
+    assert m.num_blocks == 10 and {sid: m.block_table(sid).tolist() for sid in tables} == tables
+    assert m.stats()["compaction_count"] == 0
+    for bad, exc in ((0, rf.InvalidConfiguration), (11, rf.InvalidConfiguration), (1.5, rf.ArgumentTypeError),
+                     (-1, rf.ArgumentValueError)):
+        with pytest.raises(exc):
+            m.compact(num_blocks=bad)
+    moves = m.compact(num_blocks=5)
+    assert moves.tolist() == [[5, 2]] and m.num_blocks == 5 and m.num_free_blocks == 0
+    assert held.tolist() == [0] and m.refcount(0) == 1
+    assert m.block_table(5).tolist() == [2]
+    m.check_invariants()
+    assert m.compact(num_blocks=5).tolist() == []    # packed and at that size already
+
+
 def test_compact_refuses_while_copies_are_pending():
     m = BlockManager(8, 4)
     m.add_sequence(1, num_tokens=1)

@@ -290,6 +290,33 @@ def test_compact_moves_data_and_gives_memory_back(device):
         m.check_invariants()
 
 
+def test_compact_with_shrink_changes_nothing_when_the_smaller_storage_cannot_be_had(monkeypatch):
+    """The smaller storage is allocated before anything moves: when it cannot
+    be, the tables, the pool and the data are as they were, and a later try
+    runs through."""
+    from rocmforge import _kvcache
+    with make("cpu", num_blocks=32) as cache:
+        m = cache.manager
+        for sid in range(8):
+            m.add_sequence(sid, num_tokens=10)
+        fill(cache, range(8), np.random.default_rng(3))
+        for sid in range(0, 8, 2):
+            m.remove_sequence(sid)
+        tables = {sid: m.block_table(sid).tolist() for sid in range(1, 8, 2)}
+        want = {sid: gathered(cache, sid) for sid in tables}
+        monkeypatch.setattr(_kvcache, "host_memory_available", lambda: 0)
+        with pytest.raises(MemoryError, match="lower num_blocks"):
+            cache.compact(shrink=True)
+        assert cache.num_blocks == m.num_blocks == 32 and m.stats()["compaction_count"] == 0
+        assert {sid: m.block_table(sid).tolist() for sid in tables} == tables
+        monkeypatch.undo()
+        moves = cache.compact(shrink=True)
+        assert len(moves) and cache.num_blocks == m.num_blocks == 12
+        for sid, w in want.items():
+            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+        m.check_invariants()
+
+
 def test_dlpack_exports_are_zero_copy_on_the_host():
     with make("cpu", dtype="float32") as cache:
         view = np.from_dlpack(cache.key_cache(1))

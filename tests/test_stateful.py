@@ -300,6 +300,15 @@ class CoreVsModel(RuleBasedStateMachine):
         if r:
             assert [tuple(m) for m in r[0].tolist()] == r[1]
 
+    @precondition(lambda self: self.core is not None)
+    @rule(data=st.data())
+    def compact_into(self, data):
+        """Compaction that also cuts the pool, in one step (or none)."""
+        n = data.draw(st.integers(0, self.model.num_blocks + 1))
+        r = self.both(lambda: self.core.compact(num_blocks=n), lambda: self.model.compact(n))
+        if r:
+            assert [tuple(m) for m in r[0].tolist()] == r[1]
+
     @rule(data=st.data())
     def shrink(self, data):
         n = data.draw(st.integers(0, self.model.num_blocks + 1))

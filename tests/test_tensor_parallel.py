@@ -144,6 +144,33 @@ def test_a_scripted_run_covers_copy_on_write_the_host_tier_and_swap():
     assert stats["prefix_hit_tokens"] > 0 and stats["compaction_count"] == 2
 
 
+def test_a_shrink_that_one_rank_cannot_allocate_changes_nothing(monkeypatch):
+    """compact(shrink=True) allocates every rank's smaller storage before
+    anything moves: when the second rank's cannot be had, every rank, the
+    tables and the data are as they were; a later try runs through."""
+    from rocmforge import _kvcache
+    rng = np.random.default_rng(11)
+    single, tp = pair()
+    with single, tp:
+        for sid in range(6):
+            slots = [c.manager.add_sequence(sid, num_tokens=6) for c in (single, tp)][0]
+            write(single, tp, slots, rng)
+        for sid in (0, 2, 4):
+            for c in (single, tp):
+                c.manager.remove_sequence(sid)
+        free = iter([None, 0])                      # the first rank's check passes, the second's fails
+        monkeypatch.setattr(_kvcache, "host_memory_available", lambda: next(free))
+        with pytest.raises(MemoryError):
+            tp.compact(shrink=True)
+        assert [r.num_blocks for r in tp.ranks] == [24, 24] and tp.manager.num_blocks == 24
+        same(single, tp)
+        monkeypatch.undo()
+        for c in (single, tp):
+            c.compact(shrink=True)
+        assert [r.num_blocks for r in tp.ranks] == [6, 6] and tp.manager.num_blocks == 6
+        same(single, tp)
+
+
 def test_copy_on_write_reaches_every_rank_before_its_next_read():
     rng = np.random.default_rng(1)
     single, tp = pair()
