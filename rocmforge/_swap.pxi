@@ -5,9 +5,10 @@
 cdef swap_out_ranks(list ranks, object manager, dict swapped, list ids):
     """Move sequences' K/V, every rank's, to host memory (swapped[sid] = ([per
     rank packed K/V], num_tokens, tokens, salt_key)) and release their blocks.
-    All named sequences must exist; nothing changes otherwise. Call with every
-    rank's lock held."""
+    All named sequences must exist, and host memory must hold them all;
+    nothing changes otherwise. Call with every rank's lock held."""
     cdef KvCache r
+    cdef int i
     for r in ranks:
         r._check_open()
     for sid in ids:
@@ -15,15 +16,17 @@ cdef swap_out_ranks(list ranks, object manager, dict swapped, list ids):
             raise SequenceNotFound(f"sequence {sid} not found")
     for r in ranks:
         r._apply_pending(NULL)
+    # Every host buffer first: if memory runs short, no sequence has moved.
+    entries = []
     for sid in ids:
         info = manager.sequence_info(sid)
         table = np.ascontiguousarray(manager.block_table(sid), dtype=np.int32)
-        hosts = []
-        for r in ranks:
-            host = np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8)
-            r._move_blocks(True, table, host)
-            hosts.append(host)
-        swapped[sid] = (hosts, info["num_tokens"], manager.sequence_tokens(sid), info["salt_key"])
+        hosts = [np.empty((2 * r._num_layers, len(table), r._block_bytes), dtype=np.uint8) for r in ranks]
+        entries.append((sid, table, (hosts, info["num_tokens"], manager.sequence_tokens(sid), info["salt_key"])))
+    for sid, table, entry in entries:
+        for i in range(len(ranks)):
+            (<KvCache>ranks[i])._move_blocks(True, table, entry[0][i])
+        swapped[sid] = entry
         manager.remove_sequence(sid)
 
 

@@ -221,6 +221,44 @@ def test_swap_out_and_in_restores_data_tokens_and_salt(device):
         m.check_invariants()
 
 
+def test_a_swap_out_that_runs_out_of_host_memory_halfway_moves_nothing(device, monkeypatch):
+    """The host buffers of every named sequence are taken before any of them
+    moves: when the second one's cannot be had, both stay in the cache."""
+    from rocmforge import _kvcache
+
+    class ShortNumpy:
+        """numpy, except that the second host buffer for a swap cannot be had."""
+        empties = 0
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def empty(self, *args, **kw):
+            ShortNumpy.empties += 1
+            if ShortNumpy.empties == 2:
+                raise MemoryError("host memory exhausted")
+            return np.empty(*args, **kw)
+
+    with make(device, num_blocks=8) as cache:
+        m = cache.manager
+        m.add_sequence(1, num_tokens=8)
+        m.add_sequence(2, num_tokens=8)
+        fill(cache, [1, 2], np.random.default_rng(8))
+        want = {sid: gathered(cache, sid) for sid in (1, 2)}
+        monkeypatch.setattr(_kvcache, "np", ShortNumpy())
+        with pytest.raises(MemoryError):
+            cache.swap_out([1, 2])
+        monkeypatch.undo()
+        assert cache.swapped_sequences() == [] and sorted(m.sequence_ids()) == [1, 2]
+        for sid, w in want.items():
+            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+        cache.swap_out([1, 2])
+        cache.swap_in([1, 2])
+        for sid, w in want.items():
+            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+        m.check_invariants()
+
+
 def test_swap_in_hits_the_cached_prefix(device):
     with make(device, num_blocks=8, enable_prefix_caching=True) as cache:
         m = cache.manager
