@@ -259,6 +259,10 @@ class Scheduler:
                     return []
                 self._preempt_one()
                 continue
+            except Exception as exc:            # e.g. no host memory: the batch appended nothing, and fails
+                self.failed += [(r, exc) for r in reqs]
+                self.running = [r for r in self.running if r not in reqs]
+                return []
             return list(zip(reqs, np.split(slots, np.cumsum(want)[:-1])))
         return []
 
@@ -343,6 +347,10 @@ class Scheduler:
                 slots = self._add_sequence(req, context[:n])
             except OutOfBlocks:
                 break
+            except Exception as exc:            # e.g. no host memory: it was not added, and fails
+                self.waiting.pop(0)
+                self.failed.append((req, exc))
+                continue
             self.waiting.pop(0)
             cached = self.manager.num_cached_tokens(req.seq_id)
             req.num_cached_tokens = cached

@@ -1,6 +1,6 @@
 """The engine's fault list: a model that raises or breaks its return contract,
 bad requests, sequence ids already taken in the manager, a swap that cannot
-go out or come back. Every fault fails only the requests it touches, with the
+go out or come back, the manager running out of host memory. Every fault fails only the requests it touches, with the
 reason recorded; their blocks are released in the same step; the rest are
 served with unchanged outputs; the manager stays consistent."""
 
@@ -337,3 +337,46 @@ def test_a_swap_in_that_fails_fails_only_that_request():
     assert len(failed) == 1 and "DeviceError: copy failed" in eng.finished[failed[0]].error
     assert cache.swapped_sequences() == []
     check_after_failure(eng, cache.manager, failed, [i for i in ps if i not in failed], ps, 30)
+
+
+def test_the_manager_running_out_of_host_memory_fails_only_the_requests_it_touches():
+    """Host memory runs out inside the core during steps (a test hook fails the
+    n-th allocation of the step): an admission that cannot add its sequence
+    fails that request, and an append that cannot grow fails the requests it
+    named. step() never raises; after every step each running request's
+    sequence holds exactly its computed context, with the K/V the model wrote
+    for it; the rest are served exactly; nothing leaks."""
+    import random
+    from rocmforge import _core
+    from test_engine import KvModel
+    total_failed = 0
+    for seed in range(4):
+        rng, nrng = random.Random(seed), np.random.default_rng(seed)
+        cfg = CacheConfig(1, 1, 4, block_size=4, num_blocks=96, dtype="float32")
+        with rf.KvCache(cfg, "cpu", enable_prefix_caching=True) as cache:
+            eng = Engine(cache, KvModel(1, 1, 4), SchedulerConfig(max_num_seqs=6, max_tokens_per_step=48))
+            stems = [nrng.integers(0, 900, 12).astype(np.int32) for _ in range(4)]
+            ps = {i: np.concatenate([stems[i % 4], nrng.integers(0, 900, int(nrng.integers(1, 20)))]).astype(np.int32)
+                  for i in range(40)}
+            for i, p in ps.items():
+                eng.submit(Request(i, p, max_new_tokens=6))
+            steps = 0
+            while eng.has_work():
+                steps += 1
+                assert steps < 1000
+                _core._fail_allocation(rng.randint(1, 6) if rng.random() < 0.2 else 0)
+                try:
+                    eng.step()
+                finally:
+                    _core._fail_allocation(0)
+                for req in eng.running:
+                    n, ctx = req.num_computed, req.context()
+                    assert cache.manager.sequence_tokens(req.seq_id).tolist() == ctx[:n].tolist()
+                    k, v = (a.to_numpy()[:, 0, 0] for a in cache.gather(req.seq_id, 0))
+                    assert np.allclose(k, ctx[:n] * 0.001 + np.arange(n), rtol=0, atol=1e-3)
+                    assert np.array_equal(v, -k)
+            failed = [i for i, rec in eng.finished.items() if rec.state is RequestState.FAILED]
+            assert all(eng.finished[i].error == "MemoryError: rocmforge: host memory exhausted" for i in failed)
+            check_after_failure(eng, cache.manager, failed, [i for i in ps if i not in failed], ps, 6)
+            total_failed += len(failed)
+    assert total_failed > 0
