@@ -198,7 +198,7 @@ class RocmforgeCache(Cache):
         """Whether this forward can be the usual decode step: token ids for one new
         position of each of the batch's rows, which all exist already."""
         return self._tokens is not None and self._tokens.shape == (batch, 1) and len(self._rows) == batch \
-            and not self._twin and not self._fresh and self._prepared is None
+            and not self._twin and not self._fresh and self._prepared is None and self._target == self._length
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -206,10 +206,14 @@ class RocmforgeCache(Cache):
 
     def _release(self) -> None:
         m = self.kv.manager
+        if self._target > self._length and m.enable_prefix_caching:
+            # The last forward raised before its last layer: blocks it completed may be
+            # cached without every layer's K/V, so nothing cached may be reused.
+            m.reset_prefix_cache()
         for sid in self._rows:
             if sid is not None and sid in m:   # (a fresh row's sequence is added by its first forward)
                 m.remove_sequence(sid)
-        self._rows, self._twin, self._fresh, self._done, self._length = [], {}, set(), set(), 0
+        self._rows, self._twin, self._fresh, self._done, self._length, self._target = [], {}, set(), set(), 0, 0
         self._steps = None
 
     def prepare(self, input_ids, attention_mask=None) -> int:
@@ -277,6 +281,9 @@ class RocmforgeCache(Cache):
         if self._stepped:                       # the forward's pre-hook did it
             self._stepped = False
             return
+        if self._target > self._length:
+            raise ArgumentValueError("the last forward through this cache raised before it finished: call reset() "
+                                     "(or prepare()) before the next")
         if count == 1 and self._decode_ready(batch) and self._decode_step(batch, device):
             return
         m = self.kv.manager
