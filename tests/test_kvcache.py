@@ -259,6 +259,39 @@ def test_a_swap_out_that_runs_out_of_host_memory_halfway_moves_nothing(device, m
         m.check_invariants()
 
 
+def test_a_swap_in_interrupted_before_its_data_is_back_leaves_nothing_cached_without_it(monkeypatch):
+    """swap_in re-adds a sequence (its full blocks enter the prefix cache) before
+    its K/V is copied back: interrupted in between, it must not leave those
+    blocks cached, or the next prompt with those tokens would read zeros."""
+    from rocmforge import _kvcache
+    with make("cpu", num_blocks=8, enable_prefix_caching=True) as cache:
+        m = cache.manager
+        tokens = list(range(100, 110))
+        m.add_sequence(1, tokens)
+        fill(cache, [1], np.random.default_rng(9))
+        want = gathered(cache, 1)
+        cache.swap_out([1])
+        m.reset_prefix_cache()                      # nothing of it stays cached: swap_in copies it all
+
+        class Interrupted:
+            def __getattr__(self, name):
+                return getattr(np, name)
+
+            def ascontiguousarray(self, a, *args, **kw):
+                if a.dtype == np.uint8:             # the host copy, on its way back
+                    raise KeyboardInterrupt
+                return np.ascontiguousarray(a, *args, **kw)
+
+        monkeypatch.setattr(_kvcache, "np", Interrupted())
+        with pytest.raises(KeyboardInterrupt):
+            cache.swap_in([1])
+        monkeypatch.undo()
+        assert cache.swapped_sequences() == [1] and 1 not in m and m.lookup_prefix(tokens) == 0
+        cache.swap_in([1])
+        assert all(np.array_equal(a, b) for g, w in zip(gathered(cache, 1), want) for a, b in zip(g, w))
+        m.check_invariants()
+
+
 def test_swap_in_hits_the_cached_prefix(device):
     with make(device, num_blocks=8, enable_prefix_caching=True) as cache:
         m = cache.manager
