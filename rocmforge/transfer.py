@@ -111,7 +111,8 @@ def adopt_sequence(cache, seq_id, packed: PackedSequence) -> np.ndarray:
     """Re-create a packed sequence in cache as seq_id: its tokens and salt (so the
     same prefix-cache keys), cached blocks reused, the rest filled from the
     packed K/V. Returns the slots of its tokens, as add_sequence does. Raises
-    (OutOfBlocks, SequenceExists, ...) with nothing changed."""
+    (OutOfBlocks, SequenceExists, ...) with nothing changed; interrupted while
+    the K/V goes in, it also empties the prefix cache, which held the new blocks."""
     _same_geometry(_geometry(cache), tuple(packed.geometry))
     bs = cache.config.block_size
     need = -(-len(packed.tokens) // bs)
@@ -125,6 +126,8 @@ def adopt_sequence(cache, seq_id, packed: PackedSequence) -> np.ndarray:
         unpack_blocks(cache, m.block_table(seq_id)[have:], np.ascontiguousarray(packed.blocks[:, have:]))
     except BaseException:
         m.remove_sequence(seq_id)
+        if m.enable_prefix_caching:
+            m.reset_prefix_cache()      # its new blocks were cached before their K/V arrived
         raise
     return slots
 

@@ -109,6 +109,28 @@ def test_adoption_reuses_the_prefix_the_receiver_holds_and_is_all_or_nothing():
         b.manager.check_invariants()
 
 
+def test_an_adoption_interrupted_while_its_kv_goes_in_leaves_nothing_cached_without_it(monkeypatch):
+    """adopt_sequence adds the sequence (its full blocks enter the prefix cache)
+    before the packed K/V goes in: interrupted in between, it must not leave
+    those blocks cached, or the next prompt with those tokens would read them."""
+    import rocmforge.transfer as transfer
+    tokens = list(range(300, 313))
+    with cache() as a, cache() as b:
+        prefill(a, 0, tokens, seed=7)
+        packed = pack_sequence(a, 0)
+
+        def interrupted(*args):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(transfer, "unpack_blocks", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            adopt_sequence(b, 1, packed)
+        monkeypatch.undo()
+        assert 1 not in b.manager and b.manager.lookup_prefix(tokens) == 0 and b.manager.num_used_blocks == 0
+        adopt_sequence(b, 1, packed)
+        assert all(np.array_equal(x, y) for p, q in zip(kv(a, 0), kv(b, 1)) for x, y in zip(p, q))
+        b.manager.check_invariants()
+
+
 PREFILL = textwrap.dedent("""
     import sys
     import numpy as np
