@@ -114,6 +114,23 @@ def gathered(cache, sid):
     return [tuple(a.to_numpy() for a in cache.gather(sid, layer)) for layer in range(cache.num_layers)]
 
 
+def holds(cache, sid, want):
+    """Whether sequence sid's K/V in every layer equal want (a gathered() result)."""
+    return all(np.array_equal(a, b) for g, w in zip(gathered(cache, sid), want) for a, b in zip(g, w))
+
+
+def with_holes(cache, seed):
+    """Eight sequences of 10 tokens with random K/V, then the even ones removed:
+    the odd ones' K/V by id."""
+    m = cache.manager
+    for sid in range(8):
+        m.add_sequence(sid, num_tokens=10)
+    fill(cache, range(8), np.random.default_rng(seed))
+    for sid in range(0, 8, 2):
+        m.remove_sequence(sid)
+    return {sid: gathered(cache, sid) for sid in range(1, 8, 2)}
+
+
 def test_copy_on_write_runs_before_the_write(device):
     with make(device) as cache:
         m = cache.manager
@@ -215,7 +232,7 @@ def test_swap_out_and_in_restores_data_tokens_and_salt(device):
         cache.swap_in([2, 1])
         assert cache.swapped_sequences() == []
         for sid in (1, 2):
-            assert all(np.array_equal(a, b) for g, w in zip(gathered(cache, sid), want[sid]) for a, b in zip(g, w))
+            assert holds(cache, sid, want[sid])
         assert np.array_equal(m.sequence_tokens(1), tokens) and m.sequence_info(1)["salt_key"] == salt_key
         assert m.sequence_tokens(2) is None
         m.check_invariants()
@@ -251,11 +268,11 @@ def test_a_swap_out_that_runs_out_of_host_memory_halfway_moves_nothing(device, m
         monkeypatch.undo()
         assert cache.swapped_sequences() == [] and sorted(m.sequence_ids()) == [1, 2]
         for sid, w in want.items():
-            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+            assert holds(cache, sid, w)
         cache.swap_out([1, 2])
         cache.swap_in([1, 2])
         for sid, w in want.items():
-            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+            assert holds(cache, sid, w)
         m.check_invariants()
 
 
@@ -288,7 +305,7 @@ def test_a_swap_in_interrupted_before_its_data_is_back_leaves_nothing_cached_wit
         monkeypatch.undo()
         assert cache.swapped_sequences() == [1] and 1 not in m and m.lookup_prefix(tokens) == 0
         cache.swap_in([1])
-        assert all(np.array_equal(a, b) for g, w in zip(gathered(cache, 1), want) for a, b in zip(g, w))
+        assert holds(cache, 1, want)
         m.check_invariants()
 
 
@@ -334,24 +351,19 @@ def test_swap_is_all_or_nothing(device):
 def test_compact_moves_data_and_gives_memory_back(device):
     with make(device, num_blocks=32) as cache:
         m = cache.manager
-        for sid in range(8):
-            m.add_sequence(sid, num_tokens=10)
-        fill(cache, range(8), np.random.default_rng(7))
-        for sid in range(0, 8, 2):
-            m.remove_sequence(sid)
-        want = {sid: gathered(cache, sid) for sid in range(1, 8, 2)}
+        want = with_holes(cache, 7)
         before = cache.nbytes
         old_view = np.from_dlpack(cache.key_cache(0)) if device == "cpu" else None
         moves = cache.compact()                    # keeps its size unless told to shrink
         assert len(moves) > 0 and cache.num_blocks == m.num_blocks == 32 and cache.nbytes == before
         assert m.block_table(1).max() < 12 and len(cache.compact()) == 0
         for sid, w in want.items():
-            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+            assert holds(cache, sid, w)
         cache.compact(shrink=True)
         assert cache.num_blocks == m.num_blocks == m.num_used_blocks == 12
         assert cache.nbytes == before * 12 // 32
         for sid, w in want.items():
-            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+            assert holds(cache, sid, w)
         if old_view is not None:
             old_view[...] = 0                      # the old storage stays alive for its export
         cache.grow(20)
@@ -368,13 +380,8 @@ def test_compact_with_shrink_changes_nothing_when_the_smaller_storage_cannot_be_
     from rocmforge import _kvcache
     with make("cpu", num_blocks=32) as cache:
         m = cache.manager
-        for sid in range(8):
-            m.add_sequence(sid, num_tokens=10)
-        fill(cache, range(8), np.random.default_rng(3))
-        for sid in range(0, 8, 2):
-            m.remove_sequence(sid)
-        tables = {sid: m.block_table(sid).tolist() for sid in range(1, 8, 2)}
-        want = {sid: gathered(cache, sid) for sid in tables}
+        want = with_holes(cache, 3)
+        tables = {sid: m.block_table(sid).tolist() for sid in want}
         monkeypatch.setattr(_kvcache, "host_memory_available", lambda: 0)
         with pytest.raises(MemoryError, match="lower num_blocks"):
             cache.compact(shrink=True)
@@ -384,7 +391,7 @@ def test_compact_with_shrink_changes_nothing_when_the_smaller_storage_cannot_be_
         moves = cache.compact(shrink=True)
         assert len(moves) and cache.num_blocks == m.num_blocks == 12
         for sid, w in want.items():
-            assert all(np.array_equal(a, b) for g, ww in zip(gathered(cache, sid), w) for a, b in zip(g, ww))
+            assert holds(cache, sid, w)
         m.check_invariants()
 
 

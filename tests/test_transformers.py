@@ -316,51 +316,31 @@ def test_paged_rows_give_their_blocks_back_at_eos():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("mode", MODES)
-def test_a_prefill_that_raises_between_layers_leaves_nothing_cached_to_reuse(mode):
-    """The prompt's forward raises after layer 0 wrote its K/V and before layer 1
-    did: the prompt's blocks were cached as it began, so reset() must drop
+@pytest.mark.parametrize("fail_at", [1, 5], ids=["prefill", "decode"])
+def test_a_model_that_raises_mid_generation_leaves_the_cache_usable(mode, fail_at):
+    """The forward fail_at raises after layer 0 wrote its K/V and before layer 1
+    did. The blocks it completed were cached as it began, so reset() must drop
     them, or the next generation of that prompt would reuse blocks without
-    layer 1's K/V. A forward before reset() is refused with a clear error."""
+    layer 1's K/V; a forward before reset() is refused with a clear error."""
     model = build("llama", layers=2, hidden=64)
     ids, mask = prompts([9, 12], seed=13)
+    calls = {"n": 0}
 
     def fail(module, args, kwargs):
-        raise RuntimeError("the model failed")
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise RuntimeError("the model failed")
 
     with RocmforgeCache(model, num_blocks=64, block_size=4, attention=mode) as cache:
         hook = model.model.layers[1].register_forward_pre_hook(fail, with_kwargs=True)
         with pytest.raises(RuntimeError, match="the model failed"):
-            generate(model, ids, mask, cache, do_sample=False, new=6)
-        hook.remove()
-        with pytest.raises(Exception, match="call reset"):
-            generate(model, ids, mask, cache, do_sample=False, new=6)
-        cache.reset()
-        assert cache.kv.manager.num_cached_blocks == 0 and cache.kv.manager.num_used_blocks == 0
-        assert torch.equal(generate(model, ids, mask, cache, do_sample=False, new=6),
-                           generate(model, ids, mask, dynamic(model), do_sample=False, new=6))
-        cache.kv.manager.check_invariants()
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("mode", MODES)
-def test_a_model_that_raises_mid_generation_leaves_the_cache_usable(mode):
-    model = build("llama", layers=2, hidden=64)
-    ids, mask = prompts([4, 7], seed=13)
-    calls = {"n": 0}
-
-    def fail_on_the_fifth_step(module, args, kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("the model failed")
-
-    with RocmforgeCache(model, num_blocks=64, block_size=4, attention=mode) as cache:
-        hook = model.model.layers[1].register_forward_pre_hook(fail_on_the_fifth_step, with_kwargs=True)
-        with pytest.raises(RuntimeError, match="the model failed"):
             generate(model, ids, mask, cache, do_sample=False, new=10)
         hook.remove()
         cache.kv.manager.check_invariants()
+        with pytest.raises(Exception, match="call reset"):
+            generate(model, ids, mask, cache, do_sample=False, new=10)
         cache.reset()
-        assert cache.kv.manager.num_used_blocks == 0
+        assert cache.kv.manager.num_used_blocks == 0 and cache.kv.manager.num_cached_blocks == 0
         assert torch.equal(generate(model, ids, mask, cache, do_sample=False, new=10),
                            generate(model, ids, mask, dynamic(model), do_sample=False, new=10))
     assert model.config._attn_implementation == "sdpa"
