@@ -11,21 +11,24 @@ cdef object _i64_from_vector(const vector[int64_t]& v):
 
 
 cdef object _take_pending(BlockManager m):
-    """Every shard's queued copies, (src, dst) in the order they were made."""
+    """Every shard's queued copies, (src, dst) in the order they were made; all
+    of them or, when host memory is short, none (they stay queued)."""
     cdef vector[int64_t] triples
     cdef int32_t s
-    cdef Shard* x
-    cdef size_t j, k = 0
+    cdef size_t total = 0
+    cdef bint room
+    lock_all(m._c)
     for s in range(m._c.nshards):
-        x = &m._c.shards[s]
-        x.lock.lock()
-        if rf_reserve(triples, triples.size() + x.pending.size()):
-            x.lock.unlock()
-            raise MemoryError("rocmforge: host memory exhausted")
-        if x.pending.size():
-            rf_append_n64(triples, x.pending.data(), x.pending.size())
-        x.pending.clear()
-        x.lock.unlock()
+        total += m._c.shards[s].pending.size()
+    room = rf_reserve(triples, total) == 0
+    if room:
+        for s in range(m._c.nshards):
+            if m._c.shards[s].pending.size():
+                rf_append_n64(triples, m._c.shards[s].pending.data(), m._c.shards[s].pending.size())
+            m._c.shards[s].pending.clear()
+    unlock_all(m._c)
+    if not room:
+        raise MemoryError("rocmforge: host memory exhausted")
     arr = np.asarray(_i64_from_vector(triples)).reshape(-1, 3)
     if m._c.nshards > 1 and len(arr) > 1:
         arr = arr[np.argsort(arr[:, 0], kind="stable")]

@@ -201,3 +201,27 @@ def test_a_host_tier_and_shards_under_allocation_faults(seed):
         assert outcome(m, drain) == outcome(twin, drain), step
         live[:] = [sid for sid in live if sid in twin]     # evicted, or refused
     assert failures[0] > 300, failures
+
+
+def test_taking_the_copies_of_every_shard_is_all_or_nothing():
+    """Copy-on-write copies queued in two shards: a take that cannot get the
+    memory to gather them leaves every one queued."""
+    m = rocmforge.BlockManager(32, 4, shards=2)
+    for shard, sid in ((0, 1), (1, 10)):
+        m.bind_thread(shard)
+        m.add_sequence(sid, num_tokens=2)
+        m.fork(sid, sid + 1)
+        m.append(sid + 1, 1)                    # the shared partly filled block is copied first
+    copies, refused = [], 0
+    for n in (1, 2, 3):                         # the first, second or third allocation of the take fails
+        _core._fail_allocation(n)
+        try:
+            copies += m.take_pending_copies().tolist()
+        except MemoryError:
+            refused += 1
+        finally:
+            _core._fail_allocation(0)
+    copies += m.take_pending_copies().tolist()
+    assert refused and len(copies) == 2
+    assert copies[0][0] == m.block_table(1)[0] and copies[1][0] == m.block_table(10)[0]
+    m.check_invariants()
