@@ -33,6 +33,8 @@ cdef class KvCache:
     cdef object _fanout                 # tensor parallelism: this rank's share of the pending copies
     cdef DeviceStream _stream           # GPU: a stream of the cache's own (made when first needed)
     cdef list _staged                   # GPU: host-tier staging, [device buffer, page-locked ids, event] each
+    cdef object _unapplied              # copies taken from the manager that could not start, or None
+    cdef bint _issued                   # whether the copies being applied have started reaching the storage
     cdef cython.pymutex _lock
     cdef bint _open
 

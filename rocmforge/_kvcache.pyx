@@ -138,6 +138,7 @@ cdef class KvCache:
         self._swapped = {}
         self._workspaces = {}
         self._staged = []
+        self._unapplied = None
         self._buffers = []
         self._allocate(config.num_blocks, None)
         self._open = True
@@ -267,6 +268,7 @@ cdef class KvCache:
                 st = rt_stream_sync(self._dev, self._stream.handle)
             self._open = False
             self._staged = []
+            self._unapplied = None
             self._buffers, self._dev_addrs, self._scratch, self._bad = [], None, None, None
             self._addrs.clear()
             self._swapped = {}
@@ -543,15 +545,34 @@ cdef class KvCache:
     cdef _apply_pending(self, void* stream):
         """Take the manager's pending copies and apply them. Call with the lock
         held, so no other call writes a copy's target before the copy lands. A
-        tensor-parallel rank applies its own share: every rank sees every copy, in order."""
+        tensor-parallel rank applies its own share: every rank sees every copy, in order.
+        When they fail before the first reaches the storage (no GPU memory to
+        upload them or to stage host-tier copies: that is made ready first),
+        they stay with the cache, first in line for its next call, and the
+        error is raised."""
         if self._fanout is not None:
             pairs = self._fanout(self)
-        elif not (<BlockManager>self.manager).c_has_pending_copies():
+        elif self._unapplied is None and not (<BlockManager>self.manager).c_has_pending_copies():
             return                      # the common case, without building an empty array
         else:
             pairs = self.manager.take_pending_copies()
-        if pairs is not None and len(pairs):
+        if self._unapplied is not None:
+            pairs = self._unapplied if pairs is None or not len(pairs) else np.concatenate([self._unapplied, pairs])
+            self._unapplied = None
+        if pairs is None or not len(pairs):
+            return
+        self._issued = False
+        try:
+            if self._dev >= 0 and pairs.min() < 0:
+                # Runs of pool copies and host-tier copies take turns: room for any
+                # run (8 bytes a pair, 16 a wave) and for any tier batch before the first.
+                self._reserve_scratch(24 * len(pairs))
+                ready_staging(self, pairs)
             self._copy_pairs(pairs, stream)
+        except BaseException:
+            if not self._issued:
+                self._unapplied = pairs
+            raise
 
     cdef _whole(self, str what):
         """Refuse a call that changes the shared manager on one rank of a tensor-parallel cache."""
@@ -585,6 +606,7 @@ cdef class KvCache:
             waves = split_waves(pairs) if self._dev >= 0 else [pairs]
         if self._dev >= 0:
             self._reserve_scratch(pairs.nbytes + 16 * len(waves))
+        self._issued = True
         for wave in waves:
             if self._dev < 0:
                 st = rf_host_copy_blocks(<void* const*>self._addrs.data(), self._addrs.size(),
@@ -780,6 +802,8 @@ cdef class KvCache:
             self._check_open()
             self._apply_pending(NULL)
             occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
+            if self._dev >= 0:              # room to upload the moves before any is made
+                self._reserve_scratch(8 * min(occupied, self._num_blocks - occupied) + 16)
             if not shrink or occupied >= self._num_blocks:
                 moves = self.manager.compact()
                 if len(moves):

@@ -239,6 +239,9 @@ class TensorParallelKvCache:
             for r in ranks:
                 r._apply_pending(NULL)
             occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
+            for r in ranks:
+                if r._dev >= 0:             # room to upload the moves before any is made
+                    r._reserve_scratch(8 * min(occupied, r._num_blocks - occupied) + 16)
             if not shrink or occupied >= (<KvCache>ranks[0])._num_blocks:
                 moves = self.manager.compact()
                 storage = None

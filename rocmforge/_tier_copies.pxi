@@ -38,6 +38,7 @@ cdef tier_copies(KvCache c, cnp.ndarray pairs, void* stream):
     if bad_pairs.any():
         raise BlockNotFound(f"host-tier copy {pairs[int(np.argmax(bad_pairs))].tolist()} names a block or "
                             f"slot outside the cache")
+    c._issued = True
     if c._dev >= 0:
         per = max(1, _BATCH_BYTES // (caches * bb))
         for run in np.split(np.arange(n), np.flatnonzero(np.diff(out.astype(np.int8))) + 1):
@@ -109,14 +110,27 @@ cdef _tier_batch(KvCache c, bint offload, cnp.ndarray blocks, cnp.ndarray slots,
     check(st, "host-tier copies")
 
 
+cdef ready_staging(KvCache c, cnp.ndarray pairs):
+    """A staging buffer that any batch of these copies fits in, made before the
+    first is issued: when memory for more runs short, tier_copies waits for it."""
+    cdef int64_t slot_bytes = c._addrs.size() * c._block_bytes
+    cdef int64_t k = min(int((pairs < 0).any(axis=1).sum()), max(1, _BATCH_BYTES // slot_bytes))
+    _staging(c, (k * slot_bytes + 255) // 256 * 256 + 4 * k, 4 * k)
+
+
+cdef bint _fits(list entry, int64_t nbytes, int64_t id_bytes):
+    return (<int64_t>(<DeviceBuffer>entry[0]).nbytes >= nbytes and entry[1] is not None
+            and <int64_t>(<DeviceBuffer>entry[1]).nbytes >= id_bytes)
+
+
 cdef list _staging(KvCache c, int64_t nbytes, int64_t id_bytes):
     """[staging buffer on the cache's GPU of at least nbytes, page-locked host buffer
     of at least id_bytes for the block ids, the event that will say when this use is
-    done], all idle: one of the cache's few, a new one, or (all busy) the oldest
-    once the host has waited for it."""
+    done], all idle: one of the cache's few, a new one, or (all busy, or no memory
+    for another) the oldest that is large enough once the host has waited for it."""
     cdef DeviceBuffer buf
     cdef DeviceEvent ev
-    cdef int st
+    cdef int st, i
     for entry in c._staged:
         buf, ev = entry[0], entry[2]
         if <int64_t>buf.nbytes >= nbytes:
@@ -126,10 +140,16 @@ cdef list _staging(KvCache c, int64_t nbytes, int64_t id_bytes):
             if st != RF_RT_NOT_READY:
                 check(st, "host-tier copies")
     if len(c._staged) < _STAGING_BUFFERS:
-        entry = [DeviceBuffer(max(nbytes, 1 << 20), c._dev), None, DeviceEvent(c._dev)]
-        c._staged.append(entry)
-        return _fit_ids(entry, id_bytes)
-    entry = c._staged.pop(0)
+        try:
+            entry = _fit_ids([DeviceBuffer(max(nbytes, 1 << 20), c._dev), None, DeviceEvent(c._dev)], id_bytes)
+        except (MemoryError, DeviceError):
+            if not any(_fits(e, nbytes, id_bytes) for e in c._staged):
+                raise
+        else:
+            c._staged.append(entry)
+            return entry
+    i = next((j for j, e in enumerate(c._staged) if _fits(e, nbytes, id_bytes)), 0)
+    entry = c._staged.pop(i)
     ev = entry[2]
     with nogil:
         st = ev.synchronize()
