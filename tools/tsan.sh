@@ -20,7 +20,7 @@ echo "tsan: building in $work"
 ROCMFORGE_SANITIZE=thread python setup.py build_ext --inplace > build.log 2>&1 || { tail -20 build.log; exit 1; }
 lib=$(gcc -print-file-name=libtsan.so)
 py=$(python -c "import sys; print(sys.executable)")   # the interpreter itself, not a wrapper script
-tests=${*:-tests/test_threads.py tests/test_shards.py tests/test_prefix.py::test_threads_share_prefixes_without_losing_blocks tests/test_kvcache.py::test_compact_grow_and_close_are_serialized_with_writes_and_gathers tests/test_host_tier.py::test_threads_share_a_tiered_cache_and_every_row_stays_right}
+tests=${*:-tests/test_threads.py tests/test_shards.py tests/test_prefix.py::test_threads_share_prefixes_without_losing_blocks tests/test_kvcache.py::test_compact_grow_and_close_are_serialized_with_writes_and_gathers tests/test_host_tier.py::test_threads_share_a_tiered_cache_and_every_row_stays_right tests/test_alloc_faults.py::test_threads_meet_allocation_faults_without_deadlock_or_loss}
 export LD_PRELOAD="$lib" TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1 suppressions=$root/tools/tsan.supp log_path=$work/tsan"
 set +e
 "$py" -m pytest -q -p no:cacheprovider $tests
