@@ -1,10 +1,12 @@
 """Host cost of one write_kv call on a GPU, in a fresh process.
 
-    python benchmarks/bench_launch.py [--tokens 256] [--calls 2000] [--reps 9]
+    python benchmarks/bench_launch.py [--tokens 256] [--calls 2000] [--reps 9] [--per-graph 32]
 
 write_kv with torch tensors, write_kv_raw with their addresses, the same write
 step looped in C (rocmforge._bench_capi: no Python, parsing or lock; the floor
-of the launch itself), and torch's own calls for scale (one small in-place add:
+of the launch itself), write_kv captured in a CUDA graph (--per-graph calls a
+graph, as a decode step writes every layer: the host cost of one replay over
+the calls in it), and torch's own calls for scale (one small in-place add:
 a single launch through torch; the two index_copy_ calls that do write_kv's
 work), in alternating order, each the
 median over --reps repetitions of --calls back-to-back calls (the GPU work per
@@ -28,6 +30,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--per-graph", type=int, default=32)
     args = parser.parse_args(argv)
     import numpy as np
     import torch
@@ -47,13 +50,24 @@ def main(argv=None):
         flat_v = torch.from_dlpack(cache.value_cache(0)).view(-1, heads, dim)
         small = torch.zeros(16, device="cuda")
         kp, vp, sp = k.data_ptr(), v.data_ptr(), slots.data_ptr()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            cache.write_kv(0, k, v, slots, stream=side)             # warmed up on the stream it is captured on
+        side.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(args.per_graph):
+                cache.write_kv(0, k, v, slots, stream=side)
+        in_graph = f"write_kv in a CUDA graph of {args.per_graph}"
         cases = {
             "write_kv (torch tensors)": lambda: cache.write_kv(0, k, v, slots),
             "write_kv_raw (addresses)": lambda: cache.write_kv_raw(0, kp, vp, sp, T, "float16"),
             "C loop (no Python, no lock)": None,
+            in_graph: graph.replay,
             "torch add_ (one launch)": lambda: small.add_(1),
             "torch index_copy_ x2": lambda: (flat_k.index_copy_(0, slots, k), flat_v.index_copy_(0, slots, v)),
         }
+        per_call = {in_graph: args.per_graph}      # write_kv calls per call of the case
 
         def measure():
             times = {name: [] for name in cases}
@@ -66,7 +80,7 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     for _ in range(args.calls):
                         fn()
-                    times[name].append((time.perf_counter() - t0) * 1e6 / args.calls)
+                    times[name].append((time.perf_counter() - t0) * 1e6 / args.calls / per_call.get(name, 1))
                     torch.cuda.synchronize()
             return {name: statistics.median(t) for name, t in times.items()}
 
@@ -78,13 +92,18 @@ def main(argv=None):
                     fn()
             torch.cuda.synchronize()
         after = measure()
+        flat_k.zero_()
+        flat_v.zero_()
+        graph.replay()                          # the graph writes what a call writes
+        torch.cuda.synchronize()
+        assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
         cache.write_kv(0, k, v, slots)
         cache.synchronize()
         assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
     print(f"host us per call, T={T}, median of {args.reps} x {args.calls} calls")
-    print(f"{'case':<28} {'fresh':>8} {'after profiler':>15}")
+    print(f"{'case':<34} {'fresh':>8} {'after profiler':>15}")
     for name in cases:
-        print(f"{name:<28} {before[name]:8.2f} {after[name]:15.2f}")
+        print(f"{name:<34} {before[name]:8.2f} {after[name]:15.2f}")
     print(json.dumps({"tokens": T, "fresh_us": before, "after_profiler_us": after}))
 
 
