@@ -68,6 +68,10 @@ def decode_batch(payload: bytes) -> Tuple[float, List, Hashable]:
     """(ts, events, instance) of a payload frame; ValueError if it is malformed."""
     try:
         ts, raw, instance = json.loads(payload)
+        ts = float(ts)
+        if isinstance(instance, list):
+            instance = tuple(instance)
+        hash(instance)                          # a name the router can key by
         events = []
         for ev in raw:
             kind = ev[0]
@@ -80,11 +84,9 @@ def decode_batch(payload: bytes) -> Tuple[float, List, Hashable]:
                 events.append(AllCleared())
             else:
                 raise ValueError(f"unknown event {kind!r}")
-    except (TypeError, IndexError, KeyError, json.JSONDecodeError) as exc:
+    except (TypeError, IndexError, KeyError, ValueError) as exc:
         raise ValueError(f"malformed KV event batch: {exc}") from None
-    if isinstance(instance, list):
-        instance = tuple(instance)
-    return float(ts), events, instance
+    return ts, events, instance
 
 
 class _Endpoint:

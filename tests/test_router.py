@@ -151,7 +151,8 @@ def test_the_wire_format_round_trips_and_rejects_garbage():
     assert raw[1][1][-1] == "cpu" and raw[1][3] == ["BlockRemoved", [6], "cpu"]
     assert kv_events.decode_batch(payload) == (12.5, events, "gpu-0")
     for bad in (b"", b"[1, 2]", b'[0, [["Nope"]], "a"]', b'[0, [["BlockStored"]], "a"]', b"\xff",
-                b'[0, [["BlockRemoved", [1], "disk"]], "a"]'):
+                b'[0, [["BlockRemoved", [1], "disk"]], "a"]', b'[{}, [], "a"]', b'[0, [], {}]', b'[0, [], [[1]]]',
+                b'[0, [["BlockRemoved", ["1.5"], "gpu"]], "a"]'):
         with pytest.raises(ValueError):
             kv_events.decode_batch(bad)
     with pytest.raises(rf.ArgumentValueError):

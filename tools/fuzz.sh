@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing with atheris (pip install atheris) of the three
+# Coverage-guided fuzzing with atheris (pip install atheris) of the four
 # targets in fuzz/: BlockManager operation sequences against the reference
-# model, the trace parsers, and config and size strings. Builds a scratch copy
+# model, the trace parsers, config and size strings, and KV event batches. Builds a scratch copy
 # of the tracked files with clang's -fsanitize=fuzzer-no-link,address, so that
 # libFuzzer sees the coverage of the native core as well as of the Python, and
 # AddressSanitizer checks every access (without clang: an ordinary build and
@@ -15,7 +15,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-600}
 seed=${2:-$(( (RANDOM << 15) | RANDOM ))}
 shift $(( $# < 2 ? $# : 2 ))
-targets=${*:-manager traces config}
+targets=${*:-manager traces config events}
 python -c "import atheris" 2>/dev/null || { echo "fuzz: needs atheris (pip install atheris)"; exit 2; }
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
