@@ -26,6 +26,7 @@ sequence from one cache to another (prefill/decode disaggregation).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -85,16 +86,25 @@ class PackedSequence:
         try:
             (n,) = struct.unpack_from("<I", data)
             header = json.loads(data[4:4 + n])
+            num_tokens, shape, salt_key, geometry = (header[k] for k in ("num_tokens", "blocks", "salt_key",
+                                                                         "geometry"))
+            if not (_count(num_tokens) and isinstance(shape, list) and len(shape) == 3 and all(map(_count, shape))
+                    and type(salt_key) is int and -(2**63) <= salt_key < 2**63 and isinstance(geometry, list)):
+                raise ValueError(f"a header of the wrong form: {header}")
             at = 4 + n
-            tokens = np.frombuffer(data, np.int32, header["num_tokens"], at).copy()
+            tokens = np.frombuffer(data, np.int32, num_tokens, at).copy()
             at += tokens.nbytes
-            shape = tuple(header["blocks"])
-            blocks = np.frombuffer(data, np.uint8, int(np.prod(shape)), at).reshape(shape).copy()
+            blocks = np.frombuffer(data, np.uint8, math.prod(shape), at).reshape(shape).copy()
             if at + blocks.nbytes != len(data):
                 raise ValueError("trailing bytes")
-            return cls(tokens, int(header["salt_key"]), tuple(header["geometry"]), blocks)
-        except (struct.error, ValueError, KeyError, TypeError) as exc:
+            return cls(tokens, salt_key, tuple(geometry), blocks)
+        except (struct.error, ValueError, KeyError, TypeError, OverflowError) as exc:
             raise ArgumentValueError(f"not a packed sequence: {exc}") from None
+
+
+def _count(x) -> bool:
+    """Whether x is a count in a packed sequence's header: an int, 0 to 2**62."""
+    return type(x) is int and 0 <= x <= 2**62
 
 
 def pack_sequence(cache, seq_id) -> PackedSequence:

@@ -3,6 +3,7 @@ host backend: transfers round-trip exactly, an adopted sequence has the
 sender's K/V and prefix keys, a prefix the receiver holds is reused, failures
 change nothing, and a sequence prefilled in another process is adopted here."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -103,6 +104,15 @@ def test_adoption_reuses_the_prefix_the_receiver_holds_and_is_all_or_nothing():
         for junk in (b"", b"\x05\x00\x00\x00{}", packed.to_bytes() + b"x"):
             with pytest.raises(rf.ArgumentValueError):
                 PackedSequence.from_bytes(junk)
+        good = {"salt_key": 7, "geometry": [2, 2, 8, 4, "bfloat16"], "num_tokens": 0, "blocks": [4, 0, 256]}
+        for field, value in (("blocks", [1e300]), ("blocks", [4, -1, 256]), ("blocks", [2**40, 2**40, 2**40]),
+                             ("salt_key", 1.5), ("salt_key", True), ("salt_key", 2**63), ("num_tokens", -1),
+                             ("geometry", {"layers": 2})):
+            header = json.dumps({**good, field: value}).encode()
+            with pytest.raises(rf.ArgumentValueError, match="not a packed sequence"):
+                PackedSequence.from_bytes(len(header).to_bytes(4, "little") + header)
+        header = json.dumps(good).encode()
+        assert PackedSequence.from_bytes(len(header).to_bytes(4, "little") + header).salt_key == 7
         a.manager.add_sequence(40, num_tokens=4)
         with pytest.raises(rf.ArgumentValueError, match="token ids"):
             pack_sequence(a, 40)
