@@ -178,6 +178,31 @@ def test_beam_search_is_identical(mode):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_reorder_that_runs_out_of_memory_halfway_leaves_the_rows_as_they_were():
+    """Beam search's reorder_cache forks every new row before dropping the old
+    ones: when a fork fails (the core's allocation-fault hook), the forks made
+    so far are dropped again, so nothing is left behind and the rows stand."""
+    from rocmforge import _core
+    model = build("llama", layers=1, hidden=64)
+    ids, mask = prompts([5, 7], seed=3)
+    with RocmforgeCache(model, num_blocks=64, block_size=4, attention="gather") as cache:
+        generate(model, ids, mask, cache, do_sample=False, new=3)
+        m, refused = cache.kv.manager, 0
+        for n in range(1, 12):
+            before = (m.sequence_ids().tolist(), m.num_used_blocks, list(cache._rows))
+            _core._fail_allocation(n)
+            try:
+                cache.reorder_cache(torch.tensor([1, 0]))
+            except MemoryError:
+                refused += 1
+                assert (m.sequence_ids().tolist(), m.num_used_blocks, list(cache._rows)) == before
+            finally:
+                _core._fail_allocation(0)
+        assert refused and len(m) == 2
+        m.check_invariants()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_nothing_leaks_across_a_thousand_generate_calls():
     model = build("llama", layers=1, hidden=64)
     ids, mask = prompts([3, 5], seed=9)

@@ -481,10 +481,15 @@ class RocmforgeCache(Cache):
         """Rows become forks of the rows `order` names (beam search, batch selection)."""
         m = self.kv.manager
         rows = []
-        for i in order:
-            sid = self._new_id()
-            m.fork(self._rows[i], sid)
-            rows.append(sid)
+        try:
+            for i in order:
+                sid = self._new_id()
+                m.fork(self._rows[i], sid)
+                rows.append(sid)
+        except BaseException:
+            for sid in rows:                    # the rows stay as they were
+                m.remove_sequence(sid)
+            raise
         for sid in self._rows:
             m.remove_sequence(sid)
         self._rows = rows
