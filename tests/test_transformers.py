@@ -178,6 +178,37 @@ def test_beam_search_is_identical(mode):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("mode", MODES)
+def test_a_prompt_forward_that_runs_out_of_memory_between_rows_is_undone_by_reset(mode):
+    """The prompt's forward adds its rows one by one; the core's allocation-fault
+    hook fails the n-th allocation, for each n that fails the forward. Whether
+    rows were added or not, the next forward is refused until reset(), and
+    after it the tokens are DynamicCache's: a row added before the failure left
+    no blocks cached without their K/V."""
+    from rocmforge import _core
+    model = build("llama", layers=2, hidden=64)
+    ids, mask = prompts([9, 12, 6], seed=13)
+    want = generate(model, ids, mask, dynamic(model), do_sample=False, new=4)
+    partial = 0
+    for n in range(1, 11):
+        with RocmforgeCache(model, num_blocks=64, block_size=4, attention=mode) as cache:
+            _core._fail_allocation(n)
+            try:
+                generate(model, ids, mask, cache, do_sample=False, new=4)
+                continue
+            except MemoryError:
+                pass
+            finally:
+                _core._fail_allocation(0)
+            partial += len(cache.kv.manager) > 0
+            with pytest.raises(Exception, match="call reset"):
+                generate(model, ids, mask, cache, do_sample=False, new=4)
+            cache.reset()
+            assert torch.equal(generate(model, ids, mask, cache, do_sample=False, new=4), want), n
+    assert partial
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_a_reorder_that_runs_out_of_memory_halfway_leaves_the_rows_as_they_were():
     """Beam search's reorder_cache forks every new row before dropping the old
     ones: when a fork fails (the core's allocation-fault hook), the forks made

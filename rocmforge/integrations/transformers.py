@@ -299,6 +299,9 @@ class RocmforgeCache(Cache):
             self._release()
             raise ArgumentValueError(f"generate runs other prompts than prepare() was given ({batch} rows for "
                                      f"{len(prepared or self._rows)}): the cache is reset")
+        # From here on rows change one by one: until the last layer has written, the
+        # forward is unfinished (a failure on the way leaves it so, for reset() to see).
+        self._target = self._length + count
         # Paged mode stores a row's real positions only (its mask's ones); gather mode all of them.
         every = np.arange(count)
         keep = [every] * batch
@@ -331,7 +334,6 @@ class RocmforgeCache(Cache):
             self._rows[i] = self._new_id()
             m.fork(self._rows[lead], self._rows[i])
         self._twin, self._fresh = {}, set()
-        self._target = self._length + count
         self.model_tokens += batch * count
         self._upload(np.concatenate(slots) if slots else np.empty(0, np.int64), device)
         writes = np.concatenate(writes) if writes else np.empty(0, np.int64)
