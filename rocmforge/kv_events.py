@@ -142,13 +142,14 @@ class EventPublisher(_Endpoint):
                 return True
 
     def publish(self) -> int:
-        """Send the events recorded since the last call as one batch; returns how many."""
+        """Send the events recorded since the last call as one batch; returns how many.
+        A batch that cannot be sent (the error is raised) still takes its sequence
+        number, so subscribers count it as missed and know their mirror is behind."""
         events = self.manager.take_events()
         if not events:
             return 0
-        self._socket.send_multipart([self.topic, struct.pack(">Q", self._seq),
-                                     encode_batch(events, self.instance)])
-        self._seq += 1
+        seq, self._seq = self._seq, self._seq + 1
+        self._socket.send_multipart([self.topic, struct.pack(">Q", seq), encode_batch(events, self.instance)])
         return len(events)
 
 

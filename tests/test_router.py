@@ -239,6 +239,22 @@ def test_a_subscriber_counts_missed_and_malformed_batches():
                 if got:
                     break
             assert got == [("p", [rf.BlockStored(int(block_keys([4, 4, 4, 4], 4)[0]), None, 4)])]
+            zmq = pytest.importorskip("zmq")
+
+            class Broken:                       # a send that fails once, as a closing context's would
+                def send_multipart(self, frames):
+                    raise zmq.ZMQError(zmq.ETERM)
+            pub._socket = Broken()
+            m.add_sequence(2, [7, 7, 7, 7])
+            with pytest.raises(zmq.ZMQError):
+                pub.publish()                   # its events are gone: the subscriber must learn it
+            pub._socket = raw
+            m.add_sequence(3, [8, 8, 8, 8])
+            pub.publish()
+            for _ in range(50):
+                if sub.receive(timeout_ms=20):
+                    break
+            assert sub.missed == 5                  # the four skipped before, and the lost batch
 
 
 def test_a_block_stays_routed_while_either_tier_holds_it():
