@@ -34,7 +34,7 @@ from rocmforge._state cimport *
 from rocmforge._blocks cimport avail_total
 from rocmforge._prefix cimport reserve_registrations, reset_prefix
 from rocmforge._seqs cimport seq_find
-from rocmforge._pool cimport resize_pool, compact_into, shrink_pool, occupied
+from rocmforge._pool cimport resize_pool, compact_into, shrink_pool, occupied, num_occupied
 from rocmforge._checks cimport check_all
 from rocmforge._calls cimport *
 from rocmforge._host_tier cimport ht_init
@@ -723,7 +723,7 @@ cdef class BlockManager:
         Occupied blocks are those in use or cached."""
         cdef int64_t top = -1, b, used
         lock_all(self._c)
-        used = self._c.num_blocks - avail_total(self._c) + self._c.pfx.num_evictable.get()
+        used = num_occupied(self._c)
         b = self._c.num_blocks - 1
         while b >= 0 and used > 0:
             if occupied(self._c, <int32_t>b):

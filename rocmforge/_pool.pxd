@@ -11,7 +11,6 @@ from rocmforge._state cimport (
     Core, Shard, BlockRefs, BlockScratch, PBlock, SeqRec, ErrInfo, rf_reserve, rf_reserve_exact, rf_resize, rf_push,
     rf_idmap_update, rf_idmap_bytes, rf_popcount64, RF_OK, RF_NO_MEMORY, RF_PENDING_COPIES, RF_BLOCK_IN_USE,
     RF_POOL_TOO_SMALL, _ceil_div)
-from rocmforge._blocks cimport avail_total
 from rocmforge._freeset cimport fs_size, fs_summarize, fs_words
 from rocmforge._prefix cimport pfx_reserve, pfx_resize, uncache, unregister_tree, reserve_registrations
 
@@ -19,6 +18,15 @@ from rocmforge._prefix cimport pfx_reserve, pfx_resize, uncache, unregister_tree
 cdef inline bint occupied(Core* c, int32_t b) noexcept nogil:
     """In use or cached: in no free set."""
     return c.refs[b].rc != 0 or (c.prefix and c.pfx.pb[b].serial != 0)
+
+
+cdef inline int32_t num_occupied(Core* c) noexcept nogil:
+    """Blocks in use or cached: those in no shard's free set."""
+    cdef int64_t n = c.num_blocks
+    cdef int32_t s
+    for s in range(c.nshards):
+        n -= c.shards[s].free.num_free.get()
+    return <int32_t>n
 
 
 cdef inline int64_t pending_count(Core* c) noexcept nogil:
@@ -156,19 +164,14 @@ cdef inline void move_block(Core* c, int32_t src, int32_t dst) noexcept nogil:
 cdef inline int compact_pool(Core* c, vector[int32_t]* moves, ErrInfo* err) noexcept nogil:
     """Move the highest occupied block to the lowest free id, again and again,
     until the occupied blocks fill the lowest ids; rewrite every table. The
-    free blocks then go back to the shards in equal contiguous ranges."""
-    cdef int32_t lo = 0, hi = c.num_blocks - 1, s, slot, used = 0, nfree = 0
+    free blocks then go back to the shards in equal contiguous ranges. No copy
+    may be pending (compact_into checks)."""
+    cdef int32_t lo = 0, hi = c.num_blocks - 1, s, slot, used = num_occupied(c), nfree = c.num_blocks - used
     cdef vector[int32_t] remap
     cdef int32_t neg = -1
     cdef size_t j
     cdef SeqRec* r
     cdef Shard* x
-    err.a = pending_count(c)
-    if err.a:
-        return RF_PENDING_COPIES
-    for s in range(c.nshards):
-        nfree += <int32_t>c.shards[s].free.num_free.get()
-    used = c.num_blocks - nfree
     if rf_reserve(moves[0], 2 * <size_t>(used if used < nfree else nfree)):
         return RF_NO_MEMORY
     if rf_resize(remap, c.num_blocks, neg):
@@ -224,13 +227,12 @@ cdef inline int compact_into(Core* c, Shard* dest, int32_t n, vector[int32_t]* m
     Everything that can fail is checked or reserved before the first move:
     after compaction the blocks past n are free and uncached, and cutting the
     pool shrinks arrays, which cannot fail."""
-    cdef int32_t occ
+    cdef int32_t occ = num_occupied(c)
     cdef int st
     err.a = pending_count(c)
     if err.a:
         return RF_PENDING_COPIES
     if n >= 0:
-        occ = c.num_blocks - <int32_t>avail_total(c) + <int32_t>c.pfx.num_evictable.get()
         if occ > n:
             err.a = occ
             err.b = n
