@@ -65,3 +65,7 @@ cdef class KvCache:
 cdef swap_out_ranks(list ranks, object manager, dict swapped, list ids)
 cdef swap_in_ranks(list ranks, object manager, dict swapped, list ids)
 cdef drop_swapped_ids(dict swapped, list ids)
+
+# Compaction for one cache ([cache]) or every rank of a TensorParallelKvCache;
+# call with every rank's lock held.
+cdef compact_ranks(list ranks, object manager, bint shrink)

@@ -799,22 +799,7 @@ cdef class KvCache:
         self._check_open()
         self._whole("compact")
         with self._lock:
-            self._check_open()
-            self._apply_pending(NULL)
-            occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
-            if self._dev >= 0:              # room to upload the moves before any is made
-                self._reserve_scratch(8 * min(occupied, self._num_blocks - occupied) + 16)
-            if not shrink or occupied >= self._num_blocks:
-                moves = self.manager.compact()
-                if len(moves):
-                    self._copy_pairs(moves, NULL)
-                return moves
-            storage = self._new_storage(occupied)
-            moves = self.manager.compact(num_blocks=occupied)
-            if len(moves):
-                self._copy_pairs(moves, NULL)
-            self._install(occupied, storage, self._buffers)
-        return moves
+            return compact_ranks([self], self.manager, shrink)
 
     def grow(self, num_blocks):
         """Enlarge the pool and the storage to num_blocks (new blocks are zeroed)."""
@@ -831,5 +816,6 @@ cdef class KvCache:
             self.manager.grow(n)
 
 
+include "_compact.pxi"
 include "_swap.pxi"
 include "_tier_copies.pxi"

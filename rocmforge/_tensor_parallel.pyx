@@ -10,7 +10,7 @@ import threading
 import numpy as np
 
 from rocmforge._core cimport BlockManager
-from rocmforge._kvcache cimport KvCache, drop_swapped_ids, swap_in_ranks, swap_out_ranks
+from rocmforge._kvcache cimport KvCache, compact_ranks, drop_swapped_ids, swap_in_ranks, swap_out_ranks
 from rocmforge._kvcache import _distinct_ids
 from rocmforge.config import CacheConfig, host_tier_blocks
 from rocmforge.errors import ArgumentTypeError, ArgumentValueError, InvalidConfiguration
@@ -230,31 +230,10 @@ class TensorParallelKvCache:
         """Compact the manager and move every rank's K/V with it (see KvCache.compact:
         all or nothing, every rank's smaller storage allocated first); returns
         the (old, new) moves."""
-        cdef KvCache r
         self._live()
         ranks = list(self.ranks)
         with _AllLocks(ranks):
-            for r in ranks:
-                r._check_open()
-            for r in ranks:
-                r._apply_pending(NULL)
-            occupied = max(1, self.manager.num_used_blocks + self.manager.num_evictable_blocks)
-            for r in ranks:
-                if r._dev >= 0:             # room to upload the moves before any is made
-                    r._reserve_scratch(8 * min(occupied, r._num_blocks - occupied) + 16)
-            if not shrink or occupied >= (<KvCache>ranks[0])._num_blocks:
-                moves = self.manager.compact()
-                storage = None
-            else:
-                storage = [r._new_storage(occupied) for r in ranks]
-                moves = self.manager.compact(num_blocks=occupied)
-            if len(moves):
-                for r in ranks:
-                    r._copy_pairs(moves, NULL)
-            if storage is not None:
-                for r, fresh in zip(ranks, storage):
-                    r._install(occupied, fresh, r._buffers)
-        return moves
+            return compact_ranks(ranks, self.manager, shrink)
 
     def grow(self, num_blocks):
         """Enlarge the pool and every rank's storage to num_blocks (new blocks are zeroed).
