@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import rocmforge as rf
-from rocmforge import DeviceArray, DeviceBuffer
+from rocmforge import DeviceBuffer
 from rocmforge.config import CacheConfig
+from test_kvcache import on
 
 INFO = rf.backend_info()
 GPU = f"{INFO['backend']}:0" if INFO["devices"] else None
@@ -32,13 +33,6 @@ def fill_gpu():
     return held
 
 
-def on_gpu(arr):
-    buf = DeviceBuffer(arr.nbytes, 0)
-    buf.copy_from_host(np.ascontiguousarray(arr))
-    return DeviceArray(buf, arr.shape, {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-                                        np.dtype(np.int64): "int64"}[arr.dtype])
-
-
 def test_copies_that_cannot_get_upload_space_wait_for_the_next_call():
     """10,000 copy-on-write copies need more upload space than the cache holds
     (80 KB against 64 KiB); with the GPU full they cannot get it: the call
@@ -50,7 +44,7 @@ def test_copies_that_cannot_get_upload_space_wait_for_the_next_call():
             m.add_sequence(sid, num_tokens=1)
         rows = np.repeat(np.arange(n, dtype=np.float32), 8).reshape(n, 1, 8)
         slots = np.array([m.block_table(sid)[0] * 4 for sid in range(n)], dtype=np.int64)
-        cache.write_kv(0, on_gpu(rows), on_gpu(-rows), on_gpu(slots))
+        cache.write_kv(0, on(cache, rows), on(cache, -rows), on(cache, slots))
         for sid in range(n):
             m.fork(sid, n + sid)
         m.append_batch(np.arange(n, 2 * n), 1)     # each fork's shared, partly filled block is copied first
@@ -80,9 +74,9 @@ def test_host_tier_staging_makes_do_with_the_buffer_it_has():
 
     def add(cache, seq_id, toks):
         """Add the sequence; its K/V (a function of the token and layer) ready on the GPU."""
-        slots = on_gpu(cache.manager.add_sequence(seq_id, toks))
+        slots = on(cache, cache.manager.add_sequence(seq_id, toks))
         rows = np.repeat(np.asarray(toks, dtype=np.float32) % 2048, 8 * 128).reshape(-1, 8, 128)
-        return [(on_gpu(rows.astype(np.float16)), on_gpu((rows + layer).astype(np.float16)), slots)
+        return [(on(cache, rows.astype(np.float16)), on(cache, (rows + layer).astype(np.float16)), slots)
                 for layer in range(2)]
 
     def write(cache, kv):
