@@ -11,21 +11,29 @@
 
 from libc.stdint cimport int32_t, int64_t
 from libcpp.vector cimport vector
-from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME, CLOCK_MONOTONIC
 
 from rocmforge._state cimport *
 from rocmforge._blocks cimport incref_ids, decref_ids, all_home, note_peak
-from rocmforge._prefix cimport hash_prompt, match_prefix, take_cached, foreign_hit
+from rocmforge._prefix cimport (hash_prompt, match_prefix, take_cached, foreign_hit, reserve_registrations,
+                                reset_prefix, uncache_blocks)
 from rocmforge._host_tier cimport ht_match
 from rocmforge._seqs cimport seq_find, dir_find, dir_claim, dir_erase
 from rocmforge._append cimport append_batch, append_batch_any
 from rocmforge._seqops cimport allocate_blocks, add_sequence, fork_sequence, remove_sequence
+from rocmforge._pool cimport resize_pool, compact_into, shrink_pool, occupied, num_occupied
+from rocmforge._checks cimport check_all
 
 
 cdef inline double wall_now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+cdef inline double mono_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec * 1e3 + <double>ts.tv_nsec * 1e-6
 
 
 cdef inline void count_lookup(Core* c, Shard* sh, int64_t num_tokens, int64_t hits) noexcept nogil:
@@ -81,6 +89,19 @@ cdef inline void unlock_prefix(Core* c) noexcept nogil:
         c.shards.lock.unlock()
     else:
         c.pfx.lock.unlock()
+
+
+cdef inline void take_evicted(Core* c, vector[int64_t]* ids) noexcept nogil:
+    """Swap the evicted sequence ids out (ids must be empty), under the lock that guards them."""
+    if c.nshards == 1:
+        c.shards.lock.lock()
+    else:
+        c.q_lock.lock()
+    ids.swap(c.evicted)
+    if c.nshards == 1:
+        c.shards.lock.unlock()
+    else:
+        c.q_lock.unlock()
 
 
 cdef inline int call_allocate(Core* c, int32_t n, int32_t* out, ErrInfo* err) noexcept nogil:
@@ -348,3 +369,79 @@ cdef inline int gather_tables(Core* c, const int64_t* ids, Py_ssize_t n, vector[
     if c.nshards == 1:
         c.shards.lock.unlock()
     return st
+
+
+# ---------------------------------------------------------------------------
+# Calls on the whole manager: each holds every lock throughout
+# ---------------------------------------------------------------------------
+
+cdef inline int call_compact(Core* c, int32_t n, vector[int32_t]* moves, ErrInfo* err) noexcept nogil:
+    """compact_into (free blocks into the calling thread's shard); its time goes to the stats."""
+    cdef Shard* sh = home_shard(c)
+    cdef double t0
+    cdef int st
+    lock_all(c)
+    t0 = mono_ms()
+    st = compact_into(c, sh, n, moves, err)
+    if st == RF_OK:
+        c.last_compaction_ms.set(mono_ms() - t0)
+    unlock_all(c)
+    return st
+
+cdef inline int call_shrink(Core* c, int32_t n, ErrInfo* err) noexcept nogil:
+    cdef Shard* sh = home_shard(c)
+    cdef int st
+    lock_all(c)
+    st = shrink_pool(c, sh, n, err)
+    unlock_all(c)
+    return st
+
+cdef inline int call_grow(Core* c, int32_t n) noexcept nogil:
+    cdef int st
+    lock_all(c)
+    st = resize_pool(c, n) if n > c.num_blocks else RF_OK
+    unlock_all(c)
+    return st
+
+cdef inline int call_reset_prefix(Core* c) noexcept nogil:
+    cdef Shard* sh = home_shard(c)
+    cdef int st
+    lock_all(c)
+    st = reserve_registrations(c, 0)
+    if st == RF_OK:
+        reset_prefix(c, sh)
+    unlock_all(c)
+    return st
+
+cdef inline int call_uncache(Core* c, const int32_t* ids, Py_ssize_t n, ErrInfo* err) noexcept nogil:
+    cdef Shard* sh = home_shard(c)
+    cdef int st
+    lock_all(c)
+    st = reserve_registrations(c, 0)
+    if st == RF_OK:
+        st = uncache_blocks(c, sh, ids, n, err)
+    unlock_all(c)
+    return st
+
+cdef inline double call_fragmentation(Core* c) noexcept nogil:
+    """The share of [0, highest occupied id] that is free."""
+    cdef int32_t top = -1, b, used
+    lock_all(c)
+    used = num_occupied(c)
+    b = c.num_blocks - 1
+    while b >= 0 and used > 0:
+        if occupied(c, b):
+            top = b
+            break
+        b -= 1
+    unlock_all(c)
+    if top < 0:
+        return 0.0
+    return <double>(top + 1 - used) / <double>(top + 1)
+
+cdef inline int call_check(Core* c, char* msg, size_t cap) noexcept nogil:
+    cdef int bad
+    lock_all(c)
+    bad = check_all(c, msg, cap)
+    unlock_all(c)
+    return bad

@@ -106,6 +106,25 @@ cdef object _as_index(object obj, str name):
     return obj.__index__()
 
 
+cdef int64_t _config_int(object obj, str name, int64_t lo, int64_t hi) except? -1:
+    """A construction parameter: an integer in [lo, hi]."""
+    value = _as_index(obj, name)
+    if not lo <= value <= hi:
+        raise InvalidConfiguration(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+cdef int32_t _shard_count(object shards, int32_t num_blocks) except -1:
+    """The number of shards for `shards` (1..64 or "auto")."""
+    if isinstance(shards, str):
+        if shards != "auto":
+            raise InvalidConfiguration(f"shards must be an integer in [1, {RF_MAX_SHARDS}] or 'auto', got {shards!r}")
+        return max(1, min(os.cpu_count() or 1, 16, num_blocks))
+    if isinstance(shards, bool) or not hasattr(shards, "__index__"):
+        raise ArgumentTypeError(f"shards must be an integer or 'auto', got {type(shards).__name__}")
+    return _config_int(shards, "shards", 1, RF_MAX_SHARDS)
+
+
 cdef inline bint _exact_int(object obj, long long* value) noexcept:
     """Fast path: obj is a plain int that fits in int64."""
     cdef int overflow = 0
@@ -151,6 +170,30 @@ cdef int32_t _block_id(object obj) except? -1:
     if value < 0 or value > INT32_MAX:
         raise BlockNotFound(f"block {value} out of range")
     return value
+
+
+cdef cnp.ndarray _counts_array(object counts, Py_ssize_t n, int64_t* total):
+    """append_batch's counts: n non-negative int32 (one integer: that count for
+    every sequence); *total gets their sum."""
+    cdef cnp.ndarray cnt
+    cdef const int32_t* cptr
+    cdef Py_ssize_t i
+    cdef bint negative = False
+    if cnp.PyArray_CheckExact(counts) or not _is_integer(counts):
+        cnt = _index_array(counts, cnp.NPY_INT32, "counts")
+    else:
+        cnt = np.full(n, _count(counts, "counts", INT32_MAX), dtype=np.int32)
+    if cnp.PyArray_DIM(cnt, 0) != n:
+        raise ArgumentValueError(f"{n} seq_ids but {cnp.PyArray_DIM(cnt, 0)} counts")
+    cptr = <const int32_t*>cnp.PyArray_DATA(cnt)
+    total[0] = 0
+    for i in range(n):
+        if cptr[i] < 0:
+            negative = True
+        total[0] += cptr[i]
+    if negative:
+        raise ArgumentValueError("counts must be >= 0")
+    return cnt
 
 
 cdef cnp.ndarray _out_array(object out, Py_ssize_t n, int typenum, str name):

@@ -21,7 +21,6 @@ from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uint8_t, INT32_MAX, INT64_MAX
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 cimport numpy as cnp
 cimport cython
 
@@ -32,10 +31,8 @@ import numpy as np
 
 from rocmforge._state cimport *
 from rocmforge._blocks cimport avail_total
-from rocmforge._prefix cimport reserve_registrations, reset_prefix
 from rocmforge._seqs cimport seq_find
-from rocmforge._pool cimport resize_pool, compact_into, shrink_pool, occupied, num_occupied
-from rocmforge._checks cimport check_all
+from rocmforge._pool cimport resize_pool
 from rocmforge._calls cimport *
 from rocmforge._host_tier cimport ht_init
 
@@ -73,26 +70,6 @@ cdef enum:
 
 cdef dict _POLICIES = {"lru": POLICY_LRU, "arc": POLICY_ARC}
 cdef tuple _POLICY_NAMES = ("lru", "arc")
-
-
-cdef inline double _mono_ms() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <double>ts.tv_sec * 1e3 + <double>ts.tv_nsec * 1e-6
-
-
-def _shard_count(shards, num_blocks):
-    """The number of shards for `shards` (1..64 or "auto")."""
-    if isinstance(shards, str):
-        if shards != "auto":
-            raise InvalidConfiguration(f"shards must be an integer in [1, {RF_MAX_SHARDS}] or 'auto', got {shards!r}")
-        return max(1, min(os.cpu_count() or 1, 16, num_blocks))
-    if isinstance(shards, bool) or not hasattr(shards, "__index__"):
-        raise ArgumentTypeError(f"shards must be an integer or 'auto', got {type(shards).__name__}")
-    n = shards.__index__()
-    if not 1 <= n <= RF_MAX_SHARDS:
-        raise InvalidConfiguration(f"shards must be in [1, {RF_MAX_SHARDS}], got {n}")
-    return n
 
 
 # ---------------------------------------------------------------------------
@@ -141,16 +118,8 @@ cdef class BlockManager:
     def __cinit__(self, num_blocks, block_size, *, evict_sequences=False,
                   enable_prefix_caching=False, eviction_policy="lru", enable_events=False,
                   shards=1, host_cache_blocks=0, host_eviction_policy="lru", _key_bits=63):
-        if isinstance(num_blocks, bool) or not hasattr(num_blocks, "__index__"):
-            raise ArgumentTypeError(f"num_blocks must be an integer, got {type(num_blocks).__name__}")
-        if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
-            raise ArgumentTypeError(f"block_size must be an integer, got {type(block_size).__name__}")
-        nb = num_blocks.__index__()
-        bs = block_size.__index__()
-        if not 1 <= nb <= INT32_MAX:
-            raise InvalidConfiguration(f"num_blocks must be in [1, {INT32_MAX}], got {nb}")
-        if not 1 <= bs <= MAX_BLOCK_SIZE:
-            raise InvalidConfiguration(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {bs}")
+        nb = _config_int(num_blocks, "num_blocks", 1, INT32_MAX)
+        bs = _config_int(block_size, "block_size", 1, MAX_BLOCK_SIZE)
         if eviction_policy not in _POLICIES:
             raise InvalidConfiguration(
                 f"eviction_policy must be one of {', '.join(_POLICY_NAMES)}, got {eviction_policy!r}")
@@ -158,11 +127,7 @@ cdef class BlockManager:
             raise InvalidConfiguration("_key_bits must be in [1, 63]")
         if enable_events and not enable_prefix_caching:
             raise InvalidConfiguration("enable_events needs enable_prefix_caching=True")
-        if isinstance(host_cache_blocks, bool) or not hasattr(host_cache_blocks, "__index__"):
-            raise ArgumentTypeError(f"host_cache_blocks must be an integer, got {type(host_cache_blocks).__name__}")
-        host_blocks = host_cache_blocks.__index__()
-        if not 0 <= host_blocks <= INT32_MAX:
-            raise InvalidConfiguration(f"host_cache_blocks must be in [0, {INT32_MAX}], got {host_blocks}")
+        host_blocks = _config_int(host_cache_blocks, "host_cache_blocks", 0, INT32_MAX)
         if host_blocks and not enable_prefix_caching:
             raise InvalidConfiguration("host_cache_blocks needs enable_prefix_caching=True")
         if host_eviction_policy not in _POLICIES:
@@ -261,29 +226,14 @@ cdef class BlockManager:
 
     cdef object _append_batch(self, object seq_ids, object counts, object tokens, object out):
         cdef cnp.ndarray ids = _index_array(seq_ids, cnp.NPY_INT64, "seq_ids")
-        cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0), i
-        cdef cnp.ndarray cnt
-        cdef const int32_t* cptr
+        cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0)
+        cdef int64_t total = 0
+        cdef cnp.ndarray cnt = _counts_array(counts, n, &total)
+        cdef const int32_t* cptr = <const int32_t*>cnp.PyArray_DATA(cnt)
         cdef const int64_t* iptr = <const int64_t*>cnp.PyArray_DATA(ids)
         cdef const int32_t* tptr = NULL
-        cdef int64_t total = 0
-        cdef bint negative = False
         cdef ErrInfo err
         cdef int st
-        if cnp.PyArray_CheckExact(counts) or not _is_integer(counts):
-            cnt = _index_array(counts, cnp.NPY_INT32, "counts")
-        else:
-            # One count for every sequence.
-            cnt = np.full(n, _count(counts, "counts", INT32_MAX), dtype=np.int32)
-        cptr = <const int32_t*>cnp.PyArray_DATA(cnt)
-        if cnp.PyArray_DIM(cnt, 0) != n:
-            raise ArgumentValueError(f"{n} seq_ids but {cnp.PyArray_DIM(cnt, 0)} counts")
-        for i in range(n):
-            if cptr[i] < 0:
-                negative = True
-            total += cptr[i]
-        if negative:
-            raise ArgumentValueError("counts must be >= 0")
         if tokens is not None:
             toks = _index_array(tokens, cnp.NPY_INT32, "tokens")
             if cnp.PyArray_DIM(toks, 0) != total:
@@ -498,15 +448,7 @@ cdef class BlockManager:
     def take_evicted(self):
         """Return and clear the ids of sequences evicted since the last call (int64)."""
         cdef vector[int64_t] ids
-        if self._c.nshards == 1:
-            self._c.shards.lock.lock()
-        else:
-            self._c.q_lock.lock()
-        ids.swap(self._c.evicted)
-        if self._c.nshards == 1:
-            self._c.shards.lock.unlock()
-        else:
-            self._c.q_lock.unlock()
+        take_evicted(self._c, &ids)
         return _i64_from_vector(ids)
 
     # --- threads ----------------------------------------------------------------
@@ -578,16 +520,33 @@ cdef class BlockManager:
         calling thread's shard); blocks in use stay with their sequences
         (uncached). Emits AllCleared."""
         cdef ErrInfo err
-        cdef int st = RF_OK
+        cdef int st
         if not self.enable_prefix_caching:
             raise_status(RF_PREFIX_DISABLED, &err)
-        cdef Shard* sh = home_shard(self._c)
         with nogil:
-            lock_all(self._c)
-            st = reserve_registrations(self._c, 0)
-            if st == RF_OK:
-                reset_prefix(self._c, sh)
-            unlock_all(self._c)
+            st = call_reset_prefix(self._c)
+        if st != RF_OK:
+            raise_status(st, &err)
+
+    def uncache_blocks(self, block_ids):
+        """Take blocks out of the prefix index, each with every cached block whose
+        prefix runs through it, so that no later sequence matches them: for blocks
+        whose K/V never got written (a model step that raised, a copy that broke
+        off). Call it before releasing the blocks. Blocks in use stay with their
+        sequences, uncached; evictable ones become free (in the calling thread's
+        shard); blocks not cached are skipped. Unlike reset_prefix_cache, the rest
+        of the cache stays. Emits BlockRemoved for each key, and the blocks count
+        in stats' cached_blocks_evicted. BlockNotFound, changing nothing, for an
+        id outside the pool."""
+        cdef cnp.ndarray arr = _index_array(block_ids, cnp.NPY_INT32, "block_ids", BlockNotFound)
+        cdef const int32_t* ptr = <const int32_t*>cnp.PyArray_DATA(arr)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(arr, 0)
+        cdef ErrInfo err
+        cdef int st
+        if not self.enable_prefix_caching:
+            raise_status(RF_PREFIX_DISABLED, &err)
+        with nogil:
+            st = call_uncache(self._c, ptr, n, &err)
         if st != RF_OK:
             raise_status(st, &err)
 
@@ -721,19 +680,7 @@ cdef class BlockManager:
     def fragmentation_ratio(self):
         """Share of the span [0, highest occupied id] that is free: 0.0 when packed.
         Occupied blocks are those in use or cached."""
-        cdef int64_t top = -1, b, used
-        lock_all(self._c)
-        used = num_occupied(self._c)
-        b = self._c.num_blocks - 1
-        while b >= 0 and used > 0:
-            if occupied(self._c, <int32_t>b):
-                top = b
-                break
-            b -= 1
-        unlock_all(self._c)
-        if top < 0:
-            return 0.0
-        return <double>(top + 1 - used) / <double>(top + 1)
+        return call_fragmentation(self._c)
 
     def memory_efficiency(self):
         """Share of the token slots in sequence-held blocks that hold tokens (1.0 when
@@ -769,8 +716,6 @@ cdef class BlockManager:
         cdef ErrInfo err
         cdef int st
         cdef int32_t n = -1
-        cdef double t0
-        cdef Shard* sh = home_shard(self._c)
         if num_blocks is not None:
             n = <int32_t>_count(num_blocks, "num_blocks", INT32_MAX)
             if n < 1:
@@ -778,12 +723,7 @@ cdef class BlockManager:
             if n > self.num_blocks:
                 raise InvalidConfiguration(f"compact into {n} > num_blocks={self.num_blocks}: use grow()")
         with nogil:
-            lock_all(self._c)
-            t0 = _mono_ms()
-            st = compact_into(self._c, sh, n, &moves, &err)
-            if st == RF_OK:
-                self._c.last_compaction_ms.set(_mono_ms() - t0)
-            unlock_all(self._c)
+            st = call_compact(self._c, n, &moves, &err)
         if st != RF_OK:
             raise_status(st, &err)
         return _i32_from_vector(moves, 0, moves.size()).reshape(-1, 2)
@@ -793,15 +733,12 @@ cdef class BlockManager:
         cdef int32_t n = <int32_t>_count(num_blocks, "num_blocks", INT32_MAX)
         cdef ErrInfo err
         cdef int st
-        cdef Shard* sh = home_shard(self._c)
         if n < 1:
             raise InvalidConfiguration("num_blocks must be >= 1")
         if n > self.num_blocks:
             raise InvalidConfiguration(f"shrink to {n} > num_blocks={self.num_blocks}: use grow()")
         with nogil:
-            lock_all(self._c)
-            st = shrink_pool(self._c, sh, n, &err)
-            unlock_all(self._c)
+            st = call_shrink(self._c, n, &err)
         if st != RF_OK:
             raise_status(st, &err)
 
@@ -813,9 +750,7 @@ cdef class BlockManager:
         if n < self.num_blocks:
             raise InvalidConfiguration(f"grow to {n} < num_blocks={self.num_blocks}: use shrink()")
         with nogil:
-            lock_all(self._c)
-            st = resize_pool(self._c, n) if n > self._c.num_blocks else RF_OK
-            unlock_all(self._c)
+            st = call_grow(self._c, n)
         if st != RF_OK:
             raise MemoryError(f"cannot allocate bookkeeping for {n} blocks")
 
@@ -836,9 +771,7 @@ cdef class BlockManager:
         cdef char msg[512]
         cdef int bad
         with nogil:
-            lock_all(self._c)
-            bad = check_all(self._c, msg, sizeof(msg))
-            unlock_all(self._c)
+            bad = call_check(self._c, msg, sizeof(msg))
         if bad:
             raise InvariantError(msg.decode("utf-8", "replace"))
 

@@ -16,7 +16,7 @@ from rocmforge._state cimport (
     Core, Shard, SeqRec, PBlock, KvEvent, PrefixState, BlockRefs, push_event, ghost_remember,
     rf_reserve, rf_reserve_exact, rf_resize, rf_push, rf_prefetch, rf_idmap_find, rf_idmap_reserve, rf_idmap_put,
     rf_idmap_erase, rf_idmap_clear, rf_idmap_prefetch, rf_block_key, rf_tokens_equal,
-    RF_OK, RF_NO_MEMORY, POLICY_ARC, EV_STORED, EV_REMOVED, EV_CLEARED, GHOSTS_PER_BLOCK)
+    ErrInfo, RF_OK, RF_NO_MEMORY, RF_BLOCK_NOT_FOUND, POLICY_ARC, EV_STORED, EV_REMOVED, EV_CLEARED, GHOSTS_PER_BLOCK)
 from rocmforge._freeset cimport fs_set
 from rocmforge._host_tier cimport ht_offload, ht_clear
 
@@ -366,6 +366,24 @@ cdef inline void unregister_tree(Core* c, Shard* dest, int32_t b, bint offload) 
             set_home(c, x, dest)
             fs_set(&dest.free, x)
             dest.free.num_free.add(1)
+
+
+cdef inline int uncache_blocks(Core* c, Shard* dest, const int32_t* ids, Py_ssize_t n,
+                               ErrInfo* err) noexcept nogil:
+    """Drop the cached blocks among ids[0..n) from the index, each with its cached
+    descendants; ids not cached (or dropped already as a descendant) are
+    skipped. Nothing goes to the host tier: their K/V may never have been
+    written. Every id is checked first (room for the events reserved)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if ids[i] < 0 or ids[i] >= c.num_blocks:
+            err.id = ids[i]
+            err.a = c.num_blocks
+            return RF_BLOCK_NOT_FOUND
+    for i in range(n):
+        if c.pfx.pb[ids[i]].serial != 0:
+            unregister_tree(c, dest, ids[i], False)
+    return RF_OK
 
 
 cdef inline int32_t cached_parent(Core* c, SeqRec* s, int64_t j) noexcept nogil:

@@ -43,7 +43,7 @@ cdef swap_in_ranks(list ranks, object manager, dict swapped, list ids):
             raise SequenceNotFound(f"sequence {sid} is not swapped out")
         if sid in manager:
             raise SequenceExists(f"sequence {sid} exists")
-    done, unfilled = [], False
+    done, unfilled = [], None
     try:
         for sid in ids:
             hosts, num_tokens, tokens, salt_key = swapped[sid]
@@ -52,18 +52,19 @@ cdef swap_in_ranks(list ranks, object manager, dict swapped, list ids):
             else:
                 manager.add_sequence(sid, tokens, _salt_key=salt_key)
             done.append(sid)
-            unfilled = True
             hits = manager.num_cached_tokens(sid) // manager.block_size
-            table = np.ascontiguousarray(manager.block_table(sid)[hits:], dtype=np.int32)
+            unfilled = table = np.ascontiguousarray(manager.block_table(sid)[hits:], dtype=np.int32)
             for i in range(len(ranks)):
                 r = ranks[i]
                 r._move_blocks(False, table, np.ascontiguousarray(hosts[i][:, hits:]))
-            unfilled = False
+            unfilled = None
     except BaseException:
-        for sid in done:                # their data is in place: removing keeps the cache valid
-            manager.remove_sequence(sid)
-        if unfilled and manager.enable_prefix_caching:
-            manager.reset_prefix_cache()    # the last one's blocks were cached before its K/V came back
+        try:
+            if unfilled is not None and manager.enable_prefix_caching:
+                manager.uncache_blocks(unfilled)    # cached before their K/V came back
+        finally:
+            for sid in done:
+                manager.remove_sequence(sid)
         raise
     for sid in ids:
         del swapped[sid]

@@ -404,7 +404,7 @@ class Engine:
         self.finished: OrderedDict = OrderedDict()
         self.counters = dict(steps=0, submitted=0, finished=0, cancelled=0, failed=0, preemptions=0,
                              evictions=0, prompt_tokens=0, generated_tokens=0, computed_tokens=0, prefix_hit_tokens=0,
-                             prefix_query_tokens=0, prefix_resets=0)
+                             prefix_query_tokens=0)
         self.scheduler = Scheduler(self.manager, self.cache, self.config, self.counters)
         self.step_times = deque(maxlen=4096)
 
@@ -477,7 +477,7 @@ class Engine:
         try:
             tokens = self._run_model(batch)
         except BaseException as exc:            # the step's requests fail; even Ctrl-C leaves the engine whole
-            failed = self._fail_step(batch.requests, exc)
+            failed = self._fail_step(batch, exc)
             if not isinstance(exc, Exception):
                 raise
             return failed
@@ -530,19 +530,25 @@ class Engine:
                 self.cache.write_kv(layer, keys[layer], values[layer], batch.slots)
         return ids.tolist()
 
-    def _fail_step(self, reqs, exc) -> list:
-        """The step's requests fail with exc: their blocks are released now, and the
-        prefix cache is emptied, since blocks completed in this step may be cached
-        without the K/V the model never wrote."""
+    def _fail_step(self, batch, exc) -> list:
+        """The step's requests fail with exc and their blocks are released now. First
+        the blocks this step was to fill leave the prefix cache: completed in this
+        step, they may be cached without the K/V the model never wrote. Blocks
+        written in earlier steps, and prefix hits, stay cached."""
         # the traceback as text: a record that held the exception would keep the
         # batch's frames (and their K/V arrays) alive in any handler that buffers it
+        reqs = batch.requests
         log.warning("model failed on a step of %d requests; they fail\n%s", len(reqs),
                     "".join(traceback.format_exception(exc)).rstrip())
-        for req in reqs:
-            self._finish(req, RequestState.FAILED, exc)
-        if self.manager.enable_prefix_caching:
-            self.manager.reset_prefix_cache()
-            self.counters["prefix_resets"] += 1
+        try:
+            if self.manager.enable_prefix_caching:
+                bs = self.manager.block_size
+                self.manager.uncache_blocks(np.concatenate([np.zeros(0, np.int32)] + [
+                    self.manager.block_table(r.seq_id)[max(r.num_computed - n, r.num_cached_tokens) // bs:]
+                    for r, n in zip(reqs, batch.num_new_tokens)]))
+        finally:                                # (uncaching can only fail for want of host memory)
+            for req in reqs:
+                self._finish(req, RequestState.FAILED, exc)
         return reqs
 
     def _take_failed(self) -> list:

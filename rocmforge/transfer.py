@@ -122,7 +122,8 @@ def adopt_sequence(cache, seq_id, packed: PackedSequence) -> np.ndarray:
     same prefix-cache keys), cached blocks reused, the rest filled from the
     packed K/V. Returns the slots of its tokens, as add_sequence does. Raises
     (OutOfBlocks, SequenceExists, ...) with nothing changed; interrupted while
-    the K/V goes in, it also empties the prefix cache, which held the new blocks."""
+    the K/V goes in, it takes the new blocks, cached before their K/V arrived,
+    out of the prefix cache (uncache_blocks) as it removes the sequence."""
     _same_geometry(_geometry(cache), tuple(packed.geometry))
     bs = cache.config.block_size
     need = -(-len(packed.tokens) // bs)
@@ -131,13 +132,16 @@ def adopt_sequence(cache, seq_id, packed: PackedSequence) -> np.ndarray:
                                  f"{packed.blocks.shape[1]}")
     m = cache.manager
     slots = m.add_sequence(seq_id, packed.tokens, _salt_key=packed.salt_key)
+    have = m.num_cached_tokens(seq_id) // bs
+    fresh = m.block_table(seq_id)[have:]
     try:
-        have = m.num_cached_tokens(seq_id) // bs
-        unpack_blocks(cache, m.block_table(seq_id)[have:], np.ascontiguousarray(packed.blocks[:, have:]))
+        unpack_blocks(cache, fresh, np.ascontiguousarray(packed.blocks[:, have:]))
     except BaseException:
-        m.remove_sequence(seq_id)
-        if m.enable_prefix_caching:
-            m.reset_prefix_cache()      # its new blocks were cached before their K/V arrived
+        try:
+            if m.enable_prefix_caching:
+                m.uncache_blocks(fresh)
+        finally:
+            m.remove_sequence(seq_id)
         raise
     return slots
 

@@ -448,6 +448,18 @@ class ModelManager:
         self.index.clear()
         self.events.append(("cleared",))
 
+    def uncache_blocks(self, block_ids):
+        def run():
+            if not self.prefix:
+                raise KvCacheError("prefix caching is off")
+            for b in block_ids:
+                if not 0 <= b < self.num_blocks:
+                    raise BlockNotFound(b)
+            for b in block_ids:
+                if b in self.cache:
+                    self._uncache_tree(b)
+        return self._atomic(run)
+
     def take_events(self):
         out, self.events = self.events, []
         return out

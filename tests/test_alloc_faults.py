@@ -148,8 +148,11 @@ def random_call(rng, live, held, stems, fresh):
     if r < 0.93:
         k = rng.randint(1, 4)
         return lambda x: x.shrink(max(1, x.num_blocks - k)), False
-    if r < 0.95:
+    if r < 0.94:
         return lambda x: x.reset_prefix_cache(), False
+    if r < 0.96:
+        ids = [rng.randrange(32) for _ in range(rng.randint(1, 3))]
+        return lambda x: x.uncache_blocks(ids), False
     return lambda x: x.take_evicted(), False
 
 

@@ -28,7 +28,10 @@ class FailOn(Model):
             if self.bad is None:            # a fresh exception: one raised before keeps its traceback
                 raise type(self.exc)(*self.exc.args)
             return self.bad(batch)
-        return (self.inner or super().__call__)(batch)
+        if self.inner is None:
+            return super().__call__(batch)
+        self.calls += 1                     # (numbered here: the inner model counts only its own)
+        return self.inner(batch)
 
 
 def check_after_failure(eng, manager, failed, served, prompts, n_new):
@@ -76,11 +79,39 @@ def test_a_failed_step_leaves_no_unwritten_blocks_in_the_prefix_cache():
     eng.submit(Request("first", prompt, 2))
     eng.step()                                  # the prompt's blocks were completed, their K/V never written
     assert eng.finished["first"].state is RequestState.FAILED
-    assert cache.manager.lookup_prefix(prompt) == 0 and eng.metrics()["prefix_resets"] == 1
+    assert cache.manager.lookup_prefix(prompt) == 0 and cache.manager.num_cached_blocks == 0
     eng.submit(Request("second", prompt, 2))
     run(eng)
     assert eng.finished["second"].num_cached_tokens == 0
     assert eng.finished["second"].output_tokens == expected_output(prompt, 2)
+
+
+def test_a_failed_step_keeps_the_blocks_earlier_steps_wrote_in_the_prefix_cache():
+    """Only what the failed step was to write leaves the cache: a shared prefix that an
+    earlier request wrote stays, and is hit again by the next request."""
+    cfg = CacheConfig(1, 1, 4, block_size=4, num_blocks=64, dtype="float32")
+    cache = rf.KvCache(cfg, "cpu", enable_prefix_caching=True, enable_events=True)
+    m = cache.manager
+    eng = Engine(cache, FailOn({3}, inner=KvModel(1, 1, 4)))
+    shared = np.arange(16, dtype=np.int32)
+    longer = np.concatenate([shared, np.arange(100, 116, dtype=np.int32)])
+    other = np.arange(200, 208, dtype=np.int32)
+    for rid, prompt in (("warm", shared), ("other", other)):
+        eng.submit(Request(rid, prompt, 2))
+    run(eng)                                    # model calls 1 and 2
+    assert m.lookup_prefix(longer) == 16 and m.lookup_prefix(other) == 8
+    m.take_events()
+    eng.submit(Request("first", longer, 2))
+    eng.step()                                  # call 3: its 16 new tokens' K/V never written
+    assert eng.finished["first"].state is RequestState.FAILED
+    assert m.lookup_prefix(longer) == 16 and m.lookup_prefix(other) == 8
+    assert len([e for e in m.take_events() if isinstance(e, rf.BlockRemoved)]) == 4
+    assert m.num_used_blocks == 0
+    m.check_invariants()
+    eng.submit(Request("second", longer, 2))
+    run(eng)
+    assert eng.finished["second"].num_cached_tokens == 16
+    assert eng.finished["second"].output_tokens == expected_output(longer, 2)
 
 
 def wrong_count(batch):

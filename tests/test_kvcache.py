@@ -279,16 +279,20 @@ def test_a_swap_out_that_runs_out_of_host_memory_halfway_moves_nothing(device, m
 def test_a_swap_in_interrupted_before_its_data_is_back_leaves_nothing_cached_without_it(monkeypatch):
     """swap_in re-adds a sequence (its full blocks enter the prefix cache) before
     its K/V is copied back: interrupted in between, it must not leave those
-    blocks cached, or the next prompt with those tokens would read zeros."""
+    blocks cached, or the next prompt with those tokens would read zeros. Its
+    prefix hits and other prompts stay cached."""
     from rocmforge import _kvcache
     with make("cpu", num_blocks=8, enable_prefix_caching=True) as cache:
         m = cache.manager
-        tokens = list(range(100, 110))
+        tokens, other = list(range(100, 110)), list(range(100, 104)) + [7, 7, 7, 7]
         m.add_sequence(1, tokens)
-        fill(cache, [1], np.random.default_rng(9))
-        want = gathered(cache, 1)
+        m.add_sequence(2, other)                    # sharing block 0
+        fill(cache, [1, 2], np.random.default_rng(9))
+        want, table = gathered(cache, 1), m.block_table(1)
         cache.swap_out([1])
-        m.reset_prefix_cache()                      # nothing of it stays cached: swap_in copies it all
+        m.uncache_blocks(table[1:])                 # swap_in hits block 0 and copies the rest back
+        m.remove_sequence(2)
+        assert m.lookup_prefix(tokens) == 4 and m.lookup_prefix(other) == 8
 
         class Interrupted:
             def __getattr__(self, name):
@@ -303,7 +307,8 @@ def test_a_swap_in_interrupted_before_its_data_is_back_leaves_nothing_cached_wit
         with pytest.raises(KeyboardInterrupt):
             cache.swap_in([1])
         monkeypatch.undo()
-        assert cache.swapped_sequences() == [1] and 1 not in m and m.lookup_prefix(tokens) == 0
+        assert cache.swapped_sequences() == [1] and 1 not in m
+        assert m.lookup_prefix(tokens) == 4 and m.lookup_prefix(other) == 8
         cache.swap_in([1])
         assert holds(cache, 1, want)
         m.check_invariants()

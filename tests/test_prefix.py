@@ -228,6 +228,33 @@ def test_unregistering_a_parent_in_use_keeps_its_block():
     m.check_invariants()
 
 
+def test_uncache_blocks_drops_those_blocks_and_their_descendants_only():
+    """Block 1 of a prompt leaves the cache with block 2 after it (unreachable
+    without it); block 0 and another prompt stay. A block in use stays with its
+    sequence, an evictable one becomes free; bad ids change nothing."""
+    m = prefix_manager(enable_events=True)
+    m.add_sequence(1, toks(*range(1, 13)))         # three full blocks
+    m.add_sequence(2, toks(50, 51, 52, 53, 54))
+    m.remove_sequence(2)                           # block 3 cached, evictable
+    table = m.block_table(1).tolist()
+    m.take_events()
+    for bad, exc in (([table[0], 32], rf.BlockNotFound), ([-1], rf.BlockNotFound), ("x", rf.ArgumentTypeError)):
+        with pytest.raises(exc):
+            m.uncache_blocks(bad)
+        assert m.num_cached_blocks == 4 and m.take_events() == []
+    m.uncache_blocks([table[1]])
+    assert m.lookup_prefix(toks(*range(1, 13))) == 4 and m.lookup_prefix(toks(50, 51, 52, 53)) == 4
+    assert len([e for e in m.take_events() if isinstance(e, rf.BlockRemoved)]) == 2
+    assert m.block_table(1).tolist() == table and m.num_cached_blocks == 2
+    m.uncache_blocks(np.array([3, 3, table[2]], dtype=np.int64))   # evictable, twice; not cached
+    assert m.num_cached_blocks == 1 and m.num_free_blocks == m.num_blocks - 3
+    assert m.stats()["cached_blocks_evicted"] == 3
+    m.uncache_blocks([])
+    m.check_invariants()
+    with pytest.raises(rf.KvCacheError, match="prefix caching is off"):
+        rf.BlockManager(4, BS).uncache_blocks([0])
+
+
 @pytest.mark.parametrize("policy", ["lru", "arc"])
 def test_compact_moves_cached_blocks_and_keeps_them_findable(policy):
     m = prefix_manager(num_blocks=16, eviction_policy=policy)

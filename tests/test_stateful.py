@@ -292,6 +292,12 @@ class CoreVsModel(RuleBasedStateMachine):
     def reset_prefix_cache(self):
         self.both(self.core.reset_prefix_cache, self.model.reset_prefix_cache)
 
+    @rule(data=st.data())
+    def uncache_blocks(self, data):
+        """Blocks out of the prefix index (ids past the pool too, and with prefix caching off)."""
+        ids = data.draw(st.lists(st.integers(-1, self.model.num_blocks), max_size=3))
+        self.both(lambda: self.core.uncache_blocks(ids), lambda: self.model.uncache_blocks(ids))
+
     # --- pool ---------------------------------------------------------------------
     @precondition(lambda self: self.core is not None)
     @rule()

@@ -122,12 +122,15 @@ def test_adoption_reuses_the_prefix_the_receiver_holds_and_is_all_or_nothing():
 def test_an_adoption_interrupted_while_its_kv_goes_in_leaves_nothing_cached_without_it(monkeypatch):
     """adopt_sequence adds the sequence (its full blocks enter the prefix cache)
     before the packed K/V goes in: interrupted in between, it must not leave
-    those blocks cached, or the next prompt with those tokens would read them."""
+    those blocks cached, or the next prompt with those tokens would read them.
+    Its prefix hits and other prompts stay cached."""
     import rocmforge.transfer as transfer
-    tokens = list(range(300, 313))
+    tokens, other = list(range(300, 313)), list(range(300, 304)) + [5] * 9   # (same length, same K/V draws)
     with cache() as a, cache() as b:
         prefill(a, 0, tokens, seed=7)
         packed = pack_sequence(a, 0)
+        prefill(b, 0, other, seed=7)                # the same first block, the same K/V for it
+        b.manager.remove_sequence(0)
 
         def interrupted(*args):
             raise KeyboardInterrupt
@@ -135,7 +138,8 @@ def test_an_adoption_interrupted_while_its_kv_goes_in_leaves_nothing_cached_with
         with pytest.raises(KeyboardInterrupt):
             adopt_sequence(b, 1, packed)
         monkeypatch.undo()
-        assert 1 not in b.manager and b.manager.lookup_prefix(tokens) == 0 and b.manager.num_used_blocks == 0
+        assert 1 not in b.manager and b.manager.num_used_blocks == 0
+        assert b.manager.lookup_prefix(tokens) == 4 and b.manager.lookup_prefix(other) == 12
         adopt_sequence(b, 1, packed)
         assert all(np.array_equal(x, y) for p, q in zip(kv(a, 0), kv(b, 1)) for x, y in zip(p, q))
         b.manager.check_invariants()

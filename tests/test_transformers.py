@@ -377,7 +377,8 @@ def test_a_model_that_raises_mid_generation_leaves_the_cache_usable(mode, fail_a
     """The forward fail_at raises after layer 0 wrote its K/V and before layer 1
     did. The blocks it completed were cached as it began, so reset() must drop
     them, or the next generation of that prompt would reuse blocks without
-    layer 1's K/V; a forward before reset() is refused with a clear error."""
+    layer 1's K/V; a forward before reset() is refused with a clear error.
+    What an earlier generation cached stays."""
     model = build("llama", layers=2, hidden=64)
     ids, mask = prompts([9, 12], seed=13)
     calls = {"n": 0}
@@ -388,6 +389,10 @@ def test_a_model_that_raises_mid_generation_leaves_the_cache_usable(mode, fail_a
             raise RuntimeError("the model failed")
 
     with RocmforgeCache(model, num_blocks=64, block_size=4, attention=mode) as cache:
+        generate(model, *prompts([10, 7], seed=14), cache, do_sample=False, new=3)
+        cache.reset()
+        kept = cache.kv.manager.num_cached_blocks
+        assert kept > 0
         hook = model.model.layers[1].register_forward_pre_hook(fail, with_kwargs=True)
         with pytest.raises(RuntimeError, match="the model failed"):
             generate(model, ids, mask, cache, do_sample=False, new=10)
@@ -396,7 +401,7 @@ def test_a_model_that_raises_mid_generation_leaves_the_cache_usable(mode, fail_a
         with pytest.raises(Exception, match="call reset"):
             generate(model, ids, mask, cache, do_sample=False, new=10)
         cache.reset()
-        assert cache.kv.manager.num_used_blocks == 0 and cache.kv.manager.num_cached_blocks == 0
+        assert cache.kv.manager.num_used_blocks == 0 and cache.kv.manager.num_cached_blocks == kept
         assert torch.equal(generate(model, ids, mask, cache, do_sample=False, new=10),
                            generate(model, ids, mask, dynamic(model), do_sample=False, new=10))
     assert model.config._attn_implementation == "sdpa"

@@ -208,8 +208,12 @@ class RocmforgeCache(Cache):
         m = self.kv.manager
         if self._target > self._length and m.enable_prefix_caching:
             # The last forward raised before its last layer: blocks it completed may be
-            # cached without every layer's K/V, so nothing cached may be reused.
-            m.reset_prefix_cache()
+            # cached without every layer's K/V. Every block this generation filled
+            # (past its rows' prefix hits) leaves the cache; other prefixes stay.
+            bs = m.block_size
+            m.uncache_blocks(np.concatenate([np.zeros(0, np.int32)] + [
+                m.block_table(sid)[m.num_cached_tokens(sid) // bs:]
+                for sid in self._rows if sid is not None and sid in m]))
         for sid in self._rows:
             if sid is not None and sid in m:   # (a fresh row's sequence is added by its first forward)
                 m.remove_sequence(sid)
