@@ -215,7 +215,7 @@ class Scheduler:
         first, then swapped-in and newly admitted ones, within the token budget."""
         self._reclaim_evicted(())
         work = self._place_running(budget)
-        work += self._admit(budget - sum(len(w[1]) for w in work))
+        work += self._admit(budget - sum(len(w[1]) for w in work), work)
         return self._reclaim_evicted(work)          # evict_sequences may have taken some
 
     def retire(self) -> None:
@@ -320,9 +320,23 @@ class Scheduler:
             req.num_computed = 0
             self.waiting.insert(0, req)         # first in line when blocks free up
 
-    def _admit(self, budget) -> list:
+    def _written_hits(self, slots, cached, filling) -> int:
+        """Of the cached leading tokens of a sequence just added (at slots), those
+        whose K/V is in the cache: a hit on a block that this step fills (a request
+        placed or admitted before it completed the block) is none yet, since that
+        K/V is written only when the model returns. filling: the slots of this
+        step's new K/V so far."""
+        bs = self.manager.block_size
+        if not cached or not filling:
+            return cached
+        first = np.flatnonzero(np.isin(slots[:cached:bs] // bs, np.concatenate(filling) // bs))
+        return int(first[0]) * bs if len(first) else cached
+
+    def _admit(self, budget, placed) -> list:
         """Bring back swapped requests, then admit waiting ones in order while the
-        blocks, the token budget and max_num_seqs allow (prefix hits need no blocks)."""
+        blocks, the token budget and max_num_seqs allow (prefix hits need no blocks,
+        and count only once written: see _written_hits). placed: the running
+        requests' work of this step."""
         while self.swapped and len(self.running) < self.config.max_num_seqs:
             req = self.swapped[0]
             try:
@@ -336,7 +350,7 @@ class Scheduler:
             self.swapped.pop(0)
             req.state = RequestState.RUNNING
             self.running.append(req)
-        work = []
+        work, filling = [], [w[1] for w in placed]
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             context = req.context()
@@ -352,7 +366,7 @@ class Scheduler:
                 self.failed.append((req, exc))
                 continue
             self.waiting.pop(0)
-            cached = self.manager.num_cached_tokens(req.seq_id)
+            cached = self._written_hits(slots, self.manager.num_cached_tokens(req.seq_id), filling)
             req.num_cached_tokens = cached
             self.counters["prefix_hit_tokens"] += cached
             self.counters["prefix_query_tokens"] += len(context)
@@ -365,6 +379,7 @@ class Scheduler:
             skip = min(cached, n - 1)
             req.num_computed += skip
             work.append((req, slots[skip:]))
+            filling.append(slots[cached:])      # (not the last hit token, which is written again as it was)
             budget -= n - skip
         return work
 

@@ -182,6 +182,47 @@ def test_kv_written_by_the_engine_is_in_the_cache():
     assert np.allclose(k.to_numpy()[:, 0, 0], want) and np.allclose(v.to_numpy()[:, 0, 3], -want)
 
 
+class Reader(KvModel):
+    """Reads, as attention would, each request's cached context (every position
+    before its new tokens) when called, and notes the requests for which it
+    does not hold the K/V the model wrote for those tokens."""
+
+    def __init__(self, cache, *shape):
+        super().__init__(*shape)
+        self.cache, self.read, self.unwritten = cache, 0, []
+
+    def __call__(self, batch):
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            start = req.num_computed - n
+            k = self.cache.gather(req.seq_id, 0)[0].to_numpy()[:start, 0, 0]
+            want = req.context()[:start].astype(np.float32) * 0.001 + np.arange(start, dtype=np.float32)
+            if not np.allclose(k, want, rtol=0, atol=1e-3):
+                self.unwritten.append(req.request_id)
+            self.read += start
+        return super().__call__(batch)
+
+
+@pytest.mark.parametrize("prompt_len", [16, 19, 40])
+def test_a_prefix_cached_in_this_step_is_not_read_before_it_is_written(prompt_len):
+    """Requests admitted in one step with the same prompt: the first caches the
+    prompt's blocks as it is added, but their K/V is written only after the
+    model returns. The others must compute those tokens themselves in that
+    step (a hit counts from the next step on), never read them from the cache."""
+    cfg = CacheConfig(1, 1, 4, block_size=4, num_blocks=64, dtype="float32")
+    cache = rf.KvCache(cfg, "cpu", enable_prefix_caching=True)
+    model = Reader(cache, 1, 1, 4)
+    eng = Engine(cache, model, SchedulerConfig(max_num_seqs=4, max_tokens_per_step=64))
+    prompt = np.arange(prompt_len, dtype=np.int32) % 7
+    for rid in "abc":
+        eng.submit(Request(rid, prompt, 3))
+    eng.step()
+    eng.submit(Request("d", prompt, 3))         # the next step: a hit on written blocks
+    run(eng)
+    assert model.unwritten == []
+    assert all(eng.finished[r].output_tokens == expected_output(prompt, 3) for r in "abcd")
+    assert eng.finished["d"].num_cached_tokens == prompt_len // 4 * 4 and model.read > 0
+
+
 def test_threads_submit_and_cancel_while_one_thread_steps():
     m = rf.BlockManager(512, 8, enable_prefix_caching=True)
     eng = Engine(m, Model(), SchedulerConfig(max_tokens_per_step=256))
