@@ -91,7 +91,8 @@ cdef class KvCache:
         ``host_cache`` adds a host tier for the prefix cache: bytes (an int or a
         string like "16GiB") of host memory that keep the K/V of prefix blocks
         the pool evicts, brought back on a hit (needs enable_prefix_caching;
-        the manager's host_cache_blocks is set from it).
+        the manager's host_cache_blocks is set from it). ``host_cache_blocks=n``
+        instead gives the tier's size in blocks.
 
         ``_rank_of`` is for rocmforge.TensorParallelKvCache alone: (manager,
         fanout), a shared BlockManager (with its host tier) and the function
@@ -120,19 +121,16 @@ cdef class KvCache:
             self._bad.memset(0xFF)
             self._scratch = DeviceBuffer(1 << 16, self._dev)
         self._check_room(config.num_blocks)        # before the manager's metadata, too
-        self._host_slots = 0
         self._fanout = None
         if _rank_of is not None:
             self.manager, self._fanout = _rank_of
-            self._host_slots = self.manager.host_cache_blocks
         elif host_cache is not None:
             if "host_cache_blocks" in manager_options:
-                raise ArgumentValueError("give host_cache (the KvCache sizes the manager's host tier), "
-                                         "not host_cache_blocks")
-            self._host_slots = host_tier_blocks(host_cache, config.bytes_per_block)
-            manager_options["host_cache_blocks"] = self._host_slots
+                raise ArgumentValueError("give host_cache (bytes) or host_cache_blocks, not both")
+            manager_options["host_cache_blocks"] = host_tier_blocks(host_cache, config.bytes_per_block)
         if _rank_of is None:
             self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)
+        self._host_slots = self.manager.host_cache_blocks
         if self._host_slots:      # page-locked when a GPU copies to and from it
             self._host = DeviceBuffer(self._host_slots * config.bytes_per_block, -1, pinned=self._dev >= 0)
         self._swapped = {}

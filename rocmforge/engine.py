@@ -506,7 +506,11 @@ class Engine:
         return done
 
     def _run_model(self, batch) -> list:
-        """The model's output checked against MODEL_CONTRACT, K/V written; the sampled tokens."""
+        """The model's output checked against MODEL_CONTRACT, K/V written; the sampled tokens.
+        Pending copies (prefix blocks coming back from the host tier) land first, so a
+        model that reads the storage with kernels of its own finds every block in place."""
+        if self.cache is not None:
+            self.cache.apply_pending_copies()
         out = self.model(batch)
         if isinstance(out, Mapping):
             tokens, keys, values = out.get("tokens"), out.get("keys"), out.get("values")

@@ -185,16 +185,25 @@ def test_kv_written_by_the_engine_is_in_the_cache():
 class Reader(KvModel):
     """Reads, as attention would, each request's cached context (every position
     before its new tokens) when called, and notes the requests for which it
-    does not hold the K/V the model wrote for those tokens."""
+    does not hold the K/V the model wrote for those tokens. raw: straight from
+    the host cache's storage, as a model's own kernel would, not through gather()."""
 
-    def __init__(self, cache, *shape):
+    def __init__(self, cache, *shape, raw=False):
         super().__init__(*shape)
-        self.cache, self.read, self.unwritten = cache, 0, []
+        self.cache, self.raw, self.read, self.unwritten = cache, raw, 0, []
+
+    def _keys(self, seq_id, n):
+        if not self.raw:
+            return self.cache.gather(seq_id, 0)[0].to_numpy()[:n, 0, 0]
+        bs = self.cache.block_size
+        table = self.cache.manager.block_table(seq_id)
+        slots = table[np.arange(n) // bs].astype(np.int64) * bs + np.arange(n) % bs
+        return np.asarray(self.cache.key_cache(0)).reshape(-1, *self.shape[1:])[slots, 0, 0]
 
     def __call__(self, batch):
         for req, n in zip(batch.requests, batch.num_new_tokens):
             start = req.num_computed - n
-            k = self.cache.gather(req.seq_id, 0)[0].to_numpy()[:start, 0, 0]
+            k = self._keys(req.seq_id, start)
             want = req.context()[:start].astype(np.float32) * 0.001 + np.arange(start, dtype=np.float32)
             if not np.allclose(k, want, rtol=0, atol=1e-3):
                 self.unwritten.append(req.request_id)

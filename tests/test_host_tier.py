@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import rocmforge as rf
 from rocmforge.config import CacheConfig
-from rocmforge.engine import Engine, Request, SchedulerConfig
+from rocmforge.engine import Engine, Request, RequestState, SchedulerConfig
 from rocmforge.replay import SyntheticModel
 
 BS = 4
@@ -298,6 +298,28 @@ def test_an_engine_with_a_host_tier_hits_more_and_computes_the_same_tokens():
     assert tiered[2]["host_hit_tokens"] > 0 and tiered[2]["host_bytes_reloaded"] > 0
     assert tiered[1]["prefix_hit_rate"] > plain[1]["prefix_hit_rate"]
     assert tiered[1]["computed_tokens"] < plain[1]["computed_tokens"]
+
+
+def test_a_prefix_the_engine_reloads_from_the_tier_is_in_place_when_the_model_reads():
+    """A prefix evicted to the host tier and hit again comes back through copies
+    the cache queues; the model, reading the storage with its own code, must find
+    them applied when the engine calls it. (host_cache_blocks sizes the tier in blocks.)"""
+    from test_engine import Reader
+    cfg = CacheConfig(1, 1, 4, block_size=4, num_blocks=12, dtype="float32")
+    with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, host_cache_blocks=32) as cache:
+        model = Reader(cache, 1, 1, 4, raw=True)
+        eng = Engine(cache, model, SchedulerConfig(max_num_seqs=1))
+        prompt = np.arange(16, dtype=np.int32) + 50
+        for i in range(4):                      # the prompt, then others that push it to the tier
+            eng.submit(Request(i, prompt if i == 0 else np.arange(16, dtype=np.int32) + 100 * i, 2))
+            while eng.has_work():
+                eng.step()
+        eng.submit(Request("again", prompt, 2))
+        while eng.has_work():
+            eng.step()
+        assert cache.stats()["host_hit_tokens"] > 0 and eng.finished["again"].num_cached_tokens > 0
+        assert model.unwritten == [] and model.read > 0
+        assert all(rec.state is RequestState.FINISHED for rec in eng.finished.values())
 
 
 @pytest.mark.parametrize("shards", [1, 2])
