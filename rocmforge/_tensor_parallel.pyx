@@ -96,9 +96,9 @@ class TensorParallelKvCache:
         n = len(devices)
         if config.num_kv_heads % n:
             raise InvalidConfiguration(f"{config.num_kv_heads} kv heads do not divide among {n} ranks")
-        if "host_cache_blocks" in manager_options:
-            raise ArgumentValueError("give host_cache (bytes), not host_cache_blocks")
         if host_cache is not None:
+            if "host_cache_blocks" in manager_options:
+                raise ArgumentValueError("give host_cache (bytes) or host_cache_blocks, not both")
             manager_options["host_cache_blocks"] = host_tier_blocks(host_cache, config.bytes_per_block)
         self.config = config
         self.manager = BlockManager(config.num_blocks, config.block_size, **manager_options)

@@ -26,11 +26,13 @@ def config(num_blocks=24, heads=HEADS, dtype="float16"):
 
 
 def pair(ranks=2, device="cpu", host_blocks=0, **kw):
-    """A single cache with every head, and a tensor-parallel one, over the same options."""
+    """A single cache with every head, and a tensor-parallel one, over the same options
+    (the host tier sized in bytes for the one, in blocks for the other)."""
     cfg = config(**kw)
     host = {"host_cache": host_blocks * cfg.bytes_per_block} if host_blocks else {}
-    opts = dict(enable_prefix_caching=True, **host)
-    return rf.KvCache(cfg, device, **opts), rf.TensorParallelKvCache(cfg, [device] * ranks, **opts)
+    tp_host = {"host_cache_blocks": host_blocks} if host_blocks else {}
+    return (rf.KvCache(cfg, device, enable_prefix_caching=True, **host),
+            rf.TensorParallelKvCache(cfg, [device] * ranks, enable_prefix_caching=True, **tp_host))
 
 
 def on(cache, arr):
@@ -207,8 +209,9 @@ def test_bad_arguments_are_refused_before_anything_is_allocated():
         rf.TensorParallelKvCache(config(), "cpu")
     with pytest.raises(rf.ArgumentTypeError):
         rf.TensorParallelKvCache(config(), [])
-    with pytest.raises(rf.ArgumentValueError, match="host_cache"):
-        rf.TensorParallelKvCache(config(), ["cpu"] * 2, enable_prefix_caching=True, host_cache_blocks=4)
+    with pytest.raises(rf.ArgumentValueError, match="not both"):
+        rf.TensorParallelKvCache(config(), ["cpu"] * 2, enable_prefix_caching=True, host_cache="1MiB",
+                                 host_cache_blocks=4)
     with pytest.raises(rf.KvCacheError):
         rf.TensorParallelKvCache(config(), ["cpu", "nonsense"])     # the first rank is closed again
     assert rf.live_buffers() == before
