@@ -1,4 +1,5 @@
-"""The engine's fault list: a model that raises or breaks its return contract,
+"""The engine's fault list: a model that raises (also at random, read by a model that
+checks every cached token it reads) or breaks its return contract,
 bad requests, sequence ids already taken in the manager, a swap that cannot
 go out or come back, the manager running out of host memory. Every fault fails only the requests it touches, with the
 reason recorded; their blocks are released in the same step; the rest are
@@ -411,3 +412,54 @@ def test_the_manager_running_out_of_host_memory_fails_only_the_requests_it_touch
             check_after_failure(eng, cache.manager, failed, [i for i in ps if i not in failed], ps, 6)
             total_failed += len(failed)
     assert total_failed > 0
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_model_failures_never_leave_unwritten_kv_to_read(seed):
+    """Requests with shared prompt stems arrive over time into a small cache (with
+    a host tier or not, preempted by recompute or swap) while the model raises at
+    random. The model reads every request's cached context straight from the
+    storage when called: it must always hold the K/V written for those tokens
+    (hits on blocks a failed step left unwritten, on blocks filled in the same
+    step, or on reloads not yet applied would not). Outputs are exact, the
+    manager stays consistent, and nothing is left at the end."""
+    import logging
+    import random
+    from test_engine import Reader
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+
+    class Flaky(Reader):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            if rng.random() < p_fail:
+                raise RuntimeError("flaky")
+            return out
+
+    p_fail = rng.choice([0.0, 0.05, 0.2])
+    cfg = CacheConfig(1, 1, 4, block_size=4, num_blocks=rng.choice([12, 20, 40]), dtype="float32")
+    host = {"host_cache_blocks": rng.choice([4, 16])} if rng.random() < 0.5 else {}
+    sched = SchedulerConfig(max_num_seqs=rng.choice([1, 3, 6]), max_tokens_per_step=rng.choice([8, 24, 64]),
+                            preemption=rng.choice(["recompute", "swap"]))
+    stems = [nrng.integers(0, 30, rng.choice([4, 8, 9])).astype(np.int32) for _ in range(3)]
+    prompts = {}
+    logging.disable(logging.WARNING)
+    try:
+        with rf.KvCache(cfg, "cpu", enable_prefix_caching=True, **host) as cache:
+            model = Flaky(cache, 1, 1, 4, raw=True)
+            eng = Engine(cache, model, sched)
+            for _ in range(600):
+                if len(prompts) < 25 and rng.random() < 0.3:
+                    tail = nrng.integers(0, 30, rng.randrange(10)).astype(np.int32)
+                    req = Request(len(prompts), np.concatenate([stems[rng.randrange(3)], tail]), rng.randrange(1, 16))
+                    eng.submit(req)
+                    prompts[req.request_id] = (req.prompt_tokens, req.max_new_tokens)
+                elif not eng.has_work() and len(prompts) == 25:
+                    break
+                eng.step()
+                cache.manager.check_invariants()
+            assert not eng.has_work() and cache.manager.num_used_blocks == 0
+            assert model.unwritten == [] and model.read > 0
+            for rid, rec in eng.finished.items():
+                assert rec.state is RequestState.FAILED or rec.output_tokens == expected_output(*prompts[rid])
+    finally:
+        logging.disable(logging.NOTSET)
